@@ -1,0 +1,48 @@
+"""degeneracy: find the computationally relevant structure of a neural network.
+
+Public API (imported lazily so that ``import degeneracy`` stays light)::
+
+    interaction_basis, load_basis            # bases: LIB, global, PCA, neuron
+    interaction_graph, load_graph            # integrated-gradient edges
+    find_modules                             # modules on the interaction graph
+    behavioral_loss, hessian_spectrum, synchronized_blocks, degeneracy_report
+    estimate_llc, effective_parameter_count  # learning coefficient / N_eff(eps)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "interaction_basis": "degeneracy.basis",
+    "load_basis": "degeneracy.basis",
+    "Basis": "degeneracy.basis",
+    "NodeLayer": "degeneracy.capture",
+    "interaction_graph": "degeneracy.edges",
+    "load_graph": "degeneracy.edges",
+    "find_modules": "degeneracy.modules",
+    "behavioral_loss": "degeneracy.accounting",
+    "hessian_spectrum": "degeneracy.accounting",
+    "synchronized_blocks": "degeneracy.accounting",
+    "degeneracy_report": "degeneracy.accounting",
+    "estimate_llc": "degeneracy.llc",
+    "effective_parameter_count": "degeneracy.llc",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'degeneracy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
