@@ -1,0 +1,438 @@
+"""Reading and substituting activations at node layers.
+
+A :class:`NodeLayer` names one or more submodules of any ``torch.nn.Module`` (their inputs, or their
+outputs when ``read="output"``), or the model ``"output"``; several modules are concatenated along
+the feature dimension. Every activation is handled as ``(batch, pos, d)``: a ``(batch, d)`` tensor
+gets ``pos = 1`` and trailing dimensions beyond the position are flattened into ``d``.
+
+One hook mechanism (:func:`forward`) does everything: capture some node layers, substitute others,
+and stop the forward pass early once everything asked for has been read. Hooks are always removed.
+
+When a basis carries a *constant coordinate* (METHOD §0) activations are augmented to ``[f; 1]``.
+The map between node layers is then extended to the augmented vectors as the positively homogeneous
+map F([f; c]) = [c·g(f / c); c] (c the mean constant coordinate over input positions). At c = 1 it
+equals the network; for affine or ReLU sections it is exactly "the bias multiplies the constant
+coordinate" (paper footnote 6), and scaling the whole input to zero scales the output to zero, which
+is the integrated-gradient baseline of METHOD §4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from degeneracy.data import call_model, model_output_tensor
+
+__all__ = [
+    "OUTPUT",
+    "NodeLayer",
+    "as_node_layers",
+    "forward",
+    "capture",
+    "section",
+    "check_cut",
+    "append_constant",
+]
+
+OUTPUT = "output"
+Positions = int | tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class NodeLayer:
+    """A named point in the model where activations are read (METHOD §0, §8).
+
+    Args:
+        name: label of the node layer (defaults to the module name).
+        modules: submodule names (as in ``model.named_modules()``), or ``("output",)``.
+        positions: ``None`` for all positions, an index or a tuple of indices (``-1``: last token).
+        read: ``"input"`` (default: the module's first input) or ``"output"``.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    positions: Positions = None
+    read: Literal["input", "output"] = "input"
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError(f"node layer {self.name!r} names no module")
+        if OUTPUT in self.modules and len(self.modules) > 1:
+            raise ValueError(f"node layer {self.name!r}: 'output' cannot be combined with other modules")
+        if self.read not in ("input", "output"):
+            raise ValueError(f"node layer {self.name!r}: read must be 'input' or 'output', got {self.read!r}")
+
+    @property
+    def is_output(self) -> bool:
+        return self.modules == (OUTPUT,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "modules": list(self.modules),
+            "positions": self.positions,
+            "read": self.read,
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> NodeLayer:
+        modules = spec.get("modules", spec.get("module"))
+        if modules is None:
+            raise ValueError(f"node layer spec {dict(spec)} needs 'module' or 'modules'")
+        modules = (modules,) if isinstance(modules, str) else tuple(modules)
+        positions = spec.get("positions")
+        if isinstance(positions, list):
+            positions = tuple(int(p) for p in positions)
+        return cls(
+            name=spec.get("name", "+".join(modules)),
+            modules=modules,
+            positions=positions,
+            read=spec.get("read", "input"),
+        )
+
+
+def as_node_layers(model: nn.Module, specs: Iterable[Any]) -> list[NodeLayer]:
+    """Normalise node-layer specs (names, dicts or :class:`NodeLayer`) and check them against the model.
+
+    Raises ``ValueError`` naming the unknown modules and listing the valid ones.
+    """
+    layers: list[NodeLayer] = []
+    for spec in specs:
+        if isinstance(spec, NodeLayer):
+            layers.append(spec)
+        elif isinstance(spec, str):
+            layers.append(NodeLayer(spec, (spec,)))
+        elif isinstance(spec, Mapping):
+            layers.append(NodeLayer.from_dict(spec))
+        else:
+            raise TypeError(
+                f"a node layer is a module name, a dict or a NodeLayer, not {type(spec).__name__}"
+            )
+    if not layers:
+        raise ValueError("no node layers given")
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"node layer names must be unique, got {names}")
+    valid = [name for name, _ in model.named_modules() if name]
+    known = set(valid)
+    unknown = [m for layer in layers for m in layer.modules if m != OUTPUT and m not in known]
+    if unknown:
+        listing = ", ".join(valid)
+        raise ValueError(f"unknown node layer module(s) {unknown}. Valid names: 'output', {listing}")
+    if any(layer.is_output for layer in layers[:-1]):
+        raise ValueError("'output' can only be the last node layer")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hook mechanism
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass once everything needed has been read."""
+
+
+@dataclass
+class _Piece:
+    """Bookkeeping for one module of a node layer during one forward pass."""
+
+    layer: NodeLayer
+    index: int  # position of the module within layer.modules
+    shape: torch.Size | None = None  # the module activation's full shape, learned when it fires
+
+
+def _to_bpd(x: Tensor) -> Tensor:
+    if x.dim() == 1:
+        return x[:, None, None]
+    if x.dim() == 2:
+        return x[:, None, :]
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _select(x: Tensor, positions: Positions) -> Tensor:
+    if positions is None:
+        return x
+    if isinstance(positions, int):
+        return x[:, positions : positions + 1] if positions != -1 else x[:, -1:]
+    return x[:, list(positions)]
+
+
+def _place(original: Tensor, value: Tensor, positions: Positions) -> Tensor:
+    """Original (b, p, d) with ``value`` written at ``positions`` (out of place, torch.func friendly)."""
+    if positions is None:
+        return value
+    n_pos = original.shape[1]
+    idx = [positions] if isinstance(positions, int) else list(positions)
+    idx = [i % n_pos for i in idx]
+    where = {p: k for k, p in enumerate(idx)}
+    cols = [value[:, where[p]] if p in where else original[:, p] for p in range(n_pos)]
+    return torch.stack(cols, dim=1)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
+    """The module's first input tensor and a function that rebuilds (args, kwargs) with a new one."""
+    if args and isinstance(args[0], Tensor):
+        return args[0], lambda new: ((new, *args[1:]), kwargs)
+    for key in ("hidden_states", "input", "x", *kwargs):
+        value = kwargs.get(key)
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value, lambda new, key=key: (args, {**kwargs, key: new})
+    raise TypeError("cannot find the input tensor of the module (no tensor positional or keyword input)")
+
+
+class _Run:
+    """State of one hooked forward pass."""
+
+    def __init__(
+        self,
+        layers: Sequence[NodeLayer],
+        capture: set[str],
+        substitute: Mapping[str, Tensor],
+        stop_after: set[str],
+    ) -> None:
+        self.capture = capture
+        self.substitute = dict(substitute)
+        self.pending_stop = set(stop_after)
+        self.pieces: dict[str, list[Tensor | None]] = {
+            layer.name: [None] * len(layer.modules) for layer in layers
+        }
+        self.widths: dict[str, list[int]] = {}
+
+    def visit(self, piece: _Piece, x: Tensor) -> Tensor | None:
+        """Record a module activation; return a replacement tensor if the layer is substituted."""
+        layer = piece.layer
+        full = _to_bpd(x)
+        selected = _select(full, layer.positions)
+        replacement = None
+        if layer.name in self.substitute:
+            new_full = self._replacement(piece, full, selected)
+            replacement = new_full.reshape(x.shape)
+            selected = _select(new_full, layer.positions)
+        self.pieces[layer.name][piece.index] = selected
+        if layer.name in self.pending_stop and all(p is not None for p in self.pieces[layer.name]):
+            self.pending_stop.discard(layer.name)
+            if not self.pending_stop and replacement is None:
+                raise _Stop
+        return replacement
+
+    def _replacement(self, piece: _Piece, full: Tensor, selected: Tensor) -> Tensor:
+        value = self.substitute[piece.layer.name]
+        widths = self.widths.get(piece.layer.name)
+        if widths is None:
+            if len(piece.layer.modules) > 1:
+                raise RuntimeError(
+                    f"node layer {piece.layer.name!r} combines modules: capture it once before substituting"
+                )
+            widths = [value.shape[-1]]
+        start = sum(widths[: piece.index])
+        part = value[..., start : start + widths[piece.index]]
+        if part.shape != selected.shape:
+            raise ValueError(
+                f"substitute for node layer {piece.layer.name!r} has shape {tuple(part.shape)}, "
+                f"expected {tuple(selected.shape)}"
+            )
+        return _place(full, part.to(full.dtype), piece.layer.positions)
+
+    def result(self, name: str) -> Tensor:
+        parts = self.pieces[name]
+        if any(p is None for p in parts):
+            raise RuntimeError(f"node layer {name!r} was not reached in the forward pass")
+        if len(parts) > 1 and len({p.shape[:2] for p in parts}) != 1:  # type: ignore[union-attr]
+            shapes = [tuple(p.shape) for p in parts]  # type: ignore[union-attr]
+            raise ValueError(f"node layer {name!r} combines modules whose (batch, pos) differ: {shapes}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # type: ignore[arg-type]
+
+
+def _register(model: nn.Module, run: _Run, layers: Sequence[NodeLayer]) -> list[Any]:
+    handles = []
+    modules = dict(model.named_modules())
+    for layer in layers:
+        if layer.is_output:
+            continue
+        for index, module_name in enumerate(layer.modules):
+            piece = _Piece(layer, index)
+            module = modules[module_name]
+            if layer.read == "input":
+
+                def pre_hook(mod, args, kwargs, piece=piece):
+                    x, rebuild = _first_tensor(args, kwargs)
+                    new = run.visit(piece, x)
+                    return None if new is None else rebuild(new)
+
+                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+
+                def post_hook(mod, args, kwargs, output, piece=piece):
+                    x = output[0] if isinstance(output, tuple) else output
+                    new = run.visit(piece, x)
+                    if new is None:
+                        return None
+                    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+                handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+    return handles
+
+
+def forward(
+    model: nn.Module,
+    inputs: Tensor | Mapping[str, Tensor],
+    layers: Sequence[NodeLayer],
+    *,
+    capture: Iterable[str] = (),
+    substitute: Mapping[str, Float[Tensor, "batch pos d"]] | None = None,
+    widths: Mapping[str, list[int]] | None = None,
+) -> dict[str, Float[Tensor, "batch pos d"]]:
+    """Run ``model`` once, reading the node layers in ``capture`` and replacing those in ``substitute``.
+
+    Stops the forward pass as soon as every captured layer has been read (unless ``"output"`` is
+    captured). ``substitute`` values are ``(batch, pos_selected, d)`` tensors. ``widths`` gives the
+    per-module widths of combined node layers (see :func:`module_widths`).
+    """
+    capture = set(capture)
+    known = {layer.name: layer for layer in layers}
+    for name in capture | set(substitute or {}):
+        if name not in known:
+            raise ValueError(f"unknown node layer {name!r}; node layers are {list(known)}")
+    wants_output = any(known[name].is_output for name in capture)
+    stop_after = set() if wants_output else {n for n in capture if not known[n].is_output}
+    active = [layer for layer in layers if layer.name in capture or layer.name in (substitute or {})]
+    run = _Run(active, capture, substitute or {}, stop_after)
+    run.widths = dict(widths or {})
+    handles = _register(model, run, active)
+    captured: dict[str, Tensor] = {}
+    try:
+        output = call_model(model, inputs)
+        if wants_output:
+            out_layer = next(known[n] for n in capture if known[n].is_output)
+            captured[out_layer.name] = _select(_to_bpd(model_output_tensor(output)), out_layer.positions)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in capture:
+        if not known[name].is_output:
+            captured[name] = run.result(name)
+    return captured
+
+
+def module_widths(model: nn.Module, inputs: Any, layer: NodeLayer) -> list[int]:
+    """Feature width of each module of a node layer (needed to split substitutes of combined layers)."""
+    run = _Run([layer], {layer.name}, {}, {layer.name})
+    handles = _register(model, run, [layer])
+    try:
+        call_model(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [p.shape[-1] for p in run.pieces[layer.name]]  # type: ignore[union-attr]
+
+
+def append_constant(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d1"]:
+    """[f; 1] along the feature dimension."""
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+
+
+def capture(
+    model: nn.Module,
+    inputs: Tensor | Mapping[str, Tensor],
+    layers: Sequence[NodeLayer],
+    names: Iterable[str] | None = None,
+    *,
+    constant: bool = False,
+) -> dict[str, Float[Tensor, "batch pos d"]]:
+    """Activations of the named node layers (all by default), optionally augmented with [·; 1]."""
+    names = [layer.name for layer in layers] if names is None else list(names)
+    acts = forward(model, inputs, layers, capture=names)
+    return {k: append_constant(v) if constant else v for k, v in acts.items()}
+
+
+def section(
+    model: nn.Module,
+    inputs: Tensor | Mapping[str, Tensor],
+    layers: Sequence[NodeLayer],
+    source: str,
+    target: str,
+    *,
+    constant: bool = False,
+    widths: Mapping[str, list[int]] | None = None,
+) -> Callable[[Tensor], Tensor]:
+    """The map f^source ↦ f^target for fixed model inputs, as a function torch.func can differentiate.
+
+    With ``constant=True`` both sides are augmented vectors and the map is the homogeneous extension
+    F([f; c]) = [c̄·g(f / c̄); c̄] described in the module docstring.
+    """
+
+    def fn(x: Tensor) -> Tensor:
+        if not constant:
+            return forward(model, inputs, layers, capture=[target], substitute={source: x}, widths=widths)[
+                target
+            ]
+        c = x[..., -1:].mean(dim=1, keepdim=True)  # (batch, 1, 1)
+        out = forward(
+            model, inputs, layers, capture=[target], substitute={source: x[..., :-1] / c}, widths=widths
+        )[target]
+        return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
+
+    return fn
+
+
+@dataclass
+class CutReport:
+    """Result of :func:`check_cut`: the largest relative deviation per node-layer transition."""
+
+    deviations: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def check_cut(
+    model: nn.Module,
+    inputs: Tensor | Mapping[str, Tensor],
+    layers: Sequence[NodeLayer],
+    *,
+    rtol: float = 1e-5,
+    widths: Mapping[str, list[int]] | None = None,
+) -> CutReport:
+    """Check that every node layer is a cut (METHOD §8).
+
+    Substitutes f^l computed on a permuted batch x' while running x; f^{l+1} must then equal its
+    value on x'. Raises ``ValueError`` naming the node layer when the deviation exceeds ``rtol``
+    relative to the scale of f^{l+1}. Needs a batch with at least two distinct examples.
+    """
+    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
+    n = first.shape[0]
+    if n < 2:
+        raise ValueError("the cut check needs a batch of at least 2 examples")
+    perm = torch.roll(torch.arange(n), 1)
+    permuted = {k: v[perm] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[perm]
+    with torch.no_grad():
+        acts = forward(model, permuted, layers, capture=[layer.name for layer in layers])
+        report = CutReport()
+        for src, dst in zip(layers[:-1], layers[1:], strict=True):
+            got = forward(
+                model,
+                inputs,
+                layers,
+                capture=[dst.name],
+                substitute={src.name: acts[src.name]},
+                widths=widths,
+            )[dst.name]
+            want = acts[dst.name]
+            scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+            dev = float((got - want).abs().max() / scale)
+            report.deviations[(src.name, dst.name)] = dev
+            if dev > rtol:
+                raise ValueError(
+                    f"node layer {src.name!r} is not a cut: {dst.name!r} is not a function of it alone "
+                    f"(substituting {src.name!r} from other inputs changes {dst.name!r} "
+                    f"by {dev:.2e} relative). "
+                    "Include every path that bypasses it (e.g. the whole residual stream, all positions "
+                    "the next layer reads, or the side inputs as extra modules of the node layer)."
+                )
+    return report

@@ -1,0 +1,72 @@
+"""Atomic, pickle-free result files: tensors in safetensors, everything else as JSON metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+__all__ = ["atomic_write_text", "save_tensors", "load_tensors", "ResultFileError"]
+
+_META_KEY = "degeneracy"
+
+
+class ResultFileError(ValueError):
+    """A result file is missing, unreadable, of the wrong kind, or incomplete."""
+
+
+def _atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Save tensors and a JSON-serialisable ``meta`` dict atomically to one safetensors file."""
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {_META_KEY: json.dumps(meta)}
+    _atomic(Path(path), lambda tmp: save_file(payload, tmp, metadata=header))
+
+
+def load_tensors(
+    path: str | Path, *, kind: str, required: Iterable[str] = ()
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load a file written by :func:`save_tensors`, checking its ``kind`` and ``required`` tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise ResultFileError(f"{path}: no such file")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        meta = json.loads(header[_META_KEY])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
+        raise ResultFileError(f"{path}: not a readable degeneracy {kind} file ({err})") from err
+    if meta.get("kind") != kind:
+        raise ResultFileError(f"{path}: holds a {meta.get('kind')!r} result, expected {kind!r}")
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise ResultFileError(f"{path}: incomplete {kind} file, missing tensors {missing}")
+    return {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in tensors.items()}, meta

@@ -1,0 +1,122 @@
+"""Basis Jacobians between node layers with ``torch.func`` (METHOD §2.2, §3, §4).
+
+For a section F: x ↦ y between node layers (batched: examples are independent), input directions
+R₊ (d_in × k) and output rows C (m × d_out), the *basis Jacobian* of example b is
+
+    J_b[(t, i), (s, a)] = Σ_o C[i, o] · ∂F(x)_b[t, o] / ∂x_b[s, :] · R₊[:, a],
+
+integrated over the rule's points α (J = Σ_α w_α J at α·x). :func:`jacobian_blocks` yields it in
+blocks ``(rows, positions, J[b, rows, positions, a])``, computed either by vector-Jacobian products
+(one per output row (t, i), vmapped) or Jacobian-vector products (one per input direction (s, a),
+vmapped), whichever needs fewer, never by a Python loop over output dimensions. Memory is bounded by
+``max_elements``: vmaps are chunked so no intermediate holds more than that many numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from degeneracy.linalg import IntegrationRule
+
+__all__ = ["jacobian_blocks", "jacobian_gram", "choose_mode"]
+
+Mode = Literal["auto", "vjp", "jvp"]
+DEFAULT_MAX_ELEMENTS = 2**24
+
+
+def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
+    """VJPs cost one backward pass per output row, JVPs one forward per input direction."""
+    return "vjp" if n_rows <= n_directions else "jvp"
+
+
+def jacobian_blocks(
+    fn: Callable[[Tensor], Tensor],
+    x: Float[Tensor, "batch pos_in d_in"],
+    in_map: Float[Tensor, "d_in k"],
+    out_map: Float[Tensor, "m d_out"],
+    rule: IntegrationRule,
+    *,
+    out_positions: int,
+    mode: Mode = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Iterator[tuple[slice, slice, Float[Tensor, "batch rows pos k"]]]:
+    """Yield ``(row_slice, position_slice, J)`` blocks of the integrated basis Jacobian (float64).
+
+    Rows index (t, i) flattened as t·m + i over ``out_positions`` output positions; positions index
+    the input positions s; the last axis indexes the input directions a (columns of ``in_map``).
+    """
+    batch, p_in, d_in = x.shape
+    m, d_out = out_map.shape
+    k = in_map.shape[1]
+    n_rows, n_dirs = out_positions * m, p_in * k
+    if mode == "auto":
+        mode = choose_mode(n_rows, n_dirs)
+    in64 = in_map.to(torch.float64)
+    out_model = out_map.to(device=x.device, dtype=x.dtype)
+    points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
+    if mode == "vjp":
+        pullbacks = [(vjp(fn, xa)[1], w) for xa, w in points]
+        chunk = max(1, max_elements // max(1, batch * p_in * max(d_in, k)))
+        # cotangent for row (t, i): C[i] placed at output position t, for every example
+        eye_t = torch.eye(out_positions, dtype=x.dtype, device=x.device)
+        rows = (eye_t[:, None, :, None] * out_model[None, :, None, :]).reshape(n_rows, out_positions, d_out)
+        for start in range(0, n_rows, chunk):
+            block = rows[start : start + chunk]
+            cot = block[:, None].expand(block.shape[0], batch, out_positions, d_out)
+            total = None
+            for pull, w in pullbacks:
+                (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
+                g = w * (g.to(torch.float64) @ in64)
+                total = g if total is None else total + g
+            yield slice(start, start + block.shape[0]), slice(0, p_in), total.permute(1, 0, 2, 3)  # type: ignore[union-attr]
+    elif mode == "jvp":
+        in_model = in_map.to(device=x.device, dtype=x.dtype)
+        out64 = out_map.to(device=x.device, dtype=torch.float64)
+        chunk = max(1, max_elements // max(1, batch * out_positions * max(d_out, m)))
+        for s in range(p_in):
+            cols = []
+            for start in range(0, k, chunk):
+                dirs = in_model[:, start : start + chunk].T  # (c, d_in)
+                tangents = torch.zeros(dirs.shape[0], batch, p_in, d_in, dtype=x.dtype, device=x.device)
+                tangents[:, :, s, :] = dirs[:, None, :]
+                total = None
+                for xa, w in points:
+                    _, y = vmap(lambda t, xa=xa: jvp(fn, (xa,), (t,)))(tangents)  # (c, batch, p_out, d_out)
+                    y = w * (y.to(torch.float64) @ out64.T)  # (c, batch, p_out, m)
+                    total = y if total is None else total + y
+                cols.append(total.reshape(total.shape[0], batch, n_rows))  # type: ignore[union-attr]
+            jac = torch.cat(cols, 0).permute(1, 2, 0)  # (batch, rows, k)
+            yield slice(0, n_rows), slice(s, s + 1), jac[:, :, None, :]
+    else:
+        raise ValueError(f"mode must be 'auto', 'vjp' or 'jvp', got {mode!r}")
+
+
+def jacobian_gram(
+    fn: Callable[[Tensor], Tensor],
+    x: Float[Tensor, "batch pos_in d_in"],
+    in_map: Float[Tensor, "d_in k"],
+    out_map: Float[Tensor, "m d_out"],
+    rule: IntegrationRule,
+    *,
+    out_positions: int,
+    mode: Mode = "auto",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Float[Tensor, "k k"]:
+    """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
+
+    This is the un-normalised M of METHOD §2.2 (products pair the same input position s).
+    """
+    k = in_map.shape[1]
+    total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
+    for _, _, jac in jacobian_blocks(
+        fn, x, in_map, out_map, rule, out_positions=out_positions, mode=mode, max_elements=max_elements
+    ):
+        flat = jac.reshape(-1, k)
+        total += flat.T @ flat
+    return total

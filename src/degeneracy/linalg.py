@@ -1,0 +1,110 @@
+"""Pure linear algebra used by the bases and edges (float64 throughout).
+
+Symbols follow ``METHOD.md`` §2–3: a Gram matrix G = U diag(D) Uᵀ, the whitening map
+R = diag(D)^{-1/2} Uᵀ and its pseudo-inverse R₊ = U diag(D)^{1/2}; integration rules give points
+α ∈ [0, 1] with weights summing to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "Eigh",
+    "eigh_descending",
+    "truncate",
+    "whitening",
+    "IntegrationRule",
+    "integration_rule",
+    "INTEGRATION_RULES",
+    "centering_maps",
+]
+
+
+@dataclass(frozen=True)
+class Eigh:
+    """Eigendecomposition with eigenvalues in descending order; ``vectors[:, i]`` goes with ``values[i]``."""
+
+    values: Float[Tensor, " d"]
+    vectors: Float[Tensor, "d d"]
+
+
+def eigh_descending(matrix: Float[Tensor, "d d"]) -> Eigh:
+    """Symmetric eigendecomposition in float64, eigenvalues descending.
+
+    The input is symmetrised first, so that accumulated round-off cannot make ``eigh`` read only one
+    triangle of a slightly asymmetric matrix.
+    """
+    m = matrix.to(torch.float64)
+    m = 0.5 * (m + m.T)
+    values, vectors = torch.linalg.eigh(m)
+    return Eigh(values.flip(0), vectors.flip(1))
+
+
+def truncate(eig: Eigh, threshold: float, *, relative: bool = True) -> tuple[Eigh, int]:
+    """Keep the eigenpairs with value > threshold (× the largest value when ``relative``).
+
+    Returns the kept pairs and their number. An all-zero matrix keeps nothing.
+    """
+    vmax = float(eig.values[0]) if eig.values.numel() else 0.0
+    if vmax <= 0.0:
+        k = 0
+    else:
+        cut = threshold * vmax if relative else threshold
+        k = int((eig.values > cut).sum())
+    return Eigh(eig.values[:k], eig.vectors[:, :k]), k
+
+
+def whitening(eig: Eigh) -> tuple[Float[Tensor, "k d"], Float[Tensor, "d k"]]:
+    """R = diag(D)^{-1/2} Uᵀ and R₊ = U diag(D)^{1/2} for a truncated (all-positive) eigensystem."""
+    sqrt = eig.values.sqrt()
+    return eig.vectors.T / sqrt[:, None], eig.vectors * sqrt[None, :]
+
+
+def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], Float[Tensor, "d1 d1"]]:
+    """Linear maps on the augmented vector [f; 1] that centre it and undo the centring.
+
+    S [f; 1] = [f − μ; 1] and S⁻¹ [g; 1] = [g + μ; 1] (METHOD §0, bias option (b)).
+    """
+    d = mean.shape[0]
+    s = torch.eye(d + 1, dtype=torch.float64)
+    s_inv = torch.eye(d + 1, dtype=torch.float64)
+    s[:d, d] = -mean
+    s_inv[:d, d] = mean
+    return s, s_inv
+
+
+@dataclass(frozen=True)
+class IntegrationRule:
+    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3)."""
+
+    name: str
+    points: tuple[float, ...]
+    weights: tuple[float, ...]
+
+
+INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
+
+
+def integration_rule(name: str, n: int = 1) -> IntegrationRule:
+    """The named rule: "gradient" (α = 1), "trapezoid" (n intervals), "gauss-legendre" (n + 1 nodes)."""
+    if name == "gradient":
+        return IntegrationRule(name, (1.0,), (1.0,))
+    if n < 1:
+        raise ValueError(f"integration rule {name!r} needs n >= 1, got {n}")
+    if name == "trapezoid":
+        points = np.linspace(0.0, 1.0, n + 1)
+        weights = np.full(n + 1, 1.0 / n)
+        weights[0] = weights[-1] = 0.5 / n
+    elif name == "gauss-legendre":
+        nodes, w = np.polynomial.legendre.leggauss(n + 1)
+        points = 0.5 * (nodes + 1.0)
+        weights = 0.5 * w
+    else:
+        raise ValueError(f"unknown integration rule {name!r}; choose one of {INTEGRATION_RULES}")
+    return IntegrationRule(name, tuple(float(p) for p in points), tuple(float(w) for w in weights))
