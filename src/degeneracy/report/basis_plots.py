@@ -1,0 +1,45 @@
+"""Eigenvalue spectra of interaction bases (LIB vs PCA and friends)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_spectra"]
+
+
+def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
+    """One panel per node layer: the retained eigenvalues of each basis, normalised to the largest,
+    on a log scale (the constant direction, when present, is left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(bases.values()))
+    names = first.names
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for method, basis in bases.items():
+            b = basis[name]
+            values = b.eigenvalues[1:] if (b.has_constant and basis.config.center) else b.eigenvalues
+            values = values.clamp_min(1e-300)
+            ax.semilogy(
+                range(1, len(values) + 1),
+                (values / values.max()).numpy(),
+                ".-",
+                ms=3,
+                label=f"{method} ({b.dim})",
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("direction")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("eigenvalue / largest")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
