@@ -37,7 +37,7 @@ from degeneracy.linalg import (
     truncate,
     whitening,
 )
-from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite
+from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite, shard
 
 __all__ = ["BasisConfig", "LayerBasis", "Basis", "interaction_basis", "load_basis"]
 
@@ -379,8 +379,8 @@ class _Context:
             model = copy.deepcopy(model).to(dtype)
         self.model, self.dtype, self.explicit = model, dtype, explicit
         self.device = _device(model)
-        self.data, self.batch_size = data, cfg.batch_size
-        self.n = num_examples(data)
+        self.data, self.batch_size = shard(data), cfg.batch_size
+        self.n = num_examples(self.data)
         self.widths: dict[str, list[int]] = {}
 
     def batches(self, desc: str, progress: bool) -> Iterator[Tensor | Mapping]:
@@ -502,6 +502,8 @@ def collect_moments(
                     moments[name] = MomentAccumulator(x.shape[-1])
                     positions[name] = x.shape[1]
                 moments[name].update(x)
+    for acc in moments.values():
+        acc.all_reduce()
     return moments, positions
 
 
@@ -581,4 +583,4 @@ def _interaction_matrix(
             )
         check_finite(total, f"the Jacobian Gram of node layer {src!r}")
         acc.add(total, x.shape[0] * x.shape[1])
-    return acc.value
+    return acc.all_reduce().value
