@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import degeneracy
-from degeneracy.capture import NodeLayer, as_node_layers, capture, check_cut, module_widths, section
+from degeneracy.capture import (
+    NodeLayer,
+    as_node_layers,
+    capture,
+    check_cut,
+    compact_is_exact,
+    module_widths,
+    section,
+)
 from degeneracy.data import Batch, iter_batches, num_examples
 from degeneracy.io import load_tensors, save_tensors
 from degeneracy.jacobian import jacobian_gram
@@ -566,10 +574,17 @@ def _interaction_matrix(
     """M = 1/(n P_in) Σ_x Σ_s Jᵀ J for J = C^dst ∂f^dst/∂f^src R₊^src (METHOD §2.2)."""
     acc = MatrixAccumulator(white.R.shape[0])
     constant = cfg.has_constant
+    compact = None
     for inputs in ctx.batches(f"M[{src}]", progress):
         with torch.no_grad():
             x = capture(ctx.model, inputs, ctx.layers, [src], constant=constant)[src]
-        fn = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)
+        if compact is None:
+            compact = compact_is_exact(
+                ctx.model, inputs, ctx.layers, src, dst, x, constant=constant, widths=ctx.widths
+            )
+        fn = section(
+            ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths, compact=compact
+        )
         with torch.no_grad():  # torch.func differentiates anyway; no graph towards the parameters
             total = jacobian_gram(
                 fn,

@@ -194,8 +194,10 @@ class _Run:
         capture: set[str],
         substitute: Mapping[str, Tensor],
         stop_after: set[str],
+        compact: bool = False,
     ) -> None:
         self.capture = capture
+        self.compact = compact
         self.substitute = dict(substitute)
         self.pending_stop = set(stop_after)
         self.pieces: dict[str, list[Tensor | None]] = {
@@ -211,8 +213,14 @@ class _Run:
         replacement = None
         if layer.name in self.substitute:
             new_full = self._replacement(piece, full, selected)
-            replacement = new_full.reshape(x.shape)
-            selected = _select(new_full, layer.positions)
+            if self.compact and x.dim() >= 3 and layer.positions is not None:
+                # only the selected positions go on (valid when nothing downstream reads the others)
+                replacement = new_full.reshape(x.shape[0], new_full.shape[1], *x.shape[2:])
+                selected = new_full
+            else:
+                new_full = _place(full, new_full, layer.positions)
+                replacement = new_full.reshape(x.shape)
+                selected = _select(new_full, layer.positions)
         self.pieces[layer.name][piece.index] = selected
         if layer.name in self.pending_stop and all(p is not None for p in self.pieces[layer.name]):
             self.pending_stop.discard(layer.name)
@@ -236,7 +244,7 @@ class _Run:
                 f"substitute for node layer {piece.layer.name!r} has shape {tuple(part.shape)}, "
                 f"expected {tuple(selected.shape)}"
             )
-        return _place(full, part.to(full.dtype), piece.layer.positions)
+        return part.to(full.dtype)
 
     def result(self, name: str) -> Tensor:
         parts = self.pieces[name]
@@ -286,12 +294,16 @@ def forward(
     capture: Iterable[str] = (),
     substitute: Mapping[str, Float[Tensor, "batch pos d"]] | None = None,
     widths: Mapping[str, list[int]] | None = None,
+    compact: bool = False,
 ) -> dict[str, Float[Tensor, "batch pos d"]]:
     """Run ``model`` once, reading the node layers in ``capture`` and replacing those in ``substitute``.
 
     Stops the forward pass as soon as every captured layer has been read (unless ``"output"`` is
     captured). ``substitute`` values are ``(batch, pos_selected, d)`` tensors. ``widths`` gives the
-    per-module widths of combined node layers (see :func:`module_widths`).
+    per-module widths of combined node layers (see :func:`module_widths`). With ``compact=True`` a
+    substituted node layer that selects positions passes on only those positions (the sequence gets
+    shorter from there on): faster, and exact when nothing downstream reads the other positions,
+    which callers must verify (see :func:`compact_is_exact`).
     """
     capture = set(capture)
     known = {layer.name: layer for layer in layers}
@@ -301,7 +313,7 @@ def forward(
     wants_output = any(known[name].is_output for name in capture)
     stop_after = set() if wants_output else {n for n in capture if not known[n].is_output}
     active = [layer for layer in layers if layer.name in capture or layer.name in (substitute or {})]
-    run = _Run(active, capture, substitute or {}, stop_after)
+    run = _Run(active, capture, substitute or {}, stop_after, compact)
     run.widths = dict(widths or {})
     handles = _register(model, run, active)
     captured: dict[str, Tensor] = {}
@@ -363,25 +375,56 @@ def section(
     *,
     constant: bool = False,
     widths: Mapping[str, list[int]] | None = None,
+    compact: bool = False,
 ) -> Callable[[Tensor], Tensor]:
     """The map f^source ↦ f^target for fixed model inputs, as a function torch.func can differentiate.
 
     With ``constant=True`` both sides are augmented vectors and the map is the homogeneous extension
-    F([f; c]) = [c̄·g(f / c̄); c̄] described in the module docstring.
+    F([f; c]) = [c̄·g(f / c̄); c̄] described in the module docstring. ``compact``: see :func:`forward`.
     """
+
+    def run(x: Tensor) -> Tensor:
+        kw = {"capture": [target], "substitute": {source: x}, "widths": widths, "compact": compact}
+        return forward(model, inputs, layers, **kw)[target]
 
     def fn(x: Tensor) -> Tensor:
         if not constant:
-            return forward(model, inputs, layers, capture=[target], substitute={source: x}, widths=widths)[
-                target
-            ]
+            return run(x)
         c = x[..., -1:].mean(dim=1, keepdim=True)  # (batch, 1, 1)
-        out = forward(
-            model, inputs, layers, capture=[target], substitute={source: x[..., :-1] / c}, widths=widths
-        )[target]
+        out = run(x[..., :-1] / c)
         return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
 
     return fn
+
+
+def compact_is_exact(
+    model: nn.Module,
+    inputs: Tensor | Mapping[str, Tensor],
+    layers: Sequence[NodeLayer],
+    source: str,
+    target: str,
+    x: Tensor,
+    *,
+    constant: bool = False,
+    widths: Mapping[str, list[int]] | None = None,
+) -> bool:
+    """Whether the compact section (dropping unselected positions of ``source``) gives the same
+    ``target`` activations as the full one on this batch (to 1e-12 relative), without raising."""
+    src = next(layer for layer in layers if layer.name == source)
+    if src.positions is None:
+        return False
+    with torch.no_grad():
+        full = section(model, inputs, layers, source, target, constant=constant, widths=widths)(x)
+        try:
+            short = section(
+                model, inputs, layers, source, target, constant=constant, widths=widths, compact=True
+            )(x)
+        except Exception:  # noqa: BLE001 - any failure means "not applicable here"
+            return False
+    if short.shape != full.shape:
+        return False
+    scale = float(full.abs().max()) or 1.0
+    return float((short - full).abs().max()) <= 1e-12 * scale
 
 
 @dataclass
