@@ -80,3 +80,44 @@ def test_pretrained_minilm_encoder() -> None:
         b = B[name]
         assert 1 < b.dim <= 24 + 1  # 4 sentences x 6 tokens bound the rank
         torch.testing.assert_close(b.C @ b.C_pinv, torch.eye(b.dim, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_compact_sections_equal_full_sections(monkeypatch) -> None:
+    """Dropping the unselected positions downstream (verified per build) changes no number."""
+    import degeneracy.basis as basis_module
+
+    cfg = tl.HookedTransformerConfig(
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        n_ctx=3,
+        d_vocab=11,
+        act_fn="relu",
+        normalization_type=None,
+        seed=0,
+        dtype=torch.float64,
+    )
+    model = tl.HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 11, (80, 3))
+    layers = [
+        "blocks.0.hook_resid_pre",
+        {"name": "mid", "module": "blocks.0.hook_resid_mid", "positions": -1},
+        {"name": "post", "module": "blocks.0.hook_resid_post", "positions": -1},
+        {"name": "logits", "module": "output", "positions": -1},
+    ]
+    calls = []
+    real = basis_module.compact_is_exact
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(basis_module, "compact_is_exact", spy)
+    fast = degeneracy.interaction_basis(model, tokens, layers, progress=False)
+    assert calls == [True, True, False]  # post->logits, mid->post compact; resid_pre keeps 3 positions
+    monkeypatch.setattr(basis_module, "compact_is_exact", lambda *a, **k: False)
+    full = degeneracy.interaction_basis(model, tokens, layers, progress=False)
+    for name in full:
+        torch.testing.assert_close(fast[name].eigenvalues, full[name].eigenvalues, rtol=1e-10, atol=1e-13)

@@ -57,7 +57,7 @@ def jacobian_blocks(
     n_rows, n_dirs = out_positions * m, p_in * k
     if mode == "auto":
         mode = choose_mode(n_rows, n_dirs)
-    in64 = in_map.to(torch.float64)
+    in64 = in_map.to(device=x.device, dtype=torch.float64)
     out_model = out_map.to(device=x.device, dtype=x.dtype)
     points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
     if mode == "vjp":
