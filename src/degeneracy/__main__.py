@@ -1,0 +1,5 @@
+"""``python -m degeneracy`` runs the command line."""
+
+from degeneracy.cli import app
+
+app()
