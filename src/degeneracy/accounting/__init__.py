@@ -1,0 +1,182 @@
+"""Degeneracy accounting: the paper's Sections 2–4 as measurements (arXiv 2405.10927, METHOD §6).
+
+* :func:`behavioral_loss` — L_B(θ | θ*) of eq 6 (MSE) or its KL variant (footnote 3).
+* :func:`hessian_spectrum` / :func:`hessian_analysis` — the Hessian of L_B at θ* (eq 10): all
+  eigenvalues exactly for small models, the top of the spectrum by Lanczos plus stochastic trace and
+  rank for large ones; rank and nullity at a noise scale ε.
+* :func:`synchronized_blocks` / :func:`neuron_synchronization` — synchronised ReLU/LeakyReLU neurons
+  (eq 17–22); :func:`synchronized_heads` — heads with equal attention patterns.
+* :func:`degeneracy_report` — every source of free directions per layer (activation and Jacobian
+  rank drops, synchronised neurons and heads) beside N and the Hessian nullity.
+* :func:`sparsify` — the Section 4 construction (eq 23–27): a re-parameterised model with the same
+  outputs on D and at least one zero interaction per (non-generic) free direction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from degeneracy.accounting._model import ForwardFn, materialize
+from degeneracy.accounting.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
+from degeneracy.accounting.construction import SparsifiedModel, sparsify
+from degeneracy.accounting.hessian import (
+    HessianSpectrum,
+    hessian_analysis,
+    hessian_spectrum,
+    hutchinson_trace,
+    lanczos_top,
+    rank_at,
+)
+from degeneracy.accounting.report import DegeneracyReport, SourceRow, degeneracy_report
+from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync, neuron_sync
+from degeneracy.accounting.statistics import collect
+from degeneracy.accounting.structure import discover, neuron_layer
+
+__all__ = [
+    "behavioral_loss",
+    "behavioral_loss_function",
+    "whiten_outputs",
+    "hessian_spectrum",
+    "hessian_analysis",
+    "HessianSpectrum",
+    "rank_at",
+    "lanczos_top",
+    "hutchinson_trace",
+    "synchronized_blocks",
+    "neuron_synchronization",
+    "synchronized_heads",
+    "head_synchronization",
+    "NeuronSync",
+    "HeadSync",
+    "degeneracy_report",
+    "DegeneracyReport",
+    "SourceRow",
+    "sparsify",
+    "SparsifiedModel",
+]
+
+
+def neuron_synchronization(
+    model: nn.Module,
+    data: Any,
+    layer: str,
+    *,
+    epsilon: float = 0.0,
+    relative: bool = False,
+    jacobians: bool = False,
+    kind: str = "mse",
+    batch_size: int | None = None,
+    position: int | None = None,
+    forward: ForwardFn | None = None,
+) -> NeuronSync:
+    """Synchronised blocks of the neuron layer ``layer`` with s_a (and t_a when ``jacobians``).
+
+    ``layer`` names the activation module (an ``nn.ReLU``, ``nn.LeakyReLU`` or ``nn.Identity``), a
+    linear map that feeds another directly (a purely linear layer), or a TransformerLens MLP
+    (``"blocks.0.mlp"`` or ``"blocks.0.mlp.hook_pre"``). See :mod:`degeneracy.accounting.sources`.
+    """
+    batches = materialize(data, batch_size)
+    structure = discover(model, batches[0].inputs)
+    found = neuron_layer(model, structure, layer)
+    jac_point = found.in_site.output_point if found.in_site is not None else found.pre_point
+    stats = collect(
+        model,
+        batches,
+        raw_points={found.pre_point},
+        jacobian_points={jac_point} if jacobians else set(),
+        kind=kind,  # type: ignore[arg-type]
+        position=position,
+        forward=forward,
+    )
+    k = stats.jacobian_gram(jac_point) if jacobians else None
+    mask = stats.points[jac_point].relevant() if jacobians else None
+    return neuron_sync(
+        stats.raw(found.pre_point, mask),
+        found.activation,
+        layer=found.name,
+        epsilon=epsilon,
+        relative=relative,
+        jacobian_gram=k,
+        src_dtype=stats.points[found.pre_point].dtype,
+    )
+
+
+def synchronized_blocks(
+    model: nn.Module,
+    data: Any,
+    layer: str,
+    *,
+    epsilon: float = 0.0,
+    relative: bool = False,
+    batch_size: int | None = None,
+    position: int | None = None,
+    forward: ForwardFn | None = None,
+) -> list[list[int]]:
+    """Partition of the neurons of ``layer`` into synchronised blocks (lists of indices, singletons
+    included, sorted by first index).
+
+    ε = 0: neurons whose firing patterns r_i(x) = 1[p_i(x) > 0] (paper eq 17) agree on every input
+    (and position); never-firing (dead) ReLU neurons share the all-zero pattern and form one block.
+    ε > 0: approximate synchronisation (eq 20, see :mod:`degeneracy.accounting.sources`), closed
+    under transitivity. ``layer`` as in :func:`neuron_synchronization`.
+    """
+    return neuron_synchronization(
+        model,
+        data,
+        layer,
+        epsilon=epsilon,
+        relative=relative,
+        batch_size=batch_size,
+        position=position,
+        forward=forward,
+    ).blocks
+
+
+def head_synchronization(
+    model: nn.Module,
+    data: Any,
+    layer: str,
+    *,
+    epsilon: float = 0.0,
+    batch_size: int | None = None,
+) -> HeadSync:
+    """Synchronised heads of a TransformerLens attention layer (``"blocks.0.attn"``): patterns equal
+    on D up to ε (max absolute difference)."""
+    batches = materialize(data, batch_size)
+    structure = discover(model, batches[0].inputs)
+    for attn in structure.attention_layers:
+        if attn.name in (layer, layer.removesuffix(".hook_pattern")):
+            stats = collect(
+                model, batches, raw_points={attn.pattern_point}, input_transforms=_pattern_transform(attn)
+            )
+            patterns = stats.raw(attn.pattern_point, None)
+            return head_sync(
+                patterns,
+                attn.n_heads,
+                attn.d_head,
+                layer=attn.name,
+                epsilon=epsilon,
+                samples=patterns.shape[0],
+                src_dtype=stats.points[attn.pattern_point].dtype,
+            )
+    valid = ", ".join(repr(a.name) for a in structure.attention_layers) or "none"
+    raise ValueError(f"{layer!r} is not an attention layer of this model; attention layers: {valid}")
+
+
+def _pattern_transform(attn: Any) -> dict[Any, Any]:
+    from degeneracy.accounting.statistics import _pattern_by_query
+
+    return {attn.pattern_point: _pattern_by_query}
+
+
+def synchronized_heads(
+    model: nn.Module, data: Any, layer: str, *, epsilon: float = 0.0, batch_size: int | None = None
+) -> list[list[int]]:
+    """Partition of the heads of ``layer`` into blocks with equal attention patterns on D."""
+    return head_synchronization(model, data, layer, epsilon=epsilon, batch_size=batch_size).blocks
+
+
+del torch

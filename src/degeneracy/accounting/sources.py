@@ -1,0 +1,509 @@
+"""Sources of free directions (paper §3, METHOD §6), as pure functions on collected statistics.
+
+* **Activation rank** (§3.1.1): each eigenvalue of the site's input Gram G (eq 14, over [f; 1]) at or
+  below ε gives d_out free directions δ[W|b] = b cᵀ (c the null vector). Exact.
+* **Jacobian rank** (§3.1.2): each eigenvalue of the Jacobian Gram K of the site output (eq 15) at or
+  below ε gives d_in + 1 (bias included, footnote 6) Hessian-null directions δ[W|b] = u aᵀ; an upper
+  bound on truly free directions (higher orders may lift them). The two families of one site share
+  a·j directions (u cᵀ), subtracted once.
+* **Synchronised neurons** (§3.2): firing patterns r_i(x) = 1[p_i(x) > 0] (eq 17; the identity layer
+  fires everywhere); blocks S_a of equal patterns (transitively, union–find); s_a = dim span{p_k :
+  k ∈ S_a} over D (eq 21). The paper's count is N = Σ_a s_a² (eq 22). This module also computes
+  t_a = rank of K restricted to S_a (the block's Jacobian rank), and counts **s_a·t_a** per block:
+  the dimension of the block transformations W_in[S] → C W_in[S], W_out[:, S] → W_out[:, S] C⁻¹ left
+  after removing the directions already counted by activation and Jacobian rank drops (inclusion–
+  exclusion; it equals s_a² when t_a = s_a, and |S_a|² at full rank). Singleton blocks (s = t = 1) are
+  the generic per-neuron rescalings. Dead neurons (never firing) have t = 0 and count nothing here:
+  their freedom is in the activation/Jacobian rows.
+* **Approximate synchronisation** (eq 20): the paper's residual compares r_i p_i with r_i' p_i',
+  which vanishes only for equal post-activations; we implement its intent (firing patterns that
+  differ on a few, small pre-activations): ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) ≤ ε.
+* **Synchronised attention heads** (§3.2): heads of one layer whose patterns agree on D (max |Δ| ≤ ε)
+  form blocks. Per head the generic OV freedom W_V → W_V E, W_O → E⁻¹ W_O has d_head² directions;
+  a block of m synchronised heads acts as one head of width m·d_head, so it adds (m² − m)·d_head²
+  (2·d_head² for a synchronised pair). With ranks: s = rank of the block's values, t = rank of its
+  z-Jacobian; block total s·t, generic Σ_h s_h t_h.
+* Other exact attention symmetries, not in the paper's list but counted separately so that Hessian
+  nullities can be explained: W_Q → W_Q B, W_K → W_K B⁻ᵀ (d_head² per head), b_K (a key shift adds
+  the same score to every key: d_head per head) and b_V (pattern rows sum to one, so b_V W_O can move
+  to b_O: d_head per head).
+
+Rank convention everywhere: eigenvalue λ ≤ max(ε (or ε·λ_max with ``relative``), floor) counts as
+zero, with floor = λ_max · max(d·eps64, (max(m, d)·eps_src)²) for a Gram of m samples of dimension d
+computed in float64 from ``eps_src``-precise values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from degeneracy.accounting.structure import AttentionLayer, NeuronLayer, Site
+
+__all__ = [
+    "RankInfo",
+    "gram_rank",
+    "NeuronSync",
+    "HeadSync",
+    "neuron_sync",
+    "head_sync",
+    "union_find_blocks",
+]
+
+
+@dataclass
+class RankInfo:
+    """Rank of a Gram matrix at a threshold, with its null space."""
+
+    dim: int
+    rank: int
+    threshold: float
+    eigenvalues: Tensor  # descending
+    null_vectors: Tensor  # (dim - rank, dim), rows
+
+    @property
+    def drops(self) -> int:
+        return self.dim - self.rank
+
+
+def gram_floor(largest: float, dim: int, samples: int, src_dtype: torch.dtype) -> float:
+    eps_src = float(torch.finfo(src_dtype).eps) if src_dtype.is_floating_point else 0.0
+    eps64 = float(torch.finfo(torch.float64).eps)
+    return largest * max(dim * eps64, (max(samples, dim) * eps_src) ** 2)
+
+
+def gram_rank(
+    gram: Tensor,
+    epsilon: float = 0.0,
+    *,
+    relative: bool = False,
+    samples: int = 1,
+    src_dtype: torch.dtype = torch.float64,
+) -> RankInfo:
+    """Rank of a symmetric PSD matrix at ε (see the module docstring for the convention)."""
+    dim = gram.shape[0]
+    if dim == 0:
+        return RankInfo(0, 0, 0.0, gram.new_zeros(0), gram.new_zeros(0, 0))
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    values, vectors = values.flip(0), vectors.flip(1)
+    top = max(float(values[0]), 0.0)
+    threshold = max(epsilon * top if relative else epsilon, gram_floor(top, dim, samples, src_dtype))
+    rank = int((values > threshold).sum()) if top > 0 else 0
+    return RankInfo(dim, rank, threshold, values, vectors[:, rank:].T.contiguous())
+
+
+def union_find_blocks(size: int, pairs: Tensor) -> list[list[int]]:
+    """Connected components of {0..size-1} under the (k, 2) index pairs, sorted by first index."""
+    parent = list(range(size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs.tolist():
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for i in range(size):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Neurons
+
+
+@dataclass
+class NeuronSync:
+    """Synchronised blocks of one neuron layer (paper §3.2)."""
+
+    layer: str
+    activation: str
+    blocks: list[list[int]]  # a partition of all neurons, singletons included
+    dead: list[int]  # neurons that never fire (ReLU)
+    block_ranks: list[int]  # s_a (eq 21)
+    jacobian_ranks: list[int] | None  # t_a, or None when no Jacobian was computed
+    max_residual: list[float]  # largest pairwise residual (eq 20, see module docstring) inside each block
+    epsilon: float
+    num_samples: int
+    patterns: list[str] | None = None  # per block: "on" (always fires), "off" (never), "mixed"
+
+    def _live(self) -> list[int]:
+        dead = set(self.dead)
+        return [a for a, b in enumerate(self.blocks) if not set(b) <= dead]
+
+    @property
+    def paper_count(self) -> int:
+        """N^{l+1} = Σ_a s_a² over blocks that fire (paper eq 22)."""
+        return sum(self.block_ranks[a] ** 2 for a in self._live())
+
+    def block_count(self, a: int) -> int:
+        """s_a·t_a: free directions of block a beyond activation/Jacobian rank drops."""
+        t = self.jacobian_ranks[a] if self.jacobian_ranks is not None else self.block_ranks[a]
+        return self.block_ranks[a] * t
+
+    @property
+    def generic_count(self) -> int:
+        """Per-neuron rescalings: live singleton blocks."""
+        return sum(self.block_count(a) for a in self._live() if len(self.blocks[a]) == 1)
+
+    @property
+    def synchronised_count(self) -> int:
+        """Σ s_a·t_a over live blocks of two or more neurons (for an identity layer: all of them)."""
+        return sum(self.block_count(a) for a in self._live() if len(self.blocks[a]) > 1)
+
+    def linear_blocks(self) -> list[int]:
+        """Indices of blocks that never switch: always firing, or never firing for a LeakyReLU.
+
+        Such a block is affine on D, so it can also be translated (p → p + u, b_out → b_out − W_out u).
+        """
+        out = []
+        for a in range(len(self.blocks)):
+            pattern = self.patterns[a] if self.patterns is not None else None
+            if pattern == "on" or (pattern == "off" and self.activation == "leaky_relu"):
+                out.append(a)
+        return out
+
+    def block_count_translation(self, a: int) -> int:
+        """t_a translations of a linear block beyond Jacobian rank drops (|S_a| without Jacobians)."""
+        if self.jacobian_ranks is not None:
+            return self.jacobian_ranks[a]
+        return len(self.blocks[a])
+
+    @property
+    def synchronised_blocks(self) -> list[list[int]]:
+        """Live blocks with more than one neuron."""
+        return [self.blocks[a] for a in self._live() if len(self.blocks[a]) > 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "activation": self.activation,
+            "blocks": self.blocks,
+            "dead": self.dead,
+            "block_ranks": self.block_ranks,
+            "jacobian_ranks": self.jacobian_ranks,
+            "max_residual": self.max_residual,
+            "epsilon": self.epsilon,
+            "paper_count": self.paper_count,
+            "patterns": self.patterns,
+            "generic_count": self.generic_count,
+            "synchronised_count": self.synchronised_count,
+        }
+
+
+def firing_patterns(pre: Tensor, activation: str) -> Tensor:
+    """r_i(x) as booleans (m, d): p > 0 for ReLU/LeakyReLU (eq 17 up to the slope), all True for identity."""
+    if activation == "identity":
+        return torch.ones_like(pre, dtype=torch.bool)
+    return pre > 0
+
+
+def pattern_residuals(pre: Tensor, fires: Tensor) -> Tensor:
+    """ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) for all pairs (d, d), float64."""
+    r = fires.to(torch.float64)
+    q = pre.to(torch.float64).pow(2)
+    m = max(pre.shape[0], 1)
+    a = (r * q).sum(0)  # Σ r_i q_i
+    rq = r.T @ q  # Σ r_i q_i'
+    rrq = (r * q).T @ r  # Σ r_i q_i r_i'
+    total = a[:, None] + a[None, :] + rq + rq.T - 2 * rrq - 2 * rrq.T
+    return total.clamp_min(0.0) / m
+
+
+def neuron_sync(
+    pre: Tensor,
+    activation: str,
+    *,
+    layer: str = "",
+    epsilon: float = 0.0,
+    relative: bool = False,
+    jacobian_gram: Tensor | None = None,
+    src_dtype: torch.dtype = torch.float64,
+) -> NeuronSync:
+    """Blocks, s_a, t_a of one layer from its pre-activations ``pre`` (m samples × d neurons).
+
+    ε = 0: neurons with identical firing patterns on all samples. ε > 0: pairs with residual ρ ≤ ε
+    (``relative``: ρ ≤ ε·max_i mean p_i²), blocks by transitivity. s_a and t_a are ranks at the same ε.
+    """
+    pre = pre.to(torch.float64)
+    m, d = pre.shape
+    fires = firing_patterns(pre, activation)
+    residuals = pattern_residuals(pre, fires)
+    scale = float(pre.pow(2).mean(0).max()) if d else 0.0
+    if epsilon == 0.0:
+        _, inverse = torch.unique(fires.T, dim=0, return_inverse=True)
+        pairs = torch.stack(torch.nonzero(inverse[:, None] == inverse[None, :], as_tuple=True), dim=1)
+    else:
+        threshold = epsilon * scale if relative else epsilon
+        pairs = torch.nonzero(residuals <= threshold)
+    blocks = union_find_blocks(d, pairs)
+    dead = [] if activation != "relu" else torch.nonzero(~fires.any(0)).flatten().tolist()
+    gram = pre.T @ pre / max(m, 1)
+    s_ranks, t_ranks, max_res = [], [] if jacobian_gram is not None else None, []
+    kinds: list[str] = []
+    for block in blocks:
+        idx = torch.tensor(block)
+        s_ranks.append(
+            gram_rank(gram[idx][:, idx], epsilon, relative=relative, samples=m, src_dtype=src_dtype).rank
+        )
+        if t_ranks is not None and jacobian_gram is not None:
+            t_ranks.append(
+                gram_rank(
+                    jacobian_gram[idx][:, idx], epsilon, relative=relative, samples=m, src_dtype=src_dtype
+                ).rank
+            )
+        max_res.append(float(residuals[idx][:, idx].max()) if len(block) > 1 else 0.0)
+        block_fires = fires[:, idx]
+        kinds.append("on" if bool(block_fires.all()) else "off" if not bool(block_fires.any()) else "mixed")
+    return NeuronSync(layer, activation, blocks, dead, s_ranks, t_ranks, max_res, epsilon, m, kinds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention heads
+
+
+@dataclass
+class HeadSync:
+    """Synchronised heads of one attention layer (paper §3.2, "Attention")."""
+
+    layer: str
+    n_heads: int
+    d_head: int
+    blocks: list[list[int]]
+    max_difference: list[list[float]]  # (h, h) max |pattern difference|
+    head_value_ranks: list[int]  # s_h
+    head_jacobian_ranks: list[int]  # t_h
+    block_value_ranks: list[int]  # s_S
+    block_jacobian_ranks: list[int]  # t_S
+    epsilon: float
+
+    @property
+    def generic_count(self) -> int:
+        """Σ_h s_h t_h (= n_heads·d_head² at full rank): W_V → W_V E, W_O → E⁻¹ W_O."""
+        return sum(s * t for s, t in zip(self.head_value_ranks, self.head_jacobian_ranks, strict=True))
+
+    @property
+    def synchronised_count(self) -> int:
+        """Σ_S (s_S t_S − Σ_{h∈S} s_h t_h) (= (m² − m)·d_head² per block at full rank)."""
+        total = 0
+        for a, block in enumerate(self.blocks):
+            if len(block) > 1:
+                own = sum(self.head_value_ranks[h] * self.head_jacobian_ranks[h] for h in block)
+                total += self.block_value_ranks[a] * self.block_jacobian_ranks[a] - own
+        return total
+
+    @property
+    def paper_synchronised_count(self) -> int:
+        """(m² − m)·d_head² per block of m heads (2·d_head² for a synchronised pair)."""
+        return sum((len(b) ** 2 - len(b)) * self.d_head**2 for b in self.blocks)
+
+    @property
+    def synchronised_blocks(self) -> list[list[int]]:
+        return [b for b in self.blocks if len(b) > 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "n_heads": self.n_heads,
+            "d_head": self.d_head,
+            "blocks": self.blocks,
+            "max_difference": self.max_difference,
+            "head_value_ranks": self.head_value_ranks,
+            "head_jacobian_ranks": self.head_jacobian_ranks,
+            "block_value_ranks": self.block_value_ranks,
+            "block_jacobian_ranks": self.block_jacobian_ranks,
+            "epsilon": self.epsilon,
+            "generic_count": self.generic_count,
+            "synchronised_count": self.synchronised_count,
+            "paper_synchronised_count": self.paper_synchronised_count,
+        }
+
+
+def head_sync(
+    patterns: Tensor,
+    n_heads: int,
+    d_head: int,
+    *,
+    layer: str = "",
+    epsilon: float = 0.0,
+    relative: bool = False,
+    value_gram: Tensor | None = None,
+    z_jacobian_gram: Tensor | None = None,
+    samples: int = 1,
+    src_dtype: torch.dtype = torch.float64,
+) -> HeadSync:
+    """Blocks of heads with equal attention patterns (max |Δ| ≤ max(ε, 16·eps(src))) and their ranks.
+
+    ``patterns``: (m, n_heads·n_keys) rows of (example, query position); ``value_gram``: Gram of the
+    concatenated values (h·d_head square); ``z_jacobian_gram``: Jacobian Gram w.r.t. z (same shape).
+    Missing Grams count as full rank (d_head per head).
+    """
+    p = patterns.to(torch.float64).reshape(patterns.shape[0], n_heads, -1)
+    diff = torch.zeros(n_heads, n_heads, dtype=torch.float64)
+    for h in range(n_heads):
+        diff[h] = (p - p[:, h : h + 1]).abs().amax(dim=(0, 2))
+    tol = max(epsilon, 16 * float(torch.finfo(src_dtype).eps))
+    blocks = union_find_blocks(n_heads, torch.nonzero(diff <= tol))
+
+    def rank(gram: Tensor | None, heads: list[int]) -> int:
+        if gram is None:
+            return d_head * len(heads)
+        idx = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in heads])
+        return gram_rank(
+            gram[idx][:, idx], epsilon, relative=relative, samples=samples, src_dtype=src_dtype
+        ).rank
+
+    return HeadSync(
+        layer=layer,
+        n_heads=n_heads,
+        d_head=d_head,
+        blocks=blocks,
+        max_difference=diff.tolist(),
+        head_value_ranks=[rank(value_gram, [h]) for h in range(n_heads)],
+        head_jacobian_ranks=[rank(z_jacobian_gram, [h]) for h in range(n_heads)],
+        block_value_ranks=[rank(value_gram, b) for b in blocks],
+        block_jacobian_ranks=[rank(z_jacobian_gram, b) for b in blocks],
+        epsilon=epsilon,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Explicit free directions (for the exact union and for checks)
+
+
+@dataclass
+class Directions:
+    """Free directions of one source as rows of a (k × N) matrix in the flat parameter space."""
+
+    key: str
+    vectors: Tensor
+    params: set[int] = field(default_factory=set)  # indices of parameter tensors touched
+
+
+def activation_directions(site: Site, null_vectors: Tensor, n_params: int) -> Tensor:
+    """δ[W|b] = e_i cᵀ for every output i and null vector c of G: (d_out·a) × N."""
+    index = site.augmented_index()  # (d_out, d_in_aug)
+    rows = []
+    for c in null_vectors:
+        for i in range(site.d_out):
+            v = torch.zeros(n_params, dtype=torch.float64)
+            v[index[i]] = c
+            rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
+
+
+def jacobian_directions(site: Site, null_vectors: Tensor, n_params: int) -> Tensor:
+    """δ[W|b] = u e_jᵀ for every input coordinate j (bias included) and null vector u of K."""
+    index = site.augmented_index()
+    rows = []
+    for u in null_vectors:
+        for j in range(site.d_in_aug):
+            v = torch.zeros(n_params, dtype=torch.float64)
+            v[index[:, j]] = u
+            rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
+
+
+def block_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
+    """d/dt of W_in[S] → (I + tE) W_in[S], W_out[:, S] → W_out[:, S](I − tE) for E = e_a e_bᵀ, a, b ∈ S."""
+    assert layer.in_site is not None and layer.out_site is not None
+    n_params = flat.numel()
+    w_in = layer.in_site.augmented_weight(flat)  # (d, d_in_aug)
+    in_index = layer.in_site.augmented_index()
+    w_out = flat[layer.out_site.weight_index]  # (d_out, d)
+    out_index = layer.out_site.weight_index
+    rows = []
+    for a in block:
+        for b in block:
+            v = torch.zeros(n_params, dtype=torch.float64)
+            v[in_index[a]] += w_in[b]  # row a of E W_in
+            v[out_index[:, b]] -= w_out[:, a]  # column b of W_out E
+            rows.append(v)
+    return torch.stack(rows)
+
+
+def translation_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
+    """δb_in[a] = 1, δb_out = −slope·W_out[:, a] for each neuron a of a linear block (always on: slope 1)."""
+    assert layer.in_site is not None and layer.out_site is not None
+    assert layer.in_site.bias_index is not None and layer.out_site.bias_index is not None
+    w_out = flat[layer.out_site.weight_index]
+    rows = []
+    for a in block:
+        v = torch.zeros(flat.numel(), dtype=torch.float64)
+        v[layer.in_site.bias_index[a]] = 1.0
+        v[layer.out_site.bias_index] = -w_out[:, a]
+        rows.append(v)
+    return torch.stack(rows)
+
+
+def head_directions(
+    attn: AttentionLayer,
+    spec_index: dict[str, Tensor],
+    flat: Tensor,
+    pairs: list[tuple[int, int]],
+    which: str,
+) -> Tensor:
+    """OV (or QK) directions between heads (h_to, h_from); h_to == h_from gives the generic ones.
+
+    OV: v_to += v_from E (W_V[to] += W_V[from] E, b_V likewise), W_O[from] −= E W_O[to].
+    QK: W_Q[h] → W_Q[h](I + tE), W_K[h] → W_K[h](I − tEᵀ) (generic only).
+    """
+    n_params = flat.numel()
+    d = attn.d_head
+    rows = []
+    p = attn.prefix
+    if which == "ov":
+        w_v, b_v, w_o = (spec_index.get(f"{p}{n}") for n in ("W_V", "b_V", "W_O"))
+        assert w_v is not None and w_o is not None
+        for to, frm in pairs:
+            for i in range(d):
+                for j in range(d):
+                    v = torch.zeros(n_params, dtype=torch.float64)
+                    # E = e_i e_jᵀ: (W_V[from] E)[:, j] = W_V[from][:, i]
+                    v[w_v[to][:, j]] += flat[w_v[frm][:, i]]
+                    if b_v is not None:
+                        v[b_v[to][j]] += flat[b_v[frm][i]]
+                    # (E W_O[to])[i, :] = W_O[to][j, :], subtracted from W_O[from]
+                    v[w_o[frm][i]] -= flat[w_o[to][j]]
+                    rows.append(v)
+    else:
+        w_q, b_q, w_k, b_k = (spec_index.get(f"{p}{n}") for n in ("W_Q", "b_Q", "W_K", "b_K"))
+        assert w_q is not None and w_k is not None
+        for h, _ in pairs:
+            for i in range(d):
+                for j in range(d):
+                    v = torch.zeros(n_params, dtype=torch.float64)
+                    v[w_q[h][:, j]] += flat[w_q[h][:, i]]
+                    if b_q is not None:
+                        v[b_q[h][j]] += flat[b_q[h][i]]
+                    # W_K Eᵀ: column i gets W_K[:, j]
+                    v[w_k[h][:, i]] -= flat[w_k[h][:, j]]
+                    if b_k is not None:
+                        v[b_k[h][i]] -= flat[b_k[h][j]]
+                    rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
+
+
+def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:
+    """dim of the sum of the row spaces (rows normalised first; relative SVD tolerance)."""
+    rows = [m for m in matrices if m.shape[0]]
+    if not rows:
+        return 0
+    stacked = torch.cat(rows, dim=0)
+    cols = torch.nonzero(stacked.abs().sum(0) > 0).flatten()
+    stacked = stacked[:, cols]
+    norms = stacked.norm(dim=1, keepdim=True)
+    stacked = stacked[norms.flatten() > 0] / norms[norms.flatten() > 0]
+    if stacked.shape[0] == 0:
+        return 0
+    small = stacked @ stacked.T if stacked.shape[0] <= stacked.shape[1] else stacked.T @ stacked
+    values = torch.linalg.eigvalsh(small)
+    top = float(values.max())
+    return int((values > top * max(rtol, small.shape[0] * float(torch.finfo(torch.float64).eps))).sum())

@@ -1,0 +1,399 @@
+"""Degeneracy accounting (paper §2–4): behavioral loss, Hessian spectrum, sources, Section 4.
+
+Planted networks with known structure; every count is checked exactly, and the Hessian against
+``torch.func.hessian`` of the behavioral loss. float64 throughout, fixed seeds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import degeneracy
+from degeneracy.accounting import (
+    DegeneracyReport,
+    HessianSpectrum,
+    behavioral_loss,
+    behavioral_loss_function,
+    degeneracy_report,
+    hessian_analysis,
+    neuron_synchronization,
+    rank_at,
+    sparsify,
+    synchronized_blocks,
+    synchronized_heads,
+)
+from degeneracy.accounting.hessian import BehavioralHessian
+
+TOL = 1e-10
+
+
+def torch_func_hessian(model: nn.Module, data: torch.Tensor, kind: str = "mse", position: int | None = None):
+    """The Hessian of the behavioral loss by torch.func.hessian (an independent implementation)."""
+    loss = behavioral_loss_function(model, data, kind, position=position)
+    params = {n: p.detach().to(torch.float64) for n, p in model.named_parameters()}
+    h = torch.func.hessian(loss)(params)
+    names = list(params)
+    return torch.cat(
+        [torch.cat([h[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1) for a in names],
+        0,
+    )
+
+
+def planted_mlp(seed: int = 1) -> tuple[nn.Sequential, torch.Tensor]:
+    """5 → 8 (ReLU) → 6 → 3 (the last map is a purely linear layer after fc2).
+
+    Inputs: x4 = x0 + 2·x1 (one linear dependency). Hidden neuron 0 is dead (bias −100), neuron 2 is
+    neuron 1 scaled by 2 (a positively scaled duplicate).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(5, 8),
+            act1=nn.ReLU(),
+            fc2=nn.Linear(8, 6),
+            fc3=nn.Linear(6, 3),
+        )
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        model.fc1.bias[0] = -100.0
+        model.fc1.weight[0] *= 0.1
+        model.fc1.weight[2] = 2 * model.fc1.weight[1]
+        model.fc1.bias[2] = 2 * model.fc1.bias[1]
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    x[:, 4] = x[:, 0] + 2 * x[:, 1]
+    return model, x
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[nn.Sequential, torch.Tensor]:
+    return planted_mlp()
+
+
+@pytest.fixture(scope="module")
+def planted_report(planted) -> DegeneracyReport:
+    model, x = planted
+    return degeneracy_report(model, x)
+
+
+# --- behavioral loss ---------------------------------------------------------------------------------
+
+
+def test_behavioral_loss_zero_at_reference_and_matches_formula(planted) -> None:
+    model, x = planted
+    assert float(behavioral_loss(model, model, x).detach()) == 0.0
+    assert float(behavioral_loss(model, dict(model.named_parameters()), x, kind="kl").detach()) == 0.0
+    other = planted_mlp(seed=2)[0]
+    with torch.no_grad():
+        f, g = other(x), model(x)
+    mse = (f - g).pow(2).sum(1).mean()
+    p, q = torch.log_softmax(g, -1), torch.log_softmax(f, -1)
+    kl = (p.exp() * (p - q)).sum(1).mean()
+    torch.testing.assert_close(behavioral_loss(other, model, x).detach(), mse, rtol=1e-12, atol=0)
+    torch.testing.assert_close(behavioral_loss(other, model, x, kind="kl").detach(), kl, rtol=1e-12, atol=0)
+    # the reference may be given as parameters and the data in batches
+    as_params = behavioral_loss(other, model.state_dict(), x, batch_size=64)
+    torch.testing.assert_close(as_params.detach(), mse, rtol=1e-12, atol=0)
+
+
+def test_behavioral_loss_rejects_unknown_kind(planted) -> None:
+    model, x = planted
+    with pytest.raises(ValueError, match="kind"):
+        behavioral_loss(model, model, x, kind="l1")  # type: ignore[arg-type]
+
+
+# --- Hessian -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mse", "kl"])
+def test_exact_hessian_equals_torch_func_hessian(planted, kind: str) -> None:
+    model, x = planted
+    spectrum = hessian_analysis(model, x, kind=kind, method="exact")
+    reference = torch.linalg.eigvalsh(torch_func_hessian(model, x, kind)).flip(0)
+    assert spectrum.eigenvalues.shape == (sum(p.numel() for p in model.parameters()),)
+    assert bool((spectrum.eigenvalues[:-1] >= spectrum.eigenvalues[1:]).all())
+    torch.testing.assert_close(
+        spectrum.eigenvalues, reference.clamp_min(0), rtol=0, atol=1e-10 * reference[0]
+    )
+    floor = spectrum.floor
+    assert spectrum.rank() == rank_at(reference, floor=floor)
+    assert spectrum.rank() == int(
+        torch.linalg.matrix_rank(torch_func_hessian(model, x, kind), hermitian=True)
+    )
+    torch.testing.assert_close(spectrum.trace, float(reference.sum()), rtol=1e-10, atol=0)
+
+
+def test_hessian_spectrum_returns_all_eigenvalues_descending(planted) -> None:
+    model, x = planted
+    values = degeneracy.hessian_spectrum(model, x)
+    assert isinstance(values, torch.Tensor) and values.dtype == torch.float64
+    assert values.numel() == sum(p.numel() for p in model.parameters())
+    assert bool((values[:-1] >= values[1:]).all())
+
+
+def test_kronecker_gram_equals_generic_gram() -> None:
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.LeakyReLU(0.1), nn.Linear(4, 3, bias=False)
+    )
+    model = model.double()
+    x = torch.randn(150, 6, dtype=torch.float64)
+    for kind in ("mse", "kl"):
+        h = BehavioralHessian(model, x, kind, dtype=torch.float64)  # type: ignore[arg-type]
+        fast = h.linear_gram(batch_size=64)
+        assert fast is not None
+        generic = sum(block.T @ block for block in h.jacobian_blocks()) / h.n
+        torch.testing.assert_close(
+            torch.linalg.eigvalsh(fast), torch.linalg.eigvalsh(generic), rtol=0, atol=1e-12
+        )
+
+
+def test_exact_hessian_on_the_output_side_pads_zeros(planted) -> None:
+    model, x = planted
+    few = x[:4]  # 4 examples × 3 outputs = 12 rows < 123 parameters
+    spectrum = hessian_analysis(model, few, method="exact")
+    assert spectrum.gram_side == "outputs"
+    assert len(spectrum) == spectrum.num_parameters
+    reference = torch.linalg.eigvalsh(torch_func_hessian(model, few)).flip(0)
+    torch.testing.assert_close(
+        spectrum.eigenvalues, reference.clamp_min(0), rtol=0, atol=1e-10 * reference[0]
+    )
+    assert spectrum.rank() <= 12
+
+
+def test_lanczos_trace_and_rank_estimates_agree_with_exact(planted) -> None:
+    model, x = planted
+    exact = hessian_analysis(model, x, method="exact")
+    lanczos = hessian_analysis(
+        model, x, method="lanczos", k=10, dtype=torch.float64, trace_probes=64, rank_probes=16, rank_steps=60
+    )
+    torch.testing.assert_close(lanczos.eigenvalues, exact.eigenvalues[:10], rtol=1e-8, atol=1e-10)
+    assert lanczos.residuals is not None and lanczos.matvecs is not None
+    assert abs(lanczos.trace - exact.trace) <= 4 * lanczos.trace_stderr
+    # stochastic rank at an ε inside a spectral gap of the exact spectrum
+    eps = 1e-6 * float(exact.eigenvalues[0])
+    est, err = lanczos.rank_estimate(eps)
+    assert abs(est - exact.rank(eps)) <= max(4 * err, 3.0)
+    with pytest.raises(ValueError, match="rank_estimate"):
+        lanczos.rank()
+
+
+def test_rank_conventions() -> None:
+    values = torch.tensor([4.0, 1.0, 1e-3, 0.0], dtype=torch.float64)
+    assert rank_at(values, 0.0) == 3
+    assert rank_at(values, 1e-2) == 2
+    assert rank_at(values, 0.1, relative=True) == 2  # threshold 0.4
+    spectrum = HessianSpectrum(values, 4, "exact", "mse", 10, floor=0.0)
+    assert spectrum.nullity(1e-2) == 2
+
+
+def test_spectrum_save_load_roundtrip(planted, tmp_path) -> None:
+    model, x = planted
+    spectrum = hessian_analysis(model, x, method="exact")
+    path = spectrum.save(tmp_path / "spectrum.json")
+    loaded = HessianSpectrum.load(path)
+    torch.testing.assert_close(loaded.eigenvalues, spectrum.eigenvalues)
+    assert loaded.rank() == spectrum.rank()
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+
+def test_planted_mlp_sources_are_found_and_counted_exactly(planted_report: DegeneracyReport) -> None:
+    r = planted_report
+    # linearly dependent inputs: one rank drop of [x; 1] → d_out = 8 free directions in fc1
+    assert r.count("activation rank", "fc1") == 8
+    # the dead neuron: its Jacobian vanishes → d_in + 1 = 6 (upper bound) in fc1; overlap 1·1
+    row = r.row("jacobian rank", "fc1")
+    assert row is not None and row.count == 6 and row.is_upper_bound
+    assert r.count("overlap activation×jacobian", "fc1") == -1
+    # dead neuron + duplicate: two drops of fc2's input → 2 × 6
+    assert r.count("activation rank", "fc2") == 12
+    # fc3 (6 → 3) after the purely linear layer: K of fc2's output has rank 3 → 3 drops × 9
+    assert r.count("jacobian rank", "fc2") == 27
+    assert r.count("overlap activation×jacobian", "fc2") == -6
+    # synchronised neurons: the duplicate pair {1, 2} with s = 1 (dependent pre-activations), t = 2
+    layer = next(d for d in r.neuron_layers if d["layer"] == "act1")
+    assert layer["blocks"] == [[0], [1, 2], [3], [4], [5], [6], [7]]
+    assert layer["dead"] == [0]
+    i = layer["blocks"].index([1, 2])
+    assert layer["block_ranks"][i] == 1 and layer["jacobian_ranks"][i] == 2
+    assert r.count("synchronised neurons", "act1") == 2
+    assert r.count("neuron rescaling", "act1") == 5  # the five live singletons
+    # the paper's Σ s_a² over blocks that fire: 1 + 5 singletons
+    assert layer["paper_count"] == 6
+    # the purely linear layer fc2 → fc3: one block of 6 neurons, s = 6, t = 3, plus 3 translations
+    linear = next(d for d in r.neuron_layers if d["layer"] == "fc2")
+    assert linear["blocks"] == [list(range(6))]
+    assert r.count("synchronised neurons", "fc2") == 18
+    assert r.count("linear-block translation", "fc2") == 3
+    # everything is accounted for: counted = span of the explicit directions = Hessian nullity
+    assert r.total == 74
+    assert r.union == 74
+    assert r.hessian_method == "exact" and r.hessian_nullity == 74
+    assert r.num_parameters == 123
+    for row in r.rows:
+        curvature = row.details.get("relative_curvature")
+        if curvature is not None:
+            assert curvature < 1e-12, (row.layer, row.source, curvature)
+
+
+def test_hessian_nullity_of_planted_mlp_matches_torch_func(planted, planted_report) -> None:
+    model, x = planted
+    rank = int(torch.linalg.matrix_rank(torch_func_hessian(model, x), hermitian=True))
+    assert planted_report.hessian_rank == rank
+    assert planted_report.num_parameters - rank == planted_report.union
+
+
+def test_synchronized_blocks_api(planted) -> None:
+    model, x = planted
+    assert degeneracy.synchronized_blocks(model, x, "act1") == [[0], [1, 2], [3], [4], [5], [6], [7]]
+    # a purely linear layer named by its first linear map: one block
+    assert synchronized_blocks(model, x, "fc2") == [list(range(6))]
+    with pytest.raises(KeyError, match="valid names"):
+        synchronized_blocks(model, x, "nope")
+    with pytest.raises(ValueError, match="neuron layer"):
+        synchronized_blocks(model, x, "fc3")
+
+
+def test_leaky_relu_blocks_and_counts() -> None:
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(4, 5), act=nn.LeakyReLU(0.2), fc2=nn.Linear(5, 3))
+    ).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        model.fc1.weight[3] = 0.5 * model.fc1.weight[1]
+        model.fc1.bias[3] = 0.5 * model.fc1.bias[1]
+        model.fc1.bias[4] = -50.0  # never positive: linear with slope 0.2, not dead
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    sync = neuron_synchronization(model, x, "act", jacobians=True)
+    assert sync.blocks == [[0], [1, 3], [2], [4]]
+    assert sync.dead == []
+    report = degeneracy_report(model, x)
+    assert report.union == report.hessian_nullity == report.total
+    assert report.count("linear-block translation", "act") == 1
+
+
+def test_approximate_synchronisation_joins_nearly_synchronised_neurons() -> None:
+    pre = torch.tensor(
+        [[1.0, 1.0, -1.0], [2.0, 2.0, 1.0], [-1.0, 0.01, -2.0], [3.0, 2.5, 0.5]], dtype=torch.float64
+    )
+    from degeneracy.accounting.sources import neuron_sync, pattern_residuals
+
+    exact = neuron_sync(pre, "relu")
+    assert exact.blocks == [[0], [1], [2]]
+    rho = pattern_residuals(pre, pre > 0)
+    # neurons 0 and 1 disagree only on example 2, where pre-activations are (−1, 0.01)
+    torch.testing.assert_close(rho[0, 1], torch.tensor((1.0 + 1e-4) / 4, dtype=torch.float64))
+    approx = neuron_sync(pre, "relu", epsilon=0.3)
+    assert approx.blocks == [[0, 1], [2]]
+
+
+def test_head_synchronisation_on_a_planted_transformer() -> None:
+    tl = pytest.importorskip("transformer_lens")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    cfg = tl.HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        n_heads=3,
+        d_head=2,
+        d_mlp=6,
+        act_fn="relu",
+        normalization_type=None,
+        n_ctx=3,
+        d_vocab=5,
+        d_vocab_out=5,
+        seed=0,
+        dtype=torch.float64,
+    )
+    model = tl.HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        attn = model.blocks[0].attn
+        for name in ("W_Q", "W_K", "b_Q", "b_K"):
+            getattr(attn, name)[1] = getattr(attn, name)[0]  # heads 0 and 1: identical patterns
+    pairs = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    x = torch.cat([pairs, torch.full((25, 1), 4)], 1)
+    assert synchronized_heads(model, x, "blocks.0.attn") == [[0, 1], [2]]
+    report = degeneracy_report(model, x, position=-1)
+    assert report.count("synchronised heads", "blocks.0.attn") == 2 * cfg.d_head**2
+    assert report.count("attention OV (W_V E, E⁻¹ W_O)", "blocks.0.attn") == cfg.n_heads * cfg.d_head**2
+    rank = int(torch.linalg.matrix_rank(torch_func_hessian(model, x, position=-1), hermitian=True))
+    assert report.hessian_rank == rank
+    assert report.union is not None and report.union <= report.hessian_nullity
+    for row in report.rows:
+        curvature = row.details.get("relative_curvature")
+        if curvature is not None:
+            assert curvature < 1e-12, (row.layer, row.source, curvature)
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+
+def test_report_prints_and_roundtrips_json(planted_report: DegeneracyReport, tmp_path) -> None:
+    text = str(planted_report)
+    assert "activation rank" in text and "Hessian nullity" in text and "nominal parameters" in text
+    path = planted_report.save(tmp_path / "report.json")
+    loaded = DegeneracyReport.load(path)
+    assert loaded.total == planted_report.total
+    assert loaded.rows[0].to_dict() == planted_report.rows[0].to_dict()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_counts_grow_with_epsilon(planted) -> None:
+    model, x = planted
+    small = degeneracy_report(model, x, epsilon=0.0, hessian=None)
+    large = degeneracy_report(model, x, epsilon=1e3, hessian=None)
+    assert large.count("activation rank") >= small.count("activation rank")
+
+
+# --- Section 4 ---------------------------------------------------------------------------------------
+
+
+def test_section4_construction_keeps_outputs_and_creates_zeros(planted) -> None:
+    model, x = planted
+    result = sparsify(model, x)
+    assert result.verified and result.max_output_difference <= TOL
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=TOL)
+    # free directions exploited: 1 input dependency × 8, 2 hidden dependencies × 6, the linear block
+    # 6² − 6 and the duplicate block s² − s = 0
+    assert result.free_directions == 8 + 12 + 30
+    assert result.zeros_gained >= result.free_directions
+    assert result.claim_holds
+    # the original is untouched
+    assert not any(
+        isinstance(m, degeneracy.accounting.construction.BlockGatedActivation) for m in model.modules()
+    )
+
+
+def test_section4_construction_with_synchronised_blocks() -> None:
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 6), act=nn.ReLU(), fc2=nn.Linear(6, 4))).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        # neurons 0, 1, 2 share one firing pattern: the same first pre-activation plus a large bias
+        base = model.fc1.weight[0].clone()
+        for i, scale in zip((0, 1, 2), (1.0, 2.0, 0.5), strict=True):
+            model.fc1.weight[i] = scale * base
+            model.fc1.weight[i, 5] += 0.3 * i  # independent directions, same sign pattern on x5 = 0
+            model.fc1.bias[i] = 0.0
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    x[:, 5] = 0.0  # x5 never varies: an activation rank drop, and neurons 0–2 stay synchronised
+    blocks = synchronized_blocks(model, x, "act")
+    assert [0, 1, 2] in blocks
+    result = sparsify(model, x)
+    assert result.verified
+    assert result.zeros_gained >= result.free_directions > 0
+    report = degeneracy_report(model, x)
+    assert report.union == report.hessian_nullity
