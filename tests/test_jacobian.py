@@ -45,3 +45,25 @@ def test_jacobian_gram_matches_jacrev(mode: str, rule_name: str, n: int) -> None
     got = jacobian_gram(fn, x, in_map, out_map, rule, out_positions=2, mode=mode, max_elements=50)
     want = _direct(fn, x, in_map, out_map, rule)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_constant_jacobian_detects_affine_sections() -> None:
+    from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian
+
+    w = torch.randn(4, 5, dtype=torch.float64)
+    mix = torch.randn(2, 3, dtype=torch.float64)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+
+    def affine(z):
+        return torch.einsum("ts,bsd,do->bto", mix, z, w) + 1.0
+
+    j0 = constant_jacobian(affine, x, affine)
+    assert j0 is not None
+    in_map = torch.randn(4, 3, dtype=torch.float64)
+    out_map = torch.randn(4, 5, dtype=torch.float64)
+    want = jacobian_gram(affine, x, in_map, out_map, integration_rule("gradient"), out_positions=2)
+    got = gram_of_constant_jacobian(j0, in_map, out_map, x.shape[0])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a section that is affine on most of the batch but not everywhere is not taken for affine
+    relu = lambda z: torch.relu(affine(z))  # noqa: E731
+    assert constant_jacobian(relu, x, relu) is None

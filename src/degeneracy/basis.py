@@ -36,7 +36,7 @@ from degeneracy.capture import (
 )
 from degeneracy.data import Batch, iter_batches, num_examples
 from degeneracy.io import load_tensors, save_tensors
-from degeneracy.jacobian import jacobian_gram
+from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
     INTEGRATION_RULES,
     Eigh,
@@ -560,6 +560,12 @@ def _build(ctx: _Context, cfg: BasisConfig, progress: bool) -> Basis:
     return Basis(list(ctx.layers), {name: bases[name] for name in names}, cfg, info)
 
 
+def _first_example(inputs: Tensor | Mapping[str, Tensor]) -> Tensor | Mapping[str, Tensor]:
+    if isinstance(inputs, Mapping):
+        return {k: v[:1] for k, v in inputs.items()}
+    return inputs[:1]
+
+
 def _interaction_matrix(
     ctx: _Context,
     cfg: BasisConfig,
@@ -575,6 +581,7 @@ def _interaction_matrix(
     acc = MatrixAccumulator(white.R.shape[0])
     constant = cfg.has_constant
     compact = None
+    affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
     for inputs in ctx.batches(f"M[{src}]", progress):
         with torch.no_grad():
             x = capture(ctx.model, inputs, ctx.layers, [src], constant=constant)[src]
@@ -586,16 +593,33 @@ def _interaction_matrix(
             ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths, compact=compact
         )
         with torch.no_grad():  # torch.func differentiates anyway; no graph towards the parameters
-            total = jacobian_gram(
-                fn,
-                x,
-                white.R_pinv,
-                out_basis.C,
-                rule,
-                out_positions=positions[dst],
-                mode=cfg.jacobian_mode,
-                max_elements=cfg.max_elements,
-            )
+            j0 = None
+            if affine is not False:
+                first = section(
+                    ctx.model,
+                    _first_example(inputs),
+                    ctx.layers,
+                    src,
+                    dst,
+                    constant=constant,
+                    widths=ctx.widths,
+                    compact=compact,
+                )
+                j0 = constant_jacobian(fn, x, first)
+                affine = j0 is not None
+            if j0 is not None:
+                total = gram_of_constant_jacobian(j0, white.R_pinv, out_basis.C, x.shape[0])
+            else:
+                total = jacobian_gram(
+                    fn,
+                    x,
+                    white.R_pinv,
+                    out_basis.C,
+                    rule,
+                    out_positions=positions[dst],
+                    mode=cfg.jacobian_mode,
+                    max_elements=cfg.max_elements,
+                )
         check_finite(total, f"the Jacobian Gram of node layer {src!r}")
         acc.add(total, x.shape[0] * x.shape[1])
     return acc.all_reduce().value

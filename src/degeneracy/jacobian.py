@@ -20,11 +20,17 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 
 from degeneracy.linalg import IntegrationRule
 
-__all__ = ["jacobian_blocks", "jacobian_gram", "choose_mode"]
+__all__ = [
+    "jacobian_blocks",
+    "jacobian_gram",
+    "choose_mode",
+    "constant_jacobian",
+    "gram_of_constant_jacobian",
+]
 
 Mode = Literal["auto", "vjp", "jvp"]
 DEFAULT_MAX_ELEMENTS = 2**24
@@ -120,3 +126,43 @@ def jacobian_gram(
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
     return total
+
+
+def constant_jacobian(
+    fn: Callable[[Tensor], Tensor],
+    x: Float[Tensor, "batch pos_in d_in"],
+    fn_first: Callable[[Tensor], Tensor],
+    *,
+    seed: int = 0,
+) -> Float[Tensor, "pos_out d_out pos_in d_in"] | None:
+    """The section's Jacobian if it is the same at every example of the batch (an affine section,
+    such as an unembedding), else ``None``.
+
+    ``fn_first`` is the same section for the batch's first example alone. Its Jacobian J₀ comes from
+    ``jacrev``; one JVP of the whole batch along a random direction v must then equal J₀ v at every
+    example, to 1e-10 relative in float64 (1e-5 otherwise). A Jacobian that differs anywhere passes
+    this test with probability zero. Then every integration rule gives J₀ too, and M or the edges
+    follow from J₀ alone instead of one backward pass per output row and example.
+    """
+    j0 = jacrev(fn_first)(x[:1])[0, :, :, 0]  # (pos_out, d_out, pos_in, d_in)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    _, jv = jvp(fn, (x,), (v,))
+    predicted = torch.einsum("tosd,bsd->bto", j0, v)
+    rtol = 1e-10 if x.dtype == torch.float64 else 1e-5
+    scale = float(jv.abs().max())
+    if jv.shape != predicted.shape or float((jv - predicted).abs().max()) > rtol * max(scale, 1e-300):
+        return None
+    return j0.to(torch.float64)
+
+
+def gram_of_constant_jacobian(
+    j0: Float[Tensor, "pos_out d_out pos_in d_in"],
+    in_map: Float[Tensor, "d_in k"],
+    out_map: Float[Tensor, "m d_out"],
+    count: int,
+) -> Float[Tensor, "k k"]:
+    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``."""
+    jac = torch.einsum("io,tosd,da->stia", out_map.to(j0), j0, in_map.to(j0))  # (pos_in, pos_out, m, k)
+    flat = jac.reshape(jac.shape[0], -1, jac.shape[-1])
+    return count * torch.einsum("sra,srb->ab", flat, flat)
