@@ -1,0 +1,442 @@
+"""λ(ε) and N_eff(ε) = 2 λ(ε) over loss scales (paper eq 8–9, METHOD §7), and step-size calibration.
+
+At inverse temperature nβ the SGLD estimate is a smoothed λ(ε) at the loss scale
+ε = λ̂ / nβ = E[L] − L(θ*), so a sweep over nβ traces the curve (:func:`llc_curve`), and
+:func:`effective_parameter_count` picks nβ for each requested ε by the fixed point nβ ← λ̂(nβ) / ε.
+Along the sweep the estimates must satisfy dλ̂/d log nβ = λ̂ − λ̂_var (exact at equilibrium for
+full-batch losses); the curve reports both sides. For models with few parameters the direct volume
+estimator (:func:`degeneracy.llc.volume.volume_llc`) gives λ(ε) without SGLD (``method="volume"``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from degeneracy.data import model_output_tensor
+from degeneracy.llc._io import load_tensors_json, save_tensors_json
+from degeneracy.llc.estimate import (
+    LLCWarning,
+    _behavioral_kind,
+    _materialize,
+    _reference_outputs,
+    _select_params,
+    estimate_llc,
+    sample_sgld,
+)
+from degeneracy.llc.losses import behavioral_loss_from_outputs
+from degeneracy.llc.result import LLCResult
+from degeneracy.llc.sgld import ParamLayout
+from degeneracy.llc.volume import volume_llc
+
+__all__ = [
+    "LLCCurve",
+    "EffectiveParameterCount",
+    "StepSizeCalibration",
+    "llc_curve",
+    "sgld_llc_curve",
+    "effective_parameter_count",
+    "calibrate_step_size",
+    "behavioral_loss_fn",
+]
+
+StepSize = float | Literal["auto"] | Callable[[float], float]
+
+
+def _step_for(step_size: StepSize, nbeta: float) -> float | Literal["auto"]:
+    if callable(step_size):
+        return float(step_size(nbeta))
+    return step_size
+
+
+def _central_slope(x: Tensor, y: Tensor) -> Tensor:
+    """dy/dx by central differences (one-sided at the ends); NaN with fewer than two points."""
+    k = x.numel()
+    if k < 2:
+        return torch.full_like(y, math.nan)
+    out = torch.empty_like(y)
+    out[1:-1] = (y[2:] - y[:-2]) / (x[2:] - x[:-2])
+    out[0] = (y[1] - y[0]) / (x[1] - x[0])
+    out[-1] = (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return out
+
+
+@dataclass(frozen=True)
+class LLCCurve:
+    """λ̂ over a sweep of inverse temperatures, with the loss scale each one probes.
+
+    Attributes:
+        nbetas: the inverse temperatures nβ (ascending).
+        epsilons: ε = λ̂ / nβ (descending with nβ).
+        llc, llc_std: λ̂ and its spread over chains.
+        llc_var: the variance estimator λ̂_var = (nβ)² Var(L).
+        slope: dλ̂ / d log nβ by finite differences along the sweep.
+        results: the estimate at each nβ.
+    """
+
+    nbetas: Float[Tensor, " K"]
+    epsilons: Float[Tensor, " K"]
+    llc: Float[Tensor, " K"]
+    llc_std: Float[Tensor, " K"]
+    llc_var: Float[Tensor, " K"]
+    slope: Float[Tensor, " K"]
+    results: tuple[LLCResult, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_eff(self) -> Tensor:
+        """N_eff(ε) = 2 λ̂."""
+        return 2.0 * self.llc
+
+    @property
+    def n_eff_std(self) -> Tensor:
+        return 2.0 * self.llc_std
+
+    @property
+    def consistency_residual(self) -> Tensor:
+        """dλ̂/d log nβ − (λ̂ − λ̂_var): zero at equilibrium (full-batch losses); large values flag
+        unconverged chains or minibatch noise in λ̂_var."""
+        return self.slope - (self.llc - self.llc_var)
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {
+            "nbetas": self.nbetas,
+            "epsilons": self.epsilons,
+            "llc": self.llc,
+            "llc_std": self.llc_std,
+            "llc_var": self.llc_var,
+            "slope": self.slope,
+        }
+        return save_tensors_json(path, tensors, {"kind": "degeneracy.LLCCurve", "config": self.config})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LLCCurve:
+        """Load the curve (the per-nβ results are not stored; save them separately if needed)."""
+        tensors, meta = load_tensors_json(path)
+        if meta.get("kind") != "degeneracy.LLCCurve":
+            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an LLCCurve")
+        return cls(**tensors, config=meta["config"])
+
+
+def _curve_from_results(
+    nbetas: Sequence[float], results: list[LLCResult], config: dict[str, Any]
+) -> LLCCurve:
+    order = sorted(range(len(nbetas)), key=lambda i: nbetas[i])
+    nb = torch.tensor([float(nbetas[i]) for i in order], dtype=torch.float64)
+    res = tuple(results[i] for i in order)
+    llc = torch.tensor([r.mean for r in res], dtype=torch.float64)
+    return LLCCurve(
+        nbetas=nb,
+        epsilons=llc / nb,
+        llc=llc,
+        llc_std=torch.tensor([r.std for r in res], dtype=torch.float64),
+        llc_var=torch.tensor([r.variance_estimate for r in res], dtype=torch.float64),
+        slope=_central_slope(nb.log(), llc),
+        results=res,
+        config=config,
+    )
+
+
+def llc_curve(
+    model: nn.Module,
+    data: Any,
+    *,
+    nbetas: Sequence[float],
+    step_size: StepSize = "auto",
+    **kwargs: Any,
+) -> LLCCurve:
+    """λ̂(nβ) of ``model`` for each nβ in ``nbetas`` (:func:`~degeneracy.llc.estimate.estimate_llc`
+    with ``kwargs``); ``step_size`` may be a float, ``"auto"`` (per nβ) or a function of nβ."""
+    if not nbetas:
+        raise ValueError("nbetas is empty")
+    results = [
+        estimate_llc(model, data, nbeta=float(nb), step_size=_step_for(step_size, float(nb)), **kwargs)
+        for nb in nbetas
+    ]
+    return _curve_from_results(list(nbetas), results, {"kind": "sgld", **_jsonable(kwargs)})
+
+
+def sgld_llc_curve(
+    loss_fn: Callable[[Any, Any], Tensor],
+    init_params: Tensor | dict[str, Tensor],
+    data: Sequence[Any] | None = None,
+    *,
+    nbetas: Sequence[float],
+    step_size: StepSize = "auto",
+    **kwargs: Any,
+) -> LLCCurve:
+    """:func:`llc_curve` for a functional loss (:func:`~degeneracy.llc.estimate.sample_sgld`)."""
+    if not nbetas:
+        raise ValueError("nbetas is empty")
+    results = [
+        sample_sgld(
+            loss_fn, init_params, data, nbeta=float(nb), step_size=_step_for(step_size, float(nb)), **kwargs
+        )
+        for nb in nbetas
+    ]
+    return _curve_from_results(list(nbetas), results, {"kind": "sgld", **_jsonable(kwargs)})
+
+
+def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if isinstance(v, str | int | float | bool | type(None))}
+
+
+@dataclass(frozen=True)
+class EffectiveParameterCount:
+    """N_eff(ε) = 2 λ(ε) at requested loss scales.
+
+    Attributes:
+        epsilons: the requested ε.
+        achieved_epsilons: the scale each estimate actually probes (SGLD: λ̂ / nβ; volume: ε).
+        n_eff, n_eff_std: N_eff and its error bar (spread over chains, or over repeats for the
+            volume method).
+        nbetas: the inverse temperatures used (NaN for the volume method).
+        method: ``"sgld"`` or ``"volume"``.
+        results: the final SGLD estimate per ε (empty for the volume method).
+    """
+
+    epsilons: Float[Tensor, " K"]
+    achieved_epsilons: Float[Tensor, " K"]
+    n_eff: Float[Tensor, " K"]
+    n_eff_std: Float[Tensor, " K"]
+    nbetas: Float[Tensor, " K"]
+    method: str
+    num_params: int
+    results: tuple[LLCResult, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def llc(self) -> Tensor:
+        return self.n_eff / 2.0
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {
+            "epsilons": self.epsilons,
+            "achieved_epsilons": self.achieved_epsilons,
+            "n_eff": self.n_eff,
+            "n_eff_std": self.n_eff_std,
+            "nbetas": self.nbetas,
+        }
+        meta = {
+            "kind": "degeneracy.EffectiveParameterCount",
+            "method": self.method,
+            "num_params": self.num_params,
+            "config": self.config,
+        }
+        return save_tensors_json(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EffectiveParameterCount:
+        tensors, meta = load_tensors_json(path)
+        if meta.get("kind") != "degeneracy.EffectiveParameterCount":
+            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an EffectiveParameterCount")
+        return cls(**tensors, method=meta["method"], num_params=meta["num_params"], config=meta["config"])
+
+
+def behavioral_loss_fn(
+    model: nn.Module,
+    data: Any,
+    *,
+    loss: str = "behavioral",
+    params: Sequence[str] | Callable[[str], bool] | None = None,
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """The full-batch behavioral loss as a function of the flat parameter vector, and θ* (flat).
+
+    Returns ``(loss_fn, center)`` with ``loss_fn(theta: (P,)) -> scalar``, for
+    :func:`~degeneracy.llc.volume.volume_llc` or :func:`~degeneracy.llc.estimate.sample_sgld`."""
+    kind = _behavioral_kind(loss)
+    chosen = _select_params(model, params)
+    layout = ParamLayout.of(chosen)
+    center = layout.flatten(chosen)
+    examples = _materialize(data, center.device)
+    if examples.pooled is None:
+        raise ValueError("behavioral_loss_fn needs data that fit in one batch of tensors")
+    inputs = examples.pooled.inputs
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _reference_outputs(model, examples.pooled, 4096)
+    finally:
+        model.train(was_training)
+
+    def loss_fn(theta: Tensor) -> Tensor:
+        params_ = {n: v[0] for n, v in layout.views(theta.unsqueeze(0)).items()}
+        if isinstance(inputs, dict):
+            out = functional_call(model, params_, args=(), kwargs=inputs)
+        else:
+            out = functional_call(model, params_, args=(inputs,))
+        return behavioral_loss_from_outputs(model_output_tensor(out), reference, kind)
+
+    return loss_fn, center
+
+
+def effective_parameter_count(
+    model: nn.Module,
+    data: Any,
+    epsilons: Sequence[float],
+    *,
+    method: Literal["sgld", "volume"] = "sgld",
+    max_iter: int = 3,
+    tolerance: float = 0.25,
+    llc_guess: float | None = None,
+    step_size: StepSize = "auto",
+    radius: float = 1.0,
+    volume_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> EffectiveParameterCount:
+    """N_eff(ε) = 2 λ(ε) of ``model`` on the behavioral loss at each loss scale ε (paper eq 9).
+
+    ``method="sgld"``: for each ε (largest first) nβ is found by the fixed point nβ ← λ̂ / ε, starting
+    from ``llc_guess`` (default: P/4, then the previous ε's λ̂), until the probed scale λ̂ / nβ is
+    within a factor ``1 + tolerance`` of ε or ``max_iter`` estimates were made; the probed scale is
+    reported as ``achieved_epsilons``. ``kwargs`` go to :func:`~degeneracy.llc.estimate.estimate_llc`.
+
+    ``method="volume"``: the direct volume estimator on the box θ* + [−radius, radius]^P (few parameters
+    only), with ``volume_kwargs`` for :func:`~degeneracy.llc.volume.volume_llc`.
+    """
+    targets = torch.as_tensor([float(e) for e in epsilons], dtype=torch.float64)
+    if targets.numel() == 0 or (targets <= 0).any():
+        raise ValueError("epsilons must be a non-empty list of positive loss scales")
+    if method == "volume":
+        loss_fn, center = behavioral_loss_fn(
+            model, data, loss=kwargs.pop("loss", "behavioral"), params=kwargs.pop("params", None)
+        )
+        if kwargs:
+            raise ValueError(f"method='volume' does not take {sorted(kwargs)}; use volume_kwargs")
+        vol = volume_llc(loss_fn, center, epsilons=targets, radius=radius, **(volume_kwargs or {}))
+        order = torch.argsort(torch.argsort(targets))  # volume_llc sorts ascending
+        return EffectiveParameterCount(
+            epsilons=targets,
+            achieved_epsilons=targets.clone(),
+            n_eff=vol.n_eff[order],
+            n_eff_std=2.0 * vol.llc_std[order],
+            nbetas=torch.full_like(targets, math.nan),
+            method="volume",
+            num_params=center.numel(),
+            config={"radius": radius, **vol.config},
+        )
+    if method != "sgld":
+        raise ValueError(f"unknown method {method!r}: use 'sgld' or 'volume'")
+    num_params = ParamLayout.of(_select_params(model, kwargs.get("params"))).numel
+    guess = float(llc_guess) if llc_guess is not None else num_params / 4.0
+    order = sorted(range(targets.numel()), key=lambda i: -float(targets[i]))
+    final: dict[int, tuple[float, LLCResult]] = {}
+    for i in order:
+        eps = float(targets[i])
+        nbeta = guess / eps
+        result = None
+        for _ in range(max(1, max_iter)):
+            result = estimate_llc(model, data, nbeta=nbeta, step_size=_step_for(step_size, nbeta), **kwargs)
+            if not (math.isfinite(result.mean) and result.mean > 0):
+                warnings.warn(
+                    f"N_eff at ε = {eps:.3g}: λ̂ = {result.mean:.3g} at nβ = {nbeta:.3g} is not positive; "
+                    "no fixed point nβ = λ̂ / ε",
+                    LLCWarning,
+                    stacklevel=2,
+                )
+                break
+            if abs(math.log(result.epsilon / eps)) <= math.log1p(tolerance):
+                break
+            nbeta = result.mean / eps
+        assert result is not None
+        final[i] = (nbeta, result)
+        if math.isfinite(result.mean) and result.mean > 0:
+            guess = result.mean
+    results = tuple(final[i][1] for i in range(targets.numel()))
+    return EffectiveParameterCount(
+        epsilons=targets,
+        achieved_epsilons=torch.tensor([r.epsilon for r in results], dtype=torch.float64),
+        n_eff=torch.tensor([r.n_eff for r in results], dtype=torch.float64),
+        n_eff_std=torch.tensor([r.n_eff_std for r in results], dtype=torch.float64),
+        nbetas=torch.tensor([final[i][0] for i in range(targets.numel())], dtype=torch.float64),
+        method="sgld",
+        num_params=num_params,
+        results=results,
+        config={"max_iter": max_iter, "tolerance": tolerance, **_jsonable(kwargs)},
+    )
+
+
+@dataclass(frozen=True)
+class StepSizeCalibration:
+    """A step-size sweep: per step size the estimate and its health, and the recommended step size
+    (the largest one whose estimate is healthy and agrees with the smallest step size's)."""
+
+    step_sizes: tuple[float, ...]
+    results: tuple[LLCResult, ...]
+    recommended: float | None
+    reasons: tuple[str, ...]
+
+    def table(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "step_size": s,
+                "llc": r.mean,
+                "llc_std": r.std,
+                "excluded_chains": len(r.excluded_chains),
+                "warnings": len(r.warnings),
+                "verdict": why,
+            }
+            for s, r, why in zip(self.step_sizes, self.results, self.reasons, strict=True)
+        ]
+
+
+def calibrate_step_size(
+    target: nn.Module | Callable[[float], LLCResult],
+    data: Any = None,
+    *,
+    step_sizes: Sequence[float],
+    tolerance: float = 0.05,
+    **kwargs: Any,
+) -> StepSizeCalibration:
+    """Run short estimates at each step size and recommend one.
+
+    Args:
+        target: a model (then ``estimate_llc(target, data, step_size=η, **kwargs)`` is run), or any
+            ``run(step_size) -> LLCResult``.
+        step_sizes: the candidates.
+        tolerance: relative agreement required with the smallest step size's estimate (on top of two
+            combined standard errors).
+
+    A step size is rejected when chains were excluded, the run warned about instability or
+    stationarity, or its λ̂ differs from the smallest step size's by more than the tolerance.
+    """
+    steps = sorted(float(s) for s in step_sizes)
+    if not steps:
+        raise ValueError("step_sizes is empty")
+    if isinstance(target, nn.Module):
+        model = target
+
+        def run(step: float) -> LLCResult:
+            return estimate_llc(model, data, step_size=step, **kwargs)
+
+    else:
+        run = target
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LLCWarning)
+        results = [run(s) for s in steps]
+    reference = results[0]
+    reasons: list[str] = []
+    for r in results:
+        if r.excluded_chains:
+            reasons.append(f"{len(r.excluded_chains)} chain(s) excluded")
+        elif any(("step size" in w) or ("stationary" in w) for w in r.warnings):
+            reasons.append("unstable or not stationary")
+        else:
+            se = math.hypot(r.stderr if math.isfinite(r.stderr) else 0.0, reference.stderr or 0.0)
+            gap = abs(r.mean - reference.mean)
+            if gap > 2 * se + tolerance * abs(reference.mean):
+                reasons.append(f"λ̂ differs from the smallest step size's by {gap:.3g}")
+            else:
+                reasons.append("ok")
+    ok = [s for s, why in zip(steps, reasons, strict=True) if why == "ok"]
+    return StepSizeCalibration(tuple(steps), tuple(results), max(ok) if ok else None, tuple(reasons))

@@ -1,0 +1,240 @@
+"""The result of one LLC estimate: the number, its error bar, the chains behind it and their health."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from degeneracy.llc._io import as_float64_cpu, load_tensors_json, save_tensors_json
+from degeneracy.llc.diagnostics import (
+    DIVERGENCE_FACTOR,
+    chain_llc,
+    chain_llc_variance,
+    find_bad_chains,
+    stationarity_drift,
+    step_size_stability,
+)
+from degeneracy.llc.sgld import ChainRun, SGLDConfig
+
+__all__ = ["LLCResult", "summarize_chains"]
+
+_KIND = "degeneracy.LLCResult"
+
+
+def _version() -> str:
+    from degeneracy import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """An estimate λ̂ of the local learning coefficient (METHOD §7) and everything behind it.
+
+    Attributes:
+        mean: λ̂, the mean of the per-chain estimates over the good chains.
+        std: the standard deviation of the per-chain estimates over the good chains (the error bar;
+            NaN with fewer than two good chains).
+        chain_estimates: λ̂_c = nβ (mean_t L_c(t) − L*) for every chain, excluded ones included.
+        variance_estimates: λ̂_var,c = (nβ)² Var_t L_c(t) for every chain.
+        loss_traces: the sampled losses, ``(chains, draws)``, float64.
+        burnin_traces: the losses during burn-in, ``(chains, burn-in steps)``.
+        init_loss: L* = L(θ*) (0 for the behavioral loss).
+        nbeta: the inverse temperature nβ.
+        num_params: P, the number of sampled parameters.
+        excluded_chains: chain index → reason, for chains left out of ``mean`` and ``std``.
+        config: the sampler settings and what was sampled (JSON-serialisable).
+        seconds: wall time of the SGLD loop.
+        warnings: what the diagnostics found (step size, stationarity, negative estimates...).
+        version: the library version that produced it.
+    """
+
+    mean: float
+    std: float
+    chain_estimates: Float[Tensor, " chains"]
+    variance_estimates: Float[Tensor, " chains"]
+    loss_traces: Float[Tensor, "chains draws"]
+    burnin_traces: Float[Tensor, "chains burnin"]
+    init_loss: float
+    nbeta: float
+    num_params: int
+    excluded_chains: dict[int, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = math.nan
+    warnings: tuple[str, ...] = ()
+    version: str = ""
+
+    @property
+    def good_chains(self) -> Tensor:
+        """Boolean mask of the chains averaged into ``mean``."""
+        mask = torch.ones(self.chain_estimates.shape[0], dtype=torch.bool)
+        for c in self.excluded_chains:
+            mask[c] = False
+        return mask
+
+    @property
+    def num_good_chains(self) -> int:
+        return int(self.good_chains.sum())
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of ``mean``: ``std / sqrt(good chains)``."""
+        n = self.num_good_chains
+        return self.std / math.sqrt(n) if n > 0 else math.nan
+
+    @property
+    def variance_estimate(self) -> float:
+        """Mean of λ̂_var over the good chains."""
+        good = self.variance_estimates[self.good_chains]
+        return float(good.mean()) if good.numel() else math.nan
+
+    @property
+    def epsilon(self) -> float:
+        """The loss scale this estimate probes: ε = λ̂ / nβ = E[L] − L* (METHOD §7)."""
+        return self.mean / self.nbeta
+
+    @property
+    def n_eff(self) -> float:
+        """Effective parameter count N_eff = 2 λ̂ (paper eq 9)."""
+        return 2.0 * self.mean
+
+    @property
+    def n_eff_std(self) -> float:
+        return 2.0 * self.std
+
+    @property
+    def draws_per_second(self) -> float:
+        """Recorded draws of all chains per second of the sampling loop (burn-in time included)."""
+        draws = self.loss_traces.shape[0] * self.loss_traces.shape[1]
+        return draws / self.seconds if self.seconds > 0 else math.nan
+
+    def __repr__(self) -> str:
+        bad = f", {len(self.excluded_chains)} chain(s) excluded" if self.excluded_chains else ""
+        return (
+            f"LLCResult(λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
+            f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
+            f"{bad}, warnings={len(self.warnings)})"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one safetensors file (tensors) with the rest as JSON in its header; atomic."""
+        tensors = {
+            "chain_estimates": self.chain_estimates,
+            "variance_estimates": self.variance_estimates,
+            "loss_traces": self.loss_traces,
+            "burnin_traces": self.burnin_traces,
+        }
+        meta = {
+            "kind": _KIND,
+            "mean": self.mean,
+            "std": self.std,
+            "init_loss": self.init_loss,
+            "nbeta": self.nbeta,
+            "num_params": self.num_params,
+            "excluded_chains": {str(k): v for k, v in self.excluded_chains.items()},
+            "config": self.config,
+            "seconds": self.seconds,
+            "warnings": list(self.warnings),
+            "version": self.version,
+        }
+        return save_tensors_json(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LLCResult:
+        tensors, meta = load_tensors_json(path)
+        if meta.get("kind") != _KIND:
+            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an LLCResult")
+        return cls(
+            mean=float(meta["mean"]),
+            std=float(meta["std"]),
+            chain_estimates=tensors["chain_estimates"],
+            variance_estimates=tensors["variance_estimates"],
+            loss_traces=tensors["loss_traces"],
+            burnin_traces=tensors["burnin_traces"],
+            init_loss=float(meta["init_loss"]),
+            nbeta=float(meta["nbeta"]),
+            num_params=int(meta["num_params"]),
+            excluded_chains={int(k): v for k, v in meta["excluded_chains"].items()},
+            config=meta["config"],
+            seconds=float(meta["seconds"]),
+            warnings=tuple(meta["warnings"]),
+            version=meta["version"],
+        )
+
+
+def summarize_chains(
+    run: ChainRun,
+    init_loss: float,
+    config: SGLDConfig,
+    num_params: int,
+    extra_config: dict[str, Any] | None = None,
+    curvature: float | None = None,
+    divergence_factor: float = DIVERGENCE_FACTOR,
+) -> LLCResult:
+    """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings."""
+    traces = as_float64_cpu(run.loss_traces)
+    burnin = as_float64_cpu(run.burnin_traces)
+    nbeta = float(config.nbeta)
+    estimates = chain_llc(traces, init_loss, nbeta)
+    variances = chain_llc_variance(traces, nbeta)
+    excluded = find_bad_chains(
+        traces, run.final_params, init_loss, nbeta, num_params, divergence_factor, burnin_traces=burnin
+    )
+    good = torch.ones(traces.shape[0], dtype=torch.bool)
+    for c in excluded:
+        good[c] = False
+    good_estimates = estimates[good]
+    notes: list[str] = []
+    if excluded:
+        notes.append(
+            f"{len(excluded)} of {traces.shape[0]} chains excluded: "
+            + "; ".join(f"chain {c}: {why}" for c, why in sorted(excluded.items()))
+        )
+    if good_estimates.numel() == 0:
+        mean, std = math.nan, math.nan
+        notes.append("every chain was excluded: no estimate")
+    else:
+        mean = float(good_estimates.mean())
+        std = float(good_estimates.std()) if good_estimates.numel() > 1 else math.nan
+        if mean < 0:
+            notes.append(
+                f"negative estimate λ̂ = {mean:.3g}: the chains found losses below L(θ*), so θ* is not a "
+                "local minimum of this loss; use the behavioral loss, or a smaller nβ / larger localization"
+            )
+        drift, drift_se = stationarity_drift(traces[good], init_loss, nbeta)
+        significant = not math.isfinite(drift_se) or abs(drift) > 3 * drift_se
+        if significant and abs(drift) > 0.1 * max(abs(mean), 0.5):
+            notes.append(
+                f"chains are not stationary after burn-in: the excess loss nβ(L − L*) moved by {drift:+.3g} "
+                f"between the first and last third of the draws (λ̂ = {mean:.3g}); increase num_burnin or "
+                "num_draws, or the step size if it is very small"
+            )
+    if curvature is not None:
+        warning = step_size_stability(config.step_size, nbeta, config.localization, curvature)
+        if warning:
+            notes.append(warning)
+    cfg = {**config.to_dict(), **(extra_config or {})}
+    if curvature is not None:
+        cfg["max_curvature"] = curvature
+    return LLCResult(
+        mean=mean,
+        std=std,
+        chain_estimates=estimates,
+        variance_estimates=variances,
+        loss_traces=traces,
+        burnin_traces=burnin,
+        init_loss=float(init_loss),
+        nbeta=nbeta,
+        num_params=int(num_params),
+        excluded_chains=excluded,
+        config=cfg,
+        seconds=float(run.seconds),
+        warnings=tuple(notes),
+        version=_version(),
+    )

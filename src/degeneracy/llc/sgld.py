@@ -1,0 +1,285 @@
+"""Stochastic-gradient Langevin dynamics around θ*, with every chain run in one vectorised step.
+
+The sampler targets (METHOD §7, Lau et al. 2023)
+
+    p(θ) ∝ exp(−nβ L(θ) − γ/2 ‖θ − θ*‖²)
+
+with the update
+
+    Δθ = −(η/2) (nβ ∇L(θ) + γ (θ − θ*)) + √η ξ,      ξ ~ N(0, I),
+
+where ``nbeta`` = nβ (inverse temperature), ``localization`` = γ, ``step_size`` = η. With minibatches
+the gradient is that of the minibatch loss (the same minibatch for every chain at a given step).
+
+Chains are stacked along a leading chain dimension ``C`` of one flat parameter tensor
+``theta: (C, P)``; the loss of all chains is computed by one ``torch.func.vmap`` call (see
+:data:`ChainLoss`) and differentiated by one backward pass, then the update is a handful of in-place
+operations on ``theta``. Each chain draws its noise from its own ``torch.Generator`` seeded from
+``(seed, chain index)`` only, and the minibatch order depends on ``seed`` only, so running the chains
+one at a time (``chain_ids=[c]``) reproduces the vectorised run chain by chain.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "ChainLoss",
+    "SGLDConfig",
+    "ParamLayout",
+    "ChainRun",
+    "chain_generator",
+    "noise_block_steps",
+    "cycle_batches",
+    "run_sgld_chains",
+    "max_curvature",
+]
+
+ChainLoss = Callable[[dict[str, Tensor], Any], Tensor]
+"""``chain_loss(params, batch) -> losses``: ``params`` maps each sampled parameter name to a tensor with
+a leading chain dimension ``(C, *shape)``; the result is the loss of every chain, shape ``(C,)``.
+It must be differentiable with respect to ``params`` (built with ``torch.func.vmap``)."""
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """Settings of one SGLD run.
+
+    Attributes:
+        nbeta: inverse temperature nβ (> 0).
+        localization: γ ≥ 0, strength of the pull towards θ*.
+        step_size: η > 0.
+        num_chains: independent chains, run together.
+        num_draws: recorded draws per chain (after burn-in).
+        num_burnin: steps before the first draw.
+        thinning: steps between draws (1 = every step is a draw).
+        seed: seeds the chains' noise (with the chain index) and the minibatch order.
+    """
+
+    nbeta: float
+    localization: float
+    step_size: float
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin: int = 0
+    thinning: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.nbeta) and self.nbeta > 0):
+            raise ValueError(f"nbeta must be a positive finite number, got {self.nbeta}")
+        if not (math.isfinite(self.localization) and self.localization >= 0):
+            raise ValueError(f"localization must be >= 0, got {self.localization}")
+        if not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise ValueError(f"step_size must be a positive finite number, got {self.step_size}")
+        for name in ("num_chains", "num_draws", "thinning"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_burnin < 0:
+            raise ValueError(f"num_burnin must be >= 0, got {self.num_burnin}")
+
+    @property
+    def num_steps(self) -> int:
+        """Total SGLD steps per chain: ``num_burnin + num_draws * thinning``."""
+        return self.num_burnin + self.num_draws * self.thinning
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the sampled parameters, and their order in the flat vector θ ∈ R^P."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor]) -> ParamLayout:
+        return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        """P, the number of sampled parameters."""
+        return sum(self.sizes)
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Float[Tensor, " P"]:
+        """Concatenate ``params`` (in layout order) into one detached vector."""
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def views(self, flat: Float[Tensor, "C P"]) -> dict[str, Tensor]:
+        """Views ``(C, *shape)`` of each parameter into ``flat`` (sharing its storage)."""
+        chains = flat.shape[0]
+        parts = torch.split(flat, self.sizes, dim=1)
+        return {n: t.view(chains, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def _seed_from(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence)."""
+    state = np.random.SeedSequence([int(e) % (2**63) for e in entropy]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only."""
+    return torch.Generator(device=device).manual_seed(_seed_from(seed, chain, 0x51D))
+
+
+def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
+    """Cycle through ``batches`` endlessly, each pass in a fresh order drawn from ``seed``."""
+    if len(batches) == 0:
+        raise ValueError("no batches to sample with")
+    if len(batches) == 1:
+        while True:
+            yield batches[0]
+    generator = torch.Generator().manual_seed(_seed_from(seed, 0xDA7A))
+    while True:
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
+
+
+def noise_block_steps(dim: int, max_steps: int = 64, max_numbers: int = 1 << 18) -> int:
+    """How many steps of noise a chain draws at once: at most ``max_steps``, at most ``max_numbers``
+    numbers per chain, at least one step."""
+    return max(1, min(max_steps, max_numbers // max(dim, 1)))
+
+
+@dataclass(frozen=True)
+class ChainRun:
+    """What the SGLD loop returns: per-chain loss traces, final positions and wall time."""
+
+    loss_traces: Float[Tensor, "C D"]
+    burnin_traces: Float[Tensor, "C B"]
+    final_params: Float[Tensor, "C P"]
+    seconds: float
+
+
+def run_sgld_chains(
+    chain_loss: ChainLoss,
+    layout: ParamLayout,
+    center: Float[Tensor, " P"],
+    batches: Iterator[Any],
+    config: SGLDConfig,
+    chain_ids: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "SGLD",
+) -> ChainRun:
+    """Run the chains ``chain_ids`` (default: all of ``config.num_chains``) together.
+
+    Args:
+        chain_loss: batched loss, see :data:`ChainLoss`.
+        layout: how θ splits into named parameters.
+        center: θ*, the point the chains start from and are localised around (its dtype and device
+            are the sampler's).
+        batches: one batch per step (shared by all chains); ``None`` items are allowed.
+        config: the sampler settings.
+        chain_ids: which chains to run (their noise depends on the id only).
+        progress: show a tqdm bar.
+
+    Returns:
+        The loss of each chain at each recorded draw, evaluated at θ_t before the step from θ_t,
+        as float64, with the burn-in losses separately.
+    """
+    from tqdm.auto import tqdm
+
+    ids = list(range(config.num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    chains, dim = len(ids), layout.numel
+    center = center.detach()
+    theta = center.expand(chains, dim).clone()
+    views = layout.views(theta)
+    grad_flat = torch.empty_like(theta)
+    drift = torch.empty_like(theta)
+    # noise is drawn per chain in blocks of `block` steps (one generator call per chain per block); the
+    # block length depends on P only, so a chain's noise is the same whether it runs alone or not
+    block = noise_block_steps(dim)
+    noise = torch.empty(chains, block, dim, dtype=theta.dtype, device=theta.device)
+    generators = [chain_generator(config.seed, c, theta.device) for c in ids]
+    losses_all = torch.empty(chains, config.num_steps, dtype=theta.dtype, device=theta.device)
+    half_eta, sqrt_eta = 0.5 * config.step_size, math.sqrt(config.step_size)
+    nbeta, gamma = float(config.nbeta), float(config.localization)
+
+    start = time.perf_counter()
+    for step in tqdm(range(config.num_steps), desc=desc, disable=not progress, leave=False):
+        batch = next(batches)
+        leaves = {n: v.detach().requires_grad_(True) for n, v in views.items()}
+        with torch.enable_grad():
+            losses = chain_loss(leaves, batch)
+            grads = torch.autograd.grad(losses.sum(), tuple(leaves.values()), allow_unused=True)
+        torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(v)).reshape(chains, -1)
+                for g, v in zip(grads, leaves.values(), strict=True)
+            ],
+            dim=1,
+            out=grad_flat,
+        )
+        losses_all[:, step] = losses.detach()
+        with torch.no_grad():
+            # drift = nβ ∇L + γ (θ − θ*);  θ ← θ − (η/2) drift + √η ξ
+            torch.sub(theta, center, out=drift)
+            drift.mul_(gamma).add_(grad_flat, alpha=nbeta)
+            theta.add_(drift, alpha=-half_eta)
+            k = step % block
+            if k == 0:
+                for row, generator in enumerate(generators):
+                    torch.randn(
+                        (block, dim),
+                        generator=generator,
+                        dtype=theta.dtype,
+                        device=theta.device,
+                        out=noise[row],
+                    )
+            theta.add_(noise[:, k], alpha=sqrt_eta)
+    seconds = time.perf_counter() - start
+
+    losses_all = losses_all.to(torch.float64)
+    burnin = losses_all[:, : config.num_burnin]
+    draws = losses_all[:, config.num_burnin :: config.thinning][:, : config.num_draws]
+    return ChainRun(draws.contiguous(), burnin.contiguous(), theta.detach(), seconds)
+
+
+def max_curvature(
+    chain_loss: ChainLoss,
+    layout: ParamLayout,
+    center: Float[Tensor, " P"],
+    batch: Any,
+    iters: int = 30,
+    seed: int = 0,
+) -> float:
+    """Largest |eigenvalue| of the Hessian of the loss at ``center`` (power iteration on
+    Hessian-vector products by double backward). Used for the step-size rule and its warning."""
+    generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0xC0DE))
+    v = torch.randn(center.shape, generator=generator, dtype=center.dtype, device=center.device)
+    v /= v.norm()
+    x = center.detach().clone().unsqueeze(0).requires_grad_(True)
+    with torch.enable_grad():
+        loss = chain_loss(layout.views(x), batch).sum()
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    if not g.requires_grad:  # the loss is linear or constant in θ
+        return 0.0
+    estimate = 0.0
+    for i in range(iters):
+        (hv,) = torch.autograd.grad(g, x, grad_outputs=v.unsqueeze(0), retain_graph=i < iters - 1)
+        hv = hv.squeeze(0)
+        norm = float(hv.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            return norm if math.isfinite(norm) else math.inf
+        converged = abs(norm - estimate) <= 1e-3 * norm
+        estimate = norm
+        v = hv / norm
+        if converged:
+            break
+    return estimate
