@@ -202,6 +202,40 @@ def functional_output(
     return select_output(output, position)
 
 
-def numerical_floor(largest: float, size: int, dtype: torch.dtype) -> float:
-    """Eigenvalues at or below ``largest · size · eps(dtype)`` are numerically zero (matrix_rank's rule)."""
-    return float(largest) * max(size, 1) * float(torch.finfo(dtype).eps)
+@contextmanager
+def single_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block on one intra-op thread (restored afterwards).
+
+    Small LAPACK calls gain nothing from threads, and on an oversubscribed machine a multi-threaded
+    eigensolver on a 128 × 128 matrix can take seconds (threads spin at barriers while descheduled).
+    """
+    n = torch.get_num_threads()
+    switch = enabled and n > 1
+    if switch:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if switch:
+            torch.set_num_threads(n)
+
+
+def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` (ascending), single-threaded for matrices up to 1024 × 1024."""
+    with single_thread(matrix.shape[-1] <= 1024):
+        values, vectors = torch.linalg.eigh(matrix)
+    return values, vectors
+
+
+def numerical_floor(largest: float, size: int, dtype: torch.dtype, *, operator: bool = False) -> float:
+    """Numerical zero of a Hessian spectrum.
+
+    Exact path (a float64 Gram of ``size`` square built from ``dtype`` Jacobians):
+    λ_max · max(size·eps64, 100·size·eps(dtype)²). Operator path (``operator=True``: products computed in
+    ``dtype``): λ_max · 100 · eps(dtype), the accuracy of a Hessian-vector product.
+    """
+    eps = float(torch.finfo(dtype).eps)
+    if operator:
+        return float(largest) * 100.0 * eps
+    eps64 = float(torch.finfo(torch.float64).eps)
+    return float(largest) * max(size, 1) * max(eps64, 100.0 * eps**2)

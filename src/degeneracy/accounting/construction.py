@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.accounting._model import ForwardFn, materialize, resolve_module, run_model
-from degeneracy.accounting.sources import firing_patterns, gram_floor, union_find_blocks
+from degeneracy.accounting._model import ForwardFn, eigh, materialize, resolve_module, run_model
+from degeneracy.accounting.sources import firing_patterns, gram_floor, identical_columns
 from degeneracy.accounting.structure import NeuronLayer, Point, Site, discover_torch, is_transformer_lens
 
 __all__ = ["BlockGatedActivation", "SparsifiedModel", "sparsify"]
@@ -260,7 +260,7 @@ def sparsify(
         if site.has_bias:
             f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64)], dim=1)
         d_aug = f.shape[1]
-        gram_top = float(torch.linalg.eigvalsh(f.T @ f / f.shape[0]).max())
+        gram_top = float(eigh(f.T @ f / f.shape[0])[0].max())
         threshold = max(epsilon, gram_floor(gram_top, d_aug, f.shape[0], dtype))
         basis = _pivoted_basis(f, threshold, d_aug - 1 if site.has_bias else None)
         others = [j for j in range(d_aug) if j not in basis]
@@ -290,9 +290,7 @@ def sparsify(
         assert isinstance(out_module, nn.Linear)
         pre = _capture(new, batches, layer.pre_point, forward)
         fires = firing_patterns(pre, layer.activation)
-        _, inverse = torch.unique(fires.T, dim=0, return_inverse=True)
-        pairs = torch.stack(torch.nonzero(inverse[:, None] == inverse[None, :], as_tuple=True), dim=1)
-        blocks = union_find_blocks(layer.width, pairs)
+        blocks = identical_columns(fires)
         dead = set(torch.nonzero(~fires.any(0)).flatten().tolist()) if layer.activation == "relu" else set()
         w_in = _augmented(module)
         w_out = out_module.weight.detach().to(torch.float64).clone()

@@ -29,8 +29,8 @@
   to b_O: d_head per head).
 
 Rank convention everywhere: eigenvalue λ ≤ max(ε (or ε·λ_max with ``relative``), floor) counts as
-zero, with floor = λ_max · max(d·eps64, (max(m, d)·eps_src)²) for a Gram of m samples of dimension d
-computed in float64 from ``eps_src``-precise values.
+zero, with floor = λ_max · max(d·eps64, 100·d·eps_src²) for a float64 Gram of dimension d built from
+``eps_src``-precise values (see :func:`gram_floor`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from degeneracy.accounting._model import eigh
 from degeneracy.accounting.structure import AttentionLayer, NeuronLayer, Site
 
 __all__ = [
@@ -70,9 +72,16 @@ class RankInfo:
 
 
 def gram_floor(largest: float, dim: int, samples: int, src_dtype: torch.dtype) -> float:
+    """Numerical zero of a float64 Gram of ``dim`` coordinates built from ``src_dtype`` values.
+
+    λ_max · max(dim·eps64, 100·dim·eps_src²): the rounding of the float64 eigensolver, and the Gram
+    of rounding errors of relative size eps_src (with a safety factor of 100 for errors accumulated
+    through the layers). ``samples`` is kept for the signature (the rule does not depend on it).
+    """
+    del samples
     eps_src = float(torch.finfo(src_dtype).eps) if src_dtype.is_floating_point else 0.0
     eps64 = float(torch.finfo(torch.float64).eps)
-    return largest * max(dim * eps64, (max(samples, dim) * eps_src) ** 2)
+    return largest * max(dim * eps64, 100.0 * dim * eps_src**2)
 
 
 def gram_rank(
@@ -87,7 +96,13 @@ def gram_rank(
     dim = gram.shape[0]
     if dim == 0:
         return RankInfo(0, 0, 0.0, gram.new_zeros(0), gram.new_zeros(0, 0))
-    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    if dim == 1:
+        value = max(float(gram[0, 0]), 0.0)
+        threshold = max(epsilon * value if relative else epsilon, gram_floor(value, 1, samples, src_dtype))
+        rank = int(value > threshold and value > 0)
+        one = torch.ones(1, 1, dtype=torch.float64)
+        return RankInfo(1, rank, threshold, torch.tensor([value], dtype=torch.float64), one[:, rank:].T)
+    values, vectors = eigh(gram.to(torch.float64))
     values, vectors = values.flip(0), vectors.flip(1)
     top = max(float(values[0]), 0.0)
     threshold = max(epsilon * top if relative else epsilon, gram_floor(top, dim, samples, src_dtype))
@@ -205,6 +220,15 @@ def firing_patterns(pre: Tensor, activation: str) -> Tensor:
     return pre > 0
 
 
+def identical_columns(fires: Tensor) -> list[list[int]]:
+    """Blocks of columns of a boolean (m, d) matrix that are identical, sorted by first index."""
+    packed = np.packbits(fires.T.contiguous().numpy(), axis=1)
+    groups: dict[bytes, list[int]] = {}
+    for i, row in enumerate(packed):
+        groups.setdefault(row.tobytes(), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
 def pattern_residuals(pre: Tensor, fires: Tensor) -> Tensor:
     """ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) for all pairs (d, d), float64."""
     r = fires.to(torch.float64)
@@ -235,15 +259,15 @@ def neuron_sync(
     pre = pre.to(torch.float64)
     m, d = pre.shape
     fires = firing_patterns(pre, activation)
-    residuals = pattern_residuals(pre, fires)
+    residuals = pattern_residuals(pre, fires) if epsilon > 0 else None
     scale = float(pre.pow(2).mean(0).max()) if d else 0.0
     if epsilon == 0.0:
-        _, inverse = torch.unique(fires.T, dim=0, return_inverse=True)
-        pairs = torch.stack(torch.nonzero(inverse[:, None] == inverse[None, :], as_tuple=True), dim=1)
+        blocks = identical_columns(fires)
     else:
+        assert residuals is not None
         threshold = epsilon * scale if relative else epsilon
         pairs = torch.nonzero(residuals <= threshold)
-    blocks = union_find_blocks(d, pairs)
+        blocks = union_find_blocks(d, pairs)
     dead = [] if activation != "relu" else torch.nonzero(~fires.any(0)).flatten().tolist()
     gram = pre.T @ pre / max(m, 1)
     s_ranks, t_ranks, max_res = [], [] if jacobian_gram is not None else None, []
@@ -259,7 +283,9 @@ def neuron_sync(
                     jacobian_gram[idx][:, idx], epsilon, relative=relative, samples=m, src_dtype=src_dtype
                 ).rank
             )
-        max_res.append(float(residuals[idx][:, idx].max()) if len(block) > 1 else 0.0)
+        max_res.append(
+            float(residuals[idx][:, idx].max()) if len(block) > 1 and residuals is not None else 0.0
+        )
         block_fires = fires[:, idx]
         kinds.append("on" if bool(block_fires.all()) else "off" if not bool(block_fires.any()) else "mixed")
     return NeuronSync(layer, activation, blocks, dead, s_ranks, t_ranks, max_res, epsilon, m, kinds)
@@ -504,6 +530,6 @@ def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:
     if stacked.shape[0] == 0:
         return 0
     small = stacked @ stacked.T if stacked.shape[0] <= stacked.shape[1] else stacked.T @ stacked
-    values = torch.linalg.eigvalsh(small)
+    values = eigh(small)[0]
     top = float(values.max())
     return int((values > top * max(rtol, small.shape[0] * float(torch.finfo(torch.float64).eps))).sum())

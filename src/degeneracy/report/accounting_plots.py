@@ -1,0 +1,119 @@
+"""Figures of degeneracy accounting: the Hessian spectrum and the sources of free directions.
+
+Takes result objects only (:class:`~degeneracy.accounting.HessianSpectrum`,
+:class:`~degeneracy.accounting.DegeneracyReport`); matplotlib is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_hessian_spectrum", "plot_sources"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_hessian_spectrum(
+    spectrum: Any,
+    path: str | Path,
+    *,
+    epsilons: list[float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Eigenvalues of the behavioral-loss Hessian (descending, log scale), with the numerical floor
+    and optional ε thresholds drawn as horizontal lines (eigenvalues below a line count as zero).
+
+    For a Lanczos spectrum (top k only) the SLQ density, when present, is shown in a second panel
+    as a cumulative count of eigenvalues above λ.
+    """
+    import torch
+
+    plt = _pyplot()
+    values = spectrum.eigenvalues.to(torch.float64)
+    density = getattr(spectrum, "density", None)
+    panels = 2 if density else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    positive = values.clamp_min(1e-300)
+    ax.semilogy(
+        range(1, len(values) + 1), positive.numpy(), ".", ms=2, label=f"{spectrum.method} eigenvalues"
+    )
+    ax.axhline(max(spectrum.floor, 1e-300), color="grey", ls=":", lw=1, label="numerical floor")
+    for eps in epsilons or []:
+        ax.axhline(eps, color="tab:red", ls="--", lw=1, label=f"ε = {eps:g}")
+        try:
+            rank = spectrum.rank(eps)
+            ax.axvline(rank, color="tab:red", ls=":", lw=0.8)
+        except ValueError:
+            pass
+    ax.set_xlabel("index (descending)")
+    ax.set_ylabel("eigenvalue of H")
+    n_zero = int((values <= spectrum.floor).sum()) if spectrum.complete else None
+    subtitle = f"N = {spectrum.num_parameters}" + (f", {n_zero} zero" if n_zero is not None else "")
+    ax.set_title(title or f"Behavioral-loss Hessian ({spectrum.kind}); {subtitle}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if density:
+        ax2 = axes[0][1]
+        nodes = torch.cat([v for v, _ in density])
+        weights = torch.cat([w for _, w in density]) * spectrum.num_parameters / len(density)
+        order = torch.argsort(nodes, descending=True)
+        cumulative = torch.cumsum(weights[order], 0)
+        ax2.semilogx(nodes[order].clamp_min(1e-300).numpy(), cumulative.numpy(), "-", lw=1)
+        ax2.set_xlabel("λ")
+        ax2.set_ylabel("estimated #eigenvalues ≥ λ (SLQ)")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_sources(report: Any, path: str | Path, *, title: str | None = None) -> Path:
+    """Horizontal bars: free directions per (layer, source), with the totals and the Hessian nullity."""
+    plt = _pyplot()
+    rows = [r for r in report.rows if r.count != 0]
+    labels = [f"{r.layer} · {r.source}" for r in rows]
+    counts = [r.count for r in rows]
+    colors = [
+        "tab:grey"
+        if r.generic
+        else "tab:orange"
+        if r.is_upper_bound
+        else "tab:red"
+        if r.count < 0
+        else "tab:blue"
+        for r in rows
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.6))
+    ax.barh(range(len(rows)), counts, color=colors)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("free directions")
+    summary = f"N = {report.num_parameters}, counted {report.total}"
+    if report.union is not None:
+        summary += f", distinct {report.union}"
+    if report.hessian_nullity is not None:
+        summary += f", Hessian nullity {report.hessian_nullity:.0f}"
+    ax.set_title(title or f"Sources of free directions (ε = {report.epsilon:g}); {summary}", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
