@@ -397,3 +397,126 @@ def test_section4_construction_with_synchronised_blocks() -> None:
     assert result.zeros_gained >= result.free_directions > 0
     report = degeneracy_report(model, x)
     assert report.union == report.hessian_nullity
+
+
+# --- command line and demo ---------------------------------------------------------------------------
+
+
+def planted_factory() -> tuple[nn.Module, torch.Tensor]:
+    """``(model, data)`` for ``ModelSpec(name="test_accounting:planted_factory")``."""
+    return planted_mlp()
+
+
+def test_config_rejects_unknown_fields_and_bad_values(tmp_path) -> None:
+    from degeneracy.accounting.cli import DegeneracyRunConfig
+    from degeneracy.runconfig import load_yaml
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epsilon: 0.1\nepsilonn: 2\n")
+    with pytest.raises(ValueError, match="epsilonn"):
+        load_yaml(bad, DegeneracyRunConfig)
+    with pytest.raises(ValueError):
+        DegeneracyRunConfig(epsilon=-1.0)
+    with pytest.raises(ValueError, match="relative"):
+        DegeneracyRunConfig(epsilon=2.0, relative=True)
+
+
+def test_degeneracy_command_writes_report_spectrum_and_figures(tmp_path, monkeypatch) -> None:
+    typer = pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from degeneracy.accounting.cli import degeneracy_command
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {name: 'test_accounting:planted_factory'}\nhessian: exact\nplot_epsilons: [1.0e-6]\n"
+    )
+    app = typer.Typer()
+    app.command()(degeneracy_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["degeneracy-command", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "Hessian nullity (exact)" in result.output
+    out = tmp_path / "out"
+    report = DegeneracyReport.load(out / "degeneracy_report.json")
+    assert report.hessian_nullity == 74 and report.union == 74
+    assert HessianSpectrum.load(out / "hessian_spectrum.json").rank() == 49
+    assert (out / "figures" / "degeneracy_hessian_spectrum.png").stat().st_size > 0
+    assert (out / "figures" / "degeneracy_sources.png").stat().st_size > 0
+    assert '"verified": true' in (out / "sparsified.json").read_text()
+    # a config error exits with code 2 and a message
+    config.write_text("nonsense: 1\n")
+    result = CliRunner().invoke(app, ["degeneracy-command", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+
+
+def test_demo_section_on_a_planted_model(planted, tmp_path) -> None:
+    from degeneracy.accounting.cli import degeneracy_demo_section
+
+    model, x = planted
+    summary = degeneracy_demo_section(model, x, tmp_path)
+    assert summary["hessian_nullity"] == 74
+    assert summary["section4"]["verified"]
+    assert (tmp_path / "figures" / "degeneracy_hessian_spectrum.png").exists()
+    assert (tmp_path / "degeneracy" / "degeneracy_report.json").exists()
+    __import__("json").dumps(summary)  # JSON-able
+
+
+# --- bundled models (slow) ---------------------------------------------------------------------------
+
+
+def _bundled(name: str):
+    models = pytest.importorskip("degeneracy.models")
+    try:
+        if name == "digits":
+            model = models.load_digits_mlp(dtype=torch.float64)
+            data, _ = models.digits_all_inputs(dtype=torch.float64)
+        else:
+            model = models.load_modadd()
+            data, _, _, _ = models.modadd_dataset()
+    except (FileNotFoundError, ImportError) as err:
+        pytest.skip(f"bundled {name} model unavailable: {err}")
+    return model, data
+
+
+@pytest.mark.slow
+def test_digits_mlp_report_is_consistent_with_its_exact_hessian() -> None:
+    model, x = _bundled("digits")
+    report = degeneracy_report(model, x)
+    assert report.hessian_method == "exact" and report.num_parameters == 3466
+    # every counted direction is a distinct Hessian-null direction
+    assert report.union == report.total
+    assert report.union <= report.hessian_nullity
+    for row in report.rows:
+        curvature = row.details.get("relative_curvature")
+        if curvature is not None:
+            assert curvature < 1e-12, (row.layer, row.source, curvature)
+    result = sparsify(model, x)
+    assert result.verified and result.claim_holds
+
+
+@pytest.mark.slow
+def test_modadd_block_lanczos_matches_single_vector_lanczos() -> None:
+    from degeneracy.accounting.hessian import block_krylov_top
+
+    model, x = _bundled("modadd")
+    x = x[:600]
+    h = BehavioralHessian(model, x, "mse", position=-1)
+    top_block, res_block, _ = block_krylov_top(h.matmat, h.num_parameters, 10, block_size=8, tol=1e-7)
+    top_single, _, _ = block_krylov_top(h.matmat, h.num_parameters, 10, block_size=1, tol=1e-7)
+    torch.testing.assert_close(top_block, top_single, rtol=1e-4, atol=0)
+    assert bool((res_block <= 1e-6 * top_block[0]).all())
+
+
+@pytest.mark.slow
+def test_modadd_report_finds_the_structure_of_the_last_position() -> None:
+    model, x = _bundled("modadd")
+    report = degeneracy_report(
+        model, x, position=-1, hessian=None, jacobian_projections=8, batch_size=1024, dtype=torch.float64
+    )
+    # the query of the last position always reads the '=' token: W_Q acts on a 1-dim input (+ bias)
+    site = next(s for s in report.sites if s["site"] == "blocks.0.attn.W_Q")
+    assert site["activation_rank"] == 1 and site["relevant_positions"] == [2]
+    assert report.count("attention OV (W_V E, E⁻¹ W_O)") > 0
+    assert report.count("neuron rescaling") + report.count("synchronised neurons") > 0

@@ -165,6 +165,21 @@ class DegeneracyReport:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
 
+    def attach_hessian(self, spectrum: HessianSpectrum) -> None:
+        """Record the Hessian rank and nullity at this report's ε from a spectrum (exact when complete,
+        else the SLQ estimate when the spectrum has a density)."""
+        self.hessian_method = spectrum.method
+        n = self.num_parameters
+        if spectrum.complete:
+            rank = spectrum.rank(self.epsilon, relative=self.relative)
+            self.hessian_rank, self.hessian_nullity, self.hessian_stderr = float(rank), float(n - rank), 0.0
+        elif spectrum.density:
+            est, err = spectrum.rank_estimate(self.epsilon, relative=self.relative)
+            self.hessian_rank, self.hessian_nullity, self.hessian_stderr = est, n - est, err
+        self.config["hessian_eigenvalues_top"] = spectrum.eigenvalues[:10].tolist()
+        self.config["hessian_timings"] = spectrum.timings
+        self.config["hessian_floor"] = spectrum.floor
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rows": [r.to_dict() for r in self.rows],
@@ -578,8 +593,6 @@ def degeneracy_report(
             seed=seed,
             **options,
         )
-        if hessian_result.method == "lanczos" and not hessian_result.density:
-            options["rank_probes"] = 8
     timings["hessian"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -622,19 +635,7 @@ def degeneracy_report(
         version=__version__,
     )
     if hessian_result is not None:
-        report.hessian_method = hessian_result.method
-        if hessian_result.complete:
-            rank = hessian_result.rank(epsilon, relative=relative)
-            report.hessian_rank, report.hessian_nullity, report.hessian_stderr = (
-                float(rank),
-                float(n_params - rank),
-                0.0,
-            )
-        elif hessian_result.density:
-            est, err = hessian_result.rank_estimate(epsilon, relative=relative)
-            report.hessian_rank, report.hessian_nullity, report.hessian_stderr = est, n_params - est, err
-        report.config["hessian_eigenvalues_top"] = hessian_result.eigenvalues[:10].tolist()
-        report.config["hessian_timings"] = hessian_result.timings
+        report.attach_hessian(hessian_result)
     timings["total"] = time.perf_counter() - t0
     report.timings = timings
     return report

@@ -49,11 +49,15 @@ def plot_hessian_spectrum(
     panels = 2 if density else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
-    positive = values.clamp_min(1e-300)
-    ax.semilogy(
-        range(1, len(values) + 1), positive.numpy(), ".", ms=2, label=f"{spectrum.method} eigenvalues"
-    )
-    ax.axhline(max(spectrum.floor, 1e-300), color="grey", ls=":", lw=1, label="numerical floor")
+    top = float(values.max()) if values.numel() else 1.0
+    floor = max(spectrum.floor, top * 1e-30, 1e-300)
+    shown = values.clamp_min(floor * 1e-2)  # numerical zeros drawn just below the floor line
+    index = torch.arange(1, len(values) + 1)
+    above = values > floor
+    ax.semilogy(index[above].numpy(), shown[above].numpy(), ".", ms=2, label=f"{spectrum.method} eigenvalues")
+    if bool((~above).any()):
+        ax.semilogy(index[~above].numpy(), shown[~above].numpy(), ".", ms=2, color="tab:grey", label="zero")
+    ax.axhline(floor, color="grey", ls=":", lw=1, label="numerical floor")
     for eps in epsilons or []:
         ax.axhline(eps, color="tab:red", ls="--", lw=1, label=f"ε = {eps:g}")
         try:
