@@ -477,7 +477,7 @@ def estimate_llc(
     was_training = model.training
     model.eval()
     try:
-        chunk = batch_size or 4096
+        chunk = max(batch_size or 0, 4096)  # evaluation chunk (reference outputs, L(θ*))
         if isinstance(loss, str):
             kind = _behavioral_kind(loss)
             chain_loss, engine = _behavioral_engine(model, list(layout.names), kind, engine)

@@ -199,7 +199,10 @@ def run_sgld_chains(
     chains, dim = len(ids), layout.numel
     center = center.detach()
     theta = center.expand(chains, dim).clone()
-    views = layout.views(theta)
+    # per-parameter views into theta, made autograd leaves once: theta is then updated in place
+    # under no_grad and every step differentiates with respect to the same leaves
+    leaves = {n: v.requires_grad_(True) for n, v in layout.views(theta).items()}
+    leaf_list = tuple(leaves.values())
     grad_flat = torch.empty_like(theta)
     drift = torch.empty_like(theta)
     # noise is drawn per chain in blocks of `block` steps (one generator call per chain per block); the
@@ -208,20 +211,24 @@ def run_sgld_chains(
     noise = torch.empty(chains, block, dim, dtype=theta.dtype, device=theta.device)
     generators = [chain_generator(config.seed, c, theta.device) for c in ids]
     losses_all = torch.empty(chains, config.num_steps, dtype=theta.dtype, device=theta.device)
+    ones = torch.ones(
+        chains, dtype=theta.dtype, device=theta.device
+    )  # d(Σ_c L_c)/dL_c: chains are independent
     half_eta, sqrt_eta = 0.5 * config.step_size, math.sqrt(config.step_size)
     nbeta, gamma = float(config.nbeta), float(config.localization)
 
     start = time.perf_counter()
     for step in tqdm(range(config.num_steps), desc=desc, disable=not progress, leave=False):
         batch = next(batches)
-        leaves = {n: v.detach().requires_grad_(True) for n, v in views.items()}
         with torch.enable_grad():
             losses = chain_loss(leaves, batch)
-            grads = torch.autograd.grad(losses.sum(), tuple(leaves.values()), allow_unused=True)
+            if ones.dtype != losses.dtype:
+                ones = torch.ones_like(losses)
+            grads = torch.autograd.grad(losses, leaf_list, grad_outputs=ones, allow_unused=True)
         torch.cat(
             [
                 (g if g is not None else torch.zeros_like(v)).reshape(chains, -1)
-                for g, v in zip(grads, leaves.values(), strict=True)
+                for g, v in zip(grads, leaf_list, strict=True)
             ],
             dim=1,
             out=grad_flat,
