@@ -73,13 +73,14 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
 
     dtype = getattr(torch, spec.dtype)
     if spec.name == "modadd":
-        from degeneracy.models import load_modadd, modadd_all_inputs, modadd_dataset
+        from degeneracy.models import load_modadd, load_modadd_metadata, modadd_all_inputs, modadd_dataset
 
         model = load_modadd(dtype=dtype)
         if spec.split == "all":
             data, _ = modadd_all_inputs()
         else:
-            train, _, test, _ = modadd_dataset()
+            data_meta = load_modadd_metadata()["data"]
+            train, _, test, _ = modadd_dataset(frac_train=data_meta["frac_train"], seed=data_meta["seed"])
             data = train if spec.split == "train" else test
         layers: list[Any] | None = MODADD_NODE_LAYERS
     elif spec.name == "digits_mlp":
