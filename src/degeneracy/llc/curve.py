@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from degeneracy.data import model_output_tensor
-from degeneracy.llc._io import load_tensors_json, save_tensors_json
+from degeneracy.io import load_tensors, save_tensors
 from degeneracy.llc.estimate import (
     LLCWarning,
     _behavioral_kind,
@@ -116,14 +116,13 @@ class LLCCurve:
             "llc_var": self.llc_var,
             "slope": self.slope,
         }
-        return save_tensors_json(path, tensors, {"kind": "degeneracy.LLCCurve", "config": self.config})
+        save_tensors(path, tensors, {"kind": "degeneracy.LLCCurve", "config": self.config})
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> LLCCurve:
         """Load the curve (the per-nβ results are not stored; save them separately if needed)."""
-        tensors, meta = load_tensors_json(path)
-        if meta.get("kind") != "degeneracy.LLCCurve":
-            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an LLCCurve")
+        tensors, meta = load_tensors(path, kind="degeneracy.LLCCurve", required=("nbetas", "llc"))
         return cls(**tensors, config=meta["config"])
 
 
@@ -232,13 +231,12 @@ class EffectiveParameterCount:
             "num_params": self.num_params,
             "config": self.config,
         }
-        return save_tensors_json(path, tensors, meta)
+        save_tensors(path, tensors, meta)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> EffectiveParameterCount:
-        tensors, meta = load_tensors_json(path)
-        if meta.get("kind") != "degeneracy.EffectiveParameterCount":
-            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an EffectiveParameterCount")
+        tensors, meta = load_tensors(path, kind="degeneracy.EffectiveParameterCount", required=("n_eff",))
         return cls(**tensors, method=meta["method"], num_params=meta["num_params"], config=meta["config"])
 
 

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from degeneracy.llc._io import as_float64_cpu, load_tensors_json, save_tensors_json
+from degeneracy.io import load_tensors, save_tensors
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -143,13 +143,12 @@ class LLCResult:
             "warnings": list(self.warnings),
             "version": self.version,
         }
-        return save_tensors_json(path, tensors, meta)
+        save_tensors(path, tensors, meta)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> LLCResult:
-        tensors, meta = load_tensors_json(path)
-        if meta.get("kind") != _KIND:
-            raise ValueError(f"{path} holds {meta.get('kind')!r}, not an LLCResult")
+        tensors, meta = load_tensors(path, kind=_KIND, required=("loss_traces", "chain_estimates"))
         return cls(
             mean=float(meta["mean"]),
             std=float(meta["std"]),
@@ -178,8 +177,8 @@ def summarize_chains(
     divergence_factor: float = DIVERGENCE_FACTOR,
 ) -> LLCResult:
     """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings."""
-    traces = as_float64_cpu(run.loss_traces)
-    burnin = as_float64_cpu(run.burnin_traces)
+    traces = run.loss_traces.detach().to(device="cpu", dtype=torch.float64)
+    burnin = run.burnin_traces.detach().to(device="cpu", dtype=torch.float64)
     nbeta = float(config.nbeta)
     estimates = chain_llc(traces, init_loss, nbeta)
     variances = chain_llc_variance(traces, nbeta)
