@@ -40,6 +40,8 @@ from degeneracy.llc.sgld import (
     SGLDConfig,
     _seed_from,
     cycle_batches,
+    default_threads,
+    intra_op_threads,
     max_curvature,
     run_sgld_chains,
 )
@@ -69,6 +71,22 @@ def auto_step_size(nbeta: float, localization: float, curvature: float) -> float
 
 
 def _run(
+    chain_loss: ChainLoss,
+    layout: ParamLayout,
+    center: Tensor,
+    make_batches: Callable[[], Iterator[Any]],
+    config: SGLDConfig,
+    vectorize: bool,
+    progress: bool,
+    threads: int | None = None,
+) -> ChainRun:
+    if threads is None:
+        threads = default_threads(config.num_chains if vectorize else 1, layout.numel)
+    with intra_op_threads(threads):
+        return _run_chains(chain_loss, layout, center, make_batches, config, vectorize, progress)
+
+
+def _run_chains(
     chain_loss: ChainLoss,
     layout: ParamLayout,
     center: Tensor,
@@ -122,6 +140,7 @@ def sample_sgld(
     seed: int = 0,
     init_loss: float | None = None,
     vectorize: bool = True,
+    threads: int | None = None,
     progress: bool = False,
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
@@ -142,6 +161,8 @@ def sample_sgld(
         num_chains, num_draws, num_burnin, thinning, seed: see :class:`~degeneracy.llc.sgld.SGLDConfig`.
         init_loss: L(θ*); default: the mean of ``loss_fn(θ*, b)`` over the batches.
         vectorize: run all chains in one vmapped step (``False``: one chain after another, same result).
+        threads: torch intra-op threads while sampling; default: 1 for small problems
+            (:func:`~degeneracy.llc.sgld.default_threads`), else torch's setting.
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
@@ -180,7 +201,9 @@ def sample_sgld(
         thinning=thinning,
         seed=seed,
     )
-    run = _run(chain_loss, layout, center, lambda: cycle_batches(items, seed), config, vectorize, progress)
+    run = _run(
+        chain_loss, layout, center, lambda: cycle_batches(items, seed), config, vectorize, progress, threads
+    )
     extra = {
         "loss": getattr(loss_fn, "__name__", "callable"),
         "num_batches": len(items),
@@ -420,6 +443,7 @@ def estimate_llc(
     params: Sequence[str] | Callable[[str], bool] | None = None,
     vectorize: bool = True,
     engine: Literal["auto", "vmap", "batched"] = "auto",
+    threads: int | None = None,
     progress: bool = False,
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
@@ -451,6 +475,8 @@ def estimate_llc(
             ``functional_call``, any model), ``"batched"`` (linear layers with a chain dimension, see
             :mod:`degeneracy.llc.batched`; faster on small models) or ``"auto"`` (batched when it applies
             and reproduces the vmap path at perturbed parameters, else vmap). Custom losses use vmap.
+        threads: torch intra-op threads while sampling; default: 1 for small problems
+            (:func:`~degeneracy.llc.sgld.default_threads`), else torch's setting.
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
@@ -520,7 +546,7 @@ def estimate_llc(
             thinning=thinning,
             seed=seed,
         )
-        run = _run(chain_loss, layout, center, batches, config, vectorize, progress)
+        run = _run(chain_loss, layout, center, batches, config, vectorize, progress, threads)
     finally:
         model.train(was_training)
     extra = {

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ __all__ = [
     "ChainRun",
     "chain_generator",
     "noise_block_steps",
+    "default_threads",
+    "intra_op_threads",
     "cycle_batches",
     "run_sgld_chains",
     "max_curvature",
@@ -125,6 +128,31 @@ class ParamLayout:
         chains = flat.shape[0]
         parts = torch.split(flat, self.sizes, dim=1)
         return {n: t.view(chains, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+SMALL_WORK = 200_000
+"""Chains × parameters up to which the sampler runs single-threaded by default: a step of such a
+problem is dominated by per-operation overhead, which intra-op threads only add to (and on shared
+cores, multiply)."""
+
+
+def default_threads(chains: int, dim: int) -> int | None:
+    """1 for small problems (``chains * dim <= SMALL_WORK``), else ``None`` (leave torch's setting)."""
+    return 1 if chains * dim <= SMALL_WORK else None
+
+
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (restored after); ``None``: unchanged."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _seed_from(*entropy: int) -> int:
