@@ -308,3 +308,12 @@ def test_default_nbeta_and_warnings_can_be_silenced() -> None:
         warnings.simplefilter("error")
         r = estimate_llc(model, x, num_chains=2, num_draws=10, num_burnin=0, warn=False)
     assert r.nbeta == pytest.approx(50 / math.log(50))
+
+
+def test_t_critical_values() -> None:
+    from degeneracy.llc.diagnostics import t_critical_99
+
+    # two-sided 1 % quantiles of Student's t (published tables)
+    for dof, value in [(1, 63.657), (3, 5.841), (10, 3.169), (15, 2.947), (30, 2.750), (1000, 2.581)]:
+        assert t_critical_99(dof) == pytest.approx(value, rel=0.015)
+    assert t_critical_99(0) == math.inf

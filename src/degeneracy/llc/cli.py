@@ -252,7 +252,7 @@ def llc_command(
 
 
 def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, Any]:
-    """The demo's λ(ε) section: a sweep of nβ = (n / log n) × (0.01, 0.1, 0.5) on ``model`` (behavioral
+    """The demo's λ(ε) section: a sweep of nβ = (n / log n) × (0.01, 0.1, 0.3) on ``model`` (behavioral
     loss), the N_eff(ε) and trace figures in ``out_dir/figures``, JSON in ``out_dir/llc``.
 
     SGLD needs about 10 (nβ h_max + γ) / γ steps to equilibrate the directions it counts (h_max the top
@@ -262,7 +262,7 @@ def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, An
     out_dir = Path(out_dir)
     n = int(data.shape[0]) if isinstance(data, Tensor) else None
     base = n / math.log(n) if n and n > 1 else 100.0
-    nbetas = [base * f for f in (0.01, 0.1, 0.5)]
+    nbetas = [base * f for f in (0.01, 0.1, 0.3)]
     settings = dict(num_chains=4, num_draws=500, num_burnin=500, batch_size=256, localization=1e4, seed=0)
     t0 = time.perf_counter()
     curve = llc_curve(model, data, nbetas=nbetas, warn=False, **settings)

@@ -19,6 +19,7 @@ from degeneracy.llc.diagnostics import (
     find_bad_chains,
     stationarity_drift,
     step_size_stability,
+    t_critical_99,
 )
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
@@ -207,8 +208,16 @@ def summarize_chains(
                 "local minimum of this loss; use the behavioral loss, or a smaller nβ / larger localization"
             )
         drift, drift_se = stationarity_drift(traces[good], init_loss, nbeta)
-        significant = not math.isfinite(drift_se) or abs(drift) > 3 * drift_se
-        if significant and abs(drift) > 0.1 * max(abs(mean), 0.5):
+        chains = int(good.sum())
+        # a drift is flagged when it is significant at 1 % across chains (t test) and above 10 % of λ̂;
+        # with a single chain (no error bar) only drifts above 25 % of λ̂ are flagged
+        if chains > 1 and math.isfinite(drift_se):
+            flagged = abs(drift) > t_critical_99(chains - 1) * drift_se and abs(drift) > 0.1 * max(
+                abs(mean), 0.5
+            )
+        else:
+            flagged = abs(drift) > 0.25 * max(abs(mean), 0.5)
+        if flagged:
             notes.append(
                 f"chains are not stationary after burn-in: the excess loss nβ(L − L*) moved by {drift:+.3g} "
                 f"between the first and last third of the draws (λ̂ = {mean:.3g}); increase num_burnin or "
