@@ -170,7 +170,15 @@ def test_lanczos_trace_and_rank_estimates_agree_with_exact(planted) -> None:
     model, x = planted
     exact = hessian_analysis(model, x, method="exact")
     lanczos = hessian_analysis(
-        model, x, method="lanczos", k=10, dtype=torch.float64, trace_probes=64, rank_probes=16, rank_steps=60
+        model,
+        x,
+        method="lanczos",
+        k=10,
+        dtype=torch.float64,
+        tol=1e-10,
+        trace_probes=64,
+        rank_probes=16,
+        rank_steps=60,
     )
     torch.testing.assert_close(lanczos.eigenvalues, exact.eigenvalues[:10], rtol=1e-8, atol=1e-10)
     assert lanczos.residuals is not None and lanczos.matvecs is not None
@@ -296,7 +304,8 @@ def test_approximate_synchronisation_joins_nearly_synchronised_neurons() -> None
     assert approx.blocks == [[0, 1], [2]]
 
 
-def test_head_synchronisation_on_a_planted_transformer() -> None:
+def planted_transformer():
+    """One layer, 3 heads of width 2, MLP of 6 ReLUs; heads 0 and 1 have identical patterns."""
     tl = pytest.importorskip("transformer_lens")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     cfg = tl.HookedTransformerConfig(
@@ -323,6 +332,25 @@ def test_head_synchronisation_on_a_planted_transformer() -> None:
             getattr(attn, name)[1] = getattr(attn, name)[0]  # heads 0 and 1: identical patterns
     pairs = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij"), -1).reshape(-1, 2)
     x = torch.cat([pairs, torch.full((25, 1), 4)], 1)
+    return model, x
+
+
+def test_last_position_logits_equals_the_model_and_gives_the_same_hessian() -> None:
+    from degeneracy.accounting import last_position_logits
+
+    model, x = planted_transformer()
+    with torch.no_grad():
+        torch.testing.assert_close(last_position_logits(model, x), model(x)[:, -1], rtol=0, atol=1e-12)
+    slow = hessian_analysis(model, x, method="exact", position=-1)
+    fast = hessian_analysis(model, x, method="exact", forward=last_position_logits)
+    torch.testing.assert_close(
+        fast.eigenvalues, slow.eigenvalues, rtol=0, atol=1e-10 * float(slow.eigenvalues[0])
+    )
+
+
+def test_head_synchronisation_on_a_planted_transformer() -> None:
+    model, x = planted_transformer()
+    cfg = model.cfg
     assert synchronized_heads(model, x, "blocks.0.attn") == [[0, 1], [2]]
     report = degeneracy_report(model, x, position=-1)
     assert report.count("synchronised heads", "blocks.0.attn") == 2 * cfg.d_head**2

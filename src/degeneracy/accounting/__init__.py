@@ -22,6 +22,7 @@ from torch import nn
 from degeneracy.accounting._model import ForwardFn, materialize
 from degeneracy.accounting.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
 from degeneracy.accounting.construction import SparsifiedModel, sparsify
+from degeneracy.accounting.fast_forward import last_position_logits
 from degeneracy.accounting.hessian import (
     HessianSpectrum,
     hessian_analysis,
@@ -56,6 +57,7 @@ __all__ = [
     "SourceRow",
     "sparsify",
     "SparsifiedModel",
+    "last_position_logits",
 ]
 
 

@@ -86,11 +86,12 @@ class DegeneracyRunConfig(StrictModel):
         return self
 
 
-def _bundled_forward(spec: ModelSpec) -> Any:
-    if spec.name == "modadd":
-        from degeneracy.models import modadd_last_logits
+def _hessian_forward(model: nn.Module, position: int | None) -> Any:
+    """The cheaper last-token forward for one-layer transformers read at the last position."""
+    from degeneracy.accounting.fast_forward import last_position_logits, supports_last_position_logits
 
-        return modadd_last_logits
+    if position == -1 and supports_last_position_logits(model):
+        return last_position_logits
     return None
 
 
@@ -118,6 +119,8 @@ def run_degeneracy(
     else:
         position = cfg.position
     hessian = None if cfg.hessian == "none" else cfg.hessian
+    if hessian_forward is None:
+        hessian_forward = _hessian_forward(model, position)
     options: dict[str, Any] = {
         "k": cfg.hessian_k,
         "block_size": cfg.hessian_block_size,
@@ -211,7 +214,7 @@ def degeneracy_command(
     try:
         cfg = load_yaml(config, DegeneracyRunConfig)
         model, data, _ = resolve_model(cfg.model)
-        summary = run_degeneracy(cfg, model, data, out, hessian_forward=_bundled_forward(cfg.model))
+        summary = run_degeneracy(cfg, model, data, out)
     except (ValueError, FileNotFoundError, ImportError, KeyError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err

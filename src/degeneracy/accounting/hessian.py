@@ -486,25 +486,25 @@ def block_krylov_top(
     max_vectors = min(size, max_vectors or max(3 * k, k + 100))
     max_vectors = max(max_vectors, min(size, k + b))
     generator = torch.Generator().manual_seed(seed)
-    basis = torch.zeros(size, max_vectors + b, dtype=torch.float64)
+    basis = torch.zeros(max_vectors + b, size, dtype=torch.float64)  # rows: contiguous slices
     t = torch.zeros(max_vectors + b, max_vectors + b, dtype=torch.float64)
-    block, _ = torch.linalg.qr(torch.randn(size, b, dtype=torch.float64, generator=generator))
+    block = torch.linalg.qr(torch.randn(size, b, dtype=torch.float64, generator=generator))[0].T
     m = 0
     values = torch.zeros(0, dtype=torch.float64)
     residuals = torch.full((k,), float("nan"), dtype=torch.float64)
     while True:
-        width = block.shape[1]
-        basis[:, m : m + width] = block
-        w = matmat(block)
-        t[: m + width, m : m + width] = basis[:, : m + width].T @ w
+        width = block.shape[0]
+        basis[m : m + width] = block
+        w = matmat(block.T.contiguous()).T.contiguous()  # (width, size)
+        t[: m + width, m : m + width] = basis[: m + width] @ w.T
         t[m : m + width, :m] = t[:m, m : m + width].T
         m += width
+        q = basis[:m]
         for _ in range(2):
-            w = w - basis[:, :m] @ (basis[:, :m].T @ w)
-        sym = 0.5 * (t[:m, :m] + t[:m, :m].T)
-        values, vectors = eigh(sym)
+            w = w - (w @ q.T) @ q
+        values, vectors = eigh(0.5 * (t[:m, :m] + t[:m, :m].T))
         order = torch.argsort(values, descending=True)[:k]
-        next_block, r = torch.linalg.qr(w)
+        next_block, r = torch.linalg.qr(w.T)
         scale = max(float(values.max()), 1e-300)
         residuals = (r @ vectors[m - width : m, order]).norm(dim=0)
         if order.numel() >= k and bool((residuals <= tol * scale).all()):
@@ -514,13 +514,13 @@ def block_krylov_top(
             break
         # columns of w that vanished (invariant subspace): refill with random orthogonal directions
         weak = torch.diagonal(r).abs() <= 1e-10 * scale
-        if bool(weak.any()) or next_block.shape[1] > room:
+        if bool(weak.any()):
             fill = torch.randn(size, width, dtype=torch.float64, generator=generator)
             next_block = torch.where(weak[None, :], fill, next_block)
             for _ in range(2):
-                next_block = next_block - basis[:, :m] @ (basis[:, :m].T @ next_block)
-            next_block, _ = torch.linalg.qr(next_block)
-        block = next_block[:, :room]
+                next_block = next_block - q.T @ (q @ next_block)
+            next_block = torch.linalg.qr(next_block)[0]
+        block = next_block[:, :room].T
     top = values.flip(0)[:k].clamp_min(0.0)
     if top.numel() < k:
         top = torch.cat([top, torch.zeros(k - top.numel(), dtype=torch.float64)])
@@ -565,6 +565,22 @@ def hutchinson_trace(
     t = torch.tensor(values, dtype=torch.float64)
     stderr = float(t.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(t.mean()), stderr
+
+
+def psd_eigenvalues(gram: Tensor) -> Tensor:
+    """All eigenvalues of a PSD Gram matrix, descending, clamped at 0.
+
+    Rows with an exactly zero diagonal are zero rows (|G_ij|² ≤ G_ii G_jj) — e.g. the incoming
+    weights of a dead neuron or the weights of an input that is always 0 — and contribute exact zero
+    eigenvalues; they are removed before ``eigvalsh``, whose cost is cubic in the size.
+    """
+    keep = torch.diagonal(gram) > 0
+    reduced = gram[keep][:, keep] if not bool(keep.all()) else gram
+    values = torch.linalg.eigvalsh(reduced).flip(0).clamp_min(0.0)
+    missing = gram.shape[0] - values.numel()
+    if missing:
+        values = torch.cat([values, torch.zeros(missing, dtype=values.dtype)])
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -747,7 +763,7 @@ def hessian_analysis(
     dtype: torch.dtype | None = None,
     max_exact: int = 6000,
     max_iter: int | None = None,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     block_size: int = 16,
     trace_probes: int = 0,
     rank_probes: int = 0,
@@ -809,7 +825,7 @@ def hessian_analysis(
         gram, side = hessian.gram(chunk_size)
         timings["gram"] = time.perf_counter() - t
         t = time.perf_counter()
-        values = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+        values = psd_eigenvalues(gram)
         timings["eigvalsh"] = time.perf_counter() - t
         if values.numel() < n_params:
             values = torch.cat([values, torch.zeros(n_params - values.numel(), dtype=torch.float64)])
