@@ -17,6 +17,7 @@ Each stage writes its result atomically to OUT (``llc.safetensors``, ``llc_curve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -109,8 +110,8 @@ def _cached(path: Path, kind: type, stamp: dict[str, Any]) -> Any | None:
 
 
 def _stamped(result: Any, stamp: dict[str, Any]) -> Any:
-    result.config["run_stamp"] = stamp
-    return result
+    """A copy of ``result`` whose config records the run config it was made with."""
+    return dataclasses.replace(result, config={**result.config, "run_stamp": stamp})
 
 
 def run_llc(cfg: LLCRunConfig, model: nn.Module, data: Any, out: Path) -> dict[str, Any]:
