@@ -548,3 +548,20 @@ def test_modadd_report_finds_the_structure_of_the_last_position() -> None:
     assert site["activation_rank"] == 1 and site["relevant_positions"] == [2]
     assert report.count("attention OV (W_V E, E⁻¹ W_O)") > 0
     assert report.count("neuron rescaling") + report.count("synchronised neurons") > 0
+
+
+def test_gated_activation_rank_of_a_neuron_that_fires_where_an_input_is_zero() -> None:
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 5), act=nn.ReLU(), fc2=nn.Linear(5, 2))).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        model.fc1.weight[2] = torch.tensor([1.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+        model.fc1.bias[2] = 0.0
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64)
+    x[x[:, 0] > 0, 3] = 0.0  # neuron 2 fires exactly when x0 > 0, where x3 is always 0
+    report = degeneracy_report(model, x)
+    row = report.row("gated activation rank", "fc1")
+    assert row is not None and row.count == 1 and row.details["neurons"] == {2: 1}
+    assert report.count("activation rank") == 0
+    assert report.union == report.total == report.hessian_nullity

@@ -41,6 +41,8 @@ from degeneracy.accounting.sources import (
     RankInfo,
     activation_directions,
     block_directions,
+    gated_directions,
+    gated_ranks,
     gram_rank,
     head_directions,
     head_sync,
@@ -428,6 +430,44 @@ def degeneracy_report(
                     details={"neurons": sum(1 for b in sync.blocks if len(b) == 1 and b[0] not in sync.dead)},
                 )
             )
+        if (
+            layer.activation == "relu"
+            and layer.in_site is not None
+            and layer.in_site.input_point in stats.points
+        ):
+            site = layer.in_site
+            site_inputs = stats.raw(site.input_point, mask)
+            if site.has_bias:
+                site_inputs = torch.cat([site_inputs, torch.ones_like(site_inputs[:, :1])], dim=1)
+            global_rank = next(info["activation_rank"] for info in site_info if info["site"] == site.name)
+            gated = gated_ranks(
+                site_inputs,
+                pre > 0,
+                epsilon,
+                relative=relative,
+                src_dtype=stats.points[site.input_point].dtype,
+            )
+            dead = set(sync.dead)
+            extra = {
+                i: global_rank - g.rank for i, g in enumerate(gated) if i not in dead and g.rank < global_rank
+            }
+            if extra:
+                rows.append(
+                    SourceRow(
+                        site.name,
+                        "gated activation rank",
+                        sum(extra.values()),
+                        details={
+                            "neurons": extra,
+                            "note": "a ReLU neuron's incoming weights only see the inputs where it fires "
+                            "(not in the paper's list; generalises dead neurons)",
+                        },
+                    )
+                )
+                if want_union:
+                    directions.setdefault(f"{site.name}/gated", []).extend(
+                        gated_directions(site, i, gated[i].null_vectors, n_params) for i in extra
+                    )
         translatable = (
             layer.in_site is not None
             and layer.out_site is not None
@@ -673,6 +713,7 @@ def _attach_checks(
             "synchronised neurons": "neurons",
             "neuron rescaling": "neurons",
             "linear-block translation": "translation",
+            "gated activation rank": "gated",
             "synchronised heads": "ov",
             "attention OV (W_V E, E⁻¹ W_O)": "ov",
             "attention QK (W_Q B, W_K B⁻ᵀ)": "qk",

@@ -15,6 +15,9 @@
   exclusion; it equals s_a² when t_a = s_a, and |S_a|² at full rank). Singleton blocks (s = t = 1) are
   the generic per-neuron rescalings. Dead neurons (never firing) have t = 0 and count nothing here:
   their freedom is in the activation/Jacobian rows.
+* **Gated activation rank** (not in the paper's list; it generalises dead neurons): a ReLU neuron's
+  incoming weights only see the inputs on which it fires, so each drop of rank of its input Gram
+  over that set, beyond the global activation rank drops, is one more free direction (exact).
 * **Approximate synchronisation** (eq 20): the paper's residual compares r_i p_i with r_i' p_i',
   which vanishes only for equal post-activations; we implement its intent (firing patterns that
   differ on a few, small pre-activations): ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) ≤ ε.
@@ -289,6 +292,44 @@ def neuron_sync(
         block_fires = fires[:, idx]
         kinds.append("on" if bool(block_fires.all()) else "off" if not bool(block_fires.any()) else "mixed")
     return NeuronSync(layer, activation, blocks, dead, s_ranks, t_ranks, max_res, epsilon, m, kinds)
+
+
+def gated_ranks(
+    inputs: Tensor,
+    fires: Tensor,
+    epsilon: float = 0.0,
+    *,
+    relative: bool = False,
+    src_dtype: torch.dtype = torch.float64,
+    chunk: int = 64,
+) -> list[RankInfo]:
+    """Rank of each ReLU neuron's input Gram over the examples on which it fires.
+
+    ``inputs``: (m, d_in) inputs of the linear map feeding the layer, with the constant 1 appended
+    when it has a bias; ``fires``: (m, d) firing patterns. G_i = 1/m Σ_x r_i(x) f̃(x) f̃(x)ᵀ. The incoming
+    weights of neuron i only ever see inputs where it fires, so every direction a with G_i a = 0
+    (δW[i] = aᵀ) leaves the outputs unchanged on D to first order — a dead neuron is the extreme
+    case (G_i = 0). Directions already null for the global Gram are the activation rank drops.
+    """
+    x = inputs.to(torch.float64)
+    r = fires.to(torch.float64)
+    m = max(x.shape[0], 1)
+    out: list[RankInfo] = []
+    for start in range(0, r.shape[1], chunk):
+        grams = torch.einsum("xn,xi,xj->nij", r[:, start : start + chunk], x, x) / m
+        out.extend(gram_rank(g, epsilon, relative=relative, samples=m, src_dtype=src_dtype) for g in grams)
+    return out
+
+
+def gated_directions(site: Site, neuron: int, null_vectors: Tensor, n_params: int) -> Tensor:
+    """δ[W|b][neuron] = aᵀ for each null vector a of the neuron's gated Gram."""
+    index = site.augmented_index()
+    rows = []
+    for a in null_vectors:
+        v = torch.zeros(n_params, dtype=torch.float64)
+        v[index[neuron]] = a
+        rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------

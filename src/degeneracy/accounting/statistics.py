@@ -277,6 +277,8 @@ def collect_for_structure(
         raw_points.add(layer.pre_point)
         if layer.in_site is None:
             jac_points.add(layer.pre_point)
+        elif layer.activation == "relu":
+            raw_points.add(layer.in_site.input_point)  # for the gated activation ranks
     for attn in structure.attention_layers:
         raw_points.add(attn.pattern_point)
         transforms[attn.pattern_point] = _pattern_by_query
