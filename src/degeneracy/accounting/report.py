@@ -268,6 +268,7 @@ def degeneracy_report(
     hessian_options: dict[str, Any] | None = None,
     hessian_forward: ForwardFn | None = None,
     union_max_parameters: int = 20_000,
+    gated: bool | None = None,
     seed: int = 0,
 ) -> DegeneracyReport:
     """Count the free directions of ``model`` on ``data`` by source and layer, at noise scale ε.
@@ -292,6 +293,8 @@ def degeneracy_report(
             ``"lanczos"`` the default is ``k=50, rank_probes=8, rank_steps=60``).
         hessian_forward: a cheaper ``forward`` for the Hessian only (may bypass hooks).
         union_max_parameters: compute the exact union of free directions up to this N.
+        gated: compute the gated activation ranks of ReLU layers (``None``: when they cost at most
+            about 4e9 operations).
         seed: seeds the projections and stochastic estimates.
     """
     from degeneracy import __version__
@@ -390,6 +393,7 @@ def degeneracy_report(
 
     t = time.perf_counter()
     neuron_results: list[NeuronSync] = []
+    gate_notes: list[str] = []
     for layer in structure.neuron_layers:
         jac_point = layer.in_site.output_point if layer.in_site is not None else layer.pre_point
         jac_stats = stats.points.get(jac_point)
@@ -430,17 +434,25 @@ def degeneracy_report(
                     details={"neurons": sum(1 for b in sync.blocks if len(b) == 1 and b[0] not in sync.dead)},
                 )
             )
-        if (
+        can_gate = (
             layer.activation == "relu"
             and layer.in_site is not None
             and layer.in_site.input_point in stats.points
-        ):
+        )
+        gated_cost = pre.shape[0] * layer.width * (layer.in_site.d_in_aug if layer.in_site else 0) ** 2
+        if can_gate and not (gated if gated is not None else gated_cost <= 4e9):
+            gate_notes.append(
+                f"{layer.name}: gated activation ranks skipped (~{gated_cost:.1e} operations; "
+                "pass gated=True)"
+            )
+            can_gate = False
+        if can_gate:
             site = layer.in_site
             site_inputs = stats.raw(site.input_point, mask)
             if site.has_bias:
                 site_inputs = torch.cat([site_inputs, torch.ones_like(site_inputs[:, :1])], dim=1)
             global_rank = next(info["activation_rank"] for info in site_info if info["site"] == site.name)
-            gated = gated_ranks(
+            gated_info = gated_ranks(
                 site_inputs,
                 pre > 0,
                 epsilon,
@@ -449,7 +461,9 @@ def degeneracy_report(
             )
             dead = set(sync.dead)
             extra = {
-                i: global_rank - g.rank for i, g in enumerate(gated) if i not in dead and g.rank < global_rank
+                i: global_rank - g.rank
+                for i, g in enumerate(gated_info)
+                if i not in dead and g.rank < global_rank
             }
             if extra:
                 rows.append(
@@ -466,7 +480,7 @@ def degeneracy_report(
                 )
                 if want_union:
                     directions.setdefault(f"{site.name}/gated", []).extend(
-                        gated_directions(site, i, gated[i].null_vectors, n_params) for i in extra
+                        gated_directions(site, i, gated_info[i].null_vectors, n_params) for i in extra
                     )
         translatable = (
             layer.in_site is not None
@@ -608,7 +622,7 @@ def degeneracy_report(
                 directions.setdefault(f"{attn.name}/biases", []).append(torch.stack(extra))
     timings["attention"] = time.perf_counter() - t
 
-    notes = list(structure.notes)
+    notes = list(structure.notes) + gate_notes
     covered = structure.covered_parameters()
     if covered < n_params:
         notes.append(f"{n_params - covered} of {n_params} parameters lie outside the analysed linear sites")
@@ -670,6 +684,7 @@ def degeneracy_report(
             "jacobians": jacobians,
             "jacobian_projections": jacobian_projections,
             "hessian": hessian,
+            "gated": gated,
             "seed": seed,
         },
         version=__version__,

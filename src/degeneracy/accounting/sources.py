@@ -316,7 +316,8 @@ def gated_ranks(
     m = max(x.shape[0], 1)
     out: list[RankInfo] = []
     for start in range(0, r.shape[1], chunk):
-        grams = torch.einsum("xn,xi,xj->nij", r[:, start : start + chunk], x, x) / m
+        weighted = r[:, start : start + chunk, None] * x[:, None, :]  # (m, c, d)
+        grams = (weighted.reshape(x.shape[0], -1).T @ x).reshape(-1, x.shape[1], x.shape[1]) / m
         out.extend(gram_rank(g, epsilon, relative=relative, samples=m, src_dtype=src_dtype) for g in grams)
     return out
 
