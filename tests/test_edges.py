@@ -233,3 +233,62 @@ def test_bad_options_raise(tanh_mlp, inputs) -> None:
         degeneracy.interaction_graph(tanh_mlp, inputs, B, num_sources=0, progress=False)
     with pytest.raises(ValueError, match="jacobian_mode"):
         degeneracy.interaction_graph(tanh_mlp, inputs, B, jacobian_mode="reverse", progress=False)
+
+
+def _tiny_transformer():
+    tl = pytest.importorskip("transformer_lens")
+    cfg = tl.HookedTransformerConfig(
+        n_layers=1,
+        d_model=12,
+        n_heads=2,
+        d_head=6,
+        d_mlp=16,
+        act_fn="relu",
+        normalization_type=None,
+        n_ctx=3,
+        d_vocab=8,
+        d_vocab_out=7,
+        seed=0,
+    )
+    model = tl.HookedTransformer(cfg, move_to_device=False).double().eval()
+    a = torch.arange(7).repeat_interleave(7)
+    b = torch.arange(7).repeat(7)
+    return model, torch.stack([a, b, torch.full_like(a, 7)], 1)
+
+
+TL_LAYERS = [
+    "blocks.0.hook_resid_pre",
+    {"name": "resid_mid", "module": "blocks.0.hook_resid_mid", "positions": -1},
+    {"name": "resid_post", "module": "blocks.0.hook_resid_post", "positions": -1},
+    {"name": "logits", "module": "output", "positions": -1},
+]
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_transformer_lens_shortcuts_give_the_same_edges(mode: str) -> None:
+    from degeneracy.edges import transformer_lens_sections
+
+    model, x = _tiny_transformer()
+    B = degeneracy.interaction_basis(model, x, TL_LAYERS, progress=False)
+    sections = transformer_lens_sections(model, B.layers)
+    assert set(sections) == set(zip(B.names[:-1], B.names[1:], strict=True))
+    hooks = degeneracy.interaction_graph(model, x, B, jacobian_mode=mode, progress=False)
+    short = degeneracy.interaction_graph(model, x, B, jacobian_mode=mode, sections=sections, progress=False)
+    for pair in hooks.pairs:
+        torch.testing.assert_close(short.edges[pair], hooks.edges[pair], rtol=1e-10, atol=0)
+    assert max(short.completeness.values()) < 1e-8
+
+
+def test_a_wrong_section_shortcut_is_refused() -> None:
+    from degeneracy.edges import transformer_lens_sections
+
+    model, x = _tiny_transformer()
+    B = degeneracy.interaction_basis(model, x, TL_LAYERS, progress=False)
+    sections = transformer_lens_sections(model, B.layers)
+    pair = ("resid_mid", "resid_post")
+    right = sections[pair]
+    sections[pair] = lambda inputs, f: right(inputs, f) + 1e-3 * f**2  # agrees nowhere
+    with pytest.raises(ValueError, match="differs from the model"):
+        degeneracy.interaction_graph(model, x, B, sections=sections, progress=False)
+    with pytest.raises(ValueError, match="not adjacent"):
+        degeneracy.interaction_graph(model, x, B, sections={("logits", "resid_mid"): right}, progress=False)

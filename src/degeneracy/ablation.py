@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from degeneracy.capture import NodeLayer, capture, forward, module_widths, section
 from degeneracy.data import iter_batches
+from degeneracy.edges import _check_shortcut, _extended
 
 __all__ = [
     "classification_metrics",
@@ -392,7 +393,12 @@ class EdgeAblationResult:
 
 
 def _edge_replace(
-    runner: _Runner, src: str, dst: str, mask: Tensor, max_elements: int
+    runner: _Runner,
+    src: str,
+    dst: str,
+    mask: Tensor,
+    max_elements: int,
+    shortcut: Callable[[Any, Tensor], Tensor] | None = None,
 ) -> Callable[[Any, Tensor], tuple[str, Tensor]]:
     """New activations of ``dst`` when output feature i only receives its kept edges."""
     b_in, b_out = runner.basis[src], runner.basis[dst]
@@ -415,7 +421,10 @@ def _edge_replace(
                 rep: Any = {key: v.repeat(g, *([1] * (v.dim() - 1))) for key, v in inputs.items()}
             else:
                 rep = inputs.repeat(g, *([1] * (inputs.dim() - 1)))
-            fn = section(model, rep, layers, src, dst, constant=runner.constant, widths=runner.widths)
+            if shortcut is not None:
+                fn = _extended(shortcut, rep, runner.constant)
+            else:
+                fn = section(model, rep, layers, src, dst, constant=runner.constant, widths=runner.widths)
             y = fn(xa.to(runner.ctx.dtype)).to(torch.float64) @ b_out.C.to(f.device).T  # (g·b, P_out, m)
             y = y.reshape(g, batch, *y.shape[1:])
             if out is None:
@@ -480,6 +489,7 @@ def edge_ablation(
     dtype: str | None = None,
     max_elements: int = 2**25,
     metrics: Metrics = classification_metrics,
+    sections: Mapping[Pair, Callable[[Any, Tensor], Tensor]] | None = None,
     progress: bool = False,
 ) -> dict[Pair, EdgeAblationResult]:
     """Bisect, per layer pair, for the fewest edges that keep accuracy within ``delta`` of the model.
@@ -491,6 +501,8 @@ def edge_ablation(
         pairs: layer pairs to study (default: all).
         scaling: bisection midpoint on a ``"logarithmic"`` (default) or ``"linear"`` scale.
         max_elements: bounds the batched group passes (entries of one stacked activation tensor).
+        sections: section shortcuts as for :func:`degeneracy.interaction_graph` (checked against the
+            model on the first batch before use).
 
     Returns:
         ``{pair: EdgeAblationResult}``.
@@ -500,6 +512,14 @@ def edge_ablation(
     if list(graph.names) != list(basis.names):
         raise ValueError("the graph and the basis have different node layers")
     runner = _Runner(model, data, basis, labels, batch_size, dtype, metrics)
+    shortcuts = dict(sections or {})
+    if shortcuts:
+        inputs, _ = next(iter(runner.batches()))
+        with torch.no_grad():
+            acts = capture(runner.ctx.model, inputs, runner.layers, constant=runner.constant)
+            runner.ctx.widths = runner.widths
+            for pair, short in shortcuts.items():
+                _check_shortcut(runner.ctx, inputs, acts, pair, short, runner.constant)
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
     results = {}
@@ -514,7 +534,8 @@ def edge_ablation(
 
         def score(n: int, src: str = src, dst: str = dst, E: Tensor = E, kc: bool = keep_constant) -> dict:
             mask = edge_mask(E, n, keep_constant=kc)
-            res = runner.evaluate(_edge_replace(runner, src, dst, mask, max_elements))
+            replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
+            res = runner.evaluate(replace)
             if progress:
                 print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
             return res

@@ -56,6 +56,7 @@ __all__ = [
     "interaction_graph",
     "load_graph",
     "squared_attributions",
+    "transformer_lens_sections",
     "sparsity",
     "gini",
 ]
@@ -363,6 +364,7 @@ def interaction_graph(
     jacobian_mode: Mode = "auto",
     max_elements: int = 2**24,
     dtype: str | torch.dtype | None = None,
+    sections: Mapping[Pair, SectionFn] | None = None,
     progress: bool = True,
 ) -> InteractionGraph:
     """Interaction edges E between every pair of adjacent node layers of ``basis`` (METHOD §4).
@@ -384,6 +386,11 @@ def interaction_graph(
         jacobian_mode: ``"vjp"``, ``"jvp"`` or ``"auto"`` (fewer passes wins).
         max_elements: the largest number of entries a vmapped chunk may hold (bounds memory).
         dtype: compute dtype (default: the basis's); edges are always accumulated in float64.
+        sections: optional shortcuts ``{(layer_in, layer_out): fn}`` with ``fn(inputs, f)`` returning
+            f^{layer_out} (batch, positions, d) from raw f^{layer_in} without re-running the model
+            from its input (e.g. :func:`transformer_lens_sections`). Each is checked on the first
+            batch against the hook-based section, at the data and at a perturbed input; a mismatch
+            raises ``ValueError``.
         progress: show a progress bar.
 
     Returns:
@@ -416,7 +423,7 @@ def interaction_graph(
     ctx.model.eval()
     try:
         with frozen_parameters(ctx.model):
-            return _build(ctx, basis, cfg, progress)
+            return _build(ctx, basis, cfg, progress, dict(sections or {}))
     finally:
         ctx.model.train(was_training)
 
@@ -438,9 +445,14 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool) -> InteractionGraph:
+def _build(
+    ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, shortcuts: dict[Pair, SectionFn]
+) -> InteractionGraph:
     names = [layer.name for layer in ctx.layers]
     pairs = list(zip(names[:-1], names[1:], strict=True))
+    unknown = [pair for pair in shortcuts if pair not in pairs]
+    if unknown:
+        raise ValueError(f"sections given for {unknown}, which are not adjacent node layers {pairs}")
     constant = bool(basis.config.has_constant)
     rule = integration_rule(cfg.integration_rule, cfg.integration_steps)
     if constant:
@@ -471,13 +483,19 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool) -> Interaction
             }
         with torch.no_grad():
             acts = capture(ctx.model, inputs, ctx.layers, constant=constant)
+            if i == 0:
+                for pair, short in shortcuts.items():
+                    _check_shortcut(ctx, inputs, acts, pair, short, constant)
         for src, dst in pairs:
             t0 = time.perf_counter()
             x = acts[src]
             C_in, Cp_in = maps[src]
             C_out, _ = maps[dst]
             feats = x.to(torch.float64) @ C_in.T
-            fn = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)
+            if (src, dst) in shortcuts:
+                fn = _extended(shortcuts[(src, dst)], inputs, constant)
+            else:
+                fn = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)
             p_out = acts[dst].shape[1]
             signs = None
             if cfg.num_sources is not None:
@@ -524,6 +542,173 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool) -> Interaction
     return InteractionGraph(
         tuple(ctx.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info
     )
+
+
+SectionFn = Callable[[Any, Tensor], Tensor]
+
+
+def _extended(short: SectionFn, inputs: Any, constant: bool) -> Callable[[Tensor], Tensor]:
+    """``short(inputs, ·)`` as a function of (augmented, with ``constant``) activations, exactly like
+    :func:`degeneracy.capture.section` (the homogeneous extension F([f; c]) = [c̄ g(f/c̄); c̄])."""
+    if not constant:
+        return lambda x: short(inputs, x)
+
+    def fn(x: Tensor) -> Tensor:
+        c = x[..., -1:].mean(dim=1, keepdim=True)
+        out = short(inputs, x[..., :-1] / c)
+        return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
+
+    return fn
+
+
+def _check_shortcut(
+    ctx: Any, inputs: Any, acts: Mapping[str, Tensor], pair: Pair, short: SectionFn, constant: bool
+) -> None:
+    """A section shortcut must agree with the hook-based section at the data and off it."""
+    src, dst = pair
+    x = acts[src]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    scale = x.abs().amax(dim=(0, 1), keepdim=True)
+    if constant:
+        noise[..., -1] = 0.0
+    for probe in (x, x + 0.1 * scale * noise):
+        want = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)(probe)
+        got = _extended(short, inputs, constant)(probe)
+        if got.shape != want.shape:
+            raise ValueError(
+                f"the section shortcut for {src} -> {dst} returns shape {tuple(got.shape)}, "
+                f"the model gives {tuple(want.shape)}"
+            )
+        tol = 1e-9 if want.dtype == torch.float64 else 1e-4
+        dev = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+        if dev > tol:
+            raise ValueError(
+                f"the section shortcut for {src} -> {dst} differs from the model by {dev:.2e} "
+                f"(relative); drop it from `sections`"
+            )
+
+
+def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """Section shortcuts for a TransformerLens ``HookedTransformer`` whose node layers are hook points.
+
+    Recognised adjacent pairs (node layers reading one ``blocks.{i}.hook_resid_{pre,mid,post}`` module,
+    or ``"output"``):
+
+    * ``resid_pre`` (all positions) → ``resid_mid``: x + attention(ln1(x)), computed at the target's
+      positions only (standard positional embeddings, causal or bidirectional attention, one key/value
+      head per head);
+    * ``resid_mid`` → ``resid_post``: x + mlp(ln2(x)), position-wise;
+    * ``resid_post`` → next ``resid_pre``: the identity;
+    * the last ``resid_post`` → ``output``: unembed(ln_final(x)).
+
+    Each shortcut runs only the section itself at the positions the target reads (the hook-based
+    section re-runs the model from its input on every position). :func:`interaction_graph` checks
+    every shortcut against the model before using it. Pairs of other shapes are left out.
+    """
+    from degeneracy.capture import as_node_layers
+
+    cfg = getattr(model, "cfg", None)
+    blocks = getattr(model, "blocks", None)
+    if cfg is None or blocks is None:
+        raise ValueError("transformer_lens_sections needs a TransformerLens HookedTransformer")
+    nodes = as_node_layers(model, layers)
+    out: dict[Pair, SectionFn] = {}
+    n_blocks = len(blocks)
+
+    def where(node: NodeLayer) -> tuple[int, str] | None:
+        if node.is_output:
+            return (n_blocks, "output")
+        if len(node.modules) != 1 or node.read != "input":
+            return None
+        parts = node.modules[0].split(".")
+        if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_resid_"):
+            return (int(parts[1]), parts[2].removeprefix("hook_resid_"))
+        return None
+
+    standard = (
+        getattr(cfg, "positional_embedding_type", "standard") in ("standard", "shortformer")
+        and getattr(cfg, "n_key_value_heads", None) is None
+        and not getattr(cfg, "parallel_attn_mlp", False)
+        and getattr(cfg, "attn_scores_soft_cap", -1.0) in (None, -1.0)
+        and not getattr(cfg, "use_attention_sinks", False)
+        and getattr(cfg, "clip_qkv", None) is None
+    )
+    for a, b in zip(nodes[:-1], nodes[1:], strict=True):
+        wa, wb = where(a), where(b)
+        if wa is None or wb is None:
+            continue
+        (ia, ka), (ib, kb) = wa, wb
+        pair = (a.name, b.name)
+        if ia == ib and (ka, kb) == ("pre", "mid") and a.positions is None and standard:
+            out[pair] = _tl_attention(blocks[ia], b.positions, getattr(cfg, "attention_dir", "causal"))
+        elif ia == ib and (ka, kb) == ("mid", "post") and not getattr(cfg, "attn_only", False):
+            out[pair] = _tl_positionwise(lambda x, blk=blocks[ia]: x + blk.mlp(blk.ln2(x)), a, b)
+        elif ib == ia + 1 and (ka, kb) == ("post", "pre") and ib < n_blocks:
+            out[pair] = _tl_positionwise(lambda x: x, a, b)
+        elif ia == n_blocks - 1 and ka == "post" and kb == "output":
+            ln_final = getattr(model, "ln_final", None)
+            ln_final = nn.Identity() if ln_final is None else ln_final
+            unembed = model.unembed
+            out[pair] = _tl_positionwise(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b)
+    return out
+
+
+def _positions(spec: Any, n: int) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    idx = [spec] if isinstance(spec, int) else list(spec)
+    return [i % n for i in idx]
+
+
+def _tl_positionwise(fn: Callable[[Tensor], Tensor], src: NodeLayer, dst: NodeLayer) -> SectionFn:
+    """A position-wise section evaluated only at the target's positions (a subset of the source's)."""
+
+    def short(inputs: Any, x: Tensor) -> Tensor:
+        n = _sequence_length(inputs)
+        have = _positions(src.positions, n)
+        want = _positions(dst.positions, n)
+        missing = [p for p in want if p not in have]
+        if missing:
+            raise ValueError(f"{dst.name} reads positions {missing} that {src.name} does not hold")
+        idx = [have.index(p) for p in want]
+        sel = x if idx == list(range(len(have))) else x[:, idx]
+        return fn(sel)
+
+    return short
+
+
+def _sequence_length(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        inputs = inputs.get("input", next(iter(inputs.values())))
+    return int(inputs.shape[1])
+
+
+def _tl_attention(block: nn.Module, positions: Any, direction: str) -> SectionFn:
+    """x ↦ (x + attn(ln1(x)))[:, positions] with queries at ``positions`` only."""
+    attn = block.attn
+    ln1 = getattr(block, "ln1", None)
+    ln1 = nn.Identity() if ln1 is None else ln1
+
+    def short(inputs: Any, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        qpos = _positions(positions, n)
+        h = ln1(x)
+        hq = h[:, qpos]
+        q = torch.einsum("bqd,hde->bqhe", hq, attn.W_Q) + attn.b_Q
+        k = torch.einsum("bkd,hde->bkhe", h, attn.W_K) + attn.b_K
+        v = torch.einsum("bkd,hde->bkhe", h, attn.W_V) + attn.b_V
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / attn.attn_scale
+        if direction == "causal":
+            keys = torch.arange(n, device=x.device)
+            allowed = keys[None, :] <= torch.tensor(qpos, device=x.device)[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        pattern = scores.softmax(dim=-1)
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+        out = torch.einsum("bqhe,hed->bqd", z, attn.W_O) + attn.b_O
+        return x[:, qpos] + out
+
+    return short
 
 
 # ---------------------------------------------------------------------------------------------------
