@@ -337,6 +337,23 @@ class BehavioralHessian:
             )
         return out.T / self.n
 
+    def quadratic_forms(self, v: Tensor) -> Tensor:
+        """vᵀ H v for each column of a float64 block V (N, b): 1/n Σ_x ‖J_z(x) v‖² (forward mode)."""
+        b = v.shape[1]
+        tangents = {
+            name: v[self.spec.slice(name)].T.reshape(b, *shape).to(self.dtype)
+            for name, shape in zip(self.spec.names, self.spec.shapes, strict=True)
+        }
+        total = torch.zeros(b, dtype=torch.float64)
+        for x, ref in zip(self.inputs, self.refs, strict=True):
+
+            def push(t: dict[str, Tensor], x: Any = x, ref: Tensor = ref) -> Tensor:
+                return jvp(lambda th: self._z(th, x, ref), (self.params,), (t,))[1]
+
+            jv = vmap(push)(tangents)
+            total += jv.to(torch.float64).pow(2).reshape(b, -1).sum(1)
+        return total / self.n
+
     def quadratic_form(self, v: Tensor) -> float:
         """vᵀ H v = 1/n Σ_x ‖J_z(x) v‖² (forward mode only)."""
         tangent = {k: t.to(self.dtype) for k, t in self.spec.unflatten(v).items()}
@@ -553,16 +570,78 @@ def slq_nodes(
     return out
 
 
-def hutchinson_trace(
-    quadratic_form: Callable[[Tensor], float], size: int, *, probes: int = 16, seed: int = 0
-) -> tuple[float, float]:
-    """Hutchinson's estimate of tr H = E[vᵀHv] (Rademacher v): (mean, standard error)."""
+def slq_nodes_batched(
+    matmat: Callable[[Tensor], Tensor],
+    size: int,
+    *,
+    probes: int = 8,
+    steps: int = 40,
+    seed: int = 0,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`slq_nodes` with the probes run side by side: one block product per Lanczos step.
+
+    Each probe keeps its own Lanczos recurrence with full reorthogonalisation against its own basis;
+    a probe whose Krylov space becomes invariant (β ≈ 0) stops there (its quadrature is then exact).
+    """
     generator = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(probes):
-        v = torch.randint(0, 2, (size,), generator=generator).to(torch.float64) * 2 - 1
-        values.append(quadratic_form(v))
-    t = torch.tensor(values, dtype=torch.float64)
+    v = torch.randint(0, 2, (size, probes), generator=generator).to(torch.float64) * 2 - 1
+    q = v / v.norm(dim=0, keepdim=True)
+    steps = min(steps, size)
+    basis = torch.zeros(steps, size, probes, dtype=torch.float64)
+    alphas = torch.zeros(steps, probes, dtype=torch.float64)
+    betas = torch.zeros(steps, probes, dtype=torch.float64)
+    length = torch.full((probes,), steps, dtype=torch.long)
+    active = torch.ones(probes, dtype=torch.bool)
+    scale = torch.zeros(probes, dtype=torch.float64)
+    for j in range(steps):
+        basis[j] = q
+        w = matmat(q)
+        alphas[j] = (q * w).sum(0)
+        for _ in range(2):
+            w = w - torch.einsum("jnp,jp->np", basis[: j + 1], torch.einsum("jnp,np->jp", basis[: j + 1], w))
+        beta = w.norm(dim=0)
+        scale = torch.maximum(scale, torch.maximum(alphas[j].abs(), beta))
+        broke = active & (beta <= 1e-10 * scale.clamp_min(1e-300))
+        length[broke] = j + 1
+        active &= ~broke
+        if j == steps - 1 or not bool(active.any()):
+            break
+        betas[j] = torch.where(active, beta, torch.zeros_like(beta))
+        q = torch.where(active[None, :], w / beta.clamp_min(1e-300)[None, :], q)
+    out = []
+    for p in range(probes):
+        m = int(length[p])
+        values, vectors = eigh(_tridiagonal(alphas[:m, p], betas[: m - 1, p]))
+        out.append((values.clamp_min(0.0), vectors[0].pow(2)))
+    return out
+
+
+def hutchinson_trace(
+    quadratic_form: Callable[[Tensor], Any],
+    size: int,
+    *,
+    probes: int = 16,
+    seed: int = 0,
+    batched: bool = False,
+    block_size: int = 16,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of tr H = E[vᵀHv] (Rademacher v): (mean, standard error).
+
+    ``quadratic_form(v)`` takes one vector (N,), or with ``batched`` a block (N, b) and returns the b
+    values.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randint(0, 2, (size, probes), generator=generator).to(torch.float64) * 2 - 1
+    if batched:
+        t = torch.cat(
+            [
+                torch.as_tensor(quadratic_form(vectors[:, i : i + block_size]), dtype=torch.float64)
+                for i in range(0, probes, block_size)
+            ]
+        )
+    else:
+        t = torch.tensor([float(quadratic_form(vectors[:, i])) for i in range(probes)], dtype=torch.float64)
+    values = t.tolist()
     stderr = float(t.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     return float(t.mean()), stderr
 
@@ -805,7 +884,10 @@ def hessian_analysis(
             model, data, kind, batch_size=batch_size, position=position, forward=forward, dtype=torch.float64
         )
     timings["setup"] = time.perf_counter() - t0
+    from degeneracy import __version__
+
     config = {
+        "version": __version__,
         "kind": kind,
         "method": resolved,
         "k": k,
@@ -870,13 +952,15 @@ def hessian_analysis(
         )
         if rank_probes > 0:
             t = time.perf_counter()
-            result.density = slq_nodes(matvec, n_params, probes=rank_probes, steps=rank_steps, seed=seed + 1)
+            result.density = slq_nodes_batched(
+                matmat, n_params, probes=rank_probes, steps=rank_steps, seed=seed + 1
+            )
             timings["slq"] = time.perf_counter() - t
         result.matvecs = counter["n"]
         if trace_probes > 0:
             t = time.perf_counter()
             result.trace, result.trace_stderr = hutchinson_trace(
-                hessian.quadratic_form, n_params, probes=trace_probes, seed=seed + 2
+                hessian.quadratic_forms, n_params, probes=trace_probes, seed=seed + 2, batched=True
             )
             timings["trace"] = time.perf_counter() - t
         hessian.release()
