@@ -13,7 +13,7 @@ parameters) before it is used; when the check fails the vmap path is used instea
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,12 +24,19 @@ from degeneracy.data import Batch, model_output_tensor
 from degeneracy.llc.losses import BehavioralKind
 from degeneracy.llc.sgld import ChainLoss, ParamLayout, _seed_from
 
-__all__ = ["vmap_behavioral_chain_loss", "batched_behavioral_chain_loss", "chain_losses_agree"]
+__all__ = [
+    "functional_output",
+    "vmap_behavioral_chain_loss",
+    "batched_behavioral_chain_loss",
+    "chain_losses_agree",
+]
 
 
-def _call(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Tensor:
-    if isinstance(inputs, dict):
-        out = functional_call(model, params, args=(), kwargs=inputs)
+def functional_output(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Tensor:
+    """The output tensor of ``model`` with ``params`` swapped in (``functional_call``; dict inputs are
+    passed as keywords)."""
+    if isinstance(inputs, Mapping):
+        out = functional_call(model, params, args=(), kwargs=dict(inputs))
     else:
         out = functional_call(model, params, args=(inputs,))
     return model_output_tensor(out)
@@ -55,7 +62,7 @@ def vmap_behavioral_chain_loss(model: nn.Module, kind: BehavioralKind) -> ChainL
     from degeneracy.llc.losses import behavioral_loss_from_outputs
 
     def one_chain(params: dict[str, Tensor], inputs: Any, reference: Tensor) -> Tensor:
-        return behavioral_loss_from_outputs(_call(model, params, inputs), reference, kind)
+        return behavioral_loss_from_outputs(functional_output(model, params, inputs), reference, kind)
 
     batched = vmap(one_chain, in_dims=(0, None, None))
 

@@ -20,10 +20,9 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from degeneracy.data import model_output_tensor
 from degeneracy.io import load_tensors, save_tensors
+from degeneracy.llc.batched import functional_output
 from degeneracy.llc.estimate import (
     LLCWarning,
     _behavioral_kind,
@@ -268,11 +267,7 @@ def behavioral_loss_fn(
 
     def loss_fn(theta: Tensor) -> Tensor:
         params_ = {n: v[0] for n, v in layout.views(theta.unsqueeze(0)).items()}
-        if isinstance(inputs, dict):
-            out = functional_call(model, params_, args=(), kwargs=inputs)
-        else:
-            out = functional_call(model, params_, args=(inputs,))
-        return behavioral_loss_from_outputs(model_output_tensor(out), reference, kind)
+        return behavioral_loss_from_outputs(functional_output(model, params_, inputs), reference, kind)
 
     return loss_fn, center
 

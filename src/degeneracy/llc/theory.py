@@ -48,8 +48,8 @@ def quadratic_quartic_llc(epsilon: float, c: float) -> float:
 
 
 def cross_log_volume(epsilon: float, radius: float = 1.0) -> float:
-    """log V(ε) for L = w1² w2² on the box [−R, R]² (ε ≤ R⁴): V = 4 s (R... ) with s = sqrt(ε):
-    the area of {|w1 w2| < s} is 4 s (1 + log(R² / s))."""
+    """log V(ε) for L = w1² w2² on the box [−R, R]²: with s = sqrt(ε) ≤ R², the area of
+    {|w1 w2| < s} is V = 4 s (1 + log(R² / s))."""
     if epsilon >= radius**4:
         return math.log(4.0 * radius**2)
     s = math.sqrt(epsilon)
