@@ -65,9 +65,23 @@ def _modadd(d_model: int, trained: bool) -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), data
 
 
+WAIT: dict[str, float] = {"threshold": 0.0, "max_seconds": 0.0}
+LOADS: list[float] = []
+
+
+def _wait_quiet() -> float:
+    """Wait (up to ``--wait-quiet`` seconds) for the 1-minute load average to drop below the threshold;
+    return the load at the start of the measurement."""
+    deadline = time.monotonic() + WAIT["max_seconds"]
+    while os.getloadavg()[0] > WAIT["threshold"] and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def _time(fn: Any, repeat: int) -> tuple[float, Any]:
     best, result = float("inf"), None
     for _ in range(repeat):
+        LOADS.append(_wait_quiet())
         t = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t)
@@ -98,6 +112,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
                 "n": spec.num_examples,
                 "k": spec.num_parameters,
                 "seconds": seconds,
+                "load": LOADS[-1],
                 "detail": f"Gram {spec.timings['gram']:.2f} s + eigvalsh {spec.timings['eigvalsh']:.2f} s; "
                 f"rank {spec.rank()}",
             }
@@ -115,6 +130,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
                     "n": spec.num_examples,
                     "k": 50,
                     "seconds": seconds,
+                    "load": LOADS[-1],
                     "detail": f"{spec.matvecs} products; max residual / λ_max "
                     f"{float(spec.residuals.max() / spec.eigenvalues[0]):.1e}",
                 }
@@ -138,6 +154,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
                 "n": spec.num_examples,
                 "k": 50,
                 "seconds": seconds,
+                "load": LOADS[-1],
                 "detail": f"{spec.matvecs} products; max residual / λ_max "
                 f"{float(spec.residuals.max() / spec.eigenvalues[0]):.1e}; "
                 f"λ_1 {float(spec.eigenvalues[0]):.4g}, λ_50 {float(spec.eigenvalues[-1]):.4g}",
@@ -154,20 +171,26 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, load_before: tuple[fl
         "",
         "Produced by `python benchmarks/hessian_spectrum.py"
         + (" --quick" if args.quick else "")
-        + f"` (best of {args.repeat} for the exact path, one run for Lanczos).",
+        + (
+            f" --wait-quiet {args.wait_quiet:g} --load-threshold {args.load_threshold:g}"
+            if args.wait_quiet
+            else ""
+        )
+        + f"` (best of {args.repeat} for the exact path, one run for Lanczos). 'load at start' is the "
+        "1-minute load average when the measurement began.",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} "
         "(other jobs share these cores; timings grow with the load).",
         "",
-        "| path | model | N | n | eigenvalues | seconds | detail |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| path | model | N | n | eigenvalues | seconds | load at start | detail |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['path']} | {r['model']} | {r['N']:,} | {r['n']:,} | {r['k']:,} | {r['seconds']:.2f} | "
-            f"{r['detail']} |"
+            f"{r['load']:.2f} | {r['detail']} |"
         )
     lines += [
         "",
@@ -188,7 +211,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the two targets")
     parser.add_argument("--repeat", type=int, default=2, help="repeats of the exact path (best is kept)")
     parser.add_argument("--out", type=Path, default=HERE / "hessian.md")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measurement wait up to SECONDS for the 1-minute load average to fall below "
+        "--load-threshold",
+    )
+    parser.add_argument("--load-threshold", type=float, default=1.5)
     args = parser.parse_args()
+    WAIT.update(threshold=args.load_threshold, max_seconds=args.wait_quiet)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     load_before = os.getloadavg()
     rows = run(args.quick, args.repeat)
