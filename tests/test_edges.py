@@ -264,19 +264,32 @@ TL_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["vjp", "jvp"])
-def test_transformer_lens_shortcuts_give_the_same_edges(mode: str) -> None:
+@pytest.mark.parametrize(
+    "mode,center,rule",
+    [("vjp", True, "gradient"), ("jvp", True, "gradient"), ("auto", True, "gradient"), ("auto", False, "gl")],
+)
+def test_transformer_lens_shortcuts_give_the_same_edges(mode: str, center: bool, rule: str) -> None:
+    """Shortcut sections (autodiff) and their closed-form kernels ("auto") against the hooked model."""
     from degeneracy.edges import transformer_lens_sections
 
     model, x = _tiny_transformer()
-    B = degeneracy.interaction_basis(model, x, TL_LAYERS, progress=False)
+    with torch.no_grad():  # non-zero biases, so that the no-constant case is not homogeneous
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("b_"):
+                p.copy_(0.3 * torch.randn_like(p))
+    B = degeneracy.interaction_basis(model, x, TL_LAYERS, center=center, progress=False)
     sections = transformer_lens_sections(model, B.layers)
     assert set(sections) == set(zip(B.names[:-1], B.names[1:], strict=True))
-    hooks = degeneracy.interaction_graph(model, x, B, jacobian_mode=mode, progress=False)
-    short = degeneracy.interaction_graph(model, x, B, jacobian_mode=mode, sections=sections, progress=False)
+    kw = dict(integration_rule="gauss-legendre", integration_steps=3) if rule == "gl" else {}
+    hooks = degeneracy.interaction_graph(model, x, B, jacobian_mode="vjp", progress=False, **kw)
+    short = degeneracy.interaction_graph(
+        model, x, B, jacobian_mode=mode, sections=sections, progress=False, **kw
+    )
+    if mode == "auto":
+        assert set(short.info["modes"].values()) == {"analytic"}
     for pair in hooks.pairs:
-        torch.testing.assert_close(short.edges[pair], hooks.edges[pair], rtol=1e-10, atol=0)
-    assert max(short.completeness.values()) < 1e-8
+        torch.testing.assert_close(short.edges[pair], hooks.edges[pair], rtol=1e-10, atol=1e-14)
+        assert short.completeness[pair] == pytest.approx(hooks.completeness[pair], rel=1e-6, abs=1e-12)
 
 
 def test_a_wrong_section_shortcut_is_refused() -> None:

@@ -57,6 +57,7 @@ __all__ = [
     "load_graph",
     "squared_attributions",
     "transformer_lens_sections",
+    "SectionShortcut",
     "sparsity",
     "gini",
 ]
@@ -503,19 +504,35 @@ def _build(
                 signs = (2 * draws - 1).to(device=x.device, dtype=torch.float64)
             n_out = p_out if signs is None else cfg.num_sources
             modes[f"{src}->{dst}"] = _choose_mode(cfg.jacobian_mode, n_out * C_out.shape[0], C_in.shape[0])
+            short = shortcuts.get((src, dst))
+            analytic = None
+            if (
+                isinstance(short, SectionShortcut)
+                and short.kernel is not None
+                and cfg.jacobian_mode == "auto"
+            ):
+                with torch.no_grad():
+                    analytic = _kernel_attributions(
+                        short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst]
+                    )
             with torch.no_grad():
-                total, row_sums = squared_attributions(
-                    fn,
-                    x,
-                    Cp_in,
-                    C_out,
-                    rule,
-                    in_features=feats,
-                    out_positions=p_out,
-                    signs=signs,
-                    mode=cfg.jacobian_mode,
-                    max_elements=cfg.max_elements,
-                )
+                if analytic is not None:  # exact: the ±1 sources are not needed
+                    signs = None
+                    modes[f"{src}->{dst}"] = "analytic"
+                    total, row_sums = analytic
+                else:
+                    total, row_sums = squared_attributions(
+                        fn,
+                        x,
+                        Cp_in,
+                        C_out,
+                        rule,
+                        in_features=feats,
+                        out_positions=p_out,
+                        signs=signs,
+                        mode=cfg.jacobian_mode,
+                        max_elements=cfg.max_elements,
+                    )
                 if signs is not None:  # the average over sources estimates Σ_t A_t²
                     total = total / cfg.num_sources
                 check_finite(total, f"the edges {src} -> {dst}")
@@ -566,7 +583,9 @@ def _check_shortcut(
 ) -> None:
     """A section shortcut must agree with the hook-based section at the data and off it."""
     src, dst = pair
-    x = acts[src]
+    few = slice(0, 64)  # a slice of the first batch is enough to tell two functions apart
+    inputs = _slice_inputs(inputs, few)
+    x = acts[src][few]
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
     scale = x.abs().amax(dim=(0, 1), keepdim=True)
@@ -587,6 +606,95 @@ def _check_shortcut(
                 f"the section shortcut for {src} -> {dst} differs from the model by {dev:.2e} "
                 f"(relative); drop it from `sections`"
             )
+
+
+Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SectionShortcut:
+    """A section computed from the source activations alone, optionally with an analytic kernel.
+
+    ``fn(inputs, f)`` returns f^{dst} from raw f^{src}. ``kernel(inputs, f, scale, directions, C_out)``,
+    when given, returns the attributions C_out J(f) [directions_j · scale_{s,j}] for every input
+    direction j at once, shape (batch, P_out, m, k), in float64, by closed-form Jacobian-vector products
+    that exploit the rank-one tangents (no automatic differentiation); :func:`interaction_graph` uses
+    it when ``jacobian_mode="auto"``.
+    """
+
+    fn: Callable[[Any, Tensor], Tensor]
+    kernel: Kernel | None = None
+
+    def __call__(self, inputs: Any, x: Tensor) -> Tensor:
+        return self.fn(inputs, x)
+
+
+def _kernel_attributions(
+    short: SectionShortcut,
+    inputs: Any,
+    x: Tensor,
+    feats: Tensor,
+    in_map: Tensor,
+    out_map: Tensor,
+    rule: IntegrationRule,
+    constant: bool,
+    max_elements: int,
+    target: Tensor,
+) -> tuple[Tensor, Tensor] | None:
+    """Σ_x Σ_t A² and Σ_j A from a shortcut's analytic kernel, or ``None`` if it does not apply.
+
+    With the constant coordinate, the columns j ≥ 1 come from the kernel at f (the Jacobian of the
+    homogeneous extension is constant along α·f, so every rule agrees), and the constant column from
+    Euler's identity Σ_j A_j = f̂^{l+1}(f) − C J r, r = f − C₊ C f the truncation residual (one extra
+    JVP). This needs C₊'s constant row to vanish off column 0, as for every centred basis here.
+    """
+    assert short.kernel is not None
+    d = x.shape[-1] - (1 if constant else 0)
+    in64 = in_map.to(device=x.device, dtype=torch.float64)
+    out64 = out_map.to(device=x.device, dtype=torch.float64)
+    d_out = out64.shape[1] - (1 if constant else 0)
+    if constant and in64.shape[1] > 1 and float(in64[d, 1:].abs().max()) > 1e-12 * float(in64.abs().max()):
+        return None
+    f = x[..., :d]
+    start = 1 if constant else 0
+    dirs, scale = in64[:d, start:], feats[..., start:]
+    k_reg = dirs.shape[1]
+    batch = x.shape[0]
+    per = max(1, out64.shape[0] * max(k_reg, 1) * 8)  # the kernels hold a few (m × k) blocks per example
+    chunk = max(1, max_elements // per)
+    total = torch.zeros(out64.shape[0], in64.shape[1], dtype=torch.float64, device=x.device)
+    complete = None
+    if constant:  # Euler: Σ_j A_j = f̂^{l+1}(f) − C J r, with r = f − C₊ C f (constant coordinate 0)
+        complete = target.to(torch.float64) @ out64.T
+        r = (x.to(torch.float64) - feats @ in64.T)[..., :d]
+        if float(r.abs().max()) > 1e-13 * float(x[..., :d].abs().max()):  # else J r is below round-off
+            _, jr = jvp(lambda z: short(inputs, z), (f,), (r.to(x.dtype),))
+            complete = complete - jr.to(torch.float64) @ out64[:, :d_out].T
+    row_sums = []
+    for b0 in range(0, batch, chunk):
+        sl = slice(b0, b0 + chunk)
+        sub = _slice_inputs(inputs, sl)
+        if constant:
+            a = short.kernel(sub, f[sl], scale[sl], dirs, out64[:, :d_out])
+        else:
+            a = None
+            for alpha, w in zip(rule.points, rule.weights, strict=True):
+                term = w * short.kernel(sub, alpha * f[sl], scale[sl], dirs, out64[:, :d_out])
+                a = term if a is None else a + term
+        total[:, start:] += torch.einsum("btmk,btmk->mk", a, a)
+        sums = a.sum(-1)
+        if complete is not None:
+            a0 = complete[sl] - sums
+            total[:, 0] += torch.einsum("btm,btm->m", a0, a0)
+            sums = complete[sl]
+        row_sums.append(sums)
+    return total, torch.cat(row_sums)
+
+
+def _slice_inputs(inputs: Any, sl: slice) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: v[sl] for k, v in inputs.items()}
+    return inputs[sl]
 
 
 def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
@@ -640,18 +748,117 @@ def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[P
             continue
         (ia, ka), (ib, kb) = wa, wb
         pair = (a.name, b.name)
+        plain = getattr(cfg, "normalization_type", None) is None  # no LayerNorm: closed-form kernels
         if ia == ib and (ka, kb) == ("pre", "mid") and a.positions is None and standard:
-            out[pair] = _tl_attention(blocks[ia], b.positions, getattr(cfg, "attention_dir", "causal"))
+            direction = getattr(cfg, "attention_dir", "causal")
+            out[pair] = SectionShortcut(
+                _tl_attention(blocks[ia], b.positions, direction),
+                _attention_kernel(blocks[ia].attn, b.positions, direction) if plain else None,
+            )
         elif ia == ib and (ka, kb) == ("mid", "post") and not getattr(cfg, "attn_only", False):
-            out[pair] = _tl_positionwise(lambda x, blk=blocks[ia]: x + blk.mlp(blk.ln2(x)), a, b)
+            blk = blocks[ia]
+            relu = plain and getattr(cfg, "act_fn", None) == "relu" and hasattr(blk.mlp, "W_in")
+            out[pair] = SectionShortcut(
+                _tl_positionwise(lambda x, blk=blk: x + blk.mlp(blk.ln2(x)), a, b),
+                _mlp_kernel(blk.mlp, a, b) if relu else None,
+            )
         elif ib == ia + 1 and (ka, kb) == ("post", "pre") and ib < n_blocks:
-            out[pair] = _tl_positionwise(lambda x: x, a, b)
+            out[pair] = SectionShortcut(_tl_positionwise(lambda x: x, a, b), _affine_kernel(None, a, b))
         elif ia == n_blocks - 1 and ka == "post" and kb == "output":
             ln_final = getattr(model, "ln_final", None)
             ln_final = nn.Identity() if ln_final is None else ln_final
             unembed = model.unembed
-            out[pair] = _tl_positionwise(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b)
+            out[pair] = SectionShortcut(
+                _tl_positionwise(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b),
+                _affine_kernel(unembed.W_U, a, b) if plain else None,
+            )
     return out
+
+
+def _select_positions(src: NodeLayer, dst: NodeLayer, n: int) -> list[int]:
+    have, want = _positions(src.positions, n), _positions(dst.positions, n)
+    return [have.index(p) for p in want]
+
+
+def _affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kernel:
+    """y = f W + b at each target position: A_{t,i,j} = T_ij f̂_{t,j}, T = C_out Wᵀ directions."""
+
+    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
+        idx = _select_positions(src, dst, _sequence_length(inputs))
+        w = dirs if weight is None else weight.detach().to(torch.float64).T @ dirs  # (d_out, k)
+        t = c_out @ w  # (m, k)
+        return t[None, None] * scale[:, idx, None, :]
+
+    return kernel
+
+
+def _mlp_kernel(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Kernel:
+    """y = f + relu(f W_in + b_in) W_out + b_out: A = (K + P diag(1[pre > 0]) Q) ⊙ f̂ per position,
+    with K = C_out·directions, P = C_out W_outᵀ and Q = W_inᵀ·directions folded once."""
+
+    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
+        idx = _select_positions(src, dst, _sequence_length(inputs))
+        w_in = mlp.W_in.detach().to(torch.float64)
+        w_out = mlp.W_out.detach().to(torch.float64)
+        ft = f[:, idx].to(torch.float64)
+        gate = ((ft @ w_in + mlp.b_in.detach().to(torch.float64)) > 0).to(torch.float64)  # (b, t, h)
+        p_fold = c_out @ w_out.T  # (m, h)
+        q_fold = w_in.T @ dirs  # (h, k)
+        m = (gate[..., :, None] * q_fold).transpose(-1, -2) @ p_fold.T  # (b, t, k, m): Σ_h Q_hk D_h P_mh
+        m = m.transpose(-1, -2) + (c_out @ dirs)[None, None]
+        return m * scale[:, idx, None, :]
+
+    return kernel
+
+
+def _attention_kernel(attn: nn.Module, positions: Any, direction: str) -> Kernel:
+    """Closed-form JVPs of x_t + attn(x)_t along the rank-one tangents δx_s = f̂_{s,j} c_j.
+
+    With aQ/aK/aV = directionsᵀ W_Q/K/V folded once, δq_t = f̂_{t,j} aQ_j, δk_s = f̂_{s,j} aK_j,
+    δv_s = f̂_{s,j} aV_j; δscore, the softmax JVP δp = p (δscore − Σ p δscore) and
+    δz = Σ_s δp v + p δv follow per feature j at the cost of a few small contractions, and the only
+    large product is δz·(W_O C_outᵀ).
+    """
+
+    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
+        n = f.shape[1]
+        qpos = _positions(positions, n)
+        x = f.to(torch.float64)
+        w = {name: getattr(attn, name).detach().to(torch.float64) for name in ("W_Q", "W_K", "W_V", "W_O")}
+        bias = {name: getattr(attn, name).detach().to(torch.float64) for name in ("b_Q", "b_K", "b_V")}
+        q = torch.einsum("btd,hde->bthe", x[:, qpos], w["W_Q"]) + bias["b_Q"]
+        k = torch.einsum("bsd,hde->bshe", x, w["W_K"]) + bias["b_K"]
+        v = torch.einsum("bsd,hde->bshe", x, w["W_V"]) + bias["b_V"]
+        scale_attn = float(attn.attn_scale)
+        scores = torch.einsum("bthe,bshe->bths", q, k) / scale_attn
+        if direction == "causal":
+            allowed = (
+                torch.arange(n, device=x.device)[None, :] <= torch.tensor(qpos, device=x.device)[:, None]
+            )
+            scores = scores.masked_fill(~allowed[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1)  # (b, t, h, s)
+        a_q = torch.einsum("dj,hde->jhe", dirs, w["W_Q"])
+        a_k = torch.einsum("dj,hde->jhe", dirs, w["W_K"])
+        a_v = torch.einsum("dj,hde->jhe", dirs, w["W_V"])
+        s_t = scale[:, qpos]  # (b, t, j)
+        qk = torch.einsum("jhe,bshe->bjhs", a_q, k)  # aQ_j · k_s
+        kq = torch.einsum("bthe,jhe->btjh", q, a_k)  # q_t · aK_j
+        dscore = (
+            s_t[:, :, :, None, None] * qk[:, None]
+            + scale.permute(0, 2, 1)[:, None, :, None, :] * kq[..., None]
+        ) / scale_attn  # (b, t, j, h, s)
+        pb = p[:, :, None]  # (b, t, 1, h, s)
+        dp = pb * (dscore - (pb * dscore).sum(-1, keepdim=True))
+        ow = torch.einsum("hed,md->hem", w["W_O"], c_out)  # W_O then C_out: (h, e, m)
+        vw = torch.einsum("bshe,hem->bhsm", v, ow)  # values already in output features
+        gw = torch.einsum("jhe,hem->jhm", a_v, ow)  # δv directions in output features
+        b, t, j, h, n_s = dp.shape
+        out = (dp.reshape(b, t * j, h * n_s) @ vw.reshape(b, h * n_s, -1)).reshape(b, t, j, -1)
+        pf = torch.einsum("bths,bsj->jbth", p, scale)  # Σ_s p_{t,h,s} f̂_{s,j}
+        out = out + torch.bmm(pf.reshape(j, b * t, h), gw).reshape(j, b, t, -1).permute(1, 2, 0, 3)
+        return out.transpose(-1, -2) + (c_out @ dirs)[None, None] * s_t[:, :, None, :]
+
+    return kernel
 
 
 def _positions(spec: Any, n: int) -> list[int]:
