@@ -3,7 +3,7 @@
 * digits MLP (64-32-32-10, 3,466 parameters) on all 1,797 inputs, float64: sources of free
   directions, their exact span, the exact Hessian nullity, and the Section 4 construction; at ε = 0
   (numerical zeros only) and at ε = 1e-6 relative to the largest eigenvalue of each matrix.
-* modular-addition transformer (227,442 parameters) on its 3,830 training pairs, read at the last
+* modular-addition transformer (227,442 parameters) on its training pairs, read at the last
   token, statistics in float64 with Jacobian Grams from 16 random output projections; the top 50
   Hessian eigenvalues by block Lanczos and the rank at ε by stochastic Lanczos quadrature.
 
@@ -26,7 +26,13 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from degeneracy.models import digits_all_inputs, load_digits_mlp, load_modadd, modadd_dataset
+    from degeneracy.models import (
+        digits_all_inputs,
+        load_digits_mlp,
+        load_modadd,
+        load_modadd_metadata,
+        modadd_dataset,
+    )
 
     lines = ["# Degeneracy reports of the bundled models", ""]
     lines += [
@@ -67,7 +73,8 @@ def main() -> None:
     ]
     # modadd -------------------------------------------------------------------------------------
     model = load_modadd(dtype=torch.float64)
-    data = modadd_dataset()[0]
+    split = load_modadd_metadata()["data"]  # the bundled model's own training split
+    data = modadd_dataset(frac_train=split["frac_train"], seed=split["seed"])[0]
     t = time.perf_counter()
     spectrum = hessian_analysis(
         load_modadd(),

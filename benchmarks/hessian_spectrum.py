@@ -7,7 +7,7 @@ Two paths of :func:`degeneracy.accounting.hessian_analysis`:
   digits MLP, whose target is ≤ 5 s);
 * lanczos — the top k = 50 eigenvalues by block Lanczos (float32 Hessian-vector products batched 16 at
   a time, float64 Krylov basis, residuals ≤ 1e-4·λ_max): the same MLPs, and one-layer modular-addition
-  transformers of growing width on the 3,830 training pairs (d_model 128 is the bundled model, ~227k
+  transformers of growing width on the bundled model's training pairs (d_model 128 is the bundled model, ~227k
   parameters, target ≤ 60 s), read at the last position with
   :func:`degeneracy.accounting.fast_forward.last_position_logits` (last query only, per-token tables
   for keys and values; equal to ``model(tokens)[:, -1]``).
@@ -54,9 +54,10 @@ def _digits_data(dtype: torch.dtype) -> torch.Tensor:
 def _modadd(d_model: int, trained: bool) -> tuple[nn.Module, torch.Tensor]:
     import transformer_lens as tl
 
-    from degeneracy.models import load_modadd, modadd_config_dict, modadd_dataset
+    from degeneracy.models import load_modadd, load_modadd_metadata, modadd_config_dict, modadd_dataset
 
-    data = modadd_dataset()[0]
+    split = load_modadd_metadata()["data"]  # the bundled model's own training split
+    data = modadd_dataset(frac_train=split["frac_train"], seed=split["seed"])[0]
     if trained:
         return load_modadd(), data
     cfg = modadd_config_dict()

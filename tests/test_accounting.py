@@ -502,7 +502,8 @@ def _bundled(name: str):
             data, _ = models.digits_all_inputs(dtype=torch.float64)
         else:
             model = models.load_modadd()
-            data, _, _, _ = models.modadd_dataset()
+            split = models.load_modadd_metadata()["data"]
+            data = models.modadd_dataset(frac_train=split["frac_train"], seed=split["seed"])[0]
     except (FileNotFoundError, ImportError) as err:
         pytest.skip(f"bundled {name} model unavailable: {err}")
     return model, data
@@ -565,3 +566,21 @@ def test_gated_activation_rank_of_a_neuron_that_fires_where_an_input_is_zero() -
     assert row is not None and row.count == 1 and row.details["neurons"] == {2: 1}
     assert report.count("activation rank") == 0
     assert report.union == report.total == report.hessian_nullity
+
+
+def test_run_degeneracy_on_a_transformer_uses_the_last_token_forward(tmp_path) -> None:
+    from degeneracy.accounting.cli import DegeneracyRunConfig, run_degeneracy
+
+    model, x = planted_transformer()
+    cfg = DegeneracyRunConfig(hessian="lanczos", hessian_k=5, rank_probes=2, rank_steps=10, sparsify=True)
+    summary = run_degeneracy(cfg, model, x, tmp_path)
+    exact = hessian_analysis(model, x, method="exact", position=-1)
+    torch.testing.assert_close(
+        torch.tensor(summary["hessian_top_eigenvalues"], dtype=torch.float64),
+        exact.eigenvalues[:5],
+        rtol=1e-6,
+        atol=0,
+    )
+    assert "section4" not in summary  # the Section 4 construction is for chains of linear layers
+    report = DegeneracyReport.load(tmp_path / "degeneracy_report.json")
+    assert report.hessian_method == "lanczos" and report.hessian_stderr is not None

@@ -48,6 +48,8 @@ class DegeneracyRunConfig(StrictModel):
         jacobian_projections: estimate Jacobian Grams from this many random output projections.
         hessian: ``"auto"``, ``"exact"``, ``"lanczos"`` or ``"none"``.
         hessian_k, hessian_block_size, hessian_max_products, hessian_tol: block Lanczos settings.
+        hessian_dtype: dtype of the Hessian products (``"auto"``: float64 for the exact path, float32
+            for Lanczos, whose Krylov basis is float64 regardless).
         trace_probes, rank_probes, rank_steps: Hutchinson and SLQ settings of the Lanczos path.
         plot_epsilons: extra ε lines on the spectrum plot.
         sparsify: run the Section 4 construction when the model is a chain of linear layers.
@@ -68,6 +70,7 @@ class DegeneracyRunConfig(StrictModel):
     hessian_block_size: int = Field(default=16, gt=0)
     hessian_max_products: int | None = Field(default=None, gt=0)
     hessian_tol: float = Field(default=1e-4, gt=0.0)
+    hessian_dtype: Literal["auto", "float32", "float64"] = "auto"
     trace_probes: int = Field(default=0, ge=0)
     rank_probes: int = Field(default=8, ge=0)
     rank_steps: int = Field(default=40, gt=1)
@@ -104,7 +107,12 @@ def run_degeneracy(
     hessian_forward: Any = None,
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Run the report (and the Section 4 construction), write the files, return a JSON-able summary."""
+    """Run the report (and the Section 4 construction), write the files, return a JSON-able summary.
+
+    ``hessian_forward`` replaces the model call for the Hessian only (it must return the outputs at
+    the position the report reads); by default one-layer transformers read at the last token use
+    :func:`degeneracy.accounting.fast_forward.last_position_logits`.
+    """
     from degeneracy.accounting import degeneracy_report, hessian_analysis, sparsify
     from degeneracy.accounting.construction import SparsifiedModel
     from degeneracy.accounting.structure import is_transformer_lens
@@ -119,9 +127,19 @@ def run_degeneracy(
     else:
         position = cfg.position
     hessian = None if cfg.hessian == "none" else cfg.hessian
+    if hessian == "auto":  # exact up to 6,000 parameters (hessian_analysis's own rule, by N alone)
+        hessian = "exact" if sum(p.numel() for p in model.parameters()) <= 6000 else "lanczos"
+    hessian_position = position
     if hessian_forward is None:
         hessian_forward = _hessian_forward(model, position)
+        if hessian_forward is not None:
+            hessian_position = None  # the last-token forward already returns (batch, vocab)
+    if cfg.hessian_dtype == "auto":
+        hessian_dtype = torch.float32 if hessian == "lanczos" else None
+    else:
+        hessian_dtype = getattr(torch, cfg.hessian_dtype)
     options: dict[str, Any] = {
+        "dtype": hessian_dtype,
         "k": cfg.hessian_k,
         "block_size": cfg.hessian_block_size,
         "max_iter": cfg.hessian_max_products,
@@ -151,7 +169,7 @@ def run_degeneracy(
             data,
             kind=cfg.kind,
             method=hessian,  # type: ignore[arg-type]
-            position=position,
+            position=hessian_position,
             forward=hessian_forward,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
