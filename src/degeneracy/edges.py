@@ -382,7 +382,8 @@ def interaction_graph(
         integration_steps: intervals (trapezoid) or nodes − 1 (Gauss-Legendre).
         num_sources: random ±1 sources over output positions (VJP path) instead of one VJP per
             output position; ``None`` (default) is exact.
-        seed: seed of the ±1 sources.
+        seed: seed of the ±1 sources (per batch, ``torch.randint(0, 2, (batch, num_sources, P_out))``
+            from one ``torch.Generator`` seeded with ``seed``, drawn for the layer pairs in order).
         batch_size: examples per pass (default: the basis's).
         jacobian_mode: ``"vjp"``, ``"jvp"`` or ``"auto"`` (fewer passes wins).
         max_elements: the largest number of entries a vmapped chunk may hold (bounds memory).
