@@ -45,11 +45,11 @@ def load(model_name: str, checkpoint: str) -> tuple[torch.nn.Module, torch.Tenso
 
         model, train, labels, _, _ = load_reference(checkpoint)
         return model, train, labels
-    from degeneracy.fourier import modadd_labels
-    from degeneracy.runconfig import ModelSpec, resolve_model
+    from degeneracy.models import load_modadd, load_modadd_metadata, modadd_dataset
 
-    model, data, _ = resolve_model(ModelSpec(name="modadd", split="train", dtype="float64"))
-    return model, data, modadd_labels(data)
+    split = load_modadd_metadata()["data"]  # the bundled model's own training split
+    train, labels, _, _ = modadd_dataset(frac_train=split["frac_train"], seed=split["seed"])
+    return load_modadd(dtype=torch.float64), train, labels
 
 
 def bases_and_graphs(model, data, cache: Path, prefix: str, methods: list[str], log) -> tuple[dict, dict]:
@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     import degeneracy
-    from degeneracy.ablation import edge_ablation
+    from degeneracy.ablation import edge_ablation, node_ablation_curves
     from degeneracy.edges import sparsity, transformer_lens_sections
     from degeneracy.fourier import fourier_labels, frequency_module_table, modadd_feature_grid
     from degeneracy.graph_cli import report_markdown
@@ -112,6 +112,7 @@ def main() -> None:
         plot_edge_ablation,
         plot_frequency_modules,
         plot_interaction_graph,
+        plot_node_ablation,
     )
 
     def log(msg: str) -> None:
@@ -147,6 +148,20 @@ def main() -> None:
             f"{method} edge ablation in {timings[method]:.1f} s: "
             f"{[r.n_needed for r in results[method].values()]}"
         )
+    node_curves = {}
+    for method in methods:
+        path = cache / f"{args.model}_{method}_nodes.json"
+        if path.exists():
+            from degeneracy.graph_cli import _node_curve_from
+
+            node_curves[method] = {k: _node_curve_from(v) for k, v in json.loads(path.read_text()).items()}
+            continue
+        t0 = time.perf_counter()
+        node_curves[method] = node_ablation_curves(
+            model, data, bases[method], labels=labels, num_points=20, batch_size=4096
+        )
+        path.write_text(json.dumps({k: v.to_dict() for k, v in node_curves[method].items()}, indent=1))
+        log(f"{method} node ablation curves in {time.perf_counter() - t0:.1f} s")
     lib_modules = degeneracy.find_modules(graphs["lib"], epsilon=results["lib"], seed=0)
     labels_by_layer = {
         name: fourier_labels(modadd_feature_grid(model, bases["lib"], name)) for name in bases["lib"].names
@@ -155,6 +170,7 @@ def main() -> None:
     figs = ROOT / "benchmarks" / "figures"
     plot_interaction_graph(graphs["lib"], lib_modules, figs / f"modadd_{args.model}_lib_graph.png")
     plot_edge_ablation(results, figs / f"modadd_{args.model}_edge_ablation.png")
+    plot_node_ablation(node_curves, figs / f"modadd_{args.model}_node_ablation.png")
     plot_frequency_modules(
         rows,
         figs / f"modadd_{args.model}_frequency_modules.png",
@@ -185,6 +201,20 @@ def main() -> None:
             }
         },
         "frequency_alignment": {"lib": alignment},
+        "features_needed": {
+            m: {
+                layer: next(
+                    (
+                        k
+                        for k, acc in zip(c.n_kept, c.accuracy, strict=True)
+                        if acc >= c.base_accuracy - args.delta
+                    ),
+                    None,
+                )
+                for layer, c in node_curves[m].items()
+            }
+            for m in methods
+        },
         "frequency_rows": [dataclasses.asdict(r) for r in rows],
         "ablation_seconds": timings,
         "edge_seconds": {m: graphs[m].info["timings"]["total"] for m in methods},
@@ -208,6 +238,13 @@ def main() -> None:
         "Retained dimensions (ours): "
         + "; ".join(f"{m} {list(bases[m].dims.values())}" for m in methods)
         + f"; paper LIB {PAPER_DIMS['lib']}, PCA {PAPER_DIMS['pca']} (+ logits).",
+        "",
+    ]
+    md += [
+        "Node ablation (keep the top-k features by eigenvalue, mean-ablate the rest): fewest features on the "
+        "evaluated grid whose accuracy is within δ: "
+        + "; ".join(f"{m} {summary['features_needed'][m]}" for m in methods)
+        + ".",
         "",
     ]
     md.append(report_markdown(summary, {"lib": (rows, alignment, labels_by_layer)}).split("\n", 2)[2])

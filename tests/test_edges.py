@@ -294,6 +294,12 @@ def test_transformer_lens_shortcuts_give_the_same_edges(mode: str, center: bool,
     )
     if mode == "auto":
         assert set(short.info["modes"].values()) == {"analytic"}
+        acts = capture(model, x, B.layers)
+        for (src, _), fn in sections.items():  # closed-form JVPs against torch.func.jvp
+            f = acts[src]
+            r = torch.randn_like(f)
+            want = torch.func.jvp(lambda z, fn=fn: fn(x, z), (f,), (r,))[1]
+            torch.testing.assert_close(fn.tangent(x, f, r), want, rtol=1e-10, atol=1e-12)
     for pair in hooks.pairs:
         torch.testing.assert_close(short.edges[pair], hooks.edges[pair], rtol=1e-10, atol=1e-14)
         assert short.completeness[pair] == pytest.approx(hooks.completeness[pair], rel=1e-6, abs=1e-12)

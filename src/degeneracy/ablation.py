@@ -487,7 +487,7 @@ def edge_ablation(
     scaling: Literal["logarithmic", "linear"] = "logarithmic",
     batch_size: int | None = None,
     dtype: str | None = None,
-    max_elements: int = 2**25,
+    max_elements: int = 2**23,
     metrics: Metrics = classification_metrics,
     sections: Mapping[Pair, Callable[[Any, Tensor], Tensor]] | None = None,
     progress: bool = False,
