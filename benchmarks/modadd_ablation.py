@@ -122,10 +122,11 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     model, data, labels = load(args.model, args.checkpoint)
-    bases, graphs = bases_and_graphs(model, data, cache, args.model, methods, log)
+    prefix = f"{args.model}_train"  # bases on the training inputs (edges_modadd.py caches others)
+    bases, graphs = bases_and_graphs(model, data, cache, prefix, methods, log)
     results, timings = {}, {}
     for method in methods:
-        path = cache / f"{args.model}_{method}_ablation.json"
+        path = cache / f"{prefix}_{method}_ablation.json"
         if path.exists():
             from degeneracy.graph_cli import _edge_result_from
 
@@ -150,7 +151,7 @@ def main() -> None:
         )
     node_curves = {}
     for method in methods:
-        path = cache / f"{args.model}_{method}_nodes.json"
+        path = cache / f"{prefix}_{method}_nodes.json"
         if path.exists():
             from degeneracy.graph_cli import _node_curve_from
 
@@ -162,19 +163,35 @@ def main() -> None:
         )
         path.write_text(json.dumps({k: v.to_dict() for k, v in node_curves[method].items()}, indent=1))
         log(f"{method} node ablation curves in {time.perf_counter() - t0:.1f} s")
-    lib_modules = degeneracy.find_modules(graphs["lib"], epsilon=results["lib"], seed=0)
     labels_by_layer = {
         name: fourier_labels(modadd_feature_grid(model, bases["lib"], name)) for name in bases["lib"].names
     }
-    rows, alignment = frequency_module_table(lib_modules, labels_by_layer)
+    # modules on the whole graph, and on the internal layers only: the logits are left in their neuron
+    # basis (as in the paper), and each logit neuron reads every frequency
+    names = graphs["lib"].names
+    module_sets, tables = {}, {}
+    for key, last in (("all layers", names[-1]), ("without logits", names[-2])):
+        graph = graphs["lib"].subgraph(names[0], last)
+        mods = degeneracy.find_modules(graph, epsilon={p: results["lib"][p] for p in graph.pairs}, seed=0)
+        module_sets[key] = mods
+        tables[key] = frequency_module_table(mods, {n: labels_by_layer[n] for n in graph.names})
+    lib_modules = module_sets["without logits"]
+    rows, alignment = tables["without logits"]
     figs = ROOT / "benchmarks" / "figures"
-    plot_interaction_graph(graphs["lib"], lib_modules, figs / f"modadd_{args.model}_lib_graph.png")
+    plot_interaction_graph(
+        graphs["lib"], module_sets["all layers"], figs / f"modadd_{args.model}_lib_graph.png"
+    )
+    plot_interaction_graph(
+        graphs["lib"].subgraph(names[0], names[-2]),
+        lib_modules,
+        figs / f"modadd_{args.model}_lib_graph_internal.png",
+    )
     plot_edge_ablation(results, figs / f"modadd_{args.model}_edge_ablation.png")
     plot_node_ablation(node_curves, figs / f"modadd_{args.model}_node_ablation.png")
     plot_frequency_modules(
         rows,
         figs / f"modadd_{args.model}_frequency_modules.png",
-        title=f"LIB modules vs frequencies, AMI = {alignment['ami']:.2f}",
+        title=f"LIB modules (without logits) vs frequencies, AMI = {alignment['ami_active']:.2f}",
     )
     pairs = graphs["lib"].pairs
     summary = {
@@ -193,14 +210,15 @@ def main() -> None:
             m: {f"{a}->{b}": c for (a, b), c in graphs[m].completeness.items()} for m in methods
         },
         "modules": {
-            "lib": {
-                "n_modules": lib_modules.n_modules,
-                "modularity": lib_modules.modularity,
-                "inter_module_strength": lib_modules.inter_module_strength,
-                "sizes": [len(x) for x in lib_modules.modules],
+            f"lib ({key})": {
+                "n_modules": mods.n_modules,
+                "modularity": mods.modularity,
+                "inter_module_strength": mods.inter_module_strength,
+                "sizes": [len(x) for x in mods.modules],
             }
+            for key, mods in module_sets.items()
         },
-        "frequency_alignment": {"lib": alignment},
+        "frequency_alignment": {f"lib ({key})": tables[key][1] for key in module_sets},
         "features_needed": {
             m: {
                 layer: next(
@@ -247,7 +265,11 @@ def main() -> None:
         + ".",
         "",
     ]
-    md.append(report_markdown(summary, {"lib": (rows, alignment, labels_by_layer)}).split("\n", 2)[2])
+    md.append(
+        report_markdown(
+            summary, {f"lib, {key}": (*tables[key], labels_by_layer) for key in module_sets}
+        ).split("\n", 2)[2]
+    )
     (ROOT / "benchmarks" / f"modadd_{args.model}.md").write_text("\n".join(md))
     log(f"wrote {out}")
 

@@ -220,6 +220,11 @@ def test_save_and_load_round_trip(tmp_path, tanh_mlp, inputs) -> None:
     assert H.completeness == G.completeness and H.config == G.config
     for pair in G.pairs:
         assert torch.equal(H.edges[pair], G.edges[pair])
+    sub = H.subgraph("fc2", "output")
+    assert sub.pairs == [("fc2", "fc3"), ("fc3", "output")] and sub.names == ["fc2", "fc3", "output"]
+    assert torch.equal(sub.edges[("fc2", "fc3")], G.edges[("fc2", "fc3")]) and "fc1" not in sub.dims
+    with pytest.raises(ValueError, match="not a range"):
+        H.subgraph("fc3", "fc1")
     # partial and foreign files give clear errors
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -69,11 +69,12 @@ def test_frequency_module_alignment() -> None:
             [("L", j) for j in range(8) if freqs[j] <= 2],
             [("L", j) for j in range(8) if freqs[j] > 2],
         ]
+        isolated = [("L", 7)]
 
     rows, alignment = frequency_module_table(Modules(), {"L": lab})
-    assert [r.frequencies for r in rows] == [{1: 2, 2: 2}, {3: 2, 4: 2}]
-    assert rows[0].purity == 0.5 and alignment["n_clean"] == 8
-    assert 0 < alignment["ami"] < 1
+    assert [r.frequencies for r in rows] == [{1: 2, 2: 2}, {3: 2, 4: 1}]  # isolated features not counted
+    assert rows[0].purity == 0.5 and alignment["n_clean"] == 8 and alignment["n_active"] == 7
+    assert 0 < alignment["ami"] < 1 and 0 < alignment["ami_active"] < 1
 
 
 def test_modadd_labels() -> None:

@@ -22,7 +22,14 @@ Two vectorised ways to get A (``torch.func``; no Python loop over features):
 * ``"jvp"``: one Jacobian-vector product per *input feature* j, along the tangent
   T_j[s] = f̂^l_{s,j}(x) · C₊[:, j] (the feature's own values at every input position): its output is
   exactly A_{·,·,j}, summed over input positions. Costs d̂_l forward passes, independent of positions.
-* ``"auto"`` picks the cheaper one.
+* ``"auto"`` picks the cheaper one, or a section shortcut's closed-form kernel when it has one.
+
+Section shortcuts (``sections=``, e.g. :func:`transformer_lens_sections`) compute f^{l+1} from f^l
+without re-running the model from its input, at the target positions only; each is checked against the
+hook-based section before use. A :class:`SectionShortcut` may also carry a closed-form kernel: for the
+TransformerLens attention, ReLU MLP and unembedding sections, the attributions follow from
+Jacobian-vector products along the rank-one tangents f̂_{s,j} C₊[:, j] with the basis maps folded into
+the weights once, which is what brings the modular-addition edges to about two seconds (benchmarks/).
 
 Long contexts: with ``num_sources = R`` the sum over output positions is estimated by random ±1
 sources (VJP path): A^r_{i,j} = Σ_t r_t A_{t,i,j} with Rademacher r_t, and E[(A^r)²] = Σ_t A_t², since
@@ -135,6 +142,22 @@ class InteractionGraph:
     def dims(self) -> dict[str, int]:
         """Number of features d̂ per node layer."""
         return {name: int(self.eigenvalues[name].numel()) for name in self.names}
+
+    def subgraph(self, first: str, last: str) -> InteractionGraph:
+        """The graph of the node layers ``first`` … ``last`` (a contiguous range), e.g. to find modules
+        without an unrotated output layer."""
+        names = self.names
+        if first not in names or last not in names or names.index(first) > names.index(last):
+            raise ValueError(f"{first!r} … {last!r} is not a range of the node layers {names}")
+        keep = names[names.index(first) : names.index(last) + 1]
+        pairs = list(zip(keep[:-1], keep[1:], strict=True))
+        return dataclasses.replace(
+            self,
+            layers=tuple(layer for layer in self.layers if layer.name in keep),
+            edges={p: self.edges[p] for p in pairs},
+            eigenvalues={n: self.eigenvalues[n] for n in keep},
+            completeness={p: self.completeness[p] for p in pairs},
+        )
 
     def __getitem__(self, pair: Pair) -> Tensor:
         if pair not in self.edges:

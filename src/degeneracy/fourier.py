@@ -194,20 +194,26 @@ class FrequencyModuleRow:
 def frequency_module_table(
     modules: Any, labels_by_layer: Mapping[str, FourierLabels], *, min_fraction: float = 0.5
 ) -> tuple[list[FrequencyModuleRow], dict[str, float]]:
-    """Per module: the frequencies of its features (clean ones only) and the overall AMI.
+    """Per module: the frequencies of its features, and the AMI between modules and frequencies.
+
+    Rows count the *active* features (those with an edge above ε, i.e. not in ``modules.isolated``)
+    whose power fraction is at least ``min_fraction``; isolated features are attached to modules by a
+    heuristic and do not carry computation at scale ε.
 
     Args:
         modules: a :class:`degeneracy.modules.Modules`.
         labels_by_layer: Fourier labels of the node layers to include.
-        min_fraction: only features with power fraction ≥ this count in the per-module frequencies.
+        min_fraction: power fraction above which a feature counts as "clean".
 
     Returns:
-        ``(rows, alignment)``: rows ordered by module id, and the AMI over all included features
-        (``ami``, ``ami_clean``, ``n``, ``n_clean``).
+        ``(rows, alignment)``: rows ordered by module id, and the AMI over the active features
+        (``ami_active``, ``n_active``), over all included features (``ami``, ``n``) and over the clean
+        ones (``ami_clean``, ``n_clean``).
     """
     from sklearn.metrics import adjusted_mutual_info_score
 
-    mods, freqs, clean = [], [], []
+    isolated = set(getattr(modules, "isolated", ()))
+    mods, freqs, clean, active = [], [], [], []
     rows = []
     for m, members in enumerate(modules.modules):
         counts: dict[str, int] = {}
@@ -215,14 +221,17 @@ def frequency_module_table(
         for name, j in members:
             if name not in labels_by_layer:
                 continue
-            counts[name] = counts.get(name, 0) + 1
             lab = labels_by_layer[name]
             k, frac = int(lab.frequency[j]), float(lab.fraction[j])
+            on = (name, j) not in isolated
             mods.append(m)
             freqs.append(k)
             clean.append(frac >= min_fraction)
-            if frac >= min_fraction:
-                fcount[k] = fcount.get(k, 0) + 1
+            active.append(on)
+            if on:
+                counts[name] = counts.get(name, 0) + 1
+                if frac >= min_fraction:
+                    fcount[k] = fcount.get(k, 0) + 1
         if not counts:
             continue
         dom = max(fcount, key=lambda k: fcount[k]) if fcount else 0
@@ -236,9 +245,12 @@ def frequency_module_table(
 
     idx_all = list(range(len(mods)))
     idx_clean = [i for i in idx_all if clean[i]]
+    idx_active = [i for i in idx_all if active[i]]
     return rows, {
+        "ami_active": ami(idx_active),
+        "n_active": float(len(idx_active)),
         "ami": ami(idx_all),
-        "ami_clean": ami(idx_clean),
         "n": float(len(idx_all)),
+        "ami_clean": ami(idx_clean),
         "n_clean": float(len(idx_clean)),
     }

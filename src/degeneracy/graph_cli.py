@@ -63,7 +63,9 @@ class ModuleOptions(StrictModel):
     """Leiden modules (see :func:`degeneracy.find_modules`).
 
     ``epsilon``: a number, ``"ablation"`` (the edge-ablation thresholds of the same basis; falls back to
-    ``"relative"`` when no ablation ran), ``"quantile"`` or ``"relative"``."""
+    ``"relative"`` when no ablation ran), ``"quantile"`` or ``"relative"``. ``first_layer`` /
+    ``last_layer`` restrict the module graph to a range of node layers (e.g. without an unrotated
+    output layer, whose neurons mix every feature)."""
 
     epsilon: float | Literal["ablation", "quantile", "relative"] = "ablation"
     quantile: float = Field(default=0.5, ge=0, lt=1)
@@ -71,6 +73,8 @@ class ModuleOptions(StrictModel):
     resolution: float = Field(default=1.0, gt=0)
     seed: int = 0
     methods: list[str] = ["lib"]
+    first_layer: str | None = None
+    last_layer: str | None = None
 
 
 class GraphRunConfig(StrictModel):
@@ -314,15 +318,17 @@ def run_graph(
         rule = mo.epsilon
         if rule == "ablation" and method not in edge_results:
             rule = "relative"
-        if rule == "ablation":
-            kwargs["epsilon"] = edge_results[method]
-        elif rule == "quantile":
+        if rule == "quantile":
             kwargs["quantile"] = mo.quantile
         elif rule == "relative":
             kwargs["relative"] = mo.relative
-        else:
+        elif rule != "ablation":
             kwargs["epsilon"] = float(rule)
-        modules[method] = degeneracy.find_modules(graphs[method], **kwargs)
+        names = graphs[method].names
+        graph = graphs[method].subgraph(mo.first_layer or names[0], mo.last_layer or names[-1])
+        if rule == "ablation":
+            kwargs["epsilon"] = {p: edge_results[method][p] for p in graph.pairs}
+        modules[method] = degeneracy.find_modules(graph, **kwargs)
         _json(out / "modules" / f"{method}.json", {"epsilon_rule": rule, **modules[method].to_dict()})
     summary["modules"] = {
         m: {
@@ -361,7 +367,9 @@ def run_graph(
 
         figs = out / "figures"
         for method, mo in modules.items():
-            plot_interaction_graph(graphs[method], mo, figs / f"graph_{method}.png")
+            names = graphs[method].names
+            first, last = cfg.modules.first_layer or names[0], cfg.modules.last_layer or names[-1]
+            plot_interaction_graph(graphs[method].subgraph(first, last), mo, figs / f"graph_{method}.png")
         if node_curves:
             plot_node_ablation(node_curves, figs / "node_ablation.png")
         if edge_results:
@@ -370,7 +378,7 @@ def run_graph(
             plot_frequency_modules(
                 rows,
                 figs / f"frequency_modules_{method}.png",
-                title=f"{method}: AMI(modules, frequencies) = {alignment['ami']:.2f}",
+                title=f"{method}: AMI(modules, frequencies) = {alignment['ami_active']:.2f} (active)",
             )
     except ImportError:  # pragma: no cover - matplotlib missing
         log("[graph] matplotlib not installed: figures skipped")
@@ -423,10 +431,12 @@ def report_markdown(summary: Mapping[str, Any], tables: Mapping[str, Any] | None
         lines += [
             f"## Frequencies and modules ({m})",
             "",
-            f"AMI(modules, frequencies) = {alignment['ami']:.3f} over {alignment['n']:.0f} features; "
-            f"{alignment['ami_clean']:.3f} over the {alignment['n_clean']:.0f} with power fraction ≥ 0.5.",
+            f"AMI(modules, frequencies) = {alignment['ami_active']:.3f} over the "
+            f"{alignment['n_active']:.0f} active features (an edge above ε); {alignment['ami']:.3f} over "
+            f"all {alignment['n']:.0f}, {alignment['ami_clean']:.3f} over the {alignment['n_clean']:.0f} "
+            "with power fraction ≥ 0.5.",
             "",
-            "| module | features per layer | frequencies (clean features) | dominant | purity |",
+            "| module | active features per layer | frequencies (clean, active) | dominant | purity |",
             "|---|---|---|---|---|",
         ]
         for r in rows:
