@@ -10,7 +10,7 @@ Settings follow the paper's configs: float64, centred bases, absolute truncation
 left unrotated (so both bases share the logit-neuron basis at the output), the plain-gradient rule,
 bisection on the training inputs with the constant-direction edges kept for free. The neuron basis
 is run as a third column. Results go to ``benchmarks/modadd_<model>.{json,md}`` and figures to
-``benchmarks/figures/``; bases and graphs are cached under ``runs/bench_cache``.
+``benchmarks/modadd_<model>_*.png``; bases and graphs are cached under ``runs/bench_cache``.
 
     python benchmarks/modadd_ablation.py --model reference [--checkpoint PATH]
     python benchmarks/modadd_ablation.py --model bundled
@@ -177,10 +177,7 @@ def main() -> None:
         tables[key] = frequency_module_table(mods, {n: labels_by_layer[n] for n in graph.names})
     lib_modules = module_sets["without logits"]
     rows, alignment = tables["without logits"]
-    figs = ROOT / "benchmarks" / "figures"
-    plot_interaction_graph(
-        graphs["lib"], module_sets["all layers"], figs / f"modadd_{args.model}_lib_graph.png"
-    )
+    figs = ROOT / "benchmarks"
     plot_interaction_graph(
         graphs["lib"].subgraph(names[0], names[-2]),
         lib_modules,
@@ -210,7 +207,7 @@ def main() -> None:
             m: {f"{a}->{b}": c for (a, b), c in graphs[m].completeness.items()} for m in methods
         },
         "modules": {
-            f"lib ({key})": {
+            f"lib, {key}": {
                 "n_modules": mods.n_modules,
                 "modularity": mods.modularity,
                 "inter_module_strength": mods.inter_module_strength,
@@ -218,7 +215,7 @@ def main() -> None:
             }
             for key, mods in module_sets.items()
         },
-        "frequency_alignment": {f"lib ({key})": tables[key][1] for key in module_sets},
+        "frequency_alignment": {f"lib, {key}": tables[key][1] for key in module_sets},
         "features_needed": {
             m: {
                 layer: next(

@@ -172,7 +172,7 @@ def test_stochastic_sources_are_unbiased() -> None:
         fn = section(model, x[b : b + 1], B.layers, src, dst, constant=True)
         jac = jacrev(fn)(acts[b : b + 1])[0, :, :, 0].detach()
         jac = torch.einsum("io,tosd,dj->tisj", B[dst].C, jac, B[src].C_pinv)
-        attributions.append(torch.einsum("tisj,sj->tij", jac, acts[b] @ B[src].C.T))
+        attributions.append(torch.einsum("tisj,sj->tij", jac, acts[b] @ B[src].C.T).detach())
     a = torch.stack(attributions)  # (b, t, i, j)
     n = x.shape[0] * x.shape[1]
     exact = (a**2).sum(dim=(0, 1)) / n

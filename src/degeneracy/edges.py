@@ -1049,15 +1049,3 @@ def sparsity(
                 row[key] = float(int((cum < frac * total * (1 - 1e-12)).sum()) + 1)
         out[pair] = row
     return out
-
-
-def edges_to_dict(graph: InteractionGraph) -> Mapping[str, Any]:
-    """A small JSON-friendly summary (shapes, totals, completeness) of a graph."""
-    return {
-        f"{a}->{b}": {
-            "shape": list(graph.edges[(a, b)].shape),
-            "total": float(graph.edges[(a, b)].sum()),
-            "completeness": graph.completeness[(a, b)],
-        }
-        for a, b in graph.pairs
-    }

@@ -53,7 +53,8 @@ def plot_interaction_graph(
 ) -> Path:
     """The layered interaction graph: nodes coloured by module, edge width ∝ s = log(E/ε).
 
-    Within a layer, nodes are grouped by module (largest module first) and ordered by importance Λ.
+    Within a layer, the active nodes (an edge above ε) come first, grouped by module and ordered by
+    importance Λ; isolated nodes follow, small and faint.
     The ``max_edges_per_pair`` strongest edges (by s) of each layer pair are drawn, coloured by their
     module when both ends share one, grey otherwise. Constant directions are drawn as grey squares.
     """
@@ -63,18 +64,26 @@ def plot_interaction_graph(
     names = graph.names
     cmap = plt.get_cmap("tab20")
     fig, ax = plt.subplots(figsize=(2.6 * len(names) + 1.5, 7.5))
+    isolated = set(getattr(modules, "isolated", ()))
     pos: dict[tuple[str, int], tuple[float, float]] = {}
     for x, name in enumerate(names):
         dim = graph.dims[name]
         start = 1 if graph.has_constant else 0
         importance = graph.eigenvalues[name]
         feats = list(range(start, dim))
-        feats.sort(key=lambda j: (modules.labels.get((name, j), 10**6), -float(importance[j])))
-        n = max(1, len(feats) + start)
-        for rank, j in enumerate(feats):
-            pos[(name, j)] = (float(x), 1.0 - (rank + start + 0.5) / n)
+        feats.sort(
+            key=lambda j: ((name, j) in isolated, modules.labels.get((name, j), 10**6), -float(importance[j]))
+        )
+        active = [j for j in feats if (name, j) not in isolated]
+        quiet = [j for j in feats if (name, j) in isolated]
+        top = 0.25 if quiet else 0.0  # active nodes use the upper 75 %, isolated ones the lower 20 %
+        n = max(1, len(active) + start)
+        for rank, j in enumerate(active):
+            pos[(name, j)] = (float(x), 1.0 - (1.0 - top) * (rank + start + 0.5) / n)
+        for rank, j in enumerate(quiet):
+            pos[(name, j)] = (float(x), 0.2 * (1.0 - (rank + 0.5) / len(quiet)))
         if start:
-            pos[(name, 0)] = (float(x), 1.0 - 0.5 / n)
+            pos[(name, 0)] = (float(x), 1.0 - (1.0 - top) * 0.5 / n)
     for a, b in graph.pairs:
         eps = modules.epsilon[(a, b)]
         s = log_strengths(graph.edges[(a, b)], eps)
@@ -98,8 +107,10 @@ def plot_interaction_graph(
         m = modules.labels.get((name, j))
         if m is None:
             ax.scatter([x], [y], marker="s", s=18, color="0.4", zorder=2)
+        elif (name, j) in isolated:  # no edge above ε: drawn small and faint, below the active nodes
+            ax.scatter([x], [y], s=5, color=cmap(m % 20), alpha=0.35, linewidths=0, zorder=2)
         else:
-            ax.scatter([x], [y], s=14, color=cmap(m % 20), edgecolors="k", linewidths=0.2, zorder=2)
+            ax.scatter([x], [y], s=16, color=cmap(m % 20), edgecolors="k", linewidths=0.3, zorder=2)
     ax.set_xticks(range(len(names)))
     labels = [(layer_labels or {}).get(n, n) for n in names]
     ax.set_xticklabels(
