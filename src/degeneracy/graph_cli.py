@@ -472,7 +472,7 @@ def graph_command(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-DEMO_EXAMPLES = 512
+DEMO_EXAMPLES = 1024
 
 
 def graph_demo_section(
@@ -490,13 +490,13 @@ def graph_demo_section(
     frequency/module table; figures in ``out_dir/figures``.
 
     To stay within about a minute on two CPU cores, edges and ablations use the first ``examples``
-    inputs (default 512; the summary says how many); Fourier labels use all p² inputs.
+    inputs (default 1024; the summary says how many); Fourier labels use all p² inputs.
     """
     start = time.perf_counter()
     labels = labels_fn(data) if labels_fn is not None else default_labels(data)
     cfg = GraphRunConfig(
         methods=["lib", "pca"],
-        edges={"batch_size": 512},
+        edges={"batch_size": 1024},
         edge_limit=examples,
         ablation=AblationOptions(node_points=10, limit=examples, delta=0.001),
         modules=ModuleOptions(epsilon="ablation", methods=["lib"]),
