@@ -31,9 +31,9 @@ def _peak_mb() -> float:
 def case_reference(checkpoint: str, method: str, gram_threshold: float, batch_size: int) -> dict:
     """The companion paper's checkpoint, its 3,830 training inputs, float64, centred (METHOD §8)."""
     import torch
+    from _reference import load_reference
 
     import degeneracy
-    from _reference import load_reference
     from degeneracy.runconfig import MODADD_NODE_LAYERS
 
     model, x, _, _, _ = load_reference(checkpoint)
@@ -114,7 +114,9 @@ def _run(case: str, **kwargs) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", default=str(HERE.parents[1] / "shared/reference-models/modadd-seed0/"
                                                     "model_epoch_60000.pt"))
     parser.add_argument("--cases", default="reference,bundled,width,positions")
