@@ -34,3 +34,26 @@ def tanh_mlp() -> nn.Sequential:
 @pytest.fixture
 def inputs() -> torch.Tensor:
     return torch.randn(200, 5, dtype=torch.float64)
+
+
+def tiny_relu_transformer(n_layers: int = 1) -> tuple[nn.Module, torch.Tensor]:
+    """A float64 TransformerLens model shaped like the modular-addition one (ReLU MLP, no LayerNorm,
+    three positions) and its 49 inputs (a, b, =) for p = 7."""
+    tl = pytest.importorskip("transformer_lens")
+    cfg = tl.HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=12,
+        n_heads=2,
+        d_head=6,
+        d_mlp=16,
+        act_fn="relu",
+        normalization_type=None,
+        n_ctx=3,
+        d_vocab=8,
+        d_vocab_out=7,
+        seed=0,
+    )
+    model = tl.HookedTransformer(cfg, move_to_device=False).double().eval()
+    a = torch.arange(7).repeat_interleave(7)
+    b = torch.arange(7).repeat(7)
+    return model, torch.stack([a, b, torch.full_like(a, 7)], 1)

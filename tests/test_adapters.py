@@ -115,9 +115,9 @@ def test_compact_sections_equal_full_sections(monkeypatch) -> None:
         return calls[-1]
 
     monkeypatch.setattr(basis_module, "compact_is_exact", spy)
-    fast = degeneracy.interaction_basis(model, tokens, layers, progress=False)
+    fast = degeneracy.interaction_basis(model, tokens, layers, sections=None, progress=False)
     assert calls == [True, True, False]  # post->logits, mid->post compact; resid_pre keeps 3 positions
     monkeypatch.setattr(basis_module, "compact_is_exact", lambda *a, **k: False)
-    full = degeneracy.interaction_basis(model, tokens, layers, progress=False)
+    full = degeneracy.interaction_basis(model, tokens, layers, sections=None, progress=False)
     for name in full:
         torch.testing.assert_close(fast[name].eigenvalues, full[name].eigenvalues, rtol=1e-10, atol=1e-13)

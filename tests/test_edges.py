@@ -15,7 +15,7 @@ from degeneracy.capture import capture, section
 from degeneracy.edges import gini, sparsity
 from degeneracy.io import ResultFileError
 from degeneracy.linalg import integration_rule
-from tests.conftest import mlp
+from tests.conftest import mlp, tiny_relu_transformer
 
 LAYERS = ["fc1", "fc2", "fc3", "output"]
 
@@ -248,24 +248,7 @@ def test_bad_options_raise(tanh_mlp, inputs) -> None:
 
 
 def _tiny_transformer():
-    tl = pytest.importorskip("transformer_lens")
-    cfg = tl.HookedTransformerConfig(
-        n_layers=1,
-        d_model=12,
-        n_heads=2,
-        d_head=6,
-        d_mlp=16,
-        act_fn="relu",
-        normalization_type=None,
-        n_ctx=3,
-        d_vocab=8,
-        d_vocab_out=7,
-        seed=0,
-    )
-    model = tl.HookedTransformer(cfg, move_to_device=False).double().eval()
-    a = torch.arange(7).repeat_interleave(7)
-    b = torch.arange(7).repeat(7)
-    return model, torch.stack([a, b, torch.full_like(a, 7)], 1)
+    return tiny_relu_transformer()
 
 
 TL_LAYERS = [
@@ -293,7 +276,9 @@ def test_transformer_lens_shortcuts_give_the_same_edges(mode: str, center: bool,
     sections = transformer_lens_sections(model, B.layers)
     assert set(sections) == set(zip(B.names[:-1], B.names[1:], strict=True))
     kw = dict(integration_rule="gauss-legendre", integration_steps=3) if rule == "gl" else {}
-    hooks = degeneracy.interaction_graph(model, x, B, jacobian_mode="vjp", progress=False, **kw)
+    hooks = degeneracy.interaction_graph(
+        model, x, B, jacobian_mode="vjp", sections=None, progress=False, **kw
+    )
     short = degeneracy.interaction_graph(
         model, x, B, jacobian_mode=mode, sections=sections, progress=False, **kw
     )

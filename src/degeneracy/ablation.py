@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from degeneracy.capture import NodeLayer, capture, forward, module_widths, section
 from degeneracy.data import iter_batches
-from degeneracy.edges import _check_shortcut, _extended
+from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = [
     "classification_metrics",
@@ -422,7 +422,7 @@ def _edge_replace(
             else:
                 rep = inputs.repeat(g, *([1] * (inputs.dim() - 1)))
             if shortcut is not None:
-                fn = _extended(shortcut, rep, runner.constant)
+                fn = extended(shortcut, rep, runner.constant)
             else:
                 fn = section(model, rep, layers, src, dst, constant=runner.constant, widths=runner.widths)
             y = fn(xa.to(runner.ctx.dtype)).to(torch.float64) @ b_out.C.to(f.device).T  # (g·b, P_out, m)
@@ -489,7 +489,7 @@ def edge_ablation(
     dtype: str | None = None,
     max_elements: int = 2**23,
     metrics: Metrics = classification_metrics,
-    sections: Mapping[Pair, Callable[[Any, Tensor], Tensor]] | None = None,
+    sections: Sections = "auto",
     progress: bool = False,
 ) -> dict[Pair, EdgeAblationResult]:
     """Bisect, per layer pair, for the fewest edges that keep accuracy within ``delta`` of the model.
@@ -501,8 +501,8 @@ def edge_ablation(
         pairs: layer pairs to study (default: all).
         scaling: bisection midpoint on a ``"logarithmic"`` (default) or ``"linear"`` scale.
         max_elements: bounds the batched group passes (entries of one stacked activation tensor).
-        sections: section shortcuts as for :func:`degeneracy.interaction_graph` (checked against the
-            model on the first batch before use).
+        sections: section shortcuts as for :func:`degeneracy.interaction_graph` (``"auto"``,
+            ``None`` or a mapping; checked against the model on the first batch before use).
 
     Returns:
         ``{pair: EdgeAblationResult}``.
@@ -512,14 +512,13 @@ def edge_ablation(
     if list(graph.names) != list(basis.names):
         raise ValueError("the graph and the basis have different node layers")
     runner = _Runner(model, data, basis, labels, batch_size, dtype, metrics)
-    shortcuts = dict(sections or {})
-    if shortcuts:
+    shortcuts = {}
+    if sections is not None:
         inputs, _ = next(iter(runner.batches()))
         with torch.no_grad():
             acts = capture(runner.ctx.model, inputs, runner.layers, constant=runner.constant)
             runner.ctx.widths = runner.widths
-            for pair, short in shortcuts.items():
-                _check_shortcut(runner.ctx, inputs, acts, pair, short, runner.constant)
+            shortcuts, _ = resolve_sections(runner.ctx, inputs, acts, sections, runner.constant)
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
     results = {}

@@ -41,10 +41,12 @@ from degeneracy.linalg import (
     INTEGRATION_RULES,
     Eigh,
     eigh_descending,
+    homogeneous_rule,
     integration_rule,
     truncate,
     whitening,
 )
+from degeneracy.sections import SectionFn, Sections, resolve_sections, shortcut_gram, slice_inputs
 from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite, shard
 
 __all__ = ["BasisConfig", "LayerBasis", "Basis", "interaction_basis", "load_basis"]
@@ -376,6 +378,9 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+CACHE_BYTES = 256 * 2**20  # activations kept between the passes of one build
+
+
 class _Context:
     """The model, node layers and data of one build, with inputs cast consistently."""
 
@@ -390,6 +395,24 @@ class _Context:
         self.data, self.batch_size = shard(data), cfg.batch_size
         self.n = num_examples(self.data)
         self.widths: dict[str, list[int]] = {}
+        # activations of every node layer per batch, kept from the moments pass while they fit in
+        # CACHE_BYTES and the data batches the same way every time (a tensor or a dict of tensors)
+        deterministic = isinstance(self.data, (Tensor, Mapping))
+        self.cache: dict[str, list[Tensor]] | None = {} if deterministic else None
+
+    def keep(self, acts: Mapping[str, Tensor]) -> None:
+        """Add one batch's activations to the cache (dropped for good once over the budget)."""
+        if self.cache is None:
+            return
+        for name, x in acts.items():
+            self.cache.setdefault(name, []).append(x)
+        if sum(t.numel() * t.element_size() for v in self.cache.values() for t in v) > CACHE_BYTES:
+            self.cache = None
+
+    def cached(self, name: str, index: int) -> Tensor | None:
+        if self.cache is None or name not in self.cache or index >= len(self.cache[name]):
+            return None
+        return self.cache[name][index]
 
     def batches(self, desc: str, progress: bool) -> Iterator[Tensor | Mapping]:
         bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress, leave=False)
@@ -420,6 +443,7 @@ def interaction_basis(
     max_elements: int = 2**24,
     dtype: str | torch.dtype | None = None,
     check_cut: bool = True,
+    sections: Sections = "auto",
     progress: bool = True,
 ) -> Basis:
     """Build an interaction basis at every node layer of ``model`` over ``data``.
@@ -453,6 +477,12 @@ def interaction_basis(
         dtype: compute dtype (e.g. ``"float64"``); the model is copied and cast if it differs.
             Statistics and eigendecompositions are always float64; results are float64.
         check_cut: verify on the first batch that each node layer is a cut (METHOD §8).
+        sections: section shortcuts for the Jacobians of M (:mod:`degeneracy.sections`): ``"auto"``
+            (default: closed forms for the residual-stream sections of a TransformerLens
+            ``HookedTransformer``, each checked against the model on the first batch and dropped
+            if it differs), ``None`` (always differentiate the hook-based section) or a mapping
+            ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
+            not the result; ``B.info["sections"]`` records which kind each pair used.
         progress: show progress bars.
 
     Returns:
@@ -481,7 +511,7 @@ def interaction_basis(
     was_training = ctx.model.training
     ctx.model.eval()
     try:
-        return _build(ctx, cfg, progress)
+        return _build(ctx, cfg, progress, sections)
     finally:
         ctx.model.train(was_training)
 
@@ -503,6 +533,7 @@ def collect_moments(
                 if check and len(ctx.layers) > 1:
                     _first_batch_cut_check(ctx, inputs)
             acts = capture(ctx.model, inputs, ctx.layers, constant=constant)
+            ctx.keep(acts)
             for name in (layer.name for layer in ctx.layers):
                 x = acts[name]
                 check_finite(x, f"activations of node layer {name!r} (batch {i})")
@@ -515,19 +546,37 @@ def collect_moments(
     return moments, positions
 
 
+CUT_CHECK_EXAMPLES = 256  # of the first batch: any two inputs that differ can expose a leak
+
+
 def _first_batch_cut_check(ctx: _Context, inputs: Tensor | Mapping) -> None:
     first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
     if first.shape[0] >= 2:
         rtol = 1e-4 if ctx.dtype in (torch.float32, torch.float64) else 1e-2
         rtol = 1e-9 if ctx.dtype == torch.float64 else rtol
-        check_cut(ctx.model, inputs, ctx.layers, rtol=rtol, widths=ctx.widths)
+        few = slice_inputs(inputs, slice(0, CUT_CHECK_EXAMPLES))
+        check_cut(ctx.model, few, ctx.layers, rtol=rtol, widths=ctx.widths)
 
 
-def _build(ctx: _Context, cfg: BasisConfig, progress: bool) -> Basis:
+def _first_batch_sections(ctx: _Context, cfg: BasisConfig, sections: Sections) -> dict:
+    """The checked section shortcuts (see :mod:`degeneracy.sections`), from the first batch."""
+    if sections is None or cfg.method not in ("lib", "global"):
+        return {}
+    inputs = next(ctx.batches("sections", progress=False))
+    with torch.no_grad():
+        kept = {layer.name: ctx.cached(layer.name, 0) for layer in ctx.layers}
+        if any(x is None for x in kept.values()):
+            kept = capture(ctx.model, inputs, ctx.layers, constant=cfg.has_constant)
+        return resolve_sections(ctx, inputs, kept, sections, cfg.has_constant)[0]
+
+
+def _build(ctx: _Context, cfg: BasisConfig, progress: bool, sections: Sections = None) -> Basis:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     moments, positions = collect_moments(ctx, cfg.has_constant, progress, cfg.check_cut)
     timings["moments"] = time.perf_counter() - t0
+    shortcuts = _first_batch_sections(ctx, cfg, sections)
+    methods: dict[str, str] = {}
     names = [layer.name for layer in ctx.layers]
     white = {name: _pca_step(moments[name], cfg) for name in names}
     bases: dict[str, LayerBasis] = {}
@@ -539,6 +588,8 @@ def _build(ctx: _Context, cfg: BasisConfig, progress: bool) -> Basis:
                 bases[name] = _neuron_basis(name, moments[name], white[name], positions[name])
     else:
         rule = integration_rule(cfg.integration_rule, cfg.integration_steps)
+        if cfg.has_constant:
+            rule = homogeneous_rule(rule)
         last = names[-1]
         if cfg.rotate_final:
             bases[last] = _pca_basis(last, white[last], positions[last])
@@ -548,13 +599,17 @@ def _build(ctx: _Context, cfg: BasisConfig, progress: bool) -> Basis:
             t1 = time.perf_counter()
             src = names[l]
             dst = names[l + 1] if cfg.method == "lib" else last
-            M = _interaction_matrix(ctx, cfg, src, dst, white[src], bases[dst], positions, rule, progress)
+            short = shortcuts.get((src, dst))
+            M, methods[f"{src}->{dst}"] = _interaction_matrix(
+                ctx, cfg, src, dst, white[src], bases[dst], positions, rule, progress, short
+            )
             bases[src] = _interaction_step(src, white[src], M, cfg, positions[src])
             timings[f"interaction/{src}"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
     info = {
         "timings": timings,
         "n_examples": moments[names[0]].count // max(1, positions[names[0]]),
+        "jacobians": methods,
         "version": degeneracy.__version__,
     }
     return Basis(list(ctx.layers), {name: bases[name] for name in names}, cfg, info)
@@ -576,15 +631,30 @@ def _interaction_matrix(
     positions: Mapping[str, int],
     rule: Any,
     progress: bool,
-) -> Float[Tensor, "k k"]:
-    """M = 1/(n P_in) Σ_x Σ_s Jᵀ J for J = C^dst ∂f^dst/∂f^src R₊^src (METHOD §2.2)."""
+    shortcut: SectionFn | None = None,
+) -> tuple[Float[Tensor, "k k"], str]:
+    """M = 1/(n P_in) Σ_x Σ_s Jᵀ J for J = C^dst ∂f^dst/∂f^src R₊^src (METHOD §2.2), and how the
+    Jacobians were had: ``"closed form"`` (a section shortcut), ``"affine"`` (one Jacobian for all
+    inputs) or ``"autodiff"`` (``torch.func`` through the hook-based section)."""
     acc = MatrixAccumulator(white.R.shape[0])
+    how: set[str] = set()
     constant = cfg.has_constant
     compact = None
     affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
-    for inputs in ctx.batches(f"M[{src}]", progress):
+    for i, inputs in enumerate(ctx.batches(f"M[{src}]", progress)):
         with torch.no_grad():
-            x = capture(ctx.model, inputs, ctx.layers, [src], constant=constant)[src]
+            x = ctx.cached(src, i)
+            if x is None:
+                x = capture(ctx.model, inputs, ctx.layers, [src], constant=constant)[src]
+            if shortcut is not None:
+                total = shortcut_gram(
+                    shortcut, inputs, x, white.R_pinv, out_basis.C, rule, constant, cfg.max_elements
+                )
+                if total is not None:
+                    check_finite(total, f"the Jacobian Gram of node layer {src!r}")
+                    acc.add(total, x.shape[0] * x.shape[1])
+                    how.add("closed form")
+                    continue
         if compact is None:
             compact = compact_is_exact(
                 ctx.model, inputs, ctx.layers, src, dst, x, constant=constant, widths=ctx.widths
@@ -609,7 +679,9 @@ def _interaction_matrix(
                 affine = j0 is not None
             if j0 is not None:
                 total = gram_of_constant_jacobian(j0, white.R_pinv, out_basis.C, x.shape[0])
+                how.add("affine")
             else:
+                how.add("autodiff")
                 total = jacobian_gram(
                     fn,
                     x,
@@ -622,4 +694,4 @@ def _interaction_matrix(
                 )
         check_finite(total, f"the Jacobian Gram of node layer {src!r}")
         acc.add(total, x.shape[0] * x.shape[1])
-    return acc.all_reduce().value
+    return acc.all_reduce().value, " + ".join(sorted(how))

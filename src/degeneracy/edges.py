@@ -24,12 +24,13 @@ Two vectorised ways to get A (``torch.func``; no Python loop over features):
   exactly A_{·,·,j}, summed over input positions. Costs d̂_l forward passes, independent of positions.
 * ``"auto"`` picks the cheaper one, or a section shortcut's closed-form kernel when it has one.
 
-Section shortcuts (``sections=``, e.g. :func:`transformer_lens_sections`) compute f^{l+1} from f^l
-without re-running the model from its input, at the target positions only; each is checked against the
-hook-based section before use. A :class:`SectionShortcut` may also carry a closed-form kernel: for the
-TransformerLens attention, ReLU MLP and unembedding sections, the attributions follow from
-Jacobian-vector products along the rank-one tangents f̂_{s,j} C₊[:, j] with the basis maps folded into
-the weights once, which is what brings the modular-addition edges to about two seconds (benchmarks/).
+Section shortcuts (``sections=``, :mod:`degeneracy.sections`; automatic for TransformerLens models)
+compute f^{l+1} from f^l without re-running the model from its input, at the target positions only;
+each is checked against the hook-based section before use. A :class:`SectionShortcut` may also carry
+a closed-form kernel: for the TransformerLens attention, ReLU MLP and unembedding sections, the
+attributions follow from Jacobian-vector products along the rank-one tangents f̂_{s,j} C₊[:, j] with
+the basis maps folded into the weights once, which is what brings the modular-addition edges to about
+two seconds (benchmarks/).
 
 Long contexts: with ``num_sources = R`` the sum over output positions is estimated by random ±1
 sources (VJP path): A^r_{i,j} = Σ_t r_t A_{t,i,j} with Rademacher r_t, and E[(A^r)²] = Σ_t A_t², since
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +55,16 @@ from torch.func import jvp, vjp, vmap
 import degeneracy
 from degeneracy.capture import NodeLayer, capture, module_widths, section
 from degeneracy.io import ResultFileError, load_tensors, save_tensors
-from degeneracy.linalg import INTEGRATION_RULES, IntegrationRule, integration_rule
+from degeneracy.linalg import INTEGRATION_RULES, IntegrationRule, homogeneous_rule, integration_rule
+from degeneracy.sections import (
+    SectionFn,
+    Sections,
+    SectionShortcut,
+    extended,
+    resolve_sections,
+    slice_inputs,
+    transformer_lens_sections,
+)
 from degeneracy.stats import check_finite
 
 __all__ = [
@@ -388,7 +398,7 @@ def interaction_graph(
     jacobian_mode: Mode = "auto",
     max_elements: int = 2**21,
     dtype: str | torch.dtype | None = None,
-    sections: Mapping[Pair, SectionFn] | None = None,
+    sections: Sections = "auto",
     progress: bool = True,
 ) -> InteractionGraph:
     """Interaction edges E between every pair of adjacent node layers of ``basis`` (METHOD §4).
@@ -411,11 +421,13 @@ def interaction_graph(
         jacobian_mode: ``"vjp"``, ``"jvp"`` or ``"auto"`` (fewer passes wins).
         max_elements: the largest number of entries a vmapped chunk may hold (bounds memory).
         dtype: compute dtype (default: the basis's); edges are always accumulated in float64.
-        sections: optional shortcuts ``{(layer_in, layer_out): fn}`` with ``fn(inputs, f)`` returning
-            f^{layer_out} (batch, positions, d) from raw f^{layer_in} without re-running the model
-            from its input (e.g. :func:`transformer_lens_sections`). Each is checked on the first
-            batch against the hook-based section, at the data and at a perturbed input; a mismatch
-            raises ``ValueError``.
+        sections: ``"auto"`` (default: :func:`~degeneracy.sections.transformer_lens_sections` for a
+            ``HookedTransformer``, dropped where they differ from the model), ``None`` (hook-based
+            sections only) or shortcuts ``{(layer_in, layer_out): fn}`` with ``fn(inputs, f)``
+            returning f^{layer_out} (batch, positions, d) from raw f^{layer_in} without re-running
+            the model from its input. Each is checked on the first batch against the hook-based
+            section, at the data and at a perturbed input; an explicit one that differs raises
+            ``ValueError``. ``G.info["sections"]`` records which kind each pair used.
         progress: show a progress bar.
 
     Returns:
@@ -448,7 +460,7 @@ def interaction_graph(
     ctx.model.eval()
     try:
         with frozen_parameters(ctx.model):
-            return _build(ctx, basis, cfg, progress, dict(sections or {}))
+            return _build(ctx, basis, cfg, progress, sections)
     finally:
         ctx.model.train(was_training)
 
@@ -471,19 +483,16 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def _build(
-    ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, shortcuts: dict[Pair, SectionFn]
+    ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections
 ) -> InteractionGraph:
     names = [layer.name for layer in ctx.layers]
     pairs = list(zip(names[:-1], names[1:], strict=True))
-    unknown = [pair for pair in shortcuts if pair not in pairs]
-    if unknown:
-        raise ValueError(f"sections given for {unknown}, which are not adjacent node layers {pairs}")
     constant = bool(basis.config.has_constant)
     rule = integration_rule(cfg.integration_rule, cfg.integration_steps)
     if constant:
-        # The homogeneous extension has J(α f) = J(f) for α > 0, and its value at α = 0 is this limit
-        # (F(0) itself is 0/0 in float arithmetic): evaluate a point at α = 0 at α = 1 instead.
-        rule = IntegrationRule(rule.name, tuple(a if a > 0 else 1.0 for a in rule.points), rule.weights)
+        rule = homogeneous_rule(rule)
+    shortcuts: dict[Pair, SectionFn] = {}
+    kinds: dict[str, str] = {}
     generator = torch.Generator().manual_seed(cfg.seed)
     sums = {pair: torch.zeros(basis[pair[1]].dim, basis[pair[0]].dim, dtype=torch.float64) for pair in pairs}
     counts = dict.fromkeys(pairs, 0)
@@ -509,8 +518,7 @@ def _build(
         with torch.no_grad():
             acts = capture(ctx.model, inputs, ctx.layers, constant=constant)
             if i == 0:
-                for pair, short in shortcuts.items():
-                    _check_shortcut(ctx, inputs, acts, pair, short, constant)
+                shortcuts, kinds = resolve_sections(ctx, inputs, acts, sections, constant)
         for src, dst in pairs:
             t0 = time.perf_counter()
             x = acts[src]
@@ -518,7 +526,7 @@ def _build(
             C_out, _ = maps[dst]
             feats = x.to(torch.float64) @ C_in.T
             if (src, dst) in shortcuts:
-                fn = _extended(shortcuts[(src, dst)], inputs, constant)
+                fn = extended(shortcuts[(src, dst)], inputs, constant)
             else:
                 fn = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)
             p_out = acts[dst].shape[1]
@@ -577,88 +585,13 @@ def _build(
         "timings": {**timings, "total": time.perf_counter() - t_start},
         "n_examples": counts[pairs[0]] // max(1, basis[pairs[0][0]].positions) if pairs else 0,
         "modes": modes,
+        "sections": kinds,
         "version": degeneracy.__version__,
     }
     eigenvalues = {name: basis[name].eigenvalues.clone() for name in names}
     return InteractionGraph(
         tuple(ctx.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info
     )
-
-
-SectionFn = Callable[[Any, Tensor], Tensor]
-
-
-def _extended(short: SectionFn, inputs: Any, constant: bool) -> Callable[[Tensor], Tensor]:
-    """``short(inputs, ·)`` as a function of (augmented, with ``constant``) activations, exactly like
-    :func:`degeneracy.capture.section` (the homogeneous extension F([f; c]) = [c̄ g(f/c̄); c̄])."""
-    if not constant:
-        return lambda x: short(inputs, x)
-
-    def fn(x: Tensor) -> Tensor:
-        c = x[..., -1:].mean(dim=1, keepdim=True)
-        out = short(inputs, x[..., :-1] / c)
-        return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
-
-    return fn
-
-
-def _check_shortcut(
-    ctx: Any, inputs: Any, acts: Mapping[str, Tensor], pair: Pair, short: SectionFn, constant: bool
-) -> None:
-    """A section shortcut must agree with the hook-based section at the data and off it."""
-    src, dst = pair
-    few = slice(0, 64)  # a slice of the first batch is enough to tell two functions apart
-    inputs = _slice_inputs(inputs, few)
-    x = acts[src][few]
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-    scale = x.abs().amax(dim=(0, 1), keepdim=True)
-    if constant:
-        noise[..., -1] = 0.0
-    for probe in (x, x + 0.1 * scale * noise):
-        want = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)(probe)
-        got = _extended(short, inputs, constant)(probe)
-        if got.shape != want.shape:
-            raise ValueError(
-                f"the section shortcut for {src} -> {dst} returns shape {tuple(got.shape)}, "
-                f"the model gives {tuple(want.shape)}"
-            )
-        tol = 1e-9 if want.dtype == torch.float64 else 1e-4
-        dev = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
-        if dev > tol:
-            raise ValueError(
-                f"the section shortcut for {src} -> {dst} differs from the model by {dev:.2e} "
-                f"(relative); drop it from `sections`"
-            )
-
-
-Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class SectionShortcut:
-    """A section computed from the source activations alone, optionally with an analytic kernel.
-
-    ``fn(inputs, f)`` returns f^{dst} from raw f^{src}; ``tangent(inputs, f, δf)``, when given, its JVP
-    in closed form. ``kernel(inputs, f, scale, directions, C_out)``,
-    when given, returns the attributions C_out J(f) [directions_j · scale_{s,j}] for every input
-    direction j at once, shape (batch, P_out, m, k), in float64, by closed-form Jacobian-vector products
-    that exploit the rank-one tangents (no automatic differentiation); :func:`interaction_graph` uses
-    it when ``jacobian_mode="auto"``.
-    """
-
-    fn: Callable[[Any, Tensor], Tensor]
-    kernel: Kernel | None = None
-    tangent: Callable[[Any, Tensor, Tensor], Tensor] | None = None
-
-    def __call__(self, inputs: Any, x: Tensor) -> Tensor:
-        return self.fn(inputs, x)
-
-    def jvp(self, inputs: Any, f: Tensor, tangent: Tensor) -> Tensor:
-        """J(f)·tangent (closed form when ``tangent`` is given, else ``torch.func.jvp``)."""
-        if self.tangent is not None:
-            return self.tangent(inputs, f, tangent)
-        return jvp(lambda z: self.fn(inputs, z), (f,), (tangent.to(f.dtype),))[1]
 
 
 def _kernel_attributions(
@@ -705,7 +638,7 @@ def _kernel_attributions(
     row_sums = []
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)
-        sub = _slice_inputs(inputs, sl)
+        sub = slice_inputs(inputs, sl)
         if constant:
             a = short.kernel(sub, f[sl], scale[sl], dirs, out64[:, :d_out])
         else:
@@ -722,287 +655,6 @@ def _kernel_attributions(
         row_sums.append(sums)
     return total, torch.cat(row_sums)
 
-
-def _slice_inputs(inputs: Any, sl: slice) -> Any:
-    if isinstance(inputs, Mapping):
-        return {k: v[sl] for k, v in inputs.items()}
-    return inputs[sl]
-
-
-def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
-    """Section shortcuts for a TransformerLens ``HookedTransformer`` whose node layers are hook points.
-
-    Recognised adjacent pairs (node layers reading one ``blocks.{i}.hook_resid_{pre,mid,post}`` module,
-    or ``"output"``):
-
-    * ``resid_pre`` (all positions) → ``resid_mid``: x + attention(ln1(x)), computed at the target's
-      positions only (standard positional embeddings, causal or bidirectional attention, one key/value
-      head per head);
-    * ``resid_mid`` → ``resid_post``: x + mlp(ln2(x)), position-wise;
-    * ``resid_post`` → next ``resid_pre``: the identity;
-    * the last ``resid_post`` → ``output``: unembed(ln_final(x)).
-
-    Each shortcut runs only the section itself at the positions the target reads (the hook-based
-    section re-runs the model from its input on every position). :func:`interaction_graph` checks
-    every shortcut against the model before using it. Pairs of other shapes are left out.
-    """
-    from degeneracy.capture import as_node_layers
-
-    cfg = getattr(model, "cfg", None)
-    blocks = getattr(model, "blocks", None)
-    if cfg is None or blocks is None:
-        raise ValueError("transformer_lens_sections needs a TransformerLens HookedTransformer")
-    nodes = as_node_layers(model, layers)
-    out: dict[Pair, SectionFn] = {}
-    n_blocks = len(blocks)
-
-    def where(node: NodeLayer) -> tuple[int, str] | None:
-        if node.is_output:
-            return (n_blocks, "output")
-        if len(node.modules) != 1 or node.read != "input":
-            return None
-        parts = node.modules[0].split(".")
-        if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_resid_"):
-            return (int(parts[1]), parts[2].removeprefix("hook_resid_"))
-        return None
-
-    standard = (
-        getattr(cfg, "positional_embedding_type", "standard") in ("standard", "shortformer")
-        and getattr(cfg, "n_key_value_heads", None) is None
-        and not getattr(cfg, "parallel_attn_mlp", False)
-        and getattr(cfg, "attn_scores_soft_cap", -1.0) in (None, -1.0)
-        and not getattr(cfg, "use_attention_sinks", False)
-        and getattr(cfg, "clip_qkv", None) is None
-    )
-    for a, b in zip(nodes[:-1], nodes[1:], strict=True):
-        wa, wb = where(a), where(b)
-        if wa is None or wb is None:
-            continue
-        (ia, ka), (ib, kb) = wa, wb
-        pair = (a.name, b.name)
-        plain = getattr(cfg, "normalization_type", None) is None  # no LayerNorm: closed-form kernels
-        if ia == ib and (ka, kb) == ("pre", "mid") and a.positions is None and standard:
-            direction = getattr(cfg, "attention_dir", "causal")
-            out[pair] = SectionShortcut(
-                _tl_attention(blocks[ia], b.positions, direction),
-                _attention_kernel(blocks[ia].attn, b.positions, direction) if plain else None,
-                _attention_tangent(blocks[ia].attn, b.positions, direction) if plain else None,
-            )
-        elif ia == ib and (ka, kb) == ("mid", "post") and not getattr(cfg, "attn_only", False):
-            blk = blocks[ia]
-            relu = plain and getattr(cfg, "act_fn", None) == "relu" and hasattr(blk.mlp, "W_in")
-            out[pair] = SectionShortcut(
-                _tl_positionwise(lambda x, blk=blk: x + blk.mlp(blk.ln2(x)), a, b),
-                _mlp_kernel(blk.mlp, a, b) if relu else None,
-                _mlp_tangent(blk.mlp, a, b) if relu else None,
-            )
-        elif ib == ia + 1 and (ka, kb) == ("post", "pre") and ib < n_blocks:
-            out[pair] = SectionShortcut(
-                _tl_positionwise(lambda x: x, a, b), _affine_kernel(None, a, b), _affine_tangent(None, a, b)
-            )
-        elif ia == n_blocks - 1 and ka == "post" and kb == "output":
-            ln_final = getattr(model, "ln_final", None)
-            ln_final = nn.Identity() if ln_final is None else ln_final
-            unembed = model.unembed
-            out[pair] = SectionShortcut(
-                _tl_positionwise(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b),
-                _affine_kernel(unembed.W_U, a, b) if plain else None,
-                _affine_tangent(unembed.W_U, a, b) if plain else None,
-            )
-    return out
-
-
-def _select_positions(src: NodeLayer, dst: NodeLayer, n: int) -> list[int]:
-    have, want = _positions(src.positions, n), _positions(dst.positions, n)
-    return [have.index(p) for p in want]
-
-
-def _affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kernel:
-    """y = f W + b at each target position: A_{t,i,j} = T_ij f̂_{t,j}, T = C_out Wᵀ directions."""
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = _select_positions(src, dst, _sequence_length(inputs))
-        w = dirs if weight is None else weight.detach().to(torch.float64).T @ dirs  # (d_out, k)
-        t = c_out @ w  # (m, k)
-        return t[None, None] * scale[:, idx, None, :]
-
-    return kernel
-
-
-def _mlp_kernel(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Kernel:
-    """y = f + relu(f W_in + b_in) W_out + b_out: A = (K + P diag(1[pre > 0]) Q) ⊙ f̂ per position,
-    with K = C_out·directions, P = C_out W_outᵀ and Q = W_inᵀ·directions folded once."""
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = _select_positions(src, dst, _sequence_length(inputs))
-        w_in = mlp.W_in.detach().to(torch.float64)
-        w_out = mlp.W_out.detach().to(torch.float64)
-        ft = f[:, idx].to(torch.float64)
-        gate = ((ft @ w_in + mlp.b_in.detach().to(torch.float64)) > 0).to(torch.float64)  # (b, t, h)
-        p_fold = c_out @ w_out.T  # (m, h)
-        q_fold = w_in.T @ dirs  # (h, k)
-        b, t, h = gate.shape
-        gate = gate.reshape(b * t, h)
-        out = torch.empty(b * t, p_fold.shape[0], dirs.shape[1], dtype=torch.float64, device=f.device)
-        for s in range(0, b * t, 16):  # small blocks keep the gated Q in cache: ~1.5x faster GEMMs
-            torch.matmul(p_fold, gate[s : s + 16, :, None] * q_fold, out=out[s : s + 16])  # Σ_h P D Q
-        out += (c_out @ dirs)[None]
-        return out.reshape(b, t, *out.shape[1:]).mul_(scale[:, idx, None, :])
-
-    return kernel
-
-
-def _affine_tangent(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
-    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        rt = r[:, _select_positions(src, dst, _sequence_length(inputs))].to(torch.float64)
-        return rt if weight is None else rt @ weight.detach().to(torch.float64)
-
-    return tangent
-
-
-def _mlp_tangent(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
-    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        idx = _select_positions(src, dst, _sequence_length(inputs))
-        w_in = mlp.W_in.detach().to(torch.float64)
-        ft, rt = f[:, idx].to(torch.float64), r[:, idx].to(torch.float64)
-        gate = (ft @ w_in + mlp.b_in.detach().to(torch.float64)) > 0
-        return rt + ((rt @ w_in) * gate) @ mlp.W_out.detach().to(torch.float64)
-
-    return tangent
-
-
-def _attention_parts(attn: nn.Module, f: Tensor, qpos: list[int], direction: str) -> dict[str, Tensor]:
-    """Weights (float64), queries at ``qpos``, keys, values and the attention pattern p (b, t, h, s)."""
-    n = f.shape[1]
-    x = f.to(torch.float64)
-    w = {name: getattr(attn, name).detach().to(torch.float64) for name in ("W_Q", "W_K", "W_V", "W_O")}
-    bias = {name: getattr(attn, name).detach().to(torch.float64) for name in ("b_Q", "b_K", "b_V")}
-    q = torch.einsum("btd,hde->bthe", x[:, qpos], w["W_Q"]) + bias["b_Q"]
-    k = torch.einsum("bsd,hde->bshe", x, w["W_K"]) + bias["b_K"]
-    v = torch.einsum("bsd,hde->bshe", x, w["W_V"]) + bias["b_V"]
-    scores = torch.einsum("bthe,bshe->bths", q, k) / float(attn.attn_scale)
-    if direction == "causal":
-        allowed = torch.arange(n, device=x.device)[None, :] <= torch.tensor(qpos, device=x.device)[:, None]
-        scores = scores.masked_fill(~allowed[None, :, None, :], float("-inf"))
-    return {**w, "q": q, "k": k, "v": v, "p": scores.softmax(dim=-1)}
-
-
-def _attention_tangent(attn: nn.Module, positions: Any, direction: str) -> Callable[..., Tensor]:
-    """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form."""
-
-    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        qpos = _positions(positions, f.shape[1])
-        a = _attention_parts(attn, f, qpos, direction)
-        r = r.to(torch.float64)
-        dq = torch.einsum("btd,hde->bthe", r[:, qpos], a["W_Q"])
-        dk = torch.einsum("bsd,hde->bshe", r, a["W_K"])
-        dv = torch.einsum("bsd,hde->bshe", r, a["W_V"])
-        p = a["p"]
-        ds = (
-            torch.einsum("bthe,bshe->bths", dq, a["k"]) + torch.einsum("bthe,bshe->bths", a["q"], dk)
-        ) / float(attn.attn_scale)
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-        dz = torch.einsum("bths,bshe->bthe", dp, a["v"]) + torch.einsum("bths,bshe->bthe", p, dv)
-        return r[:, qpos] + torch.einsum("bthe,hed->btd", dz, a["W_O"])
-
-    return tangent
-
-
-def _attention_kernel(attn: nn.Module, positions: Any, direction: str) -> Kernel:
-    """Closed-form JVPs of x_t + attn(x)_t along the rank-one tangents δx_s = f̂_{s,j} c_j.
-
-    With aQ/aK/aV = directionsᵀ W_Q/K/V folded once, δq_t = f̂_{t,j} aQ_j, δk_s = f̂_{s,j} aK_j,
-    δv_s = f̂_{s,j} aV_j; δscore, the softmax JVP δp = p (δscore − Σ p δscore) and
-    δz = Σ_s δp v + p δv follow per feature j at the cost of a few small contractions, and the only
-    large product is δz·(W_O C_outᵀ).
-    """
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        qpos = _positions(positions, f.shape[1])
-        w = _attention_parts(attn, f, qpos, direction)
-        q, k, v, p = w["q"], w["k"], w["v"], w["p"]
-        scale_attn = float(attn.attn_scale)
-        a_q = torch.einsum("dj,hde->jhe", dirs, w["W_Q"])
-        a_k = torch.einsum("dj,hde->jhe", dirs, w["W_K"])
-        a_v = torch.einsum("dj,hde->jhe", dirs, w["W_V"])
-        s_t = scale[:, qpos]  # (b, t, j)
-        qk = torch.einsum("jhe,bshe->bjhs", a_q, k)  # aQ_j · k_s
-        kq = torch.einsum("bthe,jhe->btjh", q, a_k)  # q_t · aK_j
-        dscore = (
-            s_t[:, :, :, None, None] * qk[:, None]
-            + scale.permute(0, 2, 1)[:, None, :, None, :] * kq[..., None]
-        ) / scale_attn  # (b, t, j, h, s)
-        pb = p[:, :, None]  # (b, t, 1, h, s)
-        dp = pb * (dscore - (pb * dscore).sum(-1, keepdim=True))
-        ow = torch.einsum("hed,md->hem", w["W_O"], c_out)  # W_O then C_out: (h, e, m)
-        vw = torch.einsum("bshe,hem->bhsm", v, ow)  # values already in output features
-        gw = torch.einsum("jhe,hem->jhm", a_v, ow)  # δv directions in output features
-        b, t, j, h, n_s = dp.shape
-        out = (dp.reshape(b, t * j, h * n_s) @ vw.reshape(b, h * n_s, -1)).reshape(b, t, j, -1)
-        pf = torch.einsum("bths,bsj->btjh", p, scale)  # Σ_s p_{t,h,s} f̂_{s,j}
-        for head in range(h):  # (b, t, j, m) layout throughout, in place
-            out.addcmul_(pf[..., head, None], gw[:, head])
-        out.addcmul_(s_t[..., None], (c_out @ dirs).T)
-        return out.transpose(-1, -2)
-
-    return kernel
-
-
-def _positions(spec: Any, n: int) -> list[int]:
-    if spec is None:
-        return list(range(n))
-    idx = [spec] if isinstance(spec, int) else list(spec)
-    return [i % n for i in idx]
-
-
-def _tl_positionwise(fn: Callable[[Tensor], Tensor], src: NodeLayer, dst: NodeLayer) -> SectionFn:
-    """A position-wise section evaluated only at the target's positions (a subset of the source's)."""
-
-    def short(inputs: Any, x: Tensor) -> Tensor:
-        n = _sequence_length(inputs)
-        have = _positions(src.positions, n)
-        want = _positions(dst.positions, n)
-        missing = [p for p in want if p not in have]
-        if missing:
-            raise ValueError(f"{dst.name} reads positions {missing} that {src.name} does not hold")
-        idx = [have.index(p) for p in want]
-        sel = x if idx == list(range(len(have))) else x[:, idx]
-        return fn(sel)
-
-    return short
-
-
-def _sequence_length(inputs: Any) -> int:
-    if isinstance(inputs, Mapping):
-        inputs = inputs.get("input", next(iter(inputs.values())))
-    return int(inputs.shape[1])
-
-
-def _tl_attention(block: nn.Module, positions: Any, direction: str) -> SectionFn:
-    """x ↦ (x + attn(ln1(x)))[:, positions] with queries at ``positions`` only."""
-    attn = block.attn
-    ln1 = getattr(block, "ln1", None)
-    ln1 = nn.Identity() if ln1 is None else ln1
-
-    def short(inputs: Any, x: Tensor) -> Tensor:
-        n = x.shape[1]
-        qpos = _positions(positions, n)
-        h = ln1(x)
-        hq = h[:, qpos]
-        q = torch.einsum("bqd,hde->bqhe", hq, attn.W_Q) + attn.b_Q
-        k = torch.einsum("bkd,hde->bkhe", h, attn.W_K) + attn.b_K
-        v = torch.einsum("bkd,hde->bkhe", h, attn.W_V) + attn.b_V
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / attn.attn_scale
-        if direction == "causal":
-            keys = torch.arange(n, device=x.device)
-            allowed = keys[None, :] <= torch.tensor(qpos, device=x.device)[:, None]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        pattern = scores.softmax(dim=-1)
-        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
-        out = torch.einsum("bqhe,hed->bqd", z, attn.W_O) + attn.b_O
-        return x[:, qpos] + out
-
-    return short
 
 
 # ---------------------------------------------------------------------------------------------------

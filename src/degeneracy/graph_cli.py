@@ -131,17 +131,6 @@ def _labels_for_spec(spec: ModelSpec, data: Any) -> Tensor | None:
     return None
 
 
-def _shortcuts(model: nn.Module, basis: Any, enabled: bool) -> dict:
-    if not enabled or not hasattr(model, "blocks"):
-        return {}
-    from degeneracy.edges import transformer_lens_sections
-
-    try:
-        return transformer_lens_sections(model, basis.layers)
-    except ValueError:
-        return {}
-
-
 def _head(data: Any, limit: int | None) -> Any:
     if limit is None:
         return data
@@ -239,7 +228,7 @@ def run_graph(
                 model,
                 _head(data, cfg.edge_limit),
                 basis,
-                sections=_shortcuts(model, basis, cfg.shortcuts),
+                sections="auto" if cfg.shortcuts else None,
                 progress=progress,
                 **cfg.edges,
             )
@@ -296,7 +285,7 @@ def run_graph(
                         graph,
                         labels=eval_labels,
                         delta=opts.delta,
-                        sections=_shortcuts(model, basis, cfg.shortcuts),
+                        sections="auto" if cfg.shortcuts else None,
                     )
                     timings[f"edge_ablation/{method}"] = time.perf_counter() - t0
                     _json(epath, [r.to_dict() for r in edge_results[method].values()])

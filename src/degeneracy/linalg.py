@@ -22,6 +22,7 @@ __all__ = [
     "IntegrationRule",
     "integration_rule",
     "INTEGRATION_RULES",
+    "homogeneous_rule",
     "centering_maps",
 ]
 
@@ -108,3 +109,12 @@ def integration_rule(name: str, n: int = 1) -> IntegrationRule:
     else:
         raise ValueError(f"unknown integration rule {name!r}; choose one of {INTEGRATION_RULES}")
     return IntegrationRule(name, tuple(float(p) for p in points), tuple(float(w) for w in weights))
+
+
+def homogeneous_rule(rule: IntegrationRule) -> IntegrationRule:
+    """``rule`` for a positively homogeneous section (the constant-coordinate extension).
+
+    Its Jacobian is the same at every α·f with α > 0, and its value at α = 0 is that limit (F(0) is
+    0/0 in float arithmetic): a point at α = 0 is evaluated at α = 1 instead.
+    """
+    return IntegrationRule(rule.name, tuple(a if a > 0 else 1.0 for a in rule.points), rule.weights)
