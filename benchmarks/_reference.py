@@ -6,6 +6,13 @@ from pathlib import Path
 
 import torch
 
+# The companion paper's basis settings: centred, absolute truncation 1e-15 (it keeps ~all directions),
+# logits left unrotated. Its node layers are `degeneracy.runconfig.MODADD_NODE_LAYERS`.
+PAPER_BASIS = dict(
+    gram_threshold=1e-15, interaction_threshold=1e-15, relative_thresholds=False, rotate_final=False
+)
+PAPER_DIMS = {"lib": [115, 110, 116], "pca": [115, 127, 129]}  # retained of 129 (METHOD §8)
+
 DEFAULT_CHECKPOINT = (
     Path(__file__).resolve().parents[2] / "shared/reference-models/modadd-seed0/model_epoch_60000.pt"
 )

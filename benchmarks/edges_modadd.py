@@ -38,9 +38,7 @@ LAYERS = [
     {"name": "logits", "module": "output", "positions": -1},
 ]
 REPEATS = 3
-PAPER_BASIS = dict(
-    gram_threshold=1e-15, interaction_threshold=1e-15, relative_thresholds=False, rotate_final=False
-)
+from benchmarks._reference import PAPER_BASIS  # noqa: E402
 
 
 def load_case(case: str, checkpoint: str) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -76,7 +76,7 @@ class BasisConfig:
     integration_steps: int = 1
     batch_size: int | None = 1024
     jacobian_mode: Literal["auto", "vjp", "jvp"] = "auto"
-    max_elements: int = 2**24
+    max_elements: int = 2**20
     dtype: str | None = None
     check_cut: bool = True
 
@@ -440,7 +440,7 @@ def interaction_basis(
     integration_steps: int = 1,
     batch_size: int | None = 1024,
     jacobian_mode: Literal["auto", "vjp", "jvp"] = "auto",
-    max_elements: int = 2**24,
+    max_elements: int = 2**20,
     dtype: str | torch.dtype | None = None,
     check_cut: bool = True,
     sections: Sections = "auto",

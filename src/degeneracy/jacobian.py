@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 Mode = Literal["auto", "vjp", "jvp"]
-DEFAULT_MAX_ELEMENTS = 2**24
+DEFAULT_MAX_ELEMENTS = 2**20  # larger chunks fall out of cache: slower and bigger (benchmarks/basis.md)
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:

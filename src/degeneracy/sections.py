@@ -617,7 +617,9 @@ def _attention_gram(
         diag = torch.zeros(t, n_pos, dtype=torch.bool, device=x.device)
         diag[torch.arange(t), torch.tensor(qpos)] = True
         total = torch.zeros(k, k, dtype=f64, device=x.device)
-        chunk = max(1, max_elements // max(1, t * n_pos * heads * (n_pos + 2) * k))
+        # the largest block is one (m × k) fixed-part Jacobian per triple in structured_gram's chunks;
+        # these per-example rank-one factors are ~(P + 2)·H·k numbers per (query, position)
+        chunk = max(1, 16 * max_elements // max(1, t * n_pos * heads * (n_pos + 2) * k))
         for b0 in range(0, b, chunk):
             sl = slice(b0, b0 + chunk)
             extras = (None, None) if ell_x is None else (ell_x[sl], btil_x[sl])
