@@ -33,3 +33,17 @@ def test_check_finite_names_place() -> None:
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"NaN in layer foo \(first at index \(1, 2\)"):
         check_finite(x, "layer foo")
+
+
+def test_oversized_batches_split_their_labels_with_their_inputs() -> None:
+    from degeneracy.data import iter_batches
+
+    x = torch.arange(10.0)[:, None]
+    y = torch.arange(10) * 10
+    batches = list(iter_batches([(x, y, "meta", {"w": y.double()})], batch_size=4))
+    assert [b.size for b in batches] == [4, 4, 2]
+    for b in batches:
+        labels, meta, extra = b.extras
+        assert torch.equal(labels, b.inputs[:, 0].long() * 10)
+        assert meta == "meta"
+        assert torch.equal(extra["w"], labels.double())

@@ -3,10 +3,11 @@
 Public API (imported lazily so that ``import degeneracy`` stays light)::
 
     interaction_basis, load_basis            # bases: LIB, global, PCA, neuron
-    interaction_graph, load_graph            # integrated-gradient edges
-    find_modules                             # modules on the interaction graph
-    behavioral_loss, hessian_spectrum, synchronized_blocks, degeneracy_report
-    estimate_llc, effective_parameter_count  # learning coefficient / N_eff(eps)
+    interaction_graph, load_graph, sparsity  # integrated-gradient edges
+    node_ablation_curves, edge_ablation      # ablations
+    find_modules, fourier_labels             # modules on the interaction graph; Fourier labels
+    behavioral_loss, hessian_spectrum, synchronized_blocks, degeneracy_report, sparsify
+    estimate_llc, llc_curve, effective_parameter_count, volume_llc  # learning coefficient, N_eff(eps)
 """
 
 from __future__ import annotations
@@ -23,13 +24,20 @@ _EXPORTS = {
     "NodeLayer": "degeneracy.capture",
     "interaction_graph": "degeneracy.edges",
     "load_graph": "degeneracy.edges",
+    "sparsity": "degeneracy.edges",
+    "node_ablation_curves": "degeneracy.ablation",
+    "edge_ablation": "degeneracy.ablation",
     "find_modules": "degeneracy.modules",
+    "fourier_labels": "degeneracy.fourier",
+    "sparsify": "degeneracy.accounting",
     "behavioral_loss": "degeneracy.accounting",
     "hessian_spectrum": "degeneracy.accounting",
     "synchronized_blocks": "degeneracy.accounting",
     "degeneracy_report": "degeneracy.accounting",
     "estimate_llc": "degeneracy.llc",
     "effective_parameter_count": "degeneracy.llc",
+    "llc_curve": "degeneracy.llc",
+    "volume_llc": "degeneracy.llc",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -112,7 +112,7 @@ def demo(
 
 
 def _register_stage_commands() -> None:
-    """The stage commands live beside their stage; register them if importable."""
+    """The stage commands live beside their stage."""
     from degeneracy.accounting.cli import degeneracy_command
     from degeneracy.graph_cli import graph_command
     from degeneracy.llc.cli import llc_command
@@ -128,10 +128,7 @@ def _register_stage_commands() -> None:
     )
 
 
-try:
-    _register_stage_commands()
-except ImportError:  # pragma: no cover - a stage module missing from a partial install
-    pass
+_register_stage_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

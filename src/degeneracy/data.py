@@ -60,6 +60,17 @@ def _as_batch(item: Any) -> Batch:
     )
 
 
+def _slice_extra(extra: Any, start: int, size: int, n: int) -> Any:
+    """The part of a batch's extra (labels, ...) that goes with examples [start, start + size)."""
+    if isinstance(extra, Tensor) and extra.dim() > 0 and extra.shape[0] == n:
+        return extra[start : start + size]
+    if isinstance(extra, Mapping):
+        return {k: _slice_extra(v, start, size, n) for k, v in extra.items()}
+    if isinstance(extra, list | tuple) and len(extra) == n:
+        return type(extra)(extra[start : start + size])
+    return extra  # per-batch metadata (not one entry per example) goes with every part
+
+
 def _split(inputs: Tensor | Mapping[str, Tensor], batch_size: int) -> Iterator[Batch]:
     if isinstance(inputs, Mapping):
         n = int(next(iter(inputs.values())).shape[0])
@@ -91,8 +102,12 @@ def iter_batches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
         if batch_size is None or batch.size <= batch_size:
             yield batch
         else:
-            for sub in _split(batch.inputs, batch_size):
-                yield Batch(sub.inputs, batch.extras)
+            for start, sub in zip(
+                range(0, batch.size, batch_size), _split(batch.inputs, batch_size), strict=True
+            ):
+                yield Batch(
+                    sub.inputs, tuple(_slice_extra(e, start, batch_size, batch.size) for e in batch.extras)
+                )
     if not seen:
         raise ValueError("data is empty: the iterable yielded no examples")
 

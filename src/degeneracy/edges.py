@@ -482,9 +482,7 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _build(
-    ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections
-) -> InteractionGraph:
+def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections) -> InteractionGraph:
     names = [layer.name for layer in ctx.layers]
     pairs = list(zip(names[:-1], names[1:], strict=True))
     constant = bool(basis.config.has_constant)
@@ -654,7 +652,6 @@ def _kernel_attributions(
             sums = complete[sl]
         row_sums.append(sums)
     return total, torch.cat(row_sums)
-
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -70,6 +70,38 @@ def auto_step_size(nbeta: float, localization: float, curvature: float) -> float
     return AUTO_STEP_FACTOR / stiffness
 
 
+def _config(
+    chain_loss: Any,
+    layout: Any,
+    center: Tensor,
+    first_item: Any,
+    nbeta: float,
+    localization: float,
+    step_size: float | str,
+    num_chains: int,
+    num_draws: int,
+    num_burnin: int,
+    thinning: int,
+    seed: int,
+) -> tuple[SGLDConfig, float]:
+    """The sampler settings, with ``step_size="auto"`` resolved at θ* on the first batch, and the
+    largest curvature of the loss there (for the step-size stability check)."""
+    curvature = max_curvature(chain_loss, layout, center, first_item, seed=seed)
+    if step_size == "auto":
+        step_size = auto_step_size(nbeta, localization, curvature)
+    config = SGLDConfig(
+        nbeta=float(nbeta),
+        localization=float(localization),
+        step_size=float(step_size),
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin=num_burnin,
+        thinning=thinning,
+        seed=seed,
+    )
+    return config, curvature
+
+
 def _run(
     chain_loss: ChainLoss,
     layout: ParamLayout,
@@ -188,18 +220,19 @@ def sample_sgld(
         with torch.no_grad():
             init_loss = float(sum(float(one_chain(params, b)) for b in items) / len(items))
 
-    curvature = max_curvature(chain_loss, layout, center, items[0], seed=seed)
-    if step_size == "auto":
-        step_size = auto_step_size(nbeta, localization, curvature)
-    config = SGLDConfig(
-        nbeta=float(nbeta),
-        localization=float(localization),
-        step_size=float(step_size),
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin=num_burnin,
-        thinning=thinning,
-        seed=seed,
+    config, curvature = _config(
+        chain_loss,
+        layout,
+        center,
+        items[0],
+        nbeta,
+        localization,
+        step_size,
+        num_chains,
+        num_draws,
+        num_burnin,
+        thinning,
+        seed,
     )
     run = _run(
         chain_loss, layout, center, lambda: cycle_batches(items, seed), config, vectorize, progress, threads
@@ -533,18 +566,19 @@ def estimate_llc(
             loss_name = getattr(loss, "__name__", "callable")
             first_item = next(batches())
 
-        curvature = max_curvature(chain_loss, layout, center, first_item, seed=seed)
-        if step_size == "auto":
-            step_size = auto_step_size(nbeta, localization, curvature)
-        config = SGLDConfig(
-            nbeta=float(nbeta),
-            localization=float(localization),
-            step_size=float(step_size),
-            num_chains=num_chains,
-            num_draws=num_draws,
-            num_burnin=num_burnin,
-            thinning=thinning,
-            seed=seed,
+        config, curvature = _config(
+            chain_loss,
+            layout,
+            center,
+            first_item,
+            nbeta,
+            localization,
+            step_size,
+            num_chains,
+            num_draws,
+            num_burnin,
+            thinning,
+            seed,
         )
         run = _run(chain_loss, layout, center, batches, config, vectorize, progress, threads)
     finally:

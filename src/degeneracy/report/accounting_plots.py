@@ -9,23 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from degeneracy.report._figure import pyplot, save_figure
+
 __all__ = ["plot_hessian_spectrum", "plot_sources"]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = pyplot
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120, close=False)
 
 
 def plot_hessian_spectrum(

@@ -6,17 +6,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from degeneracy.report._figure import pyplot, save_figure
+
 __all__ = ["plot_spectra"]
 
 
 def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
     """One panel per node layer: the retained eigenvalues of each basis, normalised to the largest,
     on a log scale (the constant direction, when present, is left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     first = next(iter(bases.values()))
     names = first.names
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
@@ -38,8 +36,4 @@ def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
     axes[0][0].set_ylabel("eigenvalue / largest")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from degeneracy.report._figure import pyplot, save_figure
+
 __all__ = [
     "plot_interaction_graph",
     "plot_node_ablation",
@@ -25,21 +27,11 @@ __all__ = [
 ]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_pyplot = pyplot
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def plot_interaction_graph(

@@ -13,26 +13,21 @@ from typing import Any
 
 import torch
 
+from degeneracy.report._figure import pyplot, save_figure
+
 __all__ = ["plot_loss_traces", "plot_llc_curve"]
 
 
 def _figure(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    import matplotlib
-
     if ax is not None:
         return ax.figure, ax
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = pyplot().subplots(figsize=figsize)
     return fig, ax
 
 
 def _finish(fig: Any, path: str | Path | None) -> Any:
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        save_figure(fig, path, close=False, bbox_inches="tight")
     return fig
 
 

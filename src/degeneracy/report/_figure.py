@@ -1,0 +1,28 @@
+"""The one place that imports matplotlib (lazily, with the non-interactive Agg backend) and saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["pyplot", "save_figure"]
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 120, close: bool = True, **kwargs: Any) -> Path:
+    """Write ``fig`` to ``path`` (parent folders created) and close it unless ``close=False``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, **kwargs)
+    if close:
+        pyplot().close(fig)
+    return path
