@@ -16,6 +16,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose much when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp(widths: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
     """fc0, act0, fc1, act1, ..., fcN (no activation after the last layer), float64."""
     parts: list[tuple[str, nn.Module]] = []

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -16,14 +15,7 @@ from degeneracy.llc import EffectiveParameterCount, LLCCurve, LLCResult
 from degeneracy.llc.cli import LLCRunConfig, llc_command, llc_demo_section, run_llc
 from degeneracy.runconfig import ModelSpec, load_yaml, resolve_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONFIG = """

@@ -16,13 +16,7 @@ from degeneracy.llc import sample_sgld, sgld_llc_curve, theory, volume_llc
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tempered_llc_1d(loss, nbeta: float, half_width: float, points: int = 400_001) -> float:

@@ -14,14 +14,7 @@ from degeneracy.llc import LLCResult, LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.diagnostics import chain_llc_variance, find_bad_chains, step_size_stability
 from degeneracy.llc.sgld import ParamLayout, SGLDConfig, chain_generator, noise_block_steps, run_sgld_chains
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:

@@ -10,14 +10,7 @@ import torch
 from degeneracy.llc import theory
 from degeneracy.llc.losses import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_method_reference_numbers() -> None:

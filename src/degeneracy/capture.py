@@ -147,6 +147,7 @@ class _Piece:
 
 
 def _to_bpd(x: Tensor) -> Tensor:
+    """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...))."""
     if x.dim() == 1:
         return x[:, None, None]
     if x.dim() == 2:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from degeneracy.accounting._model import (
     parameters_and_buffers,
 )
 from degeneracy.accounting.behavioral import LossKind, _check_kind, whiten_outputs
+from degeneracy.io import atomic_write_text
 
 __all__ = [
     "HessianSpectrum",
@@ -803,16 +802,7 @@ class HessianSpectrum:
 
 
 def _atomic_write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=2))
     return path
 
 

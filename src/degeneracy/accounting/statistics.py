@@ -27,18 +27,10 @@ from torch import Tensor, nn
 from degeneracy.accounting._model import ForwardFn, resolve_module, run_model
 from degeneracy.accounting.behavioral import LossKind, whiten_outputs
 from degeneracy.accounting.structure import Point, Structure
+from degeneracy.capture import _to_bpd
 from degeneracy.data import Batch
 
 MAX_MASKED_POSITIONS = 64
-
-
-def _to_bpd(x: Tensor) -> Tensor:
-    """(batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...))."""
-    if x.dim() == 1:
-        return x[:, None, None]
-    if x.dim() == 2:
-        return x[:, None, :]
-    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
 @dataclass
