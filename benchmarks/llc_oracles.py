@@ -6,12 +6,26 @@ factor of rank r (θ* = 0 for r = 0). SGLD at nβ = 100, γ = 1 (only nβ / γ^L
 homogeneous losses); volume: the multiplicity fit of log V(ε) over ε ∈ [1e-14, 1e-6].
 
     python benchmarks/llc_oracles.py          # a few minutes on 2 cores; prints a markdown table
+    python benchmarks/llc_oracles.py --deep --workers 2   # only the deep-linear study (~10 min, 2 busy cores)
+
+The deep-linear study (``--deep``) runs SGLD at γ = 1 and nβ ∈ {10², 10³} for the METHOD example
+(10, 10, 10, 10) at r = 0 and for (3, 3, 3, 3) at r = 0 and 1, each at one to four step sizes a factor 2
+apart (η nβ from 0.08 down). Burn-in and draws are each ≥ 3 relaxation times τ = 2 / (η γ) of the directions
+that only the localization holds (the slowest ones), so the chains start from a stationary state; the
+stationarity check is the mean excess loss nβ (L − L*) over the first, middle and last third of the
+draws. SGLD's Euler discretisation biases λ̂ by O(η); the two smallest step sizes give the first-order
+(Richardson) extrapolation λ̂₀ = 2 λ̂(η/2) − λ̂(η), valid only where the bias is already linear in η,
+which a third step size checks (the coarser pair's difference must be twice the finer one's).
+Results are merged into ``llc_oracles.json`` as rows with ``"study": "deep"``; ``--deep-table`` reprints
+them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -116,7 +130,196 @@ def volume_row(widths: list[int]) -> dict:
     }
 
 
+# (widths, rank, nβ, η, chains, draws, burn-in); η nβ ≤ 0.08 at r = 0 and ≤ 0.04 at r = 1 (whose Hessian
+# at θ* has h_max ≈ 9, so η nβ h_max ≤ 0.36); burn-in and draws each ≥ 3 τ, τ = 2 / (η γ) steps
+# (longest first, so that parallel workers finish together)
+DEEP_RUNS: list[tuple[list[int], int, float, float, int, int, int]] = [
+    ([10, 10, 10, 10], 0, 1e3, 8e-5, 32, 75000, 75000),
+    ([3, 3, 3, 3], 1, 1e3, 4e-5, 64, 150000, 150000),
+    ([3, 3, 3, 3], 0, 1e3, 4e-5, 64, 150000, 150000),
+    ([10, 10, 10, 10], 0, 1e2, 8e-4, 64, 25000, 25000),
+    ([10, 10, 10, 10], 0, 1e2, 4e-4, 64, 25000, 25000),
+    ([10, 10, 10, 10], 0, 1e2, 2e-4, 32, 30000, 30000),
+    ([10, 10, 10, 10], 0, 1e2, 1e-4, 32, 60000, 60000),
+    ([3, 3, 3, 3], 1, 1e2, 1e-4, 64, 80000, 80000),
+    ([3, 3, 3, 3], 0, 1e2, 2e-4, 64, 40000, 40000),
+    ([3, 3, 3, 3], 0, 1e3, 8e-5, 64, 75000, 75000),
+    ([3, 3, 3, 3], 1, 1e2, 2e-4, 64, 40000, 40000),
+    ([3, 3, 3, 3], 1, 1e2, 4e-4, 64, 20000, 20000),
+    ([3, 3, 3, 3], 0, 1e2, 4e-4, 64, 20000, 20000),
+    ([3, 3, 3, 3], 0, 1e2, 8e-4, 64, 10000, 10000),
+]
+
+
+def deep_row(
+    widths: list[int], rank: int, nbeta: float, step_size: float, chains: int, draws: int, burnin: int
+) -> dict:
+    """One SGLD run of the deep-linear study (γ = 1), with its stationarity thirds and λ̂_var."""
+    center = factors(widths, rank)
+    depth = len(widths) - 1
+    target = product(center, depth)
+
+    def loss(p: dict[str, torch.Tensor], batch: object) -> torch.Tensor:
+        return (product(p, depth) - target).square().sum()
+
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LLCWarning)
+        r = sample_sgld(
+            loss,
+            center,
+            nbeta=nbeta,
+            localization=1.0,
+            step_size=step_size,
+            num_chains=chains,
+            num_draws=draws,
+            num_burnin=burnin,
+            seed=0,
+        )
+    excess = nbeta * (r.loss_traces - r.init_loss)
+    thirds = [float(excess[:, i * draws // 3 : (i + 1) * draws // 3].mean()) for i in range(3)]
+    # s.e. of each third over chains, for the stationarity comparison
+    third_se = [
+        float(excess[:, i * draws // 3 : (i + 1) * draws // 3].mean(dim=1).std() / math.sqrt(chains))
+        for i in range(3)
+    ]
+    tau = 2.0 / step_size  # relaxation time (steps) of a direction held only by γ = 1
+    return {
+        "study": "deep",
+        "widths": widths,
+        "rank": rank,
+        "nbeta": nbeta,
+        "localization": 1.0,
+        "step_size": step_size,
+        "chains": chains,
+        "draws": draws,
+        "burnin": burnin,
+        "burnin_tau": burnin / tau,
+        "draws_tau": draws / tau,
+        "estimate": r.mean,
+        "stderr": r.stderr,
+        "variance_estimate": r.variance_estimate,
+        "theory": theory.deep_linear_llc(widths, rank),
+        "draw_thirds": thirds,
+        "draw_thirds_se": third_se,
+        "epsilon": r.epsilon,
+        "good_chains": r.num_good_chains,
+        "warnings": sorted({str(w.message)[:160] for w in caught}),
+        "loadavg_start": load,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def richardson(rows: list[dict]) -> list[dict]:
+    """First-order step-size extrapolation λ̂₀ = 2 λ̂(η/2) − λ̂(η) for every (widths, r, nβ) measured at
+    step sizes a factor 2 apart (the two smallest); with a third, 2η, the coarser pair's difference is
+    reported too (an O(η) bias makes it twice the finer pair's)."""
+    out = []
+    keys = sorted({(tuple(r["widths"]), r["rank"], r["nbeta"]) for r in rows})
+    for widths, rank, nbeta in keys:
+        group = sorted(
+            (r for r in rows if (tuple(r["widths"]), r["rank"], r["nbeta"]) == (widths, rank, nbeta)),
+            key=lambda r: r["step_size"],
+        )
+        if len(group) < 2 or not math.isclose(group[1]["step_size"], 2 * group[0]["step_size"]):
+            continue
+        half, full = group[0], group[1]
+        entry = {
+            "widths": list(widths),
+            "rank": rank,
+            "nbeta": nbeta,
+            "step_sizes": [full["step_size"], half["step_size"]],
+            "estimate": 2 * half["estimate"] - full["estimate"],
+            "stderr": math.hypot(2 * half["stderr"], full["stderr"]),
+            "pair_difference": full["estimate"] - half["estimate"],
+            "theory": half["theory"],
+        }
+        if len(group) > 2 and math.isclose(group[2]["step_size"], 2 * full["step_size"]):
+            entry["coarser_pair_difference"] = group[2]["estimate"] - full["estimate"]
+            entry["coarser_to_finer_ratio"] = entry["coarser_pair_difference"] / entry["pair_difference"]
+        out.append(entry)
+    return out
+
+
+def _deep_worker(spec: tuple) -> dict:
+    torch.set_num_threads(1)
+    row = deep_row(*spec)
+    keys = ("widths", "rank", "nbeta", "step_size", "estimate", "draw_thirds", "seconds")
+    print(json.dumps({k: row[k] for k in keys}), flush=True)
+    return row
+
+
+def write_deep(rows: list[dict]) -> list[dict]:
+    """Merge the study's rows (and their extrapolations) into llc_oracles.json, replacing earlier ones."""
+    extrapolated = richardson(rows)
+    path = Path(__file__).with_name("llc_oracles.json")
+    previous = json.loads(path.read_text()) if path.exists() else []
+    kept = [r for r in previous if r.get("study") not in ("deep", "deep_extrapolated")]
+    extra = [{"study": "deep_extrapolated", **e} for e in extrapolated]
+    path.write_text(json.dumps(kept + rows + extra, indent=2))
+    return extrapolated
+
+
+def print_deep(rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: (-r["widths"][0], r["rank"], r["nbeta"], -r["step_size"]))
+    print(
+        "| widths | r | nβ | γ | η | chains × draws (burn-in) | λ̂ | ± s.e. | Aoyagi λ | rel. error | "
+        "nβ(L − L*) by thirds | λ̂_var | load | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = r["estimate"] / r["theory"] - 1
+        thirds = " / ".join(f"{t:.2f}" for t in r["draw_thirds"])
+        print(
+            f"| {tuple(r['widths'])} | {r['rank']} | {r['nbeta']:.0e} | 1 | {r['step_size']:.1e} | "
+            f"{r['chains']} × {r['draws']} ({r['burnin']}) | {r['estimate']:.3f} | {r['stderr']:.3f} | "
+            f"{r['theory']:.2f} | {100 * rel:+.1f} % | {thirds} | {r['variance_estimate']:.1f} | "
+            f"{r['loadavg_start']:.1f} | {r['seconds']:.0f} |"
+        )
+    print()
+    print(
+        "| widths | r | nβ | η pair | λ̂(η) − λ̂(η/2) | λ̂(2η) − λ̂(η) | λ̂₀ = 2λ̂(η/2) − λ̂(η) | ± s.e. | "
+        "Aoyagi λ | rel. error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for e in richardson(rows):
+        rel = e["estimate"] / e["theory"] - 1
+        coarser = "–"
+        if "coarser_pair_difference" in e:
+            coarser = f"{e['coarser_pair_difference']:+.3f} (× {e['coarser_to_finer_ratio']:.2f})"
+        print(
+            f"| {tuple(e['widths'])} | {e['rank']} | {e['nbeta']:.0e} | "
+            f"{e['step_sizes'][0]:.1e} / {e['step_sizes'][1]:.1e} | {e['pair_difference']:+.3f} | "
+            f"{coarser} | {e['estimate']:.3f} | {e['stderr']:.3f} | {e['theory']:.2f} | {100 * rel:+.1f} % |"
+        )
+
+
+def deep_main(workers: int) -> None:
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(pool.map(_deep_worker, DEEP_RUNS))
+    else:
+        rows = [_deep_worker(spec) for spec in DEEP_RUNS]
+    write_deep(rows)
+    print_deep(rows)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deep", action="store_true", help="run only the deep-linear SGLD study")
+    parser.add_argument("--workers", type=int, default=1, help="processes for --deep (one thread each)")
+    parser.add_argument("--deep-table", action="store_true", help="print the stored --deep results")
+    args = parser.parse_args()
+    if args.deep_table:
+        stored = json.loads(Path(__file__).with_name("llc_oracles.json").read_text())
+        print_deep([r for r in stored if r.get("study") == "deep"])
+        return
+    if args.deep:
+        deep_main(args.workers)
+        return
     torch.set_num_threads(1)
     rows = [
         sgld_row([5, 3, 5], 1, "auto", 8000, chains=32),
@@ -128,7 +331,10 @@ def main() -> None:
         volume_row([2, 2, 2]),
         volume_row([2, 2, 2, 2]),
     ]
-    Path(__file__).with_name("llc_oracles.json").write_text(json.dumps(rows, indent=2))
+    path = Path(__file__).with_name("llc_oracles.json")
+    previous = json.loads(path.read_text()) if path.exists() else []
+    deep = [r for r in previous if r.get("study") in ("deep", "deep_extrapolated")]  # kept from --deep
+    path.write_text(json.dumps(rows + deep, indent=2))
     print("| widths | r | method | λ̂ | ± s.e. | Aoyagi λ | rel. error | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
