@@ -374,8 +374,9 @@ def shortcut_gram(
     blocks = dirs.repeat(1, n_pos)  # direction j of position s is column s·kk + j
     one_hot = torch.eye(n_pos, dtype=f64, device=x.device).repeat_interleave(kk, dim=1)  # (P, P·kk)
     c_feat = out64[:, :d_out]
-    per = max(1, out64.shape[0] * n_pos * k * 8)  # the kernels hold a few (m × P·k) blocks per example
-    chunk = max(1, max_elements // per)
+    # about one (m × P·k) block per example lives at a time; 8·max_elements numbers keep the GEMMs
+    # large (as for the edge kernels, benchmarks/edges_modadd.md)
+    chunk = max(1, 8 * max_elements // max(1, out64.shape[0] * n_pos * k))
     total = torch.zeros(k, k, dtype=f64, device=x.device)
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)
