@@ -18,6 +18,13 @@ draws. SGLD's Euler discretisation biases λ̂ by O(η); the two smallest step s
 which a third step size checks (the coarser pair's difference must be twice the finer one's).
 Results are merged into ``llc_oracles.json`` as rows with ``"study": "deep"``; ``--deep-table`` reprints
 them.
+
+    python benchmarks/llc_oracles.py --mala --workers 2   # the same cases by MALA (~10 min, 2 busy cores)
+
+``--mala`` runs ``sample_sgld(..., sampler="mala")`` (Metropolis-adjusted Langevin: exact for any η on
+these deterministic losses, so there is no step-size bias to extrapolate away) on ``MALA_RUNS``, with the
+same γ = 1 and ≥ 3 τ burn-in and draws; rows ``"study": "deep_mala"`` carry the acceptance rate;
+``--mala-table`` reprints them.
 """
 
 from __future__ import annotations
@@ -152,9 +159,16 @@ DEEP_RUNS: list[tuple[list[int], int, float, float, int, int, int]] = [
 
 
 def deep_row(
-    widths: list[int], rank: int, nbeta: float, step_size: float, chains: int, draws: int, burnin: int
+    widths: list[int],
+    rank: int,
+    nbeta: float,
+    step_size: float,
+    chains: int,
+    draws: int,
+    burnin: int,
+    sampler: str = "sgld",
 ) -> dict:
-    """One SGLD run of the deep-linear study (γ = 1), with its stationarity thirds and λ̂_var."""
+    """One SGLD (or MALA) run of the deep-linear study (γ = 1), with its stationarity thirds and λ̂_var."""
     center = factors(widths, rank)
     depth = len(widths) - 1
     target = product(center, depth)
@@ -176,6 +190,7 @@ def deep_row(
             num_draws=draws,
             num_burnin=burnin,
             seed=0,
+            sampler=sampler,  # type: ignore[arg-type]
         )
     excess = nbeta * (r.loss_traces - r.init_loss)
     thirds = [float(excess[:, i * draws // 3 : (i + 1) * draws // 3].mean()) for i in range(3)]
@@ -185,8 +200,10 @@ def deep_row(
         for i in range(3)
     ]
     tau = 2.0 / step_size  # relaxation time (steps) of a direction held only by γ = 1
+    mala = {"acceptance": r.config["acceptance"]} if sampler == "mala" else {}
     return {
-        "study": "deep",
+        "study": "deep" if sampler == "sgld" else f"deep_{sampler}",
+        **mala,
         "widths": widths,
         "rank": rank,
         "nbeta": nbeta,
@@ -295,6 +312,84 @@ def print_deep(rows: list[dict]) -> None:
         )
 
 
+# MALA runs (widths, rank, nβ, η, chains, draws, burn-in), same γ = 1 and same 3 τ rule, τ = 2 / (η γ)
+# steps (a lower bound: rejections slow MALA by about 1 / acceptance). η was picked from 6,000-step
+# probes for an acceptance of ≈ 0.5–0.8, before any long run; (10, 10, 10, 10) is also run at η / 2 to
+# check that the answer no longer depends on η.
+MALA_RUNS: list[tuple[list[int], int, float, float, int, int, int]] = [
+    ([10, 10, 10, 10], 0, 1e2, 1e-4, 16, 60000, 60000),
+    ([10, 10, 10, 10], 0, 1e2, 2e-4, 32, 30000, 30000),
+    ([3, 3, 3, 3], 1, 1e3, 8e-5, 32, 75000, 75000),
+    ([3, 3, 3, 3], 1, 1e2, 4e-4, 64, 20000, 20000),
+    ([3, 3, 3, 3], 0, 1e3, 3.2e-4, 64, 20000, 20000),
+    ([3, 3, 3, 3], 0, 1e2, 1.6e-3, 64, 10000, 10000),
+    # added after the first pass measured stationary acceptances of 0.24 (η = 1e-4) and 0.13 (2e-4) for
+    # (10, 10, 10, 10): smaller steps, 2 τ (η = 2.5e-5) and 3 τ (5e-5) of burn-in and of draws
+    ([10, 10, 10, 10], 0, 1e2, 2.5e-5, 16, 160000, 160000),
+    ([10, 10, 10, 10], 0, 1e2, 5e-5, 16, 120000, 120000),
+]
+
+
+def _mala_worker(spec: tuple) -> dict:
+    torch.set_num_threads(1)
+    row = deep_row(*spec, sampler="mala")
+    keys = (
+        "widths",
+        "rank",
+        "nbeta",
+        "step_size",
+        "estimate",
+        "stderr",
+        "acceptance",
+        "draw_thirds",
+        "seconds",
+    )
+    print(json.dumps({k: row[k] for k in keys}), flush=True)
+    return row
+
+
+def mala_main(workers: int, only: list[int] | None = None) -> None:
+    """Run MALA_RUNS (or the ones indexed by ``only``), merge them into llc_oracles.json as
+    ``"study": "deep_mala"`` rows (replacing stored rows of the same case and η), print the table."""
+    specs = MALA_RUNS if only is None else [MALA_RUNS[i] for i in only]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(pool.map(_mala_worker, specs))
+    else:
+        rows = [_mala_worker(spec) for spec in specs]
+    path = Path(__file__).with_name("llc_oracles.json")
+    previous = json.loads(path.read_text()) if path.exists() else []
+
+    def key(r: dict) -> tuple:
+        return tuple(r["widths"]), r["rank"], r["nbeta"], r["step_size"]
+
+    new = {key(r) for r in rows}
+    kept = [r for r in previous if r.get("study") != "deep_mala" or key(r) not in new]
+    path.write_text(json.dumps(kept + rows, indent=2))
+    print_mala([r for r in kept if r.get("study") == "deep_mala"] + rows)
+
+
+def print_mala(rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: (-r["widths"][0], r["rank"], r["nbeta"], -r["step_size"]))
+    print(
+        "| widths | r | nβ | γ | η | chains × draws (burn-in) | acceptance | λ̂ | ± s.e. | Aoyagi λ | "
+        "rel. error | nβ(L − L*) by thirds (± s.e.) | load | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = r["estimate"] / r["theory"] - 1
+        thirds = " / ".join(f"{t:.2f}" for t in r["draw_thirds"])
+        se = max(r["draw_thirds_se"])
+        print(
+            f"| {tuple(r['widths'])} | {r['rank']} | {r['nbeta']:.0e} | 1 | {r['step_size']:.1e} | "
+            f"{r['chains']} × {r['draws']} ({r['burnin']}) | {r['acceptance']:.3f} | {r['estimate']:.3f} | "
+            f"{r['stderr']:.3f} | {r['theory']:.2f} | {100 * rel:+.1f} % | {thirds} (± {se:.2f}) | "
+            f"{r['loadavg_start']:.1f} | {r['seconds']:.0f} |"
+        )
+
+
 def deep_main(workers: int) -> None:
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -312,7 +407,17 @@ def main() -> None:
     parser.add_argument("--deep", action="store_true", help="run only the deep-linear SGLD study")
     parser.add_argument("--workers", type=int, default=1, help="processes for --deep (one thread each)")
     parser.add_argument("--deep-table", action="store_true", help="print the stored --deep results")
+    parser.add_argument("--mala", action="store_true", help="run only the deep-linear MALA runs")
+    parser.add_argument("--mala-table", action="store_true", help="print the stored --mala results")
+    parser.add_argument("--runs", type=str, default=None, help="--mala: comma-separated MALA_RUNS indices")
     args = parser.parse_args()
+    if args.mala_table:
+        stored = json.loads(Path(__file__).with_name("llc_oracles.json").read_text())
+        print_mala([r for r in stored if r.get("study") == "deep_mala"])
+        return
+    if args.mala:
+        mala_main(args.workers, None if args.runs is None else [int(i) for i in args.runs.split(",")])
+        return
     if args.deep_table:
         stored = json.loads(Path(__file__).with_name("llc_oracles.json").read_text())
         print_deep([r for r in stored if r.get("study") == "deep"])
@@ -333,7 +438,7 @@ def main() -> None:
     ]
     path = Path(__file__).with_name("llc_oracles.json")
     previous = json.loads(path.read_text()) if path.exists() else []
-    deep = [r for r in previous if r.get("study") in ("deep", "deep_extrapolated")]  # kept from --deep
+    deep = [r for r in previous if r.get("study") in ("deep", "deep_extrapolated", "deep_mala")]  # kept
     path.write_text(json.dumps(rows + deep, indent=2))
     print("| widths | r | method | λ̂ | ± s.e. | Aoyagi λ | rel. error | seconds |")
     print("|---|---|---|---|---|---|---|---|")

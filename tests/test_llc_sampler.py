@@ -310,3 +310,85 @@ def test_t_critical_values() -> None:
     for dof, value in [(1, 63.657), (3, 5.841), (10, 3.169), (15, 2.947), (30, 2.750), (1000, 2.581)]:
         assert t_critical_99(dof) == pytest.approx(value, rel=0.015)
     assert t_critical_99(0) == math.inf
+
+
+# --------------------------------------------------------------------------------------------------
+# Metropolis-adjusted Langevin (sampler="mala")
+
+_CURVATURES = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], dtype=torch.float64)
+
+
+def _quadratic(w: torch.Tensor, batch: object) -> torch.Tensor:
+    return 0.5 * (_CURVATURES * w.square()).sum()
+
+
+def test_mala_removes_the_step_size_bias_of_sgld_on_a_quadratic() -> None:
+    # Gibbs posterior exp(−nβ L − γ/2 ‖w‖²) is N(0, diag 1/a_i), a_i = nβ h_i + γ, so
+    # E[nβ L] = ½ Σ nβ h_i / a_i exactly; Euler SGLD's stationary variance is 1/(a_i (1 − η a_i / 4)).
+    nbeta, gamma = 100.0, 1.0
+    stiffness = nbeta * _CURVATURES + gamma
+    eta = 1.5 / float(stiffness.max())  # η a_max = 1.5: SGLD inflates the stiffest variance by 1.6
+    exact = float(0.5 * (nbeta * _CURVATURES / stiffness).sum())
+    sgld_limit = float(0.5 * (nbeta * _CURVATURES / (stiffness * (1 - eta * stiffness / 4))).sum())
+    assert sgld_limit - exact > 0.4  # the bias to detect
+    kw = dict(
+        nbeta=nbeta, localization=gamma, step_size=eta, num_chains=16, num_draws=2500, num_burnin=500, seed=11
+    )
+    w0 = torch.zeros(6, dtype=torch.float64)
+    mala = sample_sgld(_quadratic, w0, sampler="mala", warn=False, **kw)
+    sgld = sample_sgld(_quadratic, w0, warn=False, **kw)
+    assert 0.5 < mala.config["acceptance"] < 0.99
+    assert len(mala.config["chain_acceptance"]) == 16
+    assert "sampler" not in sgld.config  # the default run's record is unchanged
+    assert abs(mala.mean - exact) < 4 * mala.stderr, (mala.mean, mala.stderr, exact)
+    assert mala.stderr < 0.08
+    assert abs(sgld.mean - exact) > 6 * sgld.stderr, (sgld.mean, sgld.stderr, exact)
+    assert abs(sgld.mean - sgld_limit) < 4 * sgld.stderr, (sgld.mean, sgld.stderr, sgld_limit)
+
+
+def test_mala_vectorised_chains_equal_sequential_loop() -> None:
+    def loss(w: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return (batch * w).square().sum() + w.abs().pow(3).sum()
+
+    data = [torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    kw = dict(nbeta=50.0, localization=1.0, step_size=2e-2, num_chains=4, num_draws=80, num_burnin=10, seed=7)
+    a = sample_sgld(
+        loss, torch.zeros(4, dtype=torch.float64), data, vectorize=True, sampler="mala", warn=False, **kw
+    )
+    b = sample_sgld(
+        loss, torch.zeros(4, dtype=torch.float64), data, vectorize=False, sampler="mala", warn=False, **kw
+    )
+    torch.testing.assert_close(a.loss_traces, b.loss_traces, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.burnin_traces, b.burnin_traces, rtol=0, atol=1e-12)
+    assert a.config["chain_acceptance"] == b.config["chain_acceptance"]
+    # some proposals were rejected (the test exercises the accept/reject branch) and chains differ
+    assert 0.0 < a.config["acceptance"] < 1.0
+    assert not torch.equal(a.loss_traces[0], a.loss_traces[1])
+
+
+def test_mala_with_sgld_step_equal_when_every_proposal_is_accepted() -> None:
+    # at a tiny step almost every proposal is accepted, and an accepted MALA step is the SGLD step with
+    # the same noise: the traces agree while no rejection has happened
+    kw = dict(nbeta=10.0, localization=1.0, step_size=1e-6, num_chains=2, num_draws=30, seed=5, warn=False)
+    w0 = torch.zeros(6, dtype=torch.float64)
+    mala = sample_sgld(_quadratic, w0, sampler="mala", **kw)
+    sgld = sample_sgld(_quadratic, w0, **kw)
+    assert mala.config["acceptance"] == 1.0
+    torch.testing.assert_close(mala.loss_traces, sgld.loss_traces, rtol=1e-10, atol=1e-15)
+
+
+def test_mala_rejects_minibatches() -> None:
+    def loss(w: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return (batch * w).square().sum()
+
+    data = [torch.randn(3, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+    w0 = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mala.*distinct batches"):
+        sample_sgld(loss, w0, data, nbeta=10.0, step_size=1e-3, sampler="mala")
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample_sgld(loss, w0, data[:1], nbeta=10.0, step_size=1e-3, sampler="hmc")  # type: ignore[arg-type]
+    model, x = _mlp(), _inputs()
+    with pytest.raises(ValueError, match="mala.*distinct batches"):
+        estimate_llc(model, x, **SETTINGS, batch_size=16, sampler="mala")
+    full = estimate_llc(model, x, **SETTINGS, sampler="mala", warn=False)  # full batch is allowed
+    assert full.config["sampler"] == "mala" and 0.0 < full.config["acceptance"] <= 1.0

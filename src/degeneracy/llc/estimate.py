@@ -43,6 +43,7 @@ from degeneracy.llc.sgld import (
     default_threads,
     intra_op_threads,
     max_curvature,
+    run_mala_chains,
     run_sgld_chains,
 )
 
@@ -53,6 +54,30 @@ AUTO_STEP_FACTOR = 0.1
 of the loss at θ*: the stiffest direction's variance is then inflated by 1/(1 − 0.1/4) ≈ 2.6 %."""
 
 LossSpec = Literal["behavioral", "mse", "kl"] | Callable[[nn.Module, Batch], Tensor]
+
+Sampler = Literal["sgld", "mala"]
+
+
+def _check_sampler(sampler: str, num_batches: int) -> None:
+    if sampler not in ("sgld", "mala"):
+        raise ValueError(f"unknown sampler {sampler!r}: use 'sgld' or 'mala'")
+    if sampler == "mala" and num_batches > 1:
+        raise ValueError(
+            f"sampler='mala' needs the same loss at every step, but the data gives {num_batches} distinct "
+            "batches (minibatching): the Metropolis correction is only exact for a deterministic loss; "
+            "use the full batch (one batch, batch_size=None) or sampler='sgld'"
+        )
+
+
+def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
+    """What the result's config records about the sampler (nothing for the default SGLD)."""
+    if sampler == "sgld" or run.acceptance is None:
+        return {}
+    return {
+        "sampler": sampler,
+        "acceptance": float(run.acceptance.mean()),
+        "chain_acceptance": [round(float(a), 6) for a in run.acceptance],
+    }
 
 
 class LLCWarning(UserWarning):
@@ -111,11 +136,12 @@ def _run(
     vectorize: bool,
     progress: bool,
     threads: int | None = None,
+    sampler: str = "sgld",
 ) -> ChainRun:
     if threads is None:
         threads = default_threads(config.num_chains if vectorize else 1, layout.numel)
     with intra_op_threads(threads):
-        return _run_chains(chain_loss, layout, center, make_batches, config, vectorize, progress)
+        return _run_chains(chain_loss, layout, center, make_batches, config, vectorize, progress, sampler)
 
 
 def _run_chains(
@@ -126,27 +152,41 @@ def _run_chains(
     config: SGLDConfig,
     vectorize: bool,
     progress: bool,
+    sampler: str = "sgld",
 ) -> ChainRun:
-    if vectorize:
-        return run_sgld_chains(chain_loss, layout, center, make_batches(), config, progress=progress)
-    runs = [
-        run_sgld_chains(
-            chain_loss,
-            layout,
-            center,
-            make_batches(),
-            config,
-            chain_ids=[c],
-            progress=progress,
-            desc=f"chain {c}",
-        )
-        for c in range(config.num_chains)
-    ]
+    if sampler == "mala":
+        batch = next(make_batches())  # the one batch (checked by the caller)
+        if vectorize:
+            return run_mala_chains(chain_loss, layout, center, batch, config, progress=progress)
+        runs = [
+            run_mala_chains(
+                chain_loss, layout, center, batch, config, chain_ids=[c], progress=progress, desc=f"chain {c}"
+            )
+            for c in range(config.num_chains)
+        ]
+    else:
+        if vectorize:
+            return run_sgld_chains(chain_loss, layout, center, make_batches(), config, progress=progress)
+        runs = [
+            run_sgld_chains(
+                chain_loss,
+                layout,
+                center,
+                make_batches(),
+                config,
+                chain_ids=[c],
+                progress=progress,
+                desc=f"chain {c}",
+            )
+            for c in range(config.num_chains)
+        ]
+    acceptances = [r.acceptance for r in runs]
     return ChainRun(
         loss_traces=torch.cat([r.loss_traces for r in runs]),
         burnin_traces=torch.cat([r.burnin_traces for r in runs]),
         final_params=torch.cat([r.final_params for r in runs]),
         seconds=sum(r.seconds for r in runs),
+        acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
     )
 
 
@@ -176,6 +216,7 @@ def sample_sgld(
     progress: bool = False,
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
+    sampler: Sampler = "sgld",
 ) -> LLCResult:
     """Estimate the LLC of ``loss_fn`` at ``init_params`` = θ* by SGLD (functional form).
 
@@ -198,6 +239,11 @@ def sample_sgld(
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
+        sampler: ``"sgld"`` (default; Euler–Maruyama Langevin, biased by O(η)) or ``"mala"``: the same
+            Langevin proposal with a Metropolis–Hastings accept/reject step
+            (:func:`~degeneracy.llc.sgld.run_mala_chains`), exact for any η but only for a deterministic
+            loss, so ``data`` must be ``None`` or one batch (ValueError otherwise). The acceptance rate is
+            recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``).
     """
     single_tensor = isinstance(init_params, Tensor)
     params = {"": init_params} if single_tensor else dict(init_params)
@@ -215,6 +261,7 @@ def sample_sgld(
     items: Sequence[Any] = [None] if data is None else list(data)
     if not items:
         raise ValueError("data is empty: give batches, or None for a loss without data")
+    _check_sampler(sampler, len({id(b) for b in items}))
 
     if init_loss is None:
         with torch.no_grad():
@@ -235,12 +282,21 @@ def sample_sgld(
         seed,
     )
     run = _run(
-        chain_loss, layout, center, lambda: cycle_batches(items, seed), config, vectorize, progress, threads
+        chain_loss,
+        layout,
+        center,
+        lambda: cycle_batches(items, seed),
+        config,
+        vectorize,
+        progress,
+        threads,
+        sampler,
     )
     extra = {
         "loss": getattr(loss_fn, "__name__", "callable"),
         "num_batches": len(items),
         "vectorize": vectorize,
+        **_sampler_extra(sampler, run),
     }
     result = summarize_chains(run, init_loss, config, layout.numel, extra, curvature, divergence_factor)
     return _finish(result, warn)
@@ -480,6 +536,7 @@ def estimate_llc(
     progress: bool = False,
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
+    sampler: Sampler = "sgld",
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current parameters θ*.
 
@@ -513,6 +570,9 @@ def estimate_llc(
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
+        sampler: ``"sgld"`` (default) or ``"mala"`` (Metropolis-adjusted, exact for any η; needs the full
+            batch: ValueError when ``batch_size`` or the data split it into several batches), as in
+            :func:`sample_sgld`.
     """
     if engine not in ("auto", "vmap", "batched"):
         raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")
@@ -532,6 +592,11 @@ def estimate_llc(
         if n < 2:
             raise ValueError("nbeta cannot default to n / log n with fewer than 2 examples; pass nbeta")
         nbeta = n / math.log(n)
+    if examples.pooled is not None:
+        num_batches = 1 if batch_size is None or batch_size >= n else n // batch_size
+    else:
+        num_batches = sum(1 for b in examples.batches for _ in _split_batch(b, batch_size))
+    _check_sampler(sampler, num_batches)
 
     was_training = model.training
     model.eval()
@@ -580,7 +645,7 @@ def estimate_llc(
             thinning,
             seed,
         )
-        run = _run(chain_loss, layout, center, batches, config, vectorize, progress, threads)
+        run = _run(chain_loss, layout, center, batches, config, vectorize, progress, threads, sampler)
     finally:
         model.train(was_training)
     extra = {
@@ -591,6 +656,7 @@ def estimate_llc(
         "dtype": str(center.dtype).replace("torch.", ""),
         "vectorize": vectorize,
         "engine": engine,
+        **_sampler_extra(sampler, run),
     }
     result = summarize_chains(run, init_loss, config, layout.numel, extra, curvature, divergence_factor)
     return _finish(result, warn)

@@ -44,6 +44,7 @@ __all__ = [
     "intra_op_threads",
     "cycle_batches",
     "run_sgld_chains",
+    "run_mala_chains",
     "max_curvature",
 ]
 
@@ -193,6 +194,8 @@ class ChainRun:
     burnin_traces: Float[Tensor, "C B"]
     final_params: Float[Tensor, "C P"]
     seconds: float
+    acceptance: Float[Tensor, " C"] | None = None
+    """MALA only: the fraction of accepted proposals of each chain over all its steps (burn-in included)."""
 
 
 def run_sgld_chains(
@@ -284,6 +287,115 @@ def run_sgld_chains(
     burnin = losses_all[:, : config.num_burnin]
     draws = losses_all[:, config.num_burnin :: config.thinning][:, : config.num_draws]
     return ChainRun(draws.contiguous(), burnin.contiguous(), theta.detach(), seconds)
+
+
+def _loss_and_grad(chain_loss: ChainLoss, leaves: dict[str, Tensor], batch: Any, out: Tensor) -> Tensor:
+    """The loss of every chain at the leaves' values (returned, detached) and its gradient, written
+    flat into ``out``: one forward and one backward for all chains."""
+    leaf_list = tuple(leaves.values())
+    chains = out.shape[0]
+    with torch.enable_grad():
+        losses = chain_loss(leaves, batch)
+        grads = torch.autograd.grad(
+            losses, leaf_list, grad_outputs=torch.ones_like(losses), allow_unused=True
+        )
+    torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(v)).reshape(chains, -1)
+            for g, v in zip(grads, leaf_list, strict=True)
+        ],
+        dim=1,
+        out=out,
+    )
+    return losses.detach()
+
+
+def run_mala_chains(
+    chain_loss: ChainLoss,
+    layout: ParamLayout,
+    center: Float[Tensor, " P"],
+    batch: Any,
+    config: SGLDConfig,
+    chain_ids: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "MALA",
+) -> ChainRun:
+    """Metropolis-adjusted Langevin chains on the same target as :func:`run_sgld_chains`.
+
+    With U(θ) = nβ L(θ) + γ/2 ‖θ − θ*‖², each step proposes the SGLD move
+    θ' = θ − (η/2) ∇U(θ) + √η ξ and accepts it with probability
+    min(1, exp(U(θ) − U(θ') + log q(θ|θ') − log q(θ'|θ))), q(b|a) = N(b; a − (η/2)∇U(a), η I), chain by
+    chain. The chain is then exactly stationary on exp(−U) for any η, but only if L is the same function
+    at every step: ``batch`` is the one batch used throughout (full batch or ``None``).
+
+    Each chain draws its noise and its acceptance uniforms from its own generator (noise block first,
+    then a block of uniforms), so a chain's trajectory does not depend on which other chains run with it.
+    The recorded loss of a draw is that of θ_t before the step from θ_t, as in :func:`run_sgld_chains`.
+    """
+    from tqdm.auto import tqdm
+
+    ids = list(range(config.num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    chains, dim = len(ids), layout.numel
+    center = center.detach()
+    dtype, device = center.dtype, center.device
+    theta = center.expand(chains, dim).clone()
+    proposal = theta.clone()
+    leaves = {n: v.requires_grad_(True) for n, v in layout.views(proposal).items()}
+    grad = torch.empty_like(theta)  # ∇L at θ* (the start)
+    grad_prop = torch.empty_like(theta)  # ∇L at θ'
+    block = noise_block_steps(dim)
+    noise = torch.empty(chains, block, dim, dtype=dtype, device=device)
+    uniforms = torch.empty(chains, block, dtype=dtype, device=device)
+    generators = [chain_generator(config.seed, c, device) for c in ids]
+    losses_all = torch.empty(chains, config.num_steps, dtype=dtype, device=device)
+    accepted = torch.zeros(chains, dtype=torch.float64, device=device)
+    eta, half_eta, sqrt_eta = config.step_size, 0.5 * config.step_size, math.sqrt(config.step_size)
+    nbeta, gamma = float(config.nbeta), float(config.localization)
+
+    def energy(losses: Tensor, x: Tensor) -> Tensor:
+        return nbeta * losses + 0.5 * gamma * (x - center).square().sum(dim=1)
+
+    def drift_of(x: Tensor, g: Tensor) -> Tensor:
+        return (x - center).mul_(gamma).add_(g, alpha=nbeta)  # ∇U = nβ ∇L + γ (θ − θ*)
+
+    start = time.perf_counter()
+    loss = _loss_and_grad(chain_loss, leaves, batch, grad)  # proposal == θ == θ* here
+    u_cur = energy(loss, theta)
+    drift = drift_of(theta, grad)
+    for step in tqdm(range(config.num_steps), desc=desc, disable=not progress, leave=False):
+        losses_all[:, step] = loss
+        k = step % block
+        if k == 0:
+            for row, generator in enumerate(generators):
+                torch.randn((block, dim), generator=generator, dtype=dtype, device=device, out=noise[row])
+                torch.rand((block,), generator=generator, dtype=dtype, device=device, out=uniforms[row])
+        xi = noise[:, k]
+        with torch.no_grad():
+            # θ' = θ − (η/2) ∇U(θ) + √η ξ, written into the proposal leaves
+            torch.add(theta, drift, alpha=-half_eta, out=proposal)
+            proposal.add_(xi, alpha=sqrt_eta)
+        loss_prop = _loss_and_grad(chain_loss, leaves, batch, grad_prop)
+        with torch.no_grad():
+            u_prop = energy(loss_prop, proposal)
+            drift_prop = drift_of(proposal, grad_prop)
+            # log q(θ'|θ) = −‖ξ‖²/2 + c;  log q(θ|θ') = −‖θ − θ' + (η/2) ∇U(θ')‖² / (2η) + c
+            backward = (theta - proposal).add_(drift_prop, alpha=half_eta).square().sum(dim=1) / (2 * eta)
+            log_alpha = u_cur - u_prop - backward + 0.5 * xi.square().sum(dim=1)
+            log_alpha = torch.nan_to_num(log_alpha, nan=-math.inf)  # a non-finite proposal is rejected
+            accept = torch.log(uniforms[:, k]) < log_alpha
+            accepted += accept.to(torch.float64)
+            mask = accept.unsqueeze(1)
+            theta = torch.where(mask, proposal, theta)
+            drift = torch.where(mask, drift_prop, drift)
+            loss = torch.where(accept, loss_prop, loss)
+            u_cur = torch.where(accept, u_prop, u_cur)
+    seconds = time.perf_counter() - start
+
+    losses_all = losses_all.to(torch.float64)
+    burnin = losses_all[:, : config.num_burnin]
+    draws = losses_all[:, config.num_burnin :: config.thinning][:, : config.num_draws]
+    acceptance = (accepted / config.num_steps).cpu()
+    return ChainRun(draws.contiguous(), burnin.contiguous(), theta.detach(), seconds, acceptance)
 
 
 def max_curvature(
