@@ -46,7 +46,14 @@ from degeneracy.linalg import (
     truncate,
     whitening,
 )
-from degeneracy.sections import SectionFn, Sections, resolve_sections, shortcut_gram, slice_inputs
+from degeneracy.sections import (
+    SectionFn,
+    Sections,
+    is_hooked_transformer,
+    resolve_sections,
+    shortcut_gram,
+    slice_inputs,
+)
 from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite, shard
 
 __all__ = ["BasisConfig", "LayerBasis", "Basis", "interaction_basis", "load_basis"]
@@ -482,7 +489,7 @@ def interaction_basis(
             ``HookedTransformer``, each checked against the model on the first batch and dropped
             if it differs), ``None`` (always differentiate the hook-based section) or a mapping
             ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
-            not the result; ``B.info["sections"]`` records which kind each pair used.
+            not the result; ``B.info["jacobians"]`` records how each pair's Jacobians were had.
         progress: show progress bars.
 
     Returns:
@@ -562,6 +569,8 @@ def _first_batch_sections(ctx: _Context, cfg: BasisConfig, sections: Sections) -
     """The checked section shortcuts (see :mod:`degeneracy.sections`), from the first batch."""
     if sections is None or cfg.method not in ("lib", "global"):
         return {}
+    if sections == "auto" and not is_hooked_transformer(ctx.model):
+        return {}  # no automatic shortcuts for this architecture: nothing to check
     inputs = next(ctx.batches("sections", progress=False))
     with torch.no_grad():
         kept = {layer.name: ctx.cached(layer.name, 0) for layer in ctx.layers}
@@ -646,52 +655,40 @@ def _interaction_matrix(
             x = ctx.cached(src, i)
             if x is None:
                 x = capture(ctx.model, inputs, ctx.layers, [src], constant=constant)[src]
+            total = None
             if shortcut is not None:
                 total = shortcut_gram(
                     shortcut, inputs, x, white.R_pinv, out_basis.C, rule, constant, cfg.max_elements
                 )
-                if total is not None:
-                    check_finite(total, f"the Jacobian Gram of node layer {src!r}")
-                    acc.add(total, x.shape[0] * x.shape[1])
-                    how.add("closed form")
-                    continue
-        if compact is None:
-            compact = compact_is_exact(
-                ctx.model, inputs, ctx.layers, src, dst, x, constant=constant, widths=ctx.widths
-            )
-        fn = section(
-            ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths, compact=compact
-        )
-        with torch.no_grad():  # torch.func differentiates anyway; no graph towards the parameters
-            j0 = None
-            if affine is not False:
-                first = section(
-                    ctx.model,
-                    _first_example(inputs),
-                    ctx.layers,
-                    src,
-                    dst,
-                    constant=constant,
-                    widths=ctx.widths,
-                    compact=compact,
-                )
-                j0 = constant_jacobian(fn, x, first)
-                affine = j0 is not None
-            if j0 is not None:
-                total = gram_of_constant_jacobian(j0, white.R_pinv, out_basis.C, x.shape[0])
-                how.add("affine")
-            else:
-                how.add("autodiff")
-                total = jacobian_gram(
-                    fn,
-                    x,
-                    white.R_pinv,
-                    out_basis.C,
-                    rule,
-                    out_positions=positions[dst],
-                    mode=cfg.jacobian_mode,
-                    max_elements=cfg.max_elements,
-                )
-        check_finite(total, f"the Jacobian Gram of node layer {src!r}")
-        acc.add(total, x.shape[0] * x.shape[1])
+            if total is not None:
+                how.add("closed form")
+            else:  # the hook-based section: one Jacobian if it is affine, else torch.func
+                if compact is None:
+                    compact = compact_is_exact(
+                        ctx.model, inputs, ctx.layers, src, dst, x, constant=constant, widths=ctx.widths
+                    )
+                kw = dict(constant=constant, widths=ctx.widths, compact=compact)
+                fn = section(ctx.model, inputs, ctx.layers, src, dst, **kw)
+                j0 = None
+                if affine is not False:
+                    first = section(ctx.model, _first_example(inputs), ctx.layers, src, dst, **kw)
+                    j0 = constant_jacobian(fn, x, first)
+                    affine = j0 is not None
+                if j0 is not None:
+                    total = gram_of_constant_jacobian(j0, white.R_pinv, out_basis.C, x.shape[0])
+                    how.add("affine")
+                else:
+                    how.add("autodiff")
+                    total = jacobian_gram(
+                        fn,
+                        x,
+                        white.R_pinv,
+                        out_basis.C,
+                        rule,
+                        out_positions=positions[dst],
+                        mode=cfg.jacobian_mode,
+                        max_elements=cfg.max_elements,
+                    )
+            check_finite(total, f"the Jacobian Gram of node layer {src!r}")
+            acc.add(total, x.shape[0] * x.shape[1])
     return acc.all_reduce().value, " + ".join(sorted(how))

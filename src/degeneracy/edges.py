@@ -623,9 +623,9 @@ def _kernel_attributions(
     dirs, scale = in64[:d, start:], feats[..., start:]
     k_reg = dirs.shape[1]
     batch = x.shape[0]
-    # The kernels hold about one (m × k) block per example: 8·max_elements of them (~170 examples of
-    # the modular-addition model at the default) keep the GEMMs large without leaving the cache
-    # (1.4 s instead of 2.2 s for its edges than at max_elements examples; benchmarks/edges_modadd.md).
+    # The kernels hold about one (m × k) block per example: max_elements numbers (~170 examples of the
+    # modular-addition model at the default) keep their GEMMs large without leaving the cache; chunks
+    # 8× smaller made the reference edges 2.2 s instead of 1.4 s (benchmarks/edges_modadd.md).
     per = max(1, out64.shape[0] * max(k_reg, 1))
     chunk = max(1, max_elements // per)
     total = torch.zeros(out64.shape[0], in64.shape[1], dtype=torch.float64, device=x.device)

@@ -154,32 +154,26 @@ def _run_chains(
     progress: bool,
     sampler: str = "sgld",
 ) -> ChainRun:
-    if sampler == "mala":
-        batch = next(make_batches())  # the one batch (checked by the caller)
-        if vectorize:
-            return run_mala_chains(chain_loss, layout, center, batch, config, progress=progress)
-        runs = [
-            run_mala_chains(
-                chain_loss, layout, center, batch, config, chain_ids=[c], progress=progress, desc=f"chain {c}"
+    def run(chain_ids: list[int] | None, desc: str) -> ChainRun:
+        if sampler == "mala":  # the one batch (checked by the caller)
+            batch = next(make_batches())
+            return run_mala_chains(
+                chain_loss, layout, center, batch, config, chain_ids=chain_ids, progress=progress, desc=desc
             )
-            for c in range(config.num_chains)
-        ]
-    else:
-        if vectorize:
-            return run_sgld_chains(chain_loss, layout, center, make_batches(), config, progress=progress)
-        runs = [
-            run_sgld_chains(
-                chain_loss,
-                layout,
-                center,
-                make_batches(),
-                config,
-                chain_ids=[c],
-                progress=progress,
-                desc=f"chain {c}",
-            )
-            for c in range(config.num_chains)
-        ]
+        return run_sgld_chains(
+            chain_loss,
+            layout,
+            center,
+            make_batches(),
+            config,
+            chain_ids=chain_ids,
+            progress=progress,
+            desc=desc,
+        )
+
+    if vectorize:
+        return run(None, sampler.upper())
+    runs = [run([c], f"chain {c}") for c in range(config.num_chains)]
     acceptances = [r.acceptance for r in runs]
     return ChainRun(
         loss_traces=torch.cat([r.loss_traces for r in runs]),
