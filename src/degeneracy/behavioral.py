@@ -1,0 +1,213 @@
+"""The behavioral loss (paper eq 6, footnote 3; METHOD §6): one definition for the whole package.
+
+L_B(θ | θ*, D) compares the outputs f_θ(x) with the outputs f_θ*(x) of the reference parameters on
+the same inputs:
+
+* ``kind="mse"`` (paper eq 6): L_B = 1/n Σ_x ‖f_θ(x) − f_θ*(x)‖²;
+* ``kind="kl"`` (footnote 3, classifiers and language models):
+  L_B = 1/n Σ_x Σ_pos KL(softmax f_θ*(x) ‖ softmax f_θ(x)), softmax over the last dimension.
+
+**Position convention** (METHOD §6): for sequence outputs f(x) is the whole output, every analysed
+position: the squared norm and the KL **sum over positions** (and features), and n counts input
+sequences. In tensor terms: the first dimension of an output tensor indexes examples, every other
+dimension is summed, and the result is averaged over examples. The Hessian of the accounting, the
+LLC's loss and N_eff(ε) all use this one function, so their ε refer to the same loss.
+
+Both vanish, with zero gradient, at θ = θ*, so the Hessian at θ* is the Gauss–Newton matrix
+H = 1/n Σ_x J(x)ᵀ A(x)ᵀ A(x) J(x), J = ∂f/∂θ, where AᵀA is the Hessian of the per-example loss in the
+output: 2·I for MSE (eq 6 carries no ½, so H = (2/n) Σ JᵀJ; paper eq 10 drops the 2), and
+diag(p) − p pᵀ for KL per position (the Fisher information of the softmax, p = softmax f_θ*(x)).
+:func:`whiten_outputs` applies A, so that every Hessian in this package is H = 1/n Σ_x J_zᵀ J_z, z = A f.
+
+>>> import torch
+>>> out, ref = torch.zeros(4, 3, 2), torch.ones(4, 3, 2)   # 4 sequences, 3 positions, 2 features
+>>> behavioral_loss_from_outputs(out, ref, "mse").item()     # summed over positions and features
+6.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from degeneracy.data import iter_batches
+from degeneracy.run import (
+    ForwardFn,
+    cast_inputs,
+    functional_output,
+    parameters_and_buffers,
+    reference_parameters,
+    run_model,
+)
+
+__all__ = [
+    "LossKind",
+    "KINDS",
+    "check_kind",
+    "per_example_behavioral",
+    "behavioral_loss_from_outputs",
+    "whiten_outputs",
+    "behavioral_loss",
+    "behavioral_loss_function",
+]
+
+LossKind = Literal["mse", "kl"]
+KINDS: tuple[str, ...] = ("mse", "kl")
+
+
+def check_kind(kind: str) -> None:
+    """``ValueError`` unless ``kind`` names a behavioral loss.
+
+    >>> check_kind("kl")
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown behavioral loss kind {kind!r}: use 'mse' or 'kl'")
+
+
+def per_example_behavioral(
+    output: Float[Tensor, " batch *out"], reference: Float[Tensor, " batch *out"], kind: LossKind = "mse"
+) -> Float[Tensor, " batch"]:
+    """The behavioral loss of each example: summed over every dimension but the first.
+
+    Computed in the dtype of ``output`` (cast both to float64 first for float64 accumulation).
+
+    >>> per_example_behavioral(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
+    [3.0, 3.0]
+    """
+    check_kind(kind)
+    if output.shape != reference.shape:
+        raise ValueError(
+            f"output shape {tuple(output.shape)} differs from reference {tuple(reference.shape)}"
+        )
+    if kind == "mse":
+        per = (output - reference).square()
+    else:
+        ref_logp = torch.log_softmax(reference, dim=-1)
+        per = ref_logp.exp() * (ref_logp - torch.log_softmax(output, dim=-1))
+    return per.reshape(output.shape[0], -1).sum(dim=1)
+
+
+def behavioral_loss_from_outputs(
+    output: Float[Tensor, " batch *out"], reference: Float[Tensor, " batch *out"], kind: LossKind = "mse"
+) -> Float[Tensor, ""]:
+    """L_B from the two output tensors: :func:`per_example_behavioral` averaged over examples.
+
+    >>> behavioral_loss_from_outputs(torch.zeros(2, 3), torch.ones(2, 3)).item()
+    3.0
+    """
+    return per_example_behavioral(output, reference, kind).mean()
+
+
+def whiten_outputs(out: Tensor, ref: Tensor, kind: LossKind) -> Float[Tensor, "batch rows"]:
+    """z = A f (batch, rows): the output map whose Jacobian Gram is the Hessian of L_B at θ*.
+
+    ``ref`` is f_θ*(x) (only used for ``kind="kl"``, as p = softmax(ref), treated as a constant).
+    MSE: A = √2·I. KL: A = diag(√p) − √p pᵀ per position, so AᵀA = diag(p) − p pᵀ (Σ p = 1).
+    The map is linear in ``out``; positions and features are flattened into ``rows``.
+
+    >>> whiten_outputs(torch.ones(2, 1), torch.ones(2, 1), "mse").squeeze(1).tolist()
+    [1.4142135381698608, 1.4142135381698608]
+    """
+    check_kind(kind)
+    if kind == "mse":
+        return math.sqrt(2.0) * out.reshape(out.shape[0], -1)
+    p = torch.softmax(ref.detach().to(torch.float64), dim=-1).to(out.dtype)
+    sqrt_p = p.sqrt()
+    z = sqrt_p * out - sqrt_p * (p * out).sum(dim=-1, keepdim=True)
+    return z.reshape(out.shape[0], -1)
+
+
+def behavioral_loss(
+    model: nn.Module,
+    reference: nn.Module | dict[str, Tensor] | Any,
+    data: Any,
+    kind: LossKind = "mse",
+    *,
+    batch_size: int | None = None,
+    position: int | None = None,
+    forward: ForwardFn | None = None,
+) -> Float[Tensor, ""]:
+    """L_B(θ | θ*, D) of paper eq 6 (``kind="mse"``) or its KL variant (``kind="kl"``), float64 scalar.
+
+    Args:
+        model: the network at parameters θ.
+        reference: the original network θ*: a model of the same architecture, or its parameters (a
+            dict such as ``state_dict()`` or ``dict(named_parameters())``), evaluated with ``model``'s
+            architecture.
+        data: inputs in any form :func:`degeneracy.data.iter_batches` reads.
+        kind: ``"mse"`` or ``"kl"`` (module docstring: summed over positions and features).
+        batch_size: split the data into batches of this size.
+        position: restrict a ``(batch, pos, d)`` output to one position (``-1``: last token).
+        forward: ``forward(model, inputs)`` replacing ``model(inputs)``.
+
+    The result keeps the autograd graph of ``model``'s parameters (the reference is detached).
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> behavioral_loss(model, model, torch.ones(3, 2)).item()
+    0.0
+    """
+    check_kind(kind)
+    ref_params = None
+    if not isinstance(reference, nn.Module):
+        ref_params = reference_parameters(model, reference)
+        _, buffers = parameters_and_buffers(model, None)
+    total = torch.zeros((), dtype=torch.float64)
+    n = 0
+    for batch in iter_batches(data, batch_size):
+        out = run_model(model, batch.inputs, forward=forward, position=position)
+        with torch.no_grad():
+            if ref_params is None:
+                ref = run_model(reference, batch.inputs, forward=forward, position=position)
+            else:
+                tensors = {**ref_params, **buffers}
+                ref = functional_output(model, tensors, batch.inputs, forward=forward, position=position)
+        total = total + per_example_behavioral(out.double(), ref.detach().double(), kind).sum()
+        n += batch.size
+    return total / n
+
+
+def behavioral_loss_function(
+    model: nn.Module,
+    data: Any,
+    kind: LossKind = "mse",
+    *,
+    batch_size: int | None = None,
+    position: int | None = None,
+    forward: ForwardFn | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> Callable[[dict[str, Tensor]], Tensor]:
+    """θ ↦ L_B(θ | θ*, D) as a pure function of a parameter dict, with θ* = ``model``'s parameters.
+
+    Suitable for ``torch.func`` transforms (``torch.func.hessian`` checks the accounting's Hessian
+    against this function). Parameters, buffers and floating inputs are cast to ``dtype`` (``None``:
+    keep the model's).
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> loss = behavioral_loss_function(model, torch.ones(3, 2))
+    >>> loss({n: p.double() for n, p in model.named_parameters()}).item()
+    0.0
+    """
+    check_kind(kind)
+    batches = list(iter_batches(data, batch_size))
+    params, buffers = parameters_and_buffers(model, dtype)
+    inputs = [b.inputs if dtype is None else cast_inputs(b.inputs, dtype, explicit=True) for b in batches]
+    with torch.no_grad():
+        refs = [
+            functional_output(model, {**params, **buffers}, x, forward=forward, position=position)
+            for x in inputs
+        ]
+    n = sum(b.size for b in batches)
+
+    def loss(theta: dict[str, Tensor]) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for x, ref in zip(inputs, refs, strict=True):
+            out = functional_output(model, {**theta, **buffers}, x, forward=forward, position=position)
+            total = total + per_example_behavioral(out.double(), ref.double(), kind).sum()
+        return total / n
+
+    return loss

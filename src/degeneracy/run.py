@@ -1,0 +1,427 @@
+"""The run layer: how every method runs a model on data.
+
+One place for what bases, edges, ablations, the accounting and the LLC all need:
+
+* **dtype and device policy** (one rule): computations run in the model's floating dtype on the
+  model's device. Passing ``dtype=`` to a method casts a copy of the model *and* the floating inputs to
+  that dtype. Without it, a floating input whose dtype differs from the model's is an error that says
+  what to pass; integer inputs (token ids, masks) are never cast. Inputs are moved to the model's
+  device.
+* **sharding** under ``torch.distributed``: :func:`shard` gives this rank its share of the data.
+* **running**: :func:`run_model` (a batch's inputs → the output tensor, optionally at one position),
+  :func:`functional_output` (the same with parameters swapped in, for ``torch.func``), and
+  :class:`ModelRun`, a model on a dataset with batches cast by the policy above and an activation cache
+  shared by the passes of one computation.
+* **flat parameters**: :class:`ParamLayout`, the order and shapes of the parameters in a flat vector
+  θ ∈ R^P (``named_parameters`` order), with or without a leading chain dimension.
+
+>>> import torch
+>>> model = torch.nn.Linear(3, 2)
+>>> run_model(model, torch.ones(4, 3)).shape
+torch.Size([4, 2])
+>>> ParamLayout.of_model(model).numel
+8
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor, num_examples
+
+__all__ = [
+    "DTYPES",
+    "ForwardFn",
+    "resolve_dtype",
+    "model_dtype",
+    "model_device",
+    "cast_inputs",
+    "shard",
+    "select_output",
+    "run_model",
+    "functional_output",
+    "ParamLayout",
+    "parameters_and_buffers",
+    "reference_parameters",
+    "ModelRun",
+]
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+"""``forward(model, inputs)`` replacing ``model(inputs)``; it must read the parameters from ``model``."""
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from its name (``"float64"``) or itself; ``None`` stays ``None``.
+
+    >>> resolve_dtype("float64")
+    torch.float64
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating parameter (torch's default dtype if it has none).
+
+    >>> model_dtype(torch.nn.Linear(2, 2).double())
+    torch.float64
+    """
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU if it has none).
+
+    >>> model_device(torch.nn.Linear(2, 2))
+    device(type='cpu')
+    """
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def cast_inputs(
+    inputs: Tensor | Mapping[str, Tensor],
+    dtype: torch.dtype,
+    *,
+    explicit: bool,
+    device: torch.device | None = None,
+) -> Tensor | Mapping[str, Tensor]:
+    """Apply the dtype policy to a batch's inputs and move them to ``device``.
+
+    Floating inputs are cast to ``dtype`` when ``explicit`` (the caller asked for that dtype); otherwise
+    a floating input in another dtype is a ``ValueError`` saying what to pass. Integer inputs (token ids,
+    attention masks) are left alone.
+
+    >>> cast_inputs(torch.ones(2, dtype=torch.float32), torch.float64, explicit=True).dtype
+    torch.float64
+    """
+
+    def cast(x: Tensor, key: str) -> Tensor:
+        if x.is_floating_point() and x.dtype != dtype:
+            if not explicit:
+                raise ValueError(
+                    f"input {key} has dtype {x.dtype} but the model computes in {dtype}: pass inputs "
+                    f"in {dtype}, or pass dtype={str(dtype).removeprefix('torch.')!r} to cast both"
+                )
+            x = x.to(dtype)
+        return x if device is None else x.to(device)
+
+    if isinstance(inputs, Mapping):
+        return {k: cast(v, repr(k)) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    return cast(inputs, "tensor")
+
+
+def shard(data: Any) -> Any:
+    """This process's share of ``data`` under ``torch.distributed`` (examples rank, rank + world, ...).
+
+    Tensors and dicts of tensors are split here; any other iterable (a ``DataLoader``) is assumed to
+    be sharded by the caller already (e.g. with a ``DistributedSampler``). Without an initialised
+    process group, ``data`` is returned unchanged.
+
+    >>> shard(torch.arange(4)).tolist()  # one process: everything
+    [0, 1, 2, 3]
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return data
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if isinstance(data, Tensor):
+        return data[rank::world]
+    if isinstance(data, Mapping):
+        return {k: v[rank::world] for k, v in data.items()}
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# running a model
+
+
+def select_output(output: Any, position: int | None = None) -> Tensor:
+    """The output tensor of a model call, restricted to ``position`` when it has positions.
+
+    ``position`` applies to outputs of shape ``(batch, pos, d)``; ``None`` keeps every position.
+
+    >>> select_output(torch.zeros(2, 5, 3), position=-1).shape
+    torch.Size([2, 3])
+    """
+    out = model_output_tensor(output)
+    if position is not None:
+        if out.dim() < 3:
+            raise ValueError(
+                f"position={position} needs a (batch, pos, d) output, but the model output has shape "
+                f"{tuple(out.shape)}; leave position=None"
+            )
+        out = out[:, position]
+    return out
+
+
+def run_model(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    forward: ForwardFn | None = None,
+    position: int | None = None,
+) -> Tensor:
+    """``f(x)`` for a batch of inputs, as ``(batch, ...)`` (positions kept unless ``position`` is set).
+
+    >>> run_model(torch.nn.Linear(3, 2), torch.ones(4, 3)).shape
+    torch.Size([4, 2])
+    """
+    output = forward(model, inputs) if forward is not None else call_model(model, inputs)
+    return select_output(output, position)
+
+
+class _Caller(nn.Module):
+    """Wraps ``model`` so that :func:`torch.func.functional_call` can run a user ``forward`` on it."""
+
+    def __init__(self, inner: nn.Module, forward: ForwardFn | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self._forward_fn = forward
+
+    def forward(self, inputs: Any) -> Any:
+        if self._forward_fn is not None:
+            return self._forward_fn(self.inner, inputs)
+        return call_model(self.inner, inputs)
+
+
+def functional_output(
+    model: nn.Module,
+    tensors: Mapping[str, Tensor],
+    inputs: Any,
+    *,
+    forward: ForwardFn | None = None,
+    position: int | None = None,
+) -> Tensor:
+    """f(x) with ``model``'s parameters/buffers replaced by ``tensors`` (a name → tensor map).
+
+    Tensors not named keep the model's own values; dict inputs are passed as keywords. Works under
+    ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``).
+
+    >>> model = torch.nn.Linear(2, 1, bias=False)
+    >>> functional_output(model, {"weight": torch.ones(1, 2)}, torch.ones(3, 2)).flatten().tolist()
+    [2.0, 2.0, 2.0]
+    """
+    caller = _Caller(model, forward)
+    prefixed = {f"inner.{k}": v for k, v in tensors.items()}
+    output = torch.func.functional_call(caller, prefixed, (inputs,), strict=False)
+    return select_output(output, position)
+
+
+# --------------------------------------------------------------------------------------------------
+# flat parameters
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of parameters, and their order in a flat vector θ ∈ R^P.
+
+    >>> layout = ParamLayout.of_model(torch.nn.Linear(3, 2))
+    >>> layout.names, layout.numel, layout.slice("bias")
+    (('weight', 'bias'), 8, slice(6, 8, None))
+    >>> layout.unflatten(torch.arange(8.0))["bias"].tolist()
+    [6.0, 7.0]
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, params: Mapping[str, Tensor]) -> ParamLayout:
+        """The layout of a name → tensor mapping, in its order."""
+        if not params:
+            raise ValueError("no parameters to lay out: the model has no (selected) parameters")
+        return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> ParamLayout:
+        """The layout of ``model.named_parameters()`` (all of them, in that order)."""
+        return cls.of(dict(model.named_parameters()))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each parameter in θ, then P."""
+        out = [0]
+        for size in self.sizes:
+            out.append(out[-1] + size)
+        return tuple(out)
+
+    @property
+    def numel(self) -> int:
+        """P, the number of parameters."""
+        return sum(self.sizes)
+
+    def slice(self, name: str) -> slice:
+        """The entries of parameter ``name`` in θ."""
+        i = self.names.index(name)
+        offsets = self.offsets
+        return slice(offsets[i], offsets[i + 1])
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Float[Tensor, " P"]:
+        """Concatenate ``params`` (in layout order) into one vector (autograd graph kept)."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Float[Tensor, "*chain P"]) -> dict[str, Tensor]:
+        """Views ``(*chain, *shape)`` of each parameter into ``flat`` (sharing its storage).
+
+        ``flat`` is ``(P,)`` or has leading dimensions (e.g. chains: ``(C, P)``)."""
+        lead = flat.shape[:-1]
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def parameters_and_buffers(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Detached copies of the parameters (cast to ``dtype``) and the buffers (floating ones cast too).
+
+    >>> params, buffers = parameters_and_buffers(torch.nn.Linear(2, 2), torch.float64)
+    >>> params["weight"].dtype, buffers
+    (torch.float64, {})
+    """
+    params = {
+        n: p.detach().to(dtype) if dtype is not None else p.detach() for n, p in model.named_parameters()
+    }
+    buffers = {
+        n: b.to(dtype) if (dtype is not None and b.is_floating_point()) else b
+        for n, b in model.named_buffers()
+    }
+    return params, buffers
+
+
+def reference_parameters(model: nn.Module, reference: Any) -> dict[str, Tensor]:
+    """θ* as a dict from a model, a ``state_dict``-like mapping or ``named_parameters`` pairs.
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> sorted(reference_parameters(model, model.state_dict()))
+    ['bias', 'weight']
+    """
+    if isinstance(reference, nn.Module):
+        ref = dict(reference.named_parameters())
+    elif isinstance(reference, Mapping):
+        ref = dict(reference)
+    elif isinstance(reference, Sequence):
+        ref = dict(reference)
+    else:
+        raise TypeError(
+            "reference must be a model, a dict of parameters or (name, tensor) pairs, "
+            f"not {type(reference).__name__}"
+        )
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in ref]
+    if missing:
+        raise KeyError(f"reference lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {n: ref[n] for n in names}
+
+
+# --------------------------------------------------------------------------------------------------
+# a model on a dataset
+
+
+CACHE_BYTES = 256 * 2**20
+"""Activations a :class:`ModelRun` keeps between the passes of one computation."""
+
+
+class ModelRun:
+    """A model on a dataset, with the dtype/device policy applied and the data sharded by rank.
+
+    Args:
+        model: the network. With ``dtype`` given and different from the model's, a cast copy is used
+            (the caller's model is never modified).
+        data: any data :func:`degeneracy.data.iter_batches` reads; tensors and dicts are sharded
+            under ``torch.distributed``.
+        dtype: compute dtype (name or ``torch.dtype``); ``None``: the model's (floating inputs must
+            match it).
+        batch_size: split the data into batches of at most this many examples.
+        cache: keep activations between passes (see :meth:`keep`), only for data that batches the same
+            way every time (a tensor or a dict of tensors), up to ``CACHE_BYTES``.
+
+    >>> run = ModelRun(torch.nn.Linear(3, 2), torch.ones(5, 3), batch_size=2)
+    >>> [x.shape[0] for x in run.inputs()]
+    [2, 2, 1]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int | None = None,
+        cache: bool = True,
+    ) -> None:
+        wanted = resolve_dtype(dtype)
+        self.explicit = wanted is not None
+        self.dtype = wanted if wanted is not None else model_dtype(model)
+        if self.explicit and model_dtype(model) != self.dtype:
+            model = copy.deepcopy(model).to(self.dtype)
+        self.model = model
+        self.device = model_device(model)
+        self.data = shard(data)
+        self.batch_size = batch_size
+        self.n = num_examples(self.data)
+        deterministic = isinstance(self.data, Tensor | Mapping)
+        self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
+
+    def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
+        """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress, leave=False)
+        try:
+            for batch in iter_batches(self.data, self.batch_size):
+                inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)
+                extras = tuple(e.to(self.device) if isinstance(e, Tensor) else e for e in batch.extras)
+                yield Batch(inputs, extras)
+                bar.update(batch.size)
+        finally:
+            bar.close()
+
+    def inputs(self, desc: str = "", progress: bool = False) -> Iterator[Tensor | Mapping[str, Tensor]]:
+        """The cast inputs of each batch."""
+        for batch in self.batches(desc, progress):
+            yield batch.inputs
+
+    def materialize(self) -> list[Batch]:
+        """Every batch, cast, as a list (for computations that read the data many times)."""
+        return list(self.batches())
+
+    def keep(self, acts: Mapping[str, Tensor]) -> None:
+        """Add one batch's activations to the cache (dropped for good once over ``CACHE_BYTES``)."""
+        if self._cache is None:
+            return
+        for name, x in acts.items():
+            self._cache.setdefault(name, []).append(x)
+        if sum(t.numel() * t.element_size() for v in self._cache.values() for t in v) > CACHE_BYTES:
+            self._cache = None
+
+    def cached(self, name: str, index: int) -> Tensor | None:
+        """The activations of node layer ``name`` for batch ``index``, if kept."""
+        if self._cache is None or name not in self._cache or index >= len(self._cache[name]):
+            return None
+        return self._cache[name][index]
