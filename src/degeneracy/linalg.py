@@ -7,6 +7,8 @@ R = diag(D)^{-1/2} Uᵀ and its pseudo-inverse R₊ = U diag(D)^{1/2}; integrati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch import Tensor
 __all__ = [
     "Eigh",
     "eigh_descending",
+    "intra_op_threads",
     "truncate",
     "whitening",
     "IntegrationRule",
@@ -35,15 +38,44 @@ class Eigh:
     vectors: Float[Tensor, "d d"]
 
 
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (restored after); ``None``: unchanged.
+
+    >>> with intra_op_threads(1):
+    ...     torch.get_num_threads()
+    1
+    """
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+SINGLE_THREAD_EIGH = 1024
+"""Largest matrix side decomposed on one intra-op thread: small LAPACK calls gain nothing from threads,
+and on an oversubscribed machine a multi-threaded eigensolver on a 128 × 128 matrix can take seconds
+(threads spin at barriers while descheduled)."""
+
+
 def eigh_descending(matrix: Float[Tensor, "d d"]) -> Eigh:
-    """Symmetric eigendecomposition in float64, eigenvalues descending.
+    """Symmetric eigendecomposition in float64, eigenvalues descending (the package's one eigh).
 
     The input is symmetrised first, so that accumulated round-off cannot make ``eigh`` read only one
-    triangle of a slightly asymmetric matrix.
+    triangle of a slightly asymmetric matrix; matrices up to ``SINGLE_THREAD_EIGH`` run on one thread.
+
+    >>> eigh_descending(torch.diag(torch.tensor([1.0, 3.0, 2.0]))).values.tolist()
+    [3.0, 2.0, 1.0]
     """
     m = matrix.to(torch.float64)
     m = 0.5 * (m + m.T)
-    values, vectors = torch.linalg.eigh(m)
+    with intra_op_threads(1 if m.shape[-1] <= SINGLE_THREAD_EIGH else None):
+        values, vectors = torch.linalg.eigh(m)
     return Eigh(values.flip(0), vectors.flip(1))
 
 
