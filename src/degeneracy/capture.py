@@ -37,6 +37,7 @@ __all__ = [
     "section",
     "check_cut",
     "append_constant",
+    "to_bpd",
 ]
 
 OUTPUT = "output"
@@ -146,8 +147,12 @@ class _Piece:
     shape: torch.Size | None = None  # the module activation's full shape, learned when it fires
 
 
-def _to_bpd(x: Tensor) -> Tensor:
-    """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...))."""
+def to_bpd(x: Tensor) -> Float[Tensor, "batch pos d"]:
+    """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...)).
+
+    >>> to_bpd(torch.zeros(2, 3)).shape
+    torch.Size([2, 1, 3])
+    """
     if x.dim() == 1:
         return x[:, None, None]
     if x.dim() == 2:
@@ -209,7 +214,7 @@ class _Run:
     def visit(self, piece: _Piece, x: Tensor) -> Tensor | None:
         """Record a module activation; return a replacement tensor if the layer is substituted."""
         layer = piece.layer
-        full = _to_bpd(x)
+        full = to_bpd(x)
         selected = _select(full, layer.positions)
         replacement = None
         if layer.name in self.substitute:
@@ -322,7 +327,7 @@ def forward(
         output = call_model(model, inputs)
         if wants_output:
             out_layer = next(known[n] for n in capture if known[n].is_output)
-            captured[out_layer.name] = _select(_to_bpd(model_output_tensor(output)), out_layer.positions)
+            captured[out_layer.name] = _select(to_bpd(model_output_tensor(output)), out_layer.positions)
     except _Stop:
         pass
     finally:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from degeneracy.accounting._model import ForwardFn, resolve_module, run_model
 from degeneracy.accounting.behavioral import LossKind, whiten_outputs
 from degeneracy.accounting.structure import Point, Structure
-from degeneracy.capture import _to_bpd
+from degeneracy.capture import to_bpd
 from degeneracy.data import Batch
 
 MAX_MASKED_POSITIONS = 64
@@ -171,7 +171,7 @@ def collect(
                 value = captured[point]
                 if point in input_transforms:
                     value = input_transforms[point](value)
-                x = _to_bpd(value).to(torch.float64)
+                x = to_bpd(value).to(torch.float64)
                 st = stats[point]
                 st.count += b
                 st.positions = x.shape[1]
@@ -232,7 +232,7 @@ def _accumulate_jacobians(
             )
         for point, g, delta in zip(points, grads, tensors, strict=True):
             st = stats[point]
-            bpd = _to_bpd(delta)
+            bpd = to_bpd(delta)
             if g is None:
                 k = torch.zeros(bpd.shape[1], bpd.shape[2], bpd.shape[2], dtype=torch.float64)
             else:
