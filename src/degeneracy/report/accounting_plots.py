@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from degeneracy.report._figure import pyplot, save_figure
+from degeneracy.report.figure import pyplot, save_figure
 
 __all__ = ["plot_hessian_spectrum", "plot_sources"]
 

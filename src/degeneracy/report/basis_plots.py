@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from degeneracy.report._figure import pyplot, save_figure
+from degeneracy.report.figure import pyplot, save_figure
 
 __all__ = ["plot_spectra"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from degeneracy.report._figure import pyplot, save_figure
+from degeneracy.report.figure import pyplot, save_figure
 
 __all__ = [
     "plot_interaction_graph",

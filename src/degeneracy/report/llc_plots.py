@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from degeneracy.report._figure import pyplot, save_figure
+from degeneracy.report.figure import pyplot, save_figure
 
 __all__ = ["plot_loss_traces", "plot_llc_curve"]
 
