@@ -10,6 +10,12 @@
 
 from __future__ import annotations
 
+import warnings
+
+from torch import Tensor
+
+from degeneracy.behavioral import behavioral_loss_from_outputs
+
 from degeneracy.llc.curve import (
     EffectiveParameterCount,
     LLCCurve,
@@ -21,7 +27,6 @@ from degeneracy.llc.curve import (
     sgld_llc_curve,
 )
 from degeneracy.llc.estimate import LLCWarning, auto_step_size, estimate_llc, sample_sgld
-from degeneracy.llc.losses import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse
 from degeneracy.llc.result import LLCResult
 from degeneracy.llc.sgld import SGLDConfig
 from degeneracy.llc.volume import VolumeResult, volume_llc
@@ -47,3 +52,41 @@ __all__ = [
     "behavioral_kl",
     "behavioral_loss_from_outputs",
 ]
+
+
+def behavioral_mse(output: Tensor, reference: Tensor) -> Tensor:
+    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")``.
+
+    Sums over every dimension after the first (positions included, METHOD §6), mean over examples.
+
+    >>> import torch
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     behavioral_mse(torch.zeros(2, 3), torch.ones(2, 3)).item()
+    3.0
+    """
+    warnings.warn(
+        "degeneracy.llc.behavioral_mse is deprecated; use "
+        'degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return behavioral_loss_from_outputs(output, reference, "mse")
+
+
+def behavioral_kl(logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference, "kl")``.
+
+    >>> import torch
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     behavioral_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item()
+    0.0
+    """
+    warnings.warn(
+        "degeneracy.llc.behavioral_kl is deprecated; use "
+        'degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference_logits, "kl")',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return behavioral_loss_from_outputs(logits, reference_logits, "kl")

@@ -21,21 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.io import load_tensors, save_tensors
-from degeneracy.llc.batched import functional_output
-from degeneracy.llc.estimate import (
-    LLCWarning,
-    _behavioral_kind,
-    _materialize,
-    _reference_outputs,
-    _select_params,
-    estimate_llc,
-    sample_sgld,
-)
-from degeneracy.llc.losses import behavioral_loss_from_outputs
+from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
+from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.result import LLCResult
-from degeneracy.llc.sgld import ParamLayout
 from degeneracy.llc.volume import volume_llc
+from degeneracy.run import ParamLayout, functional_output, model_device, model_dtype
 
 __all__ = [
     "LLCCurve",
@@ -250,24 +242,23 @@ def behavioral_loss_fn(
 
     Returns ``(loss_fn, center)`` with ``loss_fn(theta: (P,)) -> scalar``, for
     :func:`~degeneracy.llc.volume.volume_llc` or :func:`~degeneracy.llc.estimate.sample_sgld`."""
-    kind = _behavioral_kind(loss)
-    chosen = _select_params(model, params)
+    kind = loss_kind(loss)
+    chosen = select_parameters(model, params)
     layout = ParamLayout.of(chosen)
-    center = layout.flatten(chosen)
-    examples = _materialize(data, center.device)
+    center = layout.flatten(chosen).detach()
+    examples = materialize(data, model_device(model), model_dtype(model))
     if examples.pooled is None:
         raise ValueError("behavioral_loss_fn needs data that fit in one batch of tensors")
     inputs = examples.pooled.inputs
     was_training = model.training
     model.eval()
     try:
-        reference = _reference_outputs(model, examples.pooled, 4096)
+        reference = reference_outputs(model, examples.pooled)
     finally:
         model.train(was_training)
 
     def loss_fn(theta: Tensor) -> Tensor:
-        params_ = {n: v[0] for n, v in layout.views(theta.unsqueeze(0)).items()}
-        return behavioral_loss_from_outputs(functional_output(model, params_, inputs), reference, kind)
+        return behavioral_loss_from_outputs(functional_output(model, layout.unflatten(theta), inputs), reference, kind)
 
     return loss_fn, center
 
@@ -319,7 +310,7 @@ def effective_parameter_count(
         )
     if method != "sgld":
         raise ValueError(f"unknown method {method!r}: use 'sgld' or 'volume'")
-    num_params = ParamLayout.of(_select_params(model, kwargs.get("params"))).numel
+    num_params = ParamLayout.of(select_parameters(model, kwargs.get("params"))).numel
     guess = float(llc_guess) if llc_guess is not None else num_params / 4.0
     order = sorted(range(targets.numel()), key=lambda i: -float(targets[i]))
     final: dict[int, tuple[float, LLCResult]] = {}

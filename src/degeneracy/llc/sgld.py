@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,10 +32,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.linalg import intra_op_threads
+from degeneracy.run import ParamLayout
+
 __all__ = [
     "ChainLoss",
     "SGLDConfig",
     "ParamLayout",
+    "seed_from",
     "ChainRun",
     "chain_generator",
     "noise_block_steps",
@@ -100,37 +103,6 @@ class SGLDConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ParamLayout:
-    """Names and shapes of the sampled parameters, and their order in the flat vector θ ∈ R^P."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, params: Mapping[str, Tensor]) -> ParamLayout:
-        return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def numel(self) -> int:
-        """P, the number of sampled parameters."""
-        return sum(self.sizes)
-
-    def flatten(self, params: Mapping[str, Tensor]) -> Float[Tensor, " P"]:
-        """Concatenate ``params`` (in layout order) into one detached vector."""
-        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
-
-    def views(self, flat: Float[Tensor, "C P"]) -> dict[str, Tensor]:
-        """Views ``(C, *shape)`` of each parameter into ``flat`` (sharing its storage)."""
-        chains = flat.shape[0]
-        parts = torch.split(flat, self.sizes, dim=1)
-        return {n: t.view(chains, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
-
-
 SMALL_WORK = 200_000
 """Chains × parameters up to which the sampler runs single-threaded by default: a step of such a
 problem is dominated by per-operation overhead, which intra-op threads only add to (and on shared
@@ -142,29 +114,19 @@ def default_threads(chains: int, dim: int) -> int | None:
     return 1 if chains * dim <= SMALL_WORK else None
 
 
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (restored after); ``None``: unchanged."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def seed_from(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence): distinct streams of one seed.
 
-
-def _seed_from(*entropy: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy SeedSequence)."""
+    >>> seed_from(0, 1) == seed_from(0, 1) != seed_from(0, 2)
+    True
+    """
     state = np.random.SeedSequence([int(e) % (2**63) for e in entropy]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only."""
-    return torch.Generator(device=device).manual_seed(_seed_from(seed, chain, 0x51D))
+    return torch.Generator(device=device).manual_seed(seed_from(seed, chain, 0x51D))
 
 
 def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
@@ -174,7 +136,7 @@ def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
     if len(batches) == 1:
         while True:
             yield batches[0]
-    generator = torch.Generator().manual_seed(_seed_from(seed, 0xDA7A))
+    generator = torch.Generator().manual_seed(seed_from(seed, 0xDA7A))
     while True:
         for i in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[i]
@@ -232,7 +194,7 @@ def run_sgld_chains(
     theta = center.expand(chains, dim).clone()
     # per-parameter views into theta, made autograd leaves once: theta is then updated in place
     # under no_grad and every step differentiates with respect to the same leaves
-    leaves = {n: v.requires_grad_(True) for n, v in layout.views(theta).items()}
+    leaves = {n: v.requires_grad_(True) for n, v in layout.unflatten(theta).items()}
     leaf_list = tuple(leaves.values())
     grad_flat = torch.empty_like(theta)
     drift = torch.empty_like(theta)
@@ -340,7 +302,7 @@ def run_mala_chains(
     dtype, device = center.dtype, center.device
     theta = center.expand(chains, dim).clone()
     proposal = theta.clone()
-    leaves = {n: v.requires_grad_(True) for n, v in layout.views(proposal).items()}
+    leaves = {n: v.requires_grad_(True) for n, v in layout.unflatten(proposal).items()}
     grad = torch.empty_like(theta)  # ∇L at θ* (the start)
     grad_prop = torch.empty_like(theta)  # ∇L at θ'
     block = noise_block_steps(dim)
@@ -408,12 +370,12 @@ def max_curvature(
 ) -> float:
     """Largest |eigenvalue| of the Hessian of the loss at ``center`` (power iteration on
     Hessian-vector products by double backward). Used for the step-size rule and its warning."""
-    generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0xC0DE))
+    generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0xC0DE))
     v = torch.randn(center.shape, generator=generator, dtype=center.dtype, device=center.device)
     v /= v.norm()
     x = center.detach().clone().unsqueeze(0).requires_grad_(True)
     with torch.enable_grad():
-        loss = chain_loss(layout.views(x), batch).sum()
+        loss = chain_loss(layout.unflatten(x), batch).sum()
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
     if not g.requires_grad:  # the loss is linear or constant in θ
         return 0.0

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import vmap
 
-from degeneracy.llc.sgld import _seed_from
+from degeneracy.llc.sgld import seed_from
 
 __all__ = ["VolumeResult", "volume_llc", "MAX_VOLUME_PARAMS"]
 
@@ -249,7 +249,7 @@ def volume_llc(
 
         if epsilons is None:
             probe = torch.rand(
-                512, d, generator=torch.Generator().manual_seed(_seed_from(seed, 1)), dtype=center.dtype
+                512, d, generator=torch.Generator().manual_seed(seed_from(seed, 1)), dtype=center.dtype
             )
             median = float(excess(center + radius * (2 * probe.to(center.device) - 1)).median())
             eps = torch.logspace(math.log10(median) - 8, math.log10(median) - 1, 25, dtype=torch.float64)
@@ -259,7 +259,7 @@ def volume_llc(
             raise ValueError("epsilons must be positive")
         half = math.sqrt(slope_window)
         eps_min = float(eps.min()) / half
-        generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0x70E))
+        generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0x70E))
         levels = _nested_levels(
             excess,
             center,
