@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from degeneracy.llc import theory
-from degeneracy.llc import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse
+from degeneracy.llc import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse, theory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

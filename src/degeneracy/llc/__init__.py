@@ -4,6 +4,10 @@
 * :func:`sample_sgld` — the same sampler on a loss of a parameter tensor (model-free problems);
 * :func:`llc_curve` / :func:`effective_parameter_count` — λ(ε) and N_eff(ε) over loss scales ε;
 * :func:`volume_llc` — λ(ε) from the volume of {L < ε} by nested (subset) sampling, few parameters;
+* results save with ``.save(path)`` and load with :func:`load_llc`, :func:`load_llc_curve`,
+  :func:`load_effective_parameter_count`, :func:`load_volume` (the file's kind is checked);
+* the loss is :mod:`degeneracy.behavioral`'s (summed over positions, METHOD §6), the same function as
+  the Hessian accounting's, so their ε are the same scale;
 * :mod:`degeneracy.llc.theory` — closed forms (monomials, Aoyagi's reduced-rank regression and deep
   linear networks) that the estimators are checked against.
 """
@@ -15,7 +19,6 @@ import warnings
 from torch import Tensor
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
-
 from degeneracy.llc.curve import (
     EffectiveParameterCount,
     LLCCurve,
@@ -24,12 +27,14 @@ from degeneracy.llc.curve import (
     calibrate_step_size,
     effective_parameter_count,
     llc_curve,
+    load_effective_parameter_count,
+    load_llc_curve,
     sgld_llc_curve,
 )
 from degeneracy.llc.estimate import LLCWarning, auto_step_size, estimate_llc, sample_sgld
-from degeneracy.llc.result import LLCResult
+from degeneracy.llc.result import LLCResult, load_llc
 from degeneracy.llc.sgld import SGLDConfig
-from degeneracy.llc.volume import VolumeResult, volume_llc
+from degeneracy.llc.volume import VolumeResult, load_volume, volume_llc
 
 __all__ = [
     "estimate_llc",
@@ -41,6 +46,10 @@ __all__ = [
     "behavioral_loss_fn",
     "volume_llc",
     "auto_step_size",
+    "load_llc",
+    "load_llc_curve",
+    "load_effective_parameter_count",
+    "load_volume",
     "LLCResult",
     "LLCCurve",
     "EffectiveParameterCount",

@@ -107,11 +107,17 @@ class _ChainLinear(nn.Module):
         return out + bias.reshape(chains, *([1] * (out.dim() - 2)), self.out_features)
 
 
-def batched_behavioral_chain_loss(
-    model: nn.Module, sampled: list[str], kind: LossKind
-) -> ChainLoss | None:
+def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: LossKind) -> ChainLoss | None:
     """The fast path, or ``None`` when some sampled parameter is not the weight or bias of an
-    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call)."""
+    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call).
+
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    >>> fast = batched_behavioral_chain_loss(model, list(params), "mse")
+    >>> fast(params, (Batch(x), model(x).detach())).tolist()
+    [0.0, 0.0]
+    """
     owners: dict[str, tuple[str, str]] = {}
     linear_names = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     for pname in sampled:
@@ -153,7 +159,17 @@ def chain_losses_agree(
     scale: float = 1e-2,
 ) -> bool:
     """Whether two chain losses give the same losses and gradients on two chains at distinct random
-    perturbations of ``center`` (relative tolerance 1e-4 in float32, 1e-9 in float64)."""
+    perturbations of ``center`` (relative tolerance 1e-4 in float32, 1e-9 in float64).
+
+    >>> model = nn.Sequential(nn.Linear(2, 1)).double()
+    >>> layout = ParamLayout.of_model(model)
+    >>> center = layout.flatten(dict(model.named_parameters())).detach()
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> item = (Batch(x), model(x).detach())
+    >>> fast = batched_behavioral_chain_loss(model, list(layout.names), "mse")
+    >>> chain_losses_agree(fast, vmap_behavioral_chain_loss(model, "mse"), layout, center, item)
+    True
+    """
     generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0xC4EC))
     noise = torch.randn((2, center.numel()), generator=generator, dtype=center.dtype, device=center.device)
     spread = center.abs().mean().clamp_min(1e-3)

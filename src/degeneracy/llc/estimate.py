@@ -77,11 +77,23 @@ def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
 
 
 class LLCWarning(UserWarning):
-    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates)."""
+    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("chains not stationary", LLCWarning)
+    >>> caught[0].category.__name__
+    'LLCWarning'
+    """
 
 
 def auto_step_size(nbeta: float, localization: float, curvature: float) -> float:
-    """η = AUTO_STEP_FACTOR / (nβ h_max + γ)."""
+    """η = AUTO_STEP_FACTOR / (nβ h_max + γ).
+
+    >>> auto_step_size(nbeta=100.0, localization=0.0, curvature=2.0)
+    0.0005
+    """
     stiffness = nbeta * curvature + localization
     if not (math.isfinite(stiffness) and stiffness > 0):
         raise ValueError(
@@ -234,6 +246,13 @@ def sample_sgld(
             (:func:`~degeneracy.llc.sgld.run_mala_chains`), exact for any η but only for a deterministic
             loss, so ``data`` must be ``None`` or one batch (ValueError otherwise). The acceptance rate is
             recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``).
+
+    >>> import torch
+    >>> quadratic = lambda w, _: w.square().sum()   # one regular parameter: λ = 1/2
+    >>> r = sample_sgld(quadratic, torch.zeros(1, dtype=torch.float64), nbeta=100.0, num_chains=2,
+    ...                 num_draws=400, seed=0, warn=False)
+    >>> abs(r.mean - 0.5) < 0.2
+    True
     """
     single_tensor = isinstance(init_params, Tensor)
     params = {"": init_params} if single_tensor else dict(init_params)

@@ -100,7 +100,11 @@ def select_parameters(
 @dataclass(frozen=True)
 class Examples:
     """Data held in memory: one pooled batch of every example (indexable, see
-    :func:`degeneracy.data.pool_batches`) when the batches line up, and the batches themselves."""
+    :func:`degeneracy.data.pool_batches`) when the batches line up, and the batches themselves.
+
+    >>> Examples(Batch(torch.zeros(4, 2)), []).num_examples
+    4
+    """
 
     pooled: Batch | None
     batches: list[Batch]
@@ -124,9 +128,7 @@ class Examples:
         return sum(1 for b in self.batches for _ in b.split(batch_size))
 
 
-def materialize(
-    data: Any, device: torch.device, dtype: torch.dtype, *, explicit: bool = False
-) -> Examples:
+def materialize(data: Any, device: torch.device, dtype: torch.dtype, *, explicit: bool = False) -> Examples:
     """Read ``data`` into memory on ``device``, with inputs under the run layer's dtype rule
     (:func:`degeneracy.run.cast_inputs`: floating inputs are cast to ``dtype`` when ``explicit``, else a
     floating input of another dtype is a ``ValueError``; integer inputs are left alone).
@@ -252,7 +254,12 @@ def _mean_loss(
 @dataclass(frozen=True)
 class ModelLoss:
     """What the sampler needs about the loss of a model: the chain loss, a factory of batch streams
-    (items as the chain loss takes them), L(θ*), the loss's name and the engine used."""
+    (items as the chain loss takes them), L(θ*), the loss's name and the engine used.
+
+    >>> spec = ModelLoss(lambda views, item: torch.zeros(1), lambda: iter([None]), 0.0, "zero", "vmap")
+    >>> spec.name, spec.init_loss
+    ('zero', 0.0)
+    """
 
     chain_loss: ChainLoss
     batches: Callable[[], Iterator[Any]]
@@ -280,6 +287,13 @@ def model_chain_loss(
     after checking that it reproduces the vmap path at perturbed parameters. A callable ``loss(model,
     batch)`` is vectorised with ``vmap`` (items ``(batch, None)``). ``model`` should be in eval mode.
     See the module docstring for an example.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1)).double()
+    >>> chosen = select_parameters(model, None)
+    >>> layout, center = ParamLayout.of(chosen), ParamLayout.of(chosen).flatten(chosen)
+    >>> data = materialize(torch.ones(4, 2, dtype=torch.float64), torch.device("cpu"), torch.float64)
+    >>> model_chain_loss(model, data, layout, center, loss="kl").engine
+    'batched'
     """
     if engine not in ("auto", "vmap", "batched"):
         raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,6 +70,10 @@ class SGLDConfig:
         num_burnin: steps before the first draw.
         thinning: steps between draws (1 = every step is a draw).
         seed: seeds the chains' noise (with the chain index) and the minibatch order.
+
+    >>> config = SGLDConfig(10.0, 1.0, 1e-3, num_draws=5, num_burnin=2, thinning=2)
+    >>> config.num_steps, config.to_dict()["nbeta"]
+    (12, 10.0)
     """
 
     nbeta: float
@@ -110,7 +114,11 @@ cores, multiply)."""
 
 
 def default_threads(chains: int, dim: int) -> int | None:
-    """1 for small problems (``chains * dim <= SMALL_WORK``), else ``None`` (leave torch's setting)."""
+    """1 for small problems (``chains * dim <= SMALL_WORK``), else ``None`` (leave torch's setting).
+
+    >>> default_threads(4, 100), default_threads(4, 10**6)
+    (1, None)
+    """
     return 1 if chains * dim <= SMALL_WORK else None
 
 
@@ -125,12 +133,22 @@ def seed_from(*entropy: int) -> int:
 
 
 def chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only."""
+    """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only.
+
+    >>> first = torch.randn(2, generator=chain_generator(0, 1))
+    >>> torch.equal(first, torch.randn(2, generator=chain_generator(0, 1)))
+    True
+    """
     return torch.Generator(device=device).manual_seed(seed_from(seed, chain, 0x51D))
 
 
 def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
-    """Cycle through ``batches`` endlessly, each pass in a fresh order drawn from ``seed``."""
+    """Cycle through ``batches`` endlessly, each pass in a fresh order drawn from ``seed``.
+
+    >>> stream = cycle_batches(["a", "b"], seed=0)
+    >>> sorted(next(stream) for _ in range(2))
+    ['a', 'b']
+    """
     if len(batches) == 0:
         raise ValueError("no batches to sample with")
     if len(batches) == 1:
@@ -144,13 +162,22 @@ def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
 
 def noise_block_steps(dim: int, max_steps: int = 64, max_numbers: int = 1 << 18) -> int:
     """How many steps of noise a chain draws at once: at most ``max_steps``, at most ``max_numbers``
-    numbers per chain, at least one step."""
+    numbers per chain, at least one step.
+
+    >>> noise_block_steps(10), noise_block_steps(10**6)
+    (64, 1)
+    """
     return max(1, min(max_steps, max_numbers // max(dim, 1)))
 
 
 @dataclass(frozen=True)
 class ChainRun:
-    """What the SGLD loop returns: per-chain loss traces, final positions and wall time."""
+    """What the SGLD loop returns: per-chain loss traces, final positions and wall time.
+
+    >>> run = ChainRun(torch.zeros(2, 5), torch.zeros(2, 0), torch.zeros(2, 3), seconds=0.1)
+    >>> run.loss_traces.shape, run.acceptance
+    (torch.Size([2, 5]), None)
+    """
 
     loss_traces: Float[Tensor, "C D"]
     burnin_traces: Float[Tensor, "C B"]
@@ -185,6 +212,14 @@ def run_sgld_chains(
     Returns:
         The loss of each chain at each recorded draw, evaluated at θ_t before the step from θ_t,
         as float64, with the burn-in losses separately.
+
+    >>> layout = ParamLayout(("w",), ((1,),))
+    >>> chain_loss = lambda views, batch: views["w"].square().sum(1)   # L(w) = w², every chain
+    >>> config = SGLDConfig(nbeta=100.0, localization=0.0, step_size=1e-3, num_chains=2, num_draws=10)
+    >>> center = torch.zeros(1, dtype=torch.float64)
+    >>> run = run_sgld_chains(chain_loss, layout, center, iter([None] * 10), config)
+    >>> run.loss_traces.shape, run.final_params.shape
+    (torch.Size([2, 10]), torch.Size([2, 1]))
     """
     from tqdm.auto import tqdm
 
@@ -293,6 +328,13 @@ def run_mala_chains(
     Each chain draws its noise and its acceptance uniforms from its own generator (noise block first,
     then a block of uniforms), so a chain's trajectory does not depend on which other chains run with it.
     The recorded loss of a draw is that of θ_t before the step from θ_t, as in :func:`run_sgld_chains`.
+
+    >>> layout = ParamLayout(("w",), ((1,),))
+    >>> chain_loss = lambda views, batch: views["w"].square().sum(1)
+    >>> config = SGLDConfig(nbeta=100.0, localization=0.0, step_size=1e-2, num_chains=2, num_draws=10)
+    >>> run = run_mala_chains(chain_loss, layout, torch.zeros(1, dtype=torch.float64), None, config)
+    >>> run.acceptance.shape
+    torch.Size([2])
     """
     from tqdm.auto import tqdm
 
@@ -369,7 +411,13 @@ def max_curvature(
     seed: int = 0,
 ) -> float:
     """Largest |eigenvalue| of the Hessian of the loss at ``center`` (power iteration on
-    Hessian-vector products by double backward). Used for the step-size rule and its warning."""
+    Hessian-vector products by double backward). Used for the step-size rule and its warning.
+
+    >>> layout = ParamLayout(("w",), ((2,),))
+    >>> chain_loss = lambda views, batch: (views["w"].square() * torch.tensor([3.0, 1.0])).sum(1)
+    >>> round(max_curvature(chain_loss, layout, torch.zeros(2), None), 3)   # Hessian diag(6, 2)
+    6.0
+    """
     generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0xC0DE))
     v = torch.randn(center.shape, generator=generator, dtype=center.dtype, device=center.device)
     v /= v.norm()

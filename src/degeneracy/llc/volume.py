@@ -55,6 +55,9 @@ class VolumeResult:
             [eps_min, eps_max], per repeat, then mean and standard deviation over repeats.
         levels: per repeat, the thresholds t_k and log V_k of the nested levels.
         config: the settings.
+
+    >>> VolumeResult(*(torch.ones(1) for _ in range(5)), fit={}).n_eff.tolist()
+    [2.0]
     """
 
     epsilons: Float[Tensor, " K"]
@@ -103,6 +106,11 @@ def load_volume(path: str | Path) -> VolumeResult:
     """A :class:`VolumeResult` saved with :meth:`VolumeResult.save` (the file's kind is checked).
 
     See :meth:`VolumeResult.save` for an example.
+
+    >>> import os, tempfile
+    >>> r = VolumeResult(*(torch.full((1,), 0.5, dtype=torch.float64) for _ in range(5)), fit={"llc": 0.5})
+    >>> load_volume(r.save(os.path.join(tempfile.mkdtemp(), "v.safetensors"))).fit
+    {'llc': 0.5}
     """
     return VolumeResult.load(path)
 
