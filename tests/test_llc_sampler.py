@@ -392,3 +392,19 @@ def test_mala_rejects_minibatches() -> None:
         estimate_llc(model, x, **SETTINGS, batch_size=16, sampler="mala")
     full = estimate_llc(model, x, **SETTINGS, sampler="mala", warn=False)  # full batch is allowed
     assert full.config["sampler"] == "mala" and 0.0 < full.config["acceptance"] <= 1.0
+
+
+def test_dtype_rule_of_the_run_layer() -> None:
+    """Floating inputs in another dtype than the model's are an error naming dtype=; with dtype= a
+    cast copy of the model is sampled (the caller's model untouched) and the inputs are cast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    x32 = torch.randn(20, 3)
+    with pytest.raises(ValueError, match="dtype="):
+        estimate_llc(model, x32, **SETTINGS, warn=False)
+    cast = estimate_llc(model, x32, **SETTINGS, dtype="float64", warn=False)
+    same = estimate_llc(model, x32.double(), **SETTINGS, warn=False)
+    torch.testing.assert_close(cast.loss_traces, same.loss_traces, rtol=0, atol=0)
+    assert next(model.parameters()).dtype == torch.float64
+    half = estimate_llc(model, x32, **SETTINGS, dtype=torch.float32, warn=False)
+    assert half.config["dtype"] == "float32" and next(model.parameters()).dtype == torch.float64

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from degeneracy.llc import theory
-from degeneracy.llc.losses import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse
+from degeneracy.llc import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse, theory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,15 +90,16 @@ def test_behavioral_losses() -> None:
     g = torch.Generator().manual_seed(0)
     out = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
     ref = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
-    # sum over features, mean over examples and positions
-    assert float(behavioral_mse(out, ref)) == pytest.approx(float(((out - ref) ** 2).sum(-1).mean()))
+    # METHOD §6 (issue #8 item 2): sum over features AND positions, mean over examples; this was the
+    # mean over positions before (expected values here grew by the factor P = 3)
+    assert float(behavioral_mse(out, ref)) == pytest.approx(float(((out - ref) ** 2).sum((1, 2)).mean()))
     assert float(behavioral_mse(ref, ref)) == 0.0
     assert float(behavioral_mse(out[:, 0, 0], ref[:, 0, 0])) == pytest.approx(
         float(((out[:, 0, 0] - ref[:, 0, 0]) ** 2).mean())
     )
     kl = behavioral_kl(out, ref)
     p = torch.softmax(ref, -1)
-    expected = (p * (p.log() - torch.log_softmax(out, -1))).sum(-1).mean()
+    expected = (p * (p.log() - torch.log_softmax(out, -1))).sum((1, 2)).mean()
     assert float(kl) == pytest.approx(float(expected))
     assert float(behavioral_kl(ref, ref)) == pytest.approx(0.0, abs=1e-15)
     assert float(behavioral_loss_from_outputs(out, ref, "kl")) == pytest.approx(float(kl))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "iter_batches", "call_model", "num_examples"]
+__all__ = ["Batch", "iter_batches", "pool_batches", "call_model", "num_examples"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,56 @@ class Batch:
             inputs = self.inputs.to(device)
         extras = tuple(e.to(device) if isinstance(e, Tensor) else e for e in self.extras)
         return Batch(inputs, extras)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the (first) input tensor.
+
+        >>> Batch(torch.zeros(2, 3)).device
+        device(type='cpu')
+        """
+        inputs = self.inputs
+        tensor = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
+        return tensor.device
+
+    @property
+    def indexable(self) -> bool:
+        """Whether every extra is a tensor with one entry per example (so the batch can be indexed).
+
+        >>> Batch(torch.zeros(3, 2), (torch.arange(3),)).indexable, Batch(torch.zeros(3, 2), ("x",)).indexable
+        (True, False)
+        """
+        n = self.size
+        return all(isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == n for e in self.extras)
+
+    def index(self, idx: Tensor | slice) -> Batch:
+        """The examples ``idx`` (a slice gives views; an index tensor gathers) of inputs and extras.
+
+        The extras must be tensors with one entry per example (:attr:`indexable`).
+
+        >>> b = Batch(torch.arange(6.0).reshape(3, 2), (torch.tensor([7, 8, 9]),))
+        >>> b.index(torch.tensor([2, 0])).extras[0].tolist()
+        [9, 7]
+        """
+        if isinstance(self.inputs, Mapping):
+            inputs: Tensor | dict[str, Tensor] = {k: v[idx] for k, v in self.inputs.items()}
+        else:
+            inputs = self.inputs[idx]
+        return Batch(inputs, tuple(e[idx] for e in self.extras))
+
+    def split(self, size: int | None) -> Iterator[Batch]:
+        """Pieces of at most ``size`` examples (views). ``None``, a batch no larger than ``size``, or a
+        batch whose extras are not per-example tensors (not :attr:`indexable`) is yielded whole.
+
+        >>> [b.size for b in Batch(torch.zeros(5, 2)).split(2)]
+        [2, 2, 1]
+        """
+        n = self.size
+        if size is None or n <= size or not self.indexable:
+            yield self
+            return
+        for start in range(0, n, size):
+            yield self.index(slice(start, start + size))
 
 
 def _as_batch(item: Any) -> Batch:
@@ -110,6 +160,40 @@ def iter_batches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
                 )
     if not seen:
         raise ValueError("data is empty: the iterable yielded no examples")
+
+
+def pool_batches(batches: list[Batch]) -> Batch | None:
+    """All ``batches`` concatenated into one, if their inputs and extras are tensors that line up
+    (same structure, per-example extras); else ``None``. One batch is returned as is.
+
+    >>> a, b = Batch(torch.zeros(2, 3), (torch.zeros(2),)), Batch(torch.ones(1, 3), (torch.ones(1),))
+    >>> pool_batches([a, b]).size, pool_batches([a, Batch(torch.ones(1, 3))])
+    (3, None)
+    """
+    if not batches:
+        return None
+    first = batches[0]
+    for b in batches:
+        if len(b.extras) != len(first.extras) or type(b.inputs) is not type(first.inputs):
+            return None
+        if not b.indexable:
+            return None
+        if isinstance(first.inputs, Mapping) and set(b.inputs) != set(first.inputs):  # type: ignore[arg-type]
+            return None
+    if len(batches) == 1:
+        return first
+    try:
+        if isinstance(first.inputs, Mapping):
+            inputs: Tensor | dict[str, Tensor] = {
+                k: torch.cat([b.inputs[k] for b in batches])  # type: ignore[index]
+                for k in first.inputs
+            }
+        else:
+            inputs = torch.cat([b.inputs for b in batches])  # type: ignore[misc]
+        extras = tuple(torch.cat([b.extras[i] for b in batches]) for i in range(len(first.extras)))
+    except (RuntimeError, TypeError):
+        return None
+    return Batch(inputs, extras)
 
 
 def num_examples(data: Any) -> int | None:

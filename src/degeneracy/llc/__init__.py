@@ -4,12 +4,21 @@
 * :func:`sample_sgld` — the same sampler on a loss of a parameter tensor (model-free problems);
 * :func:`llc_curve` / :func:`effective_parameter_count` — λ(ε) and N_eff(ε) over loss scales ε;
 * :func:`volume_llc` — λ(ε) from the volume of {L < ε} by nested (subset) sampling, few parameters;
+* results save with ``.save(path)`` and load with :func:`load_llc`, :func:`load_llc_curve`,
+  :func:`load_effective_parameter_count`, :func:`load_volume` (the file's kind is checked);
+* the loss is :mod:`degeneracy.behavioral`'s (summed over positions, METHOD §6), the same function as
+  the Hessian accounting's, so their ε are the same scale;
 * :mod:`degeneracy.llc.theory` — closed forms (monomials, Aoyagi's reduced-rank regression and deep
   linear networks) that the estimators are checked against.
 """
 
 from __future__ import annotations
 
+import warnings
+
+from torch import Tensor
+
+from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.llc.curve import (
     EffectiveParameterCount,
     LLCCurve,
@@ -18,13 +27,14 @@ from degeneracy.llc.curve import (
     calibrate_step_size,
     effective_parameter_count,
     llc_curve,
+    load_effective_parameter_count,
+    load_llc_curve,
     sgld_llc_curve,
 )
 from degeneracy.llc.estimate import LLCWarning, auto_step_size, estimate_llc, sample_sgld
-from degeneracy.llc.losses import behavioral_kl, behavioral_loss_from_outputs, behavioral_mse
-from degeneracy.llc.result import LLCResult
+from degeneracy.llc.result import LLCResult, load_llc
 from degeneracy.llc.sgld import SGLDConfig
-from degeneracy.llc.volume import VolumeResult, volume_llc
+from degeneracy.llc.volume import VolumeResult, load_volume, volume_llc
 
 __all__ = [
     "estimate_llc",
@@ -36,6 +46,10 @@ __all__ = [
     "behavioral_loss_fn",
     "volume_llc",
     "auto_step_size",
+    "load_llc",
+    "load_llc_curve",
+    "load_effective_parameter_count",
+    "load_volume",
     "LLCResult",
     "LLCCurve",
     "EffectiveParameterCount",
@@ -47,3 +61,41 @@ __all__ = [
     "behavioral_kl",
     "behavioral_loss_from_outputs",
 ]
+
+
+def behavioral_mse(output: Tensor, reference: Tensor) -> Tensor:
+    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")``.
+
+    Sums over every dimension after the first (positions included, METHOD §6), mean over examples.
+
+    >>> import torch
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     behavioral_mse(torch.zeros(2, 3), torch.ones(2, 3)).item()
+    3.0
+    """
+    warnings.warn(
+        "degeneracy.llc.behavioral_mse is deprecated; use "
+        'degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return behavioral_loss_from_outputs(output, reference, "mse")
+
+
+def behavioral_kl(logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference, "kl")``.
+
+    >>> import torch
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     behavioral_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item()
+    0.0
+    """
+    warnings.warn(
+        "degeneracy.llc.behavioral_kl is deprecated; use "
+        'degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference_logits, "kl")',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return behavioral_loss_from_outputs(logits, reference_logits, "kl")

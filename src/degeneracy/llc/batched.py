@@ -13,53 +13,59 @@ parameters) before it is used; when the check fails the vmap path is used instea
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from degeneracy.behavioral import LossKind, behavioral_loss_from_outputs, check_kind
 from degeneracy.data import Batch, model_output_tensor
-from degeneracy.llc.losses import BehavioralKind
-from degeneracy.llc.sgld import ChainLoss, ParamLayout, _seed_from
+from degeneracy.llc.sgld import ChainLoss, seed_from
+from degeneracy.run import ParamLayout, functional_output
 
 __all__ = [
-    "functional_output",
+    "per_chain_behavioral",
     "vmap_behavioral_chain_loss",
     "batched_behavioral_chain_loss",
     "chain_losses_agree",
 ]
 
 
-def functional_output(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> Tensor:
-    """The output tensor of ``model`` with ``params`` swapped in (``functional_call``; dict inputs are
-    passed as keywords)."""
-    if isinstance(inputs, Mapping):
-        out = functional_call(model, params, args=(), kwargs=dict(inputs))
-    else:
-        out = functional_call(model, params, args=(inputs,))
-    return model_output_tensor(out)
+def per_chain_behavioral(
+    output: Float[Tensor, "C batch *out"], reference: Float[Tensor, " batch *out"], kind: LossKind
+) -> Float[Tensor, " C"]:
+    """The behavioral loss of each chain: ``output`` ``(C, batch, *out)`` against ``reference``
+    ``(batch, *out)``, with the reductions of :func:`degeneracy.behavioral.behavioral_loss_from_outputs`
+    per chain: summed over every dimension after the example dimension, averaged over examples.
 
-
-def _per_chain_behavioral(output: Tensor, reference: Tensor, kind: BehavioralKind) -> Tensor:
-    """Behavioral loss of each chain: ``output`` ``(C, *batch, d)`` against ``reference`` ``(*batch, d)``,
-    with the reductions of :func:`degeneracy.llc.losses.behavioral_mse` / ``behavioral_kl`` per chain."""
-    chains = output.shape[0]
+    >>> out, ref = torch.zeros(2, 4, 3, 2), torch.ones(4, 3, 2)   # 2 chains, 4 sequences of 3 positions
+    >>> per_chain_behavioral(out, ref, "mse").tolist()
+    [6.0, 6.0]
+    """
+    check_kind(kind)
+    chains, examples = output.shape[0], output.shape[1]
     if kind == "mse":
-        diff = output - reference
-        per = diff.square() if diff.dim() <= 2 else diff.square().sum(-1)
+        per = (output - reference).square()
     else:
         ref_logp = torch.log_softmax(reference, dim=-1)
-        per = (ref_logp.exp() * (ref_logp - torch.log_softmax(output, dim=-1))).sum(-1)
-    return per.reshape(chains, -1).mean(dim=1)
+        per = ref_logp.exp() * (ref_logp - torch.log_softmax(output, dim=-1))
+    return per.reshape(chains, examples, -1).sum(dim=2).mean(dim=1)
 
 
-def vmap_behavioral_chain_loss(model: nn.Module, kind: BehavioralKind) -> ChainLoss:
-    """The general path: ``vmap`` over chains of ``functional_call`` + the behavioral loss.
+def vmap_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
+    """The general path: ``vmap`` over chains of :func:`degeneracy.run.functional_output` + the
+    behavioral loss. Items of the batch stream are ``(Batch, reference_outputs)``.
 
-    Items of the batch stream are ``(Batch, reference_outputs)``."""
-    from degeneracy.llc.losses import behavioral_loss_from_outputs
+    >>> model = nn.Linear(2, 1).double()
+    >>> x = torch.ones(3, 2, dtype=torch.float64)
+    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}  # 2 chains at θ*
+    >>> vmap_behavioral_chain_loss(model, "mse")(params, (Batch(x), model(x).detach())).tolist()
+    [0.0, 0.0]
+    """
+    check_kind(kind)
 
     def one_chain(params: dict[str, Tensor], inputs: Any, reference: Tensor) -> Tensor:
         return behavioral_loss_from_outputs(functional_output(model, params, inputs), reference, kind)
@@ -101,11 +107,17 @@ class _ChainLinear(nn.Module):
         return out + bias.reshape(chains, *([1] * (out.dim() - 2)), self.out_features)
 
 
-def batched_behavioral_chain_loss(
-    model: nn.Module, sampled: list[str], kind: BehavioralKind
-) -> ChainLoss | None:
+def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: LossKind) -> ChainLoss | None:
     """The fast path, or ``None`` when some sampled parameter is not the weight or bias of an
-    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call)."""
+    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call).
+
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    >>> fast = batched_behavioral_chain_loss(model, list(params), "mse")
+    >>> fast(params, (Batch(x), model(x).detach())).tolist()
+    [0.0, 0.0]
+    """
     owners: dict[str, tuple[str, str]] = {}
     linear_names = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     for pname in sampled:
@@ -132,7 +144,7 @@ def batched_behavioral_chain_loss(
         chains = views[slots[0][0]].shape[0]
         inputs = batch.inputs.expand(chains, *batch.inputs.shape)
         output = model_output_tensor(clone(inputs))
-        return _per_chain_behavioral(output, reference, kind)
+        return per_chain_behavioral(output, reference, kind)
 
     return chain_loss
 
@@ -147,8 +159,18 @@ def chain_losses_agree(
     scale: float = 1e-2,
 ) -> bool:
     """Whether two chain losses give the same losses and gradients on two chains at distinct random
-    perturbations of ``center`` (relative tolerance 1e-4 in float32, 1e-9 in float64)."""
-    generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0xC4EC))
+    perturbations of ``center`` (relative tolerance 1e-4 in float32, 1e-9 in float64).
+
+    >>> model = nn.Sequential(nn.Linear(2, 1)).double()
+    >>> layout = ParamLayout.of_model(model)
+    >>> center = layout.flatten(dict(model.named_parameters())).detach()
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> item = (Batch(x), model(x).detach())
+    >>> fast = batched_behavioral_chain_loss(model, list(layout.names), "mse")
+    >>> chain_losses_agree(fast, vmap_behavioral_chain_loss(model, "mse"), layout, center, item)
+    True
+    """
+    generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0xC4EC))
     noise = torch.randn((2, center.numel()), generator=generator, dtype=center.dtype, device=center.device)
     spread = center.abs().mean().clamp_min(1e-3)
     theta = center.unsqueeze(0) + scale * spread * noise
@@ -157,7 +179,7 @@ def chain_losses_agree(
     def evaluate(fn: Callable[[dict[str, Tensor], Any], Tensor]) -> tuple[Tensor, Tensor]:
         leaf = theta.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            losses = fn(layout.views(leaf), item)
+            losses = fn(layout.unflatten(leaf), item)
             (grad,) = torch.autograd.grad(losses.sum(), leaf)
         return losses.detach(), grad
 

@@ -21,21 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.io import load_tensors, save_tensors
-from degeneracy.llc.batched import functional_output
-from degeneracy.llc.estimate import (
-    LLCWarning,
-    _behavioral_kind,
-    _materialize,
-    _reference_outputs,
-    _select_params,
-    estimate_llc,
-    sample_sgld,
-)
-from degeneracy.llc.losses import behavioral_loss_from_outputs
+from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
+from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.result import LLCResult
-from degeneracy.llc.sgld import ParamLayout
 from degeneracy.llc.volume import volume_llc
+from degeneracy.run import ParamLayout, functional_output, model_device, model_dtype
 
 __all__ = [
     "LLCCurve",
@@ -46,6 +38,8 @@ __all__ = [
     "effective_parameter_count",
     "calibrate_step_size",
     "behavioral_loss_fn",
+    "load_llc_curve",
+    "load_effective_parameter_count",
 ]
 
 StepSize = float | Literal["auto"] | Callable[[float], float]
@@ -80,6 +74,16 @@ class LLCCurve:
         llc_var: the variance estimator λ̂_var = (nβ)² Var(L).
         slope: dλ̂ / d log nβ by finite differences along the sweep.
         results: the estimate at each nβ.
+
+    >>> import os, tempfile
+    >>> quadratic = lambda w, _: w.square().sum()   # λ = 1/2 at every scale
+    >>> curve = sgld_llc_curve(quadratic, torch.zeros(1, dtype=torch.float64), nbetas=[10.0, 100.0],
+    ...                        num_chains=2, num_draws=20, warn=False)
+    >>> curve.nbetas.tolist(), curve.n_eff.shape
+    ([10.0, 100.0], torch.Size([2]))
+    >>> path = curve.save(os.path.join(tempfile.mkdtemp(), "curve.safetensors"))
+    >>> torch.equal(load_llc_curve(path).llc, curve.llc)
+    True
     """
 
     nbetas: Float[Tensor, " K"]
@@ -98,6 +102,7 @@ class LLCCurve:
 
     @property
     def n_eff_std(self) -> Tensor:
+        """The error bar of N_eff: 2 ``llc_std``."""
         return 2.0 * self.llc_std
 
     @property
@@ -107,6 +112,7 @@ class LLCCurve:
         return self.slope - (self.llc - self.llc_var)
 
     def save(self, path: str | Path) -> Path:
+        """Write the curve (not the per-nβ results) to one safetensors file; atomic."""
         tensors = {
             "nbetas": self.nbetas,
             "epsilons": self.epsilons,
@@ -123,6 +129,19 @@ class LLCCurve:
         """Load the curve (the per-nβ results are not stored; save them separately if needed)."""
         tensors, meta = load_tensors(path, kind="degeneracy.LLCCurve", required=("nbetas", "llc"))
         return cls(**tensors, config=meta["config"])
+
+
+def load_llc_curve(path: str | Path) -> LLCCurve:
+    """An :class:`LLCCurve` saved with :meth:`LLCCurve.save` (the file's kind is checked); see
+    :class:`LLCCurve` for an example.
+
+    >>> import os, tempfile
+    >>> curve = LLCCurve(*(torch.ones(2, dtype=torch.float64) for _ in range(6)))
+    >>> path = curve.save(os.path.join(tempfile.mkdtemp(), "curve.safetensors"))
+    >>> load_llc_curve(path).llc.tolist()
+    [1.0, 1.0]
+    """
+    return LLCCurve.load(path)
 
 
 def _curve_from_results(
@@ -153,7 +172,14 @@ def llc_curve(
     **kwargs: Any,
 ) -> LLCCurve:
     """λ̂(nβ) of ``model`` for each nβ in ``nbetas`` (:func:`~degeneracy.llc.estimate.estimate_llc`
-    with ``kwargs``); ``step_size`` may be a float, ``"auto"`` (per nβ) or a function of nβ."""
+    with ``kwargs``); ``step_size`` may be a float, ``"auto"`` (per nβ) or a function of nβ.
+
+    >>> model = torch.nn.Linear(1, 1, bias=False).double()
+    >>> x = torch.linspace(-1, 1, 20, dtype=torch.float64).unsqueeze(1)
+    >>> curve = llc_curve(model, x, nbetas=[20.0, 40.0], num_chains=2, num_draws=20, num_burnin=5, warn=False)
+    >>> curve.epsilons.shape
+    torch.Size([2])
+    """
     if not nbetas:
         raise ValueError("nbetas is empty")
     results = [
@@ -172,7 +198,14 @@ def sgld_llc_curve(
     step_size: StepSize = "auto",
     **kwargs: Any,
 ) -> LLCCurve:
-    """:func:`llc_curve` for a functional loss (:func:`~degeneracy.llc.estimate.sample_sgld`)."""
+    """:func:`llc_curve` for a functional loss (:func:`~degeneracy.llc.estimate.sample_sgld`); see
+    :class:`LLCCurve` for an example.
+
+    >>> curve = sgld_llc_curve(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64),
+    ...                        nbetas=[10.0, 20.0], num_chains=2, num_draws=10, warn=False)
+    >>> len(curve.results)
+    2
+    """
     if not nbetas:
         raise ValueError("nbetas is empty")
     results = [
@@ -200,6 +233,17 @@ class EffectiveParameterCount:
         nbetas: the inverse temperatures used (NaN for the volume method).
         method: ``"sgld"`` or ``"volume"``.
         results: the final SGLD estimate per ε (empty for the volume method).
+
+    >>> import os, tempfile
+    >>> model = torch.nn.Linear(1, 1, bias=False).double()
+    >>> x = torch.linspace(-1, 1, 20, dtype=torch.float64).unsqueeze(1)
+    >>> options = {"num_points": 60, "num_repeats": 1, "num_mcmc_steps": 2}
+    >>> count = effective_parameter_count(model, x, [1e-3], method="volume", volume_kwargs=options)
+    >>> count.method, count.num_params
+    ('volume', 1)
+    >>> path = count.save(os.path.join(tempfile.mkdtemp(), "n_eff.safetensors"))
+    >>> torch.equal(load_effective_parameter_count(path).n_eff, count.n_eff)
+    True
     """
 
     epsilons: Float[Tensor, " K"]
@@ -214,9 +258,11 @@ class EffectiveParameterCount:
 
     @property
     def llc(self) -> Tensor:
+        """λ(ε) = N_eff(ε) / 2."""
         return self.n_eff / 2.0
 
     def save(self, path: str | Path) -> Path:
+        """Write to one safetensors file (not the per-ε results); atomic."""
         tensors = {
             "epsilons": self.epsilons,
             "achieved_epsilons": self.achieved_epsilons,
@@ -235,8 +281,23 @@ class EffectiveParameterCount:
 
     @classmethod
     def load(cls, path: str | Path) -> EffectiveParameterCount:
+        """Read a file written by :meth:`save` (its kind is checked)."""
         tensors, meta = load_tensors(path, kind="degeneracy.EffectiveParameterCount", required=("n_eff",))
         return cls(**tensors, method=meta["method"], num_params=meta["num_params"], config=meta["config"])
+
+
+def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
+    """An :class:`EffectiveParameterCount` saved with :meth:`EffectiveParameterCount.save` (the file's
+    kind is checked); see :class:`EffectiveParameterCount` for an example.
+
+    >>> import os, tempfile
+    >>> ones = [torch.ones(1, dtype=torch.float64) for _ in range(5)]
+    >>> count = EffectiveParameterCount(*ones, method="sgld", num_params=3)
+    >>> path = count.save(os.path.join(tempfile.mkdtemp(), "n_eff.safetensors"))
+    >>> load_effective_parameter_count(path).llc.tolist()
+    [0.5]
+    """
+    return EffectiveParameterCount.load(path)
 
 
 def behavioral_loss_fn(
@@ -249,25 +310,32 @@ def behavioral_loss_fn(
     """The full-batch behavioral loss as a function of the flat parameter vector, and θ* (flat).
 
     Returns ``(loss_fn, center)`` with ``loss_fn(theta: (P,)) -> scalar``, for
-    :func:`~degeneracy.llc.volume.volume_llc` or :func:`~degeneracy.llc.estimate.sample_sgld`."""
-    kind = _behavioral_kind(loss)
-    chosen = _select_params(model, params)
+    :func:`~degeneracy.llc.volume.volume_llc` or :func:`~degeneracy.llc.estimate.sample_sgld`. The loss
+    is :func:`degeneracy.behavioral.behavioral_loss_from_outputs` (summed over positions, METHOD §6).
+
+    >>> model = torch.nn.Linear(2, 1).double()
+    >>> loss_fn, center = behavioral_loss_fn(model, torch.ones(4, 2, dtype=torch.float64))
+    >>> center.shape, loss_fn(center).item()
+    (torch.Size([3]), 0.0)
+    """
+    kind = loss_kind(loss)
+    chosen = select_parameters(model, params)
     layout = ParamLayout.of(chosen)
-    center = layout.flatten(chosen)
-    examples = _materialize(data, center.device)
+    center = layout.flatten(chosen).detach()
+    examples = materialize(data, model_device(model), model_dtype(model))
     if examples.pooled is None:
         raise ValueError("behavioral_loss_fn needs data that fit in one batch of tensors")
     inputs = examples.pooled.inputs
     was_training = model.training
     model.eval()
     try:
-        reference = _reference_outputs(model, examples.pooled, 4096)
+        reference = reference_outputs(model, examples.pooled)
     finally:
         model.train(was_training)
 
     def loss_fn(theta: Tensor) -> Tensor:
-        params_ = {n: v[0] for n, v in layout.views(theta.unsqueeze(0)).items()}
-        return behavioral_loss_from_outputs(functional_output(model, params_, inputs), reference, kind)
+        output = functional_output(model, layout.unflatten(theta), inputs)
+        return behavioral_loss_from_outputs(output, reference, kind)
 
     return loss_fn, center
 
@@ -295,6 +363,15 @@ def effective_parameter_count(
 
     ``method="volume"``: the direct volume estimator on the box θ* + [−radius, radius]^P (few parameters
     only), with ``volume_kwargs`` for :func:`~degeneracy.llc.volume.volume_llc`.
+
+    See :class:`EffectiveParameterCount` for an example.
+
+    >>> model = torch.nn.Linear(1, 1, bias=False).double()
+    >>> x = torch.linspace(-1, 1, 20, dtype=torch.float64).unsqueeze(1)
+    >>> kw = dict(num_chains=2, num_draws=20, max_iter=1, warn=False)
+    >>> count = effective_parameter_count(model, x, [1e-2], **kw)
+    >>> count.method, count.n_eff.shape
+    ('sgld', torch.Size([1]))
     """
     targets = torch.as_tensor([float(e) for e in epsilons], dtype=torch.float64)
     if targets.numel() == 0 or (targets <= 0).any():
@@ -319,7 +396,7 @@ def effective_parameter_count(
         )
     if method != "sgld":
         raise ValueError(f"unknown method {method!r}: use 'sgld' or 'volume'")
-    num_params = ParamLayout.of(_select_params(model, kwargs.get("params"))).numel
+    num_params = ParamLayout.of(select_parameters(model, kwargs.get("params"))).numel
     guess = float(llc_guess) if llc_guess is not None else num_params / 4.0
     order = sorted(range(targets.numel()), key=lambda i: -float(targets[i]))
     final: dict[int, tuple[float, LLCResult]] = {}
@@ -361,7 +438,13 @@ def effective_parameter_count(
 @dataclass(frozen=True)
 class StepSizeCalibration:
     """A step-size sweep: per step size the estimate and its health, and the recommended step size
-    (the largest one whose estimate is healthy and agrees with the smallest step size's)."""
+    (the largest one whose estimate is healthy and agrees with the smallest step size's).
+
+    See :func:`calibrate_step_size` for an example.
+
+    >>> StepSizeCalibration((1e-3,), (), 1e-3, ("ok",)).recommended
+    0.001
+    """
 
     step_sizes: tuple[float, ...]
     results: tuple[LLCResult, ...]
@@ -369,6 +452,7 @@ class StepSizeCalibration:
     reasons: tuple[str, ...]
 
     def table(self) -> list[dict[str, Any]]:
+        """One row per step size: λ̂, its spread, excluded chains, warnings and the verdict."""
         return [
             {
                 "step_size": s,
@@ -401,6 +485,14 @@ def calibrate_step_size(
 
     A step size is rejected when chains were excluded, the run warned about instability or
     stationarity, or its λ̂ differs from the smallest step size's by more than the tolerance.
+
+    >>> from degeneracy.llc import sample_sgld
+    >>> def run(eta):
+    ...     return sample_sgld(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64),
+    ...                        nbeta=100.0, step_size=eta, num_chains=2, num_draws=30, warn=False)
+    >>> calibration = calibrate_step_size(run, step_sizes=[1e-3, 1.0])
+    >>> calibration.reasons[1] != "ok"   # η = 1 is far beyond the stability limit 4 / (nβ · 2)
+    True
     """
     steps = sorted(float(s) for s in step_sizes)
     if not steps:

@@ -33,12 +33,22 @@ largest learning coefficient P parameters can have."""
 
 
 def chain_llc(traces: Float[Tensor, "C D"], init_loss: float, nbeta: float) -> Float[Tensor, " C"]:
-    """λ̂_c = nβ (mean over draws of L_c − L*), one estimate per chain."""
+    """λ̂_c = nβ (mean over draws of L_c − L*), one estimate per chain.
+
+    >>> import torch
+    >>> chain_llc(torch.tensor([[0.01, 0.03]], dtype=torch.float64), 0.0, 50.0).tolist()
+    [1.0]
+    """
     return nbeta * (traces.mean(dim=1) - init_loss)
 
 
 def chain_llc_variance(traces: Float[Tensor, "C D"], nbeta: float) -> Float[Tensor, " C"]:
-    """λ̂_var,c = (nβ)² Var over draws of L_c (unbiased variance; NaN with a single draw)."""
+    """λ̂_var,c = (nβ)² Var over draws of L_c (unbiased variance; NaN with a single draw).
+
+    >>> import torch
+    >>> chain_llc_variance(torch.tensor([[0.0, 0.02]], dtype=torch.float64), 50.0).tolist()
+    [0.5]
+    """
     if traces.shape[1] < 2:
         return torch.full(traces.shape[:1], math.nan, dtype=traces.dtype)
     return nbeta**2 * traces.var(dim=1)
@@ -60,6 +70,11 @@ def find_bad_chains(
       ``divergence_factor · max(P/2, 1)``. At equilibrium around a minimum the mean excess is λ ≤ P/2,
       so such a chain has left the basin (too large a step size, or a loss unbounded below is not
       the cause: that gives negative values, which are reported as a warning instead).
+
+    >>> import torch
+    >>> traces = torch.tensor([[0.01] * 6, [1e3] * 6], dtype=torch.float64)
+    >>> sorted(find_bad_chains(traces, torch.zeros(2, 1), 0.0, 50.0, 1))
+    [1]
     """
     bad: dict[int, str] = {}
     limit = divergence_factor * max(num_params / 2.0, 1.0)
@@ -85,7 +100,13 @@ def find_bad_chains(
 def stationarity_drift(traces: Float[Tensor, "C D"], init_loss: float, nbeta: float) -> tuple[float, float]:
     """Drift of the chains after burn-in, in units of λ: mean over chains of
     nβ (mean of the last third − mean of the first third of draws), and its standard error over chains
-    (NaN with one chain). A drift large compared with λ̂ means the burn-in was too short."""
+    (NaN with one chain). A drift large compared with λ̂ means the burn-in was too short.
+
+    >>> import torch
+    >>> drift, _ = stationarity_drift(torch.full((2, 9), 0.01, dtype=torch.float64), 0.0, 50.0)
+    >>> drift
+    0.0
+    """
     d = traces.shape[1]
     if d < 3:
         return 0.0, math.nan
@@ -101,7 +122,11 @@ _T99 = (63.66, 9.925, 5.841, 4.604, 4.032, 3.707, 3.499, 3.355, 3.250, 3.169)
 
 def t_critical_99(dof: int) -> float:
     """Two-sided 1 % critical value of Student's t with ``dof`` degrees of freedom (table up to 10,
-    then 2.576 + 5.6 / dof, within 1 % of the exact value)."""
+    then 2.576 + 5.6 / dof, within 1 % of the exact value).
+
+    >>> t_critical_99(1)
+    63.66
+    """
     if dof < 1:
         return math.inf
     return _T99[dof - 1] if dof <= len(_T99) else 2.576 + 5.6 / dof
@@ -112,7 +137,11 @@ def step_size_stability(step_size: float, nbeta: float, localization: float, cur
 
     For a quadratic direction of curvature a = nβ h + γ, SGLD is stable only for η a < 4 and its
     stationary variance is 1 / (a (1 − η a / 4)): the direction's contribution to λ̂ is inflated by
-    that factor. We warn from η a > 0.5 (a 14 % inflation in the stiffest direction)."""
+    that factor. We warn from η a > 0.5 (a 14 % inflation in the stiffest direction).
+
+    >>> step_size_stability(1e-4, 100.0, 0.0, 1.0) is None, step_size_stability(0.1, 100.0, 0.0, 1.0) is None
+    (True, False)
+    """
     a = nbeta * curvature + localization
     stiffness = step_size * a
     if not math.isfinite(stiffness):

@@ -13,47 +13,43 @@ Both return an :class:`~degeneracy.llc.result.LLCResult` with λ̂ = nβ (E_chai
 
 from __future__ import annotations
 
-import itertools
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
-from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor
-from degeneracy.llc.batched import (
-    batched_behavioral_chain_loss,
-    chain_losses_agree,
-    vmap_behavioral_chain_loss,
-)
+from degeneracy.linalg import intra_op_threads
 from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR
-from degeneracy.llc.losses import BehavioralKind
+from degeneracy.llc.model_loss import (
+    Engine,
+    LossSpec,
+    materialize,
+    model_chain_loss,
+    select_parameters,
+)
 from degeneracy.llc.result import LLCResult, summarize_chains
 from degeneracy.llc.sgld import (
     ChainLoss,
     ChainRun,
-    ParamLayout,
     SGLDConfig,
-    _seed_from,
     cycle_batches,
     default_threads,
-    intra_op_threads,
     max_curvature,
     run_mala_chains,
     run_sgld_chains,
 )
+from degeneracy.run import ParamLayout, model_device, model_dtype, resolve_dtype
 
 __all__ = ["LLCWarning", "sample_sgld", "estimate_llc", "auto_step_size", "AUTO_STEP_FACTOR", "LossSpec"]
 
 AUTO_STEP_FACTOR = 0.1
 """``step_size="auto"`` uses η = AUTO_STEP_FACTOR / (nβ h_max + γ), h_max the largest Hessian eigenvalue
 of the loss at θ*: the stiffest direction's variance is then inflated by 1/(1 − 0.1/4) ≈ 2.6 %."""
-
-LossSpec = Literal["behavioral", "mse", "kl"] | Callable[[nn.Module, Batch], Tensor]
 
 Sampler = Literal["sgld", "mala"]
 
@@ -81,11 +77,23 @@ def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
 
 
 class LLCWarning(UserWarning):
-    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates)."""
+    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("chains not stationary", LLCWarning)
+    >>> caught[0].category.__name__
+    'LLCWarning'
+    """
 
 
 def auto_step_size(nbeta: float, localization: float, curvature: float) -> float:
-    """η = AUTO_STEP_FACTOR / (nβ h_max + γ)."""
+    """η = AUTO_STEP_FACTOR / (nβ h_max + γ).
+
+    >>> auto_step_size(nbeta=100.0, localization=0.0, curvature=2.0)
+    0.0005
+    """
     stiffness = nbeta * curvature + localization
     if not (math.isfinite(stiffness) and stiffness > 0):
         raise ValueError(
@@ -238,13 +246,20 @@ def sample_sgld(
             (:func:`~degeneracy.llc.sgld.run_mala_chains`), exact for any η but only for a deterministic
             loss, so ``data`` must be ``None`` or one batch (ValueError otherwise). The acceptance rate is
             recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``).
+
+    >>> import torch
+    >>> quadratic = lambda w, _: w.square().sum()   # one regular parameter: λ = 1/2
+    >>> r = sample_sgld(quadratic, torch.zeros(1, dtype=torch.float64), nbeta=100.0, num_chains=2,
+    ...                 num_draws=400, seed=0, warn=False)
+    >>> abs(r.mean - 0.5) < 0.2
+    True
     """
     single_tensor = isinstance(init_params, Tensor)
     params = {"": init_params} if single_tensor else dict(init_params)
     if not params:
         raise ValueError("init_params is empty: nothing to sample")
     layout = ParamLayout.of(params)
-    center = layout.flatten(params)
+    center = layout.flatten(params).detach()
 
     def one_chain(p: dict[str, Tensor], batch: Any) -> Tensor:
         return loss_fn(p[""] if single_tensor else p, batch)
@@ -300,215 +315,6 @@ def sample_sgld(
 # nn.Module path
 
 
-@dataclass(frozen=True)
-class _Examples:
-    """Data held in memory: either one pooled batch of every example (indexable) or a list of batches."""
-
-    pooled: Batch | None
-    batches: list[Batch]
-
-    @property
-    def num_examples(self) -> int:
-        if self.pooled is not None:
-            return self.pooled.size
-        return sum(b.size for b in self.batches)
-
-
-def _index(batch: Batch, idx: Tensor | slice) -> Batch:
-    if isinstance(batch.inputs, Mapping):
-        inputs: Tensor | dict[str, Tensor] = {k: v[idx] for k, v in batch.inputs.items()}
-    else:
-        inputs = batch.inputs[idx]
-    return Batch(inputs, tuple(e[idx] for e in batch.extras))
-
-
-def _pool(batches: list[Batch]) -> Batch | None:
-    """Concatenate batches into one if their inputs and extras are tensors that line up, else None."""
-    first = batches[0]
-    if any(not isinstance(e, Tensor) or e.dim() == 0 or e.shape[0] != first.size for e in first.extras):
-        return None
-    for b in batches:
-        if len(b.extras) != len(first.extras) or type(b.inputs) is not type(first.inputs):
-            return None
-        if any(not isinstance(e, Tensor) or e.dim() == 0 or e.shape[0] != b.size for e in b.extras):
-            return None
-        if isinstance(first.inputs, Mapping) and set(b.inputs) != set(first.inputs):  # type: ignore[arg-type]
-            return None
-    if len(batches) == 1:
-        return first
-    try:
-        if isinstance(first.inputs, Mapping):
-            inputs: Tensor | dict[str, Tensor] = {
-                k: torch.cat([b.inputs[k] for b in batches])
-                for k in first.inputs  # type: ignore[index]
-            }
-        else:
-            inputs = torch.cat([b.inputs for b in batches])  # type: ignore[misc]
-        extras = tuple(torch.cat([b.extras[i] for b in batches]) for i in range(len(first.extras)))
-    except (RuntimeError, TypeError):
-        return None
-    return Batch(inputs, extras)
-
-
-def _materialize(data: Any, device: torch.device) -> _Examples:
-    batches = [b.to(device) for b in iter_batches(data)]
-    return _Examples(_pool(batches), batches)
-
-
-def _minibatches(examples: _Examples, batch_size: int | None, seed: int) -> Callable[[], Iterator[Batch]]:
-    """A factory of fresh minibatch streams (same order every time: it depends on ``seed`` only)."""
-    pooled = examples.pooled
-    if pooled is not None:
-        n = pooled.size
-        if batch_size is None or batch_size >= n:
-            return lambda: itertools.repeat(pooled)
-
-        def stream() -> Iterator[Batch]:
-            generator = torch.Generator().manual_seed(_seed_from(seed, 0xDA7A))
-            while True:
-                # one gather per pass, then every minibatch is a slice (a view)
-                shuffled = _index(pooled, torch.randperm(n, generator=generator).to(_device_of(pooled)))
-                for start in range(0, n - batch_size + 1, batch_size):  # drop the last partial batch
-                    yield _index(shuffled, slice(start, start + batch_size))
-
-        return stream
-    split = [part for b in examples.batches for part in _split_batch(b, batch_size)]
-    return lambda: cycle_batches(split, seed)
-
-
-def _split_batch(batch: Batch, size: int | None) -> Iterator[Batch]:
-    """Split ``batch`` into pieces of at most ``size`` examples (extras split alongside when they are
-    tensors of the batch's length; a batch whose extras cannot be split is kept whole)."""
-    n = batch.size
-    splittable = all(isinstance(e, Tensor) and e.dim() > 0 and e.shape[0] == n for e in batch.extras)
-    if size is None or n <= size or not splittable:
-        yield batch
-        return
-    for start in range(0, n, size):
-        yield _index(batch, slice(start, start + size))
-
-
-def _device_of(batch: Batch) -> torch.device:
-    inputs = batch.inputs
-    tensor = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
-    return tensor.device
-
-
-class _LossModule(nn.Module):
-    """Holds ``model`` so that ``functional_call`` can swap its parameters inside a user loss."""
-
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self._loss = loss
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self._loss(self.model, batch)
-
-
-def _custom_chain_loss(model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor]) -> ChainLoss:
-    wrapper = _LossModule(model, loss)
-
-    def chain_loss(views: dict[str, Tensor], item: tuple[Batch, None]) -> Tensor:
-        batch = item[0]
-
-        def one_chain(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, args=(batch,))
-
-        return vmap(one_chain)(views)
-
-    return chain_loss
-
-
-def _select_params(
-    model: nn.Module, params: Sequence[str] | Callable[[str], bool] | None
-) -> dict[str, Tensor]:
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = {n: p for n, p in named.items() if p.requires_grad}
-    elif callable(params):
-        chosen = {n: p for n, p in named.items() if params(n)}
-    else:
-        unknown = [n for n in params if n not in named]
-        if unknown:
-            raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)}")
-        chosen = {n: named[n] for n in params}
-    if not chosen:
-        raise ValueError("no parameters selected to sample")
-    return {n: p.detach() for n, p in chosen.items()}
-
-
-def _reference_outputs(model: nn.Module, batch: Batch, chunk: int) -> Tensor:
-    outs = []
-    with torch.no_grad():
-        for start in range(0, batch.size, chunk):
-            part = _index(batch, slice(start, start + chunk))
-            outs.append(model_output_tensor(call_model(model, part.inputs)).detach())
-    return torch.cat(outs)
-
-
-def _behavioral_kind(loss: str) -> BehavioralKind:
-    if loss in ("behavioral", "mse"):
-        return "mse"
-    if loss == "kl":
-        return "kl"
-    raise ValueError(f"unknown loss {loss!r}: use 'behavioral', 'kl' or a callable loss(model, batch)")
-
-
-def _behavioral_engine(
-    model: nn.Module, sampled: list[str], kind: BehavioralKind, engine: str
-) -> tuple[ChainLoss, str]:
-    if engine in ("auto", "batched"):
-        fast = batched_behavioral_chain_loss(model, sampled, kind)
-        if fast is not None:
-            return fast, "batched"
-        if engine == "batched":
-            raise ValueError(
-                "engine='batched' needs every sampled parameter to be the weight or bias of an nn.Linear; "
-                "use engine='vmap' or 'auto'"
-            )
-    return vmap_behavioral_chain_loss(model, kind), "vmap"
-
-
-def _behavioral_batches(
-    model: nn.Module, examples: _Examples, batch_size: int | None, seed: int, chunk: int
-) -> Callable[[], Iterator[tuple[Batch, Tensor]]]:
-    """Stream factory of ``(batch, f_θ*(batch inputs))``; the reference outputs are computed once."""
-    if examples.pooled is not None:
-        pooled = examples.pooled
-        indexed = Batch(pooled.inputs, (*pooled.extras, _reference_outputs(model, pooled, chunk)))
-        inner = _minibatches(_Examples(indexed, []), batch_size, seed)
-
-        def pooled_stream() -> Iterator[tuple[Batch, Tensor]]:
-            for b in inner():
-                yield Batch(b.inputs, b.extras[:-1]), b.extras[-1]
-
-        return pooled_stream
-    make_batches = _minibatches(examples, batch_size, seed)
-    cache: dict[int, tuple[Batch, Tensor]] = {}
-
-    def listed_stream() -> Iterator[tuple[Batch, Tensor]]:
-        for b in make_batches():
-            if id(b) not in cache:
-                cache[id(b)] = (b, _reference_outputs(model, b, chunk))
-            yield cache[id(b)]
-
-    return listed_stream
-
-
-def _mean_loss(
-    model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor], examples: _Examples, chunk: int
-) -> float:
-    """L(θ*): the example-weighted mean of ``loss`` over all the data."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for whole in [examples.pooled] if examples.pooled is not None else examples.batches:
-            for part in _split_batch(whole, chunk):
-                total += float(loss(model, part)) * part.size
-                count += part.size
-    return total / count
-
-
 def estimate_llc(
     model: nn.Module,
     data: Any,
@@ -525,12 +331,13 @@ def estimate_llc(
     seed: int = 0,
     params: Sequence[str] | Callable[[str], bool] | None = None,
     vectorize: bool = True,
-    engine: Literal["auto", "vmap", "batched"] = "auto",
+    engine: Engine = "auto",
     threads: int | None = None,
     progress: bool = False,
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
     sampler: Sampler = "sgld",
+    dtype: str | torch.dtype | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current parameters θ*.
 
@@ -542,8 +349,9 @@ def estimate_llc(
             parameters are not modified (chains run on ``torch.func.functional_call``).
         data: inputs in the :mod:`degeneracy.data` convention (tensor, dict of tensors, or iterable of
             batches / ``(inputs, labels, ...)`` tuples). They are held in memory.
-        loss: ``"behavioral"`` (alias ``"mse"``): E ‖f_θ(x) − f_θ*(x)‖² summed over output features,
-            averaged over examples and positions; ``"kl"``: E KL(softmax f_θ* ‖ softmax f_θ); or
+        loss: ``"behavioral"`` (alias ``"mse"``): E ‖f_θ(x) − f_θ*(x)‖², the squared norm summed over
+            output features and positions, averaged over examples (n counts sequences; METHOD §6,
+            :mod:`degeneracy.behavioral`); ``"kl"``: E Σ_pos KL(softmax f_θ* ‖ softmax f_θ); or
             ``loss(model, batch) -> scalar`` (``batch`` a :class:`~degeneracy.data.Batch`), vectorised
             over chains with ``torch.func.vmap``.
         nbeta: nβ; default n / log n with n the number of examples (Watanabe's WBIC temperature).
@@ -567,18 +375,29 @@ def estimate_llc(
         sampler: ``"sgld"`` (default) or ``"mala"`` (Metropolis-adjusted, exact for any η; needs the full
             batch: ValueError when ``batch_size`` or the data split it into several batches), as in
             :func:`sample_sgld`.
+        dtype: compute dtype (name or ``torch.dtype``). The run layer's one rule
+            (:func:`degeneracy.run.cast_inputs`): without it the model's dtype is used and a floating
+            input of another dtype is a ``ValueError``; with it a cast copy of the model is sampled and
+            floating inputs are cast. Integer inputs (token ids) are never cast.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(1, 1, bias=False).double()
+    >>> x = torch.linspace(-1, 1, 50, dtype=torch.float64).unsqueeze(1)
+    >>> r = estimate_llc(model, x, nbeta=100.0, num_chains=2, num_draws=40, num_burnin=20, warn=False)
+    >>> r.loss_traces.shape, r.config["loss"]   # one regular parameter: λ̂ near 1/2
+    (torch.Size([2, 40]), 'behavioral-mse')
     """
     if engine not in ("auto", "vmap", "batched"):
         raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")
-    requested_engine = engine
-    first = next(model.parameters(), None)
-    if first is None:
+    if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters")
-    device = first.device
-    chosen = _select_params(model, params)
+    wanted = resolve_dtype(dtype)
+    if wanted is not None and model_dtype(model) != wanted:
+        model = copy.deepcopy(model).to(wanted)  # the caller's model is never modified
+    chosen = select_parameters(model, params)
     layout = ParamLayout.of(chosen)
-    center = layout.flatten(chosen)
-    examples = _materialize(data, device)
+    center = layout.flatten(chosen).detach()
+    examples = materialize(data, model_device(model), model_dtype(model), explicit=wanted is not None)
     n = examples.num_examples
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -586,45 +405,15 @@ def estimate_llc(
         if n < 2:
             raise ValueError("nbeta cannot default to n / log n with fewer than 2 examples; pass nbeta")
         nbeta = n / math.log(n)
-    if examples.pooled is not None:
-        num_batches = 1 if batch_size is None or batch_size >= n else n // batch_size
-    else:
-        num_batches = sum(1 for b in examples.batches for _ in _split_batch(b, batch_size))
-    _check_sampler(sampler, num_batches)
+    _check_sampler(sampler, examples.num_batches(batch_size))
 
     was_training = model.training
     model.eval()
     try:
-        chunk = max(batch_size or 0, 4096)  # evaluation chunk (reference outputs, L(θ*))
-        if isinstance(loss, str):
-            kind = _behavioral_kind(loss)
-            chain_loss, engine = _behavioral_engine(model, list(layout.names), kind, engine)
-            batches = _behavioral_batches(model, examples, batch_size, seed, chunk)
-            init_loss = 0.0  # L_B(θ*|θ*) = 0 exactly
-            loss_name = f"behavioral-{kind}"
-            first_item = next(batches())
-            if engine == "batched" and not chain_losses_agree(
-                chain_loss, vmap_behavioral_chain_loss(model, kind), layout, center, first_item, seed
-            ):
-                if requested_engine == "batched":
-                    raise ValueError(
-                        "engine='batched' does not reproduce the vmap path on this model (its forward does "
-                        "not treat leading dimensions as batch dimensions); use engine='vmap' or 'auto'"
-                    )
-                chain_loss, engine = vmap_behavioral_chain_loss(model, kind), "vmap"
-        else:
-            if requested_engine == "batched":
-                raise ValueError("engine='batched' needs the behavioral loss; use engine='vmap' or 'auto'")
-            chain_loss, engine = _custom_chain_loss(model, loss), "vmap"
-            make_batches = _minibatches(examples, batch_size, seed)
-
-            def batches() -> Iterator[tuple[Batch, None]]:
-                return ((b, None) for b in make_batches())
-
-            init_loss = _mean_loss(model, loss, examples, chunk)
-            loss_name = getattr(loss, "__name__", "callable")
-            first_item = next(batches())
-
+        spec = model_chain_loss(
+            model, examples, layout, center, loss=loss, engine=engine, batch_size=batch_size, seed=seed
+        )
+        chain_loss, batches, first_item = spec.chain_loss, spec.batches, next(spec.batches())
         config, curvature = _config(
             chain_loss,
             layout,
@@ -643,14 +432,14 @@ def estimate_llc(
     finally:
         model.train(was_training)
     extra = {
-        "loss": loss_name,
+        "loss": spec.name,
         "batch_size": batch_size,
         "num_examples": n,
         "params": list(layout.names),
         "dtype": str(center.dtype).replace("torch.", ""),
         "vectorize": vectorize,
-        "engine": engine,
+        "engine": spec.engine,
         **_sampler_extra(sampler, run),
     }
-    result = summarize_chains(run, init_loss, config, layout.numel, extra, curvature, divergence_factor)
+    result = summarize_chains(run, spec.init_loss, config, layout.numel, extra, curvature, divergence_factor)
     return _finish(result, warn)

@@ -23,7 +23,7 @@ from degeneracy.llc.diagnostics import (
 )
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
-__all__ = ["LLCResult", "summarize_chains"]
+__all__ = ["LLCResult", "summarize_chains", "load_llc"]
 
 _KIND = "degeneracy.LLCResult"
 
@@ -54,6 +54,16 @@ class LLCResult:
         seconds: wall time of the SGLD loop.
         warnings: what the diagnostics found (step size, stationarity, negative estimates...).
         version: the library version that produced it.
+
+    >>> import os, tempfile, torch
+    >>> from degeneracy.llc import sample_sgld
+    >>> r = sample_sgld(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64), nbeta=100.0,
+    ...                 step_size=1e-3, num_chains=2, num_draws=20, warn=False)
+    >>> r.num_good_chains, r.n_eff == 2 * r.mean, r.epsilon == r.mean / 100.0
+    (2, True, True)
+    >>> path = r.save(os.path.join(tempfile.mkdtemp(), "llc.safetensors"))
+    >>> load_llc(path).mean == r.mean
+    True
     """
 
     mean: float
@@ -81,6 +91,7 @@ class LLCResult:
 
     @property
     def num_good_chains(self) -> int:
+        """How many chains are averaged into ``mean``."""
         return int(self.good_chains.sum())
 
     @property
@@ -107,6 +118,7 @@ class LLCResult:
 
     @property
     def n_eff_std(self) -> float:
+        """The error bar of N_eff: 2 ``std``."""
         return 2.0 * self.std
 
     @property
@@ -149,6 +161,7 @@ class LLCResult:
 
     @classmethod
     def load(cls, path: str | Path) -> LLCResult:
+        """Read a file written by :meth:`save` (its kind is checked); see :func:`load_llc`."""
         tensors, meta = load_tensors(path, kind=_KIND, required=("loss_traces", "chain_estimates"))
         return cls(
             mean=float(meta["mean"]),
@@ -168,6 +181,21 @@ class LLCResult:
         )
 
 
+def load_llc(path: str | Path) -> LLCResult:
+    """An :class:`LLCResult` saved with :meth:`LLCResult.save` (the file's kind is checked).
+
+    See :class:`LLCResult` for an example.
+
+    >>> import os, tempfile, torch
+    >>> traces = torch.zeros(1, 2, dtype=torch.float64)
+    >>> estimates = torch.full((1,), 0.5, dtype=torch.float64)
+    >>> r = LLCResult(0.5, float("nan"), estimates, torch.zeros(1), traces, traces[:, :0], 0.0, 10.0, 1)
+    >>> load_llc(r.save(os.path.join(tempfile.mkdtemp(), "llc.safetensors"))).mean
+    0.5
+    """
+    return LLCResult.load(path)
+
+
 def summarize_chains(
     run: ChainRun,
     init_loss: float,
@@ -177,7 +205,15 @@ def summarize_chains(
     curvature: float | None = None,
     divergence_factor: float = DIVERGENCE_FACTOR,
 ) -> LLCResult:
-    """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings."""
+    """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings.
+
+    >>> import torch
+    >>> from degeneracy.llc.sgld import ChainRun, SGLDConfig
+    >>> run = ChainRun(torch.full((2, 4), 0.01, dtype=torch.float64), torch.zeros(2, 0),
+    ...                torch.zeros(2, 1), seconds=1.0)
+    >>> summarize_chains(run, 0.0, SGLDConfig(nbeta=50.0, localization=0.0, step_size=1e-3), 1).mean
+    0.5
+    """
     traces = run.loss_traces.detach().to(device="cpu", dtype=torch.float64)
     burnin = run.burnin_traces.detach().to(device="cpu", dtype=torch.float64)
     nbeta = float(config.nbeta)

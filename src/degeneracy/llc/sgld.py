@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,10 +32,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.linalg import intra_op_threads
+from degeneracy.run import ParamLayout
+
 __all__ = [
     "ChainLoss",
     "SGLDConfig",
     "ParamLayout",
+    "seed_from",
     "ChainRun",
     "chain_generator",
     "noise_block_steps",
@@ -67,6 +70,10 @@ class SGLDConfig:
         num_burnin: steps before the first draw.
         thinning: steps between draws (1 = every step is a draw).
         seed: seeds the chains' noise (with the chain index) and the minibatch order.
+
+    >>> config = SGLDConfig(10.0, 1.0, 1e-3, num_draws=5, num_burnin=2, thinning=2)
+    >>> config.num_steps, config.to_dict()["nbeta"]
+    (12, 10.0)
     """
 
     nbeta: float
@@ -100,37 +107,6 @@ class SGLDConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ParamLayout:
-    """Names and shapes of the sampled parameters, and their order in the flat vector θ ∈ R^P."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, params: Mapping[str, Tensor]) -> ParamLayout:
-        return cls(tuple(params), tuple(tuple(p.shape) for p in params.values()))
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
-
-    @property
-    def numel(self) -> int:
-        """P, the number of sampled parameters."""
-        return sum(self.sizes)
-
-    def flatten(self, params: Mapping[str, Tensor]) -> Float[Tensor, " P"]:
-        """Concatenate ``params`` (in layout order) into one detached vector."""
-        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
-
-    def views(self, flat: Float[Tensor, "C P"]) -> dict[str, Tensor]:
-        """Views ``(C, *shape)`` of each parameter into ``flat`` (sharing its storage)."""
-        chains = flat.shape[0]
-        parts = torch.split(flat, self.sizes, dim=1)
-        return {n: t.view(chains, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)}
-
-
 SMALL_WORK = 200_000
 """Chains × parameters up to which the sampler runs single-threaded by default: a step of such a
 problem is dominated by per-operation overhead, which intra-op threads only add to (and on shared
@@ -138,43 +114,47 @@ cores, multiply)."""
 
 
 def default_threads(chains: int, dim: int) -> int | None:
-    """1 for small problems (``chains * dim <= SMALL_WORK``), else ``None`` (leave torch's setting)."""
+    """1 for small problems (``chains * dim <= SMALL_WORK``), else ``None`` (leave torch's setting).
+
+    >>> default_threads(4, 100), default_threads(4, 10**6)
+    (1, None)
+    """
     return 1 if chains * dim <= SMALL_WORK else None
 
 
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (restored after); ``None``: unchanged."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def seed_from(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy SeedSequence): distinct streams of one seed.
 
-
-def _seed_from(*entropy: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy SeedSequence)."""
+    >>> seed_from(0, 1) == seed_from(0, 1) != seed_from(0, 2)
+    True
+    """
     state = np.random.SeedSequence([int(e) % (2**63) for e in entropy]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def chain_generator(seed: int, chain: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only."""
-    return torch.Generator(device=device).manual_seed(_seed_from(seed, chain, 0x51D))
+    """The noise generator of chain ``chain``: depends on ``(seed, chain)`` only.
+
+    >>> first = torch.randn(2, generator=chain_generator(0, 1))
+    >>> torch.equal(first, torch.randn(2, generator=chain_generator(0, 1)))
+    True
+    """
+    return torch.Generator(device=device).manual_seed(seed_from(seed, chain, 0x51D))
 
 
 def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
-    """Cycle through ``batches`` endlessly, each pass in a fresh order drawn from ``seed``."""
+    """Cycle through ``batches`` endlessly, each pass in a fresh order drawn from ``seed``.
+
+    >>> stream = cycle_batches(["a", "b"], seed=0)
+    >>> sorted(next(stream) for _ in range(2))
+    ['a', 'b']
+    """
     if len(batches) == 0:
         raise ValueError("no batches to sample with")
     if len(batches) == 1:
         while True:
             yield batches[0]
-    generator = torch.Generator().manual_seed(_seed_from(seed, 0xDA7A))
+    generator = torch.Generator().manual_seed(seed_from(seed, 0xDA7A))
     while True:
         for i in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[i]
@@ -182,13 +162,22 @@ def cycle_batches(batches: Sequence[Any], seed: int) -> Iterator[Any]:
 
 def noise_block_steps(dim: int, max_steps: int = 64, max_numbers: int = 1 << 18) -> int:
     """How many steps of noise a chain draws at once: at most ``max_steps``, at most ``max_numbers``
-    numbers per chain, at least one step."""
+    numbers per chain, at least one step.
+
+    >>> noise_block_steps(10), noise_block_steps(10**6)
+    (64, 1)
+    """
     return max(1, min(max_steps, max_numbers // max(dim, 1)))
 
 
 @dataclass(frozen=True)
 class ChainRun:
-    """What the SGLD loop returns: per-chain loss traces, final positions and wall time."""
+    """What the SGLD loop returns: per-chain loss traces, final positions and wall time.
+
+    >>> run = ChainRun(torch.zeros(2, 5), torch.zeros(2, 0), torch.zeros(2, 3), seconds=0.1)
+    >>> run.loss_traces.shape, run.acceptance
+    (torch.Size([2, 5]), None)
+    """
 
     loss_traces: Float[Tensor, "C D"]
     burnin_traces: Float[Tensor, "C B"]
@@ -223,6 +212,14 @@ def run_sgld_chains(
     Returns:
         The loss of each chain at each recorded draw, evaluated at θ_t before the step from θ_t,
         as float64, with the burn-in losses separately.
+
+    >>> layout = ParamLayout(("w",), ((1,),))
+    >>> chain_loss = lambda views, batch: views["w"].square().sum(1)   # L(w) = w², every chain
+    >>> config = SGLDConfig(nbeta=100.0, localization=0.0, step_size=1e-3, num_chains=2, num_draws=10)
+    >>> center = torch.zeros(1, dtype=torch.float64)
+    >>> run = run_sgld_chains(chain_loss, layout, center, iter([None] * 10), config)
+    >>> run.loss_traces.shape, run.final_params.shape
+    (torch.Size([2, 10]), torch.Size([2, 1]))
     """
     from tqdm.auto import tqdm
 
@@ -232,7 +229,7 @@ def run_sgld_chains(
     theta = center.expand(chains, dim).clone()
     # per-parameter views into theta, made autograd leaves once: theta is then updated in place
     # under no_grad and every step differentiates with respect to the same leaves
-    leaves = {n: v.requires_grad_(True) for n, v in layout.views(theta).items()}
+    leaves = {n: v.requires_grad_(True) for n, v in layout.unflatten(theta).items()}
     leaf_list = tuple(leaves.values())
     grad_flat = torch.empty_like(theta)
     drift = torch.empty_like(theta)
@@ -331,6 +328,13 @@ def run_mala_chains(
     Each chain draws its noise and its acceptance uniforms from its own generator (noise block first,
     then a block of uniforms), so a chain's trajectory does not depend on which other chains run with it.
     The recorded loss of a draw is that of θ_t before the step from θ_t, as in :func:`run_sgld_chains`.
+
+    >>> layout = ParamLayout(("w",), ((1,),))
+    >>> chain_loss = lambda views, batch: views["w"].square().sum(1)
+    >>> config = SGLDConfig(nbeta=100.0, localization=0.0, step_size=1e-2, num_chains=2, num_draws=10)
+    >>> run = run_mala_chains(chain_loss, layout, torch.zeros(1, dtype=torch.float64), None, config)
+    >>> run.acceptance.shape
+    torch.Size([2])
     """
     from tqdm.auto import tqdm
 
@@ -340,7 +344,7 @@ def run_mala_chains(
     dtype, device = center.dtype, center.device
     theta = center.expand(chains, dim).clone()
     proposal = theta.clone()
-    leaves = {n: v.requires_grad_(True) for n, v in layout.views(proposal).items()}
+    leaves = {n: v.requires_grad_(True) for n, v in layout.unflatten(proposal).items()}
     grad = torch.empty_like(theta)  # ∇L at θ* (the start)
     grad_prop = torch.empty_like(theta)  # ∇L at θ'
     block = noise_block_steps(dim)
@@ -407,13 +411,19 @@ def max_curvature(
     seed: int = 0,
 ) -> float:
     """Largest |eigenvalue| of the Hessian of the loss at ``center`` (power iteration on
-    Hessian-vector products by double backward). Used for the step-size rule and its warning."""
-    generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0xC0DE))
+    Hessian-vector products by double backward). Used for the step-size rule and its warning.
+
+    >>> layout = ParamLayout(("w",), ((2,),))
+    >>> chain_loss = lambda views, batch: (views["w"].square() * torch.tensor([3.0, 1.0])).sum(1)
+    >>> round(max_curvature(chain_loss, layout, torch.zeros(2), None), 3)   # Hessian diag(6, 2)
+    6.0
+    """
+    generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0xC0DE))
     v = torch.randn(center.shape, generator=generator, dtype=center.dtype, device=center.device)
     v /= v.norm()
     x = center.detach().clone().unsqueeze(0).requires_grad_(True)
     with torch.enable_grad():
-        loss = chain_loss(layout.views(x), batch).sum()
+        loss = chain_loss(layout.unflatten(x), batch).sum()
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
     if not g.requires_grad:  # the loss is linear or constant in θ
         return 0.0

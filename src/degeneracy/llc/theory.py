@@ -24,7 +24,11 @@ __all__ = [
 
 
 def monomial_llc(powers: Sequence[float]) -> float:
-    """λ of L = Σ_i c_i |w_i|^{p_i} (any c_i > 0): Σ_i 1 / p_i."""
+    """λ of L = Σ_i c_i |w_i|^{p_i} (any c_i > 0): Σ_i 1 / p_i.
+
+    >>> monomial_llc([2, 4])
+    0.75
+    """
     if any(p <= 0 for p in powers):
         raise ValueError(f"powers must be positive, got {list(powers)}")
     return float(sum(1.0 / p for p in powers))
@@ -37,19 +41,31 @@ def _quartic_root_sq(epsilon: float, c: float) -> float:
 
 
 def quadratic_quartic_log_volume(epsilon: float, c: float) -> float:
-    """log V(ε) for L = c² w² + w⁴ on the real line: V = 2 w(ε)."""
+    """log V(ε) for L = c² w² + w⁴ on the real line: V = 2 w(ε).
+
+    >>> round(quadratic_quartic_log_volume(1e-4, 1.0), 3)
+    -3.912
+    """
     return math.log(2.0) + 0.5 * math.log(_quartic_root_sq(epsilon, c))
 
 
 def quadratic_quartic_llc(epsilon: float, c: float) -> float:
-    """λ(ε) = ε d/dε log V for L = c² w² + w⁴: ε / (2 w² sqrt(c⁴ + 4ε)); 1/4 for ε ≫ c⁴, 1/2 for ε ≪ c⁴."""
+    """λ(ε) = ε d/dε log V for L = c² w² + w⁴: ε / (2 w² sqrt(c⁴ + 4ε)); 1/4 for ε ≫ c⁴, 1/2 for ε ≪ c⁴.
+
+    >>> round(quadratic_quartic_llc(1e-8, 1.0), 3), round(quadratic_quartic_llc(1e8, 1.0), 3)
+    (0.5, 0.25)
+    """
     w2 = _quartic_root_sq(epsilon, c)
     return epsilon / (2.0 * w2 * math.sqrt(c**4 + 4.0 * epsilon))
 
 
 def cross_log_volume(epsilon: float, radius: float = 1.0) -> float:
     """log V(ε) for L = w1² w2² on the box [−R, R]²: with s = sqrt(ε) ≤ R², the area of
-    {|w1 w2| < s} is V = 4 s (1 + log(R² / s))."""
+    {|w1 w2| < s} is V = 4 s (1 + log(R² / s)).
+
+    >>> round(cross_log_volume(1e-4), 3)
+    -1.495
+    """
     if epsilon >= radius**4:
         return math.log(4.0 * radius**2)
     s = math.sqrt(epsilon)
@@ -57,7 +73,11 @@ def cross_log_volume(epsilon: float, radius: float = 1.0) -> float:
 
 
 def cross_llc(epsilon: float, radius: float = 1.0) -> float:
-    """λ(ε) for L = w1² w2² on [−R, R]²: 1/2 − 1/(2 + log(R⁴/ε)) (→ 1/2 slowly: multiplicity 2)."""
+    """λ(ε) for L = w1² w2² on [−R, R]²: 1/2 − 1/(2 + log(R⁴/ε)) (→ 1/2 slowly: multiplicity 2).
+
+    >>> round(cross_llc(1e-4), 4)
+    0.4108
+    """
     if epsilon >= radius**4:
         return 0.0
     return 0.5 - 1.0 / (2.0 + math.log(radius**4 / epsilon))
@@ -66,7 +86,11 @@ def cross_llc(epsilon: float, radius: float = 1.0) -> float:
 def rrr_llc(input_dim: int, hidden_dim: int, output_dim: int, rank: int) -> float:
     """λ of reduced-rank regression x ↦ B A x (A: H × M, B: N × H) at a true map of rank r
     (Aoyagi & Watanabe 2005, "Stochastic complexities of reduced rank regression in Bayesian
-    estimation", Main Theorem), with M = input_dim, H = hidden_dim, N = output_dim."""
+    estimation", Main Theorem), with M = input_dim, H = hidden_dim, N = output_dim.
+
+    >>> rrr_llc(5, 3, 5, 0)
+    6.5
+    """
     m, h, n, r = input_dim, hidden_dim, output_dim, rank
     if min(m, h, n) < 1 or not 0 <= r <= min(m, h, n):
         raise ValueError(f"need positive dimensions and 0 <= rank <= min(M, H, N); got {(m, h, n, r)}")
@@ -95,6 +119,9 @@ def deep_linear_llc(widths: Sequence[int], rank: int) -> float:
             + 1/2 Σ_{i<j in Σ} M_i M_j.
 
     For two layers this equals :func:`rrr_llc` (checked in the tests).
+
+    >>> deep_linear_llc([5, 3, 5], 0)
+    6.5
     """
     widths = [int(w) for w in widths]
     if len(widths) < 2 or min(widths) < 1:

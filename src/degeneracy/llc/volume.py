@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +27,13 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import vmap
 
-from degeneracy.llc.sgld import _seed_from
+from degeneracy.deprecation import renamed_arguments
+from degeneracy.io import load_tensors, save_tensors
+from degeneracy.llc.sgld import seed_from
 
-__all__ = ["VolumeResult", "volume_llc", "MAX_VOLUME_PARAMS"]
+__all__ = ["VolumeResult", "volume_llc", "load_volume", "MAX_VOLUME_PARAMS"]
+
+_KIND = "degeneracy.VolumeResult"
 
 MAX_VOLUME_PARAMS = 12
 """Above this many parameters the volume estimator refuses to run (its cost and variance grow fast
@@ -50,6 +55,9 @@ class VolumeResult:
             [eps_min, eps_max], per repeat, then mean and standard deviation over repeats.
         levels: per repeat, the thresholds t_k and log V_k of the nested levels.
         config: the settings.
+
+    >>> VolumeResult(*(torch.ones(1) for _ in range(5)), fit={}).n_eff.tolist()
+    [2.0]
     """
 
     epsilons: Float[Tensor, " K"]
@@ -65,6 +73,46 @@ class VolumeResult:
     def n_eff(self) -> Tensor:
         """N_eff(ε) = 2 λ(ε)."""
         return 2.0 * self.llc
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one safetensors file (tensors) with the fit, levels and config as JSON; atomic.
+
+        >>> import tempfile, os
+        >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(1, dtype=torch.float64),
+        ...                epsilons=[1e-3], num_points=50, num_repeats=1, num_mcmc_steps=2)
+        >>> path = r.save(os.path.join(tempfile.mkdtemp(), "volume.safetensors"))
+        >>> torch.equal(load_volume(path).llc, r.llc)
+        True
+        """
+        tensors = {
+            "epsilons": self.epsilons,
+            "log_volume": self.log_volume,
+            "log_volume_std": self.log_volume_std,
+            "llc": self.llc,
+            "llc_std": self.llc_std,
+        }
+        meta = {"kind": _KIND, "fit": self.fit, "levels": self.levels, "config": self.config}
+        save_tensors(path, tensors, meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> VolumeResult:
+        """Read a file written by :meth:`save` (its kind is checked); see :func:`load_volume`."""
+        tensors, meta = load_tensors(path, kind=_KIND, required=("epsilons", "llc"))
+        return cls(**tensors, fit=meta["fit"], levels=meta["levels"], config=meta["config"])
+
+
+def load_volume(path: str | Path) -> VolumeResult:
+    """A :class:`VolumeResult` saved with :meth:`VolumeResult.save` (the file's kind is checked).
+
+    See :meth:`VolumeResult.save` for an example.
+
+    >>> import os, tempfile
+    >>> r = VolumeResult(*(torch.full((1,), 0.5, dtype=torch.float64) for _ in range(5)), fit={"llc": 0.5})
+    >>> load_volume(r.save(os.path.join(tempfile.mkdtemp(), "v.safetensors"))).fit
+    {'llc': 0.5}
+    """
+    return VolumeResult.load(path)
 
 
 def _chord(x: Tensor, u: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,7 +189,7 @@ def _nested_levels(
     num_points: int,
     num_repeats: int,
     keep_fraction: float,
-    mcmc_steps: int,
+    num_mcmc_steps: int,
     max_levels: int,
     generator: torch.Generator,
 ) -> list[_Level]:
@@ -173,7 +221,7 @@ def _nested_levels(
         )
         x, lx = x[rows.reshape(-1)].clone(), lx[rows.reshape(-1)].clone()
         point_threshold = threshold.to(lx.dtype).repeat_interleave(n)
-        x, lx = _slice_moves(loss, x, lx, point_threshold, lo, hi, mcmc_steps, generator)
+        x, lx = _slice_moves(loss, x, lx, point_threshold, lo, hi, num_mcmc_steps, generator)
         levels.append(_Level(threshold, log_v.clone(), lx.view(reps, n).clone()))
         if bool((threshold < eps_min).all()):
             break
@@ -192,6 +240,7 @@ def _log_volume_at(levels: list[_Level], epsilon: float) -> Tensor:
     return out
 
 
+@renamed_arguments(mcmc_steps="num_mcmc_steps")
 def volume_llc(
     loss_fn: Callable[[Tensor], Tensor],
     center: Tensor,
@@ -200,7 +249,7 @@ def volume_llc(
     radius: float = 1.0,
     num_points: int = 2000,
     keep_fraction: float = 0.2,
-    mcmc_steps: int = 20,
+    num_mcmc_steps: int = 20,
     slope_window: float = 10.0,
     num_repeats: int = 4,
     max_levels: int = 200,
@@ -220,7 +269,7 @@ def volume_llc(
         radius: half-width R of the box θ* + [−R, R]^d (λ(ε) does not depend on it at small ε).
         num_points: points per level N.
         keep_fraction: fraction of points kept per level (the volume shrinks by about this per level).
-        mcmc_steps: slice-sampling moves per point per level.
+        num_mcmc_steps: slice-sampling moves per point per level.
         slope_window: λ(ε) is the slope of log V between ε / sqrt(window) and ε · sqrt(window).
         num_repeats: independent runs (different seeds) for the error bars.
         max_levels: cap on the number of levels.
@@ -228,6 +277,13 @@ def volume_llc(
             above the smallest ε; a narrow range makes log ε and log log(1/ε) nearly collinear).
         batched: whether ``loss_fn`` already takes a batch of points.
         seed: seeds everything.
+
+    ``mcmc_steps=`` is the deprecated name of ``num_mcmc_steps``.
+
+    >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(2, dtype=torch.float64),
+    ...                epsilons=[1e-4, 1e-2], num_points=150, num_repeats=2, num_mcmc_steps=3)
+    >>> bool((r.llc - 1.0).abs().max() < 0.3)   # a regular quadratic in 2 parameters: λ = d/2 = 1
+    True
     """
     center = center.detach().reshape(-1)
     d = center.numel()
@@ -249,7 +305,7 @@ def volume_llc(
 
         if epsilons is None:
             probe = torch.rand(
-                512, d, generator=torch.Generator().manual_seed(_seed_from(seed, 1)), dtype=center.dtype
+                512, d, generator=torch.Generator().manual_seed(seed_from(seed, 1)), dtype=center.dtype
             )
             median = float(excess(center + radius * (2 * probe.to(center.device) - 1)).median())
             eps = torch.logspace(math.log10(median) - 8, math.log10(median) - 1, 25, dtype=torch.float64)
@@ -259,7 +315,7 @@ def volume_llc(
             raise ValueError("epsilons must be positive")
         half = math.sqrt(slope_window)
         eps_min = float(eps.min()) / half
-        generator = torch.Generator(device=center.device).manual_seed(_seed_from(seed, 0x70E))
+        generator = torch.Generator(device=center.device).manual_seed(seed_from(seed, 0x70E))
         levels = _nested_levels(
             excess,
             center,
@@ -268,7 +324,7 @@ def volume_llc(
             num_points,
             num_repeats,
             keep_fraction,
-            mcmc_steps,
+            num_mcmc_steps,
             max_levels,
             generator,
         )
@@ -295,7 +351,7 @@ def volume_llc(
         "radius": radius,
         "num_points": num_points,
         "keep_fraction": keep_fraction,
-        "mcmc_steps": mcmc_steps,
+        "num_mcmc_steps": num_mcmc_steps,
         "slope_window": slope_window,
         "num_repeats": num_repeats,
         "seed": seed,
