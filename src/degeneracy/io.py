@@ -37,13 +37,37 @@ def _atomic(path: Path, write: Any) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never a half-written file).
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "note.txt"
+    >>> atomic_write_text(path, "hello"); path.read_text()
+    'hello'
+    """
     _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-    """Save tensors and a JSON-serialisable ``meta`` dict atomically to one safetensors file."""
-    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Save tensors and a JSON-serialisable ``meta`` dict atomically to one safetensors file.
+
+    Tensors that share storage (the same tensor under two names, or views of one) are saved as copies.
+
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "x.safetensors"
+    >>> z = torch.zeros(2)
+    >>> save_tensors(path, {"a": z, "b": z}, {"kind": "example"})
+    >>> sorted(load_tensors(path, kind="example")[0])
+    ['a', 'b']
+    """
+    payload: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        payload[k] = t
     header = {_META_KEY: json.dumps(meta)}
     _atomic(Path(path), lambda tmp: save_file(payload, tmp, metadata=header))
 
@@ -51,7 +75,11 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[
 def load_tensors(
     path: str | Path, *, kind: str, required: Iterable[str] = ()
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load a file written by :func:`save_tensors`, checking its ``kind`` and ``required`` tensors."""
+    """Load a file written by :func:`save_tensors`, checking its ``kind`` and ``required`` tensors.
+
+    Floating tensors come back in float64; a missing, unreadable, foreign or incomplete file raises
+    :class:`ResultFileError` (see :func:`save_tensors` for an example).
+    """
     path = Path(path)
     if not path.exists():
         raise ResultFileError(f"{path}: no such file")
