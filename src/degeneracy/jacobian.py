@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import IntegrationRule
 
 __all__ = [
@@ -41,6 +42,7 @@ def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
     return "vjp" if n_rows <= n_directions else "jvp"
 
 
+@renamed_arguments(out_positions="num_out_positions")
 def jacobian_blocks(
     fn: Callable[[Tensor], Tensor],
     x: Float[Tensor, "batch pos_in d_in"],
@@ -48,19 +50,19 @@ def jacobian_blocks(
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
     *,
-    out_positions: int,
+    num_out_positions: int,
     mode: Mode = "auto",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Iterator[tuple[slice, slice, Float[Tensor, "batch rows pos k"]]]:
     """Yield ``(row_slice, position_slice, J)`` blocks of the integrated basis Jacobian (float64).
 
-    Rows index (t, i) flattened as t·m + i over ``out_positions`` output positions; positions index
+    Rows index (t, i) flattened as t·m + i over ``num_out_positions`` output positions; positions index
     the input positions s; the last axis indexes the input directions a (columns of ``in_map``).
     """
     batch, p_in, d_in = x.shape
     m, d_out = out_map.shape
     k = in_map.shape[1]
-    n_rows, n_dirs = out_positions * m, p_in * k
+    n_rows, n_dirs = num_out_positions * m, p_in * k
     if mode == "auto":
         mode = choose_mode(n_rows, n_dirs)
     in64 = in_map.to(device=x.device, dtype=torch.float64)
@@ -70,11 +72,13 @@ def jacobian_blocks(
         pullbacks = [(vjp(fn, xa)[1], w) for xa, w in points]
         chunk = max(1, max_elements // max(1, batch * p_in * max(d_in, k)))
         # cotangent for row (t, i): C[i] placed at output position t, for every example
-        eye_t = torch.eye(out_positions, dtype=x.dtype, device=x.device)
-        rows = (eye_t[:, None, :, None] * out_model[None, :, None, :]).reshape(n_rows, out_positions, d_out)
+        eye_t = torch.eye(num_out_positions, dtype=x.dtype, device=x.device)
+        rows = (eye_t[:, None, :, None] * out_model[None, :, None, :]).reshape(
+            n_rows, num_out_positions, d_out
+        )
         for start in range(0, n_rows, chunk):
             block = rows[start : start + chunk]
-            cot = block[:, None].expand(block.shape[0], batch, out_positions, d_out)
+            cot = block[:, None].expand(block.shape[0], batch, num_out_positions, d_out)
             total = None
             for pull, w in pullbacks:
                 (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
@@ -84,7 +88,7 @@ def jacobian_blocks(
     elif mode == "jvp":
         in_model = in_map.to(device=x.device, dtype=x.dtype)
         out64 = out_map.to(device=x.device, dtype=torch.float64)
-        chunk = max(1, max_elements // max(1, batch * out_positions * max(d_out, m)))
+        chunk = max(1, max_elements // max(1, batch * num_out_positions * max(d_out, m)))
         for s in range(p_in):
             cols = []
             for start in range(0, k, chunk):
@@ -103,6 +107,7 @@ def jacobian_blocks(
         raise ValueError(f"mode must be 'auto', 'vjp' or 'jvp', got {mode!r}")
 
 
+@renamed_arguments(out_positions="num_out_positions")
 def jacobian_gram(
     fn: Callable[[Tensor], Tensor],
     x: Float[Tensor, "batch pos_in d_in"],
@@ -110,7 +115,7 @@ def jacobian_gram(
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
     *,
-    out_positions: int,
+    num_out_positions: int,
     mode: Mode = "auto",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Float[Tensor, "k k"]:
@@ -121,7 +126,14 @@ def jacobian_gram(
     k = in_map.shape[1]
     total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
     for _, _, jac in jacobian_blocks(
-        fn, x, in_map, out_map, rule, out_positions=out_positions, mode=mode, max_elements=max_elements
+        fn,
+        x,
+        in_map,
+        out_map,
+        rule,
+        num_out_positions=num_out_positions,
+        mode=mode,
+        max_elements=max_elements,
     ):
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
