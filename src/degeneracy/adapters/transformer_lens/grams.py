@@ -46,6 +46,11 @@ def structured_gram(
 
     ``sigma`` (N, C), ``fixed`` (C, m, k), ``lmaps`` (G, m, e), ``lam`` (N, G, R, e), ``btil``
     (N, G, R, k), ``ell_extra`` (N, R', m) and ``btil_extra`` (N, R', k); float64.
+
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> z = torch.zeros
+    >>> structured_gram(torch.ones(3, 1), eye[None], z(1, 2, 1), z(3, 1, 1, 1), z(3, 1, 1, 2)).tolist()
+    [[3.0, 0.0], [0.0, 3.0]]
     """
     n, groups, _, e = lam.shape
     c, m, k = fixed.shape
@@ -79,6 +84,15 @@ def gated_gram(
     coordinate the homogeneous extension is the bias-free map of the augmented [f; 1] (ReLU is
     positively homogeneous), W̃ and W̃_in carry the biases as an extra row; this needs one input
     position (else the constant's derivative couples positions and ``None`` is returned).
+
+    >>> from degeneracy.capture import NodeLayer
+    >>> from degeneracy.linalg import integration_rule
+    >>> layer = NodeLayer("h", ("h",))
+    >>> gram = gated_gram(None, None, None, layer, layer)  # the identity
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> gram(torch.zeros(4, 1), torch.ones(4, 1, 2), eye, eye, rule, False, 2**10).tolist()
+    [[4.0, 0.0], [0.0, 4.0]]
     """
 
     def gram(
@@ -144,6 +158,19 @@ def attention_gram(
     coordinate, R₊'s constant column r₀ = [m₀; s₀] enters as the direction m₀ plus the rank-one term
     C_out [s₀/P (g(f) − J f); s₀/P] on that column (Euler's identity for the homogeneous extension).
     ``None`` (use the kernel) when the rank-one terms outnumber the directions.
+
+    >>> from types import SimpleNamespace
+    >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
+    >>> b = torch.zeros(1, 1)
+    >>> attn = SimpleNamespace(W_Q=w, W_K=w, W_V=w, W_O=w.transpose(1, 2), b_Q=b, b_K=b, b_V=b,
+    ...                        b_O=torch.zeros(2), attn_scale=1.0)
+    >>> from degeneracy.linalg import integration_rule
+    >>> eye = torch.eye(4, dtype=torch.float64)[:, :4]
+    >>> gram = attention_gram(attn, -1, "causal", None, None)
+    >>> x = torch.zeros(1, 2, 2, dtype=torch.float64)
+    >>> gram(None, x, torch.eye(2, 4, dtype=torch.float64), torch.eye(2, dtype=torch.float64),
+    ...      integration_rule("gradient"), False, 2**10).shape
+    torch.Size([4, 4])
     """
 
     def gram(

@@ -29,7 +29,15 @@ Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kernel:
-    """y = f W + b at each target position: A_{t,i,j} = T_ij f̂_{t,j}, T = C_out Wᵀ directions."""
+    """y = f W + b at each target position: A_{t,i,j} = T_ij f̂_{t,j}, T = C_out Wᵀ directions.
+
+    >>> from degeneracy.capture import NodeLayer
+    >>> layer = NodeLayer("h", ("h",))
+    >>> kernel = affine_kernel(None, layer, layer)  # the identity (a residual connection)
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> kernel(torch.zeros(1, 1), torch.ones(1, 1, 2), torch.ones(1, 1, 2), eye, eye).shape
+    torch.Size([1, 1, 2, 2])
+    """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
         idx = select_positions(src, dst, sequence_length(inputs))
@@ -42,7 +50,18 @@ def affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kern
 
 def mlp_kernel(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Kernel:
     """y = f + relu(f W_in + b_in) W_out + b_out: A = (K + P diag(1[pre > 0]) Q) ⊙ f̂ per position,
-    with K = C_out·directions, P = C_out W_outᵀ and Q = W_inᵀ·directions folded once."""
+    with K = C_out·directions, P = C_out W_outᵀ and Q = W_inᵀ·directions folded once.
+
+    >>> from types import SimpleNamespace
+    >>> from degeneracy.capture import NodeLayer
+    >>> mlp = SimpleNamespace(W_in=torch.zeros(2, 3), b_in=torch.zeros(3), W_out=torch.zeros(3, 2))
+    >>> layer = NodeLayer("h", ("h",))
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> ones = torch.ones(1, 1, 2)
+    >>> a = mlp_kernel(mlp, layer, layer)(torch.zeros(1, 1), ones, ones, eye, eye)
+    >>> a[0, 0].tolist()  # dead ReLUs: only the residual, A = I
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
         idx = select_positions(src, dst, sequence_length(inputs))
@@ -74,6 +93,17 @@ def attention_kernel(attn: nn.Module, positions: Any, direction: str) -> Kernel:
     δv_s = f̂_{s,j} aV_j; δscore, the softmax JVP δp = p (δscore − Σ p δscore) and
     δz = Σ_s δp v + p δv follow per feature j at the cost of a few small contractions, and the only
     large product is δz·(W_O C_outᵀ).
+
+    >>> from types import SimpleNamespace
+    >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
+    >>> b = torch.zeros(1, 1)
+    >>> attn = SimpleNamespace(W_Q=w, W_K=w, W_V=w, W_O=w.transpose(1, 2), b_Q=b, b_K=b, b_V=b,
+    ...                        b_O=torch.zeros(2), attn_scale=1.0)
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> f = torch.zeros(1, 2, 2, dtype=torch.float64)
+    >>> scale = torch.ones(1, 2, 2, dtype=torch.float64)
+    >>> attention_kernel(attn, -1, "causal")(None, f, scale, eye, eye).shape
+    torch.Size([1, 1, 2, 2])
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:

@@ -19,6 +19,11 @@ __all__ = ["positions_of", "sequence_length", "select_positions", "attention_par
 
 
 def positions_of(spec: Any, n: int) -> list[int]:
+    """The positions a node layer reads (``None``: all, an index or a tuple) as indices into 0..n-1.
+
+    >>> positions_of(-1, 3), positions_of(None, 3)
+    ([2], [0, 1, 2])
+    """
     if spec is None:
         return list(range(n))
     idx = [spec] if isinstance(spec, int) else list(spec)
@@ -26,18 +31,37 @@ def positions_of(spec: Any, n: int) -> list[int]:
 
 
 def sequence_length(inputs: Any) -> int:
+    """The number of positions of a batch's inputs (a tensor, or a dict's ``"input"`` or first tensor).
+
+    >>> sequence_length({"input": torch.zeros(2, 5, dtype=torch.long)})
+    5
+    """
     if isinstance(inputs, Mapping):
         inputs = inputs.get("input", next(iter(inputs.values())))
     return int(inputs.shape[1])
 
 
 def select_positions(src: NodeLayer, dst: NodeLayer, n: int) -> list[int]:
+    """Where the positions ``dst`` reads sit among those ``src`` holds, for sequences of length ``n``.
+
+    >>> select_positions(NodeLayer("a", ("m",)), NodeLayer("b", ("m",), positions=-1), 3)
+    [2]
+    """
     have, want = positions_of(src.positions, n), positions_of(dst.positions, n)
     return [have.index(p) for p in want]
 
 
 def attention_parts(attn: nn.Module, f: Tensor, qpos: list[int], direction: str) -> dict[str, Tensor]:
-    """Weights (float64), queries at ``qpos``, keys, values and the attention pattern p (b, t, h, s)."""
+    """Weights (float64), queries at ``qpos``, keys, values and the attention pattern p (b, t, h, s).
+
+    >>> from types import SimpleNamespace
+    >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
+    >>> b = torch.zeros(1, 1)
+    >>> attn = SimpleNamespace(W_Q=w, W_K=w, W_V=w, W_O=w.transpose(1, 2), b_Q=b, b_K=b, b_V=b,
+    ...                        b_O=torch.zeros(2), attn_scale=1.0)
+    >>> attention_parts(attn, torch.zeros(1, 2, 2), [1], "causal")["p"].flatten().tolist()
+    [0.5, 0.5]
+    """
     n = f.shape[1]
     x = f.to(torch.float64)
     w = {name: getattr(attn, name).detach().to(torch.float64) for name in ("W_Q", "W_K", "W_V", "W_O")}

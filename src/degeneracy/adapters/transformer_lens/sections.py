@@ -56,7 +56,14 @@ class ClosedForm(NamedTuple):
 
 
 def positionwise_section(fn: Callable[[Tensor], Tensor], src: NodeLayer, dst: NodeLayer) -> SectionFn:
-    """A position-wise section evaluated only at the target's positions (a subset of the source's)."""
+    """A position-wise section evaluated only at the target's positions (a subset of the source's).
+
+    >>> from degeneracy.capture import NodeLayer
+    >>> src, dst = NodeLayer("a", ("m",)), NodeLayer("b", ("m",), positions=-1)
+    >>> short = positionwise_section(lambda x: 2 * x, src, dst)
+    >>> short(torch.zeros(1, 3, dtype=torch.long), torch.arange(3.0).reshape(1, 3, 1)).flatten().tolist()
+    [4.0]
+    """
 
     def short(inputs: Any, x: Tensor) -> Tensor:
         n = sequence_length(inputs)
@@ -73,7 +80,17 @@ def positionwise_section(fn: Callable[[Tensor], Tensor], src: NodeLayer, dst: No
 
 
 def attention_section(block: nn.Module, positions: Any, direction: str) -> SectionFn:
-    """x ↦ (x + attn(ln1(x)))[:, positions] with queries at ``positions`` only."""
+    """x ↦ (x + attn(ln1(x)))[:, positions] with queries at ``positions`` only.
+
+    >>> from types import SimpleNamespace
+    >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
+    >>> b = torch.zeros(1, 1)
+    >>> attn = SimpleNamespace(W_Q=w, W_K=w, W_V=w, W_O=w.transpose(1, 2), b_Q=b, b_K=b, b_V=b,
+    ...                        b_O=torch.zeros(2), attn_scale=1.0)
+    >>> block = SimpleNamespace(attn=attn, ln1=None)
+    >>> attention_section(block, -1, "causal")(None, torch.ones(1, 2, 2, dtype=torch.float64)).shape
+    torch.Size([1, 1, 2])
+    """
     attn = block.attn
     ln1 = getattr(block, "ln1", None)
     ln1 = nn.Identity() if ln1 is None else ln1
@@ -100,6 +117,14 @@ def attention_section(block: nn.Module, positions: Any, direction: str) -> Secti
 
 
 def affine_tangent(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
+    """The JVP of y = f W + b (W the identity when ``weight`` is ``None``) at the target positions.
+
+    >>> from degeneracy.capture import NodeLayer
+    >>> layer = NodeLayer("h", ("h",))
+    >>> affine_tangent(2 * torch.eye(2), layer, layer)(torch.zeros(1, 1), None, torch.ones(1, 1, 2)).tolist()
+    [[[2.0, 2.0]]]
+    """
+
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
         rt = r[:, select_positions(src, dst, sequence_length(inputs))].to(torch.float64)
         return rt if weight is None else rt @ weight.detach().to(torch.float64)
@@ -108,6 +133,17 @@ def affine_tangent(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Cal
 
 
 def mlp_tangent(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
+    """The JVP of y = f + relu(f W_in + b_in) W_out + b_out at the target positions.
+
+    >>> from types import SimpleNamespace
+    >>> from degeneracy.capture import NodeLayer
+    >>> mlp = SimpleNamespace(W_in=torch.eye(2), b_in=torch.zeros(2), W_out=torch.eye(2))
+    >>> layer = NodeLayer("h", ("h",))
+    >>> f, r = torch.tensor([[[1.0, -1.0]]]), torch.ones(1, 1, 2)
+    >>> mlp_tangent(mlp, layer, layer)(torch.zeros(1, 1), f, r).tolist()  # r + relu'(f) r
+    [[[2.0, 1.0]]]
+    """
+
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
         idx = select_positions(src, dst, sequence_length(inputs))
         w_in = mlp.W_in.detach().to(torch.float64)
@@ -119,7 +155,17 @@ def mlp_tangent(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Callable[...,
 
 
 def attention_tangent(attn: nn.Module, positions: Any, direction: str) -> Callable[..., Tensor]:
-    """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form."""
+    """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form.
+
+    >>> from types import SimpleNamespace
+    >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
+    >>> b = torch.zeros(1, 1)
+    >>> attn = SimpleNamespace(W_Q=w, W_K=w, W_V=w, W_O=w.transpose(1, 2), b_Q=b, b_K=b, b_V=b,
+    ...                        b_O=torch.zeros(2), attn_scale=1.0)
+    >>> f = torch.zeros(1, 2, 2, dtype=torch.float64)
+    >>> attention_tangent(attn, -1, "causal")(None, f, torch.ones(1, 2, 2)).tolist()
+    [[[3.0, 3.0]]]
+    """
 
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
         qpos = positions_of(positions, f.shape[1])
@@ -155,6 +201,15 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
     Each shortcut runs only the section itself at the positions the target reads (the hook-based
     section re-runs the model from its input on every position). :func:`interaction_graph` checks
     every shortcut against the model before using it. Pairs of other shapes are left out.
+
+    >>> from types import SimpleNamespace
+    >>> model = torch.nn.Module()
+    >>> model.cfg = SimpleNamespace(normalization_type=None)
+    >>> hooks = lambda: torch.nn.ModuleDict({"hook_resid_pre": torch.nn.Identity(),
+    ...                                      "hook_resid_post": torch.nn.Identity()})
+    >>> model.blocks = torch.nn.ModuleList([hooks(), hooks()])
+    >>> list(closed_form_sections(model, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]))
+    [('blocks.0.hook_resid_post', 'blocks.1.hook_resid_pre')]
     """
     cfg = getattr(model, "cfg", None)
     blocks = getattr(model, "blocks", None)
