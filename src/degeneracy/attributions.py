@@ -78,6 +78,13 @@ def squared_attributions(
     Returns:
         ``(S, Σ_j A)``: S[i, j] = Σ_b Σ_rows A² (m × k) and the row sums of A, shape
         (batch, P_out or R, m).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> x, eye = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> total, sums = squared_attributions(lambda z: z.square(), x, eye, eye, integration_rule("gradient"),
+    ...                                    num_out_positions=1)
+    >>> total.tolist(), sums.tolist()  # A = 2 f² at the gradient rule
+    ([[4.0, 0.0], [0.0, 64.0]], [[[2.0, 8.0]]])
     """
     batch, p_in, d_in = x.shape
     m, d_out = out_map.shape
@@ -197,6 +204,16 @@ def kernel_attributions(
     homogeneous extension is constant along α·f, so every rule agrees), and the constant column from
     Euler's identity Σ_j A_j = f̂^{l+1}(f) − C J r, r = f − C₊ C f the truncation residual (one extra
     JVP). This needs C₊'s constant row to vanish off column 0, as for every centred basis here.
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> from degeneracy.sections import SectionShortcut
+    >>> kernel = lambda inputs, f, scale, dirs, c_out: (c_out @ dirs)[None, None] * scale[:, :, None, :]
+    >>> short = SectionShortcut(lambda inputs, f: f, kernel=kernel)  # the identity
+    >>> x, eye = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> total, _ = kernel_attributions(short, x, x, x, eye, eye, rule, False, 2**10, x)
+    >>> total.tolist()
+    [[1.0, 0.0], [0.0, 4.0]]
     """
     assert short.kernel is not None
     d = x.shape[-1] - (1 if constant else 0)

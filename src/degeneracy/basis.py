@@ -104,7 +104,15 @@ class NodeLayerRun(ModelRun):
 
 @dataclass(frozen=True)
 class Whitening:
-    """R (k × d) and R₊ (d × k) with R R₊ = I; row 0 is the constant direction when ``has_constant``."""
+    """R (k × d) and R₊ (d × k) with R R₊ = I; row 0 is the constant direction when ``has_constant``.
+
+    >>> from degeneracy.stats import MomentAccumulator
+    >>> acc = MomentAccumulator(2)
+    >>> acc.update(torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]], dtype=torch.float64))
+    >>> w = pca_step(acc, BasisConfig(center=False))
+    >>> (w.R @ w.R_pinv).tolist()
+    [[1.0]]
+    """
 
     R: Tensor
     R_pinv: Tensor
@@ -116,7 +124,14 @@ class Whitening:
 
 
 def pca_step(moments: MomentAccumulator, cfg: BasisConfig) -> Whitening:
-    """Eigendecompose G (centred with a constant direction, or plain) and build the whitening maps."""
+    """Eigendecompose G (centred with a constant direction, or plain) and build the whitening maps.
+
+    >>> from degeneracy.stats import MomentAccumulator
+    >>> acc = MomentAccumulator(2)
+    >>> acc.update(torch.tensor([[[2.0, 0.0]], [[-2.0, 0.0]]], dtype=torch.float64))
+    >>> pca_step(acc, BasisConfig(center=False)).R.tolist()  # D^{-1/2} Uᵀ on the kept direction
+    [[0.5, 0.0]]
+    """
     centre = cfg.center
     if centre:
         d = moments.d - 1

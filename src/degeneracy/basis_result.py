@@ -116,6 +116,11 @@ class LayerBasis:
         width: d, the node layer's width including the constant coordinate.
         positions: number of positions the node layer has.
         truncated_gram_mass, truncated_interaction_mass: fractions of eigenvalue mass dropped.
+
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> b = LayerBasis("h", eye, eye, torch.ones(2, dtype=torch.float64), torch.ones(2), False, 1)
+    >>> b.dim, b.inverse_transform(torch.tensor([1.0, 2.0])).tolist()
+    (2, [1.0, 2.0])
     """
 
     name: str
@@ -156,7 +161,15 @@ class LayerBasis:
 
 @dataclass
 class Basis:
-    """Bases of all node layers, in order, with the configuration and timings that produced them."""
+    """Bases of all node layers, in order, with the configuration and timings that produced them.
+
+    >>> import degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> len(B), list(B.dims)
+    (3, ['1', '2', 'output'])
+    """
 
     layers: list[NodeLayer]
     bases: dict[str, LayerBasis]
@@ -221,7 +234,17 @@ class Basis:
 
 
 def load_basis(path: str | Path) -> Basis:
-    """Read a basis written by :meth:`Basis.save`; a clear ``ValueError`` for unreadable or partial files."""
+    """Read a basis written by :meth:`Basis.save`; a clear ``ValueError`` for unreadable or partial files.
+
+    >>> import tempfile, degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> path = Path(tempfile.mkdtemp()) / "basis.safetensors"
+    >>> B.save(path)
+    >>> torch.equal(load_basis(path)["1"].C, B["1"].C)
+    True
+    """
     tensors, meta = load_tensors(path, kind="basis")
     try:
         layers = [NodeLayer.from_dict(d) for d in meta["layers"]]

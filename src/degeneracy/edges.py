@@ -131,6 +131,13 @@ def interaction_graph(
     Returns:
         :class:`InteractionGraph` with ``G.edges[(layer_in, layer_out)]`` (d̂_out × d̂_in),
         ``G.completeness``, ``G.save(path)``.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = interaction_graph(model, x, B, progress=False)
+    >>> G.completeness[("1", "2")] < 1e-10  # with the constant coordinate every rule is exact
+    True
     """
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -166,6 +173,13 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
     ``torch.func`` differentiates only with respect to the activations, but autograd would otherwise
     also build (and, in vmapped pullbacks, compute) parameter gradients: this halves the work.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with frozen_parameters(model):
+    ...     model.weight.requires_grad
+    False
+    >>> model.weight.requires_grad
+    True
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:

@@ -33,7 +33,11 @@ Pair = tuple[str, str]
 
 @dataclass(frozen=True)
 class EdgeConfig:
-    """Options of :func:`interaction_graph` (see its docstring)."""
+    """Options of :func:`interaction_graph` (see its docstring).
+
+    >>> EdgeConfig(integration_rule="trapezoid", integration_steps=4).num_sources is None
+    True
+    """
 
     integration_rule: str = "gradient"
     integration_steps: int = 1
@@ -78,6 +82,14 @@ class InteractionGraph:
             scale max |f̂^{l+1}(f) − f̂^{l+1}(0)|.
         config: the :class:`EdgeConfig` used.
         info: timings (seconds per layer pair and total), number of examples, modes, library version.
+
+    >>> import degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> G.pairs, G["1", "2"].shape == (B["2"].dim, B["1"].dim)
+    ([('1', '2'), ('2', 'output')], True)
     """
 
     layers: tuple[NodeLayer, ...]
@@ -159,6 +171,16 @@ def load_graph(path: str | Path) -> InteractionGraph:
 
     Raises :class:`degeneracy.io.ResultFileError` (a ``ValueError``) for missing, unreadable, foreign or
     incomplete files.
+
+    >>> import tempfile, degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> path = Path(tempfile.mkdtemp()) / "graph.safetensors"
+    >>> G.save(path)
+    >>> torch.equal(load_graph(path)["1", "2"], G["1", "2"])
+    True
     """
     tensors, meta = load_tensors(path, kind="graph")
     try:
@@ -191,7 +213,11 @@ def load_graph(path: str | Path) -> InteractionGraph:
 
 
 def gini(values: Tensor) -> float:
-    """Gini coefficient of non-negative values (0: all equal, → 1: all mass on one entry)."""
+    """Gini coefficient of non-negative values (0: all equal, → 1: all mass on one entry).
+
+    >>> gini(torch.ones(4)), gini(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    (0.0, 0.75)
+    """
     v = values.flatten().to(torch.float64).clamp_min(0).sort().values
     n = v.numel()
     total = float(v.sum())
@@ -212,6 +238,14 @@ def sparsity(
     With ``exclude_constant`` (default) edges from or to the constant direction are left out (they
     carry the mean, not an interaction). Returns ``{pair: {"n_edges", "n_90", "n_99", "n_99.9",
     "gini"}}`` (keys ``n_<100·fraction>``).
+
+    >>> import degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> sorted(sparsity(G)[("1", "2")])
+    ['gini', 'n_90', 'n_99', 'n_99.9', 'n_edges']
     """
     out: dict[Pair, dict[str, float]] = {}
     for pair in graph.pairs:

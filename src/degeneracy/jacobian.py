@@ -38,7 +38,11 @@ DEFAULT_MAX_ELEMENTS = 2**20  # larger chunks fall out of cache: slower and bigg
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
-    """VJPs cost one backward pass per output row, JVPs one forward per input direction."""
+    """VJPs cost one backward pass per output row, JVPs one forward per input direction.
+
+    >>> choose_mode(n_rows=2, n_directions=10)
+    'vjp'
+    """
     return "vjp" if n_rows <= n_directions else "jvp"
 
 
@@ -58,6 +62,13 @@ def jacobian_blocks(
 
     Rows index (t, i) flattened as t·m + i over ``num_out_positions`` output positions; positions index
     the input positions s; the last axis indexes the input directions a (columns of ``in_map``).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> x, eye = torch.ones(1, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> blocks = list(jacobian_blocks(lambda z: 3 * z, x, eye, eye, rule, num_out_positions=1))
+    >>> blocks[0][2][0, :, 0].tolist()  # J[b, rows, position 0, directions] = 3 I
+    [[3.0, 0.0], [0.0, 3.0]]
     """
     batch, p_in, d_in = x.shape
     m, d_out = out_map.shape
@@ -122,6 +133,12 @@ def jacobian_gram(
     """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
 
     This is the un-normalised M of METHOD §2.2 (products pair the same input position s).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> x, eye = torch.ones(2, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> jacobian_gram(lambda z: 3 * z, x, eye, eye, rule, num_out_positions=1).tolist()
+    [[18.0, 0.0], [0.0, 18.0]]
     """
     k = in_map.shape[1]
     total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
@@ -155,6 +172,12 @@ def constant_jacobian(
     example, to 1e-10 relative in float64 (1e-5 otherwise). A Jacobian that differs anywhere passes
     this test with probability zero. Then every integration rule gives J₀ too, and M or the edges
     follow from J₀ alone instead of one backward pass per output row and example.
+
+    >>> x = torch.randn(4, 1, 2, dtype=torch.float64)
+    >>> constant_jacobian(lambda z: 2 * z + 1, x, lambda z: 2 * z + 1).shape
+    torch.Size([1, 2, 1, 2])
+    >>> constant_jacobian(torch.tanh, x, torch.tanh) is None
+    True
     """
     j0 = jacrev(fn_first)(x[:1])[0, :, :, 0]  # (pos_out, d_out, pos_in, d_in)
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -174,7 +197,13 @@ def gram_of_constant_jacobian(
     out_map: Float[Tensor, "m d_out"],
     count: int,
 ) -> Float[Tensor, "k k"]:
-    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``."""
+    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``.
+
+    >>> j0 = 2 * torch.eye(2, dtype=torch.float64).reshape(1, 2, 1, 2)
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> gram_of_constant_jacobian(j0, eye, eye, count=3).tolist()
+    [[12.0, 0.0], [0.0, 12.0]]
+    """
     jac = torch.einsum("io,tosd,da->stia", out_map.to(j0), j0, in_map.to(j0))  # (pos_in, pos_out, m, k)
     flat = jac.reshape(jac.shape[0], -1, jac.shape[-1])
     return count * torch.einsum("sra,srb->ab", flat, flat)

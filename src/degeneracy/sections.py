@@ -274,6 +274,13 @@ def shortcut_gram(
     constant coordinate the column of R₊'s constant direction r₀ = [m₀; s₀] comes from Euler's identity,
     J_s r₀ = C_out [s₀/P (g(f) − J f) + J (m₀ at s); s₀/P]. ``None`` if neither applies (no kernel, or
     a constant direction mixed into the other columns).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> kernel = lambda inputs, f, scale, dirs, c_out: (c_out @ dirs)[None, None] * scale[:, :, None, :]
+    >>> short = SectionShortcut(lambda inputs, f: f, kernel=kernel)  # the identity: J = I per example
+    >>> x, eye = torch.ones(3, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> shortcut_gram(short, x, x, eye, eye, integration_rule("gradient"), False, 2**10).tolist()
+    [[3.0, 0.0], [0.0, 3.0]]
     """
     gram = getattr(short, "gram", None)
     if gram is not None:
