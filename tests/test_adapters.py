@@ -84,7 +84,7 @@ def test_pretrained_minilm_encoder() -> None:
 
 def test_compact_sections_equal_full_sections(monkeypatch) -> None:
     """Dropping the unselected positions downstream (verified per build) changes no number."""
-    import degeneracy.basis as basis_module
+    import degeneracy.basis as basis_module  # where M is computed
 
     cfg = tl.HookedTransformerConfig(
         n_layers=1,

@@ -42,7 +42,7 @@ def test_jacobian_gram_matches_jacrev(mode: str, rule_name: str, n: int) -> None
     in_map = torch.randn(4, 3, dtype=torch.float64)
     out_map = torch.randn(4, 5, dtype=torch.float64)
     rule = integration_rule(rule_name, n)
-    got = jacobian_gram(fn, x, in_map, out_map, rule, out_positions=2, mode=mode, max_elements=50)
+    got = jacobian_gram(fn, x, in_map, out_map, rule, num_out_positions=2, mode=mode, max_elements=50)
     want = _direct(fn, x, in_map, out_map, rule)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -61,7 +61,7 @@ def test_constant_jacobian_detects_affine_sections() -> None:
     assert j0 is not None
     in_map = torch.randn(4, 3, dtype=torch.float64)
     out_map = torch.randn(4, 5, dtype=torch.float64)
-    want = jacobian_gram(affine, x, in_map, out_map, integration_rule("gradient"), out_positions=2)
+    want = jacobian_gram(affine, x, in_map, out_map, integration_rule("gradient"), num_out_positions=2)
     got = gram_of_constant_jacobian(j0, in_map, out_map, x.shape[0])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # a section that is affine on most of the batch but not everywhere is not taken for affine

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import degeneracy
-from degeneracy.basis import _Context, _pca_step
+from degeneracy.basis import NodeLayerRun, pca_step
 from degeneracy.capture import capture, section
 from degeneracy.jacobian import jacobian_gram
 from degeneracy.linalg import homogeneous_rule, integration_rule
@@ -48,7 +48,7 @@ def test_closed_form_gram_equals_autodiff(layers: str, center: bool, rule: str) 
     nodes = LAST if layers == "last" else ALL
     B = degeneracy.interaction_basis(model, x, nodes, center=center, sections=None, progress=False)
     cfg = B.config
-    ctx = _Context(model, x, nodes, cfg)
+    ctx = NodeLayerRun(model, x, nodes, dtype=cfg.dtype, batch_size=cfg.batch_size)
     shortcuts = transformer_lens_sections(model, ctx.layers)
     assert len(shortcuts) == len(nodes) - 1
     steps = 2 if rule == "trapezoid" else 1
@@ -64,10 +64,10 @@ def _compare_grams(model, x, ctx, shortcuts, r, B) -> None:
     for (src, dst), short in shortcuts.items():
         moments = degeneracy.stats.MomentAccumulator(acts[src].shape[-1])
         moments.update(acts[src])
-        white = _pca_step(moments, cfg)
+        white = pca_step(moments, cfg)
         c_out = B[dst].C
         fn = section(model, x, ctx.layers, src, dst, constant=cfg.has_constant)
-        want = jacobian_gram(fn, acts[src], white.R_pinv, c_out, r, out_positions=acts[dst].shape[1])
+        want = jacobian_gram(fn, acts[src], white.R_pinv, c_out, r, num_out_positions=acts[dst].shape[1])
         variants = {"kernel": dataclasses.replace(short, gram=None)}
         gram = short.gram
         args = (x, acts[src], white.R_pinv, c_out, r, cfg.has_constant, 2**16)

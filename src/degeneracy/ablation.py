@@ -31,8 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from degeneracy.capture import NodeLayer, capture, forward, module_widths, section
-from degeneracy.data import iter_batches
+from degeneracy.basis import NodeLayerRun
+from degeneracy.capture import NodeLayer, capture, forward, section
 from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = [
@@ -98,15 +98,14 @@ class _Runner:
         dtype: str | None,
         metrics: Metrics,
     ) -> None:
-        from degeneracy.basis import _Context
-
-        cfg = dataclasses.replace(
-            basis.config,
-            batch_size=batch_size or basis.config.batch_size,
+        self.run = NodeLayerRun(
+            model,
+            data,
+            basis.layers,
             dtype=dtype or basis.config.dtype,
+            batch_size=batch_size or basis.config.batch_size,
         )
-        self.ctx = _Context(model, data, basis.layers, cfg)
-        self.layers = list(self.ctx.layers)
+        self.layers = list(self.run.layers)
         self.all_layers = self.layers + [_OUTPUT]
         self.basis = basis
         self.labels = labels
@@ -116,11 +115,9 @@ class _Runner:
         self.widths: dict[str, list[int]] = {}
 
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
-        from degeneracy.basis import _cast_inputs
-
         offset = 0
-        for batch in iter_batches(self.ctx.data, self.ctx.batch_size):
-            inputs = _cast_inputs(batch, self.ctx.dtype, self.ctx.explicit, self.ctx.device)
+        for batch in self.run.batches():
+            inputs = batch.inputs
             if self.labels is not None:
                 labels = self.labels[offset : offset + batch.size]
             elif batch.extras and isinstance(batch.extras[0], Tensor):
@@ -129,11 +126,7 @@ class _Runner:
                 raise ValueError("ablations need labels: pass labels=..., or data batches (inputs, labels)")
             offset += batch.size
             if not self.widths:
-                self.widths = {
-                    layer.name: module_widths(self.ctx.model, inputs, layer)
-                    for layer in self.layers
-                    if len(layer.modules) > 1
-                }
+                self.widths = self.run.learn_widths(inputs)
             yield inputs, labels
 
     def feature_means(self) -> dict[str, Tensor]:
@@ -144,7 +137,7 @@ class _Runner:
         count: dict[str, int] = {}
         with torch.no_grad():
             for inputs, _ in self.batches():
-                acts = capture(self.ctx.model, inputs, self.layers, constant=self.constant)
+                acts = capture(self.run.model, inputs, self.layers, constant=self.constant)
                 for name, x in acts.items():
                     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                     sums[name] = sums.get(name, 0) + flat.sum(0)
@@ -161,7 +154,7 @@ class _Runner:
         if self.constant:
             c = x[..., -1:]
             x = x[..., :-1] / torch.where(c.abs() > 1e-12, c, torch.ones_like(c))
-        return x.to(self.ctx.dtype)
+        return x.to(self.run.dtype)
 
     def evaluate(self, replace: Callable[[Any, Tensor], tuple[str, Tensor]] | None) -> dict[str, float]:
         """Metrics of the model when ``replace(inputs, labels)`` gives (layer, new activations)."""
@@ -169,7 +162,7 @@ class _Runner:
         with torch.no_grad():
             for inputs, labels in self.batches():
                 if replace is None:
-                    out = forward(self.ctx.model, inputs, self.all_layers, capture=[_OUTPUT.name])
+                    out = forward(self.run.model, inputs, self.all_layers, capture=[_OUTPUT.name])
                     logits = out[_OUTPUT.name]
                 else:
                     name, acts = replace(inputs, labels)
@@ -178,7 +171,7 @@ class _Runner:
                         logits = acts
                     else:
                         out = forward(
-                            self.ctx.model,
+                            self.run.model,
                             inputs,
                             self.all_layers,
                             capture=[_OUTPUT.name],
@@ -284,7 +277,7 @@ def node_ablation_curve(
         keep[order[:k]] = True
 
         def replace(inputs: Any, _: Tensor, keep: Tensor = keep) -> tuple[str, Tensor]:
-            x = capture(runner.ctx.model, inputs, runner.layers, [layer], constant=runner.constant)[layer]
+            x = capture(runner.run.model, inputs, runner.layers, [layer], constant=runner.constant)[layer]
             f = x.to(torch.float64) @ b.C.to(x.device).T
             f = torch.where(keep.to(f.device), f, means.to(f.device))
             return layer, runner.to_activations(layer, f)
@@ -406,7 +399,7 @@ def _edge_replace(
     patterns, group = torch.unique(mask, dim=0, return_inverse=True)
 
     def replace(inputs: Any, _: Tensor) -> tuple[str, Tensor]:
-        model, layers = runner.ctx.model, runner.layers
+        model, layers = runner.run.model, runner.layers
         x = capture(model, inputs, layers, [src], constant=runner.constant)[src]
         f = x.to(torch.float64) @ b_in.C.to(x.device).T  # (b, P_in, k)
         batch = f.shape[0]
@@ -425,7 +418,7 @@ def _edge_replace(
                 fn = extended(shortcut, rep, runner.constant)
             else:
                 fn = section(model, rep, layers, src, dst, constant=runner.constant, widths=runner.widths)
-            y = fn(xa.to(runner.ctx.dtype)).to(torch.float64) @ b_out.C.to(f.device).T  # (g·b, P_out, m)
+            y = fn(xa.to(runner.run.dtype)).to(torch.float64) @ b_out.C.to(f.device).T  # (g·b, P_out, m)
             y = y.reshape(g, batch, *y.shape[1:])
             if out is None:
                 out = torch.zeros(batch, y.shape[2], b_out.dim, dtype=torch.float64, device=f.device)
@@ -516,9 +509,16 @@ def edge_ablation(
     if sections is not None:
         inputs, _ = next(iter(runner.batches()))
         with torch.no_grad():
-            acts = capture(runner.ctx.model, inputs, runner.layers, constant=runner.constant)
-            runner.ctx.widths = runner.widths
-            shortcuts, _ = resolve_sections(runner.ctx, inputs, acts, sections, runner.constant)
+            acts = capture(runner.run.model, inputs, runner.layers, constant=runner.constant)
+            shortcuts, _ = resolve_sections(
+                runner.run.model,
+                runner.layers,
+                inputs,
+                acts,
+                sections,
+                constant=runner.constant,
+                widths=runner.widths,
+            )
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
     results = {}

@@ -35,34 +35,34 @@ two seconds (benchmarks/).
 Long contexts: with ``num_sources = R`` the sum over output positions is estimated by random ±1
 sources (VJP path): A^r_{i,j} = Σ_t r_t A_{t,i,j} with Rademacher r_t, and E[(A^r)²] = Σ_t A_t², since
 E[r_t r_t'] = δ_tt'. The estimate averages R sources; it is exact when P_out = 1 (r² = 1).
+
+The results (:class:`InteractionGraph`, :func:`load_graph`, :func:`sparsity`) live in
+:mod:`degeneracy.graph_result`, the per-batch numerics in :mod:`degeneracy.attributions`; both are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch import nn
 
 import degeneracy
-from degeneracy.capture import NodeLayer, capture, module_widths, section
-from degeneracy.io import ResultFileError, load_tensors, save_tensors
-from degeneracy.linalg import INTEGRATION_RULES, IntegrationRule, homogeneous_rule, integration_rule
+from degeneracy.attributions import attribution_mode, kernel_attributions, squared_attributions
+from degeneracy.basis import NodeLayerRun
+from degeneracy.capture import capture, section
+from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
+from degeneracy.linalg import homogeneous_rule, integration_rule
 from degeneracy.sections import (
     SectionFn,
     Sections,
     SectionShortcut,
     extended,
     resolve_sections,
-    slice_inputs,
     transformer_lens_sections,
 )
 from degeneracy.stats import check_finite
@@ -77,312 +77,10 @@ __all__ = [
     "SectionShortcut",
     "sparsity",
     "gini",
+    "frozen_parameters",
 ]
 
-Mode = Literal["auto", "vjp", "jvp"]
 Pair = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """Options of :func:`interaction_graph` (see its docstring)."""
-
-    integration_rule: str = "gradient"
-    integration_steps: int = 1
-    num_sources: int | None = None
-    seed: int = 0
-    batch_size: int | None = None
-    jacobian_mode: Mode = "auto"
-    max_elements: int = 2**21
-    dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.integration_rule not in INTEGRATION_RULES:
-            raise ValueError(
-                f"unknown integration rule {self.integration_rule!r}; choose one of {INTEGRATION_RULES}"
-            )
-        if self.integration_rule != "gradient" and self.integration_steps < 1:
-            raise ValueError("integration_steps must be >= 1")
-        if self.num_sources is not None and self.num_sources < 1:
-            raise ValueError(f"num_sources must be a positive number of ±1 sources, got {self.num_sources}")
-        if self.jacobian_mode not in ("auto", "vjp", "jvp"):
-            raise ValueError(f"jacobian_mode must be 'auto', 'vjp' or 'jvp', got {self.jacobian_mode!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.max_elements < 1:
-            raise ValueError("max_elements must be positive")
-
-
-@dataclass(frozen=True)
-class InteractionGraph:
-    """Edges between adjacent node layers, with the basis facts and self-checks behind them.
-
-    Attributes:
-        layers: the node layers, in order.
-        edges: ``edges[(layer_in, layer_out)]`` is E (d̂_out × d̂_in, float64, ≥ 0): E_ij is the edge
-            from feature j of ``layer_in`` to feature i of ``layer_out``.
-        basis_method: ``"lib"``, ``"global"``, ``"pca"`` or ``"neuron"``.
-        has_constant: feature 0 of every layer is the constant direction.
-        eigenvalues: the basis importance Λ of every node layer (from the basis).
-        completeness: per layer pair, max_x,t,i |Σ_j A − (f̂^{l+1}(f) − f̂^{l+1}(0))| divided by the output
-            scale max |f̂^{l+1}(f) − f̂^{l+1}(0)|.
-        config: the :class:`EdgeConfig` used.
-        info: timings (seconds per layer pair and total), number of examples, modes, library version.
-    """
-
-    layers: tuple[NodeLayer, ...]
-    edges: dict[Pair, Float[Tensor, "dout din"]]
-    basis_method: str
-    has_constant: bool
-    eigenvalues: dict[str, Float[Tensor, " d"]]
-    completeness: dict[Pair, float]
-    config: EdgeConfig
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
-
-    @property
-    def pairs(self) -> list[Pair]:
-        names = self.names
-        return list(zip(names[:-1], names[1:], strict=True))
-
-    @property
-    def dims(self) -> dict[str, int]:
-        """Number of features d̂ per node layer."""
-        return {name: int(self.eigenvalues[name].numel()) for name in self.names}
-
-    def subgraph(self, first: str, last: str) -> InteractionGraph:
-        """The graph of the node layers ``first`` … ``last`` (a contiguous range), e.g. to find modules
-        without an unrotated output layer."""
-        names = self.names
-        if first not in names or last not in names or names.index(first) > names.index(last):
-            raise ValueError(f"{first!r} … {last!r} is not a range of the node layers {names}")
-        keep = names[names.index(first) : names.index(last) + 1]
-        pairs = list(zip(keep[:-1], keep[1:], strict=True))
-        return dataclasses.replace(
-            self,
-            layers=tuple(layer for layer in self.layers if layer.name in keep),
-            edges={p: self.edges[p] for p in pairs},
-            eigenvalues={n: self.eigenvalues[n] for n in keep},
-            completeness={p: self.completeness[p] for p in pairs},
-        )
-
-    def __getitem__(self, pair: Pair) -> Tensor:
-        if pair not in self.edges:
-            raise KeyError(f"no edges {pair}; layer pairs are {self.pairs}")
-        return self.edges[pair]
-
-    def summary(self) -> str:
-        lines = [f"interaction graph ({self.basis_method} basis, rule {self.config.integration_rule})"]
-        for pair in self.pairs:
-            e = self.edges[pair]
-            lines.append(
-                f"  {pair[0]} -> {pair[1]}: {e.shape[0]} x {e.shape[1]} edges, total {float(e.sum()):.4g}, "
-                f"completeness residual {self.completeness[pair]:.2e}"
-            )
-        return "\n".join(lines)
-
-    def save(self, path: str | Path) -> None:
-        """Write one safetensors file (edges, eigenvalues + JSON metadata) atomically."""
-        tensors: dict[str, Tensor] = {}
-        for k, pair in enumerate(self.pairs):
-            tensors[f"edges/{k}"] = self.edges[pair]
-        for k, name in enumerate(self.names):
-            tensors[f"eigenvalues/{k}"] = self.eigenvalues[name]
-        meta = {
-            "kind": "graph",
-            "version": degeneracy.__version__,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "basis_method": self.basis_method,
-            "has_constant": self.has_constant,
-            "completeness": [self.completeness[pair] for pair in self.pairs],
-            "config": asdict(self.config),
-            "info": self.info,
-        }
-        save_tensors(path, tensors, meta)
-
-
-def load_graph(path: str | Path) -> InteractionGraph:
-    """Read a graph written by :meth:`InteractionGraph.save`.
-
-    Raises :class:`degeneracy.io.ResultFileError` (a ``ValueError``) for missing, unreadable, foreign or
-    incomplete files.
-    """
-    tensors, meta = load_tensors(path, kind="graph")
-    try:
-        layers = tuple(NodeLayer.from_dict(d) for d in meta["layers"])
-        config = EdgeConfig(**meta["config"])
-        completeness_list = list(meta["completeness"])
-        basis_method = str(meta["basis_method"])
-        has_constant = bool(meta["has_constant"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ResultFileError(f"{path}: graph metadata is incomplete ({err})") from err
-    names = [layer.name for layer in layers]
-    pairs = list(zip(names[:-1], names[1:], strict=True))
-    keys = [f"edges/{k}" for k in range(len(pairs))] + [f"eigenvalues/{k}" for k in range(len(names))]
-    missing = [k for k in keys if k not in tensors]
-    if missing or len(completeness_list) != len(pairs):
-        raise ResultFileError(f"{path}: incomplete graph file, missing {missing or 'completeness entries'}")
-    edges = {pair: tensors[f"edges/{k}"] for k, pair in enumerate(pairs)}
-    eigenvalues = {name: tensors[f"eigenvalues/{k}"] for k, name in enumerate(names)}
-    for (a, b), e in edges.items():
-        if e.shape != (eigenvalues[b].numel(), eigenvalues[a].numel()):
-            raise ResultFileError(f"{path}: edges {a}->{b} have shape {tuple(e.shape)}, inconsistent")
-    completeness = {pair: float(c) for pair, c in zip(pairs, completeness_list, strict=True)}
-    return InteractionGraph(
-        layers, edges, basis_method, has_constant, eigenvalues, completeness, config, meta.get("info", {})
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pure numerics: squared attributions of one batch
-
-
-def _choose_mode(mode: Mode, rows: int, features: int) -> Literal["vjp", "jvp"]:
-    if mode == "auto":
-        return "vjp" if rows <= features else "jvp"
-    if mode not in ("vjp", "jvp"):
-        raise ValueError(f"jacobian_mode must be 'auto', 'vjp' or 'jvp', got {mode!r}")
-    return mode
-
-
-def squared_attributions(
-    fn: Callable[[Tensor], Tensor],
-    x: Float[Tensor, "batch pos_in d_in"],
-    in_map: Float[Tensor, "d_in k"],
-    out_map: Float[Tensor, "m d_out"],
-    rule: IntegrationRule,
-    *,
-    in_features: Float[Tensor, "batch pos_in k"] | None = None,
-    out_positions: int,
-    signs: Float[Tensor, "batch sources pos_out"] | None = None,
-    mode: Mode = "auto",
-    max_elements: int = 2**21,
-) -> tuple[Float[Tensor, "m k"], Float[Tensor, "batch rows m"]]:
-    """Σ_x Σ_t A(x)_{t,i,j}² for one batch, and Σ_j A (for the completeness check); float64.
-
-    Args:
-        fn: the section f^l ↦ f^{l+1} (batched over examples), e.g. :func:`degeneracy.capture.section`.
-        x: the activations f^l (augmented with the constant coordinate if the basis has one).
-        in_map: C₊^l (d_in × d̂_l): the columns are the input feature directions.
-        out_map: C^{l+1} (d̂_{l+1} × d_out).
-        rule: integration rule (points α_a, weights w_a, baseline 0).
-        in_features: f̂^l = x C^lᵀ (computed from ``in_map``'s pseudo-inverse if not given).
-        out_positions: P_out, the number of positions of the output node layer.
-        signs: ±1 sources r[b, r, t] (VJP path): rows become (r, i) and the sum over t is replaced by
-            Σ_t r_t A_t; the result is then summed (not averaged) over sources.
-        mode: ``"vjp"``, ``"jvp"`` or ``"auto"``; the JVP path is exact over positions and ignores
-            ``signs``.
-        max_elements: the largest number of entries a vmapped chunk may hold.
-
-    Returns:
-        ``(S, Σ_j A)``: S[i, j] = Σ_b Σ_rows A² (m × k) and the row sums of A, shape
-        (batch, P_out or R, m).
-    """
-    batch, p_in, d_in = x.shape
-    m, d_out = out_map.shape
-    k = in_map.shape[1]
-    if in_features is None:
-        in_features = x.to(torch.float64) @ torch.linalg.pinv(in_map.to(torch.float64)).T
-    feats = in_features.to(torch.float64)
-    n_out = out_positions if signs is None else signs.shape[1]
-    chosen = _choose_mode(mode, n_out * m, k)
-    if chosen == "jvp":
-        return _jvp_path(fn, x, feats, in_map, out_map, rule, out_positions, max_elements)
-    return _vjp_path(fn, x, feats, in_map, out_map, rule, out_positions, signs, max_elements)
-
-
-def _vjp_path(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    feats: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    out_positions: int,
-    signs: Tensor | None,
-    max_elements: int,
-) -> tuple[Tensor, Tensor]:
-    """One VJP per output row (t, i), or per (source r, i) with cotangent r_t C[i] at every t."""
-    batch, p_in, d_in = x.shape
-    m, d_out = out_map.shape
-    k = in_map.shape[1]
-    n_out = out_positions if signs is None else signs.shape[1]
-    n_rows = n_out * m
-    in64 = in_map.to(device=x.device, dtype=torch.float64)
-    out_model = out_map.to(device=x.device, dtype=x.dtype)
-    pullbacks = [(vjp(fn, alpha * x)[1], w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
-    per_row = batch * max(p_in * max(d_in, k), out_positions * d_out)
-    chunk = max(1, max_elements // max(1, per_row))
-    total = torch.zeros(n_rows, k, dtype=torch.float64, device=x.device)
-    row_sums = torch.zeros(batch, n_rows, dtype=torch.float64, device=x.device)
-    sgn = None if signs is None else signs.to(device=x.device, dtype=x.dtype)
-    for start in range(0, n_rows, chunk):
-        rows = torch.arange(start, min(n_rows, start + chunk), device=x.device)
-        t_idx, i_idx = rows // m, rows % m
-        if sgn is None:  # cotangent of row (t, i): C[i] at output position t, for every example
-            cot = torch.zeros(rows.numel(), out_positions, d_out, dtype=x.dtype, device=x.device)
-            cot[torch.arange(rows.numel()), t_idx] = out_model[i_idx]
-            cot = cot[:, None].expand(rows.numel(), batch, out_positions, d_out)
-        else:  # row (r, i): r_{b,t} C[i] at every output position t
-            cot = sgn[:, t_idx].permute(1, 0, 2)[..., None] * out_model[i_idx][:, None, None, :]
-        a = None
-        for pull, w in pullbacks:
-            (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
-            g = g.to(torch.float64) @ in64  # (rows, batch, p_in, k)
-            # A[row, b, j] = Σ_s J[row, b, s, j] f̂[b, s, j]
-            contrib = w * (g * feats[None]).sum(2)
-            a = contrib if a is None else a + contrib
-        assert a is not None
-        total[rows] += torch.einsum("rbk,rbk->rk", a, a)
-        row_sums[:, rows] = a.sum(-1).T
-    return total.reshape(n_out, m, k).sum(0), row_sums.reshape(batch, n_out, m)
-
-
-def _jvp_path(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    feats: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    out_positions: int,
-    max_elements: int,
-) -> tuple[Tensor, Tensor]:
-    """A_{·,·,j} as the JVP along T_j[b, s] = f̂_{b,s,j} C₊[:, j], for chunks of features j."""
-    batch, p_in, d_in = x.shape
-    m, d_out = out_map.shape
-    k = in_map.shape[1]
-    in_model = in_map.to(device=x.device, dtype=x.dtype)
-    out64 = out_map.to(device=x.device, dtype=torch.float64)
-    feats_model = feats.to(x.dtype)
-    per = batch * max(p_in * d_in, out_positions * max(d_out, m))
-    chunk = max(1, max_elements // max(1, per))
-    total = torch.zeros(m, k, dtype=torch.float64, device=x.device)
-    row_sums = torch.zeros(batch, out_positions, m, dtype=torch.float64, device=x.device)
-    points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
-    for start in range(0, k, chunk):
-        stop = min(k, start + chunk)
-        # tangents (c, batch, p_in, d_in): feature j's own values along its direction
-        tangents = (
-            feats_model[None, :, :, start:stop].permute(3, 1, 2, 0)
-            * in_model[:, start:stop].T[:, None, None, :]
-        )
-        a = None
-        for xa, w in points:
-            _, y = vmap(lambda t, xa=xa: jvp(fn, (xa,), (t,)))(tangents)  # (c, batch, p_out, d_out)
-            y = w * (y.to(torch.float64) @ out64.T)  # (c, batch, p_out, m)
-            a = y if a is None else a + y
-        assert a is not None
-        total[:, start:stop] += torch.einsum("cbtm,cbtm->mc", a, a)
-        row_sums += a.sum(0)
-    return total, row_sums
-
-
-# ---------------------------------------------------------------------------------------------------
-# The driver
 
 
 def interaction_graph(
@@ -433,9 +131,14 @@ def interaction_graph(
     Returns:
         :class:`InteractionGraph` with ``G.edges[(layer_in, layer_out)]`` (d̂_out × d̂_in),
         ``G.completeness``, ``G.save(path)``.
-    """
-    from degeneracy.basis import _DTYPES, _Context
 
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = interaction_graph(model, x, B, progress=False)
+    >>> G.completeness[("1", "2")] < 1e-10  # with the constant coordinate every rule is exact
+    True
+    """
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     cfg = EdgeConfig(
@@ -448,21 +151,20 @@ def interaction_graph(
         max_elements=max_elements,
         dtype=dtype,
     )
-    if cfg.dtype is not None and cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {cfg.dtype!r}")
-    bcfg = dataclasses.replace(
-        basis.config,
-        batch_size=cfg.batch_size or basis.config.batch_size,
+    run = NodeLayerRun(
+        model,
+        data,
+        basis.layers,
         dtype=cfg.dtype or basis.config.dtype,
+        batch_size=cfg.batch_size or basis.config.batch_size,
     )
-    ctx = _Context(model, data, basis.layers, bcfg)
-    was_training = ctx.model.training
-    ctx.model.eval()
+    was_training = run.model.training
+    run.model.eval()
     try:
-        with frozen_parameters(ctx.model):
-            return _build(ctx, basis, cfg, progress, sections)
+        with frozen_parameters(run.model):
+            return _build(run, basis, cfg, progress, sections)
     finally:
-        ctx.model.train(was_training)
+        run.model.train(was_training)
 
 
 @contextmanager
@@ -471,6 +173,13 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
     ``torch.func`` differentiates only with respect to the activations, but autograd would otherwise
     also build (and, in vmapped pullbacks, compute) parameter gradients: this halves the work.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> with frozen_parameters(model):
+    ...     model.weight.requires_grad
+    False
+    >>> model.weight.requires_grad
+    True
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -482,8 +191,10 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections) -> InteractionGraph:
-    names = [layer.name for layer in ctx.layers]
+def _build(
+    run: NodeLayerRun, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections
+) -> InteractionGraph:
+    names = [layer.name for layer in run.layers]
     pairs = list(zip(names[:-1], names[1:], strict=True))
     constant = bool(basis.config.has_constant)
     rule = integration_rule(cfg.integration_rule, cfg.integration_steps)
@@ -501,22 +212,20 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sect
     t_start = time.perf_counter()
     maps = {
         name: (
-            basis[name].C.to(device=ctx.device),
-            basis[name].C_pinv.to(device=ctx.device),
+            basis[name].C.to(device=run.device),
+            basis[name].C_pinv.to(device=run.device),
         )
         for name in names
     }
-    for i, inputs in enumerate(ctx.batches("edges", progress)):
+    for i, inputs in enumerate(run.inputs("edges", progress)):
         if i == 0:
-            ctx.widths = {
-                layer.name: module_widths(ctx.model, inputs, layer)
-                for layer in ctx.layers
-                if len(layer.modules) > 1
-            }
+            run.learn_widths(inputs)
         with torch.no_grad():
-            acts = capture(ctx.model, inputs, ctx.layers, constant=constant)
+            acts = capture(run.model, inputs, run.layers, constant=constant)
             if i == 0:
-                shortcuts, kinds = resolve_sections(ctx, inputs, acts, sections, constant)
+                shortcuts, kinds = resolve_sections(
+                    run.model, run.layers, inputs, acts, sections, constant=constant, widths=run.widths
+                )
         for src, dst in pairs:
             t0 = time.perf_counter()
             x = acts[src]
@@ -526,14 +235,16 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sect
             if (src, dst) in shortcuts:
                 fn = extended(shortcuts[(src, dst)], inputs, constant)
             else:
-                fn = section(ctx.model, inputs, ctx.layers, src, dst, constant=constant, widths=ctx.widths)
+                fn = section(run.model, inputs, run.layers, src, dst, constant=constant, widths=run.widths)
             p_out = acts[dst].shape[1]
             signs = None
             if cfg.num_sources is not None:
                 draws = torch.randint(0, 2, (x.shape[0], cfg.num_sources, p_out), generator=generator)
                 signs = (2 * draws - 1).to(device=x.device, dtype=torch.float64)
             n_out = p_out if signs is None else cfg.num_sources
-            modes[f"{src}->{dst}"] = _choose_mode(cfg.jacobian_mode, n_out * C_out.shape[0], C_in.shape[0])
+            modes[f"{src}->{dst}"] = attribution_mode(
+                cfg.jacobian_mode, n_out * C_out.shape[0], C_in.shape[0]
+            )
             short = shortcuts.get((src, dst))
             analytic = None
             if (
@@ -542,7 +253,7 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sect
                 and cfg.jacobian_mode == "auto"
             ):
                 with torch.no_grad():
-                    analytic = _kernel_attributions(
+                    analytic = kernel_attributions(
                         short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst]
                     )
             with torch.no_grad():
@@ -558,7 +269,7 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sect
                         C_out,
                         rule,
                         in_features=feats,
-                        out_positions=p_out,
+                        num_out_positions=p_out,
                         signs=signs,
                         mode=cfg.jacobian_mode,
                         max_elements=cfg.max_elements,
@@ -588,116 +299,5 @@ def _build(ctx: Any, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sect
     }
     eigenvalues = {name: basis[name].eigenvalues.clone() for name in names}
     return InteractionGraph(
-        tuple(ctx.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info
+        tuple(run.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info
     )
-
-
-def _kernel_attributions(
-    short: SectionShortcut,
-    inputs: Any,
-    x: Tensor,
-    feats: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    constant: bool,
-    max_elements: int,
-    target: Tensor,
-) -> tuple[Tensor, Tensor] | None:
-    """Σ_x Σ_t A² and Σ_j A from a shortcut's analytic kernel, or ``None`` if it does not apply.
-
-    With the constant coordinate, the columns j ≥ 1 come from the kernel at f (the Jacobian of the
-    homogeneous extension is constant along α·f, so every rule agrees), and the constant column from
-    Euler's identity Σ_j A_j = f̂^{l+1}(f) − C J r, r = f − C₊ C f the truncation residual (one extra
-    JVP). This needs C₊'s constant row to vanish off column 0, as for every centred basis here.
-    """
-    assert short.kernel is not None
-    d = x.shape[-1] - (1 if constant else 0)
-    in64 = in_map.to(device=x.device, dtype=torch.float64)
-    out64 = out_map.to(device=x.device, dtype=torch.float64)
-    d_out = out64.shape[1] - (1 if constant else 0)
-    if constant and in64.shape[1] > 1 and float(in64[d, 1:].abs().max()) > 1e-12 * float(in64.abs().max()):
-        return None
-    f = x[..., :d]
-    start = 1 if constant else 0
-    dirs, scale = in64[:d, start:], feats[..., start:]
-    k_reg = dirs.shape[1]
-    batch = x.shape[0]
-    # The kernels hold about one (m × k) block per example: max_elements numbers (~170 examples of the
-    # modular-addition model at the default) keep their GEMMs large without leaving the cache; chunks
-    # 8× smaller made the reference edges 2.2 s instead of 1.4 s (benchmarks/edges_modadd.md).
-    per = max(1, out64.shape[0] * max(k_reg, 1))
-    chunk = max(1, max_elements // per)
-    total = torch.zeros(out64.shape[0], in64.shape[1], dtype=torch.float64, device=x.device)
-    complete = None
-    if constant:  # Euler: Σ_j A_j = f̂^{l+1}(f) − C J r, with r = f − C₊ C f (constant coordinate 0)
-        complete = target.to(torch.float64) @ out64.T
-        r = (x.to(torch.float64) - feats @ in64.T)[..., :d]
-        if float(r.abs().max()) > 1e-13 * float(x[..., :d].abs().max()):  # else J r is below round-off
-            jr = short.jvp(inputs, f, r)
-            complete = complete - jr.to(torch.float64) @ out64[:, :d_out].T
-    row_sums = []
-    for b0 in range(0, batch, chunk):
-        sl = slice(b0, b0 + chunk)
-        sub = slice_inputs(inputs, sl)
-        if constant:
-            a = short.kernel(sub, f[sl], scale[sl], dirs, out64[:, :d_out])
-        else:
-            a = None
-            for alpha, w in zip(rule.points, rule.weights, strict=True):
-                term = w * short.kernel(sub, alpha * f[sl], scale[sl], dirs, out64[:, :d_out])
-                a = term if a is None else a + term
-        sums = a.sum(-1)
-        total[:, start:] += a.square_().sum(dim=(0, 1))
-        if complete is not None:
-            a0 = complete[sl] - sums
-            total[:, 0] += torch.einsum("btm,btm->m", a0, a0)
-            sums = complete[sl]
-        row_sums.append(sums)
-    return total, torch.cat(row_sums)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sparsity
-
-
-def gini(values: Tensor) -> float:
-    """Gini coefficient of non-negative values (0: all equal, → 1: all mass on one entry)."""
-    v = values.flatten().to(torch.float64).clamp_min(0).sort().values
-    n = v.numel()
-    total = float(v.sum())
-    if n == 0 or total == 0.0:
-        return 0.0
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    return float(((2 * ranks - n - 1) * v).sum() / (n * total))
-
-
-def sparsity(
-    graph: InteractionGraph,
-    fractions: Sequence[float] = (0.9, 0.99, 0.999),
-    *,
-    exclude_constant: bool = True,
-) -> dict[Pair, dict[str, float]]:
-    """Per layer pair: how many edges hold each fraction of the total edge weight, and the Gini.
-
-    With ``exclude_constant`` (default) edges from or to the constant direction are left out (they
-    carry the mean, not an interaction). Returns ``{pair: {"n_edges", "n_90", "n_99", "n_99.9",
-    "gini"}}`` (keys ``n_<100·fraction>``).
-    """
-    out: dict[Pair, dict[str, float]] = {}
-    for pair in graph.pairs:
-        e = graph.edges[pair]
-        if exclude_constant and graph.has_constant:
-            e = e[1:, 1:]
-        flat = e.flatten().clamp_min(0).sort(descending=True).values
-        total = float(flat.sum())
-        row: dict[str, float] = {"n_edges": float(flat.numel()), "gini": gini(flat)}
-        cum = flat.cumsum(0)
-        for frac in fractions:
-            key = f"n_{100 * frac:g}"
-            if total == 0.0:
-                row[key] = 0.0
-            else:
-                row[key] = float(int((cum < frac * total * (1 - 1e-12)).sum()) + 1)
-        out[pair] = row
-    return out

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import IntegrationRule
 
 __all__ = [
@@ -37,10 +38,15 @@ DEFAULT_MAX_ELEMENTS = 2**20  # larger chunks fall out of cache: slower and bigg
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
-    """VJPs cost one backward pass per output row, JVPs one forward per input direction."""
+    """VJPs cost one backward pass per output row, JVPs one forward per input direction.
+
+    >>> choose_mode(n_rows=2, n_directions=10)
+    'vjp'
+    """
     return "vjp" if n_rows <= n_directions else "jvp"
 
 
+@renamed_arguments(out_positions="num_out_positions")
 def jacobian_blocks(
     fn: Callable[[Tensor], Tensor],
     x: Float[Tensor, "batch pos_in d_in"],
@@ -48,19 +54,26 @@ def jacobian_blocks(
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
     *,
-    out_positions: int,
+    num_out_positions: int,
     mode: Mode = "auto",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Iterator[tuple[slice, slice, Float[Tensor, "batch rows pos k"]]]:
     """Yield ``(row_slice, position_slice, J)`` blocks of the integrated basis Jacobian (float64).
 
-    Rows index (t, i) flattened as t·m + i over ``out_positions`` output positions; positions index
+    Rows index (t, i) flattened as t·m + i over ``num_out_positions`` output positions; positions index
     the input positions s; the last axis indexes the input directions a (columns of ``in_map``).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> x, eye = torch.ones(1, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> blocks = list(jacobian_blocks(lambda z: 3 * z, x, eye, eye, rule, num_out_positions=1))
+    >>> blocks[0][2][0, :, 0].tolist()  # J[b, rows, position 0, directions] = 3 I
+    [[3.0, 0.0], [0.0, 3.0]]
     """
     batch, p_in, d_in = x.shape
     m, d_out = out_map.shape
     k = in_map.shape[1]
-    n_rows, n_dirs = out_positions * m, p_in * k
+    n_rows, n_dirs = num_out_positions * m, p_in * k
     if mode == "auto":
         mode = choose_mode(n_rows, n_dirs)
     in64 = in_map.to(device=x.device, dtype=torch.float64)
@@ -70,11 +83,13 @@ def jacobian_blocks(
         pullbacks = [(vjp(fn, xa)[1], w) for xa, w in points]
         chunk = max(1, max_elements // max(1, batch * p_in * max(d_in, k)))
         # cotangent for row (t, i): C[i] placed at output position t, for every example
-        eye_t = torch.eye(out_positions, dtype=x.dtype, device=x.device)
-        rows = (eye_t[:, None, :, None] * out_model[None, :, None, :]).reshape(n_rows, out_positions, d_out)
+        eye_t = torch.eye(num_out_positions, dtype=x.dtype, device=x.device)
+        rows = (eye_t[:, None, :, None] * out_model[None, :, None, :]).reshape(
+            n_rows, num_out_positions, d_out
+        )
         for start in range(0, n_rows, chunk):
             block = rows[start : start + chunk]
-            cot = block[:, None].expand(block.shape[0], batch, out_positions, d_out)
+            cot = block[:, None].expand(block.shape[0], batch, num_out_positions, d_out)
             total = None
             for pull, w in pullbacks:
                 (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
@@ -84,7 +99,7 @@ def jacobian_blocks(
     elif mode == "jvp":
         in_model = in_map.to(device=x.device, dtype=x.dtype)
         out64 = out_map.to(device=x.device, dtype=torch.float64)
-        chunk = max(1, max_elements // max(1, batch * out_positions * max(d_out, m)))
+        chunk = max(1, max_elements // max(1, batch * num_out_positions * max(d_out, m)))
         for s in range(p_in):
             cols = []
             for start in range(0, k, chunk):
@@ -103,6 +118,7 @@ def jacobian_blocks(
         raise ValueError(f"mode must be 'auto', 'vjp' or 'jvp', got {mode!r}")
 
 
+@renamed_arguments(out_positions="num_out_positions")
 def jacobian_gram(
     fn: Callable[[Tensor], Tensor],
     x: Float[Tensor, "batch pos_in d_in"],
@@ -110,18 +126,31 @@ def jacobian_gram(
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
     *,
-    out_positions: int,
+    num_out_positions: int,
     mode: Mode = "auto",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Float[Tensor, "k k"]:
     """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
 
     This is the un-normalised M of METHOD §2.2 (products pair the same input position s).
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> x, eye = torch.ones(2, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> rule = integration_rule("gradient")
+    >>> jacobian_gram(lambda z: 3 * z, x, eye, eye, rule, num_out_positions=1).tolist()
+    [[18.0, 0.0], [0.0, 18.0]]
     """
     k = in_map.shape[1]
     total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
     for _, _, jac in jacobian_blocks(
-        fn, x, in_map, out_map, rule, out_positions=out_positions, mode=mode, max_elements=max_elements
+        fn,
+        x,
+        in_map,
+        out_map,
+        rule,
+        num_out_positions=num_out_positions,
+        mode=mode,
+        max_elements=max_elements,
     ):
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
@@ -143,6 +172,12 @@ def constant_jacobian(
     example, to 1e-10 relative in float64 (1e-5 otherwise). A Jacobian that differs anywhere passes
     this test with probability zero. Then every integration rule gives J₀ too, and M or the edges
     follow from J₀ alone instead of one backward pass per output row and example.
+
+    >>> x = torch.randn(4, 1, 2, dtype=torch.float64)
+    >>> constant_jacobian(lambda z: 2 * z + 1, x, lambda z: 2 * z + 1).shape
+    torch.Size([1, 2, 1, 2])
+    >>> constant_jacobian(torch.tanh, x, torch.tanh) is None
+    True
     """
     j0 = jacrev(fn_first)(x[:1])[0, :, :, 0]  # (pos_out, d_out, pos_in, d_in)
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -162,7 +197,13 @@ def gram_of_constant_jacobian(
     out_map: Float[Tensor, "m d_out"],
     count: int,
 ) -> Float[Tensor, "k k"]:
-    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``."""
+    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``.
+
+    >>> j0 = 2 * torch.eye(2, dtype=torch.float64).reshape(1, 2, 1, 2)
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> gram_of_constant_jacobian(j0, eye, eye, count=3).tolist()
+    [[12.0, 0.0], [0.0, 12.0]]
+    """
     jac = torch.einsum("io,tosd,da->stia", out_map.to(j0), j0, in_map.to(j0))  # (pos_in, pos_out, m, k)
     flat = jac.reshape(jac.shape[0], -1, jac.shape[-1])
     return count * torch.einsum("sra,srb->ab", flat, flat)

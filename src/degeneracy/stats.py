@@ -7,16 +7,14 @@ CPU, NCCL on GPU). Dividing by the count happens only when a statistic is read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["MomentAccumulator", "MatrixAccumulator", "check_finite", "shard"]
+__all__ = ["MomentAccumulator", "MatrixAccumulator", "check_finite"]
 
 
 def check_finite(x: Tensor, where: str) -> None:
@@ -26,23 +24,6 @@ def check_finite(x: Tensor, where: str) -> None:
         kind = "NaN" if torch.isnan(x).any() else "Inf"
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{kind} in {where} (first at index {first}, {int(bad.sum())} values in all)")
-
-
-def shard(data: Any) -> Any:
-    """This process's share of ``data`` under ``torch.distributed`` (examples rank, rank + world, ...).
-
-    Tensors and dicts of tensors are split here; any other iterable (a ``DataLoader``) is assumed to
-    be sharded by the caller already (e.g. with a ``DistributedSampler``). Without an initialised
-    process group, ``data`` is returned unchanged.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return data
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if isinstance(data, Tensor):
-        return data[rank::world]
-    if isinstance(data, Mapping):
-        return {k: v[rank::world] for k, v in data.items()}
-    return data
 
 
 class _Sum:
