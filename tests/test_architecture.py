@@ -22,9 +22,9 @@ LAYERS: list[set[str]] = [
     {"axes", "deprecation", "linalg", "io"},
     {"data"},
     {"run", "capture", "stats"},
-    {"behavioral", "jacobian"},
+    {"behavioral", "jacobian", "basis_result", "graph_result"},
     {"adapters", "sections"},
-    {"basis", "accounting", "llc"},
+    {"attributions", "basis", "accounting", "llc"},
     {"edges"},
     {"ablation", "modules", "fourier", "models"},
     {"report"},
@@ -45,7 +45,8 @@ def _modules() -> dict[str, ast.Module]:
 
 def _imports(name: str, tree: ast.Module) -> list[tuple[str, list[str], int]]:
     """(module imported, names imported from it, line) for every degeneracy import, resolving relatives."""
-    package = name if (SRC.parent / name.replace(".", "/") / "__init__.py").exists() else name.rpartition(".")[0]
+    is_package = (SRC.parent / name.replace(".", "/") / "__init__.py").exists()
+    package = name if is_package else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

@@ -93,7 +93,7 @@ class InteractionGraph:
     """
 
     layers: tuple[NodeLayer, ...]
-    edges: dict[Pair, Float[Tensor, "dout din"]]
+    edges: dict[Pair, Float[Tensor, "d_out d_in"]]
     basis_method: str
     has_constant: bool
     eigenvalues: dict[str, Float[Tensor, " d"]]

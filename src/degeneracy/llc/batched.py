@@ -35,8 +35,8 @@ __all__ = [
 
 
 def per_chain_behavioral(
-    output: Float[Tensor, "C batch *out"], reference: Float[Tensor, " batch *out"], kind: LossKind
-) -> Float[Tensor, " C"]:
+    output: Float[Tensor, "chains batch *out"], reference: Float[Tensor, " batch *out"], kind: LossKind
+) -> Float[Tensor, " chains"]:
     """The behavioral loss of each chain: ``output`` ``(C, batch, *out)`` against ``reference``
     ``(batch, *out)``, with the reductions of :func:`degeneracy.behavioral.behavioral_loss_from_outputs`
     per chain: summed over every dimension after the example dimension, averaged over examples.

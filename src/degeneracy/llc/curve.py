@@ -86,12 +86,12 @@ class LLCCurve:
     True
     """
 
-    nbetas: Float[Tensor, " K"]
-    epsilons: Float[Tensor, " K"]
-    llc: Float[Tensor, " K"]
-    llc_std: Float[Tensor, " K"]
-    llc_var: Float[Tensor, " K"]
-    slope: Float[Tensor, " K"]
+    nbetas: Float[Tensor, " points"]
+    epsilons: Float[Tensor, " points"]
+    llc: Float[Tensor, " points"]
+    llc_std: Float[Tensor, " points"]
+    llc_var: Float[Tensor, " points"]
+    slope: Float[Tensor, " points"]
     results: tuple[LLCResult, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -246,11 +246,11 @@ class EffectiveParameterCount:
     True
     """
 
-    epsilons: Float[Tensor, " K"]
-    achieved_epsilons: Float[Tensor, " K"]
-    n_eff: Float[Tensor, " K"]
-    n_eff_std: Float[Tensor, " K"]
-    nbetas: Float[Tensor, " K"]
+    epsilons: Float[Tensor, " points"]
+    achieved_epsilons: Float[Tensor, " points"]
+    n_eff: Float[Tensor, " points"]
+    n_eff_std: Float[Tensor, " points"]
+    nbetas: Float[Tensor, " points"]
     method: str
     num_params: int
     results: tuple[LLCResult, ...] = ()

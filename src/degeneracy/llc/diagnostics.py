@@ -32,7 +32,9 @@ DIVERGENCE_FACTOR = 10.0
 largest learning coefficient P parameters can have."""
 
 
-def chain_llc(traces: Float[Tensor, "C D"], init_loss: float, nbeta: float) -> Float[Tensor, " C"]:
+def chain_llc(
+    traces: Float[Tensor, "chains draws"], init_loss: float, nbeta: float
+) -> Float[Tensor, " chains"]:
     """λ̂_c = nβ (mean over draws of L_c − L*), one estimate per chain.
 
     >>> import torch
@@ -42,7 +44,7 @@ def chain_llc(traces: Float[Tensor, "C D"], init_loss: float, nbeta: float) -> F
     return nbeta * (traces.mean(dim=1) - init_loss)
 
 
-def chain_llc_variance(traces: Float[Tensor, "C D"], nbeta: float) -> Float[Tensor, " C"]:
+def chain_llc_variance(traces: Float[Tensor, "chains draws"], nbeta: float) -> Float[Tensor, " chains"]:
     """λ̂_var,c = (nβ)² Var over draws of L_c (unbiased variance; NaN with a single draw).
 
     >>> import torch
@@ -55,13 +57,13 @@ def chain_llc_variance(traces: Float[Tensor, "C D"], nbeta: float) -> Float[Tens
 
 
 def find_bad_chains(
-    traces: Float[Tensor, "C D"],
-    final_params: Float[Tensor, "C P"] | None,
+    traces: Float[Tensor, "chains draws"],
+    final_params: Float[Tensor, "chains P"] | None,
     init_loss: float,
     nbeta: float,
     num_params: int,
     divergence_factor: float = DIVERGENCE_FACTOR,
-    burnin_traces: Float[Tensor, "C B"] | None = None,
+    burnin_traces: Float[Tensor, "chains burnin"] | None = None,
 ) -> dict[int, str]:
     """Chains that must not be averaged in, with the reason.
 
@@ -97,7 +99,9 @@ def find_bad_chains(
     return bad
 
 
-def stationarity_drift(traces: Float[Tensor, "C D"], init_loss: float, nbeta: float) -> tuple[float, float]:
+def stationarity_drift(
+    traces: Float[Tensor, "chains draws"], init_loss: float, nbeta: float
+) -> tuple[float, float]:
     """Drift of the chains after burn-in, in units of λ: mean over chains of
     nβ (mean of the last third − mean of the first third of draws), and its standard error over chains
     (NaN with one chain). A drift large compared with λ̂ means the burn-in was too short.

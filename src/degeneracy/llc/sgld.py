@@ -179,11 +179,11 @@ class ChainRun:
     (torch.Size([2, 5]), None)
     """
 
-    loss_traces: Float[Tensor, "C D"]
-    burnin_traces: Float[Tensor, "C B"]
-    final_params: Float[Tensor, "C P"]
+    loss_traces: Float[Tensor, "chains draws"]
+    burnin_traces: Float[Tensor, "chains burnin"]
+    final_params: Float[Tensor, "chains P"]
     seconds: float
-    acceptance: Float[Tensor, " C"] | None = None
+    acceptance: Float[Tensor, " chains"] | None = None
     """MALA only: the fraction of accepted proposals of each chain over all its steps (burn-in included)."""
 
 

@@ -60,11 +60,11 @@ class VolumeResult:
     [2.0]
     """
 
-    epsilons: Float[Tensor, " K"]
-    log_volume: Float[Tensor, " K"]
-    log_volume_std: Float[Tensor, " K"]
-    llc: Float[Tensor, " K"]
-    llc_std: Float[Tensor, " K"]
+    epsilons: Float[Tensor, " points"]
+    log_volume: Float[Tensor, " points"]
+    log_volume_std: Float[Tensor, " points"]
+    llc: Float[Tensor, " points"]
+    llc_std: Float[Tensor, " points"]
     fit: dict[str, float]
     levels: list[dict[str, list[float]]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
