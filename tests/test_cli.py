@@ -205,3 +205,27 @@ def test_degeneracy_command_rerun_skips_and_a_changed_epsilon_reruns(tmp_path) -
     config.write_text(config.read_text() + "epsilon: 1.0e-8\n")
     changed = runner.invoke(app, ["degeneracy", str(config), "--out", str(out)])
     assert changed.exit_code == 0 and "its config changed (epsilon)" in changed.output
+
+
+def test_graph_reuses_bases_only_when_their_config_matches(tmp_path) -> None:
+    """The graph command's bases are stages too: a basis built with other options is rebuilt, and every
+    stage built on it (edges, modules) follows."""
+    config = tmp_path / "graph.yaml"
+    text = (
+        "model: {name: 'tests.test_cli:tiny_factory'}\n"
+        "node_layers: [fc1, fc2, output]\n"
+        "methods: [lib]\n"
+        "basis: {progress: false}\n"
+        "modules: {epsilon: relative, methods: []}\n"
+    )
+    config.write_text(text)
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["graph", str(config), "--out", str(out)]).exit_code == 0
+    again = runner.invoke(app, ["graph", str(config), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "[basis.lib] done before" in again.output and "[edges.lib] done before" in again.output
+    config.write_text(text.replace("{progress: false}", "{progress: false, gram_threshold: 1.0e-6}"))
+    changed = runner.invoke(app, ["graph", str(config), "--out", str(out)])
+    assert changed.exit_code == 0, changed.output
+    assert "[basis.lib] recomputing: its config changed (options.gram_threshold)" in changed.output
+    assert "[edges.lib] recomputing: its config changed (basis.options.gram_threshold)" in changed.output

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,8 @@ def modules_from_json(payload: Mapping[str, Any]) -> Any:
     )
 
 
-def _json_file_stage(out: Path, relative: str, dump: Callable[[Any], Any], read: Callable[[Any], Any]):
-    """``save``/``load`` functions of a stage whose result is one JSON file ``out/relative``."""
+def _json_file(out: Path, relative: str, dump: Callable[[Any], Any], read: Callable[[Any], Any]) -> Any:
+    """``(save, load)`` of a stage whose result is one JSON file ``out/relative``."""
 
     def save(value: Any) -> dict[str, str]:
         _write_json(out / relative, dump(value))
@@ -176,6 +177,16 @@ def _json_file_stage(out: Path, relative: str, dump: Callable[[Any], Any], read:
         return read(json.loads((out / record["file"]).read_text()))
 
     return save, load
+
+
+def _object_file(out: Path, relative: str, read: Callable[[Path], Any]) -> Any:
+    """``(save, load)`` of a stage whose result saves itself (``.save(path)``) to ``out/relative``."""
+
+    def save(value: Any) -> dict[str, str]:
+        value.save(out / relative)
+        return {"file": relative}
+
+    return save, lambda record: read(out / record["file"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,59 +225,48 @@ def run_graph(
     layers = list(node_layers or cfg.node_layers or [])
     if not layers and set(cfg.methods) - set(bases or {}):
         raise ValueError("node_layers must be given for a model that is not bundled")
-    stage: dict[str, Any] = {"force": force, "log": log}
     summary: dict[str, Any] = {"n_examples": _n(data), "methods": list(cfg.methods)}
     timings: dict[str, float] = {}
     sections = "auto" if cfg.shortcuts else None
 
-    def timed(key: str, call: Callable[[], Any]) -> Any:
+    def staged(name: str, config: dict[str, Any], compute: Callable[[], Any], files: Any) -> Any:
+        """One resumable stage of this run, timed (a skipped stage takes the time to load it)."""
         t0 = time.perf_counter()
-        value = call()
-        timings[key] = time.perf_counter() - t0
+        save, load = files
+        value = run_stage(out, name, config, compute, save=save, load=load, force=force, log=log)
+        timings[name] = time.perf_counter() - t0
         return value
 
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
     for method in cfg.methods:
-        basis_config = basis_stage_config(cfg.model, layers, method, cfg.basis)
         if method not in have:
-            have[method] = timed(
-                f"basis/{method}",
-                lambda m=method: basis_stage(
-                    model, data, layers, m, cfg.basis, out, spec=cfg.model, progress=progress, **stage
-                ),
+            t0 = time.perf_counter()
+            have[method] = basis_stage(
+                model, data, layers, method, cfg.basis, out, spec=cfg.model, progress=progress, force=force,
+                log=log,
             )
-        edges_config = {
-            "basis": basis_config,
+            timings[f"basis.{method}"] = time.perf_counter() - t0
+        configs[method] = {
+            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis),
             "edges": cfg.edges,
             "edge_limit": cfg.edge_limit,
             "shortcuts": cfg.shortcuts,
         }
-        configs[method] = edges_config
-        relative = f"graphs/{method}.safetensors"
-
-        def save_graph(graph: Any, relative: str = relative) -> dict[str, str]:
-            graph.save(out / relative)
-            return {"file": relative}
-
-        graphs[method] = timed(
-            f"edges/{method}",
-            lambda m=method, save_graph=save_graph: run_stage(
-                out,
-                f"edges.{m}",
-                configs[m],
-                lambda: degeneracy.interaction_graph(
-                    model,
-                    _head(data, cfg.edge_limit),
-                    have[m],
-                    sections=sections,
-                    progress=progress,
-                    **cfg.edges,
-                ),
-                save=save_graph,
-                load=lambda record: load_graph(out / record["file"]),
-                **stage,
+        basis = have[method]
+        graphs[method] = staged(
+            f"edges.{method}",
+            configs[method],
+            partial(
+                degeneracy.interaction_graph,
+                model,
+                _head(data, cfg.edge_limit),
+                basis,
+                sections=sections,
+                progress=progress,
+                **cfg.edges,
             ),
+            _object_file(out, f"graphs/{method}.safetensors", load_graph),
         )
     summary["dims"] = {m: have[m].dims for m in cfg.methods}
     summary["edge_examples"] = _n(_head(data, cfg.edge_limit))
@@ -292,24 +292,22 @@ def run_graph(
         for method in cfg.methods:
             basis, graph = have[method], graphs[method]
             if opts.node_curves:
-                save, load = _json_file_stage(
-                    out,
-                    f"ablation/{method}_nodes.json",
-                    lambda curves: {k: v.to_dict() for k, v in curves.items()},
-                    node_curves_from_json,
-                )
-                node_curves[method] = timed(
-                    f"node_ablation/{method}",
-                    lambda basis=basis, m=method, save=save, load=load: run_stage(
+                node_curves[method] = staged(
+                    f"node_ablation.{method}",
+                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points},
+                    partial(
+                        node_ablation_curves,
+                        model,
+                        eval_data,
+                        basis,
+                        labels=eval_labels,
+                        num_points=opts.node_points,
+                    ),
+                    _json_file(
                         out,
-                        f"node_ablation.{m}",
-                        {"basis": configs[m]["basis"], "limit": opts.limit, "points": opts.node_points},
-                        lambda: node_ablation_curves(
-                            model, eval_data, basis, labels=eval_labels, num_points=opts.node_points
-                        ),
-                        save=save,
-                        load=load,
-                        **stage,
+                        f"ablation/{method}_nodes.json",
+                        lambda curves: {k: v.to_dict() for k, v in curves.items()},
+                        node_curves_from_json,
                     ),
                 )
             if opts.edges and method in (opts.edge_methods or cfg.methods):
@@ -319,30 +317,24 @@ def run_graph(
                     "delta": opts.delta,
                     "shortcuts": cfg.shortcuts,
                 }
-                save, load = _json_file_stage(
-                    out,
-                    f"ablation/{method}_edges.json",
-                    lambda results: [r.to_dict() for r in results.values()],
-                    edge_results_from_json,
-                )
-                edge_results[method] = timed(
-                    f"edge_ablation/{method}",
-                    lambda basis=basis, graph=graph, m=method, save=save, load=load: run_stage(
+                edge_results[method] = staged(
+                    f"edge_ablation.{method}",
+                    ablation_configs[method],
+                    partial(
+                        edge_ablation,
+                        model,
+                        eval_data,
+                        basis,
+                        graph,
+                        labels=eval_labels,
+                        delta=opts.delta,
+                        sections=sections,
+                    ),
+                    _json_file(
                         out,
-                        f"edge_ablation.{m}",
-                        ablation_configs[m],
-                        lambda: edge_ablation(
-                            model,
-                            eval_data,
-                            basis,
-                            graph,
-                            labels=eval_labels,
-                            delta=opts.delta,
-                            sections=sections,
-                        ),
-                        save=save,
-                        load=load,
-                        **stage,
+                        f"ablation/{method}_edges.json",
+                        lambda results: [r.to_dict() for r in results.values()],
+                        edge_results_from_json,
                     ),
                 )
         summary["edges_needed"] = {
@@ -370,30 +362,23 @@ def run_graph(
             kwargs["epsilon"] = float(rule)
         names = graphs[method].names
         first, last = mo.first_layer or names[0], mo.last_layer or names[-1]
-        module_graphs[method] = graphs[method].subgraph(first, last)
+        module_graph = module_graphs[method] = graphs[method].subgraph(first, last)
         if rule == "ablation":
-            kwargs["epsilon"] = {p: edge_results[method][p] for p in module_graphs[method].pairs}
-        save, load = _json_file_stage(
-            out,
-            f"modules/{method}.json",
-            lambda found, rule=rule: {"epsilon_rule": rule, **found.to_dict()},
-            modules_from_json,
-        )
-        modules[method] = timed(
-            f"modules/{method}",
-            lambda m=method, kwargs=kwargs, rule=rule, save=save, load=load: run_stage(
+            kwargs["epsilon"] = {p: edge_results[method][p] for p in module_graph.pairs}
+        modules[method] = staged(
+            f"modules.{method}",
+            {
+                "edges": configs[method],
+                "modules": mo.model_dump(exclude={"methods"}),
+                "epsilon_rule": rule,
+                "edge_ablation": ablation_configs.get(method) if rule == "ablation" else None,
+            },
+            partial(degeneracy.find_modules, module_graph, **kwargs),
+            _json_file(
                 out,
-                f"modules.{m}",
-                {
-                    "edges": configs[m],
-                    "modules": mo.model_dump(exclude={"methods"}),
-                    "epsilon_rule": rule,
-                    "edge_ablation": ablation_configs.get(m) if rule == "ablation" else None,
-                },
-                lambda: degeneracy.find_modules(module_graphs[m], **kwargs),
-                save=save,
-                load=load,
-                **stage,
+                f"modules/{method}.json",
+                lambda found, rule=rule: {"epsilon_rule": rule, **found.to_dict()},
+                modules_from_json,
             ),
         )
     summary["modules"] = {
