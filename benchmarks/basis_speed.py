@@ -37,7 +37,7 @@ def case_reference(checkpoint: str, method: str, sections: str | None, repeats: 
     from _reference import PAPER_BASIS, load_reference
 
     import degeneracy
-    from degeneracy.runconfig import MODADD_NODE_LAYERS
+    from degeneracy.commands.config import MODADD_NODE_LAYERS
 
     model, x, _, _, _ = load_reference(checkpoint)
     base_mb = _peak_mb()
@@ -60,8 +60,8 @@ def case_bundled(method: str) -> dict:
     import torch
 
     import degeneracy
+    from degeneracy.commands.config import MODADD_NODE_LAYERS
     from degeneracy.models import load_modadd, modadd_all_inputs
-    from degeneracy.runconfig import MODADD_NODE_LAYERS
 
     model = load_modadd(dtype=torch.float64)
     x, _ = modadd_all_inputs()

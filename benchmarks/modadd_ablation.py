@@ -107,13 +107,13 @@ def main() -> None:
     from degeneracy.ablation import edge_ablation, node_ablation_curves
     from degeneracy.edges import sparsity, transformer_lens_sections
     from degeneracy.fourier import fourier_labels, frequency_module_table, modadd_feature_grid
-    from degeneracy.graph_cli import report_markdown
     from degeneracy.report.graph_plots import (
         plot_edge_ablation,
         plot_frequency_modules,
         plot_interaction_graph,
         plot_node_ablation,
     )
+    from degeneracy.report.markdown import graph_report_markdown as report_markdown
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -128,7 +128,7 @@ def main() -> None:
     for method in methods:
         path = cache / f"{prefix}_{method}_ablation.json"
         if path.exists():
-            from degeneracy.graph_cli import _edge_result_from
+            from degeneracy.commands.graph import edge_result_from_dict as _edge_result_from
 
             results[method] = {tuple(r["pair"]): _edge_result_from(r) for r in json.loads(path.read_text())}
             continue
@@ -153,9 +153,9 @@ def main() -> None:
     for method in methods:
         path = cache / f"{prefix}_{method}_nodes.json"
         if path.exists():
-            from degeneracy.graph_cli import _node_curve_from
+            from degeneracy.ablation import NodeAblationCurve
 
-            node_curves[method] = {k: _node_curve_from(v) for k, v in json.loads(path.read_text()).items()}
+            node_curves[method] = {k: NodeAblationCurve(**v) for k, v in json.loads(path.read_text()).items()}
             continue
         t0 = time.perf_counter()
         node_curves[method] = node_ablation_curves(

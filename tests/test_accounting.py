@@ -436,8 +436,7 @@ def planted_factory() -> tuple[nn.Module, torch.Tensor]:
 
 
 def test_config_rejects_unknown_fields_and_bad_values(tmp_path) -> None:
-    from degeneracy.accounting.cli import DegeneracyRunConfig
-    from degeneracy.runconfig import load_yaml
+    from degeneracy.commands.config import DegeneracyRunConfig, load_yaml
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("epsilon: 0.1\nepsilonn: 2\n")
@@ -453,7 +452,7 @@ def test_degeneracy_command_writes_report_spectrum_and_figures(tmp_path, monkeyp
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from degeneracy.accounting.cli import degeneracy_command
+    from degeneracy.commands.degeneracy import degeneracy_command
 
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     config = tmp_path / "run.yaml"
@@ -480,7 +479,7 @@ def test_degeneracy_command_writes_report_spectrum_and_figures(tmp_path, monkeyp
 
 
 def test_demo_section_on_a_planted_model(planted, tmp_path) -> None:
-    from degeneracy.accounting.cli import degeneracy_demo_section
+    from degeneracy.commands.degeneracy import degeneracy_demo_section
 
     model, x = planted
     summary = degeneracy_demo_section(model, x, tmp_path)
@@ -569,7 +568,8 @@ def test_gated_activation_rank_of_a_neuron_that_fires_where_an_input_is_zero() -
 
 
 def test_run_degeneracy_on_a_transformer_uses_the_last_token_forward(tmp_path) -> None:
-    from degeneracy.accounting.cli import DegeneracyRunConfig, run_degeneracy
+    from degeneracy.commands.config import DegeneracyRunConfig
+    from degeneracy.commands.degeneracy import run_degeneracy
 
     model, x = planted_transformer()
     cfg = DegeneracyRunConfig(hessian="lanczos", hessian_k=5, rank_probes=2, rank_steps=10, sparsify=True)

@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from degeneracy.commands.config import LLCRunConfig, ModelSpec, load_yaml, resolve_model
+from degeneracy.commands.llc import llc_command, llc_demo_section, run_llc
 from degeneracy.llc import EffectiveParameterCount, LLCCurve, LLCResult
-from degeneracy.llc.cli import LLCRunConfig, llc_command, llc_demo_section, run_llc
-from degeneracy.runconfig import ModelSpec, load_yaml, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,6 +139,6 @@ def test_demo_section_is_quick_and_complete(tmp_path) -> None:
 
 
 def test_core_import_does_not_pull_matplotlib() -> None:
-    code = "import sys, degeneracy.llc, degeneracy.llc.cli; print('matplotlib' in sys.modules)"
+    code = "import sys, degeneracy.llc, degeneracy.commands.llc; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -166,7 +166,7 @@ def test_graph_command_end_to_end(tmp_path) -> None:
 
     import typer
 
-    from degeneracy.graph_cli import graph_command
+    from degeneracy.commands.graph import graph_command
 
     config = tmp_path / "graph.yaml"
     config.write_text(

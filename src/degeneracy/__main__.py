@@ -1,5 +1,5 @@
 """``python -m degeneracy`` runs the command line."""
 
-from degeneracy.cli import app
+from degeneracy.commands import app
 
 app()

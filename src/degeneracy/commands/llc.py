@@ -1,6 +1,6 @@
 """``degeneracy llc CONFIG.yaml``: the learning coefficient and N_eff(ε) of a model, from a config file.
 
-A config names the model and data (:class:`degeneracy.runconfig.ModelSpec`), the loss and the sampler
+A config names the model and data (:class:`degeneracy.commands.config.ModelSpec`), the loss and the sampler
 settings, and optionally a sweep over nβ (λ(ε) curve) and loss scales ε for N_eff(ε)::
 
     model: {name: digits_mlp, split: train, dtype: float32}
@@ -11,77 +11,33 @@ settings, and optionally a sweep over nβ (λ(ε) curve) and loss scales ε for 
     nbetas: [20, 200, 2000]     # optional: λ̂ over inverse temperatures
     epsilons: [1e-2, 1e-3]      # optional: N_eff at these loss scales
 
-Each stage writes its result atomically to OUT (``llc.safetensors``, ``llc_curve.safetensors``,
-``n_eff.safetensors``, ``summary.json``, figures) and a rerun with the same config skips it.
+Each stage (``llc``, ``llc_curve``, ``n_eff``) writes its result atomically to OUT (``llc.safetensors``,
+``llc_curve.safetensors``, ``n_eff.safetensors``; ``summary.json`` and figures on every run) and its
+config to ``OUT/stages/``; a rerun with the same config skips it
+(:func:`degeneracy.commands.resume.run_stage`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import typer
-from pydantic import Field
 from torch import Tensor, nn
 
+from degeneracy.commands.config import LLCRunConfig, load_yaml, resolve_model
+from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.io import atomic_write_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.estimate import estimate_llc
 from degeneracy.llc.result import LLCResult
-from degeneracy.runconfig import ModelSpec, StrictModel, load_yaml, resolve_model
 
-__all__ = ["LLCSamplerConfig", "LLCRunConfig", "run_llc", "llc_command", "llc_demo_section", "LastPosition"]
-
-
-class LLCSamplerConfig(StrictModel):
-    """SGLD settings (see :func:`degeneracy.llc.estimate_llc`). ``nbeta: null`` means n / log n."""
-
-    nbeta: float | None = Field(default=None, gt=0)
-    localization: float = Field(default=100.0, ge=0)
-    step_size: float | Literal["auto"] = "auto"
-    num_chains: int = Field(default=4, ge=1)
-    num_draws: int = Field(default=200, ge=1)
-    num_burnin: int = Field(default=100, ge=0)
-    thinning: int = Field(default=1, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
-    seed: int = 0
-    engine: Literal["auto", "vmap", "batched"] = "auto"
-
-
-class LLCRunConfig(StrictModel):
-    """``degeneracy llc CONFIG.yaml``.
-
-    Attributes:
-        model: which model and data.
-        loss: ``"behavioral"`` (mean squared output difference) or ``"kl"`` (classifiers).
-        positions: ``"last"`` keeps only the last position of ``(batch, pos, d)`` outputs (e.g. the
-            answer position of the modular-addition transformer).
-        params: names of the parameters to sample (default: all).
-        sampler: SGLD settings of the single estimate (and defaults of the sweeps).
-        nbetas: optional sweep of inverse temperatures (the λ(ε) curve).
-        epsilons: optional loss scales for N_eff(ε) (nβ found per ε, or the volume method).
-        method: ``"sgld"`` or ``"volume"`` for ``epsilons`` (volume: at most 12 parameters).
-        volume_options: keyword arguments of :func:`degeneracy.llc.volume_llc` (``num_points``, ...).
-        plots: write figures (needs matplotlib).
-        progress: show progress bars.
-    """
-
-    model: ModelSpec = ModelSpec(name="digits_mlp", dtype="float32")
-    loss: Literal["behavioral", "kl"] = "behavioral"
-    positions: Literal["all", "last"] = "all"
-    params: list[str] | None = None
-    sampler: LLCSamplerConfig = LLCSamplerConfig()
-    nbetas: list[float] | None = Field(default=None, min_length=1)
-    epsilons: list[float] | None = Field(default=None, min_length=1)
-    method: Literal["sgld", "volume"] = "sgld"
-    volume_options: dict[str, Any] = {}
-    plots: bool = True
-    progress: bool = True
+__all__ = ["run_llc", "llc_command", "llc_demo_section", "LastPosition"]
 
 
 class LastPosition(nn.Module):
@@ -98,24 +54,31 @@ class LastPosition(nn.Module):
         return out[:, -1]
 
 
-def _cached(path: Path, kind: type, stamp: dict[str, Any]) -> Any | None:
-    """The result at ``path`` if it exists and was made with the same ``stamp`` (config), else None."""
-    if not path.exists():
-        return None
-    try:
-        result = kind.load(path)
-    except (ValueError, KeyError, OSError):
-        return None
-    return result if result.config.get("run_stamp") == stamp else None
+def _file_stage(out: Path, relative: str, kind: Any) -> dict[str, Any]:
+    """``save``/``load`` of a stage whose result is one ``kind`` file (``.save``/``.load``), ``relative``."""
+
+    def save(result: Any) -> dict[str, str]:
+        result.save(out / relative)
+        return {"file": relative}
+
+    return {"save": save, "load": lambda record: kind.load(out / record["file"])}
 
 
-def _stamped(result: Any, stamp: dict[str, Any]) -> Any:
-    """A copy of ``result`` whose config records the run config it was made with."""
-    return dataclasses.replace(result, config={**result.config, "run_stamp": stamp})
+def run_llc(
+    cfg: LLCRunConfig,
+    model: nn.Module,
+    data: Any,
+    out: Path,
+    *,
+    force: bool = False,
+    log: StageLog | None = print,
+) -> dict[str, Any]:
+    """Run every stage of ``cfg`` on ``model`` and ``data``; write results and figures to ``out``.
 
-
-def run_llc(cfg: LLCRunConfig, model: nn.Module, data: Any, out: Path) -> dict[str, Any]:
-    """Run every stage of ``cfg`` on ``model`` and ``data``; write results and figures to ``out``."""
+    Stages ``llc`` (the single estimate), ``llc_curve`` (``nbetas``) and ``n_eff`` (``epsilons``) are
+    resumable: a rerun skips each one whose config (``cfg.model`` naming ``model``/``data``, the loss,
+    the sampler and the stage's own fields) is unchanged, unless ``force``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
@@ -128,27 +91,32 @@ def run_llc(cfg: LLCRunConfig, model: nn.Module, data: Any, out: Path) -> dict[s
     )
     sampler = cfg.sampler.model_dump()
     common = {"loss": cfg.loss, "params": params, "progress": cfg.progress, **sampler}
-    stamp = json.loads(cfg.model_dump_json(exclude={"plots", "progress"}))
+    sweep = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
+    base = cfg.model_dump(include={"model", "loss", "positions", "params", "sampler"})
+    stage = {"force": force, "log": log}
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
 
-    path = out / "llc.safetensors"
-    result = _cached(path, LLCResult, stamp)
-    if result is None:
-        result = _stamped(estimate_llc(model, data, **common), stamp)
-        result.save(path)
+    result = run_stage(
+        out,
+        "llc",
+        base,
+        lambda: estimate_llc(model, data, **common),
+        **_file_stage(out, "llc.safetensors", LLCResult),
+        **stage,
+    )
     summary["estimate"] = _result_summary(result)
 
     curve = None
     if cfg.nbetas:
-        path = out / "llc_curve.safetensors"
-        curve = _cached(path, LLCCurve, stamp)
-        if curve is None:
-            sweep = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
-            curve = _stamped(
-                llc_curve(model, data, nbetas=cfg.nbetas, step_size=cfg.sampler.step_size, **sweep), stamp
-            )
-            curve.save(path)
+        curve = run_stage(
+            out,
+            "llc_curve",
+            {**base, "nbetas": cfg.nbetas},
+            lambda: llc_curve(model, data, nbetas=cfg.nbetas, step_size=cfg.sampler.step_size, **sweep),
+            **_file_stage(out, "llc_curve.safetensors", LLCCurve),
+            **stage,
+        )
         summary["curve"] = {
             "nbetas": curve.nbetas.tolist(),
             "epsilons": curve.epsilons.tolist(),
@@ -160,26 +128,33 @@ def run_llc(cfg: LLCRunConfig, model: nn.Module, data: Any, out: Path) -> dict[s
 
     n_eff = None
     if cfg.epsilons:
-        path = out / "n_eff.safetensors"
-        n_eff = _cached(path, EffectiveParameterCount, stamp)
-        if n_eff is None:
+        epsilons = list(cfg.epsilons)
+
+        def compute_n_eff() -> EffectiveParameterCount:
             if cfg.method == "volume":
-                n_eff = effective_parameter_count(
+                return effective_parameter_count(
                     model,
                     data,
-                    cfg.epsilons,
+                    epsilons,
                     method="volume",
                     loss=cfg.loss,
                     params=params,
                     volume_kwargs=cfg.volume_options,
                 )
-            else:
-                search = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
-                n_eff = effective_parameter_count(
-                    model, data, cfg.epsilons, step_size=cfg.sampler.step_size, **search
-                )
-            n_eff = _stamped(n_eff, stamp)
-            n_eff.save(path)
+            return effective_parameter_count(model, data, epsilons, step_size=cfg.sampler.step_size, **sweep)
+
+        n_eff_config = {**base, "epsilons": epsilons, "method": cfg.method}
+        if cfg.method == "volume":  # the sampler plays no part
+            n_eff_config = {k: v for k, v in n_eff_config.items() if k != "sampler"}
+            n_eff_config["volume_options"] = cfg.volume_options
+        n_eff = run_stage(
+            out,
+            "n_eff",
+            n_eff_config,
+            compute_n_eff,
+            **_file_stage(out, "n_eff.safetensors", EffectiveParameterCount),
+            **stage,
+        )
         summary["n_eff"] = {
             "epsilons": n_eff.epsilons.tolist(),
             "achieved_epsilons": n_eff.achieved_epsilons.tolist(),
@@ -240,15 +215,14 @@ def _plots(
 def llc_command(
     config: Path = typer.Argument(..., help="YAML config (see LLCRunConfig)"),
     out: Path = typer.Option(Path("runs/llc"), help="output directory"),
+    force: ForceOption = False,
 ) -> None:
-    """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file; results in OUT."""
-    try:
+    """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file; results in OUT
+    (a rerun with the same config skips the finished stages)."""
+    with user_errors():
         cfg = load_yaml(config, LLCRunConfig)
         model, data, _ = resolve_model(cfg.model)
-        summary = run_llc(cfg, model, data, out)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from err
+        summary = run_llc(cfg, model, data, out, force=force, log=echo_err)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 

@@ -1,13 +1,15 @@
-"""Command line and demo entry points of degeneracy accounting.
+"""``degeneracy degeneracy CONFIG.yaml``: degeneracy accounting from a config file, and the demo's section.
 
-``degeneracy degeneracy CONFIG.yaml --out DIR`` reads a :class:`DegeneracyRunConfig`, runs
+``degeneracy degeneracy CONFIG.yaml --out DIR`` reads a
+:class:`~degeneracy.commands.config.DegeneracyRunConfig`, runs
 :func:`~degeneracy.accounting.degeneracy_report` (with the Hessian spectrum) and, for chains of
 linear layers, the Section 4 construction, and writes into ``DIR``:
 
 * ``degeneracy_report.json`` — the report (sources, counts, Hessian rank and nullity at ε);
 * ``hessian_spectrum.json`` — the eigenvalues (all of them, or the top k with the SLQ density);
 * ``sparsified.json`` — the Section 4 accounting (when the model allows it);
-* ``figures/hessian_spectrum.png`` and ``figures/degeneracy_sources.png``.
+* ``figures/degeneracy_hessian_spectrum.png`` and ``figures/degeneracy_sources.png``;
+* ``stages/degeneracy.json`` — the stage record: a rerun with the same config skips the work.
 
 Example config (every field optional; unknown fields are errors)::
 
@@ -21,72 +23,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import typer
-from pydantic import Field, model_validator
 from torch import nn
 
-from degeneracy.runconfig import ModelSpec, StrictModel, load_yaml, resolve_model
+from degeneracy.commands.config import DegeneracyRunConfig, load_yaml, resolve_model
+from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.io import atomic_write_text
 
-__all__ = ["DegeneracyRunConfig", "degeneracy_command", "degeneracy_demo_section", "run_degeneracy"]
-
-
-class DegeneracyRunConfig(StrictModel):
-    """Configuration of a degeneracy-accounting run.
-
-    Attributes:
-        model: which model and data (:class:`degeneracy.runconfig.ModelSpec`).
-        epsilon: noise scale ε: eigenvalues and synchronisation residuals ≤ ε count as zero.
-        relative: ε relative to the largest eigenvalue of each matrix.
-        kind: behavioral loss, ``"mse"`` (paper eq 6) or ``"kl"``.
-        position: output position (``"auto"``: the last token for the bundled modular-addition
-            transformer, all outputs otherwise; an integer; or ``null`` for every position).
-        batch_size: batch size of every pass.
-        jacobians: compute Jacobian Grams (Jacobian rank drops, t_a, relevant positions).
-        jacobian_projections: estimate Jacobian Grams from this many random output projections.
-        hessian: ``"auto"``, ``"exact"``, ``"lanczos"`` or ``"none"``.
-        hessian_k, hessian_block_size, hessian_max_products, hessian_tol: block Lanczos settings.
-        hessian_dtype: dtype of the Hessian products (``"auto"``: float64 for the exact path, float32
-            for Lanczos, whose Krylov basis is float64 regardless).
-        trace_probes, rank_probes, rank_steps: Hutchinson and SLQ settings of the Lanczos path.
-        plot_epsilons: extra ε lines on the spectrum plot.
-        sparsify: run the Section 4 construction when the model is a chain of linear layers.
-        union_max_parameters: compute the exact span of the free directions up to this N.
-        seed: seeds every random choice.
-    """
-
-    model: ModelSpec = ModelSpec(name="digits_mlp", split="all")
-    epsilon: float = Field(default=0.0, ge=0.0)
-    relative: bool = False
-    kind: Literal["mse", "kl"] = "mse"
-    position: int | Literal["auto"] | None = "auto"
-    batch_size: int | None = Field(default=None, gt=0)
-    jacobians: bool = True
-    jacobian_projections: int | None = Field(default=None, gt=0)
-    hessian: Literal["auto", "exact", "lanczos", "none"] = "auto"
-    hessian_k: int = Field(default=50, gt=0)
-    hessian_block_size: int = Field(default=16, gt=0)
-    hessian_max_products: int | None = Field(default=None, gt=0)
-    hessian_tol: float = Field(default=1e-4, gt=0.0)
-    hessian_dtype: Literal["auto", "float32", "float64"] = "auto"
-    trace_probes: int = Field(default=0, ge=0)
-    rank_probes: int = Field(default=8, ge=0)
-    rank_steps: int = Field(default=40, gt=1)
-    plot_epsilons: list[float] = Field(default_factory=list)
-    sparsify: bool = True
-    union_max_parameters: int = Field(default=20_000, ge=0)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> DegeneracyRunConfig:
-        if self.relative and self.epsilon >= 1.0:
-            raise ValueError("a relative epsilon must be below 1 (it multiplies the largest eigenvalue)")
-        if self.hessian == "lanczos" and self.hessian_max_products is not None:
-            if self.hessian_max_products < self.hessian_k:
-                raise ValueError("hessian_max_products must be at least hessian_k")
-        return self
+__all__ = ["degeneracy_command", "degeneracy_demo_section", "run_degeneracy"]
 
 
 def _hessian_forward(model: nn.Module, position: int | None) -> Any:
@@ -106,13 +54,54 @@ def run_degeneracy(
     *,
     hessian_forward: Any = None,
     title: str | None = None,
+    force: bool = False,
+    log: StageLog | None = print,
 ) -> dict[str, Any]:
     """Run the report (and the Section 4 construction), write the files, return a JSON-able summary.
 
-    ``hessian_forward`` replaces the model call for the Hessian only (it must return the outputs at
-    the position the report reads); by default one-layer transformers read at the last token use
-    :func:`degeneracy.accounting.fast_forward.last_position_logits`.
+    One resumable stage (``out/stages/degeneracy.json``): a rerun with the same ``cfg`` (whose
+    ``model`` names ``model`` and ``data``) returns the stored summary, unless ``force`` or one of the
+    files it lists is gone. ``hessian_forward`` replaces the model call for the Hessian only (it must
+    return the outputs at the position the report reads); by default one-layer transformers read at
+    the last token use :func:`degeneracy.accounting.fast_forward.last_position_logits`.
     """
+    out = Path(out)
+    config = {
+        **cfg.model_dump(),
+        "hessian_forward": None if hessian_forward is None else _qualname(hessian_forward),
+        "title": title,
+    }
+
+    def load(summary: dict[str, Any]) -> dict[str, Any]:
+        missing = [f for f in summary.get("files", {}).values() if not Path(f).exists()]
+        if missing:
+            raise FileNotFoundError(f"missing {missing}")
+        return summary
+
+    return run_stage(
+        out,
+        "degeneracy",
+        config,
+        lambda: _compute(cfg, model, data, out, hessian_forward=hessian_forward, title=title),
+        load=load,
+        force=force,
+        log=log,
+    )
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _compute(
+    cfg: DegeneracyRunConfig,
+    model: nn.Module,
+    data: Any,
+    out: Path,
+    *,
+    hessian_forward: Any,
+    title: str | None,
+) -> dict[str, Any]:
     from degeneracy.accounting import degeneracy_report, hessian_analysis, sparsify
     from degeneracy.accounting.construction import SparsifiedModel
     from degeneracy.accounting.structure import is_transformer_lens
@@ -214,7 +203,7 @@ def run_degeneracy(
             summary["section4"] = {"skipped": str(err)}
         else:
             section4 = result.to_dict()
-            (out / "sparsified.json").write_text(json.dumps(section4, indent=2))
+            atomic_write_text(out / "sparsified.json", json.dumps(section4, indent=2))
             files["section4"] = str(out / "sparsified.json")
             summary["section4"] = {k: v for k, v in section4.items() if k != "layers"}
     summary["files"] = files
@@ -226,22 +215,22 @@ def run_degeneracy(
 def degeneracy_command(
     config: Path = typer.Argument(..., help="YAML config (see DegeneracyRunConfig)"),
     out: Path = typer.Option(Path("runs/degeneracy"), help="output directory"),
+    force: ForceOption = False,
 ) -> None:
     """Degeneracy accounting from a config file: sources of free directions, Hessian spectrum and
-    rank at ε, and the Section 4 construction; results in OUT."""
-    try:
+    rank at ε, and the Section 4 construction; results in OUT (a rerun with the same config skips)."""
+    with user_errors():
         cfg = load_yaml(config, DegeneracyRunConfig)
         model, data, _ = resolve_model(cfg.model)
-        summary = run_degeneracy(cfg, model, data, out)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from err
+        summary = dict(run_degeneracy(cfg, model, data, out, force=force, log=echo_err))
     table = summary.pop("table")
     typer.echo(table)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "counts"}, indent=2, default=str))
 
 
-def degeneracy_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, Any]:
+def degeneracy_demo_section(
+    model: nn.Module, data: Any, out_dir: Path, *, force: bool = False
+) -> dict[str, Any]:
     """The demo's degeneracy section: the report at ε = 0 with the exact Hessian spectrum, the Section 4
     construction, figures in ``out_dir/figures`` and JSON in ``out_dir/degeneracy``.
 
@@ -258,7 +247,9 @@ def degeneracy_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[
     model = model.to(torch.float64) if not is_transformer_lens(model) else model
     if isinstance(data, torch.Tensor) and data.is_floating_point():
         data = data.to(torch.float64)
-    summary = run_degeneracy(cfg, model, data, out_dir / "degeneracy", title=None)
+    folder = out_dir / "degeneracy"
+    summary = dict(run_degeneracy(cfg, model, data, folder, title=None, force=force, log=None))
+    summary["files"] = dict(summary["files"])
     # figures of the demo live in out_dir/figures
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)

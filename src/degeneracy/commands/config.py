@@ -1,0 +1,294 @@
+"""Config files for the command line: which model, which data, which node layers, and the run config of
+every command (basis, graph, degeneracy, llc).
+
+Every run config embeds a :class:`ModelSpec`. Unknown fields are rejected (``extra="forbid"``), so a
+typo in a YAML file is an error, not a silently ignored option; invalid values raise ``ValueError``
+with the field named.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "StrictModel",
+    "ModelSpec",
+    "load_yaml",
+    "resolve_model",
+    "MODADD_NODE_LAYERS",
+    "DIGITS_NODE_LAYERS",
+    "BASIS_METHODS",
+    "BasisRunConfig",
+    "AblationOptions",
+    "ModuleOptions",
+    "GraphRunConfig",
+    "DegeneracyRunConfig",
+    "LLCSamplerConfig",
+    "LLCRunConfig",
+]
+
+MODADD_NODE_LAYERS: list[Any] = [
+    "blocks.0.hook_resid_pre",
+    {"name": "resid_mid", "module": "blocks.0.hook_resid_mid", "positions": -1},
+    {"name": "resid_post", "module": "blocks.0.hook_resid_post", "positions": -1},
+    {"name": "logits", "module": "output", "positions": -1},
+]
+DIGITS_NODE_LAYERS: list[Any] = ["fc1", "fc2", "out", "output"]
+BASIS_METHODS = ("lib", "global", "pca", "neuron")
+
+
+class StrictModel(BaseModel):
+    """A pydantic model that rejects unknown fields and is immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    """Which model and data to analyse.
+
+    ``name`` is a bundled model (``"modadd"``, ``"digits_mlp"``) or ``"package.module:function"``
+    returning ``(model, data)``. ``split`` picks the bundled data: ``"train"`` (default), ``"test"``
+    or ``"all"``. ``limit`` keeps the first examples only.
+    """
+
+    name: str = "modadd"
+    split: Literal["train", "test", "all"] = "train"
+    limit: int | None = Field(default=None, gt=0)
+    dtype: Literal["float32", "float64"] = "float64"
+
+
+def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
+    """Read and validate a YAML config; errors name the file and the offending fields."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid config\n{err}") from err
+
+
+def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
+    """Load ``(model, data, default_node_layers)`` for a :class:`ModelSpec` (model in eval mode, float64
+    when asked). Data are inputs only (labels are attached by the bundled loaders' own helpers)."""
+    import torch
+
+    dtype = getattr(torch, spec.dtype)
+    if spec.name == "modadd":
+        from degeneracy.models import load_modadd, load_modadd_metadata, modadd_all_inputs, modadd_dataset
+
+        model = load_modadd(dtype=dtype)
+        if spec.split == "all":
+            data, _ = modadd_all_inputs()
+        else:
+            data_meta = load_modadd_metadata()["data"]
+            train, _, test, _ = modadd_dataset(frac_train=data_meta["frac_train"], seed=data_meta["seed"])
+            data = train if spec.split == "train" else test
+        layers: list[Any] | None = MODADD_NODE_LAYERS
+    elif spec.name == "digits_mlp":
+        from degeneracy.models import digits_all_inputs, digits_dataset, load_digits_mlp
+
+        model = load_digits_mlp(dtype=dtype)
+        if spec.split == "all":
+            data, _ = digits_all_inputs(dtype=dtype)
+        else:
+            xtr, _, xte, _ = digits_dataset(dtype=dtype)
+            data = xtr if spec.split == "train" else xte
+        layers = DIGITS_NODE_LAYERS
+    elif ":" in spec.name:
+        module_name, func_name = spec.name.split(":", 1)
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"cannot load model factory {spec.name!r}: {err}") from err
+        model, data = func()
+        model = model.to(dtype)
+        layers = None
+    else:
+        raise ValueError(
+            f"unknown model {spec.name!r}: use 'modadd', 'digits_mlp' or 'package.module:function'"
+        )
+    if spec.limit is not None:
+        data = data[: spec.limit]
+    return model.eval(), data, layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run configs, one per command
+
+
+class BasisRunConfig(StrictModel):
+    """``degeneracy basis CONFIG.yaml``: a model, its node layers and the basis options.
+
+    ``methods`` lists the bases to build; ``options`` are keyword arguments of
+    :func:`degeneracy.interaction_basis` (``center``, ``gram_threshold``, ``integration_rule``, ...).
+    """
+
+    model: ModelSpec = ModelSpec()
+    node_layers: list[Any] | None = None
+    methods: list[str] = ["lib", "pca"]
+    options: dict[str, Any] = {}
+
+
+class AblationOptions(StrictModel):
+    """Node ablation curves and edge-ablation bisection (see :mod:`degeneracy.ablation`).
+
+    ``limit`` evaluates on the first examples only; ``edge_methods`` lists the bases whose edges are
+    bisected (default: all ``methods``)."""
+
+    node_curves: bool = True
+    node_points: int = Field(default=16, ge=2)
+    edges: bool = True
+    edge_methods: list[str] | None = None
+    delta: float = Field(default=0.001, ge=0)
+    limit: int | None = Field(default=None, gt=0)
+
+
+class ModuleOptions(StrictModel):
+    """Leiden modules (see :func:`degeneracy.find_modules`).
+
+    ``epsilon``: a number, ``"ablation"`` (the edge-ablation thresholds of the same basis; falls back to
+    ``"relative"`` when no ablation ran), ``"quantile"`` or ``"relative"``. ``first_layer`` /
+    ``last_layer`` restrict the module graph to a range of node layers (e.g. without an unrotated
+    output layer, whose neurons mix every feature)."""
+
+    epsilon: float | Literal["ablation", "quantile", "relative"] = "ablation"
+    quantile: float = Field(default=0.5, ge=0, lt=1)
+    relative: float = Field(default=1e-9, gt=0)
+    resolution: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    methods: list[str] = ["lib"]
+    first_layer: str | None = None
+    last_layer: str | None = None
+
+
+class GraphRunConfig(StrictModel):
+    """``degeneracy graph CONFIG.yaml``: bases, interaction graphs, ablations, modules, Fourier labels.
+
+    ``basis`` and ``edges`` are keyword options of :func:`degeneracy.interaction_basis` and
+    :func:`degeneracy.interaction_graph`; ``shortcuts`` uses the (checked) TransformerLens section
+    shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
+    modular-addition data) adds Fourier labels of the features."""
+
+    model: ModelSpec = ModelSpec()
+    node_layers: list[Any] | None = None
+    methods: list[str] = ["lib", "pca"]
+    basis: dict[str, Any] = {}
+    edges: dict[str, Any] = {}
+    shortcuts: bool = True
+    edge_limit: int | None = Field(default=None, gt=0)
+    ablation: AblationOptions = AblationOptions()
+    modules: ModuleOptions = ModuleOptions()
+    fourier: bool | None = None
+
+
+class DegeneracyRunConfig(StrictModel):
+    """``degeneracy degeneracy CONFIG.yaml``: degeneracy accounting.
+
+    Attributes:
+        model: which model and data (:class:`ModelSpec`).
+        epsilon: noise scale ε: eigenvalues and synchronisation residuals ≤ ε count as zero.
+        relative: ε relative to the largest eigenvalue of each matrix.
+        kind: behavioral loss, ``"mse"`` (paper eq 6) or ``"kl"``.
+        position: output position (``"auto"``: the last token for the bundled modular-addition
+            transformer, all outputs otherwise; an integer; or ``null`` for every position).
+        batch_size: batch size of every pass.
+        jacobians: compute Jacobian Grams (Jacobian rank drops, t_a, relevant positions).
+        jacobian_projections: estimate Jacobian Grams from this many random output projections.
+        hessian: ``"auto"``, ``"exact"``, ``"lanczos"`` or ``"none"``.
+        hessian_k, hessian_block_size, hessian_max_products, hessian_tol: block Lanczos settings.
+        hessian_dtype: dtype of the Hessian products (``"auto"``: float64 for the exact path, float32
+            for Lanczos, whose Krylov basis is float64 regardless).
+        trace_probes, rank_probes, rank_steps: Hutchinson and SLQ settings of the Lanczos path.
+        plot_epsilons: extra ε lines on the spectrum plot.
+        sparsify: run the Section 4 construction when the model is a chain of linear layers.
+        union_max_parameters: compute the exact span of the free directions up to this N.
+        seed: seeds every random choice.
+    """
+
+    model: ModelSpec = ModelSpec(name="digits_mlp", split="all")
+    epsilon: float = Field(default=0.0, ge=0.0)
+    relative: bool = False
+    kind: Literal["mse", "kl"] = "mse"
+    position: int | Literal["auto"] | None = "auto"
+    batch_size: int | None = Field(default=None, gt=0)
+    jacobians: bool = True
+    jacobian_projections: int | None = Field(default=None, gt=0)
+    hessian: Literal["auto", "exact", "lanczos", "none"] = "auto"
+    hessian_k: int = Field(default=50, gt=0)
+    hessian_block_size: int = Field(default=16, gt=0)
+    hessian_max_products: int | None = Field(default=None, gt=0)
+    hessian_tol: float = Field(default=1e-4, gt=0.0)
+    hessian_dtype: Literal["auto", "float32", "float64"] = "auto"
+    trace_probes: int = Field(default=0, ge=0)
+    rank_probes: int = Field(default=8, ge=0)
+    rank_steps: int = Field(default=40, gt=1)
+    plot_epsilons: list[float] = Field(default_factory=list)
+    sparsify: bool = True
+    union_max_parameters: int = Field(default=20_000, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def check_combinations(self) -> DegeneracyRunConfig:
+        """Reject a relative ε ≥ 1 and a Lanczos budget below ``hessian_k``."""
+        if self.relative and self.epsilon >= 1.0:
+            raise ValueError("a relative epsilon must be below 1 (it multiplies the largest eigenvalue)")
+        if self.hessian == "lanczos" and self.hessian_max_products is not None:
+            if self.hessian_max_products < self.hessian_k:
+                raise ValueError("hessian_max_products must be at least hessian_k")
+        return self
+
+
+class LLCSamplerConfig(StrictModel):
+    """SGLD settings (see :func:`degeneracy.llc.estimate_llc`). ``nbeta: null`` means n / log n."""
+
+    nbeta: float | None = Field(default=None, gt=0)
+    localization: float = Field(default=100.0, ge=0)
+    step_size: float | Literal["auto"] = "auto"
+    num_chains: int = Field(default=4, ge=1)
+    num_draws: int = Field(default=200, ge=1)
+    num_burnin: int = Field(default=100, ge=0)
+    thinning: int = Field(default=1, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    engine: Literal["auto", "vmap", "batched"] = "auto"
+
+
+class LLCRunConfig(StrictModel):
+    """``degeneracy llc CONFIG.yaml``: the learning coefficient and N_eff(ε).
+
+    Attributes:
+        model: which model and data.
+        loss: ``"behavioral"`` (mean squared output difference) or ``"kl"`` (classifiers).
+        positions: ``"last"`` keeps only the last position of ``(batch, pos, d)`` outputs (e.g. the
+            answer position of the modular-addition transformer).
+        params: names of the parameters to sample (default: all).
+        sampler: SGLD settings of the single estimate (and defaults of the sweeps).
+        nbetas: optional sweep of inverse temperatures (the λ(ε) curve).
+        epsilons: optional loss scales for N_eff(ε) (nβ found per ε, or the volume method).
+        method: ``"sgld"`` or ``"volume"`` for ``epsilons`` (volume: at most 12 parameters).
+        volume_options: keyword arguments of :func:`degeneracy.llc.volume_llc` (``num_points``, ...).
+        plots: write figures (needs matplotlib).
+        progress: show progress bars.
+    """
+
+    model: ModelSpec = ModelSpec(name="digits_mlp", dtype="float32")
+    loss: Literal["behavioral", "kl"] = "behavioral"
+    positions: Literal["all", "last"] = "all"
+    params: list[str] | None = None
+    sampler: LLCSamplerConfig = LLCSamplerConfig()
+    nbetas: list[float] | None = Field(default=None, min_length=1)
+    epsilons: list[float] | None = Field(default=None, min_length=1)
+    method: Literal["sgld", "volume"] = "sgld"
+    volume_options: dict[str, Any] = {}
+    plots: bool = True
+    progress: bool = True

@@ -1,0 +1,34 @@
+"""How commands talk to the user: errors as one red line and exit code 2 (never a traceback), progress on
+stderr, and the shared `--force` flag."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+__all__ = ["USER_ERRORS", "ForceOption", "user_errors", "echo_err"]
+
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+ForceOption = Annotated[
+    bool, typer.Option("--force", help="recompute stages that already finished with the same config")
+]
+"""The ``--force`` flag of every command (``False`` also when a command function is called directly)."""
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from err
+
+
+def echo_err(message: str) -> None:
+    """Progress lines of a command go to stderr, so that its stdout is only the JSON summary."""
+    typer.echo(message, err=True)
