@@ -83,6 +83,16 @@ def neuron_synchronization(
     ``layer`` names the activation module (an ``nn.ReLU``, ``nn.LeakyReLU`` or ``nn.Identity``), a
     linear map that feeds another directly (a purely linear layer), or a TransformerLens MLP
     (``"blocks.0.mlp"`` or ``"blocks.0.mlp.hook_pre"``). See :mod:`degeneracy.accounting.sources`.
+    ``positions``: read a ``(batch, pos, d)`` output at one position (``position=`` is deprecated).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1)).double()
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.copy_(torch.tensor([[1.0], [2.0]]))
+    ...     _ = model[0].bias.zero_()
+    >>> sync = neuron_synchronization(model, torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None], "1")
+    >>> sync.blocks, sync.block_ranks
+    ([[0, 1]], [1])
     """
     batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
@@ -129,6 +139,13 @@ def synchronized_blocks(
     (and position); never-firing (dead) ReLU neurons share the all-zero pattern and form one block.
     ε > 0: approximate synchronisation (eq 20, see :mod:`degeneracy.accounting.sources`), closed
     under transitivity. ``layer`` as in :func:`neuron_synchronization`.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).double()
+    >>> with torch.no_grad():
+    ...     _ = model[0].bias.copy_(torch.tensor([-100.0, -100.0, 100.0]))  # two dead neurons, one always on
+    >>> synchronized_blocks(model, torch.randn(8, 2, dtype=torch.float64), "1")
+    [[0, 1], [2]]
     """
     return neuron_synchronization(
         model,
@@ -151,7 +168,14 @@ def head_synchronization(
     batch_size: int | None = None,
 ) -> HeadSync:
     """Synchronised heads of a TransformerLens attention layer (``"blocks.0.attn"``): patterns equal
-    on D up to ε (max absolute difference)."""
+    on D up to ε (max absolute difference).
+
+    >>> import torch
+    >>> head_synchronization(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(3, 2), "0")
+    Traceback (most recent call last):
+    ...
+    ValueError: '0' is not an attention layer of this model; attention layers: none
+    """
     batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     for attn in structure.attention_layers:
@@ -179,7 +203,8 @@ def head_synchronization(
 def synchronized_heads(
     model: nn.Module, data: Any, layer: str, *, epsilon: float = 0.0, batch_size: int | None = None
 ) -> list[list[int]]:
-    """Partition of the heads of ``layer`` into blocks with equal attention patterns on D."""
+    """Partition of the heads of ``layer`` into blocks with equal attention patterns on D (a TransformerLens
+    attention layer such as ``"blocks.0.attn"``; see :func:`head_synchronization`)."""
     return head_synchronization(model, data, layer, epsilon=epsilon, batch_size=batch_size).blocks
 
 

@@ -260,9 +260,9 @@ def degeneracy_report(
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
     >>> x = torch.randn(30, 3, dtype=torch.float64)
     >>> x[:, 2] = 0.0  # a constant input: one activation rank drop, d_out = 4 free directions
-    >>> report = degeneracy_report(model, x)
-    >>> report.count("activation rank"), report.union == report.hessian_nullity
-    (4, True)
+    >>> report = degeneracy_report(model, x, hessian=None)
+    >>> report.count("activation rank", "0"), report.hessian_nullity
+    (4, None)
     """
     from degeneracy import __version__
 

@@ -131,7 +131,7 @@ def site_rows(
     >>> from degeneracy.accounting.statistics import collect_for_structure
     >>> from degeneracy.accounting.structure import discover
     >>> from degeneracy.data import Batch
-    >>> model = torch.nn.Linear(2, 1).double()
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1)).double()
     >>> x = torch.ones(4, 2, dtype=torch.float64)  # two equal inputs and the constant: rank 1 of 3
     >>> structure = discover(model, x)
     >>> ledger = Ledger(3, torch.zeros(3, dtype=torch.float64), want_union=False)

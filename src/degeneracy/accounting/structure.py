@@ -155,9 +155,9 @@ class NeuronLayer:
 class Structure:
     """Sites, neuron layers and attention layers of a model, and the parameter layout.
 
-    >>> s = discover(torch.nn.Linear(3, 2), torch.randn(4, 3))
-    >>> s.covered_parameters(), s.layout.numel
-    (8, 8)
+    >>> s = discover(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()), torch.randn(4, 3))
+    >>> s.covered_parameters(), s.layout.numel, s.neuron_layers
+    (8, 8, [])
     """
 
     layout: ParamLayout
@@ -355,8 +355,8 @@ def discover_transformer_lens(model: nn.Module) -> Structure:
 def discover(model: nn.Module, inputs: Any) -> Structure:
     """:func:`discover_transformer_lens` for TransformerLens models, :func:`discover_torch` otherwise.
 
-    >>> [site.name for site in discover(torch.nn.Linear(3, 2), torch.randn(4, 3)).sites]
-    ['']
+    >>> [site.name for site in discover(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(4, 3)).sites]
+    ['0']
     """
     if is_hooked_transformer(model):
         return discover_transformer_lens(model)
