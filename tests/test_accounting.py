@@ -352,7 +352,7 @@ def test_head_synchronisation_on_a_planted_transformer() -> None:
     model, x = planted_transformer()
     cfg = model.cfg
     assert synchronized_heads(model, x, "blocks.0.attn") == [[0, 1], [2]]
-    report = degeneracy_report(model, x, position=-1)
+    report = degeneracy_report(model, x, positions=-1)
     assert report.count("synchronised heads", "blocks.0.attn") == 2 * cfg.d_head**2
     assert report.count("attention OV (W_V E, E⁻¹ W_O)", "blocks.0.attn") == cfg.n_heads * cfg.d_head**2
     rank = int(torch.linalg.matrix_rank(torch_func_hessian(model, x, position=-1), hermitian=True))
@@ -375,6 +375,13 @@ def test_report_prints_and_roundtrips_json(planted_report: DegeneracyReport, tmp
     assert loaded.total == planted_report.total
     assert loaded.rows[0].to_dict() == planted_report.rows[0].to_dict()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_accepts_the_deprecated_position_keyword(planted) -> None:
+    model, x = planted
+    with pytest.warns(DeprecationWarning, match="positions"):
+        old = degeneracy_report(model, x[:20], position=None, hessian=None)
+    assert old.total == degeneracy_report(model, x[:20], positions=None, hessian=None).total
 
 
 def test_report_counts_grow_with_epsilon(planted) -> None:
@@ -541,7 +548,7 @@ def test_modadd_block_lanczos_matches_single_vector_lanczos() -> None:
 def test_modadd_report_finds_the_structure_of_the_last_position() -> None:
     model, x = _bundled("modadd")
     report = degeneracy_report(
-        model, x, position=-1, hessian=None, jacobian_projections=8, batch_size=1024, dtype=torch.float64
+        model, x, positions=-1, hessian=None, jacobian_projections=8, batch_size=1024, dtype=torch.float64
     )
     # the query of the last position always reads the '=' token: W_Q acts on a 1-dim input (+ bias)
     site = next(s for s in report.sites if s["site"] == "blocks.0.attn.W_Q")

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from degeneracy.accounting._model import ForwardFn, materialize
 from degeneracy.accounting.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
 from degeneracy.accounting.construction import SparsifiedModel, sparsify
 from degeneracy.accounting.fast_forward import last_position_logits
@@ -35,6 +34,10 @@ from degeneracy.accounting.report import DegeneracyReport, SourceRow, degeneracy
 from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync, neuron_sync
 from degeneracy.accounting.statistics import collect
 from degeneracy.accounting.structure import discover, neuron_layer
+from degeneracy.adapters.transformer_lens.structure import pattern_by_query
+from degeneracy.data import iter_batches
+from degeneracy.deprecation import renamed_arguments
+from degeneracy.run import ForwardFn
 
 __all__ = [
     "behavioral_loss",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 
+@renamed_arguments(position="positions")
 def neuron_synchronization(
     model: nn.Module,
     data: Any,
@@ -71,7 +75,7 @@ def neuron_synchronization(
     jacobians: bool = False,
     kind: str = "mse",
     batch_size: int | None = None,
-    position: int | None = None,
+    positions: int | None = None,
     forward: ForwardFn | None = None,
 ) -> NeuronSync:
     """Synchronised blocks of the neuron layer ``layer`` with s_a (and t_a when ``jacobians``).
@@ -79,8 +83,18 @@ def neuron_synchronization(
     ``layer`` names the activation module (an ``nn.ReLU``, ``nn.LeakyReLU`` or ``nn.Identity``), a
     linear map that feeds another directly (a purely linear layer), or a TransformerLens MLP
     (``"blocks.0.mlp"`` or ``"blocks.0.mlp.hook_pre"``). See :mod:`degeneracy.accounting.sources`.
+    ``positions``: read a ``(batch, pos, d)`` output at one position (``position=`` is deprecated).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1)).double()
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.copy_(torch.tensor([[1.0], [2.0]]))
+    ...     _ = model[0].bias.zero_()
+    >>> sync = neuron_synchronization(model, torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None], "1")
+    >>> sync.blocks, sync.block_ranks
+    ([[0, 1]], [1])
     """
-    batches = materialize(data, batch_size)
+    batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     found = neuron_layer(model, structure, layer)
     jac_point = found.in_site.output_point if found.in_site is not None else found.pre_point
@@ -90,7 +104,7 @@ def neuron_synchronization(
         raw_points={found.pre_point},
         jacobian_points={jac_point} if jacobians else set(),
         kind=kind,  # type: ignore[arg-type]
-        position=position,
+        positions=positions,
         forward=forward,
     )
     k = stats.jacobian_gram(jac_point) if jacobians else None
@@ -106,6 +120,7 @@ def neuron_synchronization(
     )
 
 
+@renamed_arguments(position="positions")
 def synchronized_blocks(
     model: nn.Module,
     data: Any,
@@ -114,7 +129,7 @@ def synchronized_blocks(
     epsilon: float = 0.0,
     relative: bool = False,
     batch_size: int | None = None,
-    position: int | None = None,
+    positions: int | None = None,
     forward: ForwardFn | None = None,
 ) -> list[list[int]]:
     """Partition of the neurons of ``layer`` into synchronised blocks (lists of indices, singletons
@@ -124,6 +139,13 @@ def synchronized_blocks(
     (and position); never-firing (dead) ReLU neurons share the all-zero pattern and form one block.
     ε > 0: approximate synchronisation (eq 20, see :mod:`degeneracy.accounting.sources`), closed
     under transitivity. ``layer`` as in :func:`neuron_synchronization`.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).double()
+    >>> with torch.no_grad():
+    ...     _ = model[0].bias.copy_(torch.tensor([-100.0, -100.0, 100.0]))  # two dead neurons, one always on
+    >>> synchronized_blocks(model, torch.randn(8, 2, dtype=torch.float64), "1")
+    [[0, 1], [2]]
     """
     return neuron_synchronization(
         model,
@@ -132,7 +154,7 @@ def synchronized_blocks(
         epsilon=epsilon,
         relative=relative,
         batch_size=batch_size,
-        position=position,
+        positions=positions,
         forward=forward,
     ).blocks
 
@@ -146,13 +168,23 @@ def head_synchronization(
     batch_size: int | None = None,
 ) -> HeadSync:
     """Synchronised heads of a TransformerLens attention layer (``"blocks.0.attn"``): patterns equal
-    on D up to ε (max absolute difference)."""
-    batches = materialize(data, batch_size)
+    on D up to ε (max absolute difference).
+
+    >>> import torch
+    >>> head_synchronization(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(3, 2), "0")
+    Traceback (most recent call last):
+    ...
+    ValueError: '0' is not an attention layer of this model; attention layers: none
+    """
+    batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     for attn in structure.attention_layers:
         if attn.name in (layer, layer.removesuffix(".hook_pattern")):
             stats = collect(
-                model, batches, raw_points={attn.pattern_point}, input_transforms=_pattern_transform(attn)
+                model,
+                batches,
+                raw_points={attn.pattern_point},
+                input_transforms={attn.pattern_point: pattern_by_query},
             )
             patterns = stats.raw(attn.pattern_point, None)
             return head_sync(
@@ -161,23 +193,18 @@ def head_synchronization(
                 attn.d_head,
                 layer=attn.name,
                 epsilon=epsilon,
-                samples=patterns.shape[0],
+                num_samples=patterns.shape[0],
                 src_dtype=stats.points[attn.pattern_point].dtype,
             )
     valid = ", ".join(repr(a.name) for a in structure.attention_layers) or "none"
     raise ValueError(f"{layer!r} is not an attention layer of this model; attention layers: {valid}")
 
 
-def _pattern_transform(attn: Any) -> dict[Any, Any]:
-    from degeneracy.accounting.statistics import _pattern_by_query
-
-    return {attn.pattern_point: _pattern_by_query}
-
-
 def synchronized_heads(
     model: nn.Module, data: Any, layer: str, *, epsilon: float = 0.0, batch_size: int | None = None
 ) -> list[list[int]]:
-    """Partition of the heads of ``layer`` into blocks with equal attention patterns on D."""
+    """Partition of the heads of ``layer`` into blocks with equal attention patterns on D (a TransformerLens
+    attention layer such as ``"blocks.0.attn"``; see :func:`head_synchronization`)."""
     return head_synchronization(model, data, layer, epsilon=epsilon, batch_size=batch_size).blocks
 
 

@@ -17,7 +17,6 @@ explain. Every explicit direction is Hessian-null at ε = 0, so union ≤ Hessia
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,56 +26,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.accounting._model import ForwardFn, materialize
-from degeneracy.accounting.behavioral import LossKind
-from degeneracy.accounting.hessian import (
-    BehavioralHessian,
-    HessianSpectrum,
-    _atomic_write_json,
-    hessian_analysis,
+from degeneracy.accounting.directions import union_rank
+from degeneracy.accounting.hessian import BehavioralHessian, HessianSpectrum, hessian_analysis
+from degeneracy.accounting.rows import (
+    SOURCE_KEYS,
+    Ledger,
+    SourceRow,
+    attention_rows,
+    neuron_rows,
+    site_rows,
 )
-from degeneracy.accounting.sources import (
-    HeadSync,
-    NeuronSync,
-    RankInfo,
-    activation_directions,
-    block_directions,
-    gated_directions,
-    gated_ranks,
-    gram_rank,
-    head_directions,
-    head_sync,
-    jacobian_directions,
-    neuron_sync,
-    translation_directions,
-    union_rank,
-)
-from degeneracy.accounting.statistics import Statistics, collect_for_structure
-from degeneracy.accounting.structure import Site, discover
+from degeneracy.accounting.statistics import collect_for_structure
+from degeneracy.accounting.structure import discover
+from degeneracy.behavioral import LossKind
+from degeneracy.deprecation import renamed_arguments
+from degeneracy.io import atomic_write_text
+from degeneracy.run import ForwardFn, ModelRun
 
-__all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report"]
-
-
-@dataclass
-class SourceRow:
-    """One source of free directions in one layer."""
-
-    layer: str
-    source: str
-    count: int
-    is_upper_bound: bool = False
-    generic: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "source": self.source,
-            "count": self.count,
-            "is_upper_bound": self.is_upper_bound,
-            "generic": self.generic,
-            "details": self.details,
-        }
+__all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "curvature_checks"]
 
 
 @dataclass
@@ -93,6 +60,12 @@ class DegeneracyReport:
         union: dimension of the span of the explicit free directions, or None when not computed.
         neuron_layers, attention_layers: the synchronisation analyses (dicts).
         sites: per-site ranks (activation and Jacobian).
+
+    >>> report = DegeneracyReport([SourceRow("fc1", "activation rank", 8)], 20, 20, 0.0, False, "mse", 10)
+    >>> report.total, report.count("activation rank", "fc1")
+    (8, 8)
+    >>> DegeneracyReport.from_dict(json.loads(report.to_json())).rows[0].count
+    8
     """
 
     rows: list[SourceRow]
@@ -216,41 +189,21 @@ class DegeneracyReport:
         return cls(rows=rows, **fields)
 
     def save(self, path: str | Path) -> Path:
-        """Write the JSON atomically (temporary file + ``os.replace``)."""
-        return _atomic_write_json(Path(path), self.to_dict())
+        """Write the JSON atomically (temporary file + ``os.replace``); returns the path."""
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> DegeneracyReport:
+        """Read a report written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _site_grams(
-    stats: Statistics, site: Site, epsilon: float, relative: bool
-) -> tuple[RankInfo, RankInfo | None, Tensor | None]:
-    out_stats = stats.points[site.output_point]
-    mask = out_stats.relevant()
-    gram = stats.gram(site.input_point, mask)
-    d = site.d_in_aug
-    if stats.points[site.input_point].augment and not site.has_bias:
-        d = site.d_in
-    gram = gram[:d, :d]
-    in_stats = stats.points[site.input_point]
-    samples = in_stats.count * (int(mask.sum()) if mask is not None else in_stats.positions)
-    act = gram_rank(gram, epsilon, relative=relative, samples=samples, src_dtype=in_stats.dtype)
-    k = stats.jacobian_gram(site.output_point)
-    jac = None
-    if k is not None:
-        jac = gram_rank(k, epsilon, relative=relative, samples=samples, src_dtype=out_stats.dtype)
-    return act, jac, mask
-
-
-def _smallest(info: RankInfo, count: int = 3) -> list[float]:
-    return [float(v) for v in info.eigenvalues[-count:].tolist()] if info.dim else []
-
-
+@renamed_arguments(position="positions")
 def degeneracy_report(
     model: nn.Module,
     data: Any,
@@ -258,7 +211,7 @@ def degeneracy_report(
     epsilon: float = 0.0,
     relative: bool = False,
     kind: LossKind = "mse",
-    position: int | None = None,
+    positions: int | None = None,
     forward: ForwardFn | None = None,
     batch_size: int | None = None,
     dtype: torch.dtype | None = None,
@@ -273,6 +226,10 @@ def degeneracy_report(
 ) -> DegeneracyReport:
     """Count the free directions of ``model`` on ``data`` by source and layer, at noise scale ε.
 
+    Steps: discover the structure, collect the statistics, count the sources per layer (sites, neuron
+    layers, attention layers), the Hessian spectrum, the span of the explicit directions with a curvature
+    check of each source, and the report.
+
     Args:
         model: a plain torch model built from ``nn.Linear`` and ReLU/LeakyReLU/Identity modules, or a
             TransformerLens ``HookedTransformer`` (others: the parts that fit are analysed).
@@ -281,36 +238,41 @@ def degeneracy_report(
         relative: ε relative to the largest eigenvalue of each matrix instead of absolute.
         kind: behavioral loss, ``"mse"`` (eq 6) or ``"kl"``; it sets the output whitening of the
             Jacobian Grams and the Hessian.
-        position: read a ``(batch, pos, d)`` output at one position (``-1``: last token).
+        positions: read a ``(batch, pos, d)`` output at one position (``-1``: last token); ``None``: all.
+            (``position=`` is the deprecated name.)
         forward: ``forward(model, inputs)`` replacing ``model(inputs)`` for the statistics (it must call
-            the model's modules, so that hooks fire).
+            the model's modules, so that node layers can be read).
         batch_size: batch size of every pass.
-        dtype: cast a copy of the model (and float inputs) to this dtype first (e.g. ``torch.float64``).
+        dtype: compute in this dtype (a cast copy of the model, and float inputs cast; see
+            :class:`degeneracy.run.ModelRun`), e.g. ``torch.float64``.
         jacobians: compute Jacobian Grams (needed for Jacobian rank drops, t_a and relevant positions).
         jacobian_projections: estimate Jacobian Grams from this many random output projections.
         hessian: ``"auto"``, ``"exact"``, ``"lanczos"`` or ``None`` (skip the Hessian).
         hessian_options: extra arguments of :func:`degeneracy.accounting.hessian_analysis` (for
             ``"lanczos"`` the default is ``k=50, rank_probes=8, rank_steps=60``).
-        hessian_forward: a cheaper ``forward`` for the Hessian only (may bypass hooks).
+        hessian_forward: a cheaper ``forward`` for the Hessian only (may bypass the modules).
         union_max_parameters: compute the exact union of free directions up to this N.
         gated: compute the gated activation ranks of ReLU layers (``None``: when they cost at most
             about 4e9 operations).
         seed: seeds the projections and stochastic estimates.
+
+    >>> torch.manual_seed(0) and None
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(30, 3, dtype=torch.float64)
+    >>> x[:, 2] = 0.0  # a constant input: one activation rank drop, d_out = 4 free directions
+    >>> report = degeneracy_report(model, x, hessian=None)
+    >>> report.count("activation rank", "0"), report.hessian_nullity
+    (4, None)
     """
     from degeneracy import __version__
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    if dtype is not None:
-        model = copy.deepcopy(model).to(dtype)
-    batches = materialize(data, batch_size)
-    if dtype is not None:
-        from degeneracy.accounting._model import cast_inputs
-        from degeneracy.data import Batch
-
-        batches = [Batch(cast_inputs(b.inputs, dtype), b.extras) for b in batches]
+    run = ModelRun(model, data, dtype=dtype, batch_size=batch_size, cache=False)
+    model, batches = run.model, run.materialize()
     structure = discover(model, batches[0].inputs)
     timings["discover"] = time.perf_counter() - t0
+
     t = time.perf_counter()
     stats = collect_for_structure(
         model,
@@ -318,351 +280,48 @@ def degeneracy_report(
         structure,
         jacobians=jacobians,
         kind=kind,
-        position=position,
+        positions=positions,
         forward=forward,
         jacobian_projections=jacobian_projections,
         seed=seed,
     )
     timings["statistics"] = time.perf_counter() - t
-    flat = structure.spec.flatten(dict(model.named_parameters())).detach().to(torch.float64)
-    n_params = structure.spec.size
-    want_union = n_params <= union_max_parameters
-    directions: dict[str, list[Tensor]] = {}
 
-    rows: list[SourceRow] = []
-    site_info: list[dict[str, Any]] = []
+    n_params = structure.layout.numel
+    flat = structure.layout.flatten(dict(model.named_parameters())).detach().to(torch.float64)
+    ledger = Ledger(n_params, flat, want_union=n_params <= union_max_parameters, notes=list(structure.notes))
     t = time.perf_counter()
-    for site in structure.sites:
-        act, jac, mask = _site_grams(stats, site, epsilon, relative)
-        info = {
-            "site": site.name,
-            "d_in": site.d_in,
-            "bias": site.has_bias,
-            "d_out": site.d_out,
-            "activation_rank": act.rank,
-            "activation_dim": act.dim,
-            "activation_threshold": act.threshold,
-            "activation_smallest": _smallest(act),
-            "relevant_positions": None if mask is None else torch.nonzero(mask).flatten().tolist(),
-        }
-        if jac is not None:
-            info.update(
-                jacobian_rank=jac.rank,
-                jacobian_dim=jac.dim,
-                jacobian_threshold=jac.threshold,
-                jacobian_smallest=_smallest(jac),
-            )
-        site_info.append(info)
-        if act.drops:
-            rows.append(
-                SourceRow(
-                    site.name,
-                    "activation rank",
-                    act.drops * site.d_out,
-                    details={"drops": act.drops, "d_out": site.d_out, "rank": act.rank, "dim": act.dim},
-                )
-            )
-            if want_union:
-                directions.setdefault(f"{site.name}/activation", []).append(
-                    activation_directions(site, act.null_vectors, n_params)
-                )
-        if jac is not None and jac.drops:
-            rows.append(
-                SourceRow(
-                    site.name,
-                    "jacobian rank",
-                    jac.drops * site.d_in_aug,
-                    is_upper_bound=True,
-                    details={"drops": jac.drops, "d_in_with_bias": site.d_in_aug, "rank": jac.rank},
-                )
-            )
-            if want_union:
-                directions.setdefault(f"{site.name}/jacobian", []).append(
-                    jacobian_directions(site, jac.null_vectors, n_params)
-                )
-            if act.drops:
-                rows.append(
-                    SourceRow(
-                        site.name,
-                        "overlap activation×jacobian",
-                        -act.drops * jac.drops,
-                        details={"activation_drops": act.drops, "jacobian_drops": jac.drops},
-                    )
-                )
+    site_rows(stats, structure, ledger, epsilon, relative)
     timings["sites"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    neuron_results: list[NeuronSync] = []
-    gate_notes: list[str] = []
-    for layer in structure.neuron_layers:
-        jac_point = layer.in_site.output_point if layer.in_site is not None else layer.pre_point
-        jac_stats = stats.points.get(jac_point)
-        mask = jac_stats.relevant() if jac_stats is not None else None
-        pre = stats.raw(layer.pre_point, mask)
-        k = stats.jacobian_gram(jac_point) if jac_stats is not None else None
-        sync = neuron_sync(
-            pre,
-            layer.activation,
-            layer=layer.name,
-            epsilon=epsilon,
-            relative=relative,
-            jacobian_gram=k,
-            src_dtype=stats.points[layer.pre_point].dtype,
-        )
-        neuron_results.append(sync)
-        connected = layer.in_site is not None and layer.out_site is not None
-        details = {
-            "blocks": sync.synchronised_blocks,
-            "block_ranks_s": [sync.block_ranks[sync.blocks.index(b)] for b in sync.synchronised_blocks],
-            "jacobian_ranks_t": None
-            if sync.jacobian_ranks is None
-            else [sync.jacobian_ranks[sync.blocks.index(b)] for b in sync.synchronised_blocks],
-            "paper_count_sum_s2": sync.paper_count,
-            "dead": sync.dead,
-            "num_blocks": len(sync.blocks),
-        }
-        if not connected:
-            details["note"] = "no adjacent linear maps found: the count is the paper's Σ s_a² formula"
-        rows.append(SourceRow(layer.name, "synchronised neurons", sync.synchronised_count, details=details))
-        if sync.generic_count:
-            rows.append(
-                SourceRow(
-                    layer.name,
-                    "neuron rescaling",
-                    sync.generic_count,
-                    generic=True,
-                    details={"neurons": sum(1 for b in sync.blocks if len(b) == 1 and b[0] not in sync.dead)},
-                )
-            )
-        can_gate = (
-            layer.activation == "relu"
-            and layer.in_site is not None
-            and layer.in_site.input_point in stats.points
-        )
-        gated_cost = pre.shape[0] * layer.width * (layer.in_site.d_in_aug if layer.in_site else 0) ** 2
-        if can_gate and not (gated if gated is not None else gated_cost <= 4e9):
-            gate_notes.append(
-                f"{layer.name}: gated activation ranks skipped (~{gated_cost:.1e} operations; "
-                "pass gated=True)"
-            )
-            can_gate = False
-        if can_gate:
-            site = layer.in_site
-            site_inputs = stats.raw(site.input_point, mask)
-            if site.has_bias:
-                site_inputs = torch.cat([site_inputs, torch.ones_like(site_inputs[:, :1])], dim=1)
-            global_rank = next(info["activation_rank"] for info in site_info if info["site"] == site.name)
-            gated_info = gated_ranks(
-                site_inputs,
-                pre > 0,
-                epsilon,
-                relative=relative,
-                src_dtype=stats.points[site.input_point].dtype,
-            )
-            dead = set(sync.dead)
-            extra = {
-                i: global_rank - g.rank
-                for i, g in enumerate(gated_info)
-                if i not in dead and g.rank < global_rank
-            }
-            if extra:
-                rows.append(
-                    SourceRow(
-                        site.name,
-                        "gated activation rank",
-                        sum(extra.values()),
-                        details={
-                            "neurons": extra,
-                            "note": "a ReLU neuron's incoming weights only see the inputs where it fires "
-                            "(not in the paper's list; generalises dead neurons)",
-                        },
-                    )
-                )
-                if want_union:
-                    directions.setdefault(f"{site.name}/gated", []).extend(
-                        gated_directions(site, i, gated_info[i].null_vectors, n_params) for i in extra
-                    )
-        translatable = (
-            layer.in_site is not None
-            and layer.out_site is not None
-            and layer.in_site.has_bias
-            and layer.out_site.has_bias
-        )
-        linear_blocks = sync.linear_blocks() if translatable else []
-        if linear_blocks:
-            rows.append(
-                SourceRow(
-                    layer.name,
-                    "linear-block translation",
-                    sum(sync.block_count_translation(a) for a in linear_blocks),
-                    details={
-                        "blocks": [sync.blocks[a] for a in linear_blocks],
-                        "note": "a block that never switches (always on, or always off for LeakyReLU) is "
-                        "affine: p → p + u, b_out → b_out − W_out u; t_a directions per block",
-                    },
-                )
-            )
-        if want_union and connected:
-            dead = set(sync.dead)
-            for a, block in enumerate(sync.blocks):
-                if not set(block) <= dead:
-                    directions.setdefault(f"{layer.name}/neurons", []).append(
-                        block_directions(layer, block, flat)
-                    )
-                if a in linear_blocks:
-                    directions.setdefault(f"{layer.name}/translation", []).append(
-                        translation_directions(layer, block, flat)
-                    )
+    neuron_results = neuron_rows(stats, structure, ledger, epsilon, relative, gated)
     timings["neurons"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    head_results: list[HeadSync] = []
-    spec_index = {
-        name: torch.arange(structure.spec.slice(name).start, structure.spec.slice(name).stop).view(shape)
-        for name, shape in zip(structure.spec.names, structure.spec.shapes, strict=True)
-    }
-    for attn in structure.attention_layers:
-        z_stats = stats.points.get(attn.z_point)
-        mask = z_stats.relevant() if z_stats is not None else None
-        patterns = stats.raw(attn.pattern_point, mask)
-        value_gram = stats.gram(attn.value_point, None)
-        z_k = stats.jacobian_gram(attn.z_point) if z_stats is not None else None
-        hs = head_sync(
-            patterns,
-            attn.n_heads,
-            attn.d_head,
-            layer=attn.name,
-            epsilon=epsilon,
-            relative=relative,
-            value_gram=value_gram,
-            z_jacobian_gram=z_k,
-            samples=patterns.shape[0],
-            src_dtype=stats.points[attn.pattern_point].dtype,
-        )
-        head_results.append(hs)
-        d2 = attn.d_head**2
-        rows.append(
-            SourceRow(
-                attn.name,
-                "synchronised heads",
-                hs.synchronised_count,
-                details={
-                    "blocks": hs.synchronised_blocks,
-                    "paper_count": hs.paper_synchronised_count,
-                    "value_ranks": hs.block_value_ranks,
-                    "jacobian_ranks": hs.block_jacobian_ranks,
-                },
-            )
-        )
-        rows.append(
-            SourceRow(
-                attn.name,
-                "attention OV (W_V E, E⁻¹ W_O)",
-                hs.generic_count,
-                generic=True,
-                details={"per_head_s_t": list(zip(hs.head_value_ranks, hs.head_jacobian_ranks, strict=True))},
-            )
-        )
-        p = attn.prefix
-        names = set(structure.spec.names)
-        rows.append(
-            SourceRow(
-                attn.name,
-                "attention QK (W_Q B, W_K B⁻ᵀ)",
-                attn.n_heads * d2,
-                generic=True,
-                details={"note": "exact symmetry, not in the paper's list"},
-            )
-        )
-        if f"{p}b_K" in names:
-            rows.append(
-                SourceRow(
-                    attn.name,
-                    "key bias (softmax shift)",
-                    attn.n_heads * attn.d_head,
-                    generic=True,
-                    details={"note": "q·b_K is the same for every key: exact, not in the paper's list"},
-                )
-            )
-        if f"{p}b_V" in names and f"{p}b_O" in names:
-            rows.append(
-                SourceRow(
-                    attn.name,
-                    "value bias (pattern rows sum to 1)",
-                    attn.n_heads * attn.d_head,
-                    generic=True,
-                    details={"note": "b_V W_O moves into b_O: exact, not in the paper's list"},
-                )
-            )
-        if want_union:
-            ov_pairs = [(h, h) for h in range(attn.n_heads)]
-            for block in hs.synchronised_blocks:
-                ov_pairs += [(a, b) for a in block for b in block if a != b]
-            directions.setdefault(f"{attn.name}/ov", []).append(
-                head_directions(attn, spec_index, flat, ov_pairs, "ov")
-            )
-            directions.setdefault(f"{attn.name}/qk", []).append(
-                head_directions(attn, spec_index, flat, [(h, h) for h in range(attn.n_heads)], "qk")
-            )
-            extra = []
-            if f"{p}b_K" in names:
-                for i in spec_index[f"{p}b_K"].reshape(-1).tolist():
-                    v = torch.zeros(n_params, dtype=torch.float64)
-                    v[i] = 1.0
-                    extra.append(v)
-            if f"{p}b_V" in names and f"{p}b_O" in names:
-                w_o, b_v, b_o = spec_index[f"{p}W_O"], spec_index[f"{p}b_V"], spec_index[f"{p}b_O"]
-                for h in range(attn.n_heads):
-                    for j in range(attn.d_head):
-                        v = torch.zeros(n_params, dtype=torch.float64)
-                        v[b_v[h, j]] = 1.0
-                        v[b_o] = -flat[w_o[h, j]]
-                        extra.append(v)
-            if extra:
-                directions.setdefault(f"{attn.name}/biases", []).append(torch.stack(extra))
+    head_results = attention_rows(stats, structure, ledger, epsilon, relative)
     timings["attention"] = time.perf_counter() - t
 
-    notes = list(structure.notes) + gate_notes
     covered = structure.covered_parameters()
     if covered < n_params:
-        notes.append(f"{n_params - covered} of {n_params} parameters lie outside the analysed linear sites")
-    if stats.projections is not None:
-        notes.append(f"Jacobian Grams estimated from {stats.projections} random output projections")
-
-    union = None
-    hessian_result: HessianSpectrum | None = None
-    t = time.perf_counter()
-    if hessian is not None:
-        options = dict(hessian_options or {})
-        if hessian == "lanczos":
-            options.setdefault("rank_probes", 8)
-            options.setdefault("rank_steps", 60)
-        hessian_result = hessian_analysis(
-            model,
-            batches,
-            kind=kind,
-            method=hessian,  # type: ignore[arg-type]
-            position=position,
-            forward=hessian_forward or forward,
-            seed=seed,
-            **options,
+        ledger.notes.append(
+            f"{n_params - covered} of {n_params} parameters lie outside the analysed linear sites"
         )
+    if stats.projections is not None:
+        ledger.notes.append(f"Jacobian Grams estimated from {stats.projections} random output projections")
+
+    t = time.perf_counter()
+    spectrum = _hessian(
+        model, batches, hessian, hessian_options, kind, positions, hessian_forward or forward, seed
+    )
     timings["hessian"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if want_union and directions:
-        matrices = [m for ms in directions.values() for m in ms]
-        union = union_rank(matrices)
-        if hessian_result is not None and hessian_result.complete:
-            _attach_checks(
-                rows, directions, model, batches, kind, position, hessian_forward or forward, hessian_result
-            )
-    elif not want_union:
-        notes.append(f"union of free directions not computed (N = {n_params} > {union_max_parameters})")
+    union = _span(
+        ledger, model, batches, kind, positions, hessian_forward or forward, spectrum, union_max_parameters
+    )
     timings["union"] = time.perf_counter() - t
 
     report = DegeneracyReport(
-        rows=rows,
+        rows=ledger.rows,
         num_parameters=n_params,
         covered_parameters=covered,
         epsilon=epsilon,
@@ -672,13 +331,13 @@ def degeneracy_report(
         union=union,
         neuron_layers=[s.to_dict() for s in neuron_results],
         attention_layers=[h.to_dict() for h in head_results],
-        sites=site_info,
-        notes=notes,
+        sites=ledger.sites,
+        notes=ledger.notes,
         config={
             "epsilon": epsilon,
             "relative": relative,
             "kind": kind,
-            "position": position,
+            "position": positions,
             "batch_size": batch_size,
             "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
             "jacobians": jacobians,
@@ -689,25 +348,79 @@ def degeneracy_report(
         },
         version=__version__,
     )
-    if hessian_result is not None:
-        report.attach_hessian(hessian_result)
+    if spectrum is not None:
+        report.attach_hessian(spectrum)
     timings["total"] = time.perf_counter() - t0
     report.timings = timings
     return report
 
 
-def _attach_checks(
+def _hessian(
+    model: nn.Module,
+    batches: list[Any],
+    method: str | None,
+    options: dict[str, Any] | None,
+    kind: LossKind,
+    positions: int | None,
+    forward: ForwardFn | None,
+    seed: int,
+) -> HessianSpectrum | None:
+    """The Hessian step: :func:`hessian_analysis` with the report's defaults (``None``: skipped)."""
+    if method is None:
+        return None
+    options = dict(options or {})
+    if method == "lanczos":
+        options.setdefault("rank_probes", 8)
+        options.setdefault("rank_steps", 60)
+    return hessian_analysis(
+        model,
+        batches,
+        kind=kind,
+        method=method,
+        position=positions,
+        forward=forward,
+        seed=seed,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def _span(
+    ledger: Ledger,
+    model: nn.Module,
+    batches: list[Any],
+    kind: LossKind,
+    positions: int | None,
+    forward: ForwardFn | None,
+    spectrum: HessianSpectrum | None,
+    union_max_parameters: int,
+) -> int | None:
+    """The span step: dim of the span of every explicit direction, and each source's curvature check."""
+    if not ledger.want_union:
+        ledger.notes.append(
+            f"union of free directions not computed (N = {ledger.num_parameters} > {union_max_parameters})"
+        )
+        return None
+    if not ledger.directions:
+        return None
+    union = union_rank([m for ms in ledger.directions.values() for m in ms])
+    if spectrum is not None and spectrum.complete:
+        curvature_checks(ledger.rows, ledger.directions, model, batches, kind, positions, forward, spectrum)
+    return union
+
+
+def curvature_checks(
     rows: list[SourceRow],
     directions: dict[str, list[Tensor]],
     model: nn.Module,
     batches: list[Any],
     kind: LossKind,
-    position: int | None,
+    positions: int | None,
     forward: ForwardFn | None,
     spectrum: HessianSpectrum,
 ) -> None:
-    """For each source, vᵀHv/(‖v‖² λ_max) of a random combination v of its directions (≈ 0 if null)."""
-    op = BehavioralHessian(model, batches, kind, position=position, forward=forward, dtype=torch.float64)
+    """For each source, vᵀHv/(‖v‖² λ_max) of a random combination v of its explicit directions (≈ 0 when
+    they are Hessian-null), stored as ``relative_curvature`` in the rows' details."""
+    op = BehavioralHessian(model, batches, kind, position=positions, forward=forward, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     top = max(float(spectrum.eigenvalues[0]), 1e-300)
     curvature: dict[str, float] = {}
@@ -722,18 +435,6 @@ def _attach_checks(
             continue
         curvature[key] = op.quadratic_form(v) / (norm2 * top)
     for r in rows:
-        key_source = {
-            "activation rank": "activation",
-            "jacobian rank": "jacobian",
-            "synchronised neurons": "neurons",
-            "neuron rescaling": "neurons",
-            "linear-block translation": "translation",
-            "gated activation rank": "gated",
-            "synchronised heads": "ov",
-            "attention OV (W_V E, E⁻¹ W_O)": "ov",
-            "attention QK (W_Q B, W_K B⁻ᵀ)": "qk",
-            "key bias (softmax shift)": "biases",
-            "value bias (pattern rows sum to 1)": "biases",
-        }.get(r.source)
+        key_source = SOURCE_KEYS.get(r.source)
         if key_source is not None and f"{r.layer}/{key_source}" in curvature:
             r.details["relative_curvature"] = curvature[f"{r.layer}/{key_source}"]

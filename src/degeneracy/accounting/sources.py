@@ -38,30 +38,39 @@ zero, with floor = λ_max · max(d·eps64, 100·d·eps_src²) for a float64 Gram
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from degeneracy.accounting._model import eigh
-from degeneracy.accounting.structure import AttentionLayer, NeuronLayer, Site
+from degeneracy.deprecation import renamed_arguments
+from degeneracy.linalg import eigh_descending
 
 __all__ = [
     "RankInfo",
+    "gram_floor",
     "gram_rank",
     "NeuronSync",
     "HeadSync",
     "neuron_sync",
     "head_sync",
     "union_find_blocks",
+    "firing_patterns",
+    "identical_columns",
+    "pattern_residuals",
+    "gated_ranks",
 ]
 
 
 @dataclass
 class RankInfo:
-    """Rank of a Gram matrix at a threshold, with its null space."""
+    """Rank of a Gram matrix at a threshold, with its null space.
+
+    >>> RankInfo(3, 2, 0.0, torch.tensor([2.0, 1.0, 0.0]), torch.zeros(1, 3)).drops
+    1
+    """
 
     dim: int
     rank: int
@@ -74,47 +83,63 @@ class RankInfo:
         return self.dim - self.rank
 
 
-def gram_floor(largest: float, dim: int, samples: int, src_dtype: torch.dtype) -> float:
+@renamed_arguments(samples="num_samples")
+def gram_floor(largest: float, dim: int, num_samples: int, src_dtype: torch.dtype) -> float:
     """Numerical zero of a float64 Gram of ``dim`` coordinates built from ``src_dtype`` values.
 
     λ_max · max(dim·eps64, 100·dim·eps_src²): the rounding of the float64 eigensolver, and the Gram
     of rounding errors of relative size eps_src (with a safety factor of 100 for errors accumulated
-    through the layers). ``samples`` is kept for the signature (the rule does not depend on it).
+    through the layers). ``num_samples`` is kept for the signature (the rule does not depend on it).
+
+    >>> gram_floor(1.0, 10, 100, torch.float64) == 10 * torch.finfo(torch.float64).eps
+    True
     """
-    del samples
+    del num_samples
     eps_src = float(torch.finfo(src_dtype).eps) if src_dtype.is_floating_point else 0.0
     eps64 = float(torch.finfo(torch.float64).eps)
     return largest * max(dim * eps64, 100.0 * dim * eps_src**2)
 
 
+@renamed_arguments(samples="num_samples")
 def gram_rank(
     gram: Tensor,
     epsilon: float = 0.0,
     *,
     relative: bool = False,
-    samples: int = 1,
+    num_samples: int = 1,
     src_dtype: torch.dtype = torch.float64,
 ) -> RankInfo:
-    """Rank of a symmetric PSD matrix at ε (see the module docstring for the convention)."""
+    """Rank of a symmetric PSD matrix at ε (see the module docstring for the convention).
+
+    >>> info = gram_rank(torch.diag(torch.tensor([4.0, 1.0, 1e-3], dtype=torch.float64)), 1e-2)
+    >>> info.rank, info.drops, info.null_vectors.abs().tolist()
+    (2, 1, [[0.0, 0.0, 1.0]])
+    """
     dim = gram.shape[0]
     if dim == 0:
         return RankInfo(0, 0, 0.0, gram.new_zeros(0), gram.new_zeros(0, 0))
     if dim == 1:
         value = max(float(gram[0, 0]), 0.0)
-        threshold = max(epsilon * value if relative else epsilon, gram_floor(value, 1, samples, src_dtype))
+        threshold = max(
+            epsilon * value if relative else epsilon, gram_floor(value, 1, num_samples, src_dtype)
+        )
         rank = int(value > threshold and value > 0)
         one = torch.ones(1, 1, dtype=torch.float64)
         return RankInfo(1, rank, threshold, torch.tensor([value], dtype=torch.float64), one[:, rank:].T)
-    values, vectors = eigh(gram.to(torch.float64))
-    values, vectors = values.flip(0), vectors.flip(1)
+    eig = eigh_descending(gram)
+    values, vectors = eig.values, eig.vectors
     top = max(float(values[0]), 0.0)
-    threshold = max(epsilon * top if relative else epsilon, gram_floor(top, dim, samples, src_dtype))
+    threshold = max(epsilon * top if relative else epsilon, gram_floor(top, dim, num_samples, src_dtype))
     rank = int((values > threshold).sum()) if top > 0 else 0
     return RankInfo(dim, rank, threshold, values, vectors[:, rank:].T.contiguous())
 
 
 def union_find_blocks(size: int, pairs: Tensor) -> list[list[int]]:
-    """Connected components of {0..size-1} under the (k, 2) index pairs, sorted by first index."""
+    """Connected components of {0..size-1} under the (k, 2) index pairs, sorted by first index.
+
+    >>> union_find_blocks(4, torch.tensor([[3, 1], [1, 0]]))
+    [[0, 1, 3], [2]]
+    """
     parent = list(range(size))
 
     def find(i: int) -> int:
@@ -139,7 +164,12 @@ def union_find_blocks(size: int, pairs: Tensor) -> list[list[int]]:
 
 @dataclass
 class NeuronSync:
-    """Synchronised blocks of one neuron layer (paper §3.2)."""
+    """Synchronised blocks of one neuron layer (paper §3.2).
+
+    >>> sync = neuron_sync(torch.tensor([[1.0, 2.0, -1.0], [-1.0, -2.0, 1.0]]), "relu")
+    >>> sync.blocks, sync.block_ranks, sync.paper_count, sync.synchronised_count
+    ([[0, 1], [2]], [1, 1], 2, 1)
+    """
 
     layer: str
     activation: str
@@ -217,14 +247,22 @@ class NeuronSync:
 
 
 def firing_patterns(pre: Tensor, activation: str) -> Tensor:
-    """r_i(x) as booleans (m, d): p > 0 for ReLU/LeakyReLU (eq 17 up to the slope), all True for identity."""
+    """r_i(x) as booleans (m, d): p > 0 for ReLU/LeakyReLU (eq 17 up to the slope), all True for identity.
+
+    >>> firing_patterns(torch.tensor([[1.0, -1.0]]), "relu").tolist()
+    [[True, False]]
+    """
     if activation == "identity":
         return torch.ones_like(pre, dtype=torch.bool)
     return pre > 0
 
 
 def identical_columns(fires: Tensor) -> list[list[int]]:
-    """Blocks of columns of a boolean (m, d) matrix that are identical, sorted by first index."""
+    """Blocks of columns of a boolean (m, d) matrix that are identical, sorted by first index.
+
+    >>> identical_columns(torch.tensor([[True, False, True], [False, True, False]]))
+    [[0, 2], [1]]
+    """
     packed = np.packbits(fires.T.contiguous().numpy(), axis=1)
     groups: dict[bytes, list[int]] = {}
     for i, row in enumerate(packed):
@@ -233,7 +271,12 @@ def identical_columns(fires: Tensor) -> list[list[int]]:
 
 
 def pattern_residuals(pre: Tensor, fires: Tensor) -> Tensor:
-    """ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) for all pairs (d, d), float64."""
+    """ρ_ii' = 1/m Σ_x (r_i − r_i')² (p_i² + p_i'²) for all pairs (d, d), float64.
+
+    >>> pre = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
+    >>> pattern_residuals(pre, pre > 0)[0, 1].item()
+    5.0
+    """
     r = fires.to(torch.float64)
     q = pre.to(torch.float64).pow(2)
     m = max(pre.shape[0], 1)
@@ -258,6 +301,10 @@ def neuron_sync(
 
     ε = 0: neurons with identical firing patterns on all samples. ε > 0: pairs with residual ρ ≤ ε
     (``relative``: ρ ≤ ε·max_i mean p_i²), blocks by transitivity. s_a and t_a are ranks at the same ε.
+
+    >>> pre = torch.tensor([[1.0, 1.0, -1.0], [2.0, 2.0, 1.0], [-1.0, 0.01, -2.0]], dtype=torch.float64)
+    >>> neuron_sync(pre, "relu").blocks, neuron_sync(pre, "relu", epsilon=0.5).blocks
+    ([[0], [1], [2]], [[0, 1], [2]])
     """
     pre = pre.to(torch.float64)
     m, d = pre.shape
@@ -278,12 +325,12 @@ def neuron_sync(
     for block in blocks:
         idx = torch.tensor(block)
         s_ranks.append(
-            gram_rank(gram[idx][:, idx], epsilon, relative=relative, samples=m, src_dtype=src_dtype).rank
+            gram_rank(gram[idx][:, idx], epsilon, relative=relative, num_samples=m, src_dtype=src_dtype).rank
         )
         if t_ranks is not None and jacobian_gram is not None:
             t_ranks.append(
                 gram_rank(
-                    jacobian_gram[idx][:, idx], epsilon, relative=relative, samples=m, src_dtype=src_dtype
+                    jacobian_gram[idx][:, idx], epsilon, relative=relative, num_samples=m, src_dtype=src_dtype
                 ).rank
             )
         max_res.append(
@@ -310,6 +357,10 @@ def gated_ranks(
     weights of neuron i only ever see inputs where it fires, so every direction a with G_i a = 0
     (δW[i] = aᵀ) leaves the outputs unchanged on D to first order — a dead neuron is the extreme
     case (G_i = 0). Directions already null for the global Gram are the activation rank drops.
+
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    >>> [info.rank for info in gated_ranks(x, torch.tensor([[True], [False], [False]]))]
+    [1]
     """
     x = inputs.to(torch.float64)
     r = fires.to(torch.float64)
@@ -318,19 +369,10 @@ def gated_ranks(
     for start in range(0, r.shape[1], chunk):
         weighted = r[:, start : start + chunk, None] * x[:, None, :]  # (m, c, d)
         grams = (weighted.reshape(x.shape[0], -1).T @ x).reshape(-1, x.shape[1], x.shape[1]) / m
-        out.extend(gram_rank(g, epsilon, relative=relative, samples=m, src_dtype=src_dtype) for g in grams)
+        out.extend(
+            gram_rank(g, epsilon, relative=relative, num_samples=m, src_dtype=src_dtype) for g in grams
+        )
     return out
-
-
-def gated_directions(site: Site, neuron: int, null_vectors: Tensor, n_params: int) -> Tensor:
-    """δ[W|b][neuron] = aᵀ for each null vector a of the neuron's gated Gram."""
-    index = site.augmented_index()
-    rows = []
-    for a in null_vectors:
-        v = torch.zeros(n_params, dtype=torch.float64)
-        v[index[neuron]] = a
-        rows.append(v)
-    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +381,12 @@ def gated_directions(site: Site, neuron: int, null_vectors: Tensor, n_params: in
 
 @dataclass
 class HeadSync:
-    """Synchronised heads of one attention layer (paper §3.2, "Attention")."""
+    """Synchronised heads of one attention layer (paper §3.2, "Attention").
+
+    >>> sync = head_sync(torch.tensor([[0.5, 0.5, 0.5, 0.5, 1.0, 0.0]]), 3, 2)
+    >>> sync.blocks, sync.synchronised_count, sync.generic_count
+    ([[0, 1], [2]], 8, 12)
+    """
 
     layer: str
     n_heads: int
@@ -394,6 +441,7 @@ class HeadSync:
         }
 
 
+@renamed_arguments(samples="num_samples")
 def head_sync(
     patterns: Tensor,
     n_heads: int,
@@ -404,7 +452,7 @@ def head_sync(
     relative: bool = False,
     value_gram: Tensor | None = None,
     z_jacobian_gram: Tensor | None = None,
-    samples: int = 1,
+    num_samples: int = 1,
     src_dtype: torch.dtype = torch.float64,
 ) -> HeadSync:
     """Blocks of heads with equal attention patterns (max |Δ| ≤ max(ε, 16·eps(src))) and their ranks.
@@ -412,6 +460,9 @@ def head_sync(
     ``patterns``: (m, n_heads·n_keys) rows of (example, query position); ``value_gram``: Gram of the
     concatenated values (h·d_head square); ``z_jacobian_gram``: Jacobian Gram w.r.t. z (same shape).
     Missing Grams count as full rank (d_head per head).
+
+    >>> head_sync(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 2, 1).blocks
+    [[0, 1]]
     """
     p = patterns.to(torch.float64).reshape(patterns.shape[0], n_heads, -1)
     diff = torch.zeros(n_heads, n_heads, dtype=torch.float64)
@@ -425,7 +476,7 @@ def head_sync(
             return d_head * len(heads)
         idx = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in heads])
         return gram_rank(
-            gram[idx][:, idx], epsilon, relative=relative, samples=samples, src_dtype=src_dtype
+            gram[idx][:, idx], epsilon, relative=relative, num_samples=num_samples, src_dtype=src_dtype
         ).rank
 
     return HeadSync(
@@ -440,138 +491,3 @@ def head_sync(
         block_jacobian_ranks=[rank(z_jacobian_gram, b) for b in blocks],
         epsilon=epsilon,
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Explicit free directions (for the exact union and for checks)
-
-
-@dataclass
-class Directions:
-    """Free directions of one source as rows of a (k × N) matrix in the flat parameter space."""
-
-    key: str
-    vectors: Tensor
-    params: set[int] = field(default_factory=set)  # indices of parameter tensors touched
-
-
-def activation_directions(site: Site, null_vectors: Tensor, n_params: int) -> Tensor:
-    """δ[W|b] = e_i cᵀ for every output i and null vector c of G: (d_out·a) × N."""
-    index = site.augmented_index()  # (d_out, d_in_aug)
-    rows = []
-    for c in null_vectors:
-        for i in range(site.d_out):
-            v = torch.zeros(n_params, dtype=torch.float64)
-            v[index[i]] = c
-            rows.append(v)
-    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
-
-
-def jacobian_directions(site: Site, null_vectors: Tensor, n_params: int) -> Tensor:
-    """δ[W|b] = u e_jᵀ for every input coordinate j (bias included) and null vector u of K."""
-    index = site.augmented_index()
-    rows = []
-    for u in null_vectors:
-        for j in range(site.d_in_aug):
-            v = torch.zeros(n_params, dtype=torch.float64)
-            v[index[:, j]] = u
-            rows.append(v)
-    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
-
-
-def block_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
-    """d/dt of W_in[S] → (I + tE) W_in[S], W_out[:, S] → W_out[:, S](I − tE) for E = e_a e_bᵀ, a, b ∈ S."""
-    assert layer.in_site is not None and layer.out_site is not None
-    n_params = flat.numel()
-    w_in = layer.in_site.augmented_weight(flat)  # (d, d_in_aug)
-    in_index = layer.in_site.augmented_index()
-    w_out = flat[layer.out_site.weight_index]  # (d_out, d)
-    out_index = layer.out_site.weight_index
-    rows = []
-    for a in block:
-        for b in block:
-            v = torch.zeros(n_params, dtype=torch.float64)
-            v[in_index[a]] += w_in[b]  # row a of E W_in
-            v[out_index[:, b]] -= w_out[:, a]  # column b of W_out E
-            rows.append(v)
-    return torch.stack(rows)
-
-
-def translation_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
-    """δb_in[a] = 1, δb_out = −slope·W_out[:, a] for each neuron a of a linear block (always on: slope 1)."""
-    assert layer.in_site is not None and layer.out_site is not None
-    assert layer.in_site.bias_index is not None and layer.out_site.bias_index is not None
-    w_out = flat[layer.out_site.weight_index]
-    rows = []
-    for a in block:
-        v = torch.zeros(flat.numel(), dtype=torch.float64)
-        v[layer.in_site.bias_index[a]] = 1.0
-        v[layer.out_site.bias_index] = -w_out[:, a]
-        rows.append(v)
-    return torch.stack(rows)
-
-
-def head_directions(
-    attn: AttentionLayer,
-    spec_index: dict[str, Tensor],
-    flat: Tensor,
-    pairs: list[tuple[int, int]],
-    which: str,
-) -> Tensor:
-    """OV (or QK) directions between heads (h_to, h_from); h_to == h_from gives the generic ones.
-
-    OV: v_to += v_from E (W_V[to] += W_V[from] E, b_V likewise), W_O[from] −= E W_O[to].
-    QK: W_Q[h] → W_Q[h](I + tE), W_K[h] → W_K[h](I − tEᵀ) (generic only).
-    """
-    n_params = flat.numel()
-    d = attn.d_head
-    rows = []
-    p = attn.prefix
-    if which == "ov":
-        w_v, b_v, w_o = (spec_index.get(f"{p}{n}") for n in ("W_V", "b_V", "W_O"))
-        assert w_v is not None and w_o is not None
-        for to, frm in pairs:
-            for i in range(d):
-                for j in range(d):
-                    v = torch.zeros(n_params, dtype=torch.float64)
-                    # E = e_i e_jᵀ: (W_V[from] E)[:, j] = W_V[from][:, i]
-                    v[w_v[to][:, j]] += flat[w_v[frm][:, i]]
-                    if b_v is not None:
-                        v[b_v[to][j]] += flat[b_v[frm][i]]
-                    # (E W_O[to])[i, :] = W_O[to][j, :], subtracted from W_O[from]
-                    v[w_o[frm][i]] -= flat[w_o[to][j]]
-                    rows.append(v)
-    else:
-        w_q, b_q, w_k, b_k = (spec_index.get(f"{p}{n}") for n in ("W_Q", "b_Q", "W_K", "b_K"))
-        assert w_q is not None and w_k is not None
-        for h, _ in pairs:
-            for i in range(d):
-                for j in range(d):
-                    v = torch.zeros(n_params, dtype=torch.float64)
-                    v[w_q[h][:, j]] += flat[w_q[h][:, i]]
-                    if b_q is not None:
-                        v[b_q[h][j]] += flat[b_q[h][i]]
-                    # W_K Eᵀ: column i gets W_K[:, j]
-                    v[w_k[h][:, i]] -= flat[w_k[h][:, j]]
-                    if b_k is not None:
-                        v[b_k[h][i]] -= flat[b_k[h][j]]
-                    rows.append(v)
-    return torch.stack(rows) if rows else torch.zeros(0, n_params, dtype=torch.float64)
-
-
-def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:
-    """dim of the sum of the row spaces (rows normalised first; relative SVD tolerance)."""
-    rows = [m for m in matrices if m.shape[0]]
-    if not rows:
-        return 0
-    stacked = torch.cat(rows, dim=0)
-    cols = torch.nonzero(stacked.abs().sum(0) > 0).flatten()
-    stacked = stacked[:, cols]
-    norms = stacked.norm(dim=1, keepdim=True)
-    stacked = stacked[norms.flatten() > 0] / norms[norms.flatten() > 0]
-    if stacked.shape[0] == 0:
-        return 0
-    small = stacked @ stacked.T if stacked.shape[0] <= stacked.shape[1] else stacked.T @ stacked
-    values = eigh(small)[0]
-    top = float(values.max())
-    return int((values > top * max(rtol, small.shape[0] * float(torch.finfo(torch.float64).eps))).sum())

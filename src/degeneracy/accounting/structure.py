@@ -3,16 +3,22 @@
 * A **linear site** is an affine map p = W f + b inside the model (paper eq 12, bias as the extra
   constant coordinate of footnote 6): an ``nn.Linear``, or a TransformerLens weight (W_Q, W_K, W_V,
   W_O, W_in, W_out, W_U, and W_E with W_pos as one map on one-hot [token; position]). It is read at an
-  *input point* (f) and an *output point* (p); ``weight_index`` (d_out × d_in) and ``bias_index``
-  (d_out) give the flat positions of W and b in the parameter vector.
+  *input* node layer (f) and an *output* node layer (p); ``weight_index`` (d_out × d_in) and
+  ``bias_index`` (d_out) give the flat positions of W and b in the parameter vector.
 * A **neuron layer** is a piecewise-linear elementwise nonlinearity (ReLU, LeakyReLU, or the identity
-  of a purely linear layer, paper §3.2) read at its pre-activation point, with the linear sites that
+  of a purely linear layer, paper §3.2) read at its pre-activation, with the linear sites that
   produce its input (``in_site``) and read its output (``out_site``) when they are found.
 * An **attention layer** (TransformerLens) exposes its pattern, values and z hook points.
 
-A point is a module name plus ``read="input"`` (the first positional input) or ``"output"``.
-Plain ``torch`` models are discovered by running one batch and matching tensors; TransformerLens
-``HookedTransformer`` models from their config.
+Every place a tensor is read is a :class:`degeneracy.capture.NodeLayer` of one module (its first input
+or its output, all positions; see :func:`node_at`). Plain ``torch`` models are discovered by running one
+batch and matching tensors; TransformerLens ``HookedTransformer`` models from their config
+(:mod:`degeneracy.adapters.transformer_lens.structure`).
+
+>>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+>>> s = discover(model, torch.randn(5, 3))
+>>> [site.name for site in s.sites], [(n.name, n.in_site.name, n.out_site.name) for n in s.neuron_layers]
+(['0', '2'], [('1', '0', '2')])
 """
 
 from __future__ import annotations
@@ -24,32 +30,82 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from degeneracy.accounting._model import ParamSpec, param_spec, resolve_module
+from degeneracy.adapters.transformer_lens import is_hooked_transformer
+from degeneracy.adapters.transformer_lens.structure import AttentionLayer, describe_hooked_transformer
+from degeneracy.capture import NodeLayer
 from degeneracy.data import call_model
+from degeneracy.deprecation import deprecated_alias
+from degeneracy.run import ParamLayout
+
+__all__ = [
+    "AttentionLayer",
+    "NeuronLayer",
+    "Site",
+    "Structure",
+    "discover",
+    "discover_torch",
+    "discover_transformer_lens",
+    "neuron_layer",
+    "node_at",
+    "parameter_index",
+    "resolve_module",
+]
 
 Read = Literal["input", "output"]
 
 
-@dataclass(frozen=True)
-class Point:
-    """A tensor read at a module: its first input or its output."""
+def node_at(module: str, read: Read) -> NodeLayer:
+    """The node layer reading ``module``'s first input or its output at every position.
 
-    module: str
-    read: Read = "output"
+    Named ``"<module>@<read>"``, so that equal places give equal (hashable) node layers.
+
+    >>> node_at("fc1", "output")
+    NodeLayer(name='fc1@output', modules=('fc1',), positions=None, read='output')
+    """
+    return NodeLayer(f"{module}@{read}", (module,), read=read)
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; a ``KeyError`` listing the valid names otherwise.
+
+    >>> resolve_module(torch.nn.Sequential(torch.nn.ReLU()), "0")
+    ReLU()
+    """
+    modules = dict(model.named_modules())
+    if name not in modules:
+        valid = ", ".join(repr(n) for n in modules if n)
+        raise KeyError(f"model has no module named {name!r}; valid names: {valid}")
+    return modules[name]
+
+
+def parameter_index(layout: ParamLayout, name: str) -> Tensor:
+    """Flat positions of parameter ``name`` in θ, in the parameter's shape.
+
+    >>> parameter_index(ParamLayout.of_model(torch.nn.Linear(2, 1)), "bias")
+    tensor([2])
+    """
+    sl = layout.slice(name)
+    return torch.arange(sl.start, sl.stop).view(layout.shapes[layout.names.index(name)])
 
 
 @dataclass
 class Site:
-    """An affine map p = W f + b between two points (paper eq 12)."""
+    """An affine map p = W f + b between two node layers (paper eq 12).
+
+    >>> site = Site("fc", node_at("fc", "input"), node_at("fc", "output"), 2, 1,
+    ...             torch.tensor([[0, 1]]), torch.tensor([2]))
+    >>> site.d_in_aug, site.num_parameters, site.augmented_weight(torch.tensor([1.0, 2.0, 3.0])).tolist()
+    (3, 3, [[1.0, 2.0, 3.0]])
+    """
 
     name: str
-    input_point: Point
-    output_point: Point
+    input_point: NodeLayer
+    output_point: NodeLayer
     d_in: int
     d_out: int
     weight_index: Tensor  # (d_out, d_in) flat indices into the parameter vector
     bias_index: Tensor | None  # (d_out,)
-    input_transform: Callable[[Tensor], Tensor] | None = None  # raw captured → (batch, pos, d_in)
+    input_transform: Callable[[Tensor], Tensor] | None = None  # captured (batch, pos, d) → (batch, pos, d_in)
 
     @property
     def has_bias(self) -> bool:
@@ -72,6 +128,7 @@ class Site:
         return torch.cat([w, flat[self.bias_index][:, None]], dim=1)
 
     def augmented_index(self) -> Tensor:
+        """Flat positions of [W | b] (d_out × d_in_aug)."""
         if self.bias_index is None:
             return self.weight_index
         return torch.cat([self.weight_index, self.bias_index[:, None]], dim=1)
@@ -79,10 +136,14 @@ class Site:
 
 @dataclass
 class NeuronLayer:
-    """A layer of elementwise piecewise-linear neurons (paper §3.2)."""
+    """A layer of elementwise piecewise-linear neurons (paper §3.2), read at its pre-activation.
+
+    >>> NeuronLayer("act", node_at("act", "input"), "relu", 4).negative_slope
+    0.0
+    """
 
     name: str
-    pre_point: Point
+    pre_point: NodeLayer
     activation: Literal["relu", "leaky_relu", "identity"]
     width: int
     negative_slope: float = 0.0
@@ -91,43 +152,35 @@ class NeuronLayer:
 
 
 @dataclass
-class AttentionLayer:
-    """A TransformerLens attention layer (paper §3.2, "Attention")."""
-
-    name: str
-    pattern_point: Point
-    value_point: Point
-    z_point: Point
-    n_heads: int
-    d_head: int
-    prefix: str  # e.g. "blocks.0.attn."
-
-
-@dataclass
 class Structure:
-    """Sites, neuron layers and attention layers of a model, and the parameter layout."""
+    """Sites, neuron layers and attention layers of a model, and the parameter layout.
 
-    spec: ParamSpec
+    >>> s = discover(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh()), torch.randn(4, 3))
+    >>> s.covered_parameters(), s.layout.numel, s.neuron_layers
+    (8, 8, [])
+    """
+
+    layout: ParamLayout
     sites: list[Site] = field(default_factory=list)
     neuron_layers: list[NeuronLayer] = field(default_factory=list)
     attention_layers: list[AttentionLayer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     is_transformer_lens: bool = False
 
+    @property
+    def spec(self) -> ParamLayout:
+        """The parameter layout (old name of :attr:`layout`)."""
+        return self.layout
+
     def covered_parameters(self) -> int:
+        """Number of distinct parameters inside the sites."""
         idx = set()
         for site in self.sites:
             idx.update(site.augmented_index().reshape(-1).tolist())
         return len(idx)
 
 
-def _param_index(spec: ParamSpec, name: str) -> Tensor:
-    sl = spec.slice(name)
-    return torch.arange(sl.start, sl.stop).view(spec.shapes[spec.names.index(name)])
-
-
-def is_transformer_lens(model: nn.Module) -> bool:
-    return hasattr(model, "cfg") and hasattr(model, "blocks") and hasattr(model, "unembed")
+is_transformer_lens = deprecated_alias(is_hooked_transformer, "is_transformer_lens")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -147,14 +200,14 @@ def _activation_kind(module: nn.Module) -> tuple[Literal["relu", "leaky_relu", "
     return None
 
 
-def _linear_site(spec: ParamSpec, name: str, module: nn.Linear) -> Site:
+def _linear_site(layout: ParamLayout, name: str, module: nn.Linear) -> Site:
     prefix = f"{name}." if name else ""
-    weight = _param_index(spec, f"{prefix}weight")
-    bias = _param_index(spec, f"{prefix}bias") if module.bias is not None else None
+    weight = parameter_index(layout, f"{prefix}weight")
+    bias = parameter_index(layout, f"{prefix}bias") if module.bias is not None else None
     return Site(
         name=name,
-        input_point=Point(name, "input"),
-        output_point=Point(name, "output"),
+        input_point=node_at(name, "input"),
+        output_point=node_at(name, "output"),
         d_in=module.in_features,
         d_out=module.out_features,
         weight_index=weight,
@@ -163,7 +216,11 @@ def _linear_site(spec: ParamSpec, name: str, module: nn.Linear) -> Site:
 
 
 def _record_calls(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module, Tensor | None, Tensor | None]]:
-    """(name, module, first input, output) of every leaf-module call of one forward pass, in order."""
+    """(name, module, first input, output) of every leaf-module call of one forward pass, in order.
+
+    Discovery needs the order and the number of calls of every module (a module called twice is not a
+    site), which :func:`degeneracy.capture.forward` does not report; hence this one recorder.
+    """
     calls: list[tuple[str, nn.Module, Tensor | None, Tensor | None]] = []
     handles = []
 
@@ -202,9 +259,14 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
     activation's input, its ``out_site`` the one whose input equals the activation's output. Two
     linear maps with nothing between them (A's output is B's input) form a purely linear neuron layer
     named after A (read at A's output).
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    >>> found = discover_torch(model, torch.randn(5, 3))
+    >>> [(n.name, n.activation, n.pre_point.name) for n in found.neuron_layers]
+    [('0', 'identity', '0@output')]
     """
-    spec = param_spec(model)
-    structure = Structure(spec=spec)
+    layout = ParamLayout.of_model(model)
+    structure = Structure(layout=layout)
     calls = _record_calls(model, inputs)
     counts: dict[str, int] = {}
     for name, *_ in calls:
@@ -216,7 +278,7 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
                 if name not in {s.name for s in structure.sites}:
                     structure.notes.append(f"{name}: called {counts[name]} times per forward; not analysed")
                 continue
-            site = _linear_site(spec, name, module)
+            site = _linear_site(layout, name, module)
             structure.sites.append(site)
             linear_calls.append((i, site, x, y))
 
@@ -234,7 +296,7 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
         out_site = after[0][1] if after else None
         width = int(x.shape[-1])
         structure.neuron_layers.append(
-            NeuronLayer(name, Point(name, "input"), kind[0], width, kind[1], in_site, out_site)
+            NeuronLayer(name, node_at(name, "input"), kind[0], width, kind[1], in_site, out_site)
         )
         if in_site is not None:
             used_as_hidden.add(in_site.name)
@@ -247,7 +309,7 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
                 structure.neuron_layers.append(
                     NeuronLayer(
                         site_a.name,
-                        Point(site_a.name, "output"),
+                        node_at(site_a.name, "output"),
                         "identity",
                         site_a.d_out,
                         1.0,
@@ -263,156 +325,52 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
 # TransformerLens
 
 
-def _one_hot_embed_input(d_vocab: int, n_ctx: int) -> Callable[[Tensor], Tensor]:
-    def transform(tokens: Tensor) -> Tensor:
-        batch, pos = tokens.shape
-        tok = torch.nn.functional.one_hot(tokens.long(), d_vocab)
-        positions = torch.nn.functional.one_hot(torch.arange(pos, device=tokens.device), n_ctx)
-        return torch.cat([tok, positions.expand(batch, pos, n_ctx)], dim=-1).to(torch.float64)
-
-    return transform
-
-
 def discover_transformer_lens(model: nn.Module) -> Structure:
-    """Sites, MLP neuron layers and attention layers of a TransformerLens ``HookedTransformer``.
+    """Sites, MLP neuron layers and attention layers of a TransformerLens ``HookedTransformer``
+    (see :func:`degeneracy.adapters.transformer_lens.structure.describe_hooked_transformer`).
 
-    Covers standard positional embeddings, attention with or without parameter-free normalisation
-    (LayerNorm weights, if any, are not covered), ReLU MLPs (other activations: no neuron layer).
+    >>> discover_transformer_lens(torch.nn.Linear(2, 2))
+    Traceback (most recent call last):
+    ...
+    TypeError: discover_transformer_lens needs a TransformerLens HookedTransformer, not a Linear
     """
-    cfg = model.cfg
-    spec = param_spec(model)
-    s = Structure(spec=spec, is_transformer_lens=True)
-    names = set(spec.names)
-    norm = cfg.normalization_type
-    if norm in ("LN", "RMS"):
-        s.notes.append(f"normalisation {norm!r}: its weights are not covered by the sites")
-    d_model, n_heads, d_head = cfg.d_model, cfg.n_heads, cfg.d_head
-
-    def idx(name: str) -> Tensor:
-        return _param_index(spec, name)
-
-    def resid_point(i: int, which: str) -> Point:
-        if norm is None:
-            return Point(f"blocks.{i}.hook_resid_{'pre' if which == 'attn' else 'mid'}", "output")
-        return Point(f"blocks.{i}.ln{1 if which == 'attn' else 2}.hook_normalized", "output")
-
-    positional = getattr(cfg, "positional_embedding_type", "standard")
-    if "embed.W_E" in names and positional == "standard" and "pos_embed.W_pos" in names:
-        w_index = torch.cat([idx("embed.W_E").T, idx("pos_embed.W_pos").T], dim=1)  # (d_model, vocab + n_ctx)
-        s.sites.append(
-            Site(
-                name="embed",
-                input_point=Point("embed", "input"),
-                output_point=Point("blocks.0.hook_resid_pre", "output"),
-                d_in=cfg.d_vocab + cfg.n_ctx,
-                d_out=d_model,
-                weight_index=w_index,
-                bias_index=None,
-                input_transform=_one_hot_embed_input(cfg.d_vocab, cfg.n_ctx),
-            )
+    if not is_hooked_transformer(model):
+        raise TypeError(
+            "discover_transformer_lens needs a TransformerLens HookedTransformer, "
+            f"not a {type(model).__name__}"
         )
-    else:
-        s.notes.append("embeddings: only standard positional embeddings are covered")
-
-    for i in range(cfg.n_layers):
-        a = f"blocks.{i}.attn."
-        for letter in ("Q", "K", "V"):
-            w = idx(f"{a}W_{letter}")  # (h, d_model, d_head)
-            b = idx(f"{a}b_{letter}") if f"{a}b_{letter}" in names else None
-            s.sites.append(
-                Site(
-                    name=f"{a}W_{letter}",
-                    input_point=resid_point(i, "attn"),
-                    output_point=Point(f"{a}hook_{letter.lower()}", "output"),
-                    d_in=d_model,
-                    d_out=n_heads * d_head,
-                    weight_index=w.permute(0, 2, 1).reshape(n_heads * d_head, d_model),
-                    bias_index=None if b is None else b.reshape(-1),
-                )
-            )
-        w_o = idx(f"{a}W_O")  # (h, d_head, d_model)
-        s.sites.append(
-            Site(
-                name=f"{a}W_O",
-                input_point=Point(f"{a}hook_z", "output"),
-                output_point=Point(f"blocks.{i}.hook_attn_out", "output"),
-                d_in=n_heads * d_head,
-                d_out=d_model,
-                weight_index=w_o.permute(2, 0, 1).reshape(d_model, n_heads * d_head),
-                bias_index=idx(f"{a}b_O") if f"{a}b_O" in names else None,
-            )
-        )
-        s.attention_layers.append(
-            AttentionLayer(
-                name=f"blocks.{i}.attn",
-                pattern_point=Point(f"{a}hook_pattern", "output"),
-                value_point=Point(f"{a}hook_v", "output"),
-                z_point=Point(f"{a}hook_z", "output"),
-                n_heads=n_heads,
-                d_head=d_head,
-                prefix=a,
-            )
-        )
-        if cfg.attn_only:
-            continue
-        m = f"blocks.{i}.mlp."
-        if f"{m}W_in" not in names:
-            s.notes.append(f"blocks.{i}.mlp: not a standard MLP; not analysed")
-            continue
-        site_in = Site(
-            name=f"{m}W_in",
-            input_point=resid_point(i, "mlp"),
-            output_point=Point(f"{m}hook_pre", "output"),
-            d_in=d_model,
-            d_out=cfg.d_mlp,
-            weight_index=idx(f"{m}W_in").T,
-            bias_index=idx(f"{m}b_in") if f"{m}b_in" in names else None,
-        )
-        site_out = Site(
-            name=f"{m}W_out",
-            input_point=Point(f"{m}hook_post", "output"),
-            output_point=Point(f"blocks.{i}.hook_mlp_out", "output"),
-            d_in=cfg.d_mlp,
-            d_out=d_model,
-            weight_index=idx(f"{m}W_out").T,
-            bias_index=idx(f"{m}b_out") if f"{m}b_out" in names else None,
-        )
-        s.sites.extend([site_in, site_out])
-        if cfg.act_fn == "relu":
-            s.neuron_layers.append(
-                NeuronLayer(
-                    f"{m}hook_pre", Point(f"{m}hook_pre", "output"), "relu", cfg.d_mlp, 0.0, site_in, site_out
-                )
-            )
-        else:
-            s.notes.append(
-                f"blocks.{i}.mlp: activation {cfg.act_fn!r} is not piecewise linear; no synchronisation"
-            )
-    if "unembed.W_U" in names:
-        s.sites.append(
-            Site(
-                name="unembed",
-                input_point=Point("unembed.hook_in", "output"),
-                output_point=Point("unembed.hook_out", "output"),
-                d_in=d_model,
-                d_out=cfg.d_vocab_out,
-                weight_index=idx("unembed.W_U").T,
-                bias_index=idx("unembed.b_U") if "unembed.b_U" in names else None,
-            )
-        )
+    layout = ParamLayout.of_model(model)
+    found = describe_hooked_transformer(model, layout)
+    s = Structure(layout=layout, is_transformer_lens=True, notes=list(found.notes))
+    sites = {spec["name"]: Site(**spec) for spec in found.linear_maps}
+    s.sites = list(sites.values())
+    for spec in found.neuron_layers:
+        spec = dict(spec)
+        in_site, out_site = sites[spec.pop("in_site")], sites[spec.pop("out_site")]
+        s.neuron_layers.append(NeuronLayer(**spec, in_site=in_site, out_site=out_site))
+    s.attention_layers = list(found.attention_layers)
     return s
 
 
 def discover(model: nn.Module, inputs: Any) -> Structure:
-    """:func:`discover_transformer_lens` for TransformerLens models, :func:`discover_torch` otherwise."""
-    if is_transformer_lens(model):
+    """:func:`discover_transformer_lens` for TransformerLens models, :func:`discover_torch` otherwise.
+
+    >>> [site.name for site in discover(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.randn(4, 3)).sites]
+    ['0']
+    """
+    if is_hooked_transformer(model):
         return discover_transformer_lens(model)
     return discover_torch(model, inputs)
 
 
 def neuron_layer(model: nn.Module, structure: Structure, layer: str) -> NeuronLayer:
     """The neuron layer called ``layer``: an activation module, a TransformerLens ``hook_pre`` or MLP
-    (``blocks.0.mlp``), or a linear map feeding another directly (a purely linear layer)."""
+    (``blocks.0.mlp``), or a linear map feeding another directly (a purely linear layer).
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> neuron_layer(model, discover(model, torch.randn(5, 3)), "1").activation
+    'relu'
+    """
     module = resolve_module(model, layer)
     for candidate in structure.neuron_layers:
         if candidate.name == layer or candidate.name == f"{layer}.hook_pre":
