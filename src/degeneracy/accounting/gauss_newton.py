@@ -37,7 +37,14 @@ from degeneracy.accounting.kronecker import linear_gram
 from degeneracy.behavioral import LossKind, check_kind, whiten_outputs
 from degeneracy.data import iter_batches
 from degeneracy.deprecation import renamed_arguments
-from degeneracy.run import ForwardFn, ParamLayout, cast_inputs, functional_output, model_dtype, parameters_and_buffers
+from degeneracy.run import (
+    ForwardFn,
+    ParamLayout,
+    cast_inputs,
+    functional_output,
+    model_dtype,
+    parameters_and_buffers,
+)
 
 __all__ = ["BehavioralHessian", "numerical_floor"]
 
@@ -146,9 +153,9 @@ class BehavioralHessian:
         for x, ref in self.batches():
             jac = jac_fn(self.params, x, ref)
             b = ref.shape[0]
-            yield torch.cat([jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2).reshape(
-                b * self.rows, self.num_parameters
-            )
+            yield torch.cat(
+                [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
+            ).reshape(b * self.rows, self.num_parameters)
 
     def gram(self, chunk_size: int | None = 64) -> tuple[Tensor, str]:
         """The float64 Gram on the smaller side: (H, "parameters") or (1/n J_z J_zᵀ, "outputs").
@@ -255,7 +262,8 @@ class BehavioralHessian:
     def quadratic_form(self, v: Tensor) -> float:
         """vᵀ H v = 1/n Σ_x ‖J_z(x) v‖² (forward mode only).
 
-        >>> h = BehavioralHessian(torch.nn.Linear(2, 1, bias=False).double(), torch.eye(2, dtype=torch.float64))
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> h = BehavioralHessian(model, torch.eye(2, dtype=torch.float64))
         >>> h.quadratic_form(torch.tensor([1.0, 1.0], dtype=torch.float64))
         2.0
         """

@@ -13,7 +13,8 @@ n·rows·N² of the per-example Jacobians. The activations f^a and p^a are read 
 >>> import torch
 >>> from degeneracy.accounting.gauss_newton import BehavioralHessian
 >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
->>> h = BehavioralHessian(model, torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+>>> x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+>>> h = BehavioralHessian(model, x)
 >>> kron = linear_gram(h)
 >>> generic = sum(b.T @ b for b in h.jacobian_blocks()) / h.n
 >>> bool(torch.allclose(torch.linalg.eigvalsh(kron), torch.linalg.eigvalsh(generic), atol=1e-12))
@@ -122,7 +123,12 @@ def _features(f: Tensor, bias: bool) -> Tensor:
 
 
 def _accumulate(
-    gram: Tensor, jac: list[Tensor], feats: list[Tensor], sites: list[Any], sizes: list[int], offsets: list[int]
+    gram: Tensor,
+    jac: list[Tensor],
+    feats: list[Tensor],
+    sites: list[Any],
+    sizes: list[int],
+    offsets: list[int],
 ) -> None:
     """Add Σ_x A_x ⊗ B_x to the upper blocks (a ≤ b) of ``gram``."""
     b = feats[0].shape[0]

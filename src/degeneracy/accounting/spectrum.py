@@ -9,7 +9,8 @@ Saved as JSON (``spectrum.save(path)``, :meth:`HessianSpectrum.load` or :func:`l
 with ``"result": "hessian_spectrum"`` checked on load.
 
 >>> import torch
->>> spectrum = HessianSpectrum(torch.tensor([4.0, 1.0, 1e-3, 0.0], dtype=torch.float64), 4, "exact", "mse", 10, 0.0)
+>>> values = torch.tensor([4.0, 1.0, 1e-3, 0.0], dtype=torch.float64)
+>>> spectrum = HessianSpectrum(values, 4, "exact", "mse", 10, 0.0)
 >>> spectrum.rank(), spectrum.rank(1e-2), spectrum.nullity(0.1, relative=True)
 (3, 2, 2)
 """
@@ -53,7 +54,7 @@ class HessianSpectrum:
         timings: seconds per stage.
         config: the arguments of the call.
 
-    >>> spectrum = HessianSpectrum(torch.tensor([2.0, 0.0], dtype=torch.float64), 2, "exact", "mse", 5, 0.0)
+    >>> spectrum = HessianSpectrum(torch.tensor([2.0, 0.0]).double(), 2, "exact", "mse", 5, 0.0)
     >>> spectrum
     HessianSpectrum(exact, mse, N=2, n=5, 2 eigenvalues, largest 2, rank 1 above the floor 0)
     """
@@ -85,7 +86,8 @@ class HessianSpectrum:
     def threshold(self, epsilon: float = 0.0, *, relative: bool = False) -> float:
         """The eigenvalue below which directions count as free: max(ε or ε·λ_max, floor).
 
-        >>> HessianSpectrum(torch.tensor([4.0, 0.0], dtype=torch.float64), 2, "exact", "mse", 5, 1e-9).threshold(0.5, relative=True)
+        >>> spectrum = HessianSpectrum(torch.tensor([4.0, 0.0]).double(), 2, "exact", "mse", 5, 1e-9)
+        >>> spectrum.threshold(0.5, relative=True)
         2.0
         """
         top = float(self.eigenvalues.max()) if self.eigenvalues.numel() else 0.0
@@ -97,7 +99,7 @@ class HessianSpectrum:
         Needs every eigenvalue unless the k-th one is already below the threshold; otherwise use
         :meth:`rank_estimate`.
 
-        >>> HessianSpectrum(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64), 3, "exact", "mse", 5, 0.0).rank(2.0)
+        >>> HessianSpectrum(torch.tensor([4.0, 1.0, 0.0]).double(), 3, "exact", "mse", 5, 0.0).rank(2.0)
         1
         """
         threshold = self.threshold(epsilon, relative=relative)
@@ -113,7 +115,7 @@ class HessianSpectrum:
     def nullity(self, epsilon: float = 0.0, *, relative: bool = False) -> int:
         """N − rank: the number of free directions of the quadratic approximation at scale ε.
 
-        >>> HessianSpectrum(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64), 3, "exact", "mse", 5, 0.0).nullity()
+        >>> HessianSpectrum(torch.tensor([4.0, 1.0, 0.0]).double(), 3, "exact", "mse", 5, 0.0).nullity()
         1
         """
         return self.num_parameters - self.rank(epsilon, relative=relative)
@@ -123,7 +125,7 @@ class HessianSpectrum:
 
         The estimate is never below the number of known eigenvalues above the threshold.
 
-        >>> HessianSpectrum(torch.tensor([4.0, 0.0], dtype=torch.float64), 2, "exact", "mse", 5, 0.0).rank_estimate()
+        >>> HessianSpectrum(torch.tensor([4.0, 0.0]).double(), 2, "exact", "mse", 5, 0.0).rank_estimate()
         (1.0, 0.0)
         """
         if self.complete:
@@ -150,7 +152,7 @@ class HessianSpectrum:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (what :meth:`save` writes).
 
-        >>> HessianSpectrum(torch.zeros(1, dtype=torch.float64), 1, "exact", "mse", 1, 0.0).to_dict()["result"]
+        >>> HessianSpectrum(torch.zeros(1).double(), 1, "exact", "mse", 1, 0.0).to_dict()["result"]
         'hessian_spectrum'
         """
         return {
@@ -184,7 +186,11 @@ class HessianSpectrum:
         result = d.get("result", RESULT)
         if result != RESULT:
             raise ResultFileError(f"holds a {result!r} result, expected {RESULT!r}")
-        missing = [k for k in ("eigenvalues", "num_parameters", "method", "kind", "num_examples", "floor") if k not in d]
+        missing = [
+            k
+            for k in ("eigenvalues", "num_parameters", "method", "kind", "num_examples", "floor")
+            if k not in d
+        ]
         if missing:
             raise ResultFileError(f"incomplete {RESULT} data, missing {missing}")
         f64 = torch.float64
@@ -246,7 +252,8 @@ def load_hessian_spectrum(path: str | Path) -> HessianSpectrum:
 
     >>> import tempfile, pathlib
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = HessianSpectrum(torch.ones(1, dtype=torch.float64), 1, "exact", "mse", 1, 0.0).save(pathlib.Path(tmp) / "h.json")
+    ...     spectrum = HessianSpectrum(torch.ones(1, dtype=torch.float64), 1, "exact", "mse", 1, 0.0)
+    ...     path = spectrum.save(pathlib.Path(tmp) / "h.json")
     ...     load_hessian_spectrum(path).num_parameters
     1
     """

@@ -125,8 +125,6 @@ def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], F
     return s, s_inv
 
 
-
-
 def psd_eigenvalues(gram: Float[Tensor, "g g"]) -> Float[Tensor, " g"]:
     """All eigenvalues of a PSD Gram matrix, descending, clamped at 0.
 
