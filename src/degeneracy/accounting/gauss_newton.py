@@ -19,7 +19,7 @@ Outputs at several positions are flattened into the rows (the behavioral loss su
 
 >>> import torch
 >>> h = BehavioralHessian(torch.nn.Linear(2, 1, bias=False).double(), torch.eye(2, dtype=torch.float64))
->>> h.gram()[0].tolist()   # (2/n) Σ x xᵀ with n = 2
+>>> h.gram()[0].round(decimals=12).tolist()   # (2/n) Σ x xᵀ with n = 2
 [[1.0, 0.0], [0.0, 1.0]]
 """
 
@@ -264,7 +264,7 @@ class BehavioralHessian:
 
         >>> model = torch.nn.Linear(2, 1, bias=False).double()
         >>> h = BehavioralHessian(model, torch.eye(2, dtype=torch.float64))
-        >>> h.quadratic_form(torch.tensor([1.0, 1.0], dtype=torch.float64))
+        >>> round(h.quadratic_form(torch.tensor([1.0, 1.0], dtype=torch.float64)), 12)
         2.0
         """
         tangent = {k: t.to(self.dtype) for k, t in self.layout.unflatten(v).items()}

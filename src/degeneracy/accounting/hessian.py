@@ -30,7 +30,7 @@ exact path λ_max · d · max(eps64, 100·eps(dtype)²) with d the Gram side, fo
 >>> import torch
 >>> model = torch.nn.Linear(2, 1, bias=False).double()
 >>> spectrum = hessian_spectrum(model, torch.eye(2, dtype=torch.float64), method="exact")
->>> spectrum.eigenvalues.tolist(), spectrum.rank()
+>>> spectrum.eigenvalues.round(decimals=12).tolist(), spectrum.rank()
 ([1.0, 1.0], 2)
 """
 

@@ -61,13 +61,12 @@ def last_position_logits(model: nn.Module, tokens: Tensor) -> Tensor:
     Equals ``model(tokens)[:, -1]`` (see the module docstring) and differentiates through the same
     parameters.
 
-    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-    >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=16, n_ctx=3,
-    ...     d_vocab=5, act_fn="relu", normalization_type=None, seed=0)
-    >>> model = HookedTransformer(cfg).double()
-    >>> tokens = torch.tensor([[1, 2, 4], [0, 3, 4]])
-    >>> bool(torch.allclose(last_position_logits(model, tokens), model(tokens)[:, -1]))
-    True
+    Anything else is refused (``tests/test_hessian.py`` checks the equality on a HookedTransformer):
+
+    >>> last_position_logits(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: last_position_logits needs a one-layer HookedTransformer ...
     """
     if not supports_last_position_logits(model):
         raise ValueError(
