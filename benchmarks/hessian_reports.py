@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from degeneracy.accounting import degeneracy_report, hessian_analysis, last_position_logits, sparsify
+from degeneracy.accounting import degeneracy_report, hessian_spectrum, last_position_logits, sparsify
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,15 +76,15 @@ def main() -> None:
     split = load_modadd_metadata()["data"]  # the bundled model's own training split
     data = modadd_dataset(frac_train=split["frac_train"], seed=split["seed"])[0]
     t = time.perf_counter()
-    spectrum = hessian_analysis(
+    spectrum = hessian_spectrum(
         load_modadd(),
         data,
         method="lanczos",
         k=50,
         forward=last_position_logits,
-        rank_probes=4,
-        rank_steps=60,
-        trace_probes=8,
+        num_rank_probes=4,
+        num_rank_steps=60,
+        num_trace_probes=8,
     )
     hessian_seconds = time.perf_counter() - t
     for eps, relative in ((0.0, False), (1e-6, True)):
@@ -94,7 +94,7 @@ def main() -> None:
             data,
             epsilon=eps,
             relative=relative,
-            position=-1,
+            positions=-1,
             hessian=None,
             jacobian_projections=16,
             batch_size=1024,

@@ -1,6 +1,6 @@
 """Benchmark: time of the behavioral-loss Hessian spectrum against the parameter count.
 
-Two paths of :func:`degeneracy.accounting.hessian_analysis`:
+Two paths of :func:`degeneracy.accounting.hessian_spectrum`:
 
 * exact — all N eigenvalues (the Kronecker-factored Gram of eq 11 for nn.Linear models, float64,
   then ``eigvalsh``): MLPs 64 → h → h → 10 on the 1,797 digits (h = 8 … 40; h = 32 is the bundled
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from degeneracy.accounting import hessian_analysis
+from degeneracy.accounting import hessian_spectrum
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,7 +93,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     x64 = _digits_data(torch.float64)
     x32 = _digits_data(torch.float32)
-    hessian_analysis(_digits_mlp(8).double(), x64[:64], method="exact")  # warm-up (imports, kernels)
+    hessian_spectrum(_digits_mlp(8).double(), x64[:64], method="exact")  # warm-up (imports, kernels)
     widths = [32] if quick else [8, 16, 24, 32, 40]
     for h in widths:
         model = _digits_mlp(h).double()
@@ -104,7 +104,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
                 model = load_digits_mlp(dtype=torch.float64)
             except FileNotFoundError:
                 pass
-        seconds, spec = _time(lambda model=model: hessian_analysis(model, x64, method="exact"), repeat)
+        seconds, spec = _time(lambda model=model: hessian_spectrum(model, x64, method="exact"), repeat)
         rows.append(
             {
                 "path": "exact",
@@ -122,7 +122,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
     if not quick:
         for h in widths:
             model = _digits_mlp(h)
-            seconds, spec = _time(lambda model=model: hessian_analysis(model, x32, method="lanczos", k=50), 1)
+            seconds, spec = _time(lambda model=model: hessian_spectrum(model, x32, method="lanczos", k=50), 1)
             rows.append(
                 {
                     "path": "lanczos",
@@ -142,7 +142,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
     for d_model, trained in ([] if quick else [(32, False), (64, False)]) + [(128, True)]:
         model, data = _modadd(d_model, trained)
         seconds, spec = _time(
-            lambda model=model, data=data: hessian_analysis(
+            lambda model=model, data=data: hessian_spectrum(
                 model, data, method="lanczos", k=50, forward=last_position_logits
             ),
             1,
@@ -163,7 +163,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
         )
         print(rows[-1], flush=True)
         if trained:  # how accurate are the 50 values at the default budget? a 3x longer, tighter run
-            ref = hessian_analysis(
+            ref = hessian_spectrum(
                 model, data, method="lanczos", k=50, forward=last_position_logits, max_iter=450, tol=1e-6
             )
             rel = ((spec.eigenvalues - ref.eigenvalues).abs() / ref.eigenvalues.abs()).max()

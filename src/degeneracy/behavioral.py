@@ -36,6 +36,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.data import iter_batches
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.run import (
     ForwardFn,
     cast_inputs,
@@ -122,6 +123,7 @@ def whiten_outputs(out: Tensor, ref: Tensor, kind: LossKind) -> Float[Tensor, "b
     return z.reshape(out.shape[0], -1)
 
 
+@renamed_arguments(position="positions")
 def behavioral_loss(
     model: nn.Module,
     reference: nn.Module | dict[str, Tensor] | Any,
@@ -129,7 +131,7 @@ def behavioral_loss(
     kind: LossKind = "mse",
     *,
     batch_size: int | None = None,
-    position: int | None = None,
+    positions: int | None = None,
     forward: ForwardFn | None = None,
 ) -> Float[Tensor, ""]:
     """L_B(θ | θ*, D) of paper eq 6 (``kind="mse"``) or its KL variant (``kind="kl"``), float64 scalar.
@@ -142,7 +144,8 @@ def behavioral_loss(
         data: inputs in any form :func:`degeneracy.data.iter_batches` reads.
         kind: ``"mse"`` or ``"kl"`` (module docstring: summed over positions and features).
         batch_size: split the data into batches of this size.
-        position: restrict a ``(batch, pos, d)`` output to one position (``-1``: last token).
+        positions: restrict a ``(batch, pos, d)`` output to one position (``-1``: last token);
+            ``None`` keeps every position (summed, module docstring).
         forward: ``forward(model, inputs)`` replacing ``model(inputs)``.
 
     The result keeps the autograd graph of ``model``'s parameters (the reference is detached).
@@ -159,25 +162,26 @@ def behavioral_loss(
     total = torch.zeros((), dtype=torch.float64)
     n = 0
     for batch in iter_batches(data, batch_size):
-        out = run_model(model, batch.inputs, forward=forward, position=position)
+        out = run_model(model, batch.inputs, forward=forward, positions=positions)
         with torch.no_grad():
             if ref_params is None:
-                ref = run_model(reference, batch.inputs, forward=forward, position=position)
+                ref = run_model(reference, batch.inputs, forward=forward, positions=positions)
             else:
                 tensors = {**ref_params, **buffers}
-                ref = functional_output(model, tensors, batch.inputs, forward=forward, position=position)
+                ref = functional_output(model, tensors, batch.inputs, forward=forward, positions=positions)
         total = total + per_example_behavioral(out.double(), ref.detach().double(), kind).sum()
         n += batch.size
     return total / n
 
 
+@renamed_arguments(position="positions")
 def behavioral_loss_function(
     model: nn.Module,
     data: Any,
     kind: LossKind = "mse",
     *,
     batch_size: int | None = None,
-    position: int | None = None,
+    positions: int | None = None,
     forward: ForwardFn | None = None,
     dtype: torch.dtype | None = torch.float64,
 ) -> Callable[[dict[str, Tensor]], Tensor]:
@@ -198,7 +202,7 @@ def behavioral_loss_function(
     inputs = [b.inputs if dtype is None else cast_inputs(b.inputs, dtype, explicit=True) for b in batches]
     with torch.no_grad():
         refs = [
-            functional_output(model, {**params, **buffers}, x, forward=forward, position=position)
+            functional_output(model, {**params, **buffers}, x, forward=forward, positions=positions)
             for x in inputs
         ]
     n = sum(b.size for b in batches)
@@ -206,7 +210,7 @@ def behavioral_loss_function(
     def loss(theta: dict[str, Tensor]) -> Tensor:
         total = torch.zeros((), dtype=torch.float64)
         for x, ref in zip(inputs, refs, strict=True):
-            out = functional_output(model, {**theta, **buffers}, x, forward=forward, position=position)
+            out = functional_output(model, {**theta, **buffers}, x, forward=forward, positions=positions)
             total = total + per_example_behavioral(out.double(), ref.double(), kind).sum()
         return total / n
 

@@ -159,22 +159,23 @@ def shard(data: Any) -> Any:
 # running a model
 
 
-def select_output(output: Any, position: int | None = None) -> Tensor:
-    """The output tensor of a model call, restricted to ``position`` when it has positions.
+def select_output(output: Any, positions: int | None = None) -> Tensor:
+    """The output tensor of a model call, restricted to one position when ``positions`` is an int.
 
-    ``position`` applies to outputs of shape ``(batch, pos, d)``; ``None`` keeps every position.
+    ``positions`` applies to outputs of shape ``(batch, pos, d)`` (the position axis is dropped);
+    ``None`` keeps every position.
 
-    >>> select_output(torch.zeros(2, 5, 3), position=-1).shape
+    >>> select_output(torch.zeros(2, 5, 3), positions=-1).shape
     torch.Size([2, 3])
     """
     out = model_output_tensor(output)
-    if position is not None:
+    if positions is not None:
         if out.dim() < 3:
             raise ValueError(
-                f"position={position} needs a (batch, pos, d) output, but the model output has shape "
-                f"{tuple(out.shape)}; leave position=None"
+                f"positions={positions} needs a (batch, pos, d) output, but the model output has shape "
+                f"{tuple(out.shape)}; leave positions=None"
             )
-        out = out[:, position]
+        out = out[:, positions]
     return out
 
 
@@ -183,15 +184,15 @@ def run_model(
     inputs: Any,
     *,
     forward: ForwardFn | None = None,
-    position: int | None = None,
+    positions: int | None = None,
 ) -> Tensor:
-    """``f(x)`` for a batch of inputs, as ``(batch, ...)`` (positions kept unless ``position`` is set).
+    """``f(x)`` for a batch of inputs, as ``(batch, ...)`` (every position unless ``positions`` is set).
 
     >>> run_model(torch.nn.Linear(3, 2), torch.ones(4, 3)).shape
     torch.Size([4, 2])
     """
     output = forward(model, inputs) if forward is not None else call_model(model, inputs)
-    return select_output(output, position)
+    return select_output(output, positions)
 
 
 class _Caller(nn.Module):
@@ -214,7 +215,7 @@ def functional_output(
     inputs: Any,
     *,
     forward: ForwardFn | None = None,
-    position: int | None = None,
+    positions: int | None = None,
 ) -> Tensor:
     """f(x) with ``model``'s parameters/buffers replaced by ``tensors`` (a name → tensor map).
 
@@ -228,7 +229,7 @@ def functional_output(
     caller = _Caller(model, forward)
     prefixed = {f"inner.{k}": v for k, v in tensors.items()}
     output = torch.func.functional_call(caller, prefixed, (inputs,), strict=False)
-    return select_output(output, position)
+    return select_output(output, positions)
 
 
 # --------------------------------------------------------------------------------------------------

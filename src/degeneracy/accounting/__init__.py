@@ -1,9 +1,9 @@
 """Degeneracy accounting: the paper's Sections 2–4 as measurements (arXiv 2405.10927, METHOD §6).
 
 * :func:`behavioral_loss` — L_B(θ | θ*) of eq 6 (MSE) or its KL variant (footnote 3).
-* :func:`hessian_spectrum` / :func:`hessian_analysis` — the Hessian of L_B at θ* (eq 10): all
+* :func:`hessian_spectrum` → :class:`HessianSpectrum` — the Hessian of L_B at θ* (eq 10): all
   eigenvalues exactly for small models, the top of the spectrum by Lanczos plus stochastic trace and
-  rank for large ones; rank and nullity at a noise scale ε.
+  rank for large ones; rank and nullity at a noise scale ε (:func:`hessian_rank` in one call).
 * :func:`synchronized_blocks` / :func:`neuron_synchronization` — synchronised ReLU/LeakyReLU neurons
   (eq 17–22); :func:`synchronized_heads` — heads with equal attention patterns.
 * :func:`degeneracy_report` — every source of free directions per layer (activation and Jacobian
@@ -19,24 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from degeneracy.accounting.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
 from degeneracy.accounting.construction import SparsifiedModel, sparsify
-from degeneracy.accounting.fast_forward import last_position_logits
 from degeneracy.accounting.hessian import (
     HessianSpectrum,
     hessian_analysis,
+    hessian_rank,
     hessian_spectrum,
-    hutchinson_trace,
-    lanczos_top,
-    rank_at,
+    load_hessian_spectrum,
 )
 from degeneracy.accounting.report import DegeneracyReport, SourceRow, degeneracy_report
 from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync, neuron_sync
 from degeneracy.accounting.statistics import collect
 from degeneracy.accounting.structure import discover, neuron_layer
+from degeneracy.adapters.transformer_lens.forward import last_position_logits
 from degeneracy.adapters.transformer_lens.structure import pattern_by_query
+from degeneracy.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
 from degeneracy.data import iter_batches
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.linalg import hutchinson_trace, lanczos_top, rank_at
 from degeneracy.run import ForwardFn
 
 __all__ = [
@@ -44,8 +44,10 @@ __all__ = [
     "behavioral_loss_function",
     "whiten_outputs",
     "hessian_spectrum",
+    "hessian_rank",
     "hessian_analysis",
     "HessianSpectrum",
+    "load_hessian_spectrum",
     "rank_at",
     "lanczos_top",
     "hutchinson_trace",

@@ -355,8 +355,8 @@ def sparsify(
     max_diff = 0.0
     with torch.no_grad():
         for b in batches:
-            a = run_model(model, b.inputs, forward=forward, position=None).to(torch.float64)
-            c_out = run_model(new, b.inputs, forward=forward, position=None).to(torch.float64)
+            a = run_model(model, b.inputs, forward=forward, positions=None).to(torch.float64)
+            c_out = run_model(new, b.inputs, forward=forward, positions=None).to(torch.float64)
             max_diff = max(max_diff, float((a - c_out).abs().max()))
     return SparsifiedModel(
         model=new,

@@ -62,7 +62,7 @@ class ModelCall(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         inputs = args[0] if args else kwargs
-        self.output = run_model(self.inner, inputs, forward=self._forward_fn, position=self.positions)
+        self.output = run_model(self.inner, inputs, forward=self._forward_fn, positions=self.positions)
         return self.output
 
     @staticmethod

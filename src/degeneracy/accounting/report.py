@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from degeneracy.accounting.directions import union_rank
-from degeneracy.accounting.hessian import BehavioralHessian, HessianSpectrum, hessian_analysis
+from degeneracy.accounting.hessian import BehavioralHessian, HessianSpectrum, hessian_spectrum
 from degeneracy.accounting.rows import (
     SOURCE_KEYS,
     Ledger,
@@ -248,8 +248,8 @@ def degeneracy_report(
         jacobians: compute Jacobian Grams (needed for Jacobian rank drops, t_a and relevant positions).
         jacobian_projections: estimate Jacobian Grams from this many random output projections.
         hessian: ``"auto"``, ``"exact"``, ``"lanczos"`` or ``None`` (skip the Hessian).
-        hessian_options: extra arguments of :func:`degeneracy.accounting.hessian_analysis` (for
-            ``"lanczos"`` the default is ``k=50, rank_probes=8, rank_steps=60``).
+        hessian_options: extra arguments of :func:`degeneracy.accounting.hessian_spectrum` (for
+            ``"lanczos"`` the default is ``k=50, num_rank_probes=8, num_rank_steps=60``).
         hessian_forward: a cheaper ``forward`` for the Hessian only (may bypass the modules).
         union_max_parameters: compute the exact union of free directions up to this N.
         gated: compute the gated activation ranks of ReLU layers (``None``: when they cost at most
@@ -365,19 +365,22 @@ def _hessian(
     forward: ForwardFn | None,
     seed: int,
 ) -> HessianSpectrum | None:
-    """The Hessian step: :func:`hessian_analysis` with the report's defaults (``None``: skipped)."""
+    """The Hessian step: :func:`hessian_spectrum` with the report's defaults (``None``: skipped)."""
     if method is None:
         return None
     options = dict(options or {})
+    for old in ("rank_probes", "rank_steps", "trace_probes"):  # former names (deprecated)
+        if old in options:
+            options.setdefault(f"num_{old}", options.pop(old))
     if method == "lanczos":
-        options.setdefault("rank_probes", 8)
-        options.setdefault("rank_steps", 60)
-    return hessian_analysis(
+        options.setdefault("num_rank_probes", 8)
+        options.setdefault("num_rank_steps", 60)
+    return hessian_spectrum(
         model,
         batches,
         kind=kind,
         method=method,
-        position=positions,
+        positions=positions,
         forward=forward,
         seed=seed,
         **options,  # type: ignore[arg-type]
@@ -420,7 +423,7 @@ def curvature_checks(
 ) -> None:
     """For each source, vᵀHv/(‖v‖² λ_max) of a random combination v of its explicit directions (≈ 0 when
     they are Hessian-null), stored as ``relative_curvature`` in the rows' details."""
-    op = BehavioralHessian(model, batches, kind, position=positions, forward=forward, dtype=torch.float64)
+    op = BehavioralHessian(model, batches, kind, positions=positions, forward=forward, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     top = max(float(spectrum.eigenvalues[0]), 1e-300)
     curvature: dict[str, float] = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "StrictModel",
@@ -208,7 +208,8 @@ class DegeneracyRunConfig(StrictModel):
         hessian_k, hessian_block_size, hessian_max_products, hessian_tol: block Lanczos settings.
         hessian_dtype: dtype of the Hessian products (``"auto"``: float64 for the exact path, float32
             for Lanczos, whose Krylov basis is float64 regardless).
-        trace_probes, rank_probes, rank_steps: Hutchinson and SLQ settings of the Lanczos path.
+        num_trace_probes, num_rank_probes, num_rank_steps: Hutchinson and SLQ settings of the Lanczos
+            path (the former names ``trace_probes``, ``rank_probes``, ``rank_steps`` are accepted).
         plot_epsilons: extra ε lines on the spectrum plot.
         sparsify: run the Section 4 construction when the model is a chain of linear layers.
         union_max_parameters: compute the exact span of the free directions up to this N.
@@ -219,7 +220,9 @@ class DegeneracyRunConfig(StrictModel):
     epsilon: float = Field(default=0.0, ge=0.0)
     relative: bool = False
     kind: Literal["mse", "kl"] = "mse"
-    position: int | Literal["auto"] | None = "auto"
+    positions: int | Literal["auto"] | None = Field(
+        default="auto", validation_alias=AliasChoices("positions", "position")
+    )
     batch_size: int | None = Field(default=None, gt=0)
     jacobians: bool = True
     jacobian_projections: int | None = Field(default=None, gt=0)
@@ -229,9 +232,15 @@ class DegeneracyRunConfig(StrictModel):
     hessian_max_products: int | None = Field(default=None, gt=0)
     hessian_tol: float = Field(default=1e-4, gt=0.0)
     hessian_dtype: Literal["auto", "float32", "float64"] = "auto"
-    trace_probes: int = Field(default=0, ge=0)
-    rank_probes: int = Field(default=8, ge=0)
-    rank_steps: int = Field(default=40, gt=1)
+    num_trace_probes: int = Field(
+        default=0, ge=0, validation_alias=AliasChoices("num_trace_probes", "trace_probes")
+    )
+    num_rank_probes: int = Field(
+        default=8, ge=0, validation_alias=AliasChoices("num_rank_probes", "rank_probes")
+    )
+    num_rank_steps: int = Field(
+        default=40, gt=1, validation_alias=AliasChoices("num_rank_steps", "rank_steps")
+    )
     plot_epsilons: list[float] = Field(default_factory=list)
     sparsify: bool = True
     union_max_parameters: int = Field(default=20_000, ge=0)

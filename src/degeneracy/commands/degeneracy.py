@@ -39,7 +39,10 @@ __all__ = ["degeneracy_command", "degeneracy_demo_section", "run_degeneracy"]
 
 def _hessian_forward(model: nn.Module, position: int | None) -> Any:
     """The cheaper last-token forward for one-layer transformers read at the last position."""
-    from degeneracy.accounting.fast_forward import last_position_logits, supports_last_position_logits
+    from degeneracy.adapters.transformer_lens.forward import (
+        last_position_logits,
+        supports_last_position_logits,
+    )
 
     if position == -1 and supports_last_position_logits(model):
         return last_position_logits
@@ -63,7 +66,7 @@ def run_degeneracy(
     ``model`` names ``model`` and ``data``) returns the stored summary, unless ``force`` or one of the
     files it lists is gone. ``hessian_forward`` replaces the model call for the Hessian only (it must
     return the outputs at the position the report reads); by default one-layer transformers read at
-    the last token use :func:`degeneracy.accounting.fast_forward.last_position_logits`.
+    the last token use :func:`degeneracy.adapters.transformer_lens.forward.last_position_logits`.
     """
     out = Path(out)
     config = {
@@ -102,21 +105,21 @@ def _compute(
     hessian_forward: Any,
     title: str | None,
 ) -> dict[str, Any]:
-    from degeneracy.accounting import degeneracy_report, hessian_analysis, sparsify
+    from degeneracy.accounting import degeneracy_report, hessian_spectrum, sparsify
     from degeneracy.accounting.construction import SparsifiedModel
-    from degeneracy.accounting.structure import is_transformer_lens
+    from degeneracy.adapters.transformer_lens import is_hooked_transformer
     from degeneracy.report.accounting_plots import plot_hessian_spectrum, plot_sources
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     position: int | None
-    if cfg.position == "auto":
-        position = -1 if is_transformer_lens(model) else None
+    if cfg.positions == "auto":
+        position = -1 if is_hooked_transformer(model) else None
     else:
-        position = cfg.position
+        position = cfg.positions
     hessian = None if cfg.hessian == "none" else cfg.hessian
-    if hessian == "auto":  # exact up to 6,000 parameters (hessian_analysis's own rule, by N alone)
+    if hessian == "auto":  # exact up to 6,000 parameters (hessian_spectrum's own rule, by N alone)
         hessian = "exact" if sum(p.numel() for p in model.parameters()) <= 6000 else "lanczos"
     hessian_position = position
     if hessian_forward is None:
@@ -133,9 +136,9 @@ def _compute(
         "block_size": cfg.hessian_block_size,
         "max_iter": cfg.hessian_max_products,
         "tol": cfg.hessian_tol,
-        "trace_probes": cfg.trace_probes,
-        "rank_probes": cfg.rank_probes,
-        "rank_steps": cfg.rank_steps,
+        "num_trace_probes": cfg.num_trace_probes,
+        "num_rank_probes": cfg.num_rank_probes,
+        "num_rank_steps": cfg.num_rank_steps,
     }
     report = degeneracy_report(
         model,
@@ -143,7 +146,7 @@ def _compute(
         epsilon=cfg.epsilon,
         relative=cfg.relative,
         kind=cfg.kind,
-        position=position,
+        positions=position,
         batch_size=cfg.batch_size,
         jacobians=cfg.jacobians,
         jacobian_projections=cfg.jacobian_projections,
@@ -153,12 +156,12 @@ def _compute(
     )
     spectrum = None
     if hessian is not None:
-        spectrum = hessian_analysis(
+        spectrum = hessian_spectrum(
             model,
             data,
             kind=cfg.kind,
             method=hessian,  # type: ignore[arg-type]
-            position=hessian_position,
+            positions=hessian_position,
             forward=hessian_forward,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
@@ -196,7 +199,7 @@ def _compute(
             hessian_seconds=round(spectrum.timings.get("total", 0.0), 3),
         )
     files["sources_plot"] = str(plot_sources(report, figures / "degeneracy_sources.png"))
-    if cfg.sparsify and not is_transformer_lens(model):
+    if cfg.sparsify and not is_hooked_transformer(model):
         try:
             result: SparsifiedModel = sparsify(model, data, epsilon=0.0, batch_size=cfg.batch_size)
         except (ValueError, NotImplementedError) as err:
@@ -237,14 +240,14 @@ def degeneracy_demo_section(
     Made for the bundled digits MLP on its 1,797 inputs (float64), where it takes a few seconds; a
     TransformerLens model gets the Lanczos path at its last position.
     """
-    from degeneracy.accounting.structure import is_transformer_lens
+    from degeneracy.adapters.transformer_lens import is_hooked_transformer
 
     out_dir = Path(out_dir)
-    if is_transformer_lens(model):
+    if is_hooked_transformer(model):
         cfg = DegeneracyRunConfig(hessian="lanczos", jacobian_projections=8, rank_probes=0, batch_size=1024)
     else:
         cfg = DegeneracyRunConfig(hessian="auto")
-    model = model.to(torch.float64) if not is_transformer_lens(model) else model
+    model = model.to(torch.float64) if not is_hooked_transformer(model) else model
     if isinstance(data, torch.Tensor) and data.is_floating_point():
         data = data.to(torch.float64)
     folder = out_dir / "degeneracy"

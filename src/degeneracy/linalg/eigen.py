@@ -1,8 +1,10 @@
-"""Pure linear algebra used by the bases and edges (float64 throughout).
+"""Symmetric eigendecompositions, truncation, whitening and spectrum counts (float64 throughout).
 
 Symbols follow ``METHOD.md`` §2–3: a Gram matrix G = U diag(D) Uᵀ, the whitening map
-R = diag(D)^{-1/2} Uᵀ and its pseudo-inverse R₊ = U diag(D)^{1/2}; integration rules give points
-α ∈ [0, 1] with weights summing to one.
+R = diag(D)^{-1/2} Uᵀ and its pseudo-inverse R₊ = U diag(D)^{1/2}.
+
+>>> eigh_descending(torch.diag(torch.tensor([1.0, 3.0]))).values.tolist()
+[3.0, 1.0]
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -20,13 +21,12 @@ __all__ = [
     "Eigh",
     "eigh_descending",
     "intra_op_threads",
+    "SINGLE_THREAD_EIGH",
     "truncate",
     "whitening",
-    "IntegrationRule",
-    "integration_rule",
-    "INTEGRATION_RULES",
-    "homogeneous_rule",
     "centering_maps",
+    "psd_eigenvalues",
+    "rank_at",
 ]
 
 
@@ -83,6 +83,10 @@ def truncate(eig: Eigh, threshold: float, *, relative: bool = True) -> tuple[Eig
     """Keep the eigenpairs with value > threshold (× the largest value when ``relative``).
 
     Returns the kept pairs and their number. An all-zero matrix keeps nothing.
+
+    >>> kept, k = truncate(eigh_descending(torch.diag(torch.tensor([4.0, 1.0, 0.0]))), 0.1)
+    >>> k, kept.values.tolist()
+    (2, [4.0, 1.0])
     """
     vmax = float(eig.values[0]) if eig.values.numel() else 0.0
     if vmax <= 0.0:
@@ -94,7 +98,12 @@ def truncate(eig: Eigh, threshold: float, *, relative: bool = True) -> tuple[Eig
 
 
 def whitening(eig: Eigh) -> tuple[Float[Tensor, "k d"], Float[Tensor, "d k"]]:
-    """R = diag(D)^{-1/2} Uᵀ and R₊ = U diag(D)^{1/2} for a truncated (all-positive) eigensystem."""
+    """R = diag(D)^{-1/2} Uᵀ and R₊ = U diag(D)^{1/2} for a truncated (all-positive) eigensystem.
+
+    >>> r, r_plus = whitening(eigh_descending(torch.diag(torch.tensor([4.0, 1.0]))))
+    >>> (r @ r_plus).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
     sqrt = eig.values.sqrt()
     return eig.vectors.T / sqrt[:, None], eig.vectors * sqrt[None, :]
 
@@ -103,6 +112,10 @@ def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], F
     """Linear maps on the augmented vector [f; 1] that centre it and undo the centring.
 
     S [f; 1] = [f − μ; 1] and S⁻¹ [g; 1] = [g + μ; 1] (METHOD §0, bias option (b)).
+
+    >>> s, s_inv = centering_maps(torch.tensor([2.0], dtype=torch.float64))
+    >>> (s @ torch.tensor([5.0, 1.0], dtype=torch.float64)).tolist()
+    [3.0, 1.0]
     """
     d = mean.shape[0]
     s = torch.eye(d + 1, dtype=torch.float64)
@@ -112,41 +125,40 @@ def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], F
     return s, s_inv
 
 
-@dataclass(frozen=True)
-class IntegrationRule:
-    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3)."""
+def psd_eigenvalues(gram: Float[Tensor, "g g"]) -> Float[Tensor, " g"]:
+    """All eigenvalues of a PSD Gram matrix, descending, clamped at 0.
 
-    name: str
-    points: tuple[float, ...]
-    weights: tuple[float, ...]
+    Rows with an exactly zero diagonal are zero rows (|G_ij|² ≤ G_ii G_jj), e.g. the incoming weights
+    of a dead neuron or the weights of an input that is always 0, and contribute exact zero
+    eigenvalues; they are removed before ``eigvalsh``, whose cost is cubic in the size.
 
-
-INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
-
-
-def integration_rule(name: str, n: int = 1) -> IntegrationRule:
-    """The named rule: "gradient" (α = 1), "trapezoid" (n intervals), "gauss-legendre" (n + 1 nodes)."""
-    if name == "gradient":
-        return IntegrationRule(name, (1.0,), (1.0,))
-    if n < 1:
-        raise ValueError(f"integration rule {name!r} needs n >= 1, got {n}")
-    if name == "trapezoid":
-        points = np.linspace(0.0, 1.0, n + 1)
-        weights = np.full(n + 1, 1.0 / n)
-        weights[0] = weights[-1] = 0.5 / n
-    elif name == "gauss-legendre":
-        nodes, w = np.polynomial.legendre.leggauss(n + 1)
-        points = 0.5 * (nodes + 1.0)
-        weights = 0.5 * w
-    else:
-        raise ValueError(f"unknown integration rule {name!r}; choose one of {INTEGRATION_RULES}")
-    return IntegrationRule(name, tuple(float(p) for p in points), tuple(float(w) for w in weights))
-
-
-def homogeneous_rule(rule: IntegrationRule) -> IntegrationRule:
-    """``rule`` for a positively homogeneous section (the constant-coordinate extension).
-
-    Its Jacobian is the same at every α·f with α > 0, and its value at α = 0 is that limit (F(0) is
-    0/0 in float arithmetic): a point at α = 0 is evaluated at α = 1 instead.
+    >>> psd_eigenvalues(torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 2.0]])).tolist()
+    [3.0, 1.0, 0.0]
     """
-    return IntegrationRule(rule.name, tuple(a if a > 0 else 1.0 for a in rule.points), rule.weights)
+    keep = torch.diagonal(gram) > 0
+    reduced = gram[keep][:, keep] if not bool(keep.all()) else gram
+    values = torch.linalg.eigvalsh(reduced).flip(0).clamp_min(0.0)
+    missing = gram.shape[0] - values.numel()
+    if missing:
+        values = torch.cat([values, torch.zeros(missing, dtype=values.dtype)])
+    return values
+
+
+def rank_at(
+    eigenvalues: Float[Tensor, " g"],
+    epsilon: float = 0.0,
+    *,
+    relative: bool = False,
+    floor: float = 0.0,
+) -> int:
+    """Number of eigenvalues above the threshold max(ε or ε·λ_max, floor); the rest count as zero.
+
+    >>> values = torch.tensor([4.0, 1.0, 1e-3, 0.0])
+    >>> rank_at(values), rank_at(values, 1e-2), rank_at(values, 0.1, relative=True)
+    (3, 2, 2)
+    """
+    if eigenvalues.numel() == 0:
+        return 0
+    top = float(eigenvalues.max())
+    threshold = max(epsilon * top if relative else epsilon, floor)
+    return int((eigenvalues > threshold).sum())

@@ -1,0 +1,279 @@
+"""The behavioral-loss Hessian at θ* as an object: exact Jacobian Grams and Hessian-vector products.
+
+At θ = θ* the behavioral loss and its gradient vanish, so its Hessian is the Gram matrix of the
+(whitened) per-example output gradients (paper eq 10, METHOD §6):
+
+    H = 1/n Σ_x J_z(x)ᵀ J_z(x),    J_z = A ∂f/∂θ   ((rows × N) per example)
+
+with A from :func:`degeneracy.behavioral.whiten_outputs` (A = √2·I for the MSE loss of eq 6, which
+carries no ½: H = (2/n) Σ JᵀJ; A = diag(√p) − √p pᵀ for the KL variant: H is the Fisher matrix).
+Outputs at several positions are flattened into the rows (the behavioral loss sums over positions).
+
+:class:`BehavioralHessian` holds the model, the data and the reference outputs, and gives
+
+* the exact Gram on the smaller side (:meth:`BehavioralHessian.gram`), from per-example Jacobians
+  (``torch.func.vmap`` over ``jacrev``) or, for chains of ``nn.Linear`` maps, the Kronecker form of
+  eq 11 (:func:`degeneracy.accounting.kronecker.linear_gram`);
+* products H v, H V and quadratic forms vᵀHv by ``torch.func.jvp``/``vjp`` (no N × N matrix), for
+  the Krylov methods of :mod:`degeneracy.linalg.krylov`.
+
+>>> import torch
+>>> h = BehavioralHessian(torch.nn.Linear(2, 1, bias=False).double(), torch.eye(2, dtype=torch.float64))
+>>> h.gram()[0].round(decimals=12).tolist()   # (2/n) Σ x xᵀ with n = 2
+[[1.0, 0.0], [0.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.func import jacrev, jvp, vjp, vmap
+
+from degeneracy.accounting.kronecker import linear_gram
+from degeneracy.behavioral import LossKind, check_kind, whiten_outputs
+from degeneracy.data import iter_batches
+from degeneracy.deprecation import renamed_arguments
+from degeneracy.run import (
+    ForwardFn,
+    ParamLayout,
+    cast_inputs,
+    functional_output,
+    model_dtype,
+    parameters_and_buffers,
+)
+
+__all__ = ["BehavioralHessian", "numerical_floor"]
+
+
+def numerical_floor(largest: float, size: int, dtype: torch.dtype, *, operator: bool = False) -> float:
+    """Numerical zero of a Hessian spectrum.
+
+    Exact path (a float64 Gram of ``size`` square built from ``dtype`` Jacobians):
+    λ_max · max(size·eps64, 100·size·eps(dtype)²). Operator path (``operator=True``: products computed in
+    ``dtype``): λ_max · 100 · eps(dtype), the accuracy of a Hessian-vector product.
+
+    >>> numerical_floor(1.0, 10, torch.float32, operator=True) == 100 * torch.finfo(torch.float32).eps
+    True
+    """
+    eps = float(torch.finfo(dtype).eps)
+    if operator:
+        return float(largest) * 100.0 * eps
+    eps64 = float(torch.finfo(torch.float64).eps)
+    return float(largest) * max(size, 1) * max(eps64, 100.0 * eps**2)
+
+
+class BehavioralHessian:
+    """H = 1/n Σ_x J_z(x)ᵀ J_z(x) at θ* for a model and a dataset; a state holder for the passes below.
+
+    Args:
+        model: the network at θ*.
+        data: any data :func:`degeneracy.data.iter_batches` reads (read once and kept).
+        kind: ``"mse"`` (eq 6) or ``"kl"``.
+        batch_size: batch size of the passes.
+        positions: restrict ``(batch, pos, d)`` outputs to one position (``-1``: last token);
+            ``None``: every position.
+        forward: ``forward(model, inputs)`` replacing ``model(inputs)``.
+        dtype: dtype of the Jacobian computations (parameters, buffers and floating inputs are cast);
+            ``None`` keeps the model's, and floating inputs must then be in that dtype
+            (:func:`degeneracy.run.cast_inputs`).
+
+    The flat parameter vector is :class:`degeneracy.run.ParamLayout` order (``named_parameters``).
+
+    >>> h = BehavioralHessian(torch.nn.Linear(3, 2).double(), torch.ones(4, 3, dtype=torch.float64))
+    >>> h.num_parameters, h.n, h.rows
+    (8, 4, 2)
+    """
+
+    @renamed_arguments(position="positions")
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        kind: LossKind = "mse",
+        *,
+        batch_size: int | None = None,
+        positions: int | None = None,
+        forward: ForwardFn | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_kind(kind)
+        self.model = model
+        self.kind = kind
+        self.positions = positions
+        self.forward = forward
+        self.dtype = dtype or model_dtype(model)
+        self.params, self.buffers = parameters_and_buffers(model, self.dtype)
+        self.layout = ParamLayout.of_model(model)
+        batches = list(iter_batches(data, batch_size))
+        self.inputs = [cast_inputs(b.inputs, self.dtype, explicit=dtype is not None) for b in batches]
+        self.sizes = [b.size for b in batches]
+        self.n = sum(self.sizes)
+        with torch.no_grad():
+            self.refs = [self.output(self.params, x) for x in self.inputs]
+        self.rows = int(self.refs[0][0].numel())
+        self._vjp_cache: list[Callable[..., Any]] | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        """N, the length of the flat parameter vector."""
+        return self.layout.numel
+
+    @property
+    def position(self) -> int | None:
+        """Deprecated name of :attr:`positions`."""
+        return self.positions
+
+    def output(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
+        """f_θ(x) for parameters ``params`` (a name → tensor dict) on one batch of cast inputs."""
+        return functional_output(
+            self.model, {**params, **self.buffers}, inputs, forward=self.forward, positions=self.positions
+        )
+
+    def whitened(self, params: dict[str, Tensor], inputs: Any, ref: Tensor) -> Float[Tensor, "batch rows"]:
+        """z = A f_θ(x) on one batch (``ref``: the reference outputs f_θ*(x) of that batch)."""
+        return whiten_outputs(self.output(params, inputs), ref, self.kind)
+
+    def batches(self) -> Iterator[tuple[Any, Tensor]]:
+        """(cast inputs, reference outputs) of each batch."""
+        return zip(self.inputs, self.refs, strict=True)
+
+    # -- exact ---------------------------------------------------------------------------------------
+    def jacobian_blocks(self, chunk_size: int | None = 64) -> Iterator[Tensor]:
+        """Yield the per-example whitened Jacobians J_z of each batch, as ``(batch·rows, N)`` tensors."""
+
+        def z_single(theta: dict[str, Tensor], x: Any, ref: Tensor) -> Tensor:
+            xb = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x)
+            return self.whitened(theta, xb, ref.unsqueeze(0))[0]
+
+        jac_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        for x, ref in self.batches():
+            jac = jac_fn(self.params, x, ref)
+            b = ref.shape[0]
+            yield torch.cat(
+                [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
+            ).reshape(b * self.rows, self.num_parameters)
+
+    def gram(self, chunk_size: int | None = 64) -> tuple[Tensor, str]:
+        """The float64 Gram on the smaller side: (H, "parameters") or (1/n J_z J_zᵀ, "outputs").
+
+        Models made only of ``nn.Linear`` maps (plus parameter-free layers) on (batch, d) activations
+        use the Kronecker form of eq 11 (:meth:`linear_gram`, the same H in another order of the
+        parameters, n·N² instead of n·rows·N² operations).
+        """
+        total_rows = self.n * self.rows
+        n_params = self.num_parameters
+        if total_rows >= n_params:
+            fast = self.linear_gram()
+            if fast is not None:
+                return fast, "parameters"
+            gram = torch.zeros(n_params, n_params, dtype=torch.float64)
+            for block in self.jacobian_blocks(chunk_size):
+                block = block.to(torch.float64)
+                gram.addmm_(block.T, block)
+            return gram / self.n, "parameters"
+        blocks = [block.to(torch.float64) for block in self.jacobian_blocks(chunk_size)]
+        jac = torch.cat(blocks, dim=0)
+        return (jac @ jac.T) / self.n, "outputs"
+
+    def linear_gram(self, batch_size: int = 256) -> Tensor | None:
+        """H by eq 11 for chains of ``nn.Linear`` maps; ``None`` when that does not apply.
+
+        See :func:`degeneracy.accounting.kronecker.linear_gram`.
+        """
+        return linear_gram(self, batch_size)
+
+    # -- operator ------------------------------------------------------------------------------------
+    def _flat(self, tensors: dict[str, Tensor]) -> Tensor:
+        return self.layout.flatten(tensors).to(torch.float64)
+
+    def _vjps(self, cache: bool) -> Iterator[Callable[..., Any]]:
+        """The VJP function of z at θ* for each batch (built once and kept when ``cache``)."""
+        if cache and self._vjp_cache is None:
+            self._vjp_cache = [
+                vjp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), self.params)[1]
+                for x, ref in self.batches()
+            ]
+        for i, (x, ref) in enumerate(self.batches()):
+            if cache and self._vjp_cache is not None:
+                yield self._vjp_cache[i]
+            else:
+                yield vjp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), self.params)[1]
+
+    def _tangents(self, v: Tensor) -> dict[str, Tensor]:
+        """A block V (N, b) as b stacked parameter dicts (name → (b, *shape)) in the compute dtype."""
+        b = v.shape[1]
+        return {
+            name: v[self.layout.slice(name)].T.reshape(b, *shape).to(self.dtype)
+            for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
+        }
+
+    def matvec(self, v: Tensor, *, cache: bool = True) -> Tensor:
+        """H v for a flat float64 vector v (N,), via J_z v (jvp) and J_zᵀ(·) (vjp); float64 result.
+
+        With ``cache`` the backward graphs of every batch are kept after the first call (more memory,
+        one forward pass fewer per product).
+        """
+        tangent = {k: t.to(self.dtype) for k, t in self.layout.unflatten(v).items()}
+        out = torch.zeros(self.num_parameters, dtype=torch.float64)
+        for (x, ref), fn in zip(self.batches(), self._vjps(cache), strict=True):
+            _, jv = jvp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), (self.params,), (tangent,))
+            (grad,) = fn(jv)
+            out += self._flat(grad)
+        return out / self.n
+
+    def matmat(self, v: Tensor, *, cache: bool = True) -> Tensor:
+        """H V for a float64 block V (N, b): b Hessian-vector products batched with ``vmap`` (float64).
+
+        Much faster per vector than :meth:`matvec` on CPUs (the b tangents share every kernel).
+        """
+        b = v.shape[1]
+        tangents = self._tangents(v)
+        out = torch.zeros(b, self.num_parameters, dtype=torch.float64)
+        for (x, ref), fn in zip(self.batches(), self._vjps(cache), strict=True):
+
+            def push(t: dict[str, Tensor], x: Any = x, ref: Tensor = ref) -> Tensor:
+                return jvp(lambda th: self.whitened(th, x, ref), (self.params,), (t,))[1]
+
+            jv = vmap(push)(tangents)
+            (grads,) = vmap(fn)(jv)
+            out += torch.cat([grads[name].reshape(b, -1) for name in self.layout.names], dim=1).to(
+                torch.float64
+            )
+        return out.T / self.n
+
+    def quadratic_forms(self, v: Tensor) -> Tensor:
+        """vᵀ H v for each column of a float64 block V (N, b): 1/n Σ_x ‖J_z(x) v‖² (forward mode)."""
+        b = v.shape[1]
+        tangents = self._tangents(v)
+        total = torch.zeros(b, dtype=torch.float64)
+        for x, ref in self.batches():
+
+            def push(t: dict[str, Tensor], x: Any = x, ref: Tensor = ref) -> Tensor:
+                return jvp(lambda th: self.whitened(th, x, ref), (self.params,), (t,))[1]
+
+            jv = vmap(push)(tangents)
+            total += jv.to(torch.float64).pow(2).reshape(b, -1).sum(1)
+        return total / self.n
+
+    def quadratic_form(self, v: Tensor) -> float:
+        """vᵀ H v = 1/n Σ_x ‖J_z(x) v‖² (forward mode only).
+
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> h = BehavioralHessian(model, torch.eye(2, dtype=torch.float64))
+        >>> round(h.quadratic_form(torch.tensor([1.0, 1.0], dtype=torch.float64)), 12)
+        2.0
+        """
+        tangent = {k: t.to(self.dtype) for k, t in self.layout.unflatten(v).items()}
+        total = 0.0
+        for x, ref in self.batches():
+            _, jv = jvp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), (self.params,), (tangent,))
+            total += float(jv.to(torch.float64).pow(2).sum())
+        return total / self.n
+
+    def release(self) -> None:
+        """Drop the cached backward graphs."""
+        self._vjp_cache = None
