@@ -6,8 +6,13 @@ Public API (imported lazily so that ``import degeneracy`` stays light)::
     interaction_graph, load_graph, sparsity  # integrated-gradient edges
     node_ablation_curves, edge_ablation      # ablations
     find_modules, fourier_labels             # modules on the interaction graph; Fourier labels
-    behavioral_loss, hessian_spectrum, synchronized_blocks, degeneracy_report, sparsify
+    behavioral_loss, hessian_spectrum, hessian_rank, synchronized_blocks, degeneracy_report, sparsify
+    load_hessian_spectrum, load_degeneracy_report                   # saved accounting results
     estimate_llc, llc_curve, effective_parameter_count, volume_llc  # learning coefficient, N_eff(eps)
+    load_llc, load_llc_curve, load_effective_parameter_count, load_volume
+    ModelRun, ParamLayout                    # the run layer (a model on data; flat parameters)
+
+Plotting functions live in one module, :mod:`degeneracy.report`.
 """
 
 from __future__ import annotations
@@ -32,12 +37,21 @@ _EXPORTS = {
     "sparsify": "degeneracy.accounting",
     "behavioral_loss": "degeneracy.accounting",
     "hessian_spectrum": "degeneracy.accounting",
+    "hessian_rank": "degeneracy.accounting",
+    "load_hessian_spectrum": "degeneracy.accounting",
+    "load_degeneracy_report": "degeneracy.accounting",
     "synchronized_blocks": "degeneracy.accounting",
     "degeneracy_report": "degeneracy.accounting",
     "estimate_llc": "degeneracy.llc",
     "effective_parameter_count": "degeneracy.llc",
     "llc_curve": "degeneracy.llc",
     "volume_llc": "degeneracy.llc",
+    "load_llc": "degeneracy.llc",
+    "load_llc_curve": "degeneracy.llc",
+    "load_effective_parameter_count": "degeneracy.llc",
+    "load_volume": "degeneracy.llc",
+    "ModelRun": "degeneracy.run",
+    "ParamLayout": "degeneracy.run",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -207,7 +207,12 @@ class Basis:
             lines.append(f"  {name}: {b.dim} of {b.width} directions, {b.positions} position(s)")
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> None:
+    @classmethod
+    def load(cls, path: str | Path) -> Basis:
+        """Read a file written by :meth:`save` (same as :func:`load_basis`)."""
+        return load_basis(path)
+
+    def save(self, path: str | Path) -> Path:
         """Write one safetensors file (tensors + JSON metadata) atomically."""
         tensors: dict[str, Tensor] = {}
         per_layer = {}
@@ -231,6 +236,7 @@ class Basis:
             "info": self.info,
         }
         save_tensors(path, tensors, meta)
+        return Path(path)
 
 
 def load_basis(path: str | Path) -> Basis:

@@ -146,7 +146,12 @@ class InteractionGraph:
             )
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> None:
+    @classmethod
+    def load(cls, path: str | Path) -> InteractionGraph:
+        """Read a file written by :meth:`save` (same as :func:`load_graph`)."""
+        return load_graph(path)
+
+    def save(self, path: str | Path) -> Path:
         """Write one safetensors file (edges, eigenvalues + JSON metadata) atomically."""
         tensors: dict[str, Tensor] = {}
         for k, pair in enumerate(self.pairs):
@@ -164,6 +169,7 @@ class InteractionGraph:
             "info": self.info,
         }
         save_tensors(path, tensors, meta)
+        return Path(path)
 
 
 def load_graph(path: str | Path) -> InteractionGraph:

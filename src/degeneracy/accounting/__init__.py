@@ -27,7 +27,12 @@ from degeneracy.accounting.hessian import (
     hessian_spectrum,
     load_hessian_spectrum,
 )
-from degeneracy.accounting.report import DegeneracyReport, SourceRow, degeneracy_report
+from degeneracy.accounting.report import (
+    DegeneracyReport,
+    SourceRow,
+    degeneracy_report,
+    load_degeneracy_report,
+)
 from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync, neuron_sync
 from degeneracy.accounting.statistics import collect
 from degeneracy.accounting.structure import discover, neuron_layer
@@ -59,6 +64,7 @@ __all__ = [
     "HeadSync",
     "degeneracy_report",
     "DegeneracyReport",
+    "load_degeneracy_report",
     "SourceRow",
     "sparsify",
     "SparsifiedModel",

@@ -40,10 +40,10 @@ from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
-from degeneracy.io import atomic_write_text
+from degeneracy.io import ResultFileError, atomic_write_text
 from degeneracy.run import ForwardFn, ModelRun
 
-__all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "curvature_checks"]
+__all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "load_degeneracy_report", "curvature_checks"]
 
 
 @dataclass
@@ -191,13 +191,30 @@ class DegeneracyReport:
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary file + ``os.replace``); returns the path."""
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, json.dumps({"result": REPORT_KIND, **self.to_dict()}, indent=2))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> DegeneracyReport:
-        """Read a report written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a report written by :meth:`save` (the file's kind is checked; files from before the
+        kind was stored load too)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            kind = d.pop("result", REPORT_KIND) if isinstance(d, dict) else None
+            if kind != REPORT_KIND:
+                raise ResultFileError(f"{path}: holds a {kind!r} result, expected {REPORT_KIND!r}")
+            return cls.from_dict(d)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ResultFileError(f"{path}: not a readable degeneracy report ({err})") from err
+
+
+REPORT_KIND = "degeneracy_report"
+
+
+def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
+    """Read a report written by :meth:`DegeneracyReport.save` (same as ``DegeneracyReport.load``)."""
+    return DegeneracyReport.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------
