@@ -298,10 +298,10 @@ def forward(
     layers: Sequence[NodeLayer],
     *,
     capture: Iterable[str] = (),
-    substitute: Mapping[str, Float[Tensor, "batch pos d"]] | None = None,
+    substitute: Mapping[str, Tensor] | None = None,
     widths: Mapping[str, list[int]] | None = None,
     compact: bool = False,
-) -> dict[str, Float[Tensor, "batch pos d"]]:
+) -> dict[str, Tensor]:
     """Run ``model`` once, reading the node layers in ``capture`` and replacing those in ``substitute``.
 
     Stops the forward pass as soon as every captured layer has been read (unless ``"output"`` is
@@ -365,8 +365,11 @@ def capture(
     names: Iterable[str] | None = None,
     *,
     constant: bool = False,
-) -> dict[str, Float[Tensor, "batch pos d"]]:
-    """Activations of the named node layers (all by default), optionally augmented with [·; 1]."""
+) -> dict[str, Tensor]:
+    """Activations of the named node layers (all by default), optionally augmented with [·; 1].
+
+    Each entry is a ``(batch, pos, d)`` tensor, its own ``pos`` and ``d`` per node layer.
+    """
     names = [layer.name for layer in layers] if names is None else list(names)
     acts = forward(model, inputs, layers, capture=names)
     return {k: append_constant(v) if constant else v for k, v in acts.items()}
