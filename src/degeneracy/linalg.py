@@ -90,6 +90,11 @@ def truncate(eig: Eigh, threshold: float, *, relative: bool = True) -> tuple[Eig
     """Keep the eigenpairs with value > threshold (× the largest value when ``relative``).
 
     Returns the kept pairs and their number. An all-zero matrix keeps nothing.
+
+    >>> eig = eigh_descending(torch.diag(torch.tensor([4.0, 1.0, 1e-12])))
+    >>> kept, k = truncate(eig, 1e-6)
+    >>> k, kept.values.tolist()
+    (2, [4.0, 1.0])
     """
     vmax = float(eig.values[0]) if eig.values.numel() else 0.0
     if vmax <= 0.0:
@@ -101,7 +106,15 @@ def truncate(eig: Eigh, threshold: float, *, relative: bool = True) -> tuple[Eig
 
 
 def whitening(eig: Eigh) -> tuple[Float[Tensor, "k d"], Float[Tensor, "d k"]]:
-    """R = diag(D)^{-1/2} Uᵀ and R₊ = U diag(D)^{1/2} for a truncated (all-positive) eigensystem."""
+    """R = diag(D)^{-1/2} Uᵀ and R₊ = U diag(D)^{1/2} for a truncated (all-positive) eigensystem.
+
+    >>> eig = eigh_descending(torch.diag(torch.tensor([4.0, 1.0])))
+    >>> R, R_plus = whitening(eig)
+    >>> (R @ torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)) @ R.T).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    >>> torch.allclose(R_plus @ R, torch.eye(2, dtype=torch.float64))
+    True
+    """
     sqrt = eig.values.sqrt()
     return eig.vectors.T / sqrt[:, None], eig.vectors * sqrt[None, :]
 
@@ -110,6 +123,12 @@ def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], F
     """Linear maps on the augmented vector [f; 1] that centre it and undo the centring.
 
     S [f; 1] = [f − μ; 1] and S⁻¹ [g; 1] = [g + μ; 1] (METHOD §0, bias option (b)).
+
+    >>> S, S_inv = centering_maps(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> (S @ torch.tensor([3.0, 3.0, 1.0], dtype=torch.float64)).tolist()
+    [2.0, 1.0, 1.0]
+    >>> torch.equal(S_inv @ S, torch.eye(3, dtype=torch.float64))
+    True
     """
     d = mean.shape[0]
     s = torch.eye(d + 1, dtype=torch.float64)
@@ -121,7 +140,11 @@ def centering_maps(mean: Float[Tensor, " d"]) -> tuple[Float[Tensor, "d1 d1"], F
 
 @dataclass(frozen=True)
 class IntegrationRule:
-    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3)."""
+    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3).
+
+    >>> IntegrationRule("gradient", (1.0,), (1.0,)).points
+    (1.0,)
+    """
 
     name: str
     points: tuple[float, ...]
@@ -132,7 +155,13 @@ INTEGRATION_RULES = ("gradient", "trapezoid", "gauss-legendre")
 
 
 def integration_rule(name: str, n: int = 1) -> IntegrationRule:
-    """The named rule: "gradient" (α = 1), "trapezoid" (n intervals), "gauss-legendre" (n + 1 nodes)."""
+    """The named rule: "gradient" (α = 1), "trapezoid" (n intervals), "gauss-legendre" (n + 1 nodes).
+
+    >>> integration_rule("trapezoid", 2)
+    IntegrationRule(name='trapezoid', points=(0.0, 0.5, 1.0), weights=(0.25, 0.5, 0.25))
+    >>> round(sum(integration_rule("gauss-legendre", 3).weights), 12)
+    1.0
+    """
     if name == "gradient":
         return IntegrationRule(name, (1.0,), (1.0,))
     if n < 1:
@@ -155,5 +184,8 @@ def homogeneous_rule(rule: IntegrationRule) -> IntegrationRule:
 
     Its Jacobian is the same at every α·f with α > 0, and its value at α = 0 is that limit (F(0) is
     0/0 in float arithmetic): a point at α = 0 is evaluated at α = 1 instead.
+
+    >>> homogeneous_rule(integration_rule("trapezoid", 2)).points
+    (1.0, 0.5, 1.0)
     """
     return IntegrationRule(rule.name, tuple(a if a > 0 else 1.0 for a in rule.points), rule.weights)
