@@ -321,8 +321,9 @@ def forward(
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     >>> layers = as_node_layers(model, ["1", "2", "output"])
     >>> x = torch.randn(5, 3, dtype=torch.float64)
-    >>> acts = forward(model, x, layers, capture=["2"], substitute={"1": torch.zeros(5, 1, 4, dtype=torch.float64)})
-    >>> torch.equal(acts["2"], torch.zeros(5, 1, 4, dtype=torch.float64))  # tanh(0) = 0
+    >>> zero = torch.zeros(5, 1, 4, dtype=torch.float64)
+    >>> acts = forward(model, x, layers, capture=["2"], substitute={"1": zero})
+    >>> torch.equal(acts["2"], zero)  # tanh(0) = 0
     True
     """
     capture = set(capture)
