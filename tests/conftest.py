@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 import torch
@@ -14,6 +16,28 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@contextmanager
+def _types_unchecked() -> Iterator[None]:
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+
+
+@pytest.fixture
+def unchecked() -> Callable[[], AbstractContextManager[None]]:
+    """``with unchecked(): ...`` runs a block without the runtime type checks of ``--jaxtyping-packages``.
+
+    For the few calls that pass an ill-typed argument on purpose (an unknown ``Literal`` value, shapes
+    that disagree) to test the library's own ``ValueError`` for callers who run no type checker.
+    """
+    return _types_unchecked
 
 
 @pytest.fixture

@@ -273,15 +273,15 @@ def test_kl_behavioral_loss_and_dict_inputs() -> None:
     assert r.mean > 0
 
 
-def test_invalid_arguments() -> None:
+def test_invalid_arguments(unchecked) -> None:
     model, x = _mlp(), _inputs()
-    with pytest.raises(ValueError, match="loss"):
+    with unchecked(), pytest.raises(ValueError, match="loss"):
         estimate_llc(model, x, loss="hinge", **SETTINGS)
     with pytest.raises(ValueError, match="nbeta"):
         estimate_llc(model, x, **{**SETTINGS, "nbeta": -1.0})
     with pytest.raises(ValueError, match="unknown parameter"):
         estimate_llc(model, x, **SETTINGS, params=["nope"])
-    with pytest.raises(ValueError, match="engine"):
+    with unchecked(), pytest.raises(ValueError, match="engine"):
         estimate_llc(model, x, **SETTINGS, engine="jit")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step size"):
         sample_sgld(lambda w, b: w.sum() * 0, torch.zeros(2), nbeta=1.0)
@@ -377,7 +377,7 @@ def test_mala_with_sgld_step_equal_when_every_proposal_is_accepted() -> None:
     torch.testing.assert_close(mala.loss_traces, sgld.loss_traces, rtol=1e-10, atol=1e-15)
 
 
-def test_mala_rejects_minibatches() -> None:
+def test_mala_rejects_minibatches(unchecked) -> None:
     def loss(w: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         return (batch * w).square().sum()
 
@@ -385,7 +385,7 @@ def test_mala_rejects_minibatches() -> None:
     w0 = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="mala.*distinct batches"):
         sample_sgld(loss, w0, data, nbeta=10.0, step_size=1e-3, sampler="mala")
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with unchecked(), pytest.raises(ValueError, match="unknown sampler"):
         sample_sgld(loss, w0, data[:1], nbeta=10.0, step_size=1e-3, sampler="hmc")  # type: ignore[arg-type]
     model, x = _mlp(), _inputs()
     with pytest.raises(ValueError, match="mala.*distinct batches"):

@@ -56,6 +56,11 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Summed correct predictions and cross-entropy over a batch (the last position of (b, P, V) logits).
 
     Returns ``{"correct": Σ 1[argmax = label], "loss": Σ CE, "count": b}`` (sums, so batches add up).
+
+    >>> logits = torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]])  # (batch, pos, classes)
+    >>> m = classification_metrics(logits, torch.tensor([0, 0]))
+    >>> m["correct"], round(m["loss"], 4)
+    (1.0, 2.2539)
     """
     if logits.dim() == 3:
         logits = logits[:, -1]
@@ -74,7 +79,11 @@ def _finish(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def default_schedule(n: int, num_points: int = 24) -> list[int]:
-    """Numbers of kept features: 0, a geometric grid up to n, and n (sorted, unique)."""
+    """Numbers of kept features: 0, a geometric grid up to n, and n (sorted, unique).
+
+    >>> default_schedule(5), default_schedule(100, num_points=6)
+    ([0, 1, 2, 3, 4, 5], [0, 1, 3, 10, 32, 100])
+    """
     if n <= num_points:
         return list(range(n + 1))
     grid = torch.logspace(0, math.log10(n), num_points - 1, dtype=torch.float64)
@@ -193,6 +202,16 @@ class NodeAblationCurve:
     """Accuracy and loss when only the ``n_kept`` most important features of ``layer`` are kept.
 
     ``n_kept`` counts non-constant features; the constant direction (if any) is always kept.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> labels = model(x).argmax(-1)
+    >>> curve = node_ablation_curve(model, x, B, "2", labels=labels, n_kept=[0, B["2"].dim - 1])
+    >>> curve.n_kept == [0, B["2"].dim - 1], curve.accuracy[-1] == curve.base_accuracy == 1.0
+    (True, True)
     """
 
     layer: str
@@ -257,6 +276,15 @@ def node_ablation_curve(
         importance: ``"eigenvalues"`` (Λ of LIB/global, variance of PCA), ``"edges"`` (total edge
             weight in and out, needs ``graph``) or a tensor of d̂ scores.
         metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> curve = node_ablation_curve(model, x, B, "1", labels=model(x).argmax(-1))
+    >>> curve.layer, curve.n_kept[0], curve.base_accuracy
+    ('1', 0, 1.0)
     """
     runner = _runner or _Runner(model, data, basis, labels, batch_size, dtype, metrics)
     start = time.perf_counter()
@@ -313,7 +341,17 @@ def node_ablation_curves(
     dtype: str | None = None,
     metrics: Metrics = classification_metrics,
 ) -> dict[str, NodeAblationCurve]:
-    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``)."""
+    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> curves = node_ablation_curves(model, x, B, labels=model(x).argmax(-1), num_points=3)
+    >>> sorted(curves)
+    ['1', '2']
+    """
     runner = _Runner(model, data, basis, labels, batch_size, dtype, metrics)
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
     out = {}
@@ -342,6 +380,9 @@ def edge_mask(edges: Tensor, n_kept: int, *, keep_constant: bool) -> Tensor:
 
     With ``keep_constant`` the column of the constant input direction (j = 0) is always kept and not
     counted.
+
+    >>> edge_mask(torch.tensor([[0.0, 3.0], [2.0, 1.0]]), 2, keep_constant=False).tolist()
+    [[False, True], [True, False]]
     """
     sub = edges[:, 1:] if keep_constant else edges
     flat = sub.flatten()
@@ -365,6 +406,17 @@ class EdgeAblationResult:
         n_needed: the fewest kept edges whose accuracy is within ``delta`` of ``base_accuracy``.
         threshold: E of the smallest kept edge at ``n_needed`` (a natural ε for modules, METHOD §5).
         evaluations: ``{n_kept: accuracy}`` for every evaluated point.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> results = edge_ablation(model, x, B, G, labels=model(x).argmax(-1), delta=0.1)
+    >>> r = results[("1", "2")]
+    >>> r.pair, 0 <= r.n_needed <= r.n_edges
+    (('1', '2'), True)
     """
 
     pair: Pair
@@ -447,6 +499,10 @@ def bisect_edges(
     Assumes ``score(n_total)`` meets the target and accuracy grows with n; returns the answer and
     every evaluated point. The answer's lower neighbour n − 1 is always among the evaluated points
     (unless the answer is 0).
+
+    >>> n, evaluated = bisect_edges(lambda n: {"accuracy": float(n >= 13)}, 100, target=1.0)
+    >>> n, 12 in evaluated
+    (13, True)
     """
     evaluated: dict[int, dict[str, float]] = {0: score(0)}
     if evaluated[0]["accuracy"] >= target:
@@ -499,6 +555,16 @@ def edge_ablation(
 
     Returns:
         ``{pair: EdgeAblationResult}``.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> results = edge_ablation(model, x, B, G, labels=model(x).argmax(-1))
+    >>> list(results)
+    [('1', '2'), ('2', 'output')]
     """
     if delta < 0:
         raise ValueError("delta must be >= 0")

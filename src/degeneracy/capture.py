@@ -53,6 +53,9 @@ class NodeLayer:
         modules: submodule names (as in ``model.named_modules()``), or ``("output",)``.
         positions: ``None`` for all positions, an index or a tuple of indices (``-1``: last token).
         read: ``"input"`` (default: the module's first input) or ``"output"``.
+
+    >>> NodeLayer("mlp_in", ("blocks.0.mlp",), positions=-1).to_dict()
+    {'name': 'mlp_in', 'modules': ['blocks.0.mlp'], 'positions': -1, 'read': 'input'}
     """
 
     name: str
@@ -101,6 +104,10 @@ def as_node_layers(model: nn.Module, specs: Iterable[Any]) -> list[NodeLayer]:
     """Normalise node-layer specs (names, dicts or :class:`NodeLayer`) and check them against the model.
 
     Raises ``ValueError`` naming the unknown modules and listing the valid ones.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> [layer.name for layer in as_node_layers(model, ["1", {"name": "h", "module": "2"}, "output"])]
+    ['1', 'h', 'output']
     """
     layers: list[NodeLayer] = []
     for spec in specs:
@@ -298,10 +305,10 @@ def forward(
     layers: Sequence[NodeLayer],
     *,
     capture: Iterable[str] = (),
-    substitute: Mapping[str, Float[Tensor, "batch pos d"]] | None = None,
+    substitute: Mapping[str, Tensor] | None = None,
     widths: Mapping[str, list[int]] | None = None,
     compact: bool = False,
-) -> dict[str, Float[Tensor, "batch pos d"]]:
+) -> dict[str, Tensor]:
     """Run ``model`` once, reading the node layers in ``capture`` and replacing those in ``substitute``.
 
     Stops the forward pass as soon as every captured layer has been read (unless ``"output"`` is
@@ -310,6 +317,14 @@ def forward(
     substituted node layer that selects positions passes on only those positions (the sequence gets
     shorter from there on): faster, and exact when nothing downstream reads the other positions,
     which callers must verify (see :func:`compact_is_exact`).
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> layers = as_node_layers(model, ["1", "2", "output"])
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> zero = torch.zeros(5, 1, 4, dtype=torch.float64)
+    >>> acts = forward(model, x, layers, capture=["2"], substitute={"1": zero})
+    >>> torch.equal(acts["2"], zero)  # tanh(0) = 0
+    True
     """
     capture = set(capture)
     known = {layer.name: layer for layer in layers}
@@ -340,7 +355,12 @@ def forward(
 
 
 def module_widths(model: nn.Module, inputs: Any, layer: NodeLayer) -> list[int]:
-    """Feature width of each module of a node layer (needed to split substitutes of combined layers)."""
+    """Feature width of each module of a node layer (needed to split substitutes of combined layers).
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> module_widths(model, torch.randn(5, 3), NodeLayer("both", ("1", "2")))
+    [4, 4]
+    """
     run = _Run([layer], {layer.name}, {}, {layer.name})
     handles = _register(model, run, [layer])
     try:
@@ -354,7 +374,11 @@ def module_widths(model: nn.Module, inputs: Any, layer: NodeLayer) -> list[int]:
 
 
 def append_constant(x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch pos d1"]:
-    """[f; 1] along the feature dimension."""
+    """[f; 1] along the feature dimension.
+
+    >>> append_constant(torch.zeros(1, 1, 2)).tolist()
+    [[[0.0, 0.0, 1.0]]]
+    """
     return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
 
@@ -365,8 +389,17 @@ def capture(
     names: Iterable[str] | None = None,
     *,
     constant: bool = False,
-) -> dict[str, Float[Tensor, "batch pos d"]]:
-    """Activations of the named node layers (all by default), optionally augmented with [·; 1]."""
+) -> dict[str, Tensor]:
+    """Activations of the named node layers (all by default), optionally augmented with [·; 1].
+
+    Each entry is a ``(batch, pos, d)`` tensor, its own ``pos`` and ``d`` per node layer.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> layers = as_node_layers(model, ["1", "output"])
+    >>> acts = capture(model, torch.randn(5, 3, dtype=torch.float64), layers, constant=True)
+    >>> tuple(acts["1"].shape), tuple(acts["output"].shape)
+    ((5, 1, 5), (5, 1, 3))
+    """
     names = [layer.name for layer in layers] if names is None else list(names)
     acts = forward(model, inputs, layers, capture=names)
     return {k: append_constant(v) if constant else v for k, v in acts.items()}
@@ -387,6 +420,13 @@ def section(
 
     With ``constant=True`` both sides are augmented vectors and the map is the homogeneous extension
     F([f; c]) = [c̄·g(f / c̄); c̄] described in the module docstring. ``compact``: see :func:`forward`.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> layers = as_node_layers(model, ["1", "2"])
+    >>> f = section(model, torch.randn(5, 3, dtype=torch.float64), layers, "1", "2")
+    >>> x = torch.randn(5, 1, 4, dtype=torch.float64)
+    >>> torch.allclose(f(x), torch.tanh(x))
+    True
     """
 
     def run(x: Tensor) -> Tensor:
@@ -415,7 +455,14 @@ def compact_is_exact(
     widths: Mapping[str, list[int]] | None = None,
 ) -> bool:
     """Whether the compact section (dropping unselected positions of ``source``) gives the same
-    ``target`` activations as the full one on this batch (to 1e-12 relative), without raising."""
+    ``target`` activations as the full one on this batch (to 1e-12 relative), without raising.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()  # per position
+    >>> layers = [NodeLayer("1", ("1",), positions=-1), NodeLayer("2", ("2",), positions=-1)]
+    >>> x = torch.randn(5, 6, 3, dtype=torch.float64)  # 6 positions
+    >>> compact_is_exact(model, x, layers, "1", "2", torch.randn(5, 1, 4, dtype=torch.float64))
+    True
+    """
     src = next(layer for layer in layers if layer.name == source)
     if src.positions is None:
         return False
@@ -435,7 +482,11 @@ def compact_is_exact(
 
 @dataclass
 class CutReport:
-    """Result of :func:`check_cut`: the largest relative deviation per node-layer transition."""
+    """Result of :func:`check_cut`: the largest relative deviation per node-layer transition.
+
+    >>> CutReport({("1", "2"): 0.0}).deviations
+    {('1', '2'): 0.0}
+    """
 
     deviations: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -453,6 +504,11 @@ def check_cut(
     Substitutes f^l computed on a permuted batch x' while running x; f^{l+1} must then equal its
     value on x'. Raises ``ValueError`` naming the node layer when the deviation exceeds ``rtol``
     relative to the scale of f^{l+1}. Needs a batch with at least two distinct examples.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> report = check_cut(model, torch.randn(5, 3, dtype=torch.float64), as_node_layers(model, ["1", "2"]))
+    >>> list(report.deviations)
+    [('1', '2')]
     """
     first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
     n = first.shape[0]

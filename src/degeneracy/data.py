@@ -27,7 +27,12 @@ __all__ = ["Batch", "iter_batches", "pool_batches", "call_model", "num_examples"
 
 @dataclass(frozen=True)
 class Batch:
-    """A batch of model inputs plus whatever came with them (labels, ...)."""
+    """A batch of model inputs plus whatever came with them (labels, ...).
+
+    >>> b = Batch(torch.zeros(4, 3), extras=(torch.arange(4),))
+    >>> b.size, len(b.extras)
+    (4, 1)
+    """
 
     inputs: Tensor | Mapping[str, Tensor]
     extras: tuple[Any, ...] = ()
@@ -132,7 +137,11 @@ def _split(inputs: Tensor | Mapping[str, Tensor], batch_size: int) -> Iterator[B
 
 
 def iter_batches(data: Any, batch_size: int | None = None) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects from any supported ``data``; raise ``ValueError`` if empty."""
+    """Yield :class:`Batch` objects from any supported ``data``; raise ``ValueError`` if empty.
+
+    >>> [b.size for b in iter_batches(torch.zeros(5, 2), batch_size=2)]
+    [2, 2, 1]
+    """
     if isinstance(data, Tensor | Mapping):
         if isinstance(data, Mapping) and len(data) == 0:
             raise ValueError("data is an empty dict: no inputs to read")
@@ -197,7 +206,11 @@ def pool_batches(batches: list[Batch]) -> Batch | None:
 
 
 def num_examples(data: Any) -> int | None:
-    """Number of examples if it can be known without iterating, else ``None``."""
+    """Number of examples if it can be known without iterating, else ``None``.
+
+    >>> num_examples(torch.zeros(7, 2)), num_examples(iter([]))
+    (7, None)
+    """
     if isinstance(data, Tensor):
         return int(data.shape[0]) if data.dim() > 0 else 0
     if isinstance(data, Mapping):
@@ -209,7 +222,11 @@ def num_examples(data: Any) -> int | None:
 
 
 def call_model(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
-    """Run ``model`` on a batch's inputs (keyword call for dicts)."""
+    """Run ``model`` on a batch's inputs (keyword call for dicts).
+
+    >>> call_model(torch.nn.Identity(), torch.ones(2)).tolist()
+    [1.0, 1.0]
+    """
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
@@ -217,7 +234,11 @@ def call_model(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
 
 def model_output_tensor(output: Any) -> Tensor:
     """The tensor a model "outputs": the tensor itself, ``.logits`` or ``.last_hidden_state``,
-    or the first element of a tuple."""
+    or the first element of a tuple.
+
+    >>> model_output_tensor((torch.ones(2), "cache")).tolist()
+    [1.0, 1.0]
+    """
     if isinstance(output, Tensor):
         return output
     for attr in ("logits", "last_hidden_state"):

@@ -24,7 +24,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def renamed_arguments(**renames: str) -> Callable[[F], F]:
     """Accept the old keyword ``old=`` of a function whose argument is now ``new`` (``old="new"``),
-    with a ``DeprecationWarning``; passing both is a ``TypeError``."""
+    with a ``DeprecationWarning``; passing both is a ``TypeError``.
+
+    >>> import warnings
+    >>> @renamed_arguments(position="positions")
+    ... def f(*, positions=None):
+    ...     return positions
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     f(position=-1), caught[0].category.__name__
+    (-1, 'DeprecationWarning')
+    """
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)

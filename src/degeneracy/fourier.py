@@ -37,7 +37,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FourierLabels:
-    """Per feature: dominant frequency k (0 for a constant feature), its power fraction and kind."""
+    """Per feature: dominant frequency k (0 for a constant feature), its power fraction and kind.
+
+    >>> a = torch.arange(7.0)
+    >>> grid = torch.cos(2 * torch.pi * 3 * a / 7)[:, None, None].expand(7, 7, 1)  # cos(2π·3a/7)
+    >>> labels = fourier_labels(grid)
+    >>> len(labels), int(labels.frequency[0]), round(float(labels.fraction[0]), 6)
+    (1, 3, 1.0)
+    """
 
     frequency: Tensor  # (n_features,) int64
     fraction: Tensor  # (n_features,) float64
@@ -64,6 +71,11 @@ def fourier_labels(grid: Tensor, *, p: int | None = None) -> FourierLabels:
 
     Returns:
         :class:`FourierLabels`.
+
+    >>> a = torch.arange(7.0)
+    >>> grid = torch.sin(2 * torch.pi * 2 * (a[:, None] + a[None, :]) / 7)[..., None]  # sin(2π·2(a+b)/7)
+    >>> int(fourier_labels(grid).frequency[0])
+    2
     """
     if grid.dim() == 3:
         grid = grid[:, :, None, :]
@@ -125,6 +137,11 @@ def frequency_module_alignment(
 
     Returns:
         ``{"ami", "ami_clean", "n", "n_clean"}``.
+
+    >>> a = torch.arange(7.0)
+    >>> grid = torch.stack([torch.cos(2 * torch.pi * k * a / 7)[:, None].expand(7, 7) for k in (1, 1, 2)], -1)
+    >>> frequency_module_alignment({0: 0, 1: 0, 2: 1}, fourier_labels(grid))["ami"]
+    1.0
     """
     from sklearn.metrics import adjusted_mutual_info_score
 
@@ -152,7 +169,11 @@ def frequency_module_alignment(
 
 
 def modadd_labels(inputs: Tensor, p: int | None = None) -> Tensor:
-    """Labels (a + b) mod p of modular-addition inputs [a, b, p] (p read from the last column)."""
+    """Labels (a + b) mod p of modular-addition inputs [a, b, p] (p read from the last column).
+
+    >>> modadd_labels(torch.tensor([[3, 5, 7], [6, 6, 7]])).tolist()
+    [1, 5]
+    """
     if inputs.dim() != 2 or inputs.shape[1] < 2:
         raise ValueError(f"expected inputs (n, 3) of tokens [a, b, =], got {tuple(inputs.shape)}")
     p = p or int(inputs[0, -1])
@@ -181,7 +202,11 @@ def modadd_feature_grid(
 
 @dataclass(frozen=True)
 class FrequencyModuleRow:
-    """One line of the frequency/module table."""
+    """One line of the frequency/module table.
+
+    >>> FrequencyModuleRow(0, {"mlp": 2}, {3: 2}, 3, 1.0).purity
+    1.0
+    """
 
     module: int
     layer_counts: dict[str, int]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 import degeneracy
@@ -77,7 +76,7 @@ class InteractionGraph:
             from feature j of ``layer_in`` to feature i of ``layer_out``.
         basis_method: ``"lib"``, ``"global"``, ``"pca"`` or ``"neuron"``.
         has_constant: feature 0 of every layer is the constant direction.
-        eigenvalues: the basis importance Λ of every node layer (from the basis).
+        eigenvalues: the basis importance Λ of every node layer (d̂,), from the basis.
         completeness: per layer pair, max_x,t,i |Σ_j A − (f̂^{l+1}(f) − f̂^{l+1}(0))| divided by the output
             scale max |f̂^{l+1}(f) − f̂^{l+1}(0)|.
         config: the :class:`EdgeConfig` used.
@@ -93,10 +92,10 @@ class InteractionGraph:
     """
 
     layers: tuple[NodeLayer, ...]
-    edges: dict[Pair, Float[Tensor, "d_out d_in"]]
+    edges: dict[Pair, Tensor]
     basis_method: str
     has_constant: bool
-    eigenvalues: dict[str, Float[Tensor, " d"]]
+    eigenvalues: dict[str, Tensor]
     completeness: dict[Pair, float]
     config: EdgeConfig
     info: dict[str, Any] = field(default_factory=dict)

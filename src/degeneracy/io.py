@@ -20,7 +20,14 @@ _META_KEY = "degeneracy"
 
 
 class ResultFileError(ValueError):
-    """A result file is missing, unreadable, of the wrong kind, or incomplete."""
+    """A result file is missing, unreadable, of the wrong kind, or incomplete.
+
+    >>> try:
+    ...     load_tensors("no/such/file.safetensors", kind="basis")
+    ... except ResultFileError as err:
+    ...     print(err)
+    no/such/file.safetensors: no such file
+    """
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -53,10 +60,11 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[
     Tensors that share storage (the same tensor under two names, or views of one) are saved as copies.
 
     >>> import tempfile, torch
-    >>> path = Path(tempfile.mkdtemp()) / "x.safetensors"
     >>> z = torch.zeros(2)
-    >>> save_tensors(path, {"a": z, "b": z}, {"kind": "example"})
-    >>> sorted(load_tensors(path, kind="example")[0])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "x.safetensors"
+    ...     save_tensors(path, {"a": z, "b": z}, {"kind": "example"})
+    ...     sorted(load_tensors(path, kind="example")[0])
     ['a', 'b']
     """
     payload: dict[str, Tensor] = {}
@@ -79,6 +87,14 @@ def load_tensors(
 
     Floating tensors come back in float64; a missing, unreadable, foreign or incomplete file raises
     :class:`ResultFileError` (see :func:`save_tensors` for an example).
+
+    >>> import tempfile, torch
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "x.safetensors"
+    ...     save_tensors(path, {"a": torch.ones(2)}, {"kind": "example", "note": "hi"})
+    ...     tensors, meta = load_tensors(path, kind="example", required=["a"])
+    >>> tensors["a"].dtype, meta["note"]
+    (torch.float64, 'hi')
     """
     path = Path(path)
     if not path.exists():

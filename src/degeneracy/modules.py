@@ -43,7 +43,11 @@ Pair = tuple[str, str]
 
 
 def log_strengths(edges: Tensor, epsilon: float) -> Tensor:
-    """s = max(0, log(E / ε)) (natural log), float64."""
+    """s = max(0, log(E / ε)) (natural log), float64.
+
+    >>> log_strengths(torch.tensor([[1.0, 1e-3]]), epsilon=1e-2).tolist()
+    [[4.605170185988092, 0.0]]
+    """
     if not epsilon > 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     e = edges.to(torch.float64).clamp_min(0)
@@ -59,7 +63,18 @@ def resolve_epsilon(
     graph: Any, epsilon: Any = None, *, quantile: float | None = None, relative: float = 1e-9
 ) -> dict[Pair, float]:
     """ε per layer pair from a number, a mapping, an edge-ablation result, a quantile of E, or
-    ``relative`` × the largest edge (see the module docstring)."""
+    ``relative`` × the largest edge (see the module docstring).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> eps = resolve_epsilon(G, 1e-3)
+    >>> list(eps.items())
+    [(('1', '2'), 0.001), (('2', 'output'), 0.001)]
+    """
     if epsilon is not None and quantile is not None:
         raise ValueError("give either epsilon or quantile, not both")
     out: dict[Pair, float] = {}
@@ -103,6 +118,15 @@ class Modules:
         resolution, seed: the Leiden parameters.
         constant_nodes: features left out (constant directions).
         isolated: features with no edge above ε.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> M = find_modules(degeneracy.interaction_graph(model, x, B, progress=False), epsilon=1e-3)
+    >>> M.n_modules == len(M.modules), sorted({layer for layer, _ in M.labels})
+    (True, ['1', '2', 'output'])
     """
 
     labels: dict[Node, int]
@@ -173,6 +197,15 @@ def find_modules(
 
     Returns:
         :class:`Modules` with ``.labels[(layer, feature)]``, the inter-module Σ s and the modularity Q.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> M = find_modules(degeneracy.interaction_graph(model, x, B, progress=False), quantile=0.5)
+    >>> sorted(M.epsilon), all(0 <= m < M.n_modules for m in M.labels.values())
+    ([('1', '2'), ('2', 'output')], True)
     """
     try:
         import igraph as ig

@@ -18,7 +18,14 @@ __all__ = ["MomentAccumulator", "MatrixAccumulator", "check_finite"]
 
 
 def check_finite(x: Tensor, where: str) -> None:
-    """Raise ``ValueError`` saying where NaN or Inf values appeared."""
+    """Raise ``ValueError`` saying where NaN or Inf values appeared.
+
+    >>> check_finite(torch.ones(2), "the Gram")
+    >>> check_finite(torch.tensor([1.0, float("nan")]), "the Gram")
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
+    """
     if not torch.isfinite(x).all():
         bad = ~torch.isfinite(x)
         kind = "NaN" if torch.isnan(x).any() else "Inf"
@@ -56,7 +63,13 @@ class _Sum:
 
 @dataclass
 class MomentAccumulator(_Sum):
-    """First and second moments of vectors of width ``d``: Σ f, Σ f fᵀ and the count (float64)."""
+    """First and second moments of vectors of width ``d``: Σ f, Σ f fᵀ and the count (float64).
+
+    >>> acc = MomentAccumulator(2)
+    >>> acc.update(torch.tensor([[1.0, 0.0], [3.0, 2.0]], dtype=torch.float64))
+    >>> acc.mean.tolist(), acc.gram.tolist()
+    ([2.0, 1.0], [[5.0, 3.0], [3.0, 2.0]])
+    """
 
     d: int
     sum: Tensor = field(init=False)
@@ -103,7 +116,13 @@ class MomentAccumulator(_Sum):
 
 @dataclass
 class MatrixAccumulator(_Sum):
-    """A running sum of ``d × d`` matrices and the number of samples behind it (e.g. Jacobian Grams)."""
+    """A running sum of ``d × d`` matrices and the number of samples behind it (e.g. Jacobian Grams).
+
+    >>> acc = MatrixAccumulator(2)
+    >>> acc.add(torch.eye(2, dtype=torch.float64) * 4, count=2)
+    >>> acc.value.tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
+    """
 
     d: int
     sum: Tensor = field(init=False)

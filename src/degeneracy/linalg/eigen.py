@@ -32,10 +32,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Eigh:
-    """Eigendecomposition with eigenvalues in descending order; ``vectors[:, i]`` goes with ``values[i]``."""
+    """Eigendecomposition with eigenvalues in descending order; ``vectors[:, i]`` goes with ``values[i]``.
 
-    values: Float[Tensor, " d"]
-    vectors: Float[Tensor, "d d"]
+    ``k = d`` for a full decomposition (:func:`eigh_descending`), fewer after truncation.
+
+    >>> eig = Eigh(torch.tensor([2.0, 1.0]), torch.eye(2))
+    >>> eig.values[0].item(), tuple(eig.vectors.shape)
+    (2.0, (2, 2))
+    """
+
+    values: Float[Tensor, " k"]
+    vectors: Float[Tensor, "d k"]
 
 
 @contextmanager

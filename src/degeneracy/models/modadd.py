@@ -62,7 +62,11 @@ def _import_transformer_lens() -> Any:
 
 
 def modadd_config_dict(p: int = MODADD_P) -> dict[str, Any]:
-    """The keyword arguments of :func:`modadd_config` as a plain, JSON-serialisable dict."""
+    """The keyword arguments of :func:`modadd_config` as a plain, JSON-serialisable dict.
+
+    >>> modadd_config_dict(7)["d_vocab"], modadd_config_dict(7)["n_ctx"]
+    (8, 3)
+    """
     return {
         "n_layers": 1,
         "d_model": 128,
@@ -84,6 +88,10 @@ def modadd_config(p: int = MODADD_P, seed: int | None = None, **overrides: Any) 
         p: the modulus; the vocabulary is ``0..p-1`` plus the ``=`` token ``p``.
         seed: seed TransformerLens uses to initialise the weights (``None``: torch's global state).
         overrides: further ``HookedTransformerConfig`` fields, e.g. ``dtype`` or ``device``.
+
+    >>> cfg = modadd_config(7, seed=0)
+    >>> cfg.d_vocab_out, cfg.act_fn  # the outputs include the "=" token
+    (8, 'relu')
     """
     tl = _import_transformer_lens()
     return tl.HookedTransformerConfig(**{**modadd_config_dict(p), "seed": seed, **overrides})
@@ -95,6 +103,10 @@ def modadd_all_inputs(p: int = MODADD_P) -> tuple[Tensor, Tensor]:
     Returns:
         ``(inputs, labels)``: int64 tensors of shapes ``(p*p, 3)`` and ``(p*p,)``; row ``a * p + b``
         holds ``[a, b, p]`` and label ``(a + b) % p``.
+
+    >>> inputs, labels = modadd_all_inputs(5)
+    >>> inputs[7].tolist(), int(labels[7])
+    ([1, 2, 5], 3)
     """
     values = torch.arange(p, dtype=torch.int64)
     a = values.repeat_interleave(p)
@@ -110,6 +122,10 @@ def modadd_split_indices(p: int = MODADD_P, frac_train: float = 0.3, seed: int =
 
     All ``p**2`` pairs are shuffled by ``torch.randperm`` with a ``torch.Generator`` seeded by
     ``seed``; the first ``int(frac_train * p**2)`` are the training pairs, the rest the test pairs.
+
+    >>> train, test = modadd_split_indices(5, frac_train=0.4)
+    >>> len(train) + len(test), len(set(train.tolist()) & set(test.tolist()))
+    (25, 0)
     """
     if not 0.0 < frac_train < 1.0:
         raise ValueError(f"frac_train must lie strictly between 0 and 1, got {frac_train}")
@@ -128,6 +144,10 @@ def modadd_dataset(
     Returns:
         ``(train_inputs, train_labels, test_inputs, test_labels)``; inputs are int64 ``(n, 3)`` rows
         ``[a, b, p]``, labels int64 ``(n,)`` holding ``(a + b) % p``. See :func:`modadd_split_indices`.
+
+    >>> train_x, train_y, test_x, test_y = modadd_dataset(5, frac_train=0.4)
+    >>> train_x.shape[1], len(train_x) + len(test_x)
+    (3, 25)
     """
     inputs, labels = modadd_all_inputs(p)
     train_idx, test_idx = modadd_split_indices(p, frac_train, seed)
@@ -135,12 +155,21 @@ def modadd_dataset(
 
 
 def modadd_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of the last-position logits ``(batch, pos, vocab_out)`` against ``labels``."""
+    """Mean cross-entropy of the last-position logits ``(batch, pos, vocab_out)`` against ``labels``.
+
+    >>> logits = torch.tensor([[[0.0, 0.0], [9.0, -9.0]]])  # (batch, pos, vocab_out)
+    >>> round(float(modadd_loss(logits, torch.tensor([0]))), 6)
+    0.0
+    """
     return torch.nn.functional.cross_entropy(logits[:, -1].to(torch.float64), labels)
 
 
 def modadd_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of examples whose last-position argmax equals the label."""
+    """Fraction of examples whose last-position argmax equals the label.
+
+    >>> modadd_accuracy(torch.tensor([[[0.0, 0.0], [1.0, 0.0]]]), torch.tensor([0]))
+    1.0
+    """
     return float((logits[:, -1].argmax(dim=-1) == labels).float().mean())
 
 
@@ -151,6 +180,12 @@ def modadd_last_logits(model: HookedTransformer, inputs: Tensor) -> Tensor:
     :func:`modadd_config`, but about three times cheaper: with a single layer the last-position logits
     depend only on the last query, so the MLP and unembedding run on one position instead of three,
     and no hooks are called. Training uses it; it differentiates through the model's parameters.
+
+    >>> from transformer_lens import HookedTransformer
+    >>> model = HookedTransformer(modadd_config(7, seed=0), move_to_device=False).double().eval()
+    >>> inputs, _ = modadd_all_inputs(7)
+    >>> torch.allclose(modadd_last_logits(model, inputs), model(inputs)[:, -1])
+    True
     """
     cfg = model.cfg
     if cfg.n_layers != 1 or cfg.normalization_type is not None or cfg.act_fn != "relu":
@@ -172,7 +207,11 @@ def modadd_last_logits(model: HookedTransformer, inputs: Tensor) -> Tensor:
 
 
 def load_modadd_metadata(path: str | Path = MODADD_METADATA) -> dict[str, Any]:
-    """The JSON sidecar of the shipped weights: config, training recipe, seed, wall time, accuracies."""
+    """The JSON sidecar of the shipped weights: config, training recipe, seed, wall time, accuracies.
+
+    >>> load_modadd_metadata()["config"]["n_layers"]
+    1
+    """
     return json.loads(Path(path).read_text())
 
 
@@ -187,6 +226,10 @@ def load_modadd(
         dtype: parameter dtype of the returned model (weights are stored in float32).
         device: device of the returned model.
         weights: a safetensors file of the same architecture (default: the shipped one).
+
+    >>> model = load_modadd()
+    >>> model.cfg.d_vocab_out, model.training
+    (114, False)
     """
     from safetensors.torch import load_file
 
