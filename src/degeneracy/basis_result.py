@@ -247,7 +247,7 @@ def load_basis(path: str | Path) -> Basis:
     >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> path = Path(tempfile.mkdtemp()) / "basis.safetensors"
-    >>> B.save(path)
+    >>> _ = B.save(path)
     >>> torch.equal(load_basis(path)["1"].C, B["1"].C)
     True
     """

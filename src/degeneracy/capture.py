@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
 from degeneracy.data import call_model, model_output_tensor
@@ -154,7 +154,7 @@ class _Piece:
     shape: torch.Size | None = None  # the module activation's full shape, learned when it fires
 
 
-def to_bpd(x: Tensor) -> Float[Tensor, "batch pos d"]:
+def to_bpd(x: Tensor) -> Shaped[Tensor, "batch pos d"]:
     """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...)).
 
     >>> to_bpd(torch.zeros(2, 3)).shape

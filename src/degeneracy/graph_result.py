@@ -183,7 +183,7 @@ def load_graph(path: str | Path) -> InteractionGraph:
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
     >>> path = Path(tempfile.mkdtemp()) / "graph.safetensors"
-    >>> G.save(path)
+    >>> _ = G.save(path)
     >>> torch.equal(load_graph(path)["1", "2"], G["1", "2"])
     True
     """

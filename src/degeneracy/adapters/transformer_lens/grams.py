@@ -141,7 +141,7 @@ def gated_gram(
 
 
 def attention_gram(
-    attn: nn.Module,
+    attn: Any,
     positions: Any,
     direction: str,
     fn: Callable[[Any, Tensor], Tensor],
@@ -166,7 +166,7 @@ def attention_gram(
     ...                        b_O=torch.zeros(2), attn_scale=1.0)
     >>> from degeneracy.linalg import integration_rule
     >>> eye = torch.eye(4, dtype=torch.float64)[:, :4]
-    >>> gram = attention_gram(attn, -1, "causal", None, None)
+    >>> gram = attention_gram(attn, -1, "causal", lambda inputs, f: f, None)
     >>> x = torch.zeros(1, 2, 2, dtype=torch.float64)
     >>> gram(None, x, torch.eye(2, 4, dtype=torch.float64), torch.eye(2, dtype=torch.float64),
     ...      integration_rule("gradient"), False, 2**10).shape

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from degeneracy.adapters.transformer_lens.parts import (
     attention_parts,
@@ -48,7 +48,7 @@ def affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kern
     return kernel
 
 
-def mlp_kernel(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Kernel:
+def mlp_kernel(mlp: Any, src: NodeLayer, dst: NodeLayer) -> Kernel:
     """y = f + relu(f W_in + b_in) W_out + b_out: A = (K + P diag(1[pre > 0]) Q) ⊙ f̂ per position,
     with K = C_out·directions, P = C_out W_outᵀ and Q = W_inᵀ·directions folded once.
 
@@ -86,7 +86,7 @@ def mlp_kernel(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Kernel:
     return kernel
 
 
-def attention_kernel(attn: nn.Module, positions: Any, direction: str) -> Kernel:
+def attention_kernel(attn: Any, positions: Any, direction: str) -> Kernel:
     """Closed-form JVPs of x_t + attn(x)_t along the rank-one tangents δx_s = f̂_{s,j} c_j.
 
     With aQ/aK/aV = directionsᵀ W_Q/K/V folded once, δq_t = f̂_{t,j} aQ_j, δk_s = f̂_{s,j} aK_j,

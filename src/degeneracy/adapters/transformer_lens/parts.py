@@ -2,7 +2,7 @@
 
 A ``HookedTransformer`` attention layer is read through its weights ``W_Q, W_K, W_V`` (heads × d_model ×
 d_head), ``W_O`` (heads × d_head × d_model), biases ``b_Q, b_K, b_V`` (heads × d_head), ``b_O`` and
-``attn_scale``; anything with those attributes works (the examples use a ``SimpleNamespace``).
+``attn_scale``; anything with those attributes works (typed ``Any``: the examples use a ``SimpleNamespace``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from degeneracy.capture import NodeLayer
 
@@ -51,7 +51,7 @@ def select_positions(src: NodeLayer, dst: NodeLayer, n: int) -> list[int]:
     return [have.index(p) for p in want]
 
 
-def attention_parts(attn: nn.Module, f: Tensor, qpos: list[int], direction: str) -> dict[str, Tensor]:
+def attention_parts(attn: Any, f: Tensor, qpos: list[int], direction: str) -> dict[str, Tensor]:
     """Weights (float64), queries at ``qpos``, keys, values and the attention pattern p (b, t, h, s).
 
     >>> from types import SimpleNamespace

@@ -79,7 +79,7 @@ def positionwise_section(fn: Callable[[Tensor], Tensor], src: NodeLayer, dst: No
     return short
 
 
-def attention_section(block: nn.Module, positions: Any, direction: str) -> SectionFn:
+def attention_section(block: Any, positions: Any, direction: str) -> SectionFn:
     """x ↦ (x + attn(ln1(x)))[:, positions] with queries at ``positions`` only.
 
     >>> from types import SimpleNamespace
@@ -121,7 +121,8 @@ def affine_tangent(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Cal
 
     >>> from degeneracy.capture import NodeLayer
     >>> layer = NodeLayer("h", ("h",))
-    >>> affine_tangent(2 * torch.eye(2), layer, layer)(torch.zeros(1, 1), None, torch.ones(1, 1, 2)).tolist()
+    >>> tangent = affine_tangent(2 * torch.eye(2), layer, layer)
+    >>> tangent(torch.zeros(1, 1), torch.zeros(1, 1, 2), torch.ones(1, 1, 2)).tolist()
     [[[2.0, 2.0]]]
     """
 
@@ -132,7 +133,7 @@ def affine_tangent(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Cal
     return tangent
 
 
-def mlp_tangent(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
+def mlp_tangent(mlp: Any, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tensor]:
     """The JVP of y = f + relu(f W_in + b_in) W_out + b_out at the target positions.
 
     >>> from types import SimpleNamespace
@@ -154,7 +155,7 @@ def mlp_tangent(mlp: nn.Module, src: NodeLayer, dst: NodeLayer) -> Callable[...,
     return tangent
 
 
-def attention_tangent(attn: nn.Module, positions: Any, direction: str) -> Callable[..., Tensor]:
+def attention_tangent(attn: Any, positions: Any, direction: str) -> Callable[..., Tensor]:
     """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form.
 
     >>> from types import SimpleNamespace
