@@ -27,6 +27,7 @@ from degeneracy.accounting.directions import (
     jacobian_directions,
     translation_directions,
 )
+from degeneracy.accounting.records import record
 from degeneracy.accounting.sources import (
     HeadSync,
     NeuronSync,
@@ -54,14 +55,12 @@ class SourceRow:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "source": self.source,
-            "count": self.count,
-            "is_upper_bound": self.is_upper_bound,
-            "generic": self.generic,
-            "details": self.details,
-        }
+        """The row as a dict of its fields (``SourceRow(**d)`` rebuilds it).
+
+        >>> SourceRow("fc1", "jacobian rank", 3, is_upper_bound=True).to_dict()["is_upper_bound"]
+        True
+        """
+        return record(self)
 
 
 @dataclass
