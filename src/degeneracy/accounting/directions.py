@@ -25,6 +25,7 @@ from degeneracy.linalg import eigh_descending
 __all__ = [
     "Directions",
     "activation_directions",
+    "bias_directions",
     "block_directions",
     "gated_directions",
     "head_directions",
@@ -210,6 +211,34 @@ def _shift(
     v[weight[h][..., k]] += sign * flat[weight[h_src][..., k_src]]
     if bias is not None:
         v[bias[h][k]] += sign * flat[bias[h_src][k_src]]
+
+
+def bias_directions(attn: AttentionLayer, spec_index: dict[str, Tensor], flat: Tensor) -> Tensor:
+    """The exact bias symmetries of an attention layer: every b_K entry alone (q·b_K is the same for
+    every key), then b_V[h, j] += t with b_O −= t·W_O[h, j] (pattern rows sum to 1); (k × N).
+
+    >>> from degeneracy.adapters.transformer_lens.structure import AttentionLayer, hook_output
+    >>> attn = AttentionLayer("a", hook_output("p"), hook_output("v"), hook_output("z"), 1, 1, "a.")
+    >>> index = {"a.W_O": torch.tensor([[[0]]]), "a.b_V": torch.tensor([[1]]), "a.b_O": torch.tensor([2])}
+    >>> bias_directions(attn, index, torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)).tolist()
+    [[0.0, 1.0, -3.0]]
+    """
+    p = attn.prefix
+    rows = []
+    if f"{p}b_K" in spec_index:
+        for i in spec_index[f"{p}b_K"].reshape(-1).tolist():
+            v = torch.zeros(flat.numel(), dtype=torch.float64)
+            v[i] = 1.0
+            rows.append(v)
+    if f"{p}b_V" in spec_index and f"{p}b_O" in spec_index:
+        w_o, b_v, b_o = spec_index[f"{p}W_O"], spec_index[f"{p}b_V"], spec_index[f"{p}b_O"]
+        for h in range(attn.n_heads):
+            for j in range(attn.d_head):
+                v = torch.zeros(flat.numel(), dtype=torch.float64)
+                v[b_v[h, j]] = 1.0
+                v[b_o] = -flat[w_o[h, j]]
+                rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, flat.numel(), dtype=torch.float64)
 
 
 def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:
