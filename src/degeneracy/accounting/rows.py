@@ -159,16 +159,14 @@ def layer_synchronisation(
     Jacobian Gram at :attr:`NeuronLayer.jacobian_point`), with the pre-activations read (examples ×
     relevant positions) and the relevant-position mask (None: every position).
 
-    >>> from degeneracy.accounting.statistics import collect_for_structure
-    >>> from degeneracy.accounting.structure import discover
-    >>> from degeneracy.data import Batch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1)).double()
-    >>> x = torch.linspace(-1, 1, 5, dtype=torch.float64)[:, None]
-    >>> structure = discover(model, x)
-    >>> stats = collect_for_structure(model, [Batch(x)], structure, jacobians=False)
-    >>> sync, pre, mask = layer_synchronisation(stats, structure.neuron_layers[0], 0.0, False)
-    >>> pre.shape, mask, sync.jacobian_ranks
-    (torch.Size([5, 2]), None, None)
+    >>> from degeneracy.accounting.statistics import PointStats
+    >>> from degeneracy.accounting.structure import node_at
+    >>> layer = NeuronLayer("act", node_at("act", "input"), "relu", 2)
+    >>> pre = torch.tensor([[[1.0, 2.0]], [[-1.0, -2.0]]], dtype=torch.float64)  # (batch, pos, d)
+    >>> stats = Statistics({layer.pre_point: PointStats(raw=[pre], count=2, positions=1)}, 2, "mse", None)
+    >>> sync, read, mask = layer_synchronisation(stats, layer, 0.0, False)
+    >>> sync.blocks, read.shape, mask
+    ([[0, 1]], torch.Size([2, 2]), None)
     """
     jac_stats = stats.points.get(layer.jacobian_point)
     mask = jac_stats.relevant() if jac_stats is not None else None
