@@ -33,7 +33,9 @@ from degeneracy.accounting.report import (
     degeneracy_report,
     load_degeneracy_report,
 )
-from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync, neuron_sync
+from degeneracy.accounting.rows import layer_synchronisation
+from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync
+from degeneracy.accounting.sources import neuron_sync as neuron_sync  # kept importable from here
 from degeneracy.accounting.statistics import collect
 from degeneracy.accounting.structure import discover, neuron_layer
 from degeneracy.adapters.transformer_lens.forward import last_position_logits
@@ -105,27 +107,16 @@ def neuron_synchronization(
     batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     found = neuron_layer(model, structure, layer)
-    jac_point = found.in_site.output_point if found.in_site is not None else found.pre_point
     stats = collect(
         model,
         batches,
         raw_points={found.pre_point},
-        jacobian_points={jac_point} if jacobians else set(),
+        jacobian_points={found.jacobian_point} if jacobians else set(),
         kind=kind,  # type: ignore[arg-type]
         positions=positions,
         forward=forward,
     )
-    k = stats.jacobian_gram(jac_point) if jacobians else None
-    mask = stats.points[jac_point].relevant() if jacobians else None
-    return neuron_sync(
-        stats.raw(found.pre_point, mask),
-        found.activation,
-        layer=found.name,
-        epsilon=epsilon,
-        relative=relative,
-        jacobian_gram=k,
-        src_dtype=stats.points[found.pre_point].dtype,
-    )
+    return layer_synchronisation(stats, found, epsilon, relative)[0]
 
 
 @renamed_arguments(position="positions")

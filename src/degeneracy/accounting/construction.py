@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from degeneracy.accounting.reading import read_node_layers
+from degeneracy.accounting.records import record
 from degeneracy.accounting.sources import firing_patterns, gram_floor, identical_columns
 from degeneracy.accounting.structure import NeuronLayer, discover_torch, node_at, resolve_module
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
@@ -113,19 +114,12 @@ class SparsifiedModel:
         return self.zeros_gained >= self.free_directions
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_output_difference": self.max_output_difference,
-            "tolerance": self.tolerance,
-            "verified": self.verified,
-            "zeros_before": self.zeros_before,
-            "zeros_after": self.zeros_after,
-            "zeros_gained": self.zeros_gained,
-            "free_directions": self.free_directions,
-            "generic_directions": self.generic_directions,
-            "pinned": self.pinned,
-            "claim_holds": self.claim_holds,
-            "layers": self.layers,
-        }
+        """The accounting as a JSON-able dict: every field but the model, and the derived checks.
+
+        >>> SparsifiedModel(torch.nn.Identity(), 0.0, 1e-10, 2, 5, 3, 1, 1).to_dict()["zeros_gained"]
+        3
+        """
+        return record(self, derived=("verified", "zeros_gained", "claim_holds"), omit=("model",))
 
 
 def _capture(model: nn.Module, batches: list[Batch], point: NodeLayer, forward: ForwardFn | None) -> Tensor:

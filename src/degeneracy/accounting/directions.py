@@ -25,6 +25,7 @@ from degeneracy.linalg import eigh_descending
 __all__ = [
     "Directions",
     "activation_directions",
+    "bias_directions",
     "block_directions",
     "gated_directions",
     "head_directions",
@@ -173,40 +174,71 @@ def head_directions(
     >>> head_directions(attn, index, torch.tensor([2.0, 3.0], dtype=torch.float64), [(0, 0)], "ov").tolist()
     [[2.0, -3.0]]
     """
-    num_parameters = flat.numel()
-    d = attn.d_head
-    rows = []
     p = attn.prefix
-    if which == "ov":
-        w_v, b_v, w_o = (spec_index.get(f"{p}{n}") for n in ("W_V", "b_V", "W_O"))
-        assert w_v is not None and w_o is not None
-        for to, frm in pairs:
-            for i in range(d):
-                for j in range(d):
-                    v = torch.zeros(num_parameters, dtype=torch.float64)
-                    # E = e_i e_jᵀ: (W_V[from] E)[:, j] = W_V[from][:, i]
-                    v[w_v[to][:, j]] += flat[w_v[frm][:, i]]
-                    if b_v is not None:
-                        v[b_v[to][j]] += flat[b_v[frm][i]]
-                    # (E W_O[to])[i, :] = W_O[to][j, :], subtracted from W_O[from]
-                    v[w_o[frm][i]] -= flat[w_o[to][j]]
-                    rows.append(v)
+    # Each side: index tensors laid out (head, ..., coordinate), and the bias (head, coordinate) or None.
+    if which == "ov":  # W_O's rows are its head coordinates: read them as the columns of its transpose
+        gains = (spec_index[f"{p}W_V"], spec_index.get(f"{p}b_V"))
+        loses = (spec_index[f"{p}W_O"].transpose(-1, -2), None)
     else:
-        w_q, b_q, w_k, b_k = (spec_index.get(f"{p}{n}") for n in ("W_Q", "b_Q", "W_K", "b_K"))
-        assert w_q is not None and w_k is not None
-        for h, _ in pairs:
-            for i in range(d):
-                for j in range(d):
-                    v = torch.zeros(num_parameters, dtype=torch.float64)
-                    v[w_q[h][:, j]] += flat[w_q[h][:, i]]
-                    if b_q is not None:
-                        v[b_q[h][j]] += flat[b_q[h][i]]
-                    # W_K Eᵀ: column i gets W_K[:, j]
-                    v[w_k[h][:, i]] -= flat[w_k[h][:, j]]
-                    if b_k is not None:
-                        v[b_k[h][i]] -= flat[b_k[h][j]]
-                    rows.append(v)
-    return torch.stack(rows) if rows else torch.zeros(0, num_parameters, dtype=torch.float64)
+        gains = (spec_index[f"{p}W_Q"], spec_index.get(f"{p}b_Q"))
+        loses = (spec_index[f"{p}W_K"], spec_index.get(f"{p}b_K"))
+        pairs = [(h, h) for h, _ in pairs]
+    rows = []
+    for to, frm in pairs:
+        for i in range(attn.d_head):
+            for j in range(attn.d_head):
+                v = torch.zeros(flat.numel(), dtype=torch.float64)
+                # E = e_i e_jᵀ: coordinate j of head `to` gains coordinate i of head `frm` (W_V E, W_Q E);
+                # coordinate i of `frm` loses coordinate j of `to` (E W_O, W_K Eᵀ)
+                _shift(v, flat, gains, (to, j), (frm, i), 1.0)
+                _shift(v, flat, loses, (frm, i), (to, j), -1.0)
+                rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, flat.numel(), dtype=torch.float64)
+
+
+def _shift(
+    v: Tensor,
+    flat: Tensor,
+    side: tuple[Tensor, Tensor | None],
+    target: tuple[int, int],
+    source: tuple[int, int],
+    sign: float,
+) -> None:
+    """v[weight[head][..., k]] += sign · θ[weight[head'][..., k']] (and the bias entries) for
+    ``target = (head, k)`` and ``source = (head', k')``."""
+    weight, bias = side
+    (h, k), (h_src, k_src) = target, source
+    v[weight[h][..., k]] += sign * flat[weight[h_src][..., k_src]]
+    if bias is not None:
+        v[bias[h][k]] += sign * flat[bias[h_src][k_src]]
+
+
+def bias_directions(attn: AttentionLayer, spec_index: dict[str, Tensor], flat: Tensor) -> Tensor:
+    """The exact bias symmetries of an attention layer: every b_K entry alone (q·b_K is the same for
+    every key), then b_V[h, j] += t with b_O −= t·W_O[h, j] (pattern rows sum to 1); (k × N).
+
+    >>> from degeneracy.adapters.transformer_lens.structure import AttentionLayer, hook_output
+    >>> attn = AttentionLayer("a", hook_output("p"), hook_output("v"), hook_output("z"), 1, 1, "a.")
+    >>> index = {"a.W_O": torch.tensor([[[0]]]), "a.b_V": torch.tensor([[1]]), "a.b_O": torch.tensor([2])}
+    >>> bias_directions(attn, index, torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)).tolist()
+    [[0.0, 1.0, -3.0]]
+    """
+    p = attn.prefix
+    rows = []
+    if f"{p}b_K" in spec_index:
+        for i in spec_index[f"{p}b_K"].reshape(-1).tolist():
+            v = torch.zeros(flat.numel(), dtype=torch.float64)
+            v[i] = 1.0
+            rows.append(v)
+    if f"{p}b_V" in spec_index and f"{p}b_O" in spec_index:
+        w_o, b_v, b_o = spec_index[f"{p}W_O"], spec_index[f"{p}b_V"], spec_index[f"{p}b_O"]
+        for h in range(attn.n_heads):
+            for j in range(attn.d_head):
+                v = torch.zeros(flat.numel(), dtype=torch.float64)
+                v[b_v[h, j]] = 1.0
+                v[b_o] = -flat[w_o[h, j]]
+                rows.append(v)
+    return torch.stack(rows) if rows else torch.zeros(0, flat.numel(), dtype=torch.float64)
 
 
 def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:

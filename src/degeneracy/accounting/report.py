@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from degeneracy.accounting.directions import union_rank
 from degeneracy.accounting.hessian import BehavioralHessian, HessianSpectrum, hessian_spectrum
+from degeneracy.accounting.records import record
 from degeneracy.accounting.rows import (
     SOURCE_KEYS,
     Ledger,
@@ -156,28 +157,13 @@ class DegeneracyReport:
         self.config["hessian_floor"] = spectrum.floor
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": [r.to_dict() for r in self.rows],
-            "num_parameters": self.num_parameters,
-            "covered_parameters": self.covered_parameters,
-            "epsilon": self.epsilon,
-            "relative": self.relative,
-            "kind": self.kind,
-            "num_examples": self.num_examples,
-            "hessian_rank": self.hessian_rank,
-            "hessian_nullity": self.hessian_nullity,
-            "hessian_stderr": self.hessian_stderr,
-            "hessian_method": self.hessian_method,
-            "union": self.union,
-            "total": self.total,
-            "neuron_layers": self.neuron_layers,
-            "attention_layers": self.attention_layers,
-            "sites": self.sites,
-            "notes": self.notes,
-            "timings": self.timings,
-            "config": self.config,
-            "version": self.version,
-        }
+        """Every field (rows as dicts) and the ``total``; :meth:`from_dict` reads it back.
+
+        >>> report = DegeneracyReport([SourceRow("fc1", "activation rank", 8)], 20, 20, 0.0, False, "mse", 10)
+        >>> report.to_dict()["total"], report.to_dict()["rows"][0]["source"]
+        (8, 'activation rank')
+        """
+        return {**record(self, derived=("total",)), "rows": [r.to_dict() for r in self.rows]}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), indent=2, **kwargs)

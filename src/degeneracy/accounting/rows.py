@@ -13,6 +13,7 @@ source (for the union), per-site ranks and notes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,14 @@ from torch import Tensor
 
 from degeneracy.accounting.directions import (
     activation_directions,
+    bias_directions,
     block_directions,
     gated_directions,
     head_directions,
     jacobian_directions,
     translation_directions,
 )
+from degeneracy.accounting.records import record
 from degeneracy.accounting.sources import (
     HeadSync,
     NeuronSync,
@@ -37,9 +40,18 @@ from degeneracy.accounting.sources import (
     neuron_sync,
 )
 from degeneracy.accounting.statistics import Statistics
-from degeneracy.accounting.structure import Site, Structure, parameter_index
+from degeneracy.accounting.structure import NeuronLayer, Site, Structure, parameter_index
 
-__all__ = ["Ledger", "SourceRow", "site_rows", "neuron_rows", "attention_rows", "SOURCE_KEYS"]
+__all__ = [
+    "Ledger",
+    "SourceRow",
+    "layer_synchronisation",
+    "site_rows",
+    "neuron_rows",
+    "attention_rows",
+    "ATTENTION_NOTES",
+    "SOURCE_KEYS",
+]
 
 
 @dataclass
@@ -54,14 +66,12 @@ class SourceRow:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "source": self.source,
-            "count": self.count,
-            "is_upper_bound": self.is_upper_bound,
-            "generic": self.generic,
-            "details": self.details,
-        }
+        """The row as a dict of its fields (``SourceRow(**d)`` rebuilds it).
+
+        >>> SourceRow("fc1", "jacobian rank", 3, is_upper_bound=True).to_dict()["is_upper_bound"]
+        True
+        """
+        return record(self)
 
 
 @dataclass
@@ -82,6 +92,25 @@ class Ledger:
     sites: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def keep(self, key: str, make: Callable[..., Tensor], *args: Any) -> None:
+        """With ``want_union``, add the directions ``make(*args)`` under ``key`` (``"<layer>/<source
+        key>"``); without, ``make`` is never called.
+
+        >>> ledger = Ledger(2, torch.zeros(2), want_union=True)
+        >>> ledger.keep("fc/activation", torch.eye, 2)
+        >>> [m.shape[0] for m in ledger.directions["fc/activation"]]
+        [2]
+        """
+        if self.want_union:
+            self.directions.setdefault(key, []).append(make(*args))
+
+
+ATTENTION_NOTES = {
+    "qk": "exact symmetry, not in the paper's list",
+    "key": "q·b_K is the same for every key: exact, not in the paper's list",
+    "value": "b_V W_O moves into b_O: exact, not in the paper's list",
+}
+"""The ``note`` of the exact attention symmetries beyond the paper's list (QK, key bias, value bias)."""
 
 SOURCE_KEYS: dict[str, str] = {
     "activation rank": "activation",
@@ -123,6 +152,37 @@ def _smallest(info: RankInfo, count: int = 3) -> list[float]:
     return [float(v) for v in info.eigenvalues[-count:].tolist()] if info.dim else []
 
 
+def layer_synchronisation(
+    stats: Statistics, layer: NeuronLayer, epsilon: float, relative: bool
+) -> tuple[NeuronSync, Tensor, Tensor | None]:
+    """Synchronised blocks of one neuron layer from collected statistics (t_a when they hold the
+    Jacobian Gram at :attr:`NeuronLayer.jacobian_point`), with the pre-activations read (examples ×
+    relevant positions) and the relevant-position mask (None: every position).
+
+    >>> from degeneracy.accounting.statistics import PointStats
+    >>> from degeneracy.accounting.structure import node_at
+    >>> layer = NeuronLayer("act", node_at("act", "input"), "relu", 2)
+    >>> pre = torch.tensor([[[1.0, 2.0]], [[-1.0, -2.0]]], dtype=torch.float64)  # (batch, pos, d)
+    >>> stats = Statistics({layer.pre_point: PointStats(raw=[pre], count=2, positions=1)}, 2, "mse", None)
+    >>> sync, read, mask = layer_synchronisation(stats, layer, 0.0, False)
+    >>> sync.blocks, read.shape, mask
+    ([[0, 1]], torch.Size([2, 2]), None)
+    """
+    jac_stats = stats.points.get(layer.jacobian_point)
+    mask = jac_stats.relevant() if jac_stats is not None else None
+    pre = stats.raw(layer.pre_point, mask)
+    sync = neuron_sync(
+        pre,
+        layer.activation,
+        layer=layer.name,
+        epsilon=epsilon,
+        relative=relative,
+        jacobian_gram=stats.jacobian_gram(layer.jacobian_point) if jac_stats is not None else None,
+        src_dtype=stats.points[layer.pre_point].dtype,
+    )
+    return sync, pre, mask
+
+
 def site_rows(
     stats: Statistics, structure: Structure, ledger: Ledger, epsilon: float, relative: bool
 ) -> None:
@@ -139,13 +199,7 @@ def site_rows(
     >>> [(row.source, row.count) for row in ledger.rows]
     [('activation rank', 2)]
     """
-    rows, directions, want_union, n_params = (
-        ledger.rows,
-        ledger.directions,
-        ledger.want_union,
-        ledger.num_parameters,
-    )
-    site_info = ledger.sites
+    rows, n_params = ledger.rows, ledger.num_parameters
     for site in structure.sites:
         act, jac, mask = _site_grams(stats, site, epsilon, relative)
         info = {
@@ -166,7 +220,7 @@ def site_rows(
                 jacobian_threshold=jac.threshold,
                 jacobian_smallest=_smallest(jac),
             )
-        site_info.append(info)
+        ledger.sites.append(info)
         if act.drops:
             rows.append(
                 SourceRow(
@@ -176,10 +230,7 @@ def site_rows(
                     details={"drops": act.drops, "d_out": site.d_out, "rank": act.rank, "dim": act.dim},
                 )
             )
-            if want_union:
-                directions.setdefault(f"{site.name}/activation", []).append(
-                    activation_directions(site, act.null_vectors, n_params)
-                )
+            ledger.keep(f"{site.name}/activation", activation_directions, site, act.null_vectors, n_params)
         if jac is not None and jac.drops:
             rows.append(
                 SourceRow(
@@ -190,10 +241,7 @@ def site_rows(
                     details={"drops": jac.drops, "d_in_with_bias": site.d_in_aug, "rank": jac.rank},
                 )
             )
-            if want_union:
-                directions.setdefault(f"{site.name}/jacobian", []).append(
-                    jacobian_directions(site, jac.null_vectors, n_params)
-                )
+            ledger.keep(f"{site.name}/jacobian", jacobian_directions, site, jac.null_vectors, n_params)
             if act.drops:
                 rows.append(
                     SourceRow(
@@ -228,30 +276,10 @@ def neuron_rows(
     >>> [sync.layer for sync in neuron_rows(stats, structure, ledger, 0.0, False, None)]
     ['1']
     """
-    rows, directions, want_union, n_params, flat = (
-        ledger.rows,
-        ledger.directions,
-        ledger.want_union,
-        ledger.num_parameters,
-        ledger.flat,
-    )
-    site_info, gate_notes = ledger.sites, ledger.notes
+    rows, flat, n_params = ledger.rows, ledger.flat, ledger.num_parameters
     neuron_results: list[NeuronSync] = []
     for layer in structure.neuron_layers:
-        jac_point = layer.in_site.output_point if layer.in_site is not None else layer.pre_point
-        jac_stats = stats.points.get(jac_point)
-        mask = jac_stats.relevant() if jac_stats is not None else None
-        pre = stats.raw(layer.pre_point, mask)
-        k = stats.jacobian_gram(jac_point) if jac_stats is not None else None
-        sync = neuron_sync(
-            pre,
-            layer.activation,
-            layer=layer.name,
-            epsilon=epsilon,
-            relative=relative,
-            jacobian_gram=k,
-            src_dtype=stats.points[layer.pre_point].dtype,
-        )
+        sync, pre, mask = layer_synchronisation(stats, layer, epsilon, relative)
         neuron_results.append(sync)
         connected = layer.in_site is not None and layer.out_site is not None
         details = {
@@ -284,7 +312,7 @@ def neuron_rows(
         )
         gated_cost = pre.shape[0] * layer.width * (layer.in_site.d_in_aug if layer.in_site else 0) ** 2
         if can_gate and not (gated if gated is not None else gated_cost <= 4e9):
-            gate_notes.append(
+            ledger.notes.append(
                 f"{layer.name}: gated activation ranks skipped (~{gated_cost:.1e} operations; "
                 "pass gated=True)"
             )
@@ -294,7 +322,7 @@ def neuron_rows(
             site_inputs = stats.raw(site.input_point, mask)
             if site.has_bias:
                 site_inputs = torch.cat([site_inputs, torch.ones_like(site_inputs[:, :1])], dim=1)
-            global_rank = next(info["activation_rank"] for info in site_info if info["site"] == site.name)
+            global_rank = next(info["activation_rank"] for info in ledger.sites if info["site"] == site.name)
             gated_info = gated_ranks(
                 site_inputs,
                 pre > 0,
@@ -321,9 +349,9 @@ def neuron_rows(
                         },
                     )
                 )
-                if want_union:
-                    directions.setdefault(f"{site.name}/gated", []).extend(
-                        gated_directions(site, i, gated_info[i].null_vectors, n_params) for i in extra
+                for i in extra:
+                    ledger.keep(
+                        f"{site.name}/gated", gated_directions, site, i, gated_info[i].null_vectors, n_params
                     )
         translatable = (
             layer.in_site is not None
@@ -345,17 +373,13 @@ def neuron_rows(
                     },
                 )
             )
-        if want_union and connected:
+        if connected:
             dead = set(sync.dead)
             for a, block in enumerate(sync.blocks):
                 if not set(block) <= dead:
-                    directions.setdefault(f"{layer.name}/neurons", []).append(
-                        block_directions(layer, block, flat)
-                    )
+                    ledger.keep(f"{layer.name}/neurons", block_directions, layer, block, flat)
                 if a in linear_blocks:
-                    directions.setdefault(f"{layer.name}/translation", []).append(
-                        translation_directions(layer, block, flat)
-                    )
+                    ledger.keep(f"{layer.name}/translation", translation_directions, layer, block, flat)
     return neuron_results
 
 
@@ -371,21 +395,12 @@ def attention_rows(
     >>> attention_rows(stats, structure, Ledger(3, torch.zeros(3), want_union=False), 0.0, False)
     []
     """
-    rows, directions, want_union, n_params, flat = (
-        ledger.rows,
-        ledger.directions,
-        ledger.want_union,
-        ledger.num_parameters,
-        ledger.flat,
-    )
     head_results: list[HeadSync] = []
     spec_index = {name: parameter_index(structure.layout, name) for name in structure.layout.names}
     for attn in structure.attention_layers:
         z_stats = stats.points.get(attn.z_point)
         mask = z_stats.relevant() if z_stats is not None else None
         patterns = stats.raw(attn.pattern_point, mask)
-        value_gram = stats.gram(attn.value_point, None)
-        z_k = stats.jacobian_gram(attn.z_point) if z_stats is not None else None
         hs = head_sync(
             patterns,
             attn.n_heads,
@@ -393,14 +408,13 @@ def attention_rows(
             layer=attn.name,
             epsilon=epsilon,
             relative=relative,
-            value_gram=value_gram,
-            z_jacobian_gram=z_k,
-            samples=patterns.shape[0],
+            value_gram=stats.gram(attn.value_point, None),
+            z_jacobian_gram=stats.jacobian_gram(attn.z_point) if z_stats is not None else None,
+            num_samples=patterns.shape[0],
             src_dtype=stats.points[attn.pattern_point].dtype,
         )
         head_results.append(hs)
-        d2 = attn.d_head**2
-        rows.append(
+        ledger.rows.append(
             SourceRow(
                 attn.name,
                 "synchronised heads",
@@ -413,70 +427,28 @@ def attention_rows(
                 },
             )
         )
-        rows.append(
-            SourceRow(
-                attn.name,
-                "attention OV (W_V E, E⁻¹ W_O)",
-                hs.generic_count,
-                generic=True,
-                details={"per_head_s_t": list(zip(hs.head_value_ranks, hs.head_jacobian_ranks, strict=True))},
-            )
+        per_head_s_t = list(zip(hs.head_value_ranks, hs.head_jacobian_ranks, strict=True))
+        p, heads = attn.prefix, attn.n_heads
+        key_bias = f"{p}b_K" in spec_index
+        value_bias = f"{p}b_V" in spec_index and f"{p}b_O" in spec_index
+        width = heads * attn.d_head
+        exact = [  # (source, count, details, present): the generic symmetries of an attention layer
+            ("attention OV (W_V E, E⁻¹ W_O)", hs.generic_count, {"per_head_s_t": per_head_s_t}, True),
+            ("attention QK (W_Q B, W_K B⁻ᵀ)", width * attn.d_head, {"note": ATTENTION_NOTES["qk"]}, True),
+            ("key bias (softmax shift)", width, {"note": ATTENTION_NOTES["key"]}, key_bias),
+            ("value bias (pattern rows sum to 1)", width, {"note": ATTENTION_NOTES["value"]}, value_bias),
+        ]
+        ledger.rows.extend(
+            SourceRow(attn.name, source, count, generic=True, details=details)
+            for source, count, details, present in exact
+            if present
         )
-        p = attn.prefix
-        names = set(structure.layout.names)
-        rows.append(
-            SourceRow(
-                attn.name,
-                "attention QK (W_Q B, W_K B⁻ᵀ)",
-                attn.n_heads * d2,
-                generic=True,
-                details={"note": "exact symmetry, not in the paper's list"},
-            )
-        )
-        if f"{p}b_K" in names:
-            rows.append(
-                SourceRow(
-                    attn.name,
-                    "key bias (softmax shift)",
-                    attn.n_heads * attn.d_head,
-                    generic=True,
-                    details={"note": "q·b_K is the same for every key: exact, not in the paper's list"},
-                )
-            )
-        if f"{p}b_V" in names and f"{p}b_O" in names:
-            rows.append(
-                SourceRow(
-                    attn.name,
-                    "value bias (pattern rows sum to 1)",
-                    attn.n_heads * attn.d_head,
-                    generic=True,
-                    details={"note": "b_V W_O moves into b_O: exact, not in the paper's list"},
-                )
-            )
-        if want_union:
-            ov_pairs = [(h, h) for h in range(attn.n_heads)]
-            for block in hs.synchronised_blocks:
-                ov_pairs += [(a, b) for a in block for b in block if a != b]
-            directions.setdefault(f"{attn.name}/ov", []).append(
-                head_directions(attn, spec_index, flat, ov_pairs, "ov")
-            )
-            directions.setdefault(f"{attn.name}/qk", []).append(
-                head_directions(attn, spec_index, flat, [(h, h) for h in range(attn.n_heads)], "qk")
-            )
-            extra = []
-            if f"{p}b_K" in names:
-                for i in spec_index[f"{p}b_K"].reshape(-1).tolist():
-                    v = torch.zeros(n_params, dtype=torch.float64)
-                    v[i] = 1.0
-                    extra.append(v)
-            if f"{p}b_V" in names and f"{p}b_O" in names:
-                w_o, b_v, b_o = spec_index[f"{p}W_O"], spec_index[f"{p}b_V"], spec_index[f"{p}b_O"]
-                for h in range(attn.n_heads):
-                    for j in range(attn.d_head):
-                        v = torch.zeros(n_params, dtype=torch.float64)
-                        v[b_v[h, j]] = 1.0
-                        v[b_o] = -flat[w_o[h, j]]
-                        extra.append(v)
-            if extra:
-                directions.setdefault(f"{attn.name}/biases", []).append(torch.stack(extra))
+        ov_pairs = [(h, h) for h in range(heads)]  # the generic ones, then pairs inside synchronised blocks
+        for block in hs.synchronised_blocks:
+            ov_pairs += [(a, b) for a in block for b in block if a != b]
+        flat, own = ledger.flat, [(h, h) for h in range(heads)]
+        ledger.keep(f"{attn.name}/ov", head_directions, attn, spec_index, flat, ov_pairs, "ov")
+        ledger.keep(f"{attn.name}/qk", head_directions, attn, spec_index, flat, own, "qk")
+        if key_bias or value_bias:
+            ledger.keep(f"{attn.name}/biases", bias_directions, attn, spec_index, flat)
     return head_results

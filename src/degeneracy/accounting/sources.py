@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from degeneracy.accounting.records import record
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import eigh_descending
 
@@ -230,20 +231,14 @@ class NeuronSync:
         return [self.blocks[a] for a in self._live() if len(self.blocks[a]) > 1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "activation": self.activation,
-            "blocks": self.blocks,
-            "dead": self.dead,
-            "block_ranks": self.block_ranks,
-            "jacobian_ranks": self.jacobian_ranks,
-            "max_residual": self.max_residual,
-            "epsilon": self.epsilon,
-            "paper_count": self.paper_count,
-            "patterns": self.patterns,
-            "generic_count": self.generic_count,
-            "synchronised_count": self.synchronised_count,
-        }
+        """Fields (but ``num_samples``) and the three counts, for the report's ``neuron_layers``.
+
+        >>> neuron_sync(torch.tensor([[1.0, 2.0]]), "relu").to_dict()["paper_count"]
+        1
+        """
+        return record(
+            self, derived=("paper_count", "generic_count", "synchronised_count"), omit=("num_samples",)
+        )
 
 
 def firing_patterns(pre: Tensor, activation: str) -> Tensor:
@@ -424,21 +419,12 @@ class HeadSync:
         return [b for b in self.blocks if len(b) > 1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "n_heads": self.n_heads,
-            "d_head": self.d_head,
-            "blocks": self.blocks,
-            "max_difference": self.max_difference,
-            "head_value_ranks": self.head_value_ranks,
-            "head_jacobian_ranks": self.head_jacobian_ranks,
-            "block_value_ranks": self.block_value_ranks,
-            "block_jacobian_ranks": self.block_jacobian_ranks,
-            "epsilon": self.epsilon,
-            "generic_count": self.generic_count,
-            "synchronised_count": self.synchronised_count,
-            "paper_synchronised_count": self.paper_synchronised_count,
-        }
+        """Fields and the three counts, for the report's ``attention_layers``.
+
+        >>> head_sync(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 2, 1).to_dict()["paper_synchronised_count"]
+        2
+        """
+        return record(self, derived=("generic_count", "synchronised_count", "paper_synchronised_count"))
 
 
 @renamed_arguments(samples="num_samples")

@@ -150,6 +150,16 @@ class NeuronLayer:
     in_site: Site | None = None
     out_site: Site | None = None
 
+    @property
+    def jacobian_point(self) -> NodeLayer:
+        """Where the layer's output Jacobian is read: the output of its incoming linear map, or its
+        pre-activation when none was found.
+
+        >>> NeuronLayer("act", node_at("act", "input"), "relu", 4).jacobian_point == node_at("act", "input")
+        True
+        """
+        return self.in_site.output_point if self.in_site is not None else self.pre_point
+
 
 @dataclass
 class Structure:

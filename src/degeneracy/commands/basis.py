@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from degeneracy.commands.config import BASIS_METHODS, BasisRunConfig, ModelSpec, load_yaml, resolve_model
-from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 
 __all__ = ["basis_stage_config", "basis_stage", "build_bases", "basis_command"]
@@ -113,11 +113,10 @@ def build_bases(
 
 
 def basis_command(
-    config: Path = typer.Argument(..., help="YAML config (see BasisRunConfig)"),
-    out: Path = typer.Option(Path("runs/basis"), help="output directory"),
-    force: ForceOption = False,
+    config: ConfigArgument, out: OutOption = Path("runs/basis"), force: ForceOption = False
 ) -> None:
-    """Build interaction bases from a config file (a rerun with the same config skips finished bases)."""
+    """Build interaction bases from a config file (a :class:`BasisRunConfig`; a rerun with the same
+    config skips finished bases)."""
     with user_errors():
         cfg = load_yaml(config, BasisRunConfig)
         _, summary = build_bases(cfg, out, force=force, log=echo_err)

@@ -19,6 +19,7 @@ __all__ = [
     "StrictModel",
     "ModelSpec",
     "load_yaml",
+    "load_run",
     "resolve_model",
     "MODADD_NODE_LAYERS",
     "DIGITS_NODE_LAYERS",
@@ -75,6 +76,19 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
         return model.model_validate(raw)
     except ValidationError as err:
         raise ValueError(f"{path}: invalid config\n{err}") from err
+
+
+def load_run(path: str | Path, config_type: type[BaseModel]) -> tuple[Any, Any, Any, list[Any] | None]:
+    """``(config, model, data, default_node_layers)`` of a run: its YAML config read as ``config_type``
+    (:func:`load_yaml`), then the config's ``model`` resolved (:func:`resolve_model`).
+
+    >>> load_run("missing.yaml", LLCRunConfig)
+    Traceback (most recent call last):
+    ...
+    ValueError: missing.yaml: no such config file
+    """
+    cfg = load_yaml(path, config_type)
+    return (cfg, *resolve_model(cfg.model))
 
 
 def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:

@@ -29,8 +29,8 @@ import torch
 import typer
 from torch import nn
 
-from degeneracy.commands.config import DegeneracyRunConfig, load_yaml, resolve_model
-from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.config import DegeneracyRunConfig, load_run
+from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text
 
@@ -216,15 +216,13 @@ def _compute(
 
 
 def degeneracy_command(
-    config: Path = typer.Argument(..., help="YAML config (see DegeneracyRunConfig)"),
-    out: Path = typer.Option(Path("runs/degeneracy"), help="output directory"),
-    force: ForceOption = False,
+    config: ConfigArgument, out: OutOption = Path("runs/degeneracy"), force: ForceOption = False
 ) -> None:
-    """Degeneracy accounting from a config file: sources of free directions, Hessian spectrum and
-    rank at ε, and the Section 4 construction; results in OUT (a rerun with the same config skips)."""
+    """Degeneracy accounting from a config file (a :class:`DegeneracyRunConfig`): sources of free
+    directions, Hessian spectrum and rank at ε, and the Section 4 construction; results in OUT (a rerun
+    with the same config skips)."""
     with user_errors():
-        cfg = load_yaml(config, DegeneracyRunConfig)
-        model, data, _ = resolve_model(cfg.model)
+        cfg, model, data, _ = load_run(config, DegeneracyRunConfig)
         summary = dict(run_degeneracy(cfg, model, data, out, force=force, log=echo_err))
     table = summary.pop("table")
     typer.echo(table)

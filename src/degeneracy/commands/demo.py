@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from degeneracy.commands.config import MODADD_NODE_LAYERS, BasisRunConfig, ModelSpec, resolve_model
-from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.errors import ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text
 
@@ -110,10 +110,7 @@ def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) ->
     return path
 
 
-def demo_command(
-    out: Path = typer.Option(Path("demo-report"), help="output directory"),
-    force: ForceOption = False,
-) -> None:
+def demo_command(out: OutOption = Path("demo-report"), force: ForceOption = False) -> None:
     """The whole pipeline on the bundled models: bases, interaction graph and modules, degeneracy
     accounting and the learning coefficient, written to OUT/report.md with figures."""
     with user_errors():

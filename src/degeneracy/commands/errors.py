@@ -1,17 +1,26 @@
 """How commands talk to the user: errors as one red line and exit code 2 (never a traceback), progress on
-stderr, and the shared `--force` flag."""
+stderr, and the arguments every config command shares (CONFIG, `--out`, `--force`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-__all__ = ["USER_ERRORS", "ForceOption", "user_errors", "echo_err"]
+__all__ = ["USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_errors", "echo_err"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
+
+ConfigArgument = Annotated[
+    Path, typer.Argument(help="YAML config of the run (its fields: see the command's config class)")
+]
+"""The CONFIG argument of the ``basis``, ``graph``, ``degeneracy`` and ``llc`` commands."""
+
+OutOption = Annotated[Path, typer.Option(help="output directory")]
+"""The ``--out`` option of every command (each command gives its own default folder)."""
 
 ForceOption = Annotated[
     bool, typer.Option("--force", help="recompute stages that already finished with the same config")

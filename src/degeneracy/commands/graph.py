@@ -38,10 +38,9 @@ from degeneracy.commands.config import (
     GraphRunConfig,
     ModelSpec,
     ModuleOptions,
-    load_yaml,
-    resolve_model,
+    load_run,
 )
-from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text
 
@@ -454,15 +453,13 @@ def _figures(
 
 
 def graph_command(
-    config: Path = typer.Argument(..., help="YAML config (see GraphRunConfig)"),
-    out: Path = typer.Option(Path("runs/graph"), help="output directory"),
-    force: ForceOption = False,
+    config: ConfigArgument, out: OutOption = Path("runs/graph"), force: ForceOption = False
 ) -> None:
-    """Build bases and interaction graphs, run ablations, find modules; results and figures in OUT
-    (a rerun with the same config skips the finished stages)."""
+    """Build bases and interaction graphs, run ablations, find modules from a config file (a
+    :class:`GraphRunConfig`); results and figures in OUT (a rerun with the same config skips the
+    finished stages)."""
     with user_errors():
-        cfg = load_yaml(config, GraphRunConfig)
-        model, data, default_layers = resolve_model(cfg.model)
+        cfg, model, data, default_layers = load_run(config, GraphRunConfig)
         labels = None
         if isinstance(data, tuple | list) and len(data) == 2:  # a factory returning (inputs, labels)
             data, labels = data

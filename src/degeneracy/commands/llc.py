@@ -28,8 +28,8 @@ from typing import Any
 import typer
 from torch import Tensor, nn
 
-from degeneracy.commands.config import LLCRunConfig, load_yaml, resolve_model
-from degeneracy.commands.errors import ForceOption, echo_err, user_errors
+from degeneracy.commands.config import LLCRunConfig, load_run
+from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.io import atomic_write_text
@@ -213,15 +213,12 @@ def _plots(
 
 
 def llc_command(
-    config: Path = typer.Argument(..., help="YAML config (see LLCRunConfig)"),
-    out: Path = typer.Option(Path("runs/llc"), help="output directory"),
-    force: ForceOption = False,
+    config: ConfigArgument, out: OutOption = Path("runs/llc"), force: ForceOption = False
 ) -> None:
-    """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file; results in OUT
-    (a rerun with the same config skips the finished stages)."""
+    """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file (an
+    :class:`LLCRunConfig`); results in OUT (a rerun with the same config skips the finished stages)."""
     with user_errors():
-        cfg = load_yaml(config, LLCRunConfig)
-        model, data, _ = resolve_model(cfg.model)
+        cfg, model, data, _ = load_run(config, LLCRunConfig)
         summary = run_llc(cfg, model, data, out, force=force, log=echo_err)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
