@@ -1,0 +1,197 @@
+"""Node ablation curves (package docstring of :mod:`degeneracy.ablation`)."""
+
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from degeneracy.ablation.runner import AblationRunner, Metrics, classification_metrics, default_schedule
+from degeneracy.capture import capture
+
+__all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
+
+# ---------------------------------------------------------------------------------------------------
+# Node ablation
+
+
+@dataclass(frozen=True)
+class NodeAblationCurve:
+    """Accuracy and loss when only the ``n_kept`` most important features of ``layer`` are kept.
+
+    ``n_kept`` counts non-constant features; the constant direction (if any) is always kept.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> labels = model(x).argmax(-1)
+    >>> curve = node_ablation_curve(model, x, B, "2", labels=labels, n_kept=[0, B["2"].dim - 1])
+    >>> curve.n_kept == [0, B["2"].dim - 1], curve.accuracy[-1] == curve.base_accuracy == 1.0
+    (True, True)
+    """
+
+    layer: str
+    basis_method: str
+    importance: str
+    n_features: int
+    n_kept: list[int]
+    accuracy: list[float]
+    loss: list[float]
+    base_accuracy: float
+    base_loss: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _importance(basis: Any, layer: str, importance: str | Tensor, graph: Any | None) -> tuple[str, Tensor]:
+    b = basis[layer]
+    if isinstance(importance, Tensor):
+        if importance.numel() != b.dim:
+            raise ValueError(f"importance for {layer!r} must have {b.dim} entries, got {importance.numel()}")
+        return "given", importance.to(torch.float64).flatten()
+    if importance == "eigenvalues":
+        return importance, b.eigenvalues.to(torch.float64)
+    if importance == "edges":
+        if graph is None:
+            raise ValueError("importance='edges' needs graph=...")
+        names = graph.names
+        k = names.index(layer)
+        total = torch.zeros(b.dim, dtype=torch.float64)
+        if k + 1 < len(names):
+            total += graph.edges[(layer, names[k + 1])].sum(0)
+        if k > 0:
+            total += graph.edges[(names[k - 1], layer)].sum(1)
+        return importance, total
+    raise ValueError(f"importance must be 'eigenvalues', 'edges' or a tensor, got {importance!r}")
+
+
+def node_ablation_curve(
+    model: nn.Module,
+    data: Any,
+    basis: Any,
+    layer: str,
+    *,
+    labels: Tensor | None = None,
+    n_kept: Sequence[int] | None = None,
+    importance: str | Tensor = "eigenvalues",
+    graph: Any | None = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    metrics: Metrics = classification_metrics,
+    _runner: AblationRunner | None = None,
+) -> NodeAblationCurve:
+    """Keep the top-k features of ``layer`` by importance, mean-ablate the rest, and evaluate.
+
+    Args:
+        model, data, basis: as for :func:`degeneracy.interaction_graph`; ``labels`` aligned with a
+            tensor ``data`` (or batches ``(inputs, labels)``).
+        layer: the node layer to ablate (not the model output).
+        n_kept: numbers of non-constant features to keep (default :func:`default_schedule`).
+        importance: ``"eigenvalues"`` (Λ of LIB/global, variance of PCA), ``"edges"`` (total edge
+            weight in and out, needs ``graph``) or a tensor of d̂ scores.
+        metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> curve = node_ablation_curve(model, x, B, "1", labels=model(x).argmax(-1))
+    >>> curve.layer, curve.n_kept[0], curve.base_accuracy
+    ('1', 0, 1.0)
+    """
+    runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    start = time.perf_counter()
+    kind, scores = _importance(basis, layer, importance, graph)
+    b = basis[layer]
+    offset = 1 if runner.constant else 0
+    order = offset + torch.argsort(scores[offset:], descending=True)
+    n_features = b.dim - offset
+    schedule = sorted(set(n_kept if n_kept is not None else default_schedule(n_features)))
+    if schedule and (schedule[0] < 0 or schedule[-1] > n_features):
+        raise ValueError(f"n_kept must lie in [0, {n_features}] for layer {layer!r}")
+    means = runner.feature_means()[layer]
+    base = runner.evaluate(None)
+    accs, losses = [], []
+    for k in schedule:
+        keep = torch.zeros(b.dim, dtype=torch.bool)
+        keep[:offset] = True
+        keep[order[:k]] = True
+
+        def replace(inputs: Any, _: Tensor, keep: Tensor = keep) -> tuple[str, Tensor]:
+            x = capture(runner.run.model, inputs, runner.layers, [layer], constant=runner.constant)[layer]
+            f = x.to(torch.float64) @ b.C.to(x.device).T
+            f = torch.where(keep.to(f.device), f, means.to(f.device))
+            return layer, runner.to_activations(layer, f)
+
+        result = runner.evaluate(replace)
+        accs.append(result["accuracy"])
+        losses.append(result["loss"])
+    return NodeAblationCurve(
+        layer,
+        basis.config.method,
+        kind,
+        n_features,
+        schedule,
+        accs,
+        losses,
+        base["accuracy"],
+        base["loss"],
+        {"seconds": time.perf_counter() - start},
+    )
+
+
+def node_ablation_curves(
+    model: nn.Module,
+    data: Any,
+    basis: Any,
+    *,
+    layers: Sequence[str] | None = None,
+    labels: Tensor | None = None,
+    importance: str = "eigenvalues",
+    graph: Any | None = None,
+    num_points: int = 24,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    metrics: Metrics = classification_metrics,
+) -> dict[str, NodeAblationCurve]:
+    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
+    >>> curves = node_ablation_curves(model, x, B, labels=model(x).argmax(-1), num_points=3)
+    >>> sorted(curves)
+    ['1', '2']
+    """
+    runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    names = layers or [layer.name for layer in runner.layers if not layer.is_output]
+    out = {}
+    for name in names:
+        n = basis[name].dim - (1 if runner.constant else 0)
+        out[name] = node_ablation_curve(
+            model,
+            data,
+            basis,
+            name,
+            n_kept=default_schedule(n, num_points),
+            importance=importance,
+            graph=graph,
+            metrics=metrics,
+            _runner=runner,
+        )
+    return out
+
+
