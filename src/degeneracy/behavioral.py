@@ -41,6 +41,7 @@ from degeneracy.run import (
     ForwardFn,
     cast_inputs,
     functional_output,
+    model_dtype,
     parameters_and_buffers,
     reference_parameters,
     run_model,
@@ -55,6 +56,7 @@ __all__ = [
     "whiten_outputs",
     "behavioral_loss",
     "behavioral_loss_function",
+    "BehavioralProblem",
 ]
 
 LossKind = Literal["mse", "kl"]
@@ -174,44 +176,82 @@ def behavioral_loss(
     return total / n
 
 
-@renamed_arguments(position="positions")
+class BehavioralProblem:
+    """The fixed parts of L_B(· | θ*, D): θ* (the model's parameters), the cast inputs and the reference
+    outputs f_θ*(x), batch by batch. :func:`behavioral_loss_function` and the accounting's Hessian
+    (:class:`degeneracy.accounting.BehavioralHessian`) are both built on it.
+
+    Args:
+        model: the network at θ*.
+        data: the dataset D (anything :func:`degeneracy.data.iter_batches` reads).
+        kind: ``"mse"`` or ``"kl"``.
+        batch_size, positions, forward: as in :func:`behavioral_loss`.
+        dtype: dtype of the computation: parameters, buffers and floating inputs are cast to it;
+            ``None`` keeps the model's, and floating inputs must then be in that dtype
+            (:func:`degeneracy.run.cast_inputs`).
+
+    >>> problem = BehavioralProblem(torch.nn.Linear(2, 1).double(), torch.ones(3, 2, dtype=torch.float64))
+    >>> problem.n, problem.loss(problem.params).item()
+    (3, 0.0)
+    """
+
+    @renamed_arguments(position="positions")
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        kind: LossKind = "mse",
+        *,
+        batch_size: int | None = None,
+        positions: int | None = None,
+        forward: ForwardFn | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_kind(kind)
+        self.model, self.kind, self.positions, self.forward = model, kind, positions, forward
+        self.dtype = dtype or model_dtype(model)
+        self.params, self.buffers = parameters_and_buffers(model, self.dtype)
+        batches = list(iter_batches(data, batch_size))
+        self.inputs = [cast_inputs(b.inputs, self.dtype, explicit=dtype is not None) for b in batches]
+        self.sizes = [b.size for b in batches]
+        self.n = sum(self.sizes)
+        with torch.no_grad():
+            self.refs = [self.output(self.params, x) for x in self.inputs]
+
+    def output(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
+        """f_θ(x) for parameters ``params`` (a name → tensor dict) on one batch of cast inputs."""
+        return functional_output(
+            self.model, {**params, **self.buffers}, inputs, forward=self.forward, positions=self.positions
+        )
+
+    def loss(self, theta: dict[str, Tensor]) -> Float[Tensor, ""]:
+        """L_B(θ | θ*, D) in float64 (a pure function of ``theta``, for ``torch.func`` transforms)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for x, ref in zip(self.inputs, self.refs, strict=True):
+            total = (
+                total + per_example_behavioral(self.output(theta, x).double(), ref.double(), self.kind).sum()
+            )
+        return total / self.n
+
+
 def behavioral_loss_function(
     model: nn.Module,
     data: Any,
     kind: LossKind = "mse",
     *,
-    batch_size: int | None = None,
-    positions: int | None = None,
-    forward: ForwardFn | None = None,
     dtype: torch.dtype | None = torch.float64,
+    **options: Any,
 ) -> Callable[[dict[str, Tensor]], Tensor]:
     """θ ↦ L_B(θ | θ*, D) as a pure function of a parameter dict, with θ* = ``model``'s parameters.
 
-    Suitable for ``torch.func`` transforms (``torch.func.hessian`` checks the accounting's Hessian
-    against this function). Parameters, buffers and floating inputs are cast to ``dtype`` (``None``:
-    keep the model's).
+    :meth:`BehavioralProblem.loss` of ``BehavioralProblem(model, data, kind, dtype=dtype, **options)``
+    (``options``: ``batch_size``, ``positions``, ``forward``). Suitable for ``torch.func`` transforms
+    (``torch.func.hessian`` checks the accounting's Hessian against it). Parameters, buffers and
+    floating inputs are cast to ``dtype`` (``None``: keep the model's; floating inputs must match it).
 
     >>> model = torch.nn.Linear(2, 1)
     >>> loss = behavioral_loss_function(model, torch.ones(3, 2))
     >>> loss({n: p.double() for n, p in model.named_parameters()}).item()
     0.0
     """
-    check_kind(kind)
-    batches = list(iter_batches(data, batch_size))
-    params, buffers = parameters_and_buffers(model, dtype)
-    inputs = [b.inputs if dtype is None else cast_inputs(b.inputs, dtype, explicit=True) for b in batches]
-    with torch.no_grad():
-        refs = [
-            functional_output(model, {**params, **buffers}, x, forward=forward, positions=positions)
-            for x in inputs
-        ]
-    n = sum(b.size for b in batches)
-
-    def loss(theta: dict[str, Tensor]) -> Tensor:
-        total = torch.zeros((), dtype=torch.float64)
-        for x, ref in zip(inputs, refs, strict=True):
-            out = functional_output(model, {**theta, **buffers}, x, forward=forward, positions=positions)
-            total = total + per_example_behavioral(out.double(), ref.double(), kind).sum()
-        return total / n
-
-    return loss
+    return BehavioralProblem(model, data, kind, dtype=dtype, **options).loss

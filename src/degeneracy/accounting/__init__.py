@@ -119,25 +119,15 @@ def neuron_synchronization(
     return layer_synchronisation(stats, found, epsilon, relative)[0]
 
 
-@renamed_arguments(position="positions")
-def synchronized_blocks(
-    model: nn.Module,
-    data: Any,
-    layer: str,
-    *,
-    epsilon: float = 0.0,
-    relative: bool = False,
-    batch_size: int | None = None,
-    positions: int | None = None,
-    forward: ForwardFn | None = None,
-) -> list[list[int]]:
+def synchronized_blocks(model: nn.Module, data: Any, layer: str, **options: Any) -> list[list[int]]:
     """Partition of the neurons of ``layer`` into synchronised blocks (lists of indices, singletons
     included, sorted by first index).
 
     ε = 0: neurons whose firing patterns r_i(x) = 1[p_i(x) > 0] (paper eq 17) agree on every input
     (and position); never-firing (dead) ReLU neurons share the all-zero pattern and form one block.
     ε > 0: approximate synchronisation (eq 20, see :mod:`degeneracy.accounting.sources`), closed
-    under transitivity. ``layer`` as in :func:`neuron_synchronization`.
+    under transitivity. ``layer`` and the keywords (``epsilon``, ``relative``, ``batch_size``,
+    ``positions``, ``forward``) as in :func:`neuron_synchronization`.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).double()
@@ -146,16 +136,7 @@ def synchronized_blocks(
     >>> synchronized_blocks(model, torch.randn(8, 2, dtype=torch.float64), "1")
     [[0, 1], [2]]
     """
-    return neuron_synchronization(
-        model,
-        data,
-        layer,
-        epsilon=epsilon,
-        relative=relative,
-        batch_size=batch_size,
-        positions=positions,
-        forward=forward,
-    ).blocks
+    return neuron_synchronization(model, data, layer, **options).blocks
 
 
 def head_synchronization(

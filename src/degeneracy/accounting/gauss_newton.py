@@ -25,25 +25,19 @@ Outputs at several positions are flattened into the rows (the behavioral loss su
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 
 from degeneracy.accounting.kronecker import linear_gram
-from degeneracy.behavioral import LossKind, check_kind, whiten_outputs
-from degeneracy.data import iter_batches
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.behavioral import BehavioralProblem, whiten_outputs
 from degeneracy.run import (
-    ForwardFn,
     ParamLayout,
-    cast_inputs,
-    functional_output,
-    model_dtype,
-    parameters_and_buffers,
 )
 
 __all__ = ["BehavioralHessian", "numerical_floor"]
@@ -66,20 +60,11 @@ def numerical_floor(largest: float, size: int, dtype: torch.dtype, *, operator: 
     return float(largest) * max(size, 1) * max(eps64, 100.0 * eps**2)
 
 
-class BehavioralHessian:
+class BehavioralHessian(BehavioralProblem):
     """H = 1/n Σ_x J_z(x)ᵀ J_z(x) at θ* for a model and a dataset; a state holder for the passes below.
 
-    Args:
-        model: the network at θ*.
-        data: any data :func:`degeneracy.data.iter_batches` reads (read once and kept).
-        kind: ``"mse"`` (eq 6) or ``"kl"``.
-        batch_size: batch size of the passes.
-        positions: restrict ``(batch, pos, d)`` outputs to one position (``-1``: last token);
-            ``None``: every position.
-        forward: ``forward(model, inputs)`` replacing ``model(inputs)``.
-        dtype: dtype of the Jacobian computations (parameters, buffers and floating inputs are cast);
-            ``None`` keeps the model's, and floating inputs must then be in that dtype
-            (:func:`degeneracy.run.cast_inputs`).
+    Built like its base :class:`degeneracy.behavioral.BehavioralProblem` (model at θ*, data read once and
+    kept, ``kind``, ``batch_size``, ``positions``, ``forward``, ``dtype`` of the Jacobian computations).
 
     The flat parameter vector is :class:`degeneracy.run.ParamLayout` order (``named_parameters``).
 
@@ -88,34 +73,17 @@ class BehavioralHessian:
     (8, 4, 2)
     """
 
-    @renamed_arguments(position="positions")
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Any,
-        kind: LossKind = "mse",
-        *,
-        batch_size: int | None = None,
-        positions: int | None = None,
-        forward: ForwardFn | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        check_kind(kind)
-        self.model = model
-        self.kind = kind
-        self.positions = positions
-        self.forward = forward
-        self.dtype = dtype or model_dtype(model)
-        self.params, self.buffers = parameters_and_buffers(model, self.dtype)
-        self.layout = ParamLayout.of_model(model)
-        batches = list(iter_batches(data, batch_size))
-        self.inputs = [cast_inputs(b.inputs, self.dtype, explicit=dtype is not None) for b in batches]
-        self.sizes = [b.size for b in batches]
-        self.n = sum(self.sizes)
-        with torch.no_grad():
-            self.refs = [self.output(self.params, x) for x in self.inputs]
-        self.rows = int(self.refs[0][0].numel())
-        self._vjp_cache: list[Callable[..., Any]] | None = None
+    _vjp_cache: list[Callable[..., Any]] | None = None
+
+    @functools.cached_property
+    def layout(self) -> ParamLayout:
+        """The flat parameter layout (``named_parameters`` order)."""
+        return ParamLayout.of_model(self.model)
+
+    @functools.cached_property
+    def rows(self) -> int:
+        """Output rows per example (positions × features of the analysed output)."""
+        return int(self.refs[0][0].numel())
 
     @property
     def num_parameters(self) -> int:
@@ -126,12 +94,6 @@ class BehavioralHessian:
     def position(self) -> int | None:
         """Deprecated name of :attr:`positions`."""
         return self.positions
-
-    def output(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
-        """f_θ(x) for parameters ``params`` (a name → tensor dict) on one batch of cast inputs."""
-        return functional_output(
-            self.model, {**params, **self.buffers}, inputs, forward=self.forward, positions=self.positions
-        )
 
     def whitened(self, params: dict[str, Tensor], inputs: Any, ref: Tensor) -> Float[Tensor, "batch rows"]:
         """z = A f_θ(x) on one batch (``ref``: the reference outputs f_θ*(x) of that batch)."""

@@ -168,18 +168,10 @@ def layer_synchronisation(
     >>> sync.blocks, read.shape, mask
     ([[0, 1]], torch.Size([2, 2]), None)
     """
-    jac_stats = stats.points.get(layer.jacobian_point)
-    mask = jac_stats.relevant() if jac_stats is not None else None
-    pre = stats.raw(layer.pre_point, mask)
-    sync = neuron_sync(
-        pre,
-        layer.activation,
-        layer=layer.name,
-        epsilon=epsilon,
-        relative=relative,
-        jacobian_gram=stats.jacobian_gram(layer.jacobian_point) if jac_stats is not None else None,
-        src_dtype=stats.points[layer.pre_point].dtype,
-    )
+    pre, mask, jacobian_gram = stats.relevant_raw(layer.pre_point, layer.jacobian_point)
+    dtype = stats.points[layer.pre_point].dtype
+    sync = neuron_sync(pre, layer.activation, layer=layer.name, epsilon=epsilon, relative=relative,
+                       jacobian_gram=jacobian_gram, src_dtype=dtype)
     return sync, pre, mask
 
 
@@ -398,9 +390,7 @@ def attention_rows(
     head_results: list[HeadSync] = []
     spec_index = {name: parameter_index(structure.layout, name) for name in structure.layout.names}
     for attn in structure.attention_layers:
-        z_stats = stats.points.get(attn.z_point)
-        mask = z_stats.relevant() if z_stats is not None else None
-        patterns = stats.raw(attn.pattern_point, mask)
+        patterns, _, z_jacobian_gram = stats.relevant_raw(attn.pattern_point, attn.z_point)
         hs = head_sync(
             patterns,
             attn.n_heads,
@@ -409,7 +399,7 @@ def attention_rows(
             epsilon=epsilon,
             relative=relative,
             value_gram=stats.gram(attn.value_point, None),
-            z_jacobian_gram=stats.jacobian_gram(attn.z_point) if z_stats is not None else None,
+            z_jacobian_gram=z_jacobian_gram,
             num_samples=patterns.shape[0],
             src_dtype=stats.points[attn.pattern_point].dtype,
         )

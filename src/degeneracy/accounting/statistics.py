@@ -134,6 +134,17 @@ class Statistics:
         npos = int(mask.sum()) if mask is not None else jac.shape[0]
         return jac.sum(0) / (st.count * max(npos, 1))
 
+    def relevant_raw(
+        self, point: NodeLayer, jacobian_point: NodeLayer
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Stored values at ``point`` over the positions where ``jacobian_point``'s Jacobian is nonzero
+        (:meth:`raw`), that position mask, and ``jacobian_point``'s Jacobian Gram (both ``None`` when its
+        Jacobians were not collected)."""
+        jac = self.points.get(jacobian_point)
+        mask = jac.relevant() if jac is not None else None
+        gram = self.jacobian_gram(jacobian_point) if jac is not None else None
+        return self.raw(point, mask), mask, gram
+
     def raw(self, point: NodeLayer, mask: Tensor | None) -> Tensor:
         """Stored values (rows, d): examples × relevant positions, float64."""
         st = self.points[point]
