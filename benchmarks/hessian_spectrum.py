@@ -9,7 +9,7 @@ Two paths of :func:`degeneracy.accounting.hessian_spectrum`:
   a time, float64 Krylov basis, residuals ≤ 1e-4·λ_max): the same MLPs, and one-layer modular-addition
   transformers of growing width on the bundled model's training pairs (d_model 128 is the bundled model, ~227k
   parameters, target ≤ 60 s), read at the last position with
-  :func:`degeneracy.accounting.fast_forward.last_position_logits` (last query only, per-token tables
+  :func:`degeneracy.adapters.transformer_lens.forward.last_position_logits` (last query only, per-token tables
   for keys and values; equal to ``model(tokens)[:, -1]``).
 
 Usage::
@@ -137,7 +137,7 @@ def run(quick: bool, repeat: int) -> list[dict[str, Any]]:
                 }
             )
             print(rows[-1], flush=True)
-    from degeneracy.accounting.fast_forward import last_position_logits
+    from degeneracy.adapters.transformer_lens.forward import last_position_logits
 
     for d_model, trained in ([] if quick else [(32, False), (64, False)]) + [(128, True)]:
         model, data = _modadd(d_model, trained)

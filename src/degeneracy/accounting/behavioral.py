@@ -9,6 +9,14 @@ module's.
 
 from __future__ import annotations
 
+import warnings
+
+warnings.warn(
+    "degeneracy.accounting.behavioral is deprecated; import from degeneracy.behavioral",
+    DeprecationWarning,
+    stacklevel=2,
+)
+
 from degeneracy.behavioral import (
     KINDS,
     LossKind,
