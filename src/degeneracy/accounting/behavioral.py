@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-warnings.warn(
-    "degeneracy.accounting.behavioral is deprecated; import from degeneracy.behavioral",
-    DeprecationWarning,
-    stacklevel=2,
-)
-
 from degeneracy.behavioral import (
     KINDS,
     LossKind,
@@ -27,3 +21,9 @@ from degeneracy.behavioral import (
 )
 
 __all__ = ["behavioral_loss", "behavioral_loss_function", "whiten_outputs", "LossKind", "KINDS", "check_kind"]
+
+warnings.warn(
+    "degeneracy.accounting.behavioral is deprecated; import from degeneracy.behavioral",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import warnings
 
+from degeneracy.adapters.transformer_lens.forward import last_position_logits, supports_last_position_logits
+
+__all__ = ["last_position_logits", "supports_last_position_logits"]
+
 warnings.warn(
     "degeneracy.accounting.fast_forward is deprecated; import from degeneracy.adapters.transformer_lens.forward",
     DeprecationWarning,
     stacklevel=2,
 )
-
-from degeneracy.adapters.transformer_lens.forward import last_position_logits, supports_last_position_logits
-
-__all__ = ["last_position_logits", "supports_last_position_logits"]
