@@ -14,7 +14,8 @@ from degeneracy.adapters.transformer_lens.forward import last_position_logits, s
 __all__ = ["last_position_logits", "supports_last_position_logits"]
 
 warnings.warn(
-    "degeneracy.accounting.fast_forward is deprecated; import from degeneracy.adapters.transformer_lens.forward",
+    "degeneracy.accounting.fast_forward is deprecated; "
+    "import from degeneracy.adapters.transformer_lens.forward",
     DeprecationWarning,
     stacklevel=2,
 )
