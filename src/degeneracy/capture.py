@@ -18,9 +18,10 @@ is the integrated-gradient baseline of METHOD §4.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Shaped
@@ -38,6 +39,8 @@ __all__ = [
     "check_cut",
     "append_constant",
     "to_bpd",
+    "ModuleCall",
+    "trace_calls",
 ]
 
 OUTPUT = "output"
@@ -352,6 +355,48 @@ def forward(
         if not known[name].is_output:
             captured[name] = run.result(name)
     return captured
+
+
+class ModuleCall(NamedTuple):
+    """One leaf-module call of a forward pass: its name, the module, its first input and its output
+    (detached copies; ``None`` where not a tensor)."""
+
+    name: str
+    module: nn.Module
+    input: Tensor | None
+    output: Tensor | None
+
+
+def trace_calls(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> list[ModuleCall]:
+    """Every leaf-module call of one forward pass of ``inputs``, in call order (without gradients).
+
+    For discovering a model's structure (which module feeds which, how often each is called); the hooks
+    are removed whatever happens.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> [(call.name, tuple(call.output.shape)) for call in trace_calls(model, torch.zeros(5, 3))]
+    [('0', (5, 4)), ('1', (5, 4)), ('2', (5, 2))]
+    """
+    calls: list[ModuleCall] = []
+
+    def hook(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        y = output if isinstance(output, Tensor) else None
+        copy = [None if t is None else t.detach().clone() for t in (x, y)]
+        calls.append(ModuleCall(name, module, copy[0], copy[1]))
+
+    handles = [
+        module.register_forward_hook(functools.partial(hook, name))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
+    ]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def module_widths(model: nn.Module, inputs: Any, layer: NodeLayer) -> list[int]:

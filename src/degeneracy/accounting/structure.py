@@ -32,8 +32,7 @@ from torch import Tensor, nn
 
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.structure import AttentionLayer, describe_hooked_transformer
-from degeneracy.capture import NodeLayer
-from degeneracy.data import call_model
+from degeneracy.capture import NodeLayer, trace_calls
 from degeneracy.deprecation import deprecated_alias
 from degeneracy.run import ParamLayout
 
@@ -225,42 +224,6 @@ def _linear_site(layout: ParamLayout, name: str, module: nn.Linear) -> Site:
     )
 
 
-def _record_calls(model: nn.Module, inputs: Any) -> list[tuple[str, nn.Module, Tensor | None, Tensor | None]]:
-    """(name, module, first input, output) of every leaf-module call of one forward pass, in order.
-
-    Discovery needs the order and the number of calls of every module (a module called twice is not a
-    site), which :func:`degeneracy.capture.forward` does not report; hence this one recorder.
-    """
-    calls: list[tuple[str, nn.Module, Tensor | None, Tensor | None]] = []
-    handles = []
-
-    def make(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0] if args and isinstance(args[0], Tensor) else None
-            y = output if isinstance(output, Tensor) else None
-            calls.append(
-                (
-                    name,
-                    module,
-                    None if x is None else x.detach().clone(),
-                    None if y is None else y.detach().clone(),
-                )
-            )
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name and not list(module.children()):
-                handles.append(module.register_forward_hook(make(name)))
-        with torch.no_grad():
-            call_model(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
 def discover_torch(model: nn.Module, inputs: Any) -> Structure:
     """Sites and neuron layers of a plain torch model, matched on one forward pass of ``inputs``.
 
@@ -277,7 +240,7 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
     """
     layout = ParamLayout.of_model(model)
     structure = Structure(layout=layout)
-    calls = _record_calls(model, inputs)
+    calls = trace_calls(model, inputs)
     counts: dict[str, int] = {}
     for name, *_ in calls:
         counts[name] = counts.get(name, 0) + 1
