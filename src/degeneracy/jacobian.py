@@ -15,6 +15,7 @@ vmapped), whichever needs fewer, never by a Python loop over output dimensions. 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -33,10 +34,76 @@ __all__ = [
     "gram_of_constant_jacobian",
     "integrated_vjp",
     "integrated_jvp",
+    "SectionFn",
+    "Kernel",
+    "GramFn",
+    "GramQuery",
+    "gram_function",
 ]
 
 Mode = Literal["auto", "vjp", "jvp"]
+SectionFn = Callable[[Any, Tensor], Tensor]  # f^{l+1} = fn(inputs, f^l)
+# kernel(inputs, f, scale, directions, C_out): C_out J(f) [directions_j · scale_{s,j}] for every j
+Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
+# gram(inputs, x, R₊, C_out, rule, constant, max_elements): Σ Jᵀ J, or None where it does not apply
+GramFn = Callable[[Any, Tensor, Tensor, Tensor, IntegrationRule, bool, int], "Tensor | None"]
 DEFAULT_MAX_ELEMENTS = 2**20  # larger chunks fall out of cache: slower and bigger (benchmarks/basis.md)
+
+
+@dataclass(frozen=True)
+class GramQuery:
+    """The arguments of a closed-form Gram function (:data:`GramFn`): a batch's ``inputs``, the
+    (augmented, with ``constant``) activations ``x``, the input directions R₊ (``in_map``), the output
+    rows C_out (``out_map``), the integration ``rule`` and the chunking bound ``max_elements``.
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> in_map = torch.eye(3, dtype=torch.float64).roll(1, dims=1)  # the constant row is [1, 0, 0]
+    >>> q = GramQuery(None, torch.ones(1, 1, 3), in_map, in_map, integration_rule("gradient"), True, 2**10)
+    >>> q.width, q.mixes_constant()
+    (2, False)
+    """
+
+    inputs: Any
+    x: Tensor
+    in_map: Tensor
+    out_map: Tensor
+    rule: IntegrationRule
+    constant: bool
+    max_elements: int
+
+    @property
+    def width(self) -> int:
+        """d, the width of the activations without the constant coordinate."""
+        return self.x.shape[-1] - int(self.constant)
+
+    def maps64(self) -> tuple[Tensor, Tensor]:
+        """R₊ and C_out in float64 on the activations' device."""
+        as64 = {"device": self.x.device, "dtype": torch.float64}
+        return self.in_map.to(**as64), self.out_map.to(**as64)
+
+    def mixes_constant(self) -> bool:
+        """Whether R₊'s constant row is non-zero off column 0 (the closed forms then do not apply)."""
+        in64 = self.maps64()[0]
+        if not self.constant or in64.shape[1] <= 1:
+            return False
+        return float(in64[self.width, 1:].abs().max()) > 1e-12 * float(in64.abs().max())
+
+
+def gram_function(body: Callable[[GramQuery], Tensor | None]) -> GramFn:
+    """``body`` as a :data:`GramFn` ``gram(inputs, x, R₊, C_out, rule, constant, max_elements)``.
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> gram = gram_function(lambda q: q.in_map.T @ q.in_map)
+    >>> x, rule = torch.ones(1, 1, 2), integration_rule("gradient")
+    >>> gram(None, x, 2 * torch.eye(2), torch.eye(2), rule, False, 2**10).tolist()
+    [[4.0, 0.0], [0.0, 4.0]]
+    """
+
+    def gram(*args: Any) -> Tensor | None:
+        return body(GramQuery(*args))
+
+    gram.__doc__ = body.__doc__
+    return gram
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
