@@ -12,7 +12,7 @@ basis (:class:`LayerBasis`), all of them (:class:`Basis`), and their file format
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from degeneracy.io import load_tensors, save_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 from degeneracy.run import DTYPES
 
-__all__ = ["METHODS", "Method", "BasisConfig", "LayerBasis", "Basis", "load_basis"]
+__all__ = ["METHODS", "Method", "BasisConfig", "LayerBasis", "Basis", "load_basis", "save_result"]
 
 Method = Literal["lib", "global", "pca", "neuron"]
 METHODS = ("lib", "global", "pca", "neuron")
@@ -227,16 +227,32 @@ class Basis:
                 "truncated_gram_mass": b.truncated_gram_mass,
                 "truncated_interaction_mass": b.truncated_interaction_mass,
             }
-        meta = {
-            "kind": "basis",
-            "version": degeneracy.__version__,
-            "config": asdict(self.config),
-            "layers": [layer.to_dict() for layer in self.layers],
-            "per_layer": per_layer,
-            "info": self.info,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
+        return save_result(path, "basis", tensors, self.layers, self.config, self.info, per_layer=per_layer)
+
+
+def save_result(
+    path: str | Path,
+    kind: str,
+    tensors: dict[str, Tensor],
+    layers: Sequence[NodeLayer],
+    config: Any,
+    info: dict[str, Any],
+    **meta: Any,
+) -> Path:
+    """Write a node-layer result atomically: ``tensors`` and the metadata every such result carries
+    (its ``kind``, the library version, the node ``layers``, the ``config`` dataclass and ``info``),
+    plus the result's own ``meta``. Returns ``path`` as a :class:`~pathlib.Path`.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "r.safetensors"
+    >>> _ = save_result(path, "basis", {"x": torch.zeros(1)}, [], BasisConfig(), {}, note=1)
+    >>> load_tensors(path, kind="basis")[1]["note"]
+    1
+    """
+    header = {"kind": kind, "version": degeneracy.__version__, "config": asdict(config)}
+    layer_dicts = [layer.to_dict() for layer in layers]
+    save_tensors(path, tensors, {**header, "layers": layer_dicts, **meta, "info": info})
+    return Path(path)
 
 
 def load_basis(path: str | Path) -> Basis:
