@@ -27,10 +27,33 @@ from degeneracy.io import load_tensors, save_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 from degeneracy.run import DTYPES
 
-__all__ = ["METHODS", "Method", "BasisConfig", "LayerBasis", "Basis", "load_basis", "save_result"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "BasisConfig",
+    "LayerBasis",
+    "Basis",
+    "load_basis",
+    "save_result",
+    "dtype_name",
+]
 
 Method = Literal["lib", "global", "pca", "neuron"]
 METHODS = ("lib", "global", "pca", "neuron")
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """The name in :data:`degeneracy.run.DTYPES` of a dtype given as a name or a ``torch.dtype``
+    (``None`` stays ``None``); a ``ValueError`` for any other.
+
+    >>> dtype_name(torch.float64), dtype_name("float32")
+    ('float64', 'float32')
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -69,8 +92,7 @@ class BasisConfig:
             )
         if self.gram_threshold < 0 or self.interaction_threshold < 0:
             raise ValueError("truncation thresholds must be >= 0")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        dtype_name(self.dtype)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 

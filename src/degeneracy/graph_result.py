@@ -18,11 +18,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from degeneracy.basis_result import save_result
+from degeneracy.basis_result import dtype_name, save_result
 from degeneracy.capture import NodeLayer
 from degeneracy.io import ResultFileError, load_tensors
 from degeneracy.linalg import INTEGRATION_RULES
-from degeneracy.run import DTYPES
 
 __all__ = ["Mode", "EdgeConfig", "InteractionGraph", "load_graph", "sparsity", "gini"]
 
@@ -62,8 +61,7 @@ class EdgeConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_elements < 1:
             raise ValueError("max_elements must be positive")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        dtype_name(self.dtype)
 
 
 @dataclass(frozen=True)
