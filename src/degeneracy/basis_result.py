@@ -30,12 +30,12 @@ from degeneracy.run import DTYPES
 __all__ = [
     "METHODS",
     "Method",
+    "dtype_name",
     "BasisConfig",
     "LayerBasis",
     "Basis",
-    "load_basis",
     "save_result",
-    "dtype_name",
+    "load_basis",
 ]
 
 Method = Literal["lib", "global", "pca", "neuron"]
