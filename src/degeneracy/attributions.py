@@ -21,11 +21,11 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp
 
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.graph_result import Mode
-from degeneracy.jacobian import choose_mode
+from degeneracy.jacobian import choose_mode, integrated_jvp, integrated_vjp
 from degeneracy.linalg import IntegrationRule
 from degeneracy.sections import SectionShortcut, slice_inputs
 
@@ -93,36 +93,34 @@ def squared_attributions(
         in_features = x.to(torch.float64) @ torch.linalg.pinv(in_map.to(torch.float64)).T
     feats = in_features.to(torch.float64)
     n_out = num_out_positions if signs is None else signs.shape[1]
-    chosen = attribution_mode(mode, n_out * m, k)
-    if chosen == "jvp":
-        return _jvp_path(fn, x, feats, in_map, out_map, rule, num_out_positions, max_elements)
-    return _vjp_path(fn, x, feats, in_map, out_map, rule, num_out_positions, signs, max_elements)
-
-
-def _vjp_path(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    feats: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    num_out_positions: int,
-    signs: Tensor | None,
-    max_elements: int,
-) -> tuple[Tensor, Tensor]:
-    """One VJP per output row (t, i), or per (source r, i) with cotangent r_t C[i] at every t."""
-    batch, p_in, d_in = x.shape
-    m, d_out = out_map.shape
-    k = in_map.shape[1]
-    n_out = num_out_positions if signs is None else signs.shape[1]
+    if attribution_mode(mode, n_out * m, k) == "jvp":
+        # A_{·,·,j} as the JVP along T_j[b, s] = f̂_{b,s,j} C₊[:, j], for chunks of features j
+        in_model = in_map.to(device=x.device, dtype=x.dtype)
+        feats_model = feats.to(x.dtype)
+        per = batch * max(p_in * d_in, num_out_positions * max(d_out, m))
+        chunk = max(1, max_elements // max(1, per))
+        total = torch.zeros(m, k, dtype=torch.float64, device=x.device)
+        row_sums = torch.zeros(batch, num_out_positions, m, dtype=torch.float64, device=x.device)
+        points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
+        for start in range(0, k, chunk):
+            stop = min(k, start + chunk)
+            # tangents (c, batch, p_in, d_in): feature j's own values along its direction
+            tangents = (
+                feats_model[None, :, :, start:stop].permute(3, 1, 2, 0)
+                * in_model[:, start:stop].T[:, None, None, :]
+            )
+            a = integrated_jvp(fn, points, tangents, out_map)  # (c, batch, p_out, m)
+            total[:, start:stop] += torch.einsum("cbtm,cbtm->mc", a, a)
+            row_sums += a.sum(0)
+        return total, row_sums
+    # one VJP per output row (t, i), or per (source r, i) with cotangent r_t C[i] at every t
     n_rows = n_out * m
-    in64 = in_map.to(device=x.device, dtype=torch.float64)
     out_model = out_map.to(device=x.device, dtype=x.dtype)
     pullbacks = [(vjp(fn, alpha * x)[1], w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
     per_row = batch * max(p_in * max(d_in, k), num_out_positions * d_out)
     chunk = max(1, max_elements // max(1, per_row))
     total = torch.zeros(n_rows, k, dtype=torch.float64, device=x.device)
-    row_sums = torch.zeros(batch, n_rows, dtype=torch.float64, device=x.device)
+    sums = torch.zeros(batch, n_rows, dtype=torch.float64, device=x.device)
     sgn = None if signs is None else signs.to(device=x.device, dtype=x.dtype)
     for start in range(0, n_rows, chunk):
         rows = torch.arange(start, min(n_rows, start + chunk), device=x.device)
@@ -133,57 +131,11 @@ def _vjp_path(
             cot = cot[:, None].expand(rows.numel(), batch, num_out_positions, d_out)
         else:  # row (r, i): r_{b,t} C[i] at every output position t
             cot = sgn[:, t_idx].permute(1, 0, 2)[..., None] * out_model[i_idx][:, None, None, :]
-        a = None
-        for pull, w in pullbacks:
-            (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
-            g = g.to(torch.float64) @ in64  # (rows, batch, p_in, k)
-            # A[row, b, j] = Σ_s J[row, b, s, j] f̂[b, s, j]
-            contrib = w * (g * feats[None]).sum(2)
-            a = contrib if a is None else a + contrib
-        assert a is not None
+        # A[row, b, j] = Σ_s J[row, b, s, j] f̂[b, s, j]
+        a = (integrated_vjp(pullbacks, cot, in_map) * feats[None]).sum(2)
         total[rows] += torch.einsum("rbk,rbk->rk", a, a)
-        row_sums[:, rows] = a.sum(-1).T
-    return total.reshape(n_out, m, k).sum(0), row_sums.reshape(batch, n_out, m)
-
-
-def _jvp_path(
-    fn: Callable[[Tensor], Tensor],
-    x: Tensor,
-    feats: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    num_out_positions: int,
-    max_elements: int,
-) -> tuple[Tensor, Tensor]:
-    """A_{·,·,j} as the JVP along T_j[b, s] = f̂_{b,s,j} C₊[:, j], for chunks of features j."""
-    batch, p_in, d_in = x.shape
-    m, d_out = out_map.shape
-    k = in_map.shape[1]
-    in_model = in_map.to(device=x.device, dtype=x.dtype)
-    out64 = out_map.to(device=x.device, dtype=torch.float64)
-    feats_model = feats.to(x.dtype)
-    per = batch * max(p_in * d_in, num_out_positions * max(d_out, m))
-    chunk = max(1, max_elements // max(1, per))
-    total = torch.zeros(m, k, dtype=torch.float64, device=x.device)
-    row_sums = torch.zeros(batch, num_out_positions, m, dtype=torch.float64, device=x.device)
-    points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
-    for start in range(0, k, chunk):
-        stop = min(k, start + chunk)
-        # tangents (c, batch, p_in, d_in): feature j's own values along its direction
-        tangents = (
-            feats_model[None, :, :, start:stop].permute(3, 1, 2, 0)
-            * in_model[:, start:stop].T[:, None, None, :]
-        )
-        a = None
-        for xa, w in points:
-            _, y = vmap(lambda t, xa=xa: jvp(fn, (xa,), (t,)))(tangents)  # (c, batch, p_out, d_out)
-            y = w * (y.to(torch.float64) @ out64.T)  # (c, batch, p_out, m)
-            a = y if a is None else a + y
-        assert a is not None
-        total[:, start:stop] += torch.einsum("cbtm,cbtm->mc", a, a)
-        row_sums += a.sum(0)
-    return total, row_sums
+        sums[:, rows] = a.sum(-1).T
+    return total.reshape(n_out, m, k).sum(0), sums.reshape(batch, n_out, m)
 
 
 def kernel_attributions(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import degeneracy
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
-from degeneracy.basis_result import METHODS, Basis, BasisConfig, LayerBasis, Method, load_basis
+from degeneracy.basis_result import METHODS, Basis, BasisConfig, LayerBasis, Method, dtype_name, load_basis
 from degeneracy.capture import (
     NodeLayer,
     as_node_layers,
@@ -284,8 +284,6 @@ def interaction_basis(
     >>> B.names, B["output"].dim  # the constant direction and two output directions
     (['1', '2', 'output'], 3)
     """
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
     cfg = BasisConfig(
         method=method,
         center=center,
@@ -299,7 +297,7 @@ def interaction_basis(
         batch_size=batch_size,
         jacobian_mode=jacobian_mode,
         max_elements=max_elements,
-        dtype=dtype,
+        dtype=dtype_name(dtype),
         check_cut=check_cut,
     )
     run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size)

@@ -12,7 +12,7 @@ basis (:class:`LayerBasis`), all of them (:class:`Basis`), and their file format
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +27,33 @@ from degeneracy.io import load_tensors, save_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 from degeneracy.run import DTYPES
 
-__all__ = ["METHODS", "Method", "BasisConfig", "LayerBasis", "Basis", "load_basis"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "dtype_name",
+    "BasisConfig",
+    "LayerBasis",
+    "Basis",
+    "save_result",
+    "load_basis",
+]
 
 Method = Literal["lib", "global", "pca", "neuron"]
 METHODS = ("lib", "global", "pca", "neuron")
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """The name in :data:`degeneracy.run.DTYPES` of a dtype given as a name or a ``torch.dtype``
+    (``None`` stays ``None``); a ``ValueError`` for any other.
+
+    >>> dtype_name(torch.float64), dtype_name("float32")
+    ('float64', 'float32')
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -69,8 +92,7 @@ class BasisConfig:
             )
         if self.gram_threshold < 0 or self.interaction_threshold < 0:
             raise ValueError("truncation thresholds must be >= 0")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        dtype_name(self.dtype)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
@@ -227,16 +249,32 @@ class Basis:
                 "truncated_gram_mass": b.truncated_gram_mass,
                 "truncated_interaction_mass": b.truncated_interaction_mass,
             }
-        meta = {
-            "kind": "basis",
-            "version": degeneracy.__version__,
-            "config": asdict(self.config),
-            "layers": [layer.to_dict() for layer in self.layers],
-            "per_layer": per_layer,
-            "info": self.info,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
+        return save_result(path, "basis", tensors, self.layers, self.config, self.info, per_layer=per_layer)
+
+
+def save_result(
+    path: str | Path,
+    kind: str,
+    tensors: dict[str, Tensor],
+    layers: Sequence[NodeLayer],
+    config: Any,
+    info: dict[str, Any],
+    **meta: Any,
+) -> Path:
+    """Write a node-layer result atomically: ``tensors`` and the metadata every such result carries
+    (its ``kind``, the library version, the node ``layers``, the ``config`` dataclass and ``info``),
+    plus the result's own ``meta``. Returns ``path`` as a :class:`~pathlib.Path`.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "r.safetensors"
+    >>> _ = save_result(path, "basis", {"x": torch.zeros(1)}, [], BasisConfig(), {}, note=1)
+    >>> load_tensors(path, kind="basis")[1]["note"]
+    1
+    """
+    header = {"kind": kind, "version": degeneracy.__version__, "config": asdict(config)}
+    layer_dicts = [layer.to_dict() for layer in layers]
+    save_tensors(path, tensors, {**header, "layers": layer_dicts, **meta, "info": info})
+    return Path(path)
 
 
 def load_basis(path: str | Path) -> Basis:

@@ -54,6 +54,7 @@ from torch import nn
 import degeneracy
 from degeneracy.attributions import attribution_mode, kernel_attributions, squared_attributions
 from degeneracy.basis import NodeLayerRun
+from degeneracy.basis_result import dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
@@ -139,8 +140,6 @@ def interaction_graph(
     >>> G.completeness[("1", "2")] < 1e-10  # with the constant coordinate every rule is exact
     True
     """
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
     cfg = EdgeConfig(
         integration_rule=integration_rule,
         integration_steps=integration_steps,
@@ -149,7 +148,7 @@ def interaction_graph(
         batch_size=batch_size,
         jacobian_mode=jacobian_mode,
         max_elements=max_elements,
-        dtype=dtype,
+        dtype=dtype_name(dtype),
     )
     run = NodeLayerRun(
         model,

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-import degeneracy
+from degeneracy.basis_result import dtype_name, save_result
 from degeneracy.capture import NodeLayer
-from degeneracy.io import ResultFileError, load_tensors, save_tensors
+from degeneracy.io import ResultFileError, load_tensors
 from degeneracy.linalg import INTEGRATION_RULES
-from degeneracy.run import DTYPES
 
 __all__ = ["Mode", "EdgeConfig", "InteractionGraph", "load_graph", "sparsity", "gini"]
 
@@ -62,8 +61,7 @@ class EdgeConfig:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_elements < 1:
             raise ValueError("max_elements must be positive")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {self.dtype!r}")
+        dtype_name(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -157,18 +155,18 @@ class InteractionGraph:
             tensors[f"edges/{k}"] = self.edges[pair]
         for k, name in enumerate(self.names):
             tensors[f"eigenvalues/{k}"] = self.eigenvalues[name]
-        meta = {
-            "kind": "graph",
-            "version": degeneracy.__version__,
-            "layers": [layer.to_dict() for layer in self.layers],
-            "basis_method": self.basis_method,
-            "has_constant": self.has_constant,
-            "completeness": [self.completeness[pair] for pair in self.pairs],
-            "config": asdict(self.config),
-            "info": self.info,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
+        completeness = [self.completeness[pair] for pair in self.pairs]
+        return save_result(
+            path,
+            "graph",
+            tensors,
+            self.layers,
+            self.config,
+            self.info,
+            basis_method=self.basis_method,
+            has_constant=self.has_constant,
+            completeness=completeness,
+        )
 
 
 def load_graph(path: str | Path) -> InteractionGraph:

@@ -14,8 +14,9 @@ vmapped), whichever needs fewer, never by a Python loop over output dimensions. 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -31,10 +32,78 @@ __all__ = [
     "choose_mode",
     "constant_jacobian",
     "gram_of_constant_jacobian",
+    "integrated_vjp",
+    "integrated_jvp",
+    "SectionFn",
+    "Kernel",
+    "GramFn",
+    "GramQuery",
+    "gram_function",
 ]
 
 Mode = Literal["auto", "vjp", "jvp"]
+SectionFn = Callable[[Any, Tensor], Tensor]  # f^{l+1} = fn(inputs, f^l)
+# kernel(inputs, f, scale, directions, C_out): C_out J(f) [directions_j · scale_{s,j}] for every j
+Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
+# gram(inputs, x, R₊, C_out, rule, constant, max_elements): Σ Jᵀ J, or None where it does not apply
+GramFn = Callable[[Any, Tensor, Tensor, Tensor, IntegrationRule, bool, int], "Tensor | None"]
 DEFAULT_MAX_ELEMENTS = 2**20  # larger chunks fall out of cache: slower and bigger (benchmarks/basis.md)
+
+
+@dataclass(frozen=True)
+class GramQuery:
+    """The arguments of a closed-form Gram function (:data:`GramFn`): a batch's ``inputs``, the
+    (augmented, with ``constant``) activations ``x``, the input directions R₊ (``in_map``), the output
+    rows C_out (``out_map``), the integration ``rule`` and the chunking bound ``max_elements``.
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> in_map = torch.eye(3, dtype=torch.float64).roll(1, dims=1)  # the constant row is [1, 0, 0]
+    >>> q = GramQuery(None, torch.ones(1, 1, 3), in_map, in_map, integration_rule("gradient"), True, 2**10)
+    >>> q.width, q.mixes_constant()
+    (2, False)
+    """
+
+    inputs: Any
+    x: Tensor
+    in_map: Tensor
+    out_map: Tensor
+    rule: IntegrationRule
+    constant: bool
+    max_elements: int
+
+    @property
+    def width(self) -> int:
+        """d, the width of the activations without the constant coordinate."""
+        return self.x.shape[-1] - int(self.constant)
+
+    def maps64(self) -> tuple[Tensor, Tensor]:
+        """R₊ and C_out in float64 on the activations' device."""
+        as64 = {"device": self.x.device, "dtype": torch.float64}
+        return self.in_map.to(**as64), self.out_map.to(**as64)
+
+    def mixes_constant(self) -> bool:
+        """Whether R₊'s constant row is non-zero off column 0 (the closed forms then do not apply)."""
+        in64 = self.maps64()[0]
+        if not self.constant or in64.shape[1] <= 1:
+            return False
+        return float(in64[self.width, 1:].abs().max()) > 1e-12 * float(in64.abs().max())
+
+
+def gram_function(body: Callable[[GramQuery], Tensor | None]) -> GramFn:
+    """``body`` as a :data:`GramFn` ``gram(inputs, x, R₊, C_out, rule, constant, max_elements)``.
+
+    >>> from degeneracy.linalg import integration_rule
+    >>> gram = gram_function(lambda q: q.in_map.T @ q.in_map)
+    >>> x, rule = torch.ones(1, 1, 2), integration_rule("gradient")
+    >>> gram(None, x, 2 * torch.eye(2), torch.eye(2), rule, False, 2**10).tolist()
+    [[4.0, 0.0], [0.0, 4.0]]
+    """
+
+    def gram(*args: Any) -> Tensor | None:
+        return body(GramQuery(*args))
+
+    gram.__doc__ = body.__doc__
+    return gram
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
@@ -44,6 +113,56 @@ def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
     'vjp'
     """
     return "vjp" if n_rows <= n_directions else "jvp"
+
+
+def integrated_vjp(
+    pullbacks: Sequence[tuple[Callable[[Tensor], tuple[Tensor, ...]], float]],
+    cotangents: Tensor,
+    in_map: Float[Tensor, "d_in k"],
+) -> Tensor:
+    """Σ_α w_α vjp_α(c) R₊ for a stack of cotangents c (vmapped), in float64.
+
+    ``pullbacks`` pairs each rule point's ``torch.func.vjp`` pull-back with its weight w_α;
+    ``cotangents`` is (c, *output shape); the result is (c, *input shape but the last axis, k).
+
+    >>> pull = vjp(lambda z: 3 * z, torch.ones(1, 2, dtype=torch.float64))[1]
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> integrated_vjp([(pull, 0.5), (pull, 0.5)], eye[:, None], eye)[:, 0].tolist()
+    [[3.0, 0.0], [0.0, 3.0]]
+    """
+    in64 = in_map.to(device=cotangents.device, dtype=torch.float64)
+    total = None
+    for pull, w in pullbacks:
+        (g,) = vmap(pull)(cotangents)
+        g = w * (g.to(torch.float64) @ in64)
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+def integrated_jvp(
+    fn: Callable[[Tensor], Tensor],
+    points: Sequence[tuple[Tensor, float]],
+    tangents: Tensor,
+    out_map: Float[Tensor, "m d_out"],
+) -> Tensor:
+    """Σ_α w_α J(α x) t C_outᵀ for a stack of tangents t (vmapped), in float64.
+
+    ``points`` pairs each rule point α x with its weight w_α; ``tangents`` is (c, *input shape); the
+    result is (c, *output shape but the last axis, m).
+
+    >>> x, eye = torch.ones(1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    >>> integrated_jvp(lambda z: z.square(), [(x, 1.0)], eye[:, None], eye)[:, 0].tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
+    """
+    out64 = out_map.to(device=tangents.device, dtype=torch.float64)
+    total = None
+    for xa, w in points:
+        _, y = vmap(lambda t, xa=xa: jvp(fn, (xa,), (t,)))(tangents)
+        y = w * (y.to(torch.float64) @ out64.T)
+        total = y if total is None else total + y
+    assert total is not None
+    return total
 
 
 @renamed_arguments(out_positions="num_out_positions")
@@ -76,7 +195,6 @@ def jacobian_blocks(
     n_rows, n_dirs = num_out_positions * m, p_in * k
     if mode == "auto":
         mode = choose_mode(n_rows, n_dirs)
-    in64 = in_map.to(device=x.device, dtype=torch.float64)
     out_model = out_map.to(device=x.device, dtype=x.dtype)
     points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
     if mode == "vjp":
@@ -90,15 +208,10 @@ def jacobian_blocks(
         for start in range(0, n_rows, chunk):
             block = rows[start : start + chunk]
             cot = block[:, None].expand(block.shape[0], batch, num_out_positions, d_out)
-            total = None
-            for pull, w in pullbacks:
-                (g,) = vmap(pull)(cot)  # (rows, batch, p_in, d_in)
-                g = w * (g.to(torch.float64) @ in64)
-                total = g if total is None else total + g
-            yield slice(start, start + block.shape[0]), slice(0, p_in), total.permute(1, 0, 2, 3)  # type: ignore[union-attr]
+            total = integrated_vjp(pullbacks, cot, in_map)  # (rows, batch, p_in, k)
+            yield slice(start, start + block.shape[0]), slice(0, p_in), total.permute(1, 0, 2, 3)
     elif mode == "jvp":
         in_model = in_map.to(device=x.device, dtype=x.dtype)
-        out64 = out_map.to(device=x.device, dtype=torch.float64)
         chunk = max(1, max_elements // max(1, batch * num_out_positions * max(d_out, m)))
         for s in range(p_in):
             cols = []
@@ -106,33 +219,27 @@ def jacobian_blocks(
                 dirs = in_model[:, start : start + chunk].T  # (c, d_in)
                 tangents = torch.zeros(dirs.shape[0], batch, p_in, d_in, dtype=x.dtype, device=x.device)
                 tangents[:, :, s, :] = dirs[:, None, :]
-                total = None
-                for xa, w in points:
-                    _, y = vmap(lambda t, xa=xa: jvp(fn, (xa,), (t,)))(tangents)  # (c, batch, p_out, d_out)
-                    y = w * (y.to(torch.float64) @ out64.T)  # (c, batch, p_out, m)
-                    total = y if total is None else total + y
-                cols.append(total.reshape(total.shape[0], batch, n_rows))  # type: ignore[union-attr]
+                total = integrated_jvp(fn, points, tangents, out_map)  # (c, batch, p_out, m)
+                cols.append(total.reshape(total.shape[0], batch, n_rows))
             jac = torch.cat(cols, 0).permute(1, 2, 0)  # (batch, rows, k)
             yield slice(0, n_rows), slice(s, s + 1), jac[:, :, None, :]
     else:
         raise ValueError(f"mode must be 'auto', 'vjp' or 'jvp', got {mode!r}")
 
 
-@renamed_arguments(out_positions="num_out_positions")
 def jacobian_gram(
     fn: Callable[[Tensor], Tensor],
     x: Float[Tensor, "batch pos_in d_in"],
     in_map: Float[Tensor, "d_in k"],
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
-    *,
-    num_out_positions: int,
-    mode: Mode = "auto",
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    **options: Any,
 ) -> Float[Tensor, "k k"]:
     """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
 
-    This is the un-normalised M of METHOD §2.2 (products pair the same input position s).
+    This is the un-normalised M of METHOD §2.2 (products pair the same input position s), summed over
+    the blocks of :func:`jacobian_blocks`, which takes the same arguments (``options``: its keywords
+    ``num_out_positions``, ``mode`` and ``max_elements``).
 
     >>> from degeneracy.linalg import integration_rule
     >>> x, eye = torch.ones(2, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
@@ -142,16 +249,7 @@ def jacobian_gram(
     """
     k = in_map.shape[1]
     total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
-    for _, _, jac in jacobian_blocks(
-        fn,
-        x,
-        in_map,
-        out_map,
-        rule,
-        num_out_positions=num_out_positions,
-        mode=mode,
-        max_elements=max_elements,
-    ):
+    for _, _, jac in jacobian_blocks(fn, x, in_map, out_map, rule, **options):
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
     return total

@@ -65,15 +65,11 @@ def resolve_epsilon(
     """ε per layer pair from a number, a mapping, an edge-ablation result, a quantile of E, or
     ``relative`` × the largest edge (see the module docstring).
 
-    >>> import degeneracy
-    >>> _ = torch.manual_seed(0)
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-    >>> x = torch.randn(32, 3, dtype=torch.float64)
-    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
-    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
-    >>> eps = resolve_epsilon(G, 1e-3)
-    >>> list(eps.items())
-    [(('1', '2'), 0.001), (('2', 'output'), 0.001)]
+    >>> from types import SimpleNamespace
+    >>> edges = {("a", "b"): torch.tensor([[1.0, 4.0], [2.0, 3.0]])}
+    >>> G = SimpleNamespace(pairs=[("a", "b")], edges=edges, has_constant=False)
+    >>> resolve_epsilon(G, 1e-3), resolve_epsilon(G, quantile=0.5), resolve_epsilon(G, relative=0.1)
+    ({('a', 'b'): 0.001}, {('a', 'b'): 2.5}, {('a', 'b'): 0.4})
     """
     if epsilon is not None and quantile is not None:
         raise ValueError("give either epsilon or quantile, not both")

@@ -28,7 +28,8 @@ from torch.func import jvp
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
-from degeneracy.linalg import IntegrationRule
+from degeneracy.graph_result import Pair
+from degeneracy.jacobian import GramFn, GramQuery, Kernel, SectionFn
 
 __all__ = [
     "SectionFn",
@@ -42,10 +43,6 @@ __all__ = [
     "slice_inputs",
 ]
 
-Pair = tuple[str, str]
-SectionFn = Callable[[Any, Tensor], Tensor]
-Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
-GramFn = Callable[[Any, Tensor, Tensor, Tensor, IntegrationRule, bool, int], "Tensor | None"]
 Sections = Mapping[Pair, SectionFn] | Literal["auto"] | None
 
 
@@ -256,22 +253,15 @@ def resolve_sections(
     return used, kinds
 
 
-def shortcut_gram(
-    short: SectionFn,
-    inputs: Any,
-    x: Tensor,
-    in_map: Tensor,
-    out_map: Tensor,
-    rule: IntegrationRule,
-    constant: bool,
-    max_elements: int,
-) -> Tensor | None:
+def shortcut_gram(short: SectionFn, *args: Any) -> Tensor | None:
     """Σ_x Σ_s Σ_(t,i) J_{(t,i),(s,·)}ᵀ J_{(t,i),(s,·)} (k × k, float64) from a shortcut's closed forms.
 
-    J = C_out ∂F/∂x_s R₊ is the basis Jacobian of the (extended, with ``constant``) section at input
-    position s, integrated over ``rule``. Uses ``short.gram`` when it applies, else the kernel with one
-    block of directions per input position (the Jacobian of every position in one call); with the
-    constant coordinate the column of R₊'s constant direction r₀ = [m₀; s₀] comes from Euler's identity,
+    ``args`` are a Gram function's (:data:`degeneracy.jacobian.GramFn`): ``inputs, x, R₊, C_out, rule,
+    constant, max_elements``. J = C_out ∂F/∂x_s R₊ is the basis Jacobian of the (extended, with
+    ``constant``) section at input position s, integrated over ``rule``. Uses ``short.gram`` when it
+    applies, else the kernel with one block of directions per input position (the Jacobian of every
+    position in one call); with the constant coordinate the column of R₊'s constant direction
+    r₀ = [m₀; s₀] comes from Euler's identity,
     J_s r₀ = C_out [s₀/P (g(f) − J f) + J (m₀ at s); s₀/P]. ``None`` if neither applies (no kernel, or
     a constant direction mixed into the other columns).
 
@@ -284,19 +274,19 @@ def shortcut_gram(
     """
     gram = getattr(short, "gram", None)
     if gram is not None:
-        got = gram(inputs, x, in_map, out_map, rule, constant, max_elements)
+        got = gram(*args)
         if got is not None:
             return got
-    if getattr(short, "kernel", None) is None:
+    q = GramQuery(*args)
+    if getattr(short, "kernel", None) is None or q.mixes_constant():
         return None
     assert isinstance(short, SectionShortcut) and short.kernel is not None
+    inputs, x, rule, constant = q.inputs, q.x, q.rule, q.constant
     f64 = torch.float64
-    in64, out64 = in_map.to(device=x.device, dtype=f64), out_map.to(device=x.device, dtype=f64)
-    d = x.shape[-1] - int(constant)
+    in64, out64 = q.maps64()
+    d = q.width
     d_out = out64.shape[1] - int(constant)
     start = int(constant)
-    if constant and in64.shape[1] > 1 and float(in64[d, 1:].abs().max()) > 1e-12 * float(in64.abs().max()):
-        return None
     batch, n_pos = x.shape[0], x.shape[1]
     dirs = in64[:d, start:]
     kk = dirs.shape[1]
@@ -306,7 +296,7 @@ def shortcut_gram(
     c_feat = out64[:, :d_out]
     # about one (m × P·k) block per example lives at a time; 8·max_elements numbers keep the GEMMs
     # large (as for the edge kernels, benchmarks/edges_modadd.md)
-    chunk = max(1, 8 * max_elements // max(1, out64.shape[0] * n_pos * k))
+    chunk = max(1, 8 * q.max_elements // max(1, out64.shape[0] * n_pos * k))
     total = torch.zeros(k, k, dtype=f64, device=x.device)
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)

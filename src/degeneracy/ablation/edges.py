@@ -55,16 +55,11 @@ class EdgeAblationResult:
         threshold: E of the smallest kept edge at ``n_needed`` (a natural ε for modules, METHOD §5).
         evaluations: ``{n_kept: accuracy}`` for every evaluated point.
 
-    >>> import degeneracy
-    >>> _ = torch.manual_seed(0)
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
-    >>> x = torch.randn(32, 3, dtype=torch.float64)
-    >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
-    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
-    >>> results = edge_ablation(model, x, B, G, labels=model(x).argmax(-1), delta=0.1)
-    >>> r = results[("1", "2")]
-    >>> r.pair, 0 <= r.n_needed <= r.n_edges
-    (('1', '2'), True)
+    >>> r = EdgeAblationResult(("1", "2"), "lib", n_edges=4, n_needed=1, threshold=0.5, delta=0.1,
+    ...                        base_accuracy=1.0, target=0.9, evaluations={0: 0.5, 1: 0.95, 4: 1.0},
+    ...                        losses={0: 1.0, 1: 0.1, 4: 0.0})
+    >>> r.n_needed <= r.n_edges and r.evaluations[r.n_needed] >= r.target
+    True
     """
 
     pair: Pair

@@ -21,11 +21,9 @@ from degeneracy.adapters.transformer_lens.parts import (
     sequence_length,
 )
 from degeneracy.capture import NodeLayer
-from degeneracy.linalg import IntegrationRule
+from degeneracy.jacobian import GramFn, GramQuery, gram_function
 
 __all__ = ["structured_gram", "gated_gram", "attention_gram"]
-
-GramFn = Callable[[Any, Tensor, Tensor, Tensor, IntegrationRule, bool, int], "Tensor | None"]
 
 
 def structured_gram(
@@ -95,20 +93,14 @@ def gated_gram(
     [[4.0, 0.0], [0.0, 4.0]]
     """
 
-    def gram(
-        inputs: Any,
-        x: Tensor,
-        in_map: Tensor,
-        out_map: Tensor,
-        rule: IntegrationRule,
-        constant: bool,
-        max_elements: int,
-    ) -> Tensor | None:
+    @gram_function
+    def gram(q: GramQuery) -> Tensor | None:
+        x, rule, constant = q.x, q.rule, q.constant
         if constant and x.shape[1] != 1:
             return None
         f64 = torch.float64
-        xt = x[:, select_positions(src, dst, sequence_length(inputs))].to(f64)
-        d = xt.shape[-1] - int(constant)
+        xt = x[:, select_positions(src, dst, sequence_length(q.inputs))].to(f64)
+        d = q.width
         lin = torch.eye(d, dtype=f64, device=x.device) if weight is None else weight.detach().to(f64)
         d_out = lin.shape[1]
         jac = lin.T  # (d_out[+1]) × (d[+1]) linear part in column convention
@@ -118,7 +110,7 @@ def gated_gram(
             if bias is not None:
                 jac[:d_out, d] = bias.detach().to(f64)
             jac[d_out, d] = 1.0
-        in64, out64 = in_map.to(device=x.device, dtype=f64), out_map.to(device=x.device, dtype=f64)
+        in64, out64 = q.maps64()
         k_lin = out64 @ jac @ in64  # (m, k)
         rows = xt.shape[0] * xt.shape[1]
         total = rows * (k_lin.T @ k_lin)
@@ -173,22 +165,16 @@ def attention_gram(
     torch.Size([4, 4])
     """
 
-    def gram(
-        inputs: Any,
-        x: Tensor,
-        in_map: Tensor,
-        out_map: Tensor,
-        rule: IntegrationRule,
-        constant: bool,
-        max_elements: int,
-    ) -> Tensor | None:
+    @gram_function
+    def gram(q: GramQuery) -> Tensor | None:
+        inputs, x, rule, constant, max_elements = q.inputs, q.x, q.rule, q.constant, q.max_elements
         f64 = torch.float64
         n_pos = x.shape[1]
         qpos = positions_of(positions, n_pos)
-        d = x.shape[-1] - int(constant)
-        in64, out64 = in_map.to(device=x.device, dtype=f64), out_map.to(device=x.device, dtype=f64)
+        d = q.width
+        in64, out64 = q.maps64()
         k = in64.shape[1]
-        if constant and k > 1 and float(in64[d, 1:].abs().max()) > 1e-12 * float(in64.abs().max()):
+        if q.mixes_constant():
             return None
         heads = attn.W_Q.shape[0]
         if heads * (n_pos + 1) > k or (constant and tangent is None):

@@ -9,7 +9,6 @@ C_out J(f) [directions_j · scale_{s,j}] for every input direction j at once, sh
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,10 +21,9 @@ from degeneracy.adapters.transformer_lens.parts import (
     sequence_length,
 )
 from degeneracy.capture import NodeLayer
+from degeneracy.jacobian import Kernel
 
 __all__ = ["affine_kernel", "mlp_kernel", "attention_kernel"]
-
-Kernel = Callable[[Any, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kernel:

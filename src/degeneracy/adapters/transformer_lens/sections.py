@@ -25,6 +25,8 @@ from degeneracy.adapters.transformer_lens.parts import (
     sequence_length,
 )
 from degeneracy.capture import NodeLayer, as_node_layers
+from degeneracy.graph_result import Pair
+from degeneracy.jacobian import SectionFn
 
 __all__ = [
     "ClosedForm",
@@ -35,9 +37,6 @@ __all__ = [
     "mlp_tangent",
     "attention_tangent",
 ]
-
-Pair = tuple[str, str]
-SectionFn = Callable[[Any, Tensor], Tensor]
 
 
 class ClosedForm(NamedTuple):
