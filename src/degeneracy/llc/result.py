@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from degeneracy.io import load_tensors, save_tensors
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -21,11 +20,10 @@ from degeneracy.llc.diagnostics import (
     step_size_stability,
     t_critical_99,
 )
+from degeneracy.llc.record import TensorRecord
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
 __all__ = ["LLCResult", "summarize_chains", "load_llc"]
-
-_KIND = "degeneracy.LLCResult"
 
 
 def _version() -> str:
@@ -35,7 +33,7 @@ def _version() -> str:
 
 
 @dataclass(frozen=True)
-class LLCResult:
+class LLCResult(TensorRecord):
     """An estimate λ̂ of the local learning coefficient (METHOD §7) and everything behind it.
 
     Attributes:
@@ -65,6 +63,9 @@ class LLCResult:
     >>> load_llc(path).mean == r.mean
     True
     """
+
+    KIND: ClassVar[str] = "degeneracy.LLCResult"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("loss_traces", "chain_estimates")
 
     mean: float
     std: float
@@ -133,51 +134,6 @@ class LLCResult:
             f"LLCResult(λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
-        )
-
-    def save(self, path: str | Path) -> Path:
-        """Write to one safetensors file (tensors) with the rest as JSON in its header; atomic."""
-        tensors = {
-            "chain_estimates": self.chain_estimates,
-            "variance_estimates": self.variance_estimates,
-            "loss_traces": self.loss_traces,
-            "burnin_traces": self.burnin_traces,
-        }
-        meta = {
-            "kind": _KIND,
-            "mean": self.mean,
-            "std": self.std,
-            "init_loss": self.init_loss,
-            "nbeta": self.nbeta,
-            "num_params": self.num_params,
-            "excluded_chains": {str(k): v for k, v in self.excluded_chains.items()},
-            "config": self.config,
-            "seconds": self.seconds,
-            "warnings": list(self.warnings),
-            "version": self.version,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LLCResult:
-        """Read a file written by :meth:`save` (its kind is checked); see :func:`load_llc`."""
-        tensors, meta = load_tensors(path, kind=_KIND, required=("loss_traces", "chain_estimates"))
-        return cls(
-            mean=float(meta["mean"]),
-            std=float(meta["std"]),
-            chain_estimates=tensors["chain_estimates"],
-            variance_estimates=tensors["variance_estimates"],
-            loss_traces=tensors["loss_traces"],
-            burnin_traces=tensors["burnin_traces"],
-            init_loss=float(meta["init_loss"]),
-            nbeta=float(meta["nbeta"]),
-            num_params=int(meta["num_params"]),
-            excluded_chains={int(k): v for k, v in meta["excluded_chains"].items()},
-            config=meta["config"],
-            seconds=float(meta["seconds"]),
-            warnings=tuple(meta["warnings"]),
-            version=meta["version"],
         )
 
 
