@@ -25,7 +25,7 @@ from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.record import NOT_SAVED, TensorRecord
-from degeneracy.llc.result import LLCResult
+from degeneracy.llc.result import EffectiveCount, LLCResult
 from degeneracy.llc.volume import volume_llc
 from degeneracy.run import ParamLayout, functional_output, model_device, model_dtype
 
@@ -64,7 +64,7 @@ def _central_slope(x: Tensor, y: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LLCCurve(TensorRecord):
+class LLCCurve(EffectiveCount, TensorRecord):
     """λ̂ over a sweep of inverse temperatures, with the loss scale each one probes.
 
     Attributes:
@@ -97,16 +97,6 @@ class LLCCurve(TensorRecord):
     slope: Float[Tensor, " points"]
     results: tuple[LLCResult, ...] = field(default=(), metadata=NOT_SAVED)
     config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_eff(self) -> Tensor:
-        """N_eff(ε) = 2 λ̂."""
-        return 2.0 * self.llc
-
-    @property
-    def n_eff_std(self) -> Tensor:
-        """The error bar of N_eff: 2 ``llc_std``."""
-        return 2.0 * self.llc_std
 
     @property
     def consistency_residual(self) -> Tensor:
@@ -351,7 +341,7 @@ def effective_parameter_count(
             epsilons=targets,
             achieved_epsilons=targets.clone(),
             n_eff=vol.n_eff[order],
-            n_eff_std=2.0 * vol.llc_std[order],
+            n_eff_std=vol.n_eff_std[order],
             nbetas=torch.full_like(targets, math.nan),
             method="volume",
             num_params=center.numel(),

@@ -23,7 +23,7 @@ from degeneracy.llc.diagnostics import (
 from degeneracy.llc.record import TensorRecord
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
-__all__ = ["LLCResult", "summarize_chains", "load_llc"]
+__all__ = ["LLCResult", "EffectiveCount", "summarize_chains", "load_llc"]
 
 
 def _version() -> str:
@@ -32,8 +32,31 @@ def _version() -> str:
     return __version__
 
 
+class EffectiveCount:
+    """N_eff = 2 λ (paper eq 9) and its error bar, for a result whose λ and spread are the fields
+    named by ``LLC_FIELDS`` (default ``llc`` and ``llc_std``: the λ(ε) curves).
+
+    >>> from degeneracy.llc import LLCCurve
+    >>> curve = LLCCurve(*(torch.tensor([0.5, 1.5], dtype=torch.float64) for _ in range(6)))
+    >>> curve.n_eff.tolist(), curve.n_eff_std.tolist()
+    ([1.0, 3.0], [1.0, 3.0])
+    """
+
+    LLC_FIELDS: ClassVar[tuple[str, str]] = ("llc", "llc_std")
+
+    @property
+    def n_eff(self) -> Tensor | float:
+        """Effective parameter count N_eff = 2 λ (paper eq 9)."""
+        return 2.0 * getattr(self, self.LLC_FIELDS[0])
+
+    @property
+    def n_eff_std(self) -> Tensor | float:
+        """The error bar of N_eff: twice the spread of λ."""
+        return 2.0 * getattr(self, self.LLC_FIELDS[1])
+
+
 @dataclass(frozen=True)
-class LLCResult(TensorRecord):
+class LLCResult(EffectiveCount, TensorRecord):
     """An estimate λ̂ of the local learning coefficient (METHOD §7) and everything behind it.
 
     Attributes:
@@ -65,6 +88,7 @@ class LLCResult(TensorRecord):
     """
 
     KIND: ClassVar[str] = "degeneracy.LLCResult"
+    LLC_FIELDS: ClassVar[tuple[str, str]] = ("mean", "std")
     REQUIRED: ClassVar[tuple[str, ...]] = ("loss_traces", "chain_estimates")
 
     mean: float
@@ -111,16 +135,6 @@ class LLCResult(TensorRecord):
     def epsilon(self) -> float:
         """The loss scale this estimate probes: ε = λ̂ / nβ = E[L] − L* (METHOD §7)."""
         return self.mean / self.nbeta
-
-    @property
-    def n_eff(self) -> float:
-        """Effective parameter count N_eff = 2 λ̂ (paper eq 9)."""
-        return 2.0 * self.mean
-
-    @property
-    def n_eff_std(self) -> float:
-        """The error bar of N_eff: 2 ``std``."""
-        return 2.0 * self.std
 
     @property
     def draws_per_second(self) -> float:

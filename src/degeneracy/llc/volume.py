@@ -29,6 +29,7 @@ from torch.func import vmap
 
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.llc.record import TensorRecord
+from degeneracy.llc.result import EffectiveCount
 from degeneracy.llc.sgld import seed_from
 
 __all__ = ["VolumeResult", "volume_llc", "load_volume", "MAX_VOLUME_PARAMS"]
@@ -39,7 +40,7 @@ with dimension); use the SGLD estimator instead."""
 
 
 @dataclass(frozen=True)
-class VolumeResult(TensorRecord):
+class VolumeResult(EffectiveCount, TensorRecord):
     """V(ε) and λ(ε) from :func:`volume_llc`.
 
     Attributes:
@@ -56,12 +57,6 @@ class VolumeResult(TensorRecord):
 
     >>> VolumeResult(*(torch.ones(1) for _ in range(5)), fit={}).n_eff.tolist()
     [2.0]
-    >>> import tempfile, os
-    >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(1, dtype=torch.float64),
-    ...                epsilons=[1e-3], num_points=50, num_repeats=1, num_mcmc_steps=2)
-    >>> path = r.save(os.path.join(tempfile.mkdtemp(), "volume.safetensors"))
-    >>> torch.equal(load_volume(path).llc, r.llc)
-    True
     """
 
     KIND: ClassVar[str] = "degeneracy.VolumeResult"
@@ -76,21 +71,16 @@ class VolumeResult(TensorRecord):
     levels: list[dict[str, list[float]]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def n_eff(self) -> Tensor:
-        """N_eff(ε) = 2 λ(ε)."""
-        return 2.0 * self.llc
-
 
 def load_volume(path: str | Path) -> VolumeResult:
-    """A :class:`VolumeResult` saved with :meth:`VolumeResult.save` (the file's kind is checked).
-
-    See :class:`VolumeResult` for an example.
+    """A :class:`VolumeResult` saved with its ``save(path)`` (the file's kind is checked).
 
     >>> import os, tempfile
-    >>> r = VolumeResult(*(torch.full((1,), 0.5, dtype=torch.float64) for _ in range(5)), fit={"llc": 0.5})
-    >>> load_volume(r.save(os.path.join(tempfile.mkdtemp(), "v.safetensors"))).fit
-    {'llc': 0.5}
+    >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(1, dtype=torch.float64),
+    ...                epsilons=[1e-3], num_points=50, num_repeats=1, num_mcmc_steps=2)
+    >>> back = load_volume(r.save(os.path.join(tempfile.mkdtemp(), "volume.safetensors")))
+    >>> torch.equal(back.llc, r.llc), back.levels == r.levels, back.fit["eps_min"]
+    (True, True, 0.001)
     """
     return VolumeResult.load(path)
 
