@@ -17,8 +17,7 @@ Plotting functions live in one module, :mod:`degeneracy.report`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from degeneracy.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -57,14 +56,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'degeneracy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

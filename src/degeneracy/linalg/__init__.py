@@ -15,54 +15,9 @@ Functions take tensors (or product callables) and return tensors; nothing here k
 
 from __future__ import annotations
 
-from degeneracy.linalg.eigen import (
-    SINGLE_THREAD_EIGH,
-    Eigh,
-    centering_maps,
-    eigh_descending,
-    intra_op_threads,
-    psd_eigenvalues,
-    rank_at,
-    truncate,
-    whitening,
-)
-from degeneracy.linalg.integration import (
-    INTEGRATION_RULES,
-    IntegrationRule,
-    homogeneous_rule,
-    integration_rule,
-)
-from degeneracy.linalg.krylov import (
-    block_krylov_top,
-    hutchinson_trace,
-    lanczos_top,
-    lanczos_tridiagonal,
-    slq_nodes,
-    slq_nodes_batched,
-    slq_rank,
-    tridiagonal,
-)
+from degeneracy.linalg import eigen, integration, krylov
+from degeneracy.linalg.eigen import *  # noqa: F403  (the names in eigen.__all__)
+from degeneracy.linalg.integration import *  # noqa: F403
+from degeneracy.linalg.krylov import *  # noqa: F403
 
-__all__ = [
-    "Eigh",
-    "eigh_descending",
-    "intra_op_threads",
-    "SINGLE_THREAD_EIGH",
-    "truncate",
-    "whitening",
-    "IntegrationRule",
-    "integration_rule",
-    "INTEGRATION_RULES",
-    "homogeneous_rule",
-    "centering_maps",
-    "psd_eigenvalues",
-    "rank_at",
-    "lanczos_tridiagonal",
-    "tridiagonal",
-    "lanczos_top",
-    "block_krylov_top",
-    "slq_nodes",
-    "slq_nodes_batched",
-    "slq_rank",
-    "hutchinson_trace",
-]
+__all__ = [*eigen.__all__, *integration.__all__, *krylov.__all__]

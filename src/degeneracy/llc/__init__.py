@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 from torch import Tensor
 
-from degeneracy.behavioral import behavioral_loss_from_outputs
+from degeneracy.behavioral import LossKind, behavioral_loss_from_outputs
 from degeneracy.llc.curve import (
     EffectiveParameterCount,
     LLCCurve,
@@ -63,39 +64,30 @@ __all__ = [
 ]
 
 
-def behavioral_mse(output: Tensor, reference: Tensor) -> Tensor:
-    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")``.
+def _deprecated_behavioral(kind: LossKind, example: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The deprecated ``behavioral_<kind>(output, reference)``: it warns, then returns
+    ``degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, kind)``."""
+    name = f"behavioral_{kind}"
+    replacement = f'degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "{kind}")'
+
+    def loss(output: Tensor, reference: Tensor) -> Tensor:
+        message = f"degeneracy.llc.{name} is deprecated; use {replacement}"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return behavioral_loss_from_outputs(output, reference, kind)
+
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = f"""Deprecated: ``{replacement}``.
 
     Sums over every dimension after the first (positions included, METHOD §6), mean over examples.
 
     >>> import torch
     >>> with warnings.catch_warnings():
     ...     warnings.simplefilter("ignore")
-    ...     behavioral_mse(torch.zeros(2, 3), torch.ones(2, 3)).item()
-    3.0
+    ...     round({name}(torch.zeros(2, 3), torch.ones(2, 3)).item(), 6)
+    {example}
     """
-    warnings.warn(
-        "degeneracy.llc.behavioral_mse is deprecated; use "
-        'degeneracy.behavioral.behavioral_loss_from_outputs(output, reference, "mse")',
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return behavioral_loss_from_outputs(output, reference, "mse")
+    return loss
 
 
-def behavioral_kl(logits: Tensor, reference_logits: Tensor) -> Tensor:
-    """Deprecated: ``degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference, "kl")``.
-
-    >>> import torch
-    >>> with warnings.catch_warnings():
-    ...     warnings.simplefilter("ignore")
-    ...     behavioral_kl(torch.zeros(2, 3), torch.zeros(2, 3)).item()
-    0.0
-    """
-    warnings.warn(
-        "degeneracy.llc.behavioral_kl is deprecated; use "
-        'degeneracy.behavioral.behavioral_loss_from_outputs(logits, reference_logits, "kl")',
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return behavioral_loss_from_outputs(logits, reference_logits, "kl")
+behavioral_mse = _deprecated_behavioral("mse", 3.0)
+behavioral_kl = _deprecated_behavioral("kl", 0.0)

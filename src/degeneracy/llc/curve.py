@@ -15,17 +15,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
-from degeneracy.io import load_tensors, save_tensors
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
-from degeneracy.llc.result import LLCResult
+from degeneracy.llc.record import NOT_SAVED, TensorRecord
+from degeneracy.llc.result import EffectiveCount, LLCResult
 from degeneracy.llc.volume import volume_llc
 from degeneracy.run import ParamLayout, functional_output, model_device, model_dtype
 
@@ -64,7 +64,7 @@ def _central_slope(x: Tensor, y: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LLCCurve:
+class LLCCurve(EffectiveCount, TensorRecord):
     """λ̂ over a sweep of inverse temperatures, with the loss scale each one probes.
 
     Attributes:
@@ -86,49 +86,23 @@ class LLCCurve:
     True
     """
 
+    KIND: ClassVar[str] = "degeneracy.LLCCurve"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("nbetas", "llc")
+
     nbetas: Float[Tensor, " points"]
     epsilons: Float[Tensor, " points"]
     llc: Float[Tensor, " points"]
     llc_std: Float[Tensor, " points"]
     llc_var: Float[Tensor, " points"]
     slope: Float[Tensor, " points"]
-    results: tuple[LLCResult, ...] = ()
+    results: tuple[LLCResult, ...] = field(default=(), metadata=NOT_SAVED)
     config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_eff(self) -> Tensor:
-        """N_eff(ε) = 2 λ̂."""
-        return 2.0 * self.llc
-
-    @property
-    def n_eff_std(self) -> Tensor:
-        """The error bar of N_eff: 2 ``llc_std``."""
-        return 2.0 * self.llc_std
 
     @property
     def consistency_residual(self) -> Tensor:
         """dλ̂/d log nβ − (λ̂ − λ̂_var): zero at equilibrium (full-batch losses); large values flag
         unconverged chains or minibatch noise in λ̂_var."""
         return self.slope - (self.llc - self.llc_var)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the curve (not the per-nβ results) to one safetensors file; atomic."""
-        tensors = {
-            "nbetas": self.nbetas,
-            "epsilons": self.epsilons,
-            "llc": self.llc,
-            "llc_std": self.llc_std,
-            "llc_var": self.llc_var,
-            "slope": self.slope,
-        }
-        save_tensors(path, tensors, {"kind": "degeneracy.LLCCurve", "config": self.config})
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LLCCurve:
-        """Load the curve (the per-nβ results are not stored; save them separately if needed)."""
-        tensors, meta = load_tensors(path, kind="degeneracy.LLCCurve", required=("nbetas", "llc"))
-        return cls(**tensors, config=meta["config"])
 
 
 def load_llc_curve(path: str | Path) -> LLCCurve:
@@ -222,7 +196,7 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class EffectiveParameterCount:
+class EffectiveParameterCount(TensorRecord):
     """N_eff(ε) = 2 λ(ε) at requested loss scales.
 
     Attributes:
@@ -246,6 +220,9 @@ class EffectiveParameterCount:
     True
     """
 
+    KIND: ClassVar[str] = "degeneracy.EffectiveParameterCount"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("n_eff",)
+
     epsilons: Float[Tensor, " points"]
     achieved_epsilons: Float[Tensor, " points"]
     n_eff: Float[Tensor, " points"]
@@ -253,37 +230,13 @@ class EffectiveParameterCount:
     nbetas: Float[Tensor, " points"]
     method: str
     num_params: int
-    results: tuple[LLCResult, ...] = ()
+    results: tuple[LLCResult, ...] = field(default=(), metadata=NOT_SAVED)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def llc(self) -> Tensor:
         """λ(ε) = N_eff(ε) / 2."""
         return self.n_eff / 2.0
-
-    def save(self, path: str | Path) -> Path:
-        """Write to one safetensors file (not the per-ε results); atomic."""
-        tensors = {
-            "epsilons": self.epsilons,
-            "achieved_epsilons": self.achieved_epsilons,
-            "n_eff": self.n_eff,
-            "n_eff_std": self.n_eff_std,
-            "nbetas": self.nbetas,
-        }
-        meta = {
-            "kind": "degeneracy.EffectiveParameterCount",
-            "method": self.method,
-            "num_params": self.num_params,
-            "config": self.config,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> EffectiveParameterCount:
-        """Read a file written by :meth:`save` (its kind is checked)."""
-        tensors, meta = load_tensors(path, kind="degeneracy.EffectiveParameterCount", required=("n_eff",))
-        return cls(**tensors, method=meta["method"], num_params=meta["num_params"], config=meta["config"])
 
 
 def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
@@ -388,7 +341,7 @@ def effective_parameter_count(
             epsilons=targets,
             achieved_epsilons=targets.clone(),
             n_eff=vol.n_eff[order],
-            n_eff_std=2.0 * vol.llc_std[order],
+            n_eff_std=vol.n_eff_std[order],
             nbetas=torch.full_like(targets, math.nan),
             method="volume",
             num_params=center.numel(),

@@ -17,6 +17,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -103,100 +104,96 @@ def auto_step_size(nbeta: float, localization: float, curvature: float) -> float
     return AUTO_STEP_FACTOR / stiffness
 
 
-def _config(
-    chain_loss: Any,
-    layout: Any,
-    center: Tensor,
-    first_item: Any,
-    nbeta: float,
-    localization: float,
-    step_size: float | str,
-    num_chains: int,
-    num_draws: int,
-    num_burnin: int,
-    thinning: int,
-    seed: int,
-) -> tuple[SGLDConfig, float]:
-    """The sampler settings, with ``step_size="auto"`` resolved at θ* on the first batch, and the
-    largest curvature of the loss there (for the step-size stability check)."""
-    curvature = max_curvature(chain_loss, layout, center, first_item, seed=seed)
-    if step_size == "auto":
-        step_size = auto_step_size(nbeta, localization, curvature)
-    config = SGLDConfig(
-        nbeta=float(nbeta),
-        localization=float(localization),
-        step_size=float(step_size),
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin=num_burnin,
-        thinning=thinning,
-        seed=seed,
-    )
-    return config, curvature
+@dataclass(frozen=True)
+class _Sampling:
+    """The sampler settings both entry points take (documented in :func:`sample_sgld`)."""
 
+    nbeta: float
+    localization: float
+    step_size: float | str
+    num_chains: int
+    num_draws: int
+    num_burnin: int
+    thinning: int
+    seed: int
+    vectorize: bool
+    threads: int | None
+    progress: bool
+    sampler: str
+    divergence_factor: float
+    warn: bool
 
-def _run(
-    chain_loss: ChainLoss,
-    layout: ParamLayout,
-    center: Tensor,
-    make_batches: Callable[[], Iterator[Any]],
-    config: SGLDConfig,
-    vectorize: bool,
-    progress: bool,
-    threads: int | None = None,
-    sampler: str = "sgld",
-) -> ChainRun:
-    if threads is None:
-        threads = default_threads(config.num_chains if vectorize else 1, layout.numel)
-    with intra_op_threads(threads):
-        return _run_chains(chain_loss, layout, center, make_batches, config, vectorize, progress, sampler)
+    def run(
+        self,
+        chain_loss: ChainLoss,
+        layout: ParamLayout,
+        center: Tensor,
+        make_batches: Callable[[], Iterator[Any]],
+        first_item: Any,
+        init_loss: float,
+        extra: dict[str, Any],
+    ) -> LLCResult:
+        """Sample the chains of ``chain_loss`` around θ* = ``center`` and summarise them.
 
-
-def _run_chains(
-    chain_loss: ChainLoss,
-    layout: ParamLayout,
-    center: Tensor,
-    make_batches: Callable[[], Iterator[Any]],
-    config: SGLDConfig,
-    vectorize: bool,
-    progress: bool,
-    sampler: str = "sgld",
-) -> ChainRun:
-    def run(chain_ids: list[int] | None, desc: str) -> ChainRun:
-        if sampler == "mala":  # the one batch (checked by the caller)
-            batch = next(make_batches())
-            return run_mala_chains(
-                chain_loss, layout, center, batch, config, chain_ids=chain_ids, progress=progress, desc=desc
-            )
-        return run_sgld_chains(
-            chain_loss,
-            layout,
-            center,
-            make_batches(),
-            config,
-            chain_ids=chain_ids,
-            progress=progress,
-            desc=desc,
+        ``step_size="auto"`` is resolved at θ* on ``first_item`` (the first batch), where the largest
+        curvature is also taken for the step-size stability check; ``extra`` (and the sampler's
+        acceptance) go into the result's config, and its warnings are emitted as :class:`LLCWarning`
+        when ``warn``.
+        """
+        curvature = max_curvature(chain_loss, layout, center, first_item, seed=self.seed)
+        step_size = self.step_size
+        if step_size == "auto":
+            step_size = auto_step_size(self.nbeta, self.localization, curvature)
+        config = SGLDConfig(
+            nbeta=float(self.nbeta),
+            localization=float(self.localization),
+            step_size=float(step_size),
+            num_chains=self.num_chains,
+            num_draws=self.num_draws,
+            num_burnin=self.num_burnin,
+            thinning=self.thinning,
+            seed=self.seed,
         )
+        threads = self.threads
+        if threads is None:
+            threads = default_threads(config.num_chains if self.vectorize else 1, layout.numel)
+        with intra_op_threads(threads):
+            run = self.chains(chain_loss, layout, center, make_batches, config)
+        extra = {**extra, **_sampler_extra(self.sampler, run)}
+        factor = self.divergence_factor
+        result = summarize_chains(run, init_loss, config, layout.numel, extra, curvature, factor)
+        if self.warn:
+            for note in result.warnings:
+                warnings.warn(note, LLCWarning, stacklevel=3)
+        return result
 
-    if vectorize:
-        return run(None, sampler.upper())
-    runs = [run([c], f"chain {c}") for c in range(config.num_chains)]
-    acceptances = [r.acceptance for r in runs]
-    return ChainRun(
-        loss_traces=torch.cat([r.loss_traces for r in runs]),
-        burnin_traces=torch.cat([r.burnin_traces for r in runs]),
-        final_params=torch.cat([r.final_params for r in runs]),
-        seconds=sum(r.seconds for r in runs),
-        acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
-    )
+    def chains(
+        self,
+        chain_loss: ChainLoss,
+        layout: ParamLayout,
+        center: Tensor,
+        make_batches: Callable[[], Iterator[Any]],
+        config: SGLDConfig,
+    ) -> ChainRun:
+        """The sampler's chains, all in one vectorised run or one after another (the same draws)."""
 
+        def run(chain_ids: list[int] | None, desc: str) -> ChainRun:
+            options = {"chain_ids": chain_ids, "progress": self.progress, "desc": desc}
+            if self.sampler == "mala":  # the one batch (checked by the caller)
+                return run_mala_chains(chain_loss, layout, center, next(make_batches()), config, **options)
+            return run_sgld_chains(chain_loss, layout, center, make_batches(), config, **options)
 
-def _finish(result: LLCResult, warn: bool) -> LLCResult:
-    if warn:
-        for note in result.warnings:
-            warnings.warn(note, LLCWarning, stacklevel=3)
-    return result
+        if self.vectorize:
+            return run(None, self.sampler.upper())
+        runs = [run([c], f"chain {c}") for c in range(config.num_chains)]
+        acceptances = [r.acceptance for r in runs]
+        return ChainRun(
+            loss_traces=torch.cat([r.loss_traces for r in runs]),
+            burnin_traces=torch.cat([r.burnin_traces for r in runs]),
+            final_params=torch.cat([r.final_params for r in runs]),
+            seconds=sum(r.seconds for r in runs),
+            acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
+        )
 
 
 def sample_sgld(
@@ -276,39 +273,15 @@ def sample_sgld(
         with torch.no_grad():
             init_loss = float(sum(float(one_chain(params, b)) for b in items) / len(items))
 
-    config, curvature = _config(
-        chain_loss,
-        layout,
-        center,
-        items[0],
-        nbeta,
-        localization,
-        step_size,
-        num_chains,
-        num_draws,
-        num_burnin,
-        thinning,
-        seed,
-    )
-    run = _run(
-        chain_loss,
-        layout,
-        center,
-        lambda: cycle_batches(items, seed),
-        config,
-        vectorize,
-        progress,
-        threads,
-        sampler,
-    )
-    extra = {
-        "loss": getattr(loss_fn, "__name__", "callable"),
-        "num_batches": len(items),
-        "vectorize": vectorize,
-        **_sampler_extra(sampler, run),
-    }
-    result = summarize_chains(run, init_loss, config, layout.numel, extra, curvature, divergence_factor)
-    return _finish(result, warn)
+    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
+                         vectorize, threads, progress, sampler, divergence_factor, warn)
+    name = getattr(loss_fn, "__name__", "callable")
+    extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
+
+    def batches() -> Iterator[Any]:
+        return cycle_batches(items, seed)
+
+    return sampling.run(chain_loss, layout, center, batches, items[0], init_loss, extra)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,39 +380,24 @@ def estimate_llc(
         nbeta = n / math.log(n)
     _check_sampler(sampler, examples.num_batches(batch_size))
 
+    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
+                         vectorize, threads, progress, sampler, divergence_factor, warn)
     was_training = model.training
     model.eval()
     try:
         spec = model_chain_loss(
             model, examples, layout, center, loss=loss, engine=engine, batch_size=batch_size, seed=seed
         )
-        chain_loss, batches, first_item = spec.chain_loss, spec.batches, next(spec.batches())
-        config, curvature = _config(
-            chain_loss,
-            layout,
-            center,
-            first_item,
-            nbeta,
-            localization,
-            step_size,
-            num_chains,
-            num_draws,
-            num_burnin,
-            thinning,
-            seed,
-        )
-        run = _run(chain_loss, layout, center, batches, config, vectorize, progress, threads, sampler)
+        extra = {
+            "loss": spec.name,
+            "batch_size": batch_size,
+            "num_examples": n,
+            "params": list(layout.names),
+            "dtype": str(center.dtype).replace("torch.", ""),
+            "vectorize": vectorize,
+            "engine": spec.engine,
+        }
+        first_item = next(spec.batches())
+        return sampling.run(spec.chain_loss, layout, center, spec.batches, first_item, spec.init_loss, extra)
     finally:
         model.train(was_training)
-    extra = {
-        "loss": spec.name,
-        "batch_size": batch_size,
-        "num_examples": n,
-        "params": list(layout.names),
-        "dtype": str(center.dtype).replace("torch.", ""),
-        "vectorize": vectorize,
-        "engine": spec.engine,
-        **_sampler_extra(sampler, run),
-    }
-    result = summarize_chains(run, spec.init_loss, config, layout.numel, extra, curvature, divergence_factor)
-    return _finish(result, warn)

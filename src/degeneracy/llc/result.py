@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from degeneracy.io import load_tensors, save_tensors
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -21,11 +20,10 @@ from degeneracy.llc.diagnostics import (
     step_size_stability,
     t_critical_99,
 )
+from degeneracy.llc.record import TensorRecord
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
-__all__ = ["LLCResult", "summarize_chains", "load_llc"]
-
-_KIND = "degeneracy.LLCResult"
+__all__ = ["LLCResult", "EffectiveCount", "summarize_chains", "load_llc"]
 
 
 def _version() -> str:
@@ -34,8 +32,31 @@ def _version() -> str:
     return __version__
 
 
+class EffectiveCount:
+    """N_eff = 2 λ (paper eq 9) and its error bar, for a result whose λ and spread are the fields
+    named by ``LLC_FIELDS`` (default ``llc`` and ``llc_std``: the λ(ε) curves).
+
+    >>> from degeneracy.llc import LLCCurve
+    >>> curve = LLCCurve(*(torch.tensor([0.5, 1.5], dtype=torch.float64) for _ in range(6)))
+    >>> curve.n_eff.tolist(), curve.n_eff_std.tolist()
+    ([1.0, 3.0], [1.0, 3.0])
+    """
+
+    LLC_FIELDS: ClassVar[tuple[str, str]] = ("llc", "llc_std")
+
+    @property
+    def n_eff(self) -> Tensor | float:
+        """Effective parameter count N_eff = 2 λ (paper eq 9)."""
+        return 2.0 * getattr(self, self.LLC_FIELDS[0])
+
+    @property
+    def n_eff_std(self) -> Tensor | float:
+        """The error bar of N_eff: twice the spread of λ."""
+        return 2.0 * getattr(self, self.LLC_FIELDS[1])
+
+
 @dataclass(frozen=True)
-class LLCResult:
+class LLCResult(EffectiveCount, TensorRecord):
     """An estimate λ̂ of the local learning coefficient (METHOD §7) and everything behind it.
 
     Attributes:
@@ -65,6 +86,10 @@ class LLCResult:
     >>> load_llc(path).mean == r.mean
     True
     """
+
+    KIND: ClassVar[str] = "degeneracy.LLCResult"
+    LLC_FIELDS: ClassVar[tuple[str, str]] = ("mean", "std")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("loss_traces", "chain_estimates")
 
     mean: float
     std: float
@@ -112,16 +137,6 @@ class LLCResult:
         return self.mean / self.nbeta
 
     @property
-    def n_eff(self) -> float:
-        """Effective parameter count N_eff = 2 λ̂ (paper eq 9)."""
-        return 2.0 * self.mean
-
-    @property
-    def n_eff_std(self) -> float:
-        """The error bar of N_eff: 2 ``std``."""
-        return 2.0 * self.std
-
-    @property
     def draws_per_second(self) -> float:
         """Recorded draws of all chains per second of the sampling loop (burn-in time included)."""
         draws = self.loss_traces.shape[0] * self.loss_traces.shape[1]
@@ -133,51 +148,6 @@ class LLCResult:
             f"LLCResult(λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
-        )
-
-    def save(self, path: str | Path) -> Path:
-        """Write to one safetensors file (tensors) with the rest as JSON in its header; atomic."""
-        tensors = {
-            "chain_estimates": self.chain_estimates,
-            "variance_estimates": self.variance_estimates,
-            "loss_traces": self.loss_traces,
-            "burnin_traces": self.burnin_traces,
-        }
-        meta = {
-            "kind": _KIND,
-            "mean": self.mean,
-            "std": self.std,
-            "init_loss": self.init_loss,
-            "nbeta": self.nbeta,
-            "num_params": self.num_params,
-            "excluded_chains": {str(k): v for k, v in self.excluded_chains.items()},
-            "config": self.config,
-            "seconds": self.seconds,
-            "warnings": list(self.warnings),
-            "version": self.version,
-        }
-        save_tensors(path, tensors, meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LLCResult:
-        """Read a file written by :meth:`save` (its kind is checked); see :func:`load_llc`."""
-        tensors, meta = load_tensors(path, kind=_KIND, required=("loss_traces", "chain_estimates"))
-        return cls(
-            mean=float(meta["mean"]),
-            std=float(meta["std"]),
-            chain_estimates=tensors["chain_estimates"],
-            variance_estimates=tensors["variance_estimates"],
-            loss_traces=tensors["loss_traces"],
-            burnin_traces=tensors["burnin_traces"],
-            init_loss=float(meta["init_loss"]),
-            nbeta=float(meta["nbeta"]),
-            num_params=int(meta["num_params"]),
-            excluded_chains={int(k): v for k, v in meta["excluded_chains"].items()},
-            config=meta["config"],
-            seconds=float(meta["seconds"]),
-            warnings=tuple(meta["warnings"]),
-            version=meta["version"],
         )
 
 

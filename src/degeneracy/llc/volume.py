@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -28,12 +28,11 @@ from torch import Tensor
 from torch.func import vmap
 
 from degeneracy.deprecation import renamed_arguments
-from degeneracy.io import load_tensors, save_tensors
+from degeneracy.llc.record import TensorRecord
+from degeneracy.llc.result import EffectiveCount
 from degeneracy.llc.sgld import seed_from
 
 __all__ = ["VolumeResult", "volume_llc", "load_volume", "MAX_VOLUME_PARAMS"]
-
-_KIND = "degeneracy.VolumeResult"
 
 MAX_VOLUME_PARAMS = 12
 """Above this many parameters the volume estimator refuses to run (its cost and variance grow fast
@@ -41,7 +40,7 @@ with dimension); use the SGLD estimator instead."""
 
 
 @dataclass(frozen=True)
-class VolumeResult:
+class VolumeResult(EffectiveCount, TensorRecord):
     """V(ε) and λ(ε) from :func:`volume_llc`.
 
     Attributes:
@@ -60,6 +59,9 @@ class VolumeResult:
     [2.0]
     """
 
+    KIND: ClassVar[str] = "degeneracy.VolumeResult"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("epsilons", "llc")
+
     epsilons: Float[Tensor, " points"]
     log_volume: Float[Tensor, " points"]
     log_volume_std: Float[Tensor, " points"]
@@ -69,48 +71,16 @@ class VolumeResult:
     levels: list[dict[str, list[float]]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def n_eff(self) -> Tensor:
-        """N_eff(ε) = 2 λ(ε)."""
-        return 2.0 * self.llc
-
-    def save(self, path: str | Path) -> Path:
-        """Write to one safetensors file (tensors) with the fit, levels and config as JSON; atomic.
-
-        >>> import tempfile, os
-        >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(1, dtype=torch.float64),
-        ...                epsilons=[1e-3], num_points=50, num_repeats=1, num_mcmc_steps=2)
-        >>> path = r.save(os.path.join(tempfile.mkdtemp(), "volume.safetensors"))
-        >>> torch.equal(load_volume(path).llc, r.llc)
-        True
-        """
-        tensors = {
-            "epsilons": self.epsilons,
-            "log_volume": self.log_volume,
-            "log_volume_std": self.log_volume_std,
-            "llc": self.llc,
-            "llc_std": self.llc_std,
-        }
-        meta = {"kind": _KIND, "fit": self.fit, "levels": self.levels, "config": self.config}
-        save_tensors(path, tensors, meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> VolumeResult:
-        """Read a file written by :meth:`save` (its kind is checked); see :func:`load_volume`."""
-        tensors, meta = load_tensors(path, kind=_KIND, required=("epsilons", "llc"))
-        return cls(**tensors, fit=meta["fit"], levels=meta["levels"], config=meta["config"])
-
 
 def load_volume(path: str | Path) -> VolumeResult:
-    """A :class:`VolumeResult` saved with :meth:`VolumeResult.save` (the file's kind is checked).
-
-    See :meth:`VolumeResult.save` for an example.
+    """A :class:`VolumeResult` saved with its ``save(path)`` (the file's kind is checked).
 
     >>> import os, tempfile
-    >>> r = VolumeResult(*(torch.full((1,), 0.5, dtype=torch.float64) for _ in range(5)), fit={"llc": 0.5})
-    >>> load_volume(r.save(os.path.join(tempfile.mkdtemp(), "v.safetensors"))).fit
-    {'llc': 0.5}
+    >>> r = volume_llc(lambda t: t.square().sum(), torch.zeros(1, dtype=torch.float64),
+    ...                epsilons=[1e-3], num_points=50, num_repeats=1, num_mcmc_steps=2)
+    >>> back = load_volume(r.save(os.path.join(tempfile.mkdtemp(), "volume.safetensors")))
+    >>> torch.equal(back.llc, r.llc), back.levels == r.levels, back.fit["eps_min"]
+    (True, True, 0.001)
     """
     return VolumeResult.load(path)
 

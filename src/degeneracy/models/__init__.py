@@ -11,42 +11,8 @@ Each weights file (safetensors) has a JSON sidecar with the config, training rec
 
 from __future__ import annotations
 
-from degeneracy.models.digits import (
-    DigitsMLP,
-    digits_all_inputs,
-    digits_dataset,
-    digits_split_indices,
-    load_digits_mlp,
-    load_digits_mlp_metadata,
-)
-from degeneracy.models.modadd import (
-    load_modadd,
-    load_modadd_metadata,
-    modadd_accuracy,
-    modadd_all_inputs,
-    modadd_config,
-    modadd_config_dict,
-    modadd_dataset,
-    modadd_last_logits,
-    modadd_loss,
-    modadd_split_indices,
-)
+from degeneracy.models import digits, modadd
+from degeneracy.models.digits import *  # noqa: F403  (the names in digits.__all__)
+from degeneracy.models.modadd import *  # noqa: F403
 
-__all__ = [
-    "DigitsMLP",
-    "digits_all_inputs",
-    "digits_dataset",
-    "digits_split_indices",
-    "load_digits_mlp",
-    "load_digits_mlp_metadata",
-    "load_modadd",
-    "load_modadd_metadata",
-    "modadd_accuracy",
-    "modadd_all_inputs",
-    "modadd_config",
-    "modadd_config_dict",
-    "modadd_dataset",
-    "modadd_last_logits",
-    "modadd_loss",
-    "modadd_split_indices",
-]
+__all__ = [*digits.__all__, *modadd.__all__]

@@ -12,12 +12,13 @@ scikit-learn (``pip install degeneracy[digits]``); no download is needed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from degeneracy.models.shipped import WEIGHTS_DIR, read_sidecar, read_weights, split_indices
 
 __all__ = [
     "DigitsMLP",
@@ -30,7 +31,6 @@ __all__ = [
     "DIGITS_METADATA",
 ]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIGITS_WEIGHTS = WEIGHTS_DIR / "digits_mlp.safetensors"
 DIGITS_METADATA = WEIGHTS_DIR / "digits_mlp.json"
 
@@ -84,11 +84,7 @@ def digits_split_indices(n: int = 1797, frac_train: float = 0.8, seed: int = 0) 
     >>> len(train), len(test)
     (1437, 360)
     """
-    if not 0.0 < frac_train < 1.0:
-        raise ValueError(f"frac_train must lie strictly between 0 and 1, got {frac_train}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = int(frac_train * n)
-    return order[:n_train], order[n_train:]
+    return split_indices(n, frac_train, seed)
 
 
 def digits_dataset(
@@ -111,7 +107,7 @@ def load_digits_mlp_metadata(path: str | Path = DIGITS_METADATA) -> dict[str, An
     >>> "accuracy" in load_digits_mlp_metadata()
     True
     """
-    return json.loads(Path(path).read_text())
+    return read_sidecar(path)
 
 
 def load_digits_mlp(
@@ -130,12 +126,7 @@ def load_digits_mlp(
     >>> model.training, model(torch.zeros(1, 64, dtype=torch.float64)).shape
     (False, torch.Size([1, 10]))
     """
-    from safetensors.torch import load_file
-
-    weights = Path(weights)
-    if not weights.exists():
-        raise FileNotFoundError(f"no weights at {weights}; train them with `python scripts/train_digits.py`")
-    state = load_file(str(weights))
+    state = read_weights(weights, "scripts/train_digits.py")
     d_in, d_hidden = state["fc1.weight"].shape[1], state["fc1.weight"].shape[0]
     model = DigitsMLP(d_in=d_in, d_hidden=d_hidden, n_classes=state["out.weight"].shape[0])
     model.load_state_dict(state)

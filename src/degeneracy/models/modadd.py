@@ -15,12 +15,13 @@ Loss and accuracy are taken on the last position only (``logits[:, -1]``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from degeneracy.models.shipped import WEIGHTS_DIR, read_sidecar, read_weights, split_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 MODADD_P = 113
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODADD_WEIGHTS = WEIGHTS_DIR / "modadd.safetensors"
 MODADD_METADATA = WEIGHTS_DIR / "modadd.json"
 
@@ -127,13 +127,7 @@ def modadd_split_indices(p: int = MODADD_P, frac_train: float = 0.3, seed: int =
     >>> len(train) + len(test), len(set(train.tolist()) & set(test.tolist()))
     (25, 0)
     """
-    if not 0.0 < frac_train < 1.0:
-        raise ValueError(f"frac_train must lie strictly between 0 and 1, got {frac_train}")
-    n = p * p
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator)
-    n_train = int(frac_train * n)
-    return order[:n_train], order[n_train:]
+    return split_indices(p * p, frac_train, seed)
 
 
 def modadd_dataset(
@@ -212,7 +206,7 @@ def load_modadd_metadata(path: str | Path = MODADD_METADATA) -> dict[str, Any]:
     >>> load_modadd_metadata()["config"]["n_layers"]
     1
     """
-    return json.loads(Path(path).read_text())
+    return read_sidecar(path)
 
 
 def load_modadd(
@@ -231,13 +225,8 @@ def load_modadd(
     >>> model.cfg.d_vocab_out, model.training
     (114, False)
     """
-    from safetensors.torch import load_file
-
     tl = _import_transformer_lens()
-    weights = Path(weights)
-    if not weights.exists():
-        raise FileNotFoundError(f"no weights at {weights}; train them with `python scripts/train_modadd.py`")
-    state = load_file(str(weights))
+    state = read_weights(weights, "scripts/train_modadd.py")
     config = modadd_config(dtype=dtype, device=str(torch.device(device)))
     model = tl.HookedTransformer(config, move_to_device=True)
     missing, unexpected = model.load_state_dict(state, strict=False)

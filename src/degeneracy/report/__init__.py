@@ -17,8 +17,7 @@ True
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from degeneracy.lazy import lazy_exports
 
 _EXPORTS = {
     "plot_spectra": "degeneracy.report.basis_plots",
@@ -35,14 +34,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'degeneracy.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

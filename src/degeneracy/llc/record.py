@@ -1,0 +1,82 @@
+"""How the learning-coefficient results save and load: one safetensors file per result, the dataclass's
+tensor fields as tensors and its other fields as JSON metadata, the file's kind checked on load.
+
+>>> import os, tempfile, torch
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True)
+... class Example(TensorRecord):
+...     KIND = "example"
+...     values: Tensor
+...     note: str = ""
+>>> path = Example(torch.ones(2), "hi").save(os.path.join(tempfile.mkdtemp(), "x.safetensors"))
+>>> Example.load(path)
+Example(values=tensor([1., 1.], dtype=torch.float64), note='hi')
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
+
+from torch import Tensor
+
+from degeneracy.io import load_tensors, save_tensors
+
+__all__ = ["TensorRecord", "NOT_SAVED"]
+
+R = TypeVar("R", bound="TensorRecord")
+
+NOT_SAVED = {"saved": False}
+"""Field metadata (``field(..., metadata=NOT_SAVED)``) of a field that is not written (nested results);
+it keeps its default on load."""
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """``value`` read from JSON, as the field annotated ``hint`` holds it: JSON has no tuples and its
+    keys are strings, so a tuple comes back from a list and a ``dict[int, ...]`` gets int keys."""
+    if hint in (float, int):
+        return hint(value)
+    if get_origin(hint) is tuple:
+        return tuple(value)
+    if get_origin(hint) is dict and get_args(hint)[:1] == (int,):
+        return {int(k): v for k, v in value.items()}
+    return value
+
+
+class TensorRecord:
+    """Base of a frozen dataclass saved as one safetensors file (:func:`degeneracy.io.save_tensors`).
+
+    A subclass sets ``KIND`` (the file's kind, checked on load) and ``REQUIRED`` (the tensors a file
+    must hold). Fields holding tensors are saved as tensors, every other field as JSON metadata (after
+    ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``. See the module for an example.
+    """
+
+    KIND: ClassVar[str]
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one safetensors file (tensors, the rest as JSON in its header); atomic."""
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {"kind": self.KIND}
+        for f in fields(self):  # type: ignore[arg-type]
+            if f.metadata.get("saved", True):
+                value = getattr(self, f.name)
+                if isinstance(value, Tensor):
+                    tensors[f.name] = value
+                else:
+                    meta[f.name] = value
+        save_tensors(path, tensors, meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        """Read a file written by :meth:`save` (its kind and required tensors are checked)."""
+        tensors, meta = load_tensors(path, kind=cls.KIND, required=cls.REQUIRED)
+        hints = get_type_hints(cls)
+        values = {
+            f.name: _from_json(hints[f.name], meta[f.name])
+            for f in fields(cls)  # type: ignore[arg-type]
+            if f.name in meta and f.name not in tensors
+        }
+        return cls(**tensors, **values)
