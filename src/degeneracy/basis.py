@@ -26,7 +26,16 @@ from torch import Tensor, nn
 
 import degeneracy
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
-from degeneracy.basis_result import METHODS, Basis, BasisConfig, LayerBasis, Method, dtype_name, load_basis
+from degeneracy.basis_result import (
+    METHODS,
+    Basis,
+    BasisConfig,
+    LayerBasis,
+    Method,
+    config_from,
+    dtype_name,
+    load_basis,
+)
 from degeneracy.capture import (
     NodeLayer,
     as_node_layers,
@@ -284,22 +293,7 @@ def interaction_basis(
     >>> B.names, B["output"].dim  # the constant direction and two output directions
     (['1', '2', 'output'], 3)
     """
-    cfg = BasisConfig(
-        method=method,
-        center=center,
-        constant_coordinate=constant_coordinate,
-        gram_threshold=gram_threshold,
-        interaction_threshold=interaction_threshold,
-        relative=relative,
-        rotate_final=rotate_final,
-        integration_rule=integration_rule,
-        integration_steps=integration_steps,
-        batch_size=batch_size,
-        jacobian_mode=jacobian_mode,
-        max_elements=max_elements,
-        dtype=dtype_name(dtype),
-        check_cut=check_cut,
-    )
+    cfg = config_from(BasisConfig, locals(), dtype=dtype_name(dtype))
     run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size)
     was_training = run.model.training
     run.model.eval()

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -31,6 +31,7 @@ __all__ = [
     "METHODS",
     "Method",
     "dtype_name",
+    "config_from",
     "BasisConfig",
     "LayerBasis",
     "Basis",
@@ -40,6 +41,7 @@ __all__ = [
 
 Method = Literal["lib", "global", "pca", "neuron"]
 METHODS = ("lib", "global", "pca", "neuron")
+T = TypeVar("T")
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:
@@ -54,6 +56,19 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
     return dtype
+
+
+def config_from(cls: type[T], arguments: Mapping[str, Any], **overrides: Any) -> T:
+    """The config dataclass ``cls`` from the entries of ``arguments`` named like its fields (a public
+    function's ``locals()``), ``overrides`` taking precedence; the one place where a function's keyword
+    arguments become its config.
+
+    >>> config_from(BasisConfig, {"method": "pca", "progress": True}, center=False).method
+    'pca'
+    """
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    chosen = {k: v for k, v in arguments.items() if k in names and k not in overrides}
+    return cls(**chosen, **overrides)
 
 
 @dataclass(frozen=True)

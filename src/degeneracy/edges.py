@@ -54,7 +54,7 @@ from torch import nn
 import degeneracy
 from degeneracy.attributions import attribution_mode, kernel_attributions, squared_attributions
 from degeneracy.basis import NodeLayerRun
-from degeneracy.basis_result import dtype_name
+from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
@@ -140,16 +140,7 @@ def interaction_graph(
     >>> G.completeness[("1", "2")] < 1e-10  # with the constant coordinate every rule is exact
     True
     """
-    cfg = EdgeConfig(
-        integration_rule=integration_rule,
-        integration_steps=integration_steps,
-        num_sources=num_sources,
-        seed=seed,
-        batch_size=batch_size,
-        jacobian_mode=jacobian_mode,
-        max_elements=max_elements,
-        dtype=dtype_name(dtype),
-    )
+    cfg = config_from(EdgeConfig, locals(), dtype=dtype_name(dtype))
     run = NodeLayerRun(
         model,
         data,
