@@ -14,12 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from degeneracy.adapters.transformer_lens.parts import (
-    attention_parts,
-    positions_of,
-    select_positions,
-    sequence_length,
-)
+from degeneracy.adapters.transformer_lens import parts
 from degeneracy.capture import NodeLayer
 from degeneracy.jacobian import Kernel
 
@@ -38,7 +33,7 @@ def affine_kernel(weight: Tensor | None, src: NodeLayer, dst: NodeLayer) -> Kern
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = select_positions(src, dst, sequence_length(inputs))
+        idx = parts.select_positions(src, dst, parts.sequence_length(inputs))
         w = dirs if weight is None else weight.detach().to(torch.float64).T @ dirs  # (d_out, k)
         t = c_out @ w  # (m, k)
         return t[None, None] * scale[:, idx, None, :]
@@ -62,7 +57,7 @@ def mlp_kernel(mlp: Any, src: NodeLayer, dst: NodeLayer) -> Kernel:
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = select_positions(src, dst, sequence_length(inputs))
+        idx = parts.select_positions(src, dst, parts.sequence_length(inputs))
         w_in = mlp.W_in.detach().to(torch.float64)
         w_out = mlp.W_out.detach().to(torch.float64)
         ft = f[:, idx].to(torch.float64)
@@ -105,8 +100,8 @@ def attention_kernel(attn: Any, positions: Any, direction: str) -> Kernel:
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        qpos = positions_of(positions, f.shape[1])
-        w = attention_parts(attn, f, qpos, direction)
+        qpos = parts.positions_of(positions, f.shape[1])
+        w = parts.attention_parts(attn, f, qpos, direction)
         q, k, v, p = w["q"], w["k"], w["v"], w["p"]
         scale_attn = float(attn.attn_scale)
         a_q = torch.einsum("dj,hde->jhe", dirs, w["W_Q"])
