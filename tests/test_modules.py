@@ -117,7 +117,9 @@ def test_log_strengths_and_epsilon_choices() -> None:
     assert resolve_epsilon(graph, 0.5) == dict.fromkeys(graph.pairs, 0.5)
     top = float(graph.edges[pair][1:, 1:].max())
     assert resolve_epsilon(graph)[pair] == pytest.approx(1e-9 * top, rel=1e-12)
-    assert resolve_epsilon(graph, relative=1e-3)[pair] == pytest.approx(1e-3 * top, rel=1e-12)
+    assert resolve_epsilon(graph, epsilon_fraction=1e-3)[pair] == pytest.approx(1e-3 * top, rel=1e-12)
+    with pytest.warns(DeprecationWarning, match="epsilon_fraction"):  # the former keyword still works
+        assert resolve_epsilon(graph, relative=1e-3) == resolve_epsilon(graph, epsilon_fraction=1e-3)
 
     class Ablated:  # what an EdgeAblationResult offers
         threshold = 0.25

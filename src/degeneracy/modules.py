@@ -14,7 +14,7 @@ the features (layer, index) of every node layer. The report gives the modules, t
 * an edge-ablation result (``{pair: EdgeAblationResult}`` from :func:`degeneracy.ablation.edge_ablation`):
   the smallest edge kept at the bisection threshold (the companion paper's choice);
 * ``quantile=q``: the q-quantile of the pair's non-constant edges;
-* by default, ``relative`` (1e-9) times the pair's largest non-constant edge: every edge that is not
+* by default, ``epsilon_fraction`` (1e-9) times the pair's largest non-constant edge: every edge that is not
   numerically zero next to the strongest interaction counts, weighted by its log strength. This
   recovers exactly-planted modules (where cross edges are at the round-off floor); on a trained
   network, prefer ε from the edge-ablation threshold or from a loss scale.
@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from degeneracy.deprecation import renamed_arguments
 
 __all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules"]
 
@@ -59,16 +61,17 @@ def _candidates(graph: Any, pair: Pair) -> Tensor:
     return e[1:, 1:] if graph.has_constant else e
 
 
+@renamed_arguments(relative="epsilon_fraction")
 def resolve_epsilon(
-    graph: Any, epsilon: Any = None, *, quantile: float | None = None, relative: float = 1e-9
+    graph: Any, epsilon: Any = None, *, quantile: float | None = None, epsilon_fraction: float = 1e-9
 ) -> dict[Pair, float]:
     """ε per layer pair from a number, a mapping, an edge-ablation result, a quantile of E, or
-    ``relative`` × the largest edge (see the module docstring).
+    ``epsilon_fraction`` × the largest edge (see the module docstring).
 
     >>> from types import SimpleNamespace
     >>> edges = {("a", "b"): torch.tensor([[1.0, 4.0], [2.0, 3.0]])}
     >>> G = SimpleNamespace(pairs=[("a", "b")], edges=edges, has_constant=False)
-    >>> resolve_epsilon(G, 1e-3), resolve_epsilon(G, quantile=0.5), resolve_epsilon(G, relative=0.1)
+    >>> resolve_epsilon(G, 1e-3), resolve_epsilon(G, quantile=0.5), resolve_epsilon(G, epsilon_fraction=0.1)
     ({('a', 'b'): 0.001}, {('a', 'b'): 2.5}, {('a', 'b'): 0.4})
     """
     if epsilon is not None and quantile is not None:
@@ -82,10 +85,10 @@ def resolve_epsilon(
             e = e[e > 0]
             value = float(torch.quantile(e, quantile)) if e.numel() else 1.0
         elif epsilon is None:
-            if not relative > 0:
-                raise ValueError(f"relative must be positive, got {relative}")
+            if not epsilon_fraction > 0:
+                raise ValueError(f"epsilon_fraction must be positive, got {epsilon_fraction}")
             top = float(_candidates(graph, pair).max()) if _candidates(graph, pair).numel() else 0.0
-            value = relative * top if top > 0 else 1.0
+            value = epsilon_fraction * top if top > 0 else 1.0
         elif isinstance(epsilon, Mapping):
             if pair not in epsilon:
                 raise ValueError(f"epsilon has no entry for layer pair {pair}; pairs are {graph.pairs}")
@@ -171,6 +174,7 @@ class Modules:
         }
 
 
+@renamed_arguments(relative="epsilon_fraction")
 def find_modules(
     graph: Any,
     *,
@@ -178,18 +182,19 @@ def find_modules(
     resolution: float = 1.0,
     seed: int = 0,
     quantile: float | None = None,
-    relative: float = 1e-9,
+    epsilon_fraction: float = 1e-9,
 ) -> Modules:
     """Leiden modules of an interaction graph on cut-off-normalised log strengths (METHOD §5).
 
     Args:
         graph: an :class:`degeneracy.edges.InteractionGraph`.
         epsilon: the loss scale ε (see the module docstring): a number, ``{pair: ε}`` or an
-            edge-ablation result; ``None`` uses ``quantile`` if given, else ``relative``.
+            edge-ablation result; ``None`` uses ``quantile`` if given, else ``epsilon_fraction``.
         resolution: the resolution γ of the RB-configuration quality (larger: more, smaller modules).
         seed: Leiden's random seed (results are deterministic for a given seed).
         quantile: ε = this quantile of each pair's non-constant edges.
-        relative: ε = this fraction of each pair's largest non-constant edge (the default rule).
+        epsilon_fraction: ε = this fraction of each pair's largest non-constant edge (the default rule;
+            ``relative=`` is its former, deprecated name).
 
     Returns:
         :class:`Modules` with ``.labels[(layer, feature)]``, the inter-module Σ s and the modularity Q.
@@ -208,7 +213,7 @@ def find_modules(
         import leidenalg
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("find_modules needs igraph and leidenalg: pip install degeneracy[modules]") from err
-    eps = resolve_epsilon(graph, epsilon, quantile=quantile, relative=relative)
+    eps = resolve_epsilon(graph, epsilon, quantile=quantile, epsilon_fraction=epsilon_fraction)
     start = 1 if graph.has_constant else 0
     nodes: list[Node] = []
     index: dict[Node, int] = {}

@@ -171,13 +171,16 @@ class ModuleOptions(StrictModel):
     """Leiden modules (see :func:`degeneracy.find_modules`).
 
     ``epsilon``: a number, ``"ablation"`` (the edge-ablation thresholds of the same basis; falls back to
-    ``"relative"`` when no ablation ran), ``"quantile"`` or ``"relative"``. ``first_layer`` /
+    ``"fraction"`` when no ablation ran), ``"quantile"`` or ``"fraction"`` (``epsilon_fraction`` × each
+    pair's largest edge; ``"relative"`` is its former name). ``first_layer`` /
     ``last_layer`` restrict the module graph to a range of node layers (e.g. without an unrotated
     output layer, whose neurons mix every feature)."""
 
-    epsilon: float | Literal["ablation", "quantile", "relative"] = "ablation"
+    epsilon: float | Literal["ablation", "quantile", "fraction", "relative"] = "ablation"
     quantile: float = Field(default=0.5, ge=0, lt=1)
-    relative: float = Field(default=1e-9, gt=0)
+    epsilon_fraction: float = Field(
+        default=1e-9, gt=0, validation_alias=AliasChoices("epsilon_fraction", "relative")
+    )
     resolution: float = Field(default=1.0, gt=0)
     seed: int = 0
     methods: list[str] = ["lib"]

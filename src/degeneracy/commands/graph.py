@@ -350,13 +350,13 @@ def run_graph(
         if method not in graphs:
             continue
         kwargs: dict[str, Any] = {"resolution": mo.resolution, "seed": mo.seed}
-        rule = mo.epsilon
+        rule = "fraction" if mo.epsilon == "relative" else mo.epsilon  # the former name
         if rule == "ablation" and method not in edge_results:
-            rule = "relative"
+            rule = "fraction"
         if rule == "quantile":
             kwargs["quantile"] = mo.quantile
-        elif rule == "relative":
-            kwargs["relative"] = mo.relative
+        elif rule == "fraction":
+            kwargs["epsilon_fraction"] = mo.epsilon_fraction
         elif rule != "ablation":
             kwargs["epsilon"] = float(rule)
         names = graphs[method].names
