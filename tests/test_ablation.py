@@ -44,15 +44,15 @@ def _back(basis, name: str, f: torch.Tensor) -> torch.Tensor:
 def test_node_ablation_matches_direct_computation(classifier, method: str) -> None:
     model, x, labels = classifier
     basis = degeneracy.interaction_basis(model, x, LAYERS, method=method, progress=False)
-    n_kept = [0, 2, basis["fc2"].dim - 1]
-    curve = node_ablation_curve(model, x, basis, "fc2", labels=labels, n_kept=n_kept, batch_size=128)
+    num_kept = [0, 2, basis["fc2"].dim - 1]
+    curve = node_ablation_curve(model, x, basis, "fc2", labels=labels, num_kept=num_kept, batch_size=128)
     with torch.no_grad():
         h = model.act1(model.fc1(model.act0(model.fc0(x))))  # input of fc2
         f = _features(basis, "fc2", h)
         mean = f.mean(0)
         scores = basis["fc2"].eigenvalues[1:]
         order = 1 + torch.argsort(scores, descending=True)
-        for k, acc, loss in zip(curve.n_kept, curve.accuracy, curve.loss, strict=True):
+        for k, acc, loss in zip(curve.num_kept, curve.accuracy, curve.loss, strict=True):
             keep = torch.zeros(f.shape[1], dtype=torch.bool)
             keep[0] = True
             keep[order[:k]] = True
@@ -67,7 +67,7 @@ def test_keeping_every_feature_of_an_untruncated_basis_is_the_model(classifier) 
     model, x, labels = classifier
     basis = degeneracy.interaction_basis(model, x, LAYERS, method="pca", progress=False)
     assert basis["fc1"].dim == 10  # 9 + constant: nothing truncated
-    curve = node_ablation_curve(model, x, basis, "fc1", labels=labels, n_kept=[9])
+    curve = node_ablation_curve(model, x, basis, "fc1", labels=labels, num_kept=[9])
     assert curve.accuracy[0] == pytest.approx(curve.base_accuracy, abs=1e-12)
     assert curve.loss[0] == pytest.approx(curve.base_loss, rel=1e-10)
 
@@ -96,15 +96,15 @@ def test_edge_ablation_matches_direct_computation_and_bisects(classifier) -> Non
         pair
     ]
     E = graph.edges[pair]
-    assert result.n_edges == E[:, 1:].numel()
+    assert result.num_edges == E[:, 1:].numel()
     base_acc, _ = _metrics(model(x).detach(), labels)
     assert result.base_accuracy == pytest.approx(base_acc)
     for n, acc in result.evaluations.items():
         mask = edge_mask(E, n, keep_constant=True)
         want, _ = _metrics(_direct_edge_ablation(model, basis, x, mask), labels)
-        if n < result.n_edges:
+        if n < result.num_edges:
             assert acc == pytest.approx(want, abs=1e-12)
-    n = result.n_needed
+    n = result.num_needed
     assert result.evaluations[n] >= base_acc - delta - 1e-12
     if n > 0:  # the bisection brackets the answer: one edge fewer was evaluated and fell short
         assert n - 1 in result.evaluations and result.evaluations[n - 1] < base_acc - delta
@@ -128,4 +128,55 @@ def test_ablation_needs_labels(classifier) -> None:
     model, x, _ = classifier
     basis = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
     with pytest.raises(ValueError, match="labels"):
-        node_ablation_curve(model, x, basis, "fc1", n_kept=[1])
+        node_ablation_curve(model, x, basis, "fc1", num_kept=[1])
+
+
+def test_former_count_names_warn_and_old_dicts_load() -> None:
+    from degeneracy.ablation import EdgeAblationResult, NodeAblationCurve
+    from degeneracy.commands.graph import edge_result_from_dict, node_curves_from_json
+
+    evaluations, losses = {0: 0.5, 2: 1.0}, {0: 1.0, 2: 0.0}
+    edge = EdgeAblationResult(("a", "b"), "lib", 6, 2, 0.5, 0.01, 1.0, 0.99, evaluations, losses)
+    saved = edge.to_dict()
+    assert saved["num_edges"] == 6 and saved["num_needed"] == 2 and "n_edges" not in saved
+    former = {"num_edges": "n_edges", "num_needed": "n_needed"}
+    old = {former.get(k, k): v for k, v in saved.items()}
+    old["evaluations"] = {str(k): v for k, v in old["evaluations"].items()}  # as JSON writes them
+    old["losses"] = {str(k): v for k, v in old["losses"].items()}
+    assert edge_result_from_dict(old) == edge == EdgeAblationResult.from_dict(saved)
+    with pytest.warns(DeprecationWarning, match="num_edges"):
+        assert edge.n_edges == 6
+    with pytest.warns(DeprecationWarning, match="num_needed"):
+        assert edge.n_needed == 2
+    with pytest.warns(DeprecationWarning, match="num_needed"):
+        again = EdgeAblationResult(
+            ("a", "b"), "lib", 6, n_needed=2, threshold=0.5, delta=0.01, base_accuracy=1.0, target=0.99,
+            evaluations=evaluations, losses=losses,
+        )
+    assert again == edge
+
+    curve = NodeAblationCurve("fc1", "lib", "eigenvalues", 3, [0, 3], [0.5, 1.0], [1.0, 0.0], 1.0, 0.0)
+    saved = curve.to_dict()
+    assert saved["num_features"] == 3 and saved["num_kept"] == [0, 3] and "n_kept" not in saved
+    former = {"num_features": "n_features", "num_kept": "n_kept"}
+    old = {former.get(k, k): v for k, v in saved.items()}
+    assert node_curves_from_json({"fc1": old}) == {"fc1": curve}
+    with pytest.warns(DeprecationWarning, match="num_kept"):
+        assert curve.n_kept == [0, 3]
+    with pytest.warns(DeprecationWarning, match="num_features"):
+        assert curve.n_features == 3
+
+
+def test_former_keywords_warn(classifier) -> None:
+    model, x, labels = classifier
+    basis = degeneracy.interaction_basis(model, x, LAYERS, method="pca", progress=False)
+    with pytest.warns(DeprecationWarning, match="num_kept"):
+        curve = node_ablation_curve(model, x, basis, "fc1", labels=labels, n_kept=[9])
+    assert curve.num_kept == [9]
+    e = torch.tensor([[9.0, 0.1, 0.3], [9.0, 0.2, 0.0]])
+    with pytest.warns(DeprecationWarning, match="num_kept"):
+        assert torch.equal(edge_mask(e, n_kept=2, keep_constant=True), edge_mask(e, 2, keep_constant=True))
+    from degeneracy.ablation import bisect_edges
+
+    with pytest.warns(DeprecationWarning, match="num_total"):
+        assert bisect_edges(lambda n: {"accuracy": float(n >= 3)}, n_total=10, target=1.0)[0] == 3

@@ -43,7 +43,7 @@ def test_llc_command_writes_results_and_resumes(tmp_path) -> None:
     first = runner.invoke(_app(), ["llc", str(config), "--out", str(out)])
     assert first.exit_code == 0, first.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["estimate"]["num_params"] == 3466 and summary["estimate"]["engine"] == "batched"
+    assert summary["estimate"]["num_parameters"] == 3466 and summary["estimate"]["engine"] == "batched"
     assert len(summary["curve"]["llc"]) == 2 and len(summary["n_eff"]["n_eff"]) == 1
     result = LLCResult.load(out / "llc.safetensors")
     assert result.nbeta == 50.0 and result.loss_traces.shape == (2, 40)

@@ -95,7 +95,7 @@ def test_effective_parameter_count_of_a_regular_model() -> None:
     torch.testing.assert_close(result.n_eff, torch.full((2,), 8.0, dtype=F64), rtol=0.05, atol=0)
     assert torch.all((result.achieved_epsilons / result.epsilons).log().abs() <= math.log(1.25))
     assert torch.all(result.n_eff_std > 0)
-    assert result.num_params == 8 and result.method == "sgld"
+    assert result.num_parameters == 8 and result.method == "sgld"
     assert result.nbetas[1] > result.nbetas[0]
 
 
@@ -263,7 +263,7 @@ def test_bundled_digits_mlp_estimate() -> None:
     x = digits_dataset()[0]
     r = estimate_llc(model, x, num_chains=2, num_draws=100, num_burnin=50, batch_size=64, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    assert r.config["engine"] == "batched" and r.num_params == n_params
+    assert r.config["engine"] == "batched" and r.num_parameters == n_params
     assert 0 < r.mean < n_params / 2
     assert r.loss_traces.dtype == F64
     kl = estimate_llc(model, x, loss="kl", num_chains=2, num_draws=50, num_burnin=20, batch_size=64, seed=0)

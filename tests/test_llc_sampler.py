@@ -136,7 +136,7 @@ def test_diverging_and_nan_chains_are_reported_and_excluded() -> None:
         [[0.1, 0.2, 0.1, 0.2], [0.1, float("nan"), 0.1, 0.1], [0.1, 5.0, 50.0, 500.0], [0.2, 0.1, 0.2, 0.1]],
         dtype=torch.float64,
     )
-    bad = find_bad_chains(traces, None, init_loss=0.0, nbeta=10.0, num_params=4)
+    bad = find_bad_chains(traces, None, init_loss=0.0, nbeta=10.0, num_parameters=4)
     assert set(bad) == {1, 2}
     assert "non-finite" in bad[1] and "diverged" in bad[2]
 
@@ -290,7 +290,7 @@ def test_invalid_arguments(unchecked) -> None:
 def test_parameter_subset_is_sampled_alone() -> None:
     model, x = _mlp(), _inputs()
     r = estimate_llc(model, x, **SETTINGS, params=["2.weight", "2.bias"], warn=False)
-    assert r.num_params == 7 * 3 + 3
+    assert r.num_parameters == 7 * 3 + 3
     # the last layer alone is linear in its parameters: a rank-(3·8) quadratic; λ̂ ≤ 24/2
     assert 0 < r.mean < 12.5
 
@@ -408,3 +408,30 @@ def test_dtype_rule_of_the_run_layer() -> None:
     assert next(model.parameters()).dtype == torch.float64
     half = estimate_llc(model, x32, **SETTINGS, dtype=torch.float32, warn=False)
     assert half.config["dtype"] == "float32" and next(model.parameters()).dtype == torch.float64
+
+
+def test_files_saved_with_num_params_load_and_the_former_name_warns(tmp_path) -> None:
+    from degeneracy.io import load_tensors, save_tensors
+    from degeneracy.llc import EffectiveParameterCount, load_effective_parameter_count, load_llc
+
+    traces = torch.zeros(2, 3, dtype=torch.float64)
+    estimates = torch.full((2,), 0.5, dtype=torch.float64)
+    r = LLCResult(0.5, 0.0, estimates, estimates.clone(), traces, traces[:, :0], 0.0, 10.0, 7)
+    ones = [torch.ones(1, dtype=torch.float64) for _ in range(5)]
+    count = EffectiveParameterCount(*ones, method="sgld", num_parameters=3)
+    cases = ((r, load_llc, LLCResult.KIND), (count, load_effective_parameter_count, count.KIND))
+    for result, load, kind in cases:
+        path = result.save(tmp_path / "new.safetensors")
+        tensors, meta = load_tensors(path, kind=kind)
+        assert "num_parameters" in meta and "num_params" not in meta
+        meta["num_params"] = meta.pop("num_parameters")  # a file written before the rename
+        save_tensors(tmp_path / "old.safetensors", tensors, meta)
+        back = load(tmp_path / "old.safetensors")
+        assert back.num_parameters == result.num_parameters
+        with pytest.warns(DeprecationWarning, match="num_parameters"):
+            assert back.num_params == result.num_parameters
+    with pytest.warns(DeprecationWarning, match="num_parameters"):
+        old = LLCResult(0.5, 0.0, estimates, estimates, traces, traces[:, :0], 0.0, 10.0, num_params=7)
+    assert old.num_parameters == 7
+    with pytest.warns(DeprecationWarning, match="num_parameters"):
+        assert find_bad_chains(traces, None, init_loss=0.0, nbeta=10.0, num_params=4) == {}

@@ -82,7 +82,7 @@ def test_planted_modules_are_recovered(epsilon) -> None:
     if epsilon == "relative":
         eps = {pair: 1e-12 * float(graph.edges[pair].max()) for pair in graph.pairs}
     modules = degeneracy.find_modules(graph, epsilon=eps, seed=0)
-    assert modules.n_modules == 2
+    assert modules.num_modules == 2
     assert modules.inter_module_strength == 0.0
     assert modules.modularity > 0.3
     truth = {}
@@ -140,7 +140,7 @@ def test_resolution_and_seed() -> None:
     b = degeneracy.find_modules(graph, seed=3)
     assert a.labels == b.labels
     fine = degeneracy.find_modules(graph, resolution=20.0, seed=3)
-    assert fine.n_modules > a.n_modules
+    assert fine.num_modules > a.num_modules
     # every inter-module strength is the sum of s over edges that cross modules
     eps = fine.epsilon
     total = 0.0
@@ -183,7 +183,7 @@ def test_graph_command_end_to_end(tmp_path) -> None:
     graph_command(config, out)
     summary = json.loads((out / "graph_summary.json").read_text())
     assert set(summary["edges_needed"]) == {"lib"} and set(summary["sparsity"]) == {"lib", "pca"}
-    assert summary["modules"]["lib"]["n_modules"] == 2
+    assert summary["modules"]["lib"]["num_modules"] == 2
     for name in ("graph_lib.png", "graph_pca.png", "node_ablation.png", "edge_ablation.png"):  # non-empty
         assert (out / "figures" / name).stat().st_size > 0
     report = (out / "graph_report.md").read_text()
@@ -194,3 +194,22 @@ def test_graph_command_end_to_end(tmp_path) -> None:
     config.write_text("model: {name: 'tests.test_modules:planted_factory'}\nmethod: [lib]\n")
     with pytest.raises(typer.Exit):
         graph_command(config, out)
+
+
+def test_num_modules_and_old_module_files() -> None:
+    from degeneracy.commands.graph import modules_from_json
+    from degeneracy.modules import Modules
+    from degeneracy.report.markdown import graph_report_markdown
+
+    members = [[("fc1", 1)], [("fc2", 2)]]
+    found = Modules({("fc1", 1): 0, ("fc2", 2): 1}, members, {("fc1", "fc2"): 0.1}, 0.0, 1.0, 0.0, 1.0, 0)
+    saved = found.to_dict()
+    assert saved["num_modules"] == found.num_modules == 2 and "n_modules" not in saved
+    old = {("n_modules" if k == "num_modules" else k): v for k, v in saved.items()}
+    assert modules_from_json(old) == found
+    with pytest.warns(DeprecationWarning, match="num_modules"):
+        assert found.n_modules == 2
+    # a graph summary written before the rename renders too
+    row = {"n_modules": 2, "sizes": [1, 1], "modularity": 0.0, "inter_module_strength": 0.0}
+    summary = {"modules": {"lib": row}}
+    assert "2 modules" in graph_report_markdown(summary)

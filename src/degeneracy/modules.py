@@ -29,6 +29,7 @@ that every feature has a label (a component with no edges at all becomes its own
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,7 @@ class Modules:
     >>> x = torch.randn(32, 3, dtype=torch.float64)
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> M = find_modules(degeneracy.interaction_graph(model, x, B, progress=False), epsilon=1e-3)
-    >>> M.n_modules == len(M.modules), sorted({layer for layer, _ in M.labels})
+    >>> M.num_modules == len(M.modules), sorted({layer for layer, _ in M.labels})
     (True, ['1', '2', 'output'])
     """
 
@@ -140,8 +141,17 @@ class Modules:
     isolated: list[Node] = field(default_factory=list)
 
     @property
-    def n_modules(self) -> int:
+    def num_modules(self) -> int:
+        """How many modules there are (``n_modules`` is its former, deprecated name)."""
         return len(self.modules)
+
+    @property
+    def n_modules(self) -> int:
+        """Deprecated name of :attr:`num_modules`."""
+        warnings.warn(
+            "Modules.n_modules is deprecated; use Modules.num_modules", DeprecationWarning, stacklevel=2
+        )
+        return self.num_modules
 
     def layer_labels(self, layer: str) -> dict[int, int]:
         """``feature_index -> module id`` of one node layer."""
@@ -149,7 +159,7 @@ class Modules:
 
     def summary(self) -> str:
         lines = [
-            f"{self.n_modules} modules (resolution {self.resolution}, seed {self.seed}): "
+            f"{self.num_modules} modules (resolution {self.resolution}, seed {self.seed}): "
             f"inter-module sum s = {self.inter_module_strength:.4g}, "
             f"intra = {self.intra_module_strength:.4g}, modularity Q = {self.modularity:.4f}"
         ]
@@ -161,8 +171,15 @@ class Modules:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The partition as JSON-ready values (the labels follow from ``modules``; constant nodes are
+        left out).
+
+        >>> M = Modules({("fc1", 1): 0}, [[("fc1", 1)]], {("fc1", "fc2"): 0.1}, 0.0, 1.0, 0.0, 1.0, 0)
+        >>> M.to_dict()["num_modules"], M.to_dict()["modules"]
+        (1, [[['fc1', 1]]])
+        """
         return {
-            "n_modules": self.n_modules,
+            "num_modules": self.num_modules,
             "modules": [[[name, i] for name, i in members] for members in self.modules],
             "epsilon": {f"{a}->{b}": e for (a, b), e in self.epsilon.items()},
             "inter_module_strength": self.inter_module_strength,
@@ -205,7 +222,7 @@ def find_modules(
     >>> x = torch.randn(32, 3, dtype=torch.float64)
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> M = find_modules(degeneracy.interaction_graph(model, x, B, progress=False), quantile=0.5)
-    >>> sorted(M.epsilon), all(0 <= m < M.n_modules for m in M.labels.values())
+    >>> sorted(M.epsilon), all(0 <= m < M.num_modules for m in M.labels.values())
     ([('1', '2'), ('2', 'output')], True)
     """
     try:

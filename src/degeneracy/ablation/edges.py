@@ -6,15 +6,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from degeneracy.ablation.runner import AblationRunner, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
@@ -23,22 +25,23 @@ __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
 # Edge ablation
 
 
-def edge_mask(edges: Tensor, n_kept: int, *, keep_constant: bool) -> Tensor:
-    """Boolean mask of the ``n_kept`` largest edges (ties broken by position, so exactly n_kept).
+@renamed_arguments(n_kept="num_kept")
+def edge_mask(edges: Tensor, num_kept: int, *, keep_constant: bool) -> Tensor:
+    """Boolean mask of the ``num_kept`` largest edges (ties broken by position, so exactly num_kept).
 
     With ``keep_constant`` the column of the constant input direction (j = 0) is always kept and not
-    counted.
+    counted. ``n_kept=`` is the former, deprecated name of ``num_kept``.
 
     >>> edge_mask(torch.tensor([[0.0, 3.0], [2.0, 1.0]]), 2, keep_constant=False).tolist()
     [[False, True], [True, False]]
     """
     sub = edges[:, 1:] if keep_constant else edges
     flat = sub.flatten()
-    if n_kept < 0 or n_kept > flat.numel():
-        raise ValueError(f"n_kept must lie in [0, {flat.numel()}], got {n_kept}")
+    if num_kept < 0 or num_kept > flat.numel():
+        raise ValueError(f"num_kept must lie in [0, {flat.numel()}], got {num_kept}")
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    if n_kept > 0:
-        keep[torch.argsort(flat, descending=True, stable=True)[:n_kept]] = True
+    if num_kept > 0:
+        keep[torch.argsort(flat, descending=True, stable=True)[:num_kept]] = True
     keep = keep.reshape(sub.shape)
     if keep_constant:
         keep = torch.cat([torch.ones(edges.shape[0], 1, dtype=torch.bool), keep], dim=1)
@@ -50,22 +53,29 @@ class EdgeAblationResult:
     """Bisection result for one layer pair.
 
     Attributes:
-        n_edges: the number of candidate edges (constant-direction edges excluded).
-        n_needed: the fewest kept edges whose accuracy is within ``delta`` of ``base_accuracy``.
-        threshold: E of the smallest kept edge at ``n_needed`` (a natural ε for modules, METHOD §5).
-        evaluations: ``{n_kept: accuracy}`` for every evaluated point.
+        num_edges: the number of candidate edges (constant-direction edges excluded).
+        num_needed: the fewest kept edges whose accuracy is within ``delta`` of ``base_accuracy``.
+        threshold: E of the smallest kept edge at ``num_needed`` (a natural ε for modules, METHOD §5).
+        evaluations: ``{num_kept: accuracy}`` for every evaluated point.
 
-    >>> r = EdgeAblationResult(("1", "2"), "lib", n_edges=4, n_needed=1, threshold=0.5, delta=0.1,
+    ``n_edges`` and ``n_needed`` are the former, deprecated names of ``num_edges`` and ``num_needed``
+    (as attributes and constructor keywords; :meth:`from_dict` reads dicts with either key).
+
+    >>> r = EdgeAblationResult(("1", "2"), "lib", num_edges=4, num_needed=1, threshold=0.5, delta=0.1,
     ...                        base_accuracy=1.0, target=0.9, evaluations={0: 0.5, 1: 0.95, 4: 1.0},
     ...                        losses={0: 1.0, 1: 0.1, 4: 0.0})
-    >>> r.n_needed <= r.n_edges and r.evaluations[r.n_needed] >= r.target
+    >>> r.num_needed <= r.num_edges and r.evaluations[r.num_needed] >= r.target
+    True
+    >>> EdgeAblationResult.from_dict(r.to_dict()) == r
     True
     """
 
+    RENAMED: ClassVar[dict[str, str]] = {"n_edges": "num_edges", "n_needed": "num_needed"}
+
     pair: Pair
     basis_method: str
-    n_edges: int
-    n_needed: int
+    num_edges: int
+    num_needed: int
     threshold: float
     delta: float
     base_accuracy: float
@@ -74,10 +84,59 @@ class EdgeAblationResult:
     losses: dict[int, float]
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def n_edges(self) -> int:
+        """Deprecated name of :attr:`num_edges`."""
+        warnings.warn(
+            "EdgeAblationResult.n_edges is deprecated; use EdgeAblationResult.num_edges",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_edges
+
+    @property
+    def n_needed(self) -> int:
+        """Deprecated name of :attr:`num_needed`."""
+        warnings.warn(
+            "EdgeAblationResult.n_needed is deprecated; use EdgeAblationResult.num_needed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_needed
+
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values (the pair as a list).
+
+        >>> r = EdgeAblationResult(("1", "2"), "lib", 4, 1, 0.5, 0.1, 1.0, 0.9, {0: 0.5}, {0: 1.0})
+        >>> r.to_dict()["num_needed"], r.to_dict()["pair"]
+        (1, ['1', '2'])
+        """
         d = dataclasses.asdict(self)
         d["pair"] = list(self.pair)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EdgeAblationResult:
+        """The result of a :meth:`to_dict` (after a JSON round trip: string keys, lists); dicts written
+        before the ``num_*`` names (``n_edges``, ``n_needed``) load too.
+
+        >>> old = {"pair": ["1", "2"], "basis_method": "lib", "n_edges": 4, "n_needed": 1,
+        ...        "threshold": 0.5, "delta": 0.1, "base_accuracy": 1.0, "target": 0.9,
+        ...        "evaluations": {"0": 0.5, "1": 0.95}, "losses": {"0": 1.0, "1": 0.1}}
+        >>> r = EdgeAblationResult.from_dict(old)
+        >>> r.pair, r.num_edges, r.num_needed, r.evaluations
+        (('1', '2'), 4, 1, {0: 0.5, 1: 0.95})
+        """
+        values = {cls.RENAMED.get(k, k): v for k, v in d.items()}
+        values["pair"] = tuple(values["pair"])
+        values["evaluations"] = {int(k): v for k, v in values["evaluations"].items()}
+        values["losses"] = {int(k): v for k, v in values["losses"].items()}
+        return cls(**values)
+
+
+EdgeAblationResult.__init__ = renamed_arguments(  # type: ignore[method-assign]
+    **EdgeAblationResult.RENAMED
+)(EdgeAblationResult.__init__)
 
 
 def _edge_replace(
@@ -131,17 +190,18 @@ def _edge_replace(
     return replace
 
 
+@renamed_arguments(n_total="num_total")
 def bisect_edges(
     score: Callable[[int], dict[str, float]],
-    n_total: int,
+    num_total: int,
     target: float,
     scaling: Literal["logarithmic", "linear"] = "logarithmic",
 ) -> tuple[int, dict[int, dict[str, float]]]:
-    """The smallest n in [0, n_total] with ``score(n)["accuracy"] >= target``, by bisection.
+    """The smallest n in [0, num_total] with ``score(n)["accuracy"] >= target``, by bisection.
 
-    Assumes ``score(n_total)`` meets the target and accuracy grows with n; returns the answer and
+    Assumes ``score(num_total)`` meets the target and accuracy grows with n; returns the answer and
     every evaluated point. The answer's lower neighbour n − 1 is always among the evaluated points
-    (unless the answer is 0).
+    (unless the answer is 0). ``n_total=`` is the former, deprecated name of ``num_total``.
 
     >>> n, evaluated = bisect_edges(lambda n: {"accuracy": float(n >= 13)}, 100, target=1.0)
     >>> n, 12 in evaluated
@@ -150,7 +210,7 @@ def bisect_edges(
     evaluated: dict[int, dict[str, float]] = {0: score(0)}
     if evaluated[0]["accuracy"] >= target:
         return 0, evaluated
-    lo, hi = 0, n_total  # accuracy(lo) < target <= accuracy(hi)
+    lo, hi = 0, num_total  # accuracy(lo) < target <= accuracy(hi)
     while hi - lo > 1:
         if scaling == "logarithmic":
             mid = int(math.exp(0.5 * (math.log(max(lo, 1)) + math.log(hi))))
@@ -236,9 +296,9 @@ def edge_ablation(
         src, dst = pair
         E = graph.edges[pair]
         keep_constant = graph.has_constant
-        n_total = E[:, 1:].numel() if keep_constant else E.numel()
-        accs: dict[int, float] = {n_total: base["accuracy"]}
-        losses: dict[int, float] = {n_total: base["loss"]}
+        num_total = E[:, 1:].numel() if keep_constant else E.numel()
+        accs: dict[int, float] = {num_total: base["accuracy"]}
+        losses: dict[int, float] = {num_total: base["loss"]}
 
         def score(n: int, src: str = src, dst: str = dst, E: Tensor = E, kc: bool = keep_constant) -> dict:
             mask = edge_mask(E, n, keep_constant=kc)
@@ -248,7 +308,7 @@ def edge_ablation(
                 print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
             return res
 
-        needed, evaluated = bisect_edges(score, n_total, target, scaling)
+        needed, evaluated = bisect_edges(score, num_total, target, scaling)
         for n, res in evaluated.items():
             accs[n], losses[n] = res["accuracy"], res["loss"]
         sub = E[:, 1:] if keep_constant else E
@@ -257,7 +317,7 @@ def edge_ablation(
         results[pair] = EdgeAblationResult(
             pair,
             basis.config.method,
-            n_total,
+            num_total,
             needed,
             threshold,
             delta,

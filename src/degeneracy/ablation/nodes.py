@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from degeneracy.ablation.runner import AblationRunner, Metrics, classification_metrics, default_schedule
 from degeneracy.capture import capture
+from degeneracy.deprecation import renamed_arguments
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -23,9 +25,11 @@ __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
 @dataclass(frozen=True)
 class NodeAblationCurve:
-    """Accuracy and loss when only the ``n_kept`` most important features of ``layer`` are kept.
+    """Accuracy and loss when only the ``num_kept`` most important features of ``layer`` are kept.
 
-    ``n_kept`` counts non-constant features; the constant direction (if any) is always kept.
+    ``num_kept`` counts non-constant features (``num_features`` of them); the constant direction (if
+    any) is always kept. ``n_features`` and ``n_kept`` are the former, deprecated names (as attributes
+    and constructor keywords; :meth:`from_dict` reads dicts with either key).
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -33,24 +37,73 @@ class NodeAblationCurve:
     >>> x = torch.randn(32, 3, dtype=torch.float64)
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> labels = model(x).argmax(-1)
-    >>> curve = node_ablation_curve(model, x, B, "2", labels=labels, n_kept=[0, B["2"].dim - 1])
-    >>> curve.n_kept == [0, B["2"].dim - 1], curve.accuracy[-1] == curve.base_accuracy == 1.0
+    >>> curve = node_ablation_curve(model, x, B, "2", labels=labels, num_kept=[0, B["2"].dim - 1])
+    >>> curve.num_kept == [0, B["2"].dim - 1], curve.accuracy[-1] == curve.base_accuracy == 1.0
     (True, True)
+    >>> NodeAblationCurve.from_dict(curve.to_dict()) == curve
+    True
     """
+
+    RENAMED: ClassVar[dict[str, str]] = {"n_features": "num_features", "n_kept": "num_kept"}
 
     layer: str
     basis_method: str
     importance: str
-    n_features: int
-    n_kept: list[int]
+    num_features: int
+    num_kept: list[int]
     accuracy: list[float]
     loss: list[float]
     base_accuracy: float
     base_loss: float
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def n_features(self) -> int:
+        """Deprecated name of :attr:`num_features`."""
+        warnings.warn(
+            "NodeAblationCurve.n_features is deprecated; use NodeAblationCurve.num_features",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_features
+
+    @property
+    def n_kept(self) -> list[int]:
+        """Deprecated name of :attr:`num_kept`."""
+        warnings.warn(
+            "NodeAblationCurve.n_kept is deprecated; use NodeAblationCurve.num_kept",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_kept
+
     def to_dict(self) -> dict[str, Any]:
+        """The curve as JSON-ready values.
+
+        >>> c = NodeAblationCurve("fc1", "lib", "eigenvalues", 3, [0, 3], [0.5, 1.0], [1.0, 0.0], 1.0, 0.0)
+        >>> c.to_dict()["num_kept"]
+        [0, 3]
+        """
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NodeAblationCurve:
+        """The curve of a :meth:`to_dict`; dicts written before the ``num_*`` names (``n_features``,
+        ``n_kept``) load too.
+
+        >>> old = {"layer": "fc1", "basis_method": "lib", "importance": "eigenvalues", "n_features": 3,
+        ...        "n_kept": [0, 3], "accuracy": [0.5, 1.0], "loss": [1.0, 0.0], "base_accuracy": 1.0,
+        ...        "base_loss": 0.0}
+        >>> c = NodeAblationCurve.from_dict(old)
+        >>> c.num_features, c.num_kept
+        (3, [0, 3])
+        """
+        return cls(**{cls.RENAMED.get(k, k): v for k, v in d.items()})
+
+
+NodeAblationCurve.__init__ = renamed_arguments(  # type: ignore[method-assign]
+    **NodeAblationCurve.RENAMED
+)(NodeAblationCurve.__init__)
 
 
 def _importance(basis: Any, layer: str, importance: str | Tensor, graph: Any | None) -> tuple[str, Tensor]:
@@ -75,6 +128,7 @@ def _importance(basis: Any, layer: str, importance: str | Tensor, graph: Any | N
     raise ValueError(f"importance must be 'eigenvalues', 'edges' or a tensor, got {importance!r}")
 
 
+@renamed_arguments(n_kept="num_kept")
 def node_ablation_curve(
     model: nn.Module,
     data: Any,
@@ -82,7 +136,7 @@ def node_ablation_curve(
     layer: str,
     *,
     labels: Tensor | None = None,
-    n_kept: Sequence[int] | None = None,
+    num_kept: Sequence[int] | None = None,
     importance: str | Tensor = "eigenvalues",
     graph: Any | None = None,
     batch_size: int | None = None,
@@ -96,7 +150,8 @@ def node_ablation_curve(
         model, data, basis: as for :func:`degeneracy.interaction_graph`; ``labels`` aligned with a
             tensor ``data`` (or batches ``(inputs, labels)``).
         layer: the node layer to ablate (not the model output).
-        n_kept: numbers of non-constant features to keep (default :func:`default_schedule`).
+        num_kept: numbers of non-constant features to keep (default :func:`default_schedule`;
+            ``n_kept=`` is its former, deprecated name).
         importance: ``"eigenvalues"`` (Λ of LIB/global, variance of PCA), ``"edges"`` (total edge
             weight in and out, needs ``graph``) or a tensor of d̂ scores.
         metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels).
@@ -107,7 +162,7 @@ def node_ablation_curve(
     >>> x = torch.randn(32, 3, dtype=torch.float64)
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> curve = node_ablation_curve(model, x, B, "1", labels=model(x).argmax(-1))
-    >>> curve.layer, curve.n_kept[0], curve.base_accuracy
+    >>> curve.layer, curve.num_kept[0], curve.base_accuracy
     ('1', 0, 1.0)
     """
     runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
@@ -116,10 +171,10 @@ def node_ablation_curve(
     b = basis[layer]
     offset = 1 if runner.constant else 0
     order = offset + torch.argsort(scores[offset:], descending=True)
-    n_features = b.dim - offset
-    schedule = sorted(set(n_kept if n_kept is not None else default_schedule(n_features)))
-    if schedule and (schedule[0] < 0 or schedule[-1] > n_features):
-        raise ValueError(f"n_kept must lie in [0, {n_features}] for layer {layer!r}")
+    num_features = b.dim - offset
+    schedule = sorted(set(num_kept if num_kept is not None else default_schedule(num_features)))
+    if schedule and (schedule[0] < 0 or schedule[-1] > num_features):
+        raise ValueError(f"num_kept must lie in [0, {num_features}] for layer {layer!r}")
     means = runner.feature_means()[layer]
     base = runner.evaluate(None)
     accs, losses = [], []
@@ -141,7 +196,7 @@ def node_ablation_curve(
         layer,
         basis.config.method,
         kind,
-        n_features,
+        num_features,
         schedule,
         accs,
         losses,
@@ -186,7 +241,7 @@ def node_ablation_curves(
             data,
             basis,
             name,
-            n_kept=default_schedule(n, num_points),
+            num_kept=default_schedule(n, num_points),
             importance=importance,
             graph=graph,
             metrics=metrics,

@@ -123,21 +123,19 @@ def _pair_key(pair: tuple[str, str]) -> str:
 
 
 def node_curves_from_json(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Node ablation curves (``{layer: NodeAblationCurve}``) from their saved JSON."""
+    """Node ablation curves (``{layer: NodeAblationCurve}``) from their saved JSON (files written
+    before the ``num_*`` names load too: :meth:`~degeneracy.ablation.NodeAblationCurve.from_dict`)."""
     from degeneracy.ablation import NodeAblationCurve
 
-    return {layer: NodeAblationCurve(**d) for layer, d in payload.items()}
+    return {layer: NodeAblationCurve.from_dict(d) for layer, d in payload.items()}
 
 
 def edge_result_from_dict(d: Mapping[str, Any]) -> Any:
-    """One :class:`~degeneracy.ablation.EdgeAblationResult` from its ``to_dict()``."""
+    """One :class:`~degeneracy.ablation.EdgeAblationResult` from its ``to_dict()`` (old files' ``n_edges``
+    and ``n_needed`` load too: :meth:`~degeneracy.ablation.EdgeAblationResult.from_dict`)."""
     from degeneracy.ablation import EdgeAblationResult
 
-    d = dict(d)
-    d["pair"] = tuple(d["pair"])
-    d["evaluations"] = {int(k): v for k, v in d["evaluations"].items()}
-    d["losses"] = {int(k): v for k, v in d["losses"].items()}
-    return EdgeAblationResult(**d)
+    return EdgeAblationResult.from_dict(d)
 
 
 def edge_results_from_json(payload: list[Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
@@ -337,10 +335,10 @@ def run_graph(
                     ),
                 )
         summary["edges_needed"] = {
-            m: {_pair_key(p): r.n_needed for p, r in res.items()} for m, res in edge_results.items()
+            m: {_pair_key(p): r.num_needed for p, r in res.items()} for m, res in edge_results.items()
         }
         summary["edges_total"] = {
-            m: {_pair_key(p): r.n_edges for p, r in res.items()} for m, res in edge_results.items()
+            m: {_pair_key(p): r.num_edges for p, r in res.items()} for m, res in edge_results.items()
         }
 
     # modules
@@ -382,7 +380,7 @@ def run_graph(
         )
     summary["modules"] = {
         m: {
-            "n_modules": found.n_modules,
+            "num_modules": found.num_modules,
             "modularity": found.modularity,
             "inter_module_strength": found.inter_module_strength,
             "sizes": [len(x) for x in found.modules],

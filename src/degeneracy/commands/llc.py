@@ -178,7 +178,7 @@ def _result_summary(result: LLCResult) -> dict[str, Any]:
         "n_eff_std": result.n_eff_std,
         "epsilon": result.epsilon,
         "nbeta": result.nbeta,
-        "num_params": result.num_params,
+        "num_parameters": result.num_parameters,
         "step_size": result.config.get("step_size"),
         "engine": result.config.get("engine"),
         "excluded_chains": {str(k): v for k, v in result.excluded_chains.items()},
@@ -207,7 +207,7 @@ def _plots(
         curves[f"N_eff at requested ε ({n_eff.method})"] = n_eff
     if curves:
         files["n_eff"] = str(folder / "llc_n_eff.png")
-        title = f"effective parameter count (N = {result.num_params} parameters)"
+        title = f"effective parameter count (N = {result.num_parameters} parameters)"
         plt.close(plot_llc_curve(curves, files["n_eff"], title=title))
     return files
 
@@ -244,7 +244,7 @@ def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, An
     last.save(folder / "llc.safetensors")
     figures = _plots(last, curve, None, out_dir / "figures")
     summary = {
-        "model_params": last.num_params,
+        "num_parameters": last.num_parameters,
         "settings": {**settings, "step_size": "auto (0.1 / (nβ h_max + γ))", "loss": "behavioral (MSE)"},
         "nbetas": [round(float(v), 4) for v in curve.nbetas],
         "epsilons": [float(f"{v:.4g}") for v in curve.epsilons],

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.record import NOT_SAVED, TensorRecord
@@ -206,6 +207,8 @@ class EffectiveParameterCount(TensorRecord):
             volume method).
         nbetas: the inverse temperatures used (NaN for the volume method).
         method: ``"sgld"`` or ``"volume"``.
+        num_parameters: P, the number of parameters counted (``num_params`` is its former, deprecated
+            name, as an attribute and a constructor keyword; files saved under it load).
         results: the final SGLD estimate per ε (empty for the volume method).
 
     >>> import os, tempfile
@@ -213,7 +216,7 @@ class EffectiveParameterCount(TensorRecord):
     >>> x = torch.linspace(-1, 1, 20, dtype=torch.float64).unsqueeze(1)
     >>> options = {"num_points": 60, "num_repeats": 1, "num_mcmc_steps": 2}
     >>> count = effective_parameter_count(model, x, [1e-3], method="volume", volume_kwargs=options)
-    >>> count.method, count.num_params
+    >>> count.method, count.num_parameters
     ('volume', 1)
     >>> path = count.save(os.path.join(tempfile.mkdtemp(), "n_eff.safetensors"))
     >>> torch.equal(load_effective_parameter_count(path).n_eff, count.n_eff)
@@ -222,6 +225,7 @@ class EffectiveParameterCount(TensorRecord):
 
     KIND: ClassVar[str] = "degeneracy.EffectiveParameterCount"
     REQUIRED: ClassVar[tuple[str, ...]] = ("n_eff",)
+    RENAMED: ClassVar[dict[str, str]] = {"num_params": "num_parameters"}
 
     epsilons: Float[Tensor, " points"]
     achieved_epsilons: Float[Tensor, " points"]
@@ -229,7 +233,7 @@ class EffectiveParameterCount(TensorRecord):
     n_eff_std: Float[Tensor, " points"]
     nbetas: Float[Tensor, " points"]
     method: str
-    num_params: int
+    num_parameters: int
     results: tuple[LLCResult, ...] = field(default=(), metadata=NOT_SAVED)
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -238,6 +242,21 @@ class EffectiveParameterCount(TensorRecord):
         """λ(ε) = N_eff(ε) / 2."""
         return self.n_eff / 2.0
 
+    @property
+    def num_params(self) -> int:
+        """Deprecated name of :attr:`num_parameters`."""
+        warnings.warn(
+            "EffectiveParameterCount.num_params is deprecated; use EffectiveParameterCount.num_parameters",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_parameters
+
+
+EffectiveParameterCount.__init__ = renamed_arguments(  # type: ignore[method-assign]
+    **EffectiveParameterCount.RENAMED
+)(EffectiveParameterCount.__init__)
+
 
 def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
     """An :class:`EffectiveParameterCount` saved with :meth:`EffectiveParameterCount.save` (the file's
@@ -245,7 +264,7 @@ def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
 
     >>> import os, tempfile
     >>> ones = [torch.ones(1, dtype=torch.float64) for _ in range(5)]
-    >>> count = EffectiveParameterCount(*ones, method="sgld", num_params=3)
+    >>> count = EffectiveParameterCount(*ones, method="sgld", num_parameters=3)
     >>> path = count.save(os.path.join(tempfile.mkdtemp(), "n_eff.safetensors"))
     >>> load_effective_parameter_count(path).llc.tolist()
     [0.5]
@@ -344,13 +363,13 @@ def effective_parameter_count(
             n_eff_std=vol.n_eff_std[order],
             nbetas=torch.full_like(targets, math.nan),
             method="volume",
-            num_params=center.numel(),
+            num_parameters=center.numel(),
             config={"radius": radius, **vol.config},
         )
     if method != "sgld":
         raise ValueError(f"unknown method {method!r}: use 'sgld' or 'volume'")
-    num_params = ParamLayout.of(select_parameters(model, kwargs.get("params"))).numel
-    guess = float(llc_guess) if llc_guess is not None else num_params / 4.0
+    num_parameters = ParamLayout.of(select_parameters(model, kwargs.get("params"))).numel
+    guess = float(llc_guess) if llc_guess is not None else num_parameters / 4.0
     order = sorted(range(targets.numel()), key=lambda i: -float(targets[i]))
     final: dict[int, tuple[float, LLCResult]] = {}
     for i in order:
@@ -382,7 +401,7 @@ def effective_parameter_count(
         n_eff_std=torch.tensor([r.n_eff_std for r in results], dtype=torch.float64),
         nbetas=torch.tensor([final[i][0] for i in range(targets.numel())], dtype=torch.float64),
         method="sgld",
-        num_params=num_params,
+        num_parameters=num_parameters,
         results=results,
         config={"max_iter": max_iter, "tolerance": tolerance, **_jsonable(kwargs)},
     )

@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.deprecation import renamed_arguments
+
 __all__ = [
     "chain_llc",
     "chain_llc_variance",
@@ -56,12 +58,13 @@ def chain_llc_variance(traces: Float[Tensor, "chains draws"], nbeta: float) -> F
     return nbeta**2 * traces.var(dim=1)
 
 
+@renamed_arguments(num_params="num_parameters")
 def find_bad_chains(
     traces: Float[Tensor, "chains draws"],
     final_params: Float[Tensor, "chains P"] | None,
     init_loss: float,
     nbeta: float,
-    num_params: int,
+    num_parameters: int,
     divergence_factor: float = DIVERGENCE_FACTOR,
     burnin_traces: Float[Tensor, "chains burnin"] | None = None,
 ) -> dict[int, str]:
@@ -69,7 +72,8 @@ def find_bad_chains(
 
     * ``"non-finite"``: a NaN or infinite loss (burn-in included) or final parameter;
     * ``"diverged"``: the mean excess loss nβ (L − L*) over the last quarter of draws exceeds
-      ``divergence_factor · max(P/2, 1)``. At equilibrium around a minimum the mean excess is λ ≤ P/2,
+      ``divergence_factor · max(P/2, 1)`` (P = ``num_parameters``; ``num_params=`` is its former,
+      deprecated name). At equilibrium around a minimum the mean excess is λ ≤ P/2,
       so such a chain has left the basin (too large a step size, or a loss unbounded below is not
       the cause: that gives negative values, which are reported as a warning instead).
 
@@ -79,7 +83,7 @@ def find_bad_chains(
     [1]
     """
     bad: dict[int, str] = {}
-    limit = divergence_factor * max(num_params / 2.0, 1.0)
+    limit = divergence_factor * max(num_parameters / 2.0, 1.0)
     tail = traces[:, -max(1, traces.shape[1] // 4) :]
     for c in range(traces.shape[0]):
         finite = bool(torch.isfinite(traces[c]).all())

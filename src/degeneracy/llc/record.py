@@ -48,12 +48,15 @@ class TensorRecord:
     """Base of a frozen dataclass saved as one safetensors file (:func:`degeneracy.io.save_tensors`).
 
     A subclass sets ``KIND`` (the file's kind, checked on load) and ``REQUIRED`` (the tensors a file
-    must hold). Fields holding tensors are saved as tensors, every other field as JSON metadata (after
-    ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``. See the module for an example.
+    must hold), and ``RENAMED`` (``{former name: field}``) when a field was renamed: files written under
+    the former name load into the field. Fields holding tensors are saved as tensors, every other field
+    as JSON metadata (after ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``. See
+    the module for an example.
     """
 
     KIND: ClassVar[str]
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     def save(self, path: str | Path) -> Path:
         """Write to one safetensors file (tensors, the rest as JSON in its header); atomic."""
@@ -71,8 +74,10 @@ class TensorRecord:
 
     @classmethod
     def load(cls: type[R], path: str | Path) -> R:
-        """Read a file written by :meth:`save` (its kind and required tensors are checked)."""
+        """Read a file written by :meth:`save` (its kind and required tensors are checked; metadata
+        under a former field name of ``RENAMED`` goes to the field)."""
         tensors, meta = load_tensors(path, kind=cls.KIND, required=cls.REQUIRED)
+        meta = {cls.RENAMED.get(k, k): v for k, v in meta.items()}
         hints = get_type_hints(cls)
         values = {
             f.name: _from_json(hints[f.name], meta[f.name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -11,6 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.deprecation import renamed_arguments
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -69,7 +71,8 @@ class LLCResult(EffectiveCount, TensorRecord):
         burnin_traces: the losses during burn-in, ``(chains, burn-in steps)``.
         init_loss: L* = L(θ*) (0 for the behavioral loss).
         nbeta: the inverse temperature nβ.
-        num_params: P, the number of sampled parameters.
+        num_parameters: P, the number of sampled parameters (``num_params`` is its former, deprecated
+            name, as an attribute and a constructor keyword; files saved under it load).
         excluded_chains: chain index → reason, for chains left out of ``mean`` and ``std``.
         config: the sampler settings and what was sampled (JSON-serialisable).
         seconds: wall time of the SGLD loop.
@@ -90,6 +93,7 @@ class LLCResult(EffectiveCount, TensorRecord):
     KIND: ClassVar[str] = "degeneracy.LLCResult"
     LLC_FIELDS: ClassVar[tuple[str, str]] = ("mean", "std")
     REQUIRED: ClassVar[tuple[str, ...]] = ("loss_traces", "chain_estimates")
+    RENAMED: ClassVar[dict[str, str]] = {"num_params": "num_parameters"}
 
     mean: float
     std: float
@@ -99,12 +103,22 @@ class LLCResult(EffectiveCount, TensorRecord):
     burnin_traces: Float[Tensor, "chains burnin"]
     init_loss: float
     nbeta: float
-    num_params: int
+    num_parameters: int
     excluded_chains: dict[int, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = math.nan
     warnings: tuple[str, ...] = ()
     version: str = ""
+
+    @property
+    def num_params(self) -> int:
+        """Deprecated name of :attr:`num_parameters`."""
+        warnings.warn(
+            "LLCResult.num_params is deprecated; use LLCResult.num_parameters",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_parameters
 
     @property
     def good_chains(self) -> Tensor:
@@ -151,6 +165,9 @@ class LLCResult(EffectiveCount, TensorRecord):
         )
 
 
+LLCResult.__init__ = renamed_arguments(**LLCResult.RENAMED)(LLCResult.__init__)  # type: ignore[method-assign]
+
+
 def load_llc(path: str | Path) -> LLCResult:
     """An :class:`LLCResult` saved with :meth:`LLCResult.save` (the file's kind is checked).
 
@@ -166,16 +183,18 @@ def load_llc(path: str | Path) -> LLCResult:
     return LLCResult.load(path)
 
 
+@renamed_arguments(num_params="num_parameters")
 def summarize_chains(
     run: ChainRun,
     init_loss: float,
     config: SGLDConfig,
-    num_params: int,
+    num_parameters: int,
     extra_config: dict[str, Any] | None = None,
     curvature: float | None = None,
     divergence_factor: float = DIVERGENCE_FACTOR,
 ) -> LLCResult:
-    """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings.
+    """Turn raw chains into an :class:`LLCResult`: per-chain estimates, exclusions and warnings
+    (``num_parameters``: P, the number of sampled parameters; ``num_params=`` is its former name).
 
     >>> import torch
     >>> from degeneracy.llc.sgld import ChainRun, SGLDConfig
@@ -190,7 +209,7 @@ def summarize_chains(
     estimates = chain_llc(traces, init_loss, nbeta)
     variances = chain_llc_variance(traces, nbeta)
     excluded = find_bad_chains(
-        traces, run.final_params, init_loss, nbeta, num_params, divergence_factor, burnin_traces=burnin
+        traces, run.final_params, init_loss, nbeta, num_parameters, divergence_factor, burnin_traces=burnin
     )
     good = torch.ones(traces.shape[0], dtype=torch.bool)
     for c in excluded:
@@ -245,7 +264,7 @@ def summarize_chains(
         burnin_traces=burnin,
         init_loss=float(init_loss),
         nbeta=nbeta,
-        num_params=int(num_params),
+        num_parameters=int(num_parameters),
         excluded_chains=excluded,
         config=cfg,
         seconds=float(run.seconds),

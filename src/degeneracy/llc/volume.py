@@ -325,7 +325,7 @@ def volume_llc(
         "slope_window": slope_window,
         "num_repeats": num_repeats,
         "seed": seed,
-        "num_params": d,
+        "num_parameters": d,
         "loss_at_center": base,
     }
     return VolumeResult(

@@ -112,7 +112,7 @@ def plot_interaction_graph(
     ax.set_xlim(-0.4, len(names) - 0.6)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    default = f"{graph.basis_method} interaction graph: {modules.n_modules} modules"
+    default = f"{graph.basis_method} interaction graph: {modules.num_modules} modules"
     ax.set_title(title or f"{default}, Q = {modules.modularity:.3f}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -130,8 +130,8 @@ def plot_node_ablation(curves: Mapping[str, Mapping[str, Any]], path: str | Path
             c = curves[method].get(layer)
             if c is None:
                 continue
-            axes[0][col].plot(c.n_kept, c.accuracy, ".-", ms=3, label=f"{method} ({c.n_features})")
-            axes[1][col].semilogy(c.n_kept, [max(v, 1e-12) for v in c.loss], ".-", ms=3, label=method)
+            axes[0][col].plot(c.num_kept, c.accuracy, ".-", ms=3, label=f"{method} ({c.num_features})")
+            axes[1][col].semilogy(c.num_kept, [max(v, 1e-12) for v in c.loss], ".-", ms=3, label=method)
         base = next(iter(curves.values()))[layer]
         axes[0][col].axhline(base.base_accuracy, color="k", lw=0.6, ls=":")
         axes[0][col].set_title(layer, fontsize=9)
@@ -158,8 +158,8 @@ def plot_edge_ablation(results: Mapping[str, Mapping[tuple[str, str], Any]], pat
             if r is None:
                 continue
             ns = [max(n, 0.8) for n in r.evaluations]
-            line = ax.semilogx(ns, list(r.evaluations.values()), "o", ms=3, label=f"{method}: {r.n_needed}")
-            ax.axvline(max(r.n_needed, 0.8), color=line[0].get_color(), lw=0.8, ls="--")
+            line = ax.semilogx(ns, list(r.evaluations.values()), "o", ms=3, label=f"{method}: {r.num_needed}")
+            ax.axvline(max(r.num_needed, 0.8), color=line[0].get_color(), lw=0.8, ls="--")
             if k == 0:
                 ax.axhline(r.target, color="k", lw=0.6, ls=":")
         ax.set_title(f"{pair[0]} → {pair[1]}", fontsize=9)

@@ -100,10 +100,11 @@ def graph_report_markdown(summary: Mapping[str, Any], tables: Mapping[str, Any] 
             lines.append(f"| {pair} | " + " | ".join(cells) + " |")
         lines.append("")
     for m, mo in summary.get("modules", {}).items():
+        count = mo.get("num_modules", mo.get("n_modules"))  # "n_modules": summaries written before num_*
         lines += [
             f"## Modules ({m})",
             "",
-            f"{mo['n_modules']} modules, sizes {mo['sizes']}, modularity Q = {mo['modularity']:.4f}, "
+            f"{count} modules, sizes {mo['sizes']}, modularity Q = {mo['modularity']:.4f}, "
             f"inter-module Σ s = {mo['inter_module_strength']:.4g}",
             "",
         ]
