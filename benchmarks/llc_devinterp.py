@@ -148,8 +148,10 @@ def main() -> None:
         step_size=step_size,
         seed=0,
     )
-    num_params = sum(p.numel() for p in model.parameters())
-    print(f"digits MLP: {num_params} parameters, {n} examples; settings {settings}, threads {args.threads}")
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"digits MLP: {num_parameters} parameters, {n} examples; settings {settings}, threads {args.threads}"
+    )
 
     # warm-up (imports, allocator), then interleaved repeats
     ours_llc(model, inputs, **settings)
@@ -195,7 +197,7 @@ def main() -> None:
         "speed": speed,
         "agreement": agreement,
         "runs": runs,
-        "num_params": num_params,
+        "num_parameters": num_parameters,
         "torch": torch.__version__,
     }
     args.out.write_text(json.dumps(report, indent=2))

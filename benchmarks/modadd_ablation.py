@@ -128,9 +128,11 @@ def main() -> None:
     for method in methods:
         path = cache / f"{prefix}_{method}_ablation.json"
         if path.exists():
-            from degeneracy.commands.graph import edge_result_from_dict as _edge_result_from
+            from degeneracy.ablation import EdgeAblationResult
 
-            results[method] = {tuple(r["pair"]): _edge_result_from(r) for r in json.loads(path.read_text())}
+            # from_dict reads caches written before the num_* names (n_edges, n_needed) too
+            cached = [EdgeAblationResult.from_dict(r) for r in json.loads(path.read_text())]
+            results[method] = {r.pair: r for r in cached}
             continue
         t0 = time.perf_counter()
         results[method] = edge_ablation(
@@ -147,7 +149,7 @@ def main() -> None:
         path.write_text(json.dumps([r.to_dict() for r in results[method].values()], indent=1))
         log(
             f"{method} edge ablation in {timings[method]:.1f} s: "
-            f"{[r.n_needed for r in results[method].values()]}"
+            f"{[r.num_needed for r in results[method].values()]}"
         )
     node_curves = {}
     for method in methods:
@@ -155,7 +157,9 @@ def main() -> None:
         if path.exists():
             from degeneracy.ablation import NodeAblationCurve
 
-            node_curves[method] = {k: NodeAblationCurve(**v) for k, v in json.loads(path.read_text()).items()}
+            # from_dict reads caches written before the num_* names (n_features, n_kept) too
+            saved = json.loads(path.read_text())
+            node_curves[method] = {k: NodeAblationCurve.from_dict(v) for k, v in saved.items()}
             continue
         t0 = time.perf_counter()
         node_curves[method] = node_ablation_curves(
@@ -197,8 +201,8 @@ def main() -> None:
         "delta": args.delta,
         "dims": {m: bases[m].dims for m in methods},
         "paper_dims": PAPER_DIMS,
-        "edges_needed": {m: {f"{a}->{b}": results[m][(a, b)].n_needed for a, b in pairs} for m in methods},
-        "edges_total": {m: {f"{a}->{b}": results[m][(a, b)].n_edges for a, b in pairs} for m in methods},
+        "edges_needed": {m: {f"{a}->{b}": results[m][(a, b)].num_needed for a, b in pairs} for m in methods},
+        "edges_total": {m: {f"{a}->{b}": results[m][(a, b)].num_edges for a, b in pairs} for m in methods},
         "paper_edges_needed": PAPER,
         "base_accuracy": results["lib"][pairs[0]].base_accuracy,
         "thresholds": {m: {f"{a}->{b}": results[m][(a, b)].threshold for a, b in pairs} for m in methods},
@@ -208,7 +212,7 @@ def main() -> None:
         },
         "modules": {
             f"lib, {key}": {
-                "n_modules": mods.n_modules,
+                "num_modules": mods.num_modules,
                 "modularity": mods.modularity,
                 "inter_module_strength": mods.inter_module_strength,
                 "sizes": [len(x) for x in mods.modules],
@@ -221,7 +225,7 @@ def main() -> None:
                 layer: next(
                     (
                         k
-                        for k, acc in zip(c.n_kept, c.accuracy, strict=True)
+                        for k, acc in zip(c.num_kept, c.accuracy, strict=True)
                         if acc >= c.base_accuracy - args.delta
                     ),
                     None,
@@ -246,7 +250,7 @@ def main() -> None:
         "|---|" + "---|" * (len(methods) + 2),
     ]
     for k, (a, b) in enumerate(pairs):
-        cells = [f"{results[m][(a, b)].n_needed} of {results[m][(a, b)].n_edges}" for m in methods]
+        cells = [f"{results[m][(a, b)].num_needed} of {results[m][(a, b)].num_edges}" for m in methods]
         md.append(f"| {a} → {b} | " + " | ".join(cells) + f" | {PAPER['lib'][k]} | {PAPER['pca'][k]} |")
     md += [
         "",
