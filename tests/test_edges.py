@@ -207,7 +207,9 @@ def test_sparsity_measures_on_known_weights() -> None:
         config=degeneracy.edges.EdgeConfig(),
     )
     row = sparsity(graph)[("fc0", "fc1")]
-    assert (row["n_90"], row["n_99"], row["n_99.9"], row["n_edges"]) == (3, 4, 4, 4)
+    assert (row["num_90"], row["num_99"], row["num_99.9"], row["num_edges"]) == (3, 4, 4, 4)
+    with pytest.warns(DeprecationWarning, match="num_99"):  # the former keys still read
+        assert (row["n_99"], row.get("n_edges")) == (4, 4)
 
 
 def test_save_and_load_round_trip(tmp_path, tanh_mlp, inputs) -> None:

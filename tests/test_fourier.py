@@ -73,8 +73,12 @@ def test_frequency_module_alignment() -> None:
 
     rows, alignment = frequency_module_table(Modules(), {"L": lab})
     assert [r.frequencies for r in rows] == [{1: 2, 2: 2}, {3: 2, 4: 1}]  # isolated features not counted
-    assert rows[0].purity == 0.5 and alignment["n_clean"] == 8 and alignment["n_active"] == 7
+    assert rows[0].purity == 0.5 and alignment["num_clean"] == 8 and alignment["num_active"] == 7
     assert 0 < alignment["ami"] < 1 and 0 < alignment["ami_active"] < 1
+    with pytest.warns(DeprecationWarning, match="num_active"):  # the former count keys still read
+        assert (alignment["n_active"], alignment["n_clean"], alignment["n"]) == (7, 8, 8)
+    with pytest.warns(DeprecationWarning, match="num_clean"):
+        assert frequency_module_alignment(perfect, lab).get("n_clean") == 8
 
 
 def test_modadd_labels() -> None:

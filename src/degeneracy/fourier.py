@@ -25,6 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from degeneracy.graph_result import RenamedKeys
+
+FORMER_COUNT_KEYS = {"n": "num_features", "n_clean": "num_clean", "n_active": "num_active"}
+"""The alignment dicts' former count keys (they still read, with a ``DeprecationWarning``)."""
+
 __all__ = [
     "FourierLabels",
     "fourier_labels",
@@ -136,7 +141,8 @@ def frequency_module_alignment(
         min_fraction: power fraction above which a feature counts as "clean".
 
     Returns:
-        ``{"ami", "ami_clean", "n", "n_clean"}``.
+        ``{"ami", "ami_clean", "num_features", "num_clean"}`` (the former keys ``n`` and ``n_clean``
+        still read, with a ``DeprecationWarning``).
 
     >>> a = torch.arange(7.0)
     >>> grid = torch.stack([torch.cos(2 * torch.pi * k * a / 7)[:, None].expand(7, 7) for k in (1, 1, 2)], -1)
@@ -160,12 +166,13 @@ def frequency_module_alignment(
             return float("nan")
         return float(adjusted_mutual_info_score([freqs[i] for i in idx], [mods[i] for i in idx]))
 
-    return {
+    values = {
         "ami": ami(list(range(len(feats)))),
         "ami_clean": ami(clean),
-        "n": float(len(feats)),
-        "n_clean": float(len(clean)),
+        "num_features": float(len(feats)),
+        "num_clean": float(len(clean)),
     }
+    return RenamedKeys(values, FORMER_COUNT_KEYS)
 
 
 def modadd_labels(inputs: Tensor, p: int | None = None) -> Tensor:
@@ -232,8 +239,9 @@ def frequency_module_table(
 
     Returns:
         ``(rows, alignment)``: rows ordered by module id, and the AMI over the active features
-        (``ami_active``, ``n_active``), over all included features (``ami``, ``n``) and over the clean
-        ones (``ami_clean``, ``n_clean``).
+        (``ami_active``, ``num_active``), over all included features (``ami``, ``num_features``) and
+        over the clean ones (``ami_clean``, ``num_clean``); the former count keys ``n_active``, ``n``
+        and ``n_clean`` still read, with a ``DeprecationWarning``.
     """
     from sklearn.metrics import adjusted_mutual_info_score
 
@@ -271,11 +279,12 @@ def frequency_module_table(
     idx_all = list(range(len(mods)))
     idx_clean = [i for i in idx_all if clean[i]]
     idx_active = [i for i in idx_all if active[i]]
-    return rows, {
+    alignment = {
         "ami_active": ami(idx_active),
-        "n_active": float(len(idx_active)),
+        "num_active": float(len(idx_active)),
         "ami": ami(idx_all),
-        "n": float(len(idx_all)),
+        "num_features": float(len(idx_all)),
         "ami_clean": ami(idx_clean),
-        "n_clean": float(len(idx_clean)),
+        "num_clean": float(len(idx_clean)),
     }
+    return rows, RenamedKeys(alignment, FORMER_COUNT_KEYS)

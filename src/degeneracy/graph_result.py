@@ -10,7 +10,8 @@ node layers with their self-checks (:class:`InteractionGraph`), their file forma
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from degeneracy.capture import NodeLayer
 from degeneracy.io import ResultFileError, load_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 
-__all__ = ["Mode", "EdgeConfig", "InteractionGraph", "load_graph", "sparsity", "gini"]
+__all__ = ["Mode", "EdgeConfig", "InteractionGraph", "load_graph", "sparsity", "gini", "RenamedKeys"]
 
 Mode = Literal["auto", "vjp", "jvp"]
 Pair = tuple[str, str]
@@ -230,6 +231,40 @@ def gini(values: Tensor) -> float:
     return float(((2 * ranks - n - 1) * v).sum() / (n * total))
 
 
+class RenamedKeys(dict):  # type: ignore[type-arg]
+    """A result dict whose keys were renamed: reading a former key (``[key]`` or ``.get``) still gives
+    the value, with a ``DeprecationWarning`` naming the new key; the dict itself (and its JSON) holds
+    the new keys only.
+
+    >>> row = RenamedKeys({"num_edges": 4.0}, {"n_edges": "num_edges"})
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     row["n_edges"], list(row), caught[0].category.__name__
+    (4.0, ['num_edges'], 'DeprecationWarning')
+    """
+
+    def __init__(self, values: Mapping[str, Any], renamed: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.renamed = dict(renamed)
+
+    def _former(self, key: Any) -> Any:
+        new = self.renamed[key]
+        warnings.warn(f"result key {key!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+        return self[new]
+
+    def __missing__(self, key: Any) -> Any:
+        if key in getattr(self, "renamed", {}):
+            return self._former(key)
+        raise KeyError(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """``self[key]`` (a former key warns), or ``default`` when there is no such key."""
+        if key not in self and key in self.renamed and self.renamed[key] in self:
+            return self._former(key)
+        return super().get(key, default)
+
+
 def sparsity(
     graph: InteractionGraph,
     fractions: Sequence[float] = (0.9, 0.99, 0.999),
@@ -239,8 +274,9 @@ def sparsity(
     """Per layer pair: how many edges hold each fraction of the total edge weight, and the Gini.
 
     With ``exclude_constant`` (default) edges from or to the constant direction are left out (they
-    carry the mean, not an interaction). Returns ``{pair: {"n_edges", "n_90", "n_99", "n_99.9",
-    "gini"}}`` (keys ``n_<100·fraction>``).
+    carry the mean, not an interaction). Returns ``{pair: {"num_edges", "num_90", "num_99", "num_99.9",
+    "gini"}}`` (keys ``num_<100·fraction>``; the former keys ``n_edges``, ``n_<100·fraction>`` still
+    read, with a ``DeprecationWarning``: :class:`RenamedKeys`).
 
     >>> import degeneracy
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -248,7 +284,7 @@ def sparsity(
     >>> B = degeneracy.interaction_basis(model, x, ["1", "2", "output"], progress=False)
     >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
     >>> sorted(sparsity(G)[("1", "2")])
-    ['gini', 'n_90', 'n_99', 'n_99.9', 'n_edges']
+    ['gini', 'num_90', 'num_99', 'num_99.9', 'num_edges']
     """
     out: dict[Pair, dict[str, float]] = {}
     for pair in graph.pairs:
@@ -257,13 +293,13 @@ def sparsity(
             e = e[1:, 1:]
         flat = e.flatten().clamp_min(0).sort(descending=True).values
         total = float(flat.sum())
-        row: dict[str, float] = {"n_edges": float(flat.numel()), "gini": gini(flat)}
+        row: dict[str, float] = {"num_edges": float(flat.numel()), "gini": gini(flat)}
         cum = flat.cumsum(0)
         for frac in fractions:
-            key = f"n_{100 * frac:g}"
+            key = f"num_{100 * frac:g}"
             if total == 0.0:
                 row[key] = 0.0
             else:
                 row[key] = float(int((cum < frac * total * (1 - 1e-12)).sum()) + 1)
-        out[pair] = row
+        out[pair] = RenamedKeys(row, {"n" + key[3:]: key for key in row if key.startswith("num_")})
     return out

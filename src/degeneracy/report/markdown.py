@@ -84,9 +84,10 @@ def graph_report_markdown(summary: Mapping[str, Any], tables: Mapping[str, Any] 
             cells = []
             for m in sp:
                 r = sp[m].get(pair, {})
+                n = {k: r.get(f"num_{k}", r.get(f"n_{k}", 0)) for k in ("90", "99", "99.9", "edges")}
                 cells.append(
-                    f"{r.get('n_90', 0):.0f} / {r.get('n_99', 0):.0f} / {r.get('n_99.9', 0):.0f} "
-                    f"of {r.get('n_edges', 0):.0f}; G = {r.get('gini', 0):.3f}"
+                    f"{n['90']:.0f} / {n['99']:.0f} / {n['99.9']:.0f} of {n['edges']:.0f}; "
+                    f"G = {r.get('gini', 0):.3f}"
                 )
             lines.append(f"| {pair} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -100,21 +101,23 @@ def graph_report_markdown(summary: Mapping[str, Any], tables: Mapping[str, Any] 
             lines.append(f"| {pair} | " + " | ".join(cells) + " |")
         lines.append("")
     for m, mo in summary.get("modules", {}).items():
-        count = mo.get("num_modules", mo.get("n_modules"))  # "n_modules": summaries written before num_*
+        num_modules = mo.get("num_modules", mo.get("n_modules"))  # "n_modules": written before num_*
         lines += [
             f"## Modules ({m})",
             "",
-            f"{count} modules, sizes {mo['sizes']}, modularity Q = {mo['modularity']:.4f}, "
+            f"{num_modules} modules, sizes {mo['sizes']}, modularity Q = {mo['modularity']:.4f}, "
             f"inter-module Σ s = {mo['inter_module_strength']:.4g}",
             "",
         ]
     for m, (rows, alignment, _) in (tables or {}).items():
+        former = {"active": "n_active", "features": "n", "clean": "n_clean"}  # written before num_*
+        counts = {k: alignment.get(f"num_{k}", alignment.get(old, 0)) for k, old in former.items()}
         lines += [
             f"## Frequencies and modules ({m})",
             "",
             f"AMI(modules, frequencies) = {alignment['ami_active']:.3f} over the "
-            f"{alignment['n_active']:.0f} active features (an edge above ε); {alignment['ami']:.3f} over "
-            f"all {alignment['n']:.0f}, {alignment['ami_clean']:.3f} over the {alignment['n_clean']:.0f} "
+            f"{counts['active']:.0f} active features (an edge above ε); {alignment['ami']:.3f} over "
+            f"all {counts['features']:.0f}, {alignment['ami_clean']:.3f} over the {counts['clean']:.0f} "
             "with power fraction ≥ 0.5.",
             "",
             "| module | active features per layer | frequencies (clean, active) | dominant | purity |",
