@@ -124,7 +124,14 @@ def _pair_key(pair: tuple[str, str]) -> str:
 
 def node_curves_from_json(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Node ablation curves (``{layer: NodeAblationCurve}``) from their saved JSON (files written
-    before the ``num_*`` names load too: :meth:`~degeneracy.ablation.NodeAblationCurve.from_dict`)."""
+    before the ``num_*`` names load too: :meth:`~degeneracy.ablation.NodeAblationCurve.from_dict`).
+
+    >>> old = {"layer": "fc1", "basis_method": "lib", "importance": "eigenvalues", "n_features": 3,
+    ...        "n_kept": [0, 3], "accuracy": [0.5, 1.0], "loss": [1.0, 0.0], "base_accuracy": 1.0,
+    ...        "base_loss": 0.0}
+    >>> node_curves_from_json({"fc1": old})["fc1"].num_kept
+    [0, 3]
+    """
     from degeneracy.ablation import NodeAblationCurve
 
     return {layer: NodeAblationCurve.from_dict(d) for layer, d in payload.items()}
@@ -132,7 +139,14 @@ def node_curves_from_json(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 def edge_result_from_dict(d: Mapping[str, Any]) -> Any:
     """One :class:`~degeneracy.ablation.EdgeAblationResult` from its ``to_dict()`` (old files' ``n_edges``
-    and ``n_needed`` load too: :meth:`~degeneracy.ablation.EdgeAblationResult.from_dict`)."""
+    and ``n_needed`` load too: :meth:`~degeneracy.ablation.EdgeAblationResult.from_dict`).
+
+    >>> old = {"pair": ["1", "2"], "basis_method": "lib", "n_edges": 4, "n_needed": 1, "threshold": 0.5,
+    ...        "delta": 0.1, "base_accuracy": 1.0, "target": 0.9, "evaluations": {"1": 0.95},
+    ...        "losses": {"1": 0.1}}
+    >>> edge_result_from_dict(old).num_needed
+    1
+    """
     from degeneracy.ablation import EdgeAblationResult
 
     return EdgeAblationResult.from_dict(d)
