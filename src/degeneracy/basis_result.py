@@ -11,7 +11,6 @@ basis (:class:`LayerBasis`), all of them (:class:`Basis`), and their file format
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 
 import degeneracy
 from degeneracy.capture import NodeLayer
+from degeneracy.deprecation import renamed_fields
 from degeneracy.io import load_tensors, save_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 from degeneracy.run import DTYPES
@@ -71,6 +71,7 @@ def config_from(cls: type[T], arguments: Mapping[str, Any], **overrides: Any) ->
     return cls(**chosen, **overrides)
 
 
+@renamed_fields(relative_thresholds="relative")
 @dataclass(frozen=True)
 class BasisConfig:
     """Options of :func:`degeneracy.interaction_basis` (see its docstring).
@@ -116,15 +117,6 @@ class BasisConfig:
         """Node-layer vectors carry a constant coordinate [f; 1] (``center`` or ``constant_coordinate``)."""
         return bool(self.center if self.constant_coordinate is None else self.constant_coordinate)
 
-    @property
-    def relative_thresholds(self) -> bool:
-        """Deprecated name of :attr:`relative`."""
-        warnings.warn(
-            "BasisConfig.relative_thresholds is deprecated; use BasisConfig.relative",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.relative
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> BasisConfig:
@@ -134,10 +126,7 @@ class BasisConfig:
         >>> BasisConfig.from_dict({"method": "pca", "relative_thresholds": False}).relative
         False
         """
-        options = dict(options)
-        if "relative_thresholds" in options:
-            options.setdefault("relative", options.pop("relative_thresholds"))
-        return cls(**options)
+        return cls(**{cls.RENAMED.get(k, k): v for k, v in options.items()})  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

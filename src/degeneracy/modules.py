@@ -29,7 +29,6 @@ that every feature has a label (a component with no edges at all becomes its own
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.deprecation import renamed_arguments, renamed_fields
 
 __all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules"]
 
@@ -103,6 +102,7 @@ def resolve_epsilon(
     return out
 
 
+@renamed_fields(n_modules="num_modules")
 @dataclass(frozen=True)
 class Modules:
     """A partition of the features of an interaction graph into modules.
@@ -145,13 +145,6 @@ class Modules:
         """How many modules there are (``n_modules`` is its former, deprecated name)."""
         return len(self.modules)
 
-    @property
-    def n_modules(self) -> int:
-        """Deprecated name of :attr:`num_modules`."""
-        warnings.warn(
-            "Modules.n_modules is deprecated; use Modules.num_modules", DeprecationWarning, stacklevel=2
-        )
-        return self.num_modules
 
     def layer_labels(self, layer: str) -> dict[int, int]:
         """``feature_index -> module id`` of one node layer."""

@@ -6,17 +6,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from degeneracy.ablation.runner import AblationRunner, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
@@ -48,6 +47,7 @@ def edge_mask(edges: Tensor, num_kept: int, *, keep_constant: bool) -> Tensor:
     return keep
 
 
+@renamed_fields(n_edges="num_edges", n_needed="num_needed")
 @dataclass(frozen=True)
 class EdgeAblationResult:
     """Bisection result for one layer pair.
@@ -70,7 +70,6 @@ class EdgeAblationResult:
     True
     """
 
-    RENAMED: ClassVar[dict[str, str]] = {"n_edges": "num_edges", "n_needed": "num_needed"}
 
     pair: Pair
     basis_method: str
@@ -84,25 +83,7 @@ class EdgeAblationResult:
     losses: dict[int, float]
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def n_edges(self) -> int:
-        """Deprecated name of :attr:`num_edges`."""
-        warnings.warn(
-            "EdgeAblationResult.n_edges is deprecated; use EdgeAblationResult.num_edges",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_edges
 
-    @property
-    def n_needed(self) -> int:
-        """Deprecated name of :attr:`num_needed`."""
-        warnings.warn(
-            "EdgeAblationResult.n_needed is deprecated; use EdgeAblationResult.num_needed",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_needed
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready values (the pair as a list).
@@ -133,10 +114,6 @@ class EdgeAblationResult:
         values["losses"] = {int(k): v for k, v in values["losses"].items()}
         return cls(**values)
 
-
-EdgeAblationResult.__init__ = renamed_arguments(  # type: ignore[method-assign]
-    **EdgeAblationResult.RENAMED
-)(EdgeAblationResult.__init__)
 
 
 def _edge_replace(

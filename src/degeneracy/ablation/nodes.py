@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from degeneracy.ablation.runner import AblationRunner, Metrics, classification_metrics, default_schedule
 from degeneracy.capture import capture
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.deprecation import renamed_arguments, renamed_fields
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -23,6 +22,7 @@ __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 # Node ablation
 
 
+@renamed_fields(n_features="num_features", n_kept="num_kept")
 @dataclass(frozen=True)
 class NodeAblationCurve:
     """Accuracy and loss when only the ``num_kept`` most important features of ``layer`` are kept.
@@ -44,7 +44,6 @@ class NodeAblationCurve:
     True
     """
 
-    RENAMED: ClassVar[dict[str, str]] = {"n_features": "num_features", "n_kept": "num_kept"}
 
     layer: str
     basis_method: str
@@ -57,25 +56,7 @@ class NodeAblationCurve:
     base_loss: float
     info: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def n_features(self) -> int:
-        """Deprecated name of :attr:`num_features`."""
-        warnings.warn(
-            "NodeAblationCurve.n_features is deprecated; use NodeAblationCurve.num_features",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_features
 
-    @property
-    def n_kept(self) -> list[int]:
-        """Deprecated name of :attr:`num_kept`."""
-        warnings.warn(
-            "NodeAblationCurve.n_kept is deprecated; use NodeAblationCurve.num_kept",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_kept
 
     def to_dict(self) -> dict[str, Any]:
         """The curve as JSON-ready values.
@@ -100,10 +81,6 @@ class NodeAblationCurve:
         """
         return cls(**{cls.RENAMED.get(k, k): v for k, v in d.items()})
 
-
-NodeAblationCurve.__init__ = renamed_arguments(  # type: ignore[method-assign]
-    **NodeAblationCurve.RENAMED
-)(NodeAblationCurve.__init__)
 
 
 def _importance(basis: Any, layer: str, importance: str | Tensor, graph: Any | None) -> tuple[str, Tensor]:

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.deprecation import renamed_fields
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.record import NOT_SAVED, TensorRecord
@@ -196,6 +196,7 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(v, str | int | float | bool | type(None))}
 
 
+@renamed_fields(num_params="num_parameters")
 @dataclass(frozen=True)
 class EffectiveParameterCount(TensorRecord):
     """N_eff(ε) = 2 λ(ε) at requested loss scales.
@@ -225,7 +226,6 @@ class EffectiveParameterCount(TensorRecord):
 
     KIND: ClassVar[str] = "degeneracy.EffectiveParameterCount"
     REQUIRED: ClassVar[tuple[str, ...]] = ("n_eff",)
-    RENAMED: ClassVar[dict[str, str]] = {"num_params": "num_parameters"}
 
     epsilons: Float[Tensor, " points"]
     achieved_epsilons: Float[Tensor, " points"]
@@ -242,20 +242,7 @@ class EffectiveParameterCount(TensorRecord):
         """λ(ε) = N_eff(ε) / 2."""
         return self.n_eff / 2.0
 
-    @property
-    def num_params(self) -> int:
-        """Deprecated name of :attr:`num_parameters`."""
-        warnings.warn(
-            "EffectiveParameterCount.num_params is deprecated; use EffectiveParameterCount.num_parameters",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_parameters
 
-
-EffectiveParameterCount.__init__ = renamed_arguments(  # type: ignore[method-assign]
-    **EffectiveParameterCount.RENAMED
-)(EffectiveParameterCount.__init__)
 
 
 def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from degeneracy.deprecation import renamed_arguments
+from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -57,6 +56,7 @@ class EffectiveCount:
         return 2.0 * getattr(self, self.LLC_FIELDS[1])
 
 
+@renamed_fields(num_params="num_parameters")
 @dataclass(frozen=True)
 class LLCResult(EffectiveCount, TensorRecord):
     """An estimate λ̂ of the local learning coefficient (METHOD §7) and everything behind it.
@@ -93,7 +93,6 @@ class LLCResult(EffectiveCount, TensorRecord):
     KIND: ClassVar[str] = "degeneracy.LLCResult"
     LLC_FIELDS: ClassVar[tuple[str, str]] = ("mean", "std")
     REQUIRED: ClassVar[tuple[str, ...]] = ("loss_traces", "chain_estimates")
-    RENAMED: ClassVar[dict[str, str]] = {"num_params": "num_parameters"}
 
     mean: float
     std: float
@@ -110,15 +109,6 @@ class LLCResult(EffectiveCount, TensorRecord):
     warnings: tuple[str, ...] = ()
     version: str = ""
 
-    @property
-    def num_params(self) -> int:
-        """Deprecated name of :attr:`num_parameters`."""
-        warnings.warn(
-            "LLCResult.num_params is deprecated; use LLCResult.num_parameters",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.num_parameters
 
     @property
     def good_chains(self) -> Tensor:
@@ -164,8 +154,6 @@ class LLCResult(EffectiveCount, TensorRecord):
             f"{bad}, warnings={len(self.warnings)})"
         )
 
-
-LLCResult.__init__ = renamed_arguments(**LLCResult.RENAMED)(LLCResult.__init__)  # type: ignore[method-assign]
 
 
 def load_llc(path: str | Path) -> LLCResult:
