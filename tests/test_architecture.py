@@ -187,3 +187,34 @@ def test_shape_annotations_use_the_glossary():
             if axis not in AXES:
                 bad.append(f"{name}:{line} axis {token!r} in {shape!r}")
     assert not bad, "axis names missing from degeneracy.axes.AXES:\n" + "\n".join(bad)
+
+
+def _public_definitions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]]:
+    """Top-level public functions and classes (those in ``__all__`` where a module declares one)."""
+    found = []
+    for name, tree in MODULES.items():
+        exported = None
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+            ):
+                try:
+                    exported = set(ast.literal_eval(node.value))
+                except ValueError:
+                    exported = None
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                if node.name.startswith("_") or (exported is not None and node.name not in exported):
+                    continue
+                found.append((name, node))
+    return found
+
+
+def test_every_public_function_has_a_runnable_example():
+    """Each public function and class shows a ``>>>`` example (run as a doctest by the test suite)."""
+    missing = [
+        f"{name}.{node.name}"
+        for name, node in _public_definitions()
+        if ">>>" not in (ast.get_docstring(node) or "")
+    ]
+    assert not missing, f"{len(missing)} public definitions without a >>> example:\n" + "\n".join(missing)
