@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 # The companion paper's basis settings: centred, absolute truncation 1e-15 (it keeps ~all directions),
-# logits left unrotated. Its node layers are `degeneracy.runconfig.MODADD_NODE_LAYERS`.
+# logits left unrotated. Its node layers are `degeneracy.commands.config.MODADD_NODE_LAYERS`.
 PAPER_BASIS = dict(
-    gram_threshold=1e-15, interaction_threshold=1e-15, relative_thresholds=False, rotate_final=False
+    gram_threshold=1e-15, interaction_threshold=1e-15, relative=False, rotate_final=False
 )
 PAPER_DIMS = {"lib": [115, 110, 116], "pca": [115, 127, 129]}  # retained of 129 (METHOD §8)
 

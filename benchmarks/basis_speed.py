@@ -152,7 +152,7 @@ def main() -> None:
         lines += [
             "## Companion paper checkpoint (modadd-seed0), 3,830 training inputs, float64, centred", "",
             "The paper's settings (absolute truncation 1e-15, logits unrotated), node layers "
-            "`degeneracy.runconfig.MODADD_NODE_LAYERS`. *cold*: the first build in a fresh process; "
+            "`degeneracy.commands.config.MODADD_NODE_LAYERS`. *cold*: the first build in a fresh process; "
             "*warm*: best of the next three. *sections*: `auto` uses the closed-form Jacobian Grams of "
             "`degeneracy.sections` (checked against the model), `None` differentiates the hooked model "
             "with `torch.func`. Target (issue #2): ≤ 2 s and ≤ 1 GB; the companion paper's code takes "
