@@ -235,9 +235,9 @@ def degeneracy_command(
     >>> from typer.testing import CliRunner
     >>> from degeneracy.commands import app
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     _ = (Path(tmp) / "deg.yaml").write_text("{epsilon: 0.5, relative: true, hessian: lanczos, hessian_k: 9, "
-    ...                                            "hessian_max_products: 4}")
-    ...     result = CliRunner().invoke(app, ["degeneracy", f"{tmp}/deg.yaml", "--out", tmp])
+    ...     config = Path(tmp) / "deg.yaml"
+    ...     _ = config.write_text("{hessian: lanczos, hessian_k: 9, hessian_max_products: 4}")
+    ...     result = CliRunner().invoke(app, ["degeneracy", str(config), "--out", tmp])
     >>> result.exit_code, "hessian_max_products must be at least hessian_k" in result.output
     (2, True)
     """

@@ -160,8 +160,8 @@ def edge_result_from_dict(d: Mapping[str, Any]) -> Any:
 def edge_results_from_json(payload: list[Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
     """Edge-ablation results (``{pair: EdgeAblationResult}``) from their saved JSON list.
 
-    >>> row = {"pair": ["fc1", "fc2"], "basis_method": "lib", "num_edges": 4, "num_needed": 1, "threshold": 0.5,
-    ...        "delta": 0.1, "base_accuracy": 1.0, "target": 0.9, "evaluations": {}, "losses": {}}
+    >>> row = {"pair": ["fc1", "fc2"], "basis_method": "lib", "num_edges": 4, "num_needed": 1, "delta": 0.1,
+    ...        "threshold": 0.5, "base_accuracy": 1.0, "target": 0.9, "evaluations": {}, "losses": {}}
     >>> {pair: r.num_needed for pair, r in edge_results_from_json([row]).items()}
     {('fc1', 'fc2'): 1}
     """
