@@ -26,7 +26,12 @@ QUIET_OPTIONS = ("progress",)  # options that change how a build looks, not what
 def basis_stage_config(
     spec: ModelSpec, node_layers: list[Any], method: str, options: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The config that determines one basis: model spec, node layers, method and basis options."""
+    """The config that determines one basis: model spec, node layers, method and basis options.
+
+    >>> cfg = basis_stage_config(ModelSpec(), ["fc1", "fc2"], "lib", {"center": True, "progress": False})
+    >>> cfg["method"], cfg["node_layers"], cfg["options"]  # progress changes the look, not the basis
+    ('lib', ['fc1', 'fc2'], {'center': True})
+    """
     return {
         "model": spec.model_dump(),
         "node_layers": list(node_layers),
@@ -51,6 +56,19 @@ def basis_stage(
     """Build (or, with the same config, load) the ``method`` basis into ``out/bases/METHOD.safetensors``.
 
     ``spec`` names the model in the stage config; ``model`` and ``data`` must be the ones it resolves to.
+
+    >>> import tempfile, torch
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    >>> x = torch.randn(16, 2, dtype=torch.float64)
+    >>> spec = ModelSpec(name="mypackage.models:make")  # what resolves to model and x
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     args = (model, x, ["1", "output"], "pca", {}, Path(tmp))
+    ...     basis = basis_stage(*args, spec=spec, progress=False, log=None)
+    ...     again = basis_stage(*args, spec=spec, progress=False)  # loaded from tmp/bases/pca.safetensors
+    [basis.pca] done before with the same config, skipping (--force redoes it)
+    >>> basis.dims, again.dims == basis.dims
+    ({'1': 3, 'output': 2}, True)
     """
     import degeneracy
 
@@ -91,6 +109,17 @@ def build_bases(
     and plot their spectra to ``out/figures/spectra.png``.
 
     Returns ``(bases, summary)``: the bases by method and a JSON-able summary (dims, build seconds).
+    A model of your own (``"package.module:function"``) needs ``node_layers``:
+
+    >>> import sys, types, torch
+    >>> toy = types.ModuleType("toy")  # stands in for a module of yours on the path
+    >>> toy.make = lambda: (torch.nn.Linear(2, 1), torch.zeros(5, 2))
+    >>> sys.modules["toy"] = toy
+    >>> build_bases(BasisRunConfig(model=ModelSpec(name="toy:make")), Path("runs/basis"))
+    Traceback (most recent call last):
+    ...
+    ValueError: node_layers must be given for a model that is not bundled
+    >>> del sys.modules["toy"]
     """
     model, data, default_layers = resolve_model(cfg.model)
     layers = cfg.node_layers or default_layers
@@ -116,7 +145,14 @@ def basis_command(
     config: ConfigArgument, out: OutOption = Path("runs/basis"), force: ForceOption = False
 ) -> None:
     """Build interaction bases from a config file (a :class:`BasisRunConfig`; a rerun with the same
-    config skips finished bases)."""
+    config skips finished bases).
+
+    >>> from typer.testing import CliRunner
+    >>> from degeneracy.commands import app
+    >>> result = CliRunner().invoke(app, ["basis", "missing.yaml"])
+    >>> result.exit_code, result.output.strip()
+    (2, 'error: missing.yaml: no such config file')
+    """
     with user_errors():
         cfg = load_yaml(config, BasisRunConfig)
         _, summary = build_bases(cfg, out, force=force, log=echo_err)

@@ -44,7 +44,18 @@ BASIS_METHODS = ("lib", "global", "pca", "neuron")
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that rejects unknown fields and is immutable."""
+    """A pydantic model that rejects unknown fields and is immutable.
+
+    >>> class Point(StrictModel):
+    ...     x: int = 0
+    >>> Point(x=2).x
+    2
+    >>> try:
+    ...     Point(y=2)  # a typo is an error, not an ignored field
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["type"], err.errors()[0]["loc"])
+    extra_forbidden ('y',)
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +66,14 @@ class ModelSpec(StrictModel):
     ``name`` is a bundled model (``"modadd"``, ``"digits_mlp"``) or ``"package.module:function"``
     returning ``(model, data)``. ``split`` picks the bundled data: ``"train"`` (default), ``"test"``
     or ``"all"``. ``limit`` keeps the first examples only.
+
+    >>> ModelSpec(name="digits_mlp", limit=100).model_dump()
+    {'name': 'digits_mlp', 'split': 'train', 'limit': 100, 'dtype': 'float64'}
+    >>> try:
+    ...     ModelSpec(split="validation")
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["loc"], err.errors()[0]["type"])
+    ('split',) literal_error
     """
 
     name: str = "modadd"
@@ -64,7 +83,27 @@ class ModelSpec(StrictModel):
 
 
 def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
-    """Read and validate a YAML config; errors name the file and the offending fields."""
+    """Read and validate a YAML config; errors name the file and the offending fields.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = Path(tmp) / "llc.yaml"
+    ...     _ = path.write_text("{loss: kl, sampler: {num_chains: 2}}")
+    ...     cfg = load_yaml(path, LLCRunConfig)
+    ...     _ = path.write_text("los: kl")  # a typo
+    ...     try:
+    ...         load_yaml(path, LLCRunConfig)
+    ...     except ValueError as err:
+    ...         message = str(err).replace(tmp, "TMP")
+    >>> cfg.loss, cfg.sampler.num_chains
+    ('kl', 2)
+    >>> for line in message.splitlines()[:4]:
+    ...     print(line)
+    TMP/llc.yaml: invalid config
+    1 validation error for LLCRunConfig
+    los
+      Extra inputs are not permitted [type=extra_forbidden, input_value='kl', input_type=str]
+    """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such config file")
@@ -93,7 +132,21 @@ def load_run(path: str | Path, config_type: type[BaseModel]) -> tuple[Any, Any, 
 
 def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
     """Load ``(model, data, default_node_layers)`` for a :class:`ModelSpec` (model in eval mode, float64
-    when asked). Data are inputs only (labels are attached by the bundled loaders' own helpers)."""
+    when asked). Data are inputs only (labels are attached by the bundled loaders' own helpers).
+
+    >>> import sys, types, torch
+    >>> toy = types.ModuleType("toy")  # stands in for a module of yours on the path
+    >>> toy.make = lambda: (torch.nn.Linear(2, 1), torch.zeros(5, 2))
+    >>> sys.modules["toy"] = toy
+    >>> model, data, layers = resolve_model(ModelSpec(name="toy:make", limit=3))
+    >>> del sys.modules["toy"]
+    >>> next(model.parameters()).dtype, tuple(data.shape), layers, model.training
+    (torch.float64, (3, 2), None, False)
+    >>> resolve_model(ModelSpec(name="resnet"))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model 'resnet': use 'modadd', 'digits_mlp' or 'package.module:function'
+    """
     import torch
 
     dtype = getattr(torch, spec.dtype)
@@ -145,6 +198,10 @@ class BasisRunConfig(StrictModel):
 
     ``methods`` lists the bases to build; ``options`` are keyword arguments of
     :func:`degeneracy.interaction_basis` (``center``, ``gram_threshold``, ``integration_rule``, ...).
+
+    >>> cfg = BasisRunConfig.model_validate({"methods": ["lib"], "options": {"center": False}})
+    >>> cfg.model.name, cfg.methods, cfg.options, cfg.node_layers
+    ('modadd', ['lib'], {'center': False}, None)
     """
 
     model: ModelSpec = ModelSpec()
@@ -157,7 +214,16 @@ class AblationOptions(StrictModel):
     """Node ablation curves and edge-ablation bisection (see :mod:`degeneracy.ablation`).
 
     ``limit`` evaluates on the first examples only; ``edge_methods`` lists the bases whose edges are
-    bisected (default: all ``methods``)."""
+    bisected (default: all ``methods``).
+
+    >>> AblationOptions(delta=0.01, limit=256).node_points
+    16
+    >>> try:
+    ...     AblationOptions(node_points=1)
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["msg"])
+    Input should be greater than or equal to 2
+    """
 
     node_curves: bool = True
     node_points: int = Field(default=16, ge=2)
@@ -174,7 +240,13 @@ class ModuleOptions(StrictModel):
     ``"fraction"`` when no ablation ran), ``"quantile"`` or ``"fraction"`` (``epsilon_fraction`` × each
     pair's largest edge; ``"relative"`` is its former name). ``first_layer`` /
     ``last_layer`` restrict the module graph to a range of node layers (e.g. without an unrotated
-    output layer, whose neurons mix every feature)."""
+    output layer, whose neurons mix every feature).
+
+    >>> ModuleOptions().epsilon, ModuleOptions(epsilon=0.01).epsilon
+    ('ablation', 0.01)
+    >>> ModuleOptions.model_validate({"relative": 1e-6}).epsilon_fraction  # the former name still reads
+    1e-06
+    """
 
     epsilon: float | Literal["ablation", "quantile", "fraction", "relative"] = "ablation"
     quantile: float = Field(default=0.5, ge=0, lt=1)
@@ -194,7 +266,12 @@ class GraphRunConfig(StrictModel):
     ``basis`` and ``edges`` are keyword options of :func:`degeneracy.interaction_basis` and
     :func:`degeneracy.interaction_graph`; ``shortcuts`` uses the (checked) TransformerLens section
     shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
-    modular-addition data) adds Fourier labels of the features."""
+    modular-addition data) adds Fourier labels of the features.
+
+    >>> cfg = GraphRunConfig.model_validate({"methods": ["lib"], "ablation": {"limit": 256}})
+    >>> cfg.methods, cfg.ablation.limit, cfg.ablation.node_points, cfg.modules.methods
+    (['lib'], 256, 16, ['lib'])
+    """
 
     model: ModelSpec = ModelSpec()
     node_layers: list[Any] | None = None
@@ -231,6 +308,15 @@ class DegeneracyRunConfig(StrictModel):
         sparsify: run the Section 4 construction when the model is a chain of linear layers.
         union_max_parameters: compute the exact span of the free directions up to this N.
         seed: seeds every random choice.
+
+    >>> cfg = DegeneracyRunConfig.model_validate({"epsilon": 1e-3, "relative": True, "position": -1})
+    >>> cfg.model.name, cfg.epsilon, cfg.positions, cfg.hessian  # "position" is the former name
+    ('digits_mlp', 0.001, -1, 'auto')
+    >>> try:
+    ...     DegeneracyRunConfig(epsilon=2.0, relative=True)
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["msg"])
+    Value error, a relative epsilon must be below 1 (it multiplies the largest eigenvalue)
     """
 
     model: ModelSpec = ModelSpec(name="digits_mlp", split="all")
@@ -275,7 +361,12 @@ class DegeneracyRunConfig(StrictModel):
 
 
 class LLCSamplerConfig(StrictModel):
-    """SGLD settings (see :func:`degeneracy.llc.estimate_llc`). ``nbeta: null`` means n / log n."""
+    """SGLD settings (see :func:`degeneracy.llc.estimate_llc`). ``nbeta: null`` means n / log n.
+
+    >>> s = LLCSamplerConfig(num_draws=400, step_size=1e-4)
+    >>> s.num_chains, s.num_draws, s.step_size, s.nbeta
+    (4, 400, 0.0001, None)
+    """
 
     nbeta: float | None = Field(default=None, gt=0)
     localization: float = Field(default=100.0, ge=0)
@@ -305,6 +396,10 @@ class LLCRunConfig(StrictModel):
         volume_options: keyword arguments of :func:`degeneracy.llc.volume_llc` (``num_points``, ...).
         plots: write figures (needs matplotlib).
         progress: show progress bars.
+
+    >>> cfg = LLCRunConfig.model_validate({"positions": "last", "nbetas": [20, 200], "sampler": {"seed": 1}})
+    >>> cfg.model.dtype, cfg.positions, cfg.nbetas, cfg.sampler.seed, cfg.sampler.num_chains
+    ('float32', 'last', [20.0, 200.0], 1, 4)
     """
 
     model: ModelSpec = ModelSpec(name="digits_mlp", dtype="float32")

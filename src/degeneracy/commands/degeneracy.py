@@ -34,7 +34,7 @@ from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, e
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text
 
-__all__ = ["degeneracy_command", "degeneracy_demo_section", "run_degeneracy"]
+__all__ = ["degeneracy_command", "degeneracy_demo_section", "demo_degeneracy_config", "run_degeneracy"]
 
 
 def _hessian_forward(model: nn.Module, position: int | None) -> Any:
@@ -67,6 +67,15 @@ def run_degeneracy(
     files it lists is gone. ``hessian_forward`` replaces the model call for the Hessian only (it must
     return the outputs at the position the report reads); by default one-layer transformers read at
     the last token use :func:`degeneracy.adapters.transformer_lens.forward.last_position_logits`.
+    Inputs must have the model's dtype (the config's ``model.dtype`` says which):
+
+    >>> import tempfile
+    >>> model, x = nn.Linear(2, 1), torch.zeros(4, 2, dtype=torch.float64)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     run_degeneracy(DegeneracyRunConfig(), model, x, Path(tmp), log=None)
+    Traceback (most recent call last):
+    ...
+    ValueError: input tensor has dtype torch.float64 but the model computes in torch.float32: ...
     """
     out = Path(out)
     config = {
@@ -220,13 +229,38 @@ def degeneracy_command(
 ) -> None:
     """Degeneracy accounting from a config file (a :class:`DegeneracyRunConfig`): sources of free
     directions, Hessian spectrum and rank at ε, and the Section 4 construction; results in OUT (a rerun
-    with the same config skips)."""
+    with the same config skips).
+
+    >>> import tempfile
+    >>> from typer.testing import CliRunner
+    >>> from degeneracy.commands import app
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     config = Path(tmp) / "deg.yaml"
+    ...     _ = config.write_text("{hessian: lanczos, hessian_k: 9, hessian_max_products: 4}")
+    ...     result = CliRunner().invoke(app, ["degeneracy", str(config), "--out", tmp])
+    >>> result.exit_code, "hessian_max_products must be at least hessian_k" in result.output
+    (2, True)
+    """
     with user_errors():
         cfg, model, data, _ = load_run(config, DegeneracyRunConfig)
         summary = dict(run_degeneracy(cfg, model, data, out, force=force, log=echo_err))
     table = summary.pop("table")
     typer.echo(table)
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "counts"}, indent=2, default=str))
+
+
+def demo_degeneracy_config(model: nn.Module) -> DegeneracyRunConfig:
+    """The demo's degeneracy config for ``model``: the Hessian path by size (``"auto"``), or, for a
+    TransformerLens model, Lanczos with projected Jacobian Grams in batches of 1,024.
+
+    >>> demo_degeneracy_config(nn.Linear(3, 1)).hessian
+    'auto'
+    """
+    from degeneracy.adapters.transformer_lens import is_hooked_transformer
+
+    if is_hooked_transformer(model):
+        return DegeneracyRunConfig(hessian="lanczos", jacobian_projections=8, rank_probes=0, batch_size=1024)
+    return DegeneracyRunConfig(hessian="auto")
 
 
 def degeneracy_demo_section(
@@ -236,15 +270,17 @@ def degeneracy_demo_section(
     construction, figures in ``out_dir/figures`` and JSON in ``out_dir/degeneracy``.
 
     Made for the bundled digits MLP on its 1,797 inputs (float64), where it takes a few seconds; a
-    TransformerLens model gets the Lanczos path at its last position.
+    TransformerLens model gets the Lanczos path at its last position. Its config
+    (:func:`demo_degeneracy_config`) for an MLP:
+
+    >>> cfg = demo_degeneracy_config(nn.Linear(64, 10))
+    >>> cfg.epsilon, cfg.hessian, cfg.positions, cfg.sparsify  # "auto": exact up to 6,000 parameters
+    (0.0, 'auto', 'auto', True)
     """
     from degeneracy.adapters.transformer_lens import is_hooked_transformer
 
     out_dir = Path(out_dir)
-    if is_hooked_transformer(model):
-        cfg = DegeneracyRunConfig(hessian="lanczos", jacobian_projections=8, rank_probes=0, batch_size=1024)
-    else:
-        cfg = DegeneracyRunConfig(hessian="auto")
+    cfg = demo_degeneracy_config(model)
     model = model.to(torch.float64) if not is_hooked_transformer(model) else model
     if isinstance(data, torch.Tensor) and data.is_floating_point():
         data = data.to(torch.float64)

@@ -85,7 +85,23 @@ SECTIONS: list[Section] = [
 
 
 def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) -> Path:
-    """Run every section (skipping those finished with the same config), then write ``out/report.md``."""
+    """Run every section (skipping those finished with the same config), then write ``out/report.md``.
+
+    A rerun of a finished demo only rewrites the report (here the sections' records are stand-ins):
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     for key, _, config, _ in SECTIONS:
+    ...         _ = run_stage(tmp, key, config(), lambda: {"seconds": 1.0}, log=None)
+    ...     report = run_demo(Path(tmp), log=None).read_text()
+    >>> for line in report.splitlines():
+    ...     if line.startswith("## "):
+    ...         print(line)
+    ## Interaction bases (LIB vs PCA)
+    ## Interaction graph, ablations and modules
+    ## Degeneracy accounting
+    ## Effective parameter count
+    """
     from degeneracy.report.markdown import markdown
 
     out = Path(out)
@@ -112,7 +128,14 @@ def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) ->
 
 def demo_command(out: OutOption = Path("demo-report"), force: ForceOption = False) -> None:
     """The whole pipeline on the bundled models: bases, interaction graph and modules, degeneracy
-    accounting and the learning coefficient, written to OUT/report.md with figures."""
+    accounting and the learning coefficient, written to OUT/report.md with figures.
+
+    >>> from typer.testing import CliRunner
+    >>> from degeneracy.commands import app
+    >>> result = CliRunner().invoke(app, ["demo", "--help"])
+    >>> result.exit_code, "--out" in result.output, "--force" in result.output
+    (0, True, True)
+    """
     with user_errors():
         path = run_demo(out, force=force, log=echo_err)
     typer.echo(f"report written to {path}")

@@ -30,7 +30,15 @@ ForceOption = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2."""
+    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2.
+
+    >>> try:
+    ...     with user_errors():
+    ...         raise ValueError("graph.yaml: no such config file")  # printed in red on stderr
+    ... except typer.Exit as done:
+    ...     print(done.exit_code)
+    2
+    """
     try:
         yield
     except USER_ERRORS as err:
@@ -39,5 +47,13 @@ def user_errors() -> Iterator[None]:
 
 
 def echo_err(message: str) -> None:
-    """Progress lines of a command go to stderr, so that its stdout is only the JSON summary."""
+    """Progress lines of a command go to stderr, so that its stdout is only the JSON summary.
+
+    >>> import contextlib, io
+    >>> out, err = io.StringIO(), io.StringIO()
+    >>> with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    ...     echo_err("[basis.lib] running ...")
+    >>> out.getvalue(), err.getvalue().splitlines()
+    ('', ['[basis.lib] running ...'])
+    """
     typer.echo(message, err=True)

@@ -74,7 +74,12 @@ def _is_modadd(data: Any) -> bool:
 
 
 def default_labels(data: Any) -> Any:
-    """Labels the bundled data imply: (a + b) mod p for modular-addition inputs, else ``None``."""
+    """Labels the bundled data imply: (a + b) mod p for modular-addition inputs, else ``None``.
+
+    >>> import torch
+    >>> default_labels(torch.tensor([[3, 5, 7], [6, 6, 7]])).tolist(), default_labels(torch.zeros(2, 4))
+    ([1, 5], None)
+    """
     if _is_modadd(data):
         from degeneracy.fourier import modadd_labels
 
@@ -153,14 +158,28 @@ def edge_result_from_dict(d: Mapping[str, Any]) -> Any:
 
 
 def edge_results_from_json(payload: list[Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
-    """Edge-ablation results (``{pair: EdgeAblationResult}``) from their saved JSON list."""
+    """Edge-ablation results (``{pair: EdgeAblationResult}``) from their saved JSON list.
+
+    >>> row = {"pair": ["fc1", "fc2"], "basis_method": "lib", "num_edges": 4, "num_needed": 1, "delta": 0.1,
+    ...        "threshold": 0.5, "base_accuracy": 1.0, "target": 0.9, "evaluations": {}, "losses": {}}
+    >>> {pair: r.num_needed for pair, r in edge_results_from_json([row]).items()}
+    {('fc1', 'fc2'): 1}
+    """
     results = [edge_result_from_dict(r) for r in payload]
     return {r.pair: r for r in results}
 
 
 def modules_from_json(payload: Mapping[str, Any]) -> Any:
     """A :class:`~degeneracy.modules.Modules` from its saved ``to_dict()`` (labels rebuilt from the
-    members; the constant nodes, which ``to_dict`` leaves out, are left empty)."""
+    members; the constant nodes, which ``to_dict`` leaves out, are left empty).
+
+    >>> saved = {"modules": [[["fc1", 0], ["fc2", 1]], [["fc1", 1]]], "epsilon": {"fc1->fc2": 0.1},
+    ...          "inter_module_strength": 0.0, "intra_module_strength": 2.0, "modularity": 0.5,
+    ...          "resolution": 1.0, "seed": 0}
+    >>> found = modules_from_json(saved)
+    >>> found.num_modules, found.labels[("fc2", 1)], found.epsilon
+    (2, 0, {('fc1', 'fc2'): 0.1})
+    """
     from degeneracy.modules import Modules
 
     members = [[(str(name), int(i)) for name, i in module] for module in payload["modules"]]
@@ -223,6 +242,11 @@ def run_graph(
     to. ``bases`` may supply already built bases (by method), made from ``cfg.model``, ``node_layers``
     and ``cfg.basis``; the others are built, or loaded when ``out`` holds them with the same config.
     ``force`` recomputes every stage.
+
+    >>> run_graph(GraphRunConfig(methods=["lib", "lob"]), None, None, None, Path("runs/graph"))
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown basis methods ['lob']; choose from ('lib', 'global', 'pca', 'neuron')
     """
     import degeneracy
     from degeneracy.ablation import edge_ablation, node_ablation_curves
@@ -469,7 +493,17 @@ def graph_command(
 ) -> None:
     """Build bases and interaction graphs, run ablations, find modules from a config file (a
     :class:`GraphRunConfig`); results and figures in OUT (a rerun with the same config skips the
-    finished stages)."""
+    finished stages).
+
+    >>> import tempfile
+    >>> from typer.testing import CliRunner
+    >>> from degeneracy.commands import app
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = (Path(tmp) / "graph.yaml").write_text("{methods: [lib], modules: {epsilon: tiny}}")
+    ...     result = CliRunner().invoke(app, ["graph", f"{tmp}/graph.yaml", "--out", tmp])
+    >>> result.exit_code, result.output.splitlines()[0].endswith("graph.yaml: invalid config")
+    (2, True)
+    """
     with user_errors():
         cfg, model, data, default_layers = load_run(config, GraphRunConfig)
         labels = None
@@ -495,7 +529,12 @@ DEMO_EXAMPLES = 1024
 def demo_graph_config(
     examples: int = DEMO_EXAMPLES, basis: Mapping[str, Any] | None = None
 ) -> GraphRunConfig:
-    """The demo's graph config: LIB and PCA, edges and ablations on the first ``examples`` inputs."""
+    """The demo's graph config: LIB and PCA, edges and ablations on the first ``examples`` inputs.
+
+    >>> cfg = demo_graph_config(256)
+    >>> cfg.methods, cfg.edge_limit, cfg.ablation.limit, cfg.modules.epsilon
+    (['lib', 'pca'], 256, 256, 'ablation')
+    """
     return GraphRunConfig(
         methods=["lib", "pca"],
         basis=dict(basis or {}),
@@ -523,6 +562,12 @@ def graph_demo_section(
 
     To stay within about a minute on two CPU cores, edges and ablations use the first 1024 inputs
     (``cfg``: :func:`demo_graph_config`; the summary says how many); Fourier labels use all p² inputs.
+    A model other than the bundled ones needs ``node_layers`` (or every basis in ``bases``):
+
+    >>> graph_demo_section(None, None, {}, Path("demo-report"))
+    Traceback (most recent call last):
+    ...
+    ValueError: node_layers must be given for a model that is not bundled
     """
     start = time.perf_counter()
     cfg = cfg or demo_graph_config()

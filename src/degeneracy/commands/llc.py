@@ -37,11 +37,16 @@ from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_pa
 from degeneracy.llc.estimate import estimate_llc
 from degeneracy.llc.result import LLCResult
 
-__all__ = ["run_llc", "llc_command", "llc_demo_section", "LastPosition"]
+__all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition"]
 
 
 class LastPosition(nn.Module):
-    """``model``'s output tensor at the last position: ``(batch, pos, d) -> (batch, d)``."""
+    """``model``'s output tensor at the last position: ``(batch, pos, d) -> (batch, d)``.
+
+    >>> import torch
+    >>> LastPosition(nn.Linear(4, 2))(torch.zeros(3, 5, 4)).shape
+    torch.Size([3, 2])
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -78,6 +83,19 @@ def run_llc(
     Stages ``llc`` (the single estimate), ``llc_curve`` (``nbetas``) and ``n_eff`` (``epsilons``) are
     resumable: a rerun skips each one whose config (``cfg.model`` naming ``model``/``data``, the loss,
     the sampler and the stage's own fields) is unchanged, unless ``force``.
+
+    >>> import tempfile, torch
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    >>> x = torch.randn(16, 2, dtype=torch.float64)
+    >>> cfg = LLCRunConfig.model_validate({"sampler": {"num_chains": 1, "num_draws": 10, "num_burnin": 0,
+    ...     "step_size": 1e-4}, "plots": False, "progress": False})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     summary = run_llc(cfg, model, x, Path(tmp), log=None)
+    ...     again = run_llc(cfg, model, x, Path(tmp))
+    [llc] done before with the same config, skipping (--force redoes it)
+    >>> summary["estimate"]["num_parameters"], again["estimate"]["llc"] == summary["estimate"]["llc"]
+    (13, True)
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,11 +234,33 @@ def llc_command(
     config: ConfigArgument, out: OutOption = Path("runs/llc"), force: ForceOption = False
 ) -> None:
     """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file (an
-    :class:`LLCRunConfig`); results in OUT (a rerun with the same config skips the finished stages)."""
+    :class:`LLCRunConfig`); results in OUT (a rerun with the same config skips the finished stages).
+
+    >>> from typer.testing import CliRunner
+    >>> from degeneracy.commands import app
+    >>> result = CliRunner().invoke(app, ["llc", "--help"])
+    >>> result.exit_code, "CONFIG" in result.output, "--force" in result.output
+    (0, True, True)
+    """
     with user_errors():
         cfg, model, data, _ = load_run(config, LLCRunConfig)
         summary = run_llc(cfg, model, data, out, force=force, log=echo_err)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def demo_llc_sweep(num_examples: int | None) -> tuple[list[float], dict[str, Any]]:
+    """``(nbetas, settings)`` of the demo's λ(ε) sweep on ``num_examples`` inputs: nβ = (n / log n) ×
+    (0.01, 0.1, 0.3) (n / log n taken as 100 when n is unknown) and the SGLD settings.
+
+    >>> nbetas, settings = demo_llc_sweep(1000)
+    >>> [round(b, 2) for b in nbetas], settings["localization"], settings["num_chains"]
+    ([1.45, 14.48, 43.43], 10000.0, 4)
+    """
+    n = num_examples
+    base = n / math.log(n) if n and n > 1 else 100.0
+    nbetas = [base * f for f in (0.01, 0.1, 0.3)]
+    settings = dict(num_chains=4, num_draws=500, num_burnin=500, batch_size=256, localization=1e4, seed=0)
+    return nbetas, settings
 
 
 def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, Any]:
@@ -230,12 +270,14 @@ def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, An
     SGLD needs about 10 (nβ h_max + γ) / γ steps to equilibrate the directions it counts (h_max the top
     Hessian eigenvalue); the localization γ = 10⁴ keeps that under ~1,000 steps on the bundled digits
     MLP, so the section takes a few seconds and its chains are stationary. At this γ a direction of
-    curvature h counts once nβ h ≳ γ: N_eff(ε) grows as ε shrinks."""
+    curvature h counts once nβ h ≳ γ: N_eff(ε) grows as ε shrinks. Its sweep (:func:`demo_llc_sweep`)
+    on the 1,437 training inputs of the digits MLP:
+
+    >>> [round(b, 1) for b in demo_llc_sweep(1437)[0]]
+    [2.0, 19.8, 59.3]
+    """
     out_dir = Path(out_dir)
-    n = int(data.shape[0]) if isinstance(data, Tensor) else None
-    base = n / math.log(n) if n and n > 1 else 100.0
-    nbetas = [base * f for f in (0.01, 0.1, 0.3)]
-    settings = dict(num_chains=4, num_draws=500, num_burnin=500, batch_size=256, localization=1e4, seed=0)
+    nbetas, settings = demo_llc_sweep(int(data.shape[0]) if isinstance(data, Tensor) else None)
     t0 = time.perf_counter()
     curve = llc_curve(model, data, nbetas=nbetas, warn=False, **settings)
     folder = out_dir / "llc"

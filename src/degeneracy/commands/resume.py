@@ -41,12 +41,24 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data (tuples become lists, other objects their ``str``), so that a config
-    compares equal to itself after a round trip through a stage file."""
+    compares equal to itself after a round trip through a stage file.
+
+    >>> jsonable({"dims": (3, 2), "folder": Path("runs/graph"), "center": True})
+    {'center': True, 'dims': [3, 2], 'folder': 'runs/graph'}
+    """
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
 def stage_path(folder: str | Path, name: str) -> Path:
-    """Where the record of stage ``name`` lives: ``folder/stages/NAME.json``."""
+    """Where the record of stage ``name`` lives: ``folder/stages/NAME.json``.
+
+    >>> stage_path("runs/graph", "basis.lib").as_posix()
+    'runs/graph/stages/basis.lib.json'
+    >>> stage_path("runs/graph", "basis/lib")
+    Traceback (most recent call last):
+    ...
+    ValueError: stage name 'basis/lib': use letters, digits, '_', '-' and '.' only
+    """
     if not _NAME.match(name):
         raise ValueError(f"stage name {name!r}: use letters, digits, '_', '-' and '.' only")
     return Path(folder) / "stages" / f"{name}.json"
@@ -104,11 +116,12 @@ def run_stage(
         ``load``: the result, computed now or read back.
 
     >>> import tempfile
-    >>> folder = tempfile.mkdtemp()
-    >>> run_stage(folder, "square", {"x": 3}, lambda: {"y": 9}, log=None)
-    {'y': 9}
-    >>> run_stage(folder, "square", {"x": 3}, lambda: 1 / 0, log=None)  # same config: not run again
-    {'y': 9}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     first = run_stage(folder, "square", {"x": 3}, lambda: {"y": 9}, log=None)
+    ...     again = run_stage(folder, "square", {"x": 3}, lambda: 1 / 0)  # same config: not run again
+    [square] done before with the same config, skipping (--force redoes it)
+    >>> first, again
+    ({'y': 9}, {'y': 9})
     """
     say = log or (lambda _: None)
     path = stage_path(folder, name)
