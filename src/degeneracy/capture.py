@@ -359,7 +359,12 @@ def forward(
 
 class ModuleCall(NamedTuple):
     """One leaf-module call of a forward pass: its name, the module, its first input and its output
-    (detached copies; ``None`` where not a tensor)."""
+    (detached copies; ``None`` where not a tensor), as :func:`trace_calls` lists them.
+
+    >>> call = trace_calls(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), torch.zeros(5, 3))[1]
+    >>> call.name, type(call.module).__name__, tuple(call.input.shape), bool((call.output >= 0).all())
+    ('1', 'ReLU', (5, 4), True)
+    """
 
     name: str
     module: nn.Module

@@ -190,7 +190,18 @@ def modadd_labels(inputs: Tensor, p: int | None = None) -> Tensor:
 def modadd_feature_grid(
     model: nn.Module, basis: Any, layer: str, *, p: int = 113, batch_size: int = 4096
 ) -> Tensor:
-    """Features f̂ of ``layer`` on every input [a, b, p], as a (p, p, positions, d̂) float64 grid."""
+    """Features f̂ of ``layer`` on every input [a, b, p], as a (p, p, positions, d̂) float64 grid.
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Embedding(6, 2), nn.Flatten(), nn.Linear(6, 5)).double()
+    >>> tokens = torch.tensor([[a, b, 5] for a in range(5) for b in range(5)])  # p = 5
+    >>> B = degeneracy.interaction_basis(model, tokens, ["1", "output"], method="pca", center=False,
+    ...                                  progress=False)
+    >>> grid = modadd_feature_grid(model, B, "1", p=5)  # the embeddings of [a, b, =]
+    >>> grid.shape, torch.equal(grid[2, 0, 0], grid[2, 4, 0])  # position 0 depends on a only
+    (torch.Size([5, 5, 3, 2]), True)
+    """
     from degeneracy.capture import capture
 
     a = torch.arange(p).repeat_interleave(p)
@@ -242,6 +253,17 @@ def frequency_module_table(
         (``ami_active``, ``num_active``), over all included features (``ami``, ``num_features``) and
         over the clean ones (``ami_clean``, ``num_clean``); the former count keys ``n_active``, ``n``
         and ``n_clean`` still read, with a ``DeprecationWarning``.
+
+    >>> from types import SimpleNamespace
+    >>> a = torch.arange(7.0)
+    >>> grid = torch.stack([torch.cos(2 * torch.pi * k * a / 7)[:, None].expand(7, 7) for k in (1, 1, 2, 3)],
+    ...                    dim=-1)  # features of frequencies 1, 1, 2, 3
+    >>> modules = SimpleNamespace(modules=[[("h", 0), ("h", 1)], [("h", 2), ("h", 3)]], isolated=[("h", 3)])
+    >>> rows, alignment = frequency_module_table(modules, {"h": fourier_labels(grid)})
+    >>> [(r.module, r.frequencies, r.dominant_frequency) for r in rows]  # isolated feature 3 not counted
+    [(0, {1: 2}, 1), (1, {2: 1}, 2)]
+    >>> alignment["ami_active"], alignment["num_active"], alignment["num_features"]
+    (1.0, 3.0, 4.0)
     """
     from sklearn.metrics import adjusted_mutual_info_score
 

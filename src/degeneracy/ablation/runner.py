@@ -49,6 +49,11 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 def finish_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """Accuracy and mean loss from the summed metrics of :func:`classification_metrics` (``count`` ≥ 1).
+
+    >>> finish_metrics({"correct": 3.0, "loss": 1.5, "count": 4.0})
+    {'accuracy': 0.75, 'loss': 0.375}
+    """
     n = max(sums.get("count", 0.0), 1.0)
     return {"accuracy": sums["correct"] / n, "loss": sums["loss"] / n}
 
@@ -70,7 +75,18 @@ def default_schedule(n: int, num_points: int = 24) -> list[int]:
 
 
 class AblationRunner:
-    """Model, node layers and labelled data of one ablation study (inputs cast like the basis build)."""
+    """Model, node layers and labelled data of one ablation study (inputs cast like the basis build).
+
+    >>> import degeneracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    >>> x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "output"], method="pca", progress=False)
+    >>> runner = AblationRunner(model, x, B, model(x).argmax(-1), None, None, classification_metrics)
+    >>> metrics = runner.evaluate(None)  # nothing replaced: the model itself, scored on its own argmax
+    >>> [layer.name for layer in runner.layers], metrics["accuracy"], runner.feature_means()["1"].shape
+    (['1', 'output'], 1.0, torch.Size([3]))
+    """
 
     def __init__(
         self,

@@ -184,7 +184,23 @@ def synchronized_heads(
     model: nn.Module, data: Any, layer: str, *, epsilon: float = 0.0, batch_size: int | None = None
 ) -> list[list[int]]:
     """Partition of the heads of ``layer`` into blocks with equal attention patterns on D (a TransformerLens
-    attention layer such as ``"blocks.0.attn"``; see :func:`head_synchronization`)."""
+    attention layer such as ``"blocks.0.attn"``; see :func:`head_synchronization`).
+
+    >>> import torch
+    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+    >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=3,
+    ...                               act_fn="relu", normalization_type=None, seed=0)
+    >>> model = HookedTransformer(cfg, move_to_device=False)
+    >>> tokens = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    >>> synchronized_heads(model, tokens, "blocks.0.attn")
+    [[0], [1]]
+    >>> attn = model.blocks[0].attn
+    >>> with torch.no_grad():  # head 1 gets head 0's queries and keys: the same attention pattern
+    ...     for p in (attn.W_Q, attn.W_K, attn.b_Q, attn.b_K):
+    ...         p[1] = p[0]
+    >>> synchronized_heads(model, tokens, "blocks.0.attn")
+    [[0, 1]]
+    """
     return head_synchronization(model, data, layer, epsilon=epsilon, batch_size=batch_size).blocks
 
 

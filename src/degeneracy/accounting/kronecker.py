@@ -55,6 +55,17 @@ def linear_gram(hessian: Any, batch_size: int = 256) -> Tensor | None:
 
     The result is H (float64) with the parameters of each site in [W | b] row-major order (a
     permutation of ``named_parameters`` order, which leaves the eigenvalues unchanged).
+
+    >>> from degeneracy.accounting.gauss_newton import BehavioralHessian
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1)).double()
+    >>> x = torch.randn(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> h = BehavioralHessian(model, x)
+    >>> gram = linear_gram(h)  # N = 9 + 4 parameters; the same trace as the per-example Jacobians give
+    >>> trace = sum(b.square().sum() for b in h.jacobian_blocks()) / h.n
+    >>> gram.shape, bool(torch.isclose(gram.trace(), trace))
+    (torch.Size([13, 13]), True)
+    >>> linear_gram(BehavioralHessian(model, x, forward=lambda m, x: m(x))) is None  # a user forward
+    True
     """
     from degeneracy.accounting.structure import discover_torch
 

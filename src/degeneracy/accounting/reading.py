@@ -108,6 +108,15 @@ def read_node_layers(
     on them, keeping their autograd graph). ``output=True`` runs the whole model and returns its output
     (``forward`` applied, read at ``positions``); otherwise the pass stops once ``layers`` are read and
     the second value is ``None``.
+
+    >>> import torch
+    >>> from degeneracy.accounting.structure import node_at
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> hidden = node_at("1", "input")
+    >>> _, out = read_node_layers(model, torch.ones(1, 2), [], substitute={hidden: -torch.ones(1, 1, 2)},
+    ...                           output=True)
+    >>> out.tolist()  # the ReLU ran on the substituted values
+    [[0.0, 0.0]]
     """
     substitute = dict(substitute or {})
     wanted = list(dict.fromkeys([*layers, *substitute]))

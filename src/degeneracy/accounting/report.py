@@ -199,7 +199,15 @@ REPORT_KIND = "degeneracy_report"
 
 
 def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
-    """Read a report written by :meth:`DegeneracyReport.save` (same as ``DegeneracyReport.load``)."""
+    """Read a report written by :meth:`DegeneracyReport.save` (same as ``DegeneracyReport.load``).
+
+    >>> import tempfile
+    >>> report = DegeneracyReport([SourceRow("fc1", "activation rank", 8)], 20, 20, 0.0, False, "mse", 10)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     loaded = load_degeneracy_report(report.save(Path(folder) / "report.json"))
+    >>> loaded == report
+    True
+    """
     return DegeneracyReport.load(path)
 
 
@@ -425,7 +433,21 @@ def curvature_checks(
     spectrum: HessianSpectrum,
 ) -> None:
     """For each source, vᵀHv/(‖v‖² λ_max) of a random combination v of its explicit directions (≈ 0 when
-    they are Hessian-null), stored as ``relative_curvature`` in the rows' details."""
+    they are Hessian-null), stored as ``relative_curvature`` in the rows' details.
+
+    >>> from degeneracy.data import Batch
+    >>> model = torch.nn.Linear(2, 1).double()  # parameters [w₀, w₁, b]
+    >>> x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> x[:, 1] = 0.0  # input 1 is constant: w₁ is a free direction
+    >>> batches = [Batch(x)]
+    >>> spectrum = hessian_spectrum(model, batches, method="exact")
+    >>> rows = [SourceRow("0", "activation rank", 1), SourceRow("1", "activation rank", 1)]
+    >>> e = torch.eye(3, dtype=torch.float64)
+    >>> directions = {"0/activation": [e[1:2]], "1/activation": [e[0:1]]}  # w₁ (free) and w₀ (not)
+    >>> curvature_checks(rows, directions, model, batches, "mse", None, None, spectrum)
+    >>> [round(r.details["relative_curvature"], 4) for r in rows]
+    [0.0, 0.7547]
+    """
     op = BehavioralHessian(model, batches, kind, positions=positions, forward=forward, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     top = max(float(spectrum.eigenvalues[0]), 1e-300)

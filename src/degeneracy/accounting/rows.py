@@ -56,7 +56,13 @@ __all__ = [
 
 @dataclass
 class SourceRow:
-    """One source of free directions in one layer."""
+    """One source of free directions in one layer (``is_upper_bound``: the count may overcount;
+    ``generic``: present for every parameter value, e.g. the ReLU rescaling).
+
+    >>> row = SourceRow("fc1", "jacobian rank", 3, is_upper_bound=True)
+    >>> row.count, SourceRow(**row.to_dict()) == row
+    (3, True)
+    """
 
     layer: str
     source: str

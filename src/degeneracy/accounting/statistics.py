@@ -180,6 +180,14 @@ def collect(
         input_transforms: maps captured ``(batch, pos, d)`` values to ``(batch, pos, d')`` (e.g. one-hot
             tokens).
         positions: read a ``(batch, pos, d)`` model output at one position (``-1``: the last token).
+
+    >>> from degeneracy.accounting.structure import node_at
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()).double()
+    >>> hidden = node_at("1", "input")
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> stats = collect(model, [Batch(x)], raw_points=[hidden], jacobian_points=[hidden])
+    >>> stats.raw(hidden, None).shape, stats.jacobian_gram(hidden).shape, stats.num_examples
+    (torch.Size([5, 3]), torch.Size([3, 3]), 5)
     """
     gram_points = dict(gram_points or {})
     raw_list = list(raw_points or ())

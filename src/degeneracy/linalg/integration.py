@@ -15,7 +15,12 @@ __all__ = ["IntegrationRule", "integration_rule", "INTEGRATION_RULES", "homogene
 
 @dataclass(frozen=True)
 class IntegrationRule:
-    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3)."""
+    """Points α_a ∈ [0, 1] and weights w_a (summing to 1) of an integration rule (METHOD §3).
+
+    >>> rule = integration_rule("trapezoid", 2)
+    >>> rule.points, sum(rule.weights)
+    ((0.0, 0.5, 1.0), 1.0)
+    """
 
     name: str
     points: tuple[float, ...]

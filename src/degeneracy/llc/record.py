@@ -1,16 +1,6 @@
 """How the learning-coefficient results save and load: one safetensors file per result, the dataclass's
-tensor fields as tensors and its other fields as JSON metadata, the file's kind checked on load.
-
->>> import os, tempfile, torch
->>> from dataclasses import dataclass
->>> @dataclass(frozen=True)
-... class Example(TensorRecord):
-...     KIND = "example"
-...     values: Tensor
-...     note: str = ""
->>> path = Example(torch.ones(2), "hi").save(os.path.join(tempfile.mkdtemp(), "x.safetensors"))
->>> Example.load(path)
-Example(values=tensor([1., 1.], dtype=torch.float64), note='hi')
+tensor fields as tensors and its other fields as JSON metadata, the file's kind checked on load (see
+:class:`TensorRecord` for an example).
 """
 
 from __future__ import annotations
@@ -50,8 +40,19 @@ class TensorRecord:
     A subclass sets ``KIND`` (the file's kind, checked on load) and ``REQUIRED`` (the tensors a file
     must hold), and ``RENAMED`` (``{former name: field}``) when a field was renamed: files written under
     the former name load into the field. Fields holding tensors are saved as tensors, every other field
-    as JSON metadata (after ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``. See
-    the module for an example.
+    as JSON metadata (after ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``.
+
+    >>> import tempfile, torch
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Example(TensorRecord):
+    ...     KIND = "example"
+    ...     values: Tensor
+    ...     note: str = ""
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Example(torch.ones(2), "hi").save(Path(folder) / "x.safetensors")
+    ...     Example.load(path)
+    Example(values=tensor([1., 1.], dtype=torch.float64), note='hi')
     """
 
     KIND: ClassVar[str]

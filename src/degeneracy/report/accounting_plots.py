@@ -33,6 +33,15 @@ def plot_hessian_spectrum(
 
     For a Lanczos spectrum (top k only) the SLQ density, when present, is shown in a second panel
     as a cumulative count of eigenvalues above λ.
+
+    >>> import tempfile, torch
+    >>> from degeneracy.accounting import HessianSpectrum
+    >>> values = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)  # e.g. nn.Linear(2, 1) on two inputs
+    >>> spectrum = HessianSpectrum(values, 3, "exact", "mse", num_examples=2, floor=1e-12)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_hessian_spectrum(spectrum, Path(folder) / "hessian.png", epsilons=[1e-3])
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
     """
     import torch
 
@@ -82,7 +91,17 @@ def plot_hessian_spectrum(
 
 
 def plot_sources(report: Any, path: str | Path, *, title: str | None = None) -> Path:
-    """Horizontal bars: free directions per (layer, source), with the totals and the Hessian nullity."""
+    """Horizontal bars: free directions per (layer, source), with the totals and the Hessian nullity.
+
+    >>> import tempfile
+    >>> from degeneracy.accounting import DegeneracyReport, SourceRow
+    >>> rows = [SourceRow("fc1", "activation rank", 8), SourceRow("fc1", "jacobian rank", 2, True)]
+    >>> report = DegeneracyReport(rows, 20, 20, 0.0, False, "mse", 10)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_sources(report, Path(folder) / "sources.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
+    """
     plt = _pyplot()
     rows = [r for r in report.rows if r.count != 0]
     labels = [f"{r.layer} · {r.source}" for r in rows]

@@ -13,7 +13,18 @@ __all__ = ["plot_spectra"]
 
 def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
     """One panel per node layer: the retained eigenvalues of each basis, normalised to the largest,
-    on a log scale (the constant direction, when present, is left out)."""
+    on a log scale (the constant direction, when present, is left out).
+
+    >>> import tempfile, torch, degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> bases = {m: degeneracy.interaction_basis(model, x, ["2", "output"], method=m, progress=False)
+    ...          for m in ("lib", "pca")}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_spectra(bases, Path(folder) / "spectra.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
+    """
     plt = pyplot()
     first = next(iter(bases.values()))
     names = first.names

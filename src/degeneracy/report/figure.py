@@ -9,7 +9,12 @@ __all__ = ["pyplot", "save_figure"]
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    """``matplotlib.pyplot`` on the Agg backend (no display needed).
+
+    >>> plt = pyplot()
+    >>> plt.get_backend().lower()
+    'agg'
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -19,7 +24,15 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 120, close: bool = True, **kwargs: Any) -> Path:
-    """Write ``fig`` to ``path`` (parent folders created) and close it unless ``close=False``."""
+    """Write ``fig`` to ``path`` (parent folders created) and close it unless ``close=False``.
+
+    >>> import tempfile
+    >>> fig, ax = pyplot().subplots(figsize=(2, 2))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_figure(fig, Path(folder) / "new" / "plot.png")
+    ...     path.name, path.stat().st_size > 0, pyplot().fignum_exists(fig.number)
+    ('plot.png', True, False)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, **kwargs)

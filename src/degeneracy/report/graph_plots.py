@@ -49,6 +49,17 @@ def plot_interaction_graph(
     importance Λ; isolated nodes follow, small and faint.
     The ``max_edges_per_pair`` strongest edges (by s) of each layer pair are drawn, coloured by their
     module when both ends share one, grey otherwise. Constant directions are drawn as grey squares.
+
+    >>> import tempfile, degeneracy
+    >>> from degeneracy.modules import find_modules
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> B = degeneracy.interaction_basis(model, x, ["2", "output"], progress=False)
+    >>> G = degeneracy.interaction_graph(model, x, B, progress=False)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_interaction_graph(G, find_modules(G, epsilon=1e-3), Path(folder) / "graph.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
     """
     from degeneracy.modules import log_strengths
 
@@ -120,7 +131,20 @@ def plot_interaction_graph(
 
 def plot_node_ablation(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
     """``curves[method][layer]`` = :class:`~degeneracy.ablation.NodeAblationCurve`: accuracy (top)
-    and loss (bottom) against the number of features kept, one column per layer."""
+    and loss (bottom) against the number of features kept, one column per layer.
+
+    >>> import tempfile
+    >>> from degeneracy.ablation import NodeAblationCurve
+    >>> curves = {  # as node_ablation_curve returns them, for a LIB and a PCA basis of layer "fc1"
+    ...     "lib": {"fc1": NodeAblationCurve("fc1", "lib", "eigenvalues", 3, [0, 1, 3], [0.5, 0.9, 1.0],
+    ...                                      [1.0, 0.2, 0.01], 1.0, 0.01)},
+    ...     "pca": {"fc1": NodeAblationCurve("fc1", "pca", "eigenvalues", 3, [0, 1, 3], [0.5, 0.6, 1.0],
+    ...                                      [1.0, 0.7, 0.01], 1.0, 0.01)}}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_node_ablation(curves, Path(folder) / "nodes.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
+    """
     plt = _pyplot()
     methods = list(curves)
     layers = list(next(iter(curves.values())))
@@ -147,7 +171,18 @@ def plot_node_ablation(curves: Mapping[str, Mapping[str, Any]], path: str | Path
 
 def plot_edge_ablation(results: Mapping[str, Mapping[tuple[str, str], Any]], path: str | Path) -> Path:
     """``results[method][pair]`` = :class:`~degeneracy.ablation.EdgeAblationResult`: the evaluated
-    bisection points (accuracy against edges kept, log scale) with the answer marked."""
+    bisection points (accuracy against edges kept, log scale) with the answer marked.
+
+    >>> import tempfile
+    >>> from degeneracy.ablation import EdgeAblationResult
+    >>> r = EdgeAblationResult(("1", "2"), "lib", num_edges=4, num_needed=1, threshold=0.5, delta=0.1,
+    ...                        base_accuracy=1.0, target=0.9, evaluations={0: 0.5, 1: 0.95, 4: 1.0},
+    ...                        losses={0: 1.0, 1: 0.1, 4: 0.0})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_edge_ablation({"lib": {("1", "2"): r}}, Path(folder) / "edges.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
+    """
     plt = _pyplot()
     methods = list(results)
     pairs = list(next(iter(results.values())))
@@ -172,7 +207,17 @@ def plot_edge_ablation(results: Mapping[str, Mapping[tuple[str, str], Any]], pat
 
 
 def plot_frequency_modules(rows: Sequence[Any], path: str | Path, *, title: str | None = None) -> Path:
-    """Heat map: features of each module (rows) at each Fourier frequency (columns)."""
+    """Heat map: features of each module (rows) at each Fourier frequency (columns).
+
+    >>> import tempfile
+    >>> from degeneracy.fourier import FrequencyModuleRow
+    >>> rows = [FrequencyModuleRow(0, {"mlp": 2}, {3: 2}, 3, 1.0),  # module 0: two features at k = 3
+    ...         FrequencyModuleRow(1, {"mlp": 3}, {1: 2, 5: 1}, 1, 2 / 3)]
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = plot_frequency_modules(rows, Path(folder) / "frequencies.png")
+    ...     path.suffix, path.stat().st_size > 0
+    ('.png', True)
+    """
     plt = _pyplot()
     freqs = sorted({k for r in rows for k in r.frequencies})
     mat = torch.zeros(len(rows), max(1, len(freqs)))

@@ -37,7 +37,18 @@ def plot_loss_traces(
     """Excess loss nβ (L − L*) of every chain against the SGLD step, burn-in included (shaded).
 
     At equilibrium the traces fluctuate around λ̂ (dashed line); excluded chains are drawn dotted, in
-    grey. Returns the matplotlib figure (saved to ``path`` when given)."""
+    grey. Returns the matplotlib figure (saved to ``path`` when given).
+
+    >>> import tempfile
+    >>> from degeneracy.llc import sample_sgld
+    >>> result = sample_sgld(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64), nbeta=100.0,
+    ...                      step_size=1e-3, num_chains=2, num_draws=20, warn=False)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fig = plot_loss_traces(result, Path(folder) / "traces.png")
+    ...     (Path(folder) / "traces.png").stat().st_size > 0, len(fig.axes[0].get_lines())  # 2 chains + λ̂
+    (True, 3)
+    >>> pyplot().close(fig)
+    """
     fig, ax = _figure(ax, (7.0, 3.6))
     nbeta, init = result.nbeta, result.init_loss
     burn = result.burnin_traces.shape[1]
@@ -92,6 +103,18 @@ def plot_llc_curve(
         curves: one result or a ``{label: result}`` mapping of LLCCurve / EffectiveParameterCount /
             VolumeResult objects.
         references: horizontal lines, e.g. ``{"N (parameters)": 3466, "Hessian rank": 1200}``.
+
+    Returns the matplotlib figure (saved to ``path`` when given).
+
+    >>> import tempfile
+    >>> from degeneracy.llc import sgld_llc_curve
+    >>> curve = sgld_llc_curve(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64),
+    ...                        nbetas=[10.0, 100.0], num_chains=2, num_draws=20, warn=False)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     fig = plot_llc_curve({"quadratic": curve}, Path(folder) / "curve.png", references={"N": 1.0})
+    ...     (Path(folder) / "curve.png").stat().st_size > 0, fig.axes[0].get_xscale()
+    (True, 'log')
+    >>> pyplot().close(fig)
     """
     fig, ax = _figure(ax, (6.0, 4.0))
     items = curves.items() if isinstance(curves, Mapping) else [(None, curves)]

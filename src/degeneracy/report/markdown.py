@@ -31,7 +31,20 @@ def _is_scalar(value: Any) -> bool:
 
 def markdown(result: Mapping[str, Any], level: int = 3) -> list[str]:
     """A stage's result dict as markdown: scalars in a two-column table, a dict of dicts of scalars as
-    one table (its keys as columns), anything deeper under its own heading."""
+    one table (its keys as columns), anything deeper under its own heading.
+
+    >>> print("\\n".join(markdown({"accuracy": 0.98, "kept": {"lib": {"fc1": 3}, "pca": {"fc1": 5}}})))
+    | | |
+    |---|---|
+    | accuracy | 0.98 |
+    <BLANKLINE>
+    **kept**
+    <BLANKLINE>
+    | | lib | pca |
+    |---|---|---|
+    | fc1 | 3 | 5 |
+    <BLANKLINE>
+    """
     lines: list[str] = []
     scalars = {k: v for k, v in result.items() if _is_scalar(v)}
     lengths = [len(v) for v in scalars.values() if isinstance(v, list | tuple) and len(v) > 1]
@@ -70,7 +83,26 @@ def markdown(result: Mapping[str, Any], level: int = 3) -> list[str]:
 
 
 def graph_report_markdown(summary: Mapping[str, Any], tables: Mapping[str, Any] | None = None) -> str:
-    """The sparsity, edges-needed, module and frequency/module tables as markdown."""
+    """The sparsity, edges-needed, module and frequency/module tables as markdown.
+
+    >>> modules = {"num_modules": 2, "sizes": [3, 2], "modularity": 0.41, "inter_module_strength": 1.5}
+    >>> needed, total = {"lib": {"1 → 2": 3}}, {"lib": {"1 → 2": 12}}
+    >>> summary = {"edges_needed": needed, "edges_total": total, "modules": {"lib": modules}}
+    >>> print(graph_report_markdown(summary))
+    # Interaction graph report
+    <BLANKLINE>
+    ## Edges needed (accuracy within δ of the model)
+    <BLANKLINE>
+    | layer pair | lib |
+    |---|---|
+    | 1 → 2 | 3 of 12 |
+    <BLANKLINE>
+    ## Modules (lib)
+    <BLANKLINE>
+    2 modules, sizes [3, 2], modularity Q = 0.4100, inter-module Σ s = 1.5
+    <BLANKLINE>
+    <BLANKLINE>
+    """
     lines = ["# Interaction graph report", ""]
     sp = summary.get("sparsity", {})
     if sp:

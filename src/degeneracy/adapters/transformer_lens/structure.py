@@ -121,6 +121,18 @@ def describe_hooked_transformer(model: nn.Module, layout: ParamLayout | None = N
     Covers standard positional embeddings, attention with or without parameter-free normalisation
     (LayerNorm weights, if any, are not covered), ReLU MLPs (other activations: no neuron layer).
     Weight indices refer to ``layout`` (default: all of ``model.named_parameters()``).
+
+    >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+    >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=5, n_ctx=3,
+    ...                               act_fn="relu", normalization_type=None, seed=0)
+    >>> layout = describe_hooked_transformer(HookedTransformer(cfg, move_to_device=False))
+    >>> [site["name"] for site in layout.linear_maps]  # doctest: +NORMALIZE_WHITESPACE
+    ['embed', 'blocks.0.attn.W_Q', 'blocks.0.attn.W_K', 'blocks.0.attn.W_V', 'blocks.0.attn.W_O',
+     'blocks.0.mlp.W_in', 'blocks.0.mlp.W_out', 'unembed']
+    >>> [n["name"] for n in layout.neuron_layers], [a.name for a in layout.attention_layers]
+    (['blocks.0.mlp.hook_pre'], ['blocks.0.attn'])
+    >>> layout.linear_maps[0]["weight_index"].shape  # embed: d_model × (d_vocab + n_ctx), W_E and W_pos
+    torch.Size([8, 8])
     """
     cfg = model.cfg
     layout = layout or ParamLayout.of_model(model)
