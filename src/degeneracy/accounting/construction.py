@@ -264,7 +264,7 @@ def sparsify(
         if site.has_bias:
             f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64)], dim=1)
         d_aug = f.shape[1]
-        gram_top = float(eigh_descending(f.T @ f / f.shape[0]).values[0])
+        gram_top = float(eigh_descending(f.T @ f / f.shape[0], one_thread_if_small=True).values[0])
         threshold = max(epsilon, gram_floor(gram_top, d_aug, f.shape[0], dtype))
         basis = _pivoted_basis(f, threshold, d_aug - 1 if site.has_bias else None)
         others = [j for j in range(d_aug) if j not in basis]

@@ -259,6 +259,6 @@ def union_rank(matrices: list[Tensor], *, rtol: float = 1e-9) -> int:
     if stacked.shape[0] == 0:
         return 0
     small = stacked @ stacked.T if stacked.shape[0] <= stacked.shape[1] else stacked.T @ stacked
-    values = eigh_descending(small).values
+    values = eigh_descending(small, one_thread_if_small=True).values
     top = float(values.max())
     return int((values > top * max(rtol, small.shape[0] * float(torch.finfo(torch.float64).eps))).sum())

@@ -127,7 +127,7 @@ def gram_rank(
         rank = int(value > threshold and value > 0)
         one = torch.ones(1, 1, dtype=torch.float64)
         return RankInfo(1, rank, threshold, torch.tensor([value], dtype=torch.float64), one[:, rank:].T)
-    eig = eigh_descending(gram)
+    eig = eigh_descending(gram, one_thread_if_small=True)
     values, vectors = eig.values, eig.vectors
     top = max(float(values[0]), 0.0)
     threshold = max(epsilon * top if relative else epsilon, gram_floor(top, dim, num_samples, src_dtype))

@@ -70,18 +70,21 @@ and on an oversubscribed machine a multi-threaded eigensolver on a 128 × 128 ma
 (threads spin at barriers while descheduled)."""
 
 
-def eigh_descending(matrix: Float[Tensor, "d d"]) -> Eigh:
+def eigh_descending(matrix: Float[Tensor, "d d"], *, one_thread_if_small: bool = False) -> Eigh:
     """Symmetric eigendecomposition in float64, eigenvalues descending (the package's one eigh).
 
     The input is symmetrised first, so that accumulated round-off cannot make ``eigh`` read only one
-    triangle of a slightly asymmetric matrix; matrices up to ``SINGLE_THREAD_EIGH`` run on one thread.
+    triangle of a slightly asymmetric matrix. With ``one_thread_if_small``, matrices up to
+    ``SINGLE_THREAD_EIGH`` run on one intra-op thread (the many small decompositions of the accounting
+    and of Krylov methods); otherwise torch's thread setting is used (the bases: LAPACK's round-off
+    depends on the thread count, and it decides directions at an absolute truncation threshold).
 
     >>> eigh_descending(torch.diag(torch.tensor([1.0, 3.0, 2.0]))).values.tolist()
     [3.0, 2.0, 1.0]
     """
     m = matrix.to(torch.float64)
     m = 0.5 * (m + m.T)
-    with intra_op_threads(1 if m.shape[-1] <= SINGLE_THREAD_EIGH else None):
+    with intra_op_threads(1 if one_thread_if_small and m.shape[-1] <= SINGLE_THREAD_EIGH else None):
         values, vectors = torch.linalg.eigh(m)
     return Eigh(values.flip(0), vectors.flip(1))
 

@@ -166,12 +166,12 @@ def lanczos_top(
         m = alphas.numel()
         if m < k or ((m - k) % 5 and m < max_iter):
             return False
-        eig = eigh_descending(tridiagonal(alphas, betas))
+        eig = eigh_descending(tridiagonal(alphas, betas), one_thread_if_small=True)
         state["residuals"] = (beta_m * eig.vectors[-1, :k]).abs()
         return bool((state["residuals"] <= tol * max(float(eig.values[0]), 1e-300)).all())
 
     alphas, betas = lanczos_tridiagonal(matvec, start, max_iter, generator=generator, stop=stop)
-    top = eigh_descending(tridiagonal(alphas, betas)).values[:k].clamp_min(0.0)
+    top = eigh_descending(tridiagonal(alphas, betas), one_thread_if_small=True).values[:k].clamp_min(0.0)
     residuals = state.get("residuals", torch.full((k,), float("nan"), dtype=torch.float64))
     top, _ = _pad(top, residuals, k)
     return top, residuals, int(alphas.numel())
@@ -225,7 +225,7 @@ def block_krylov_top(
         q = basis[:m]
         for _ in range(2):
             w = w - (w @ q.T) @ q
-        eig = eigh_descending(t[:m, :m])  # symmetrised inside
+        eig = eigh_descending(t[:m, :m], one_thread_if_small=True)  # symmetrised inside
         values = eig.values
         next_block, r = torch.linalg.qr(w.T)
         scale = max(float(values[0]), 1e-300)
@@ -254,7 +254,7 @@ def _rademacher(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 
 def _quadrature(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
     """Gauss quadrature of a Lanczos run: nodes θ_j (ascending, clamped at 0) and weights τ_j = y_j[0]²."""
-    eig = eigh_descending(tridiagonal(alphas, betas))
+    eig = eigh_descending(tridiagonal(alphas, betas), one_thread_if_small=True)
     return eig.values.flip(0).clamp_min(0.0), eig.vectors[0].flip(0).pow(2)
 
 
