@@ -274,3 +274,14 @@ def test_old_import_paths_still_work() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert degeneracy.accounting.rank_at(torch.tensor([1.0, 0.0])) == 1
+
+
+def test_old_callers_of_hessian_spectrum_still_read_eigenvalues(planted) -> None:
+    """``hessian_spectrum`` returned the eigenvalue tensor before it returned a ``HessianSpectrum``:
+    indexing still works, and tensor methods warn and act on ``.eigenvalues``."""
+    model, x = planted
+    spectrum = degeneracy.hessian_spectrum(model, x, method="exact")
+    assert torch.equal(spectrum[:3], spectrum.eigenvalues[:3])
+    with pytest.warns(DeprecationWarning, match="eigenvalues"):
+        total = spectrum.sum()
+    assert torch.equal(total, spectrum.eigenvalues.sum())

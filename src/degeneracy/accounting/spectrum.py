@@ -18,6 +18,7 @@ with ``"result": "hessian_spectrum"`` checked on load.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,28 @@ class HessianSpectrum:
 
     def __len__(self) -> int:
         return int(self.eigenvalues.numel())
+
+    def __getitem__(self, index: Any) -> Tensor:
+        """``spectrum[i]``: the eigenvalues (``hessian_spectrum`` returned them as a bare tensor before;
+        indexing still works, other tensor methods warn, see :meth:`__getattr__`).
+
+        >>> HessianSpectrum(torch.tensor([3.0, 1.0]), 2, "exact", "mse", 4, 0.0)[0].item()
+        3.0
+        """
+        return self.eigenvalues[index]
+
+    def __getattr__(self, name: str) -> Any:
+        """Tensor methods and attributes (``.sum()``, ``.shape``, ``.tolist()``, ...) of the eigenvalues,
+        with a ``DeprecationWarning``: ``hessian_spectrum`` returned the eigenvalue tensor before it
+        returned this object; use ``.eigenvalues``."""
+        if name.startswith("_") or name == "eigenvalues" or not hasattr(Tensor, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(
+            f"hessian_spectrum now returns a HessianSpectrum; use .eigenvalues.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self.eigenvalues, name)
 
     def __repr__(self) -> str:
         top = float(self.eigenvalues[0]) if self.eigenvalues.numel() else 0.0
