@@ -32,6 +32,7 @@ _EXPORTS = {
     "node_ablation_curves": "degeneracy.ablation",
     "edge_ablation": "degeneracy.ablation",
     "find_modules": "degeneracy.modules",
+    "load_modules": "degeneracy.modules",
     "fourier_labels": "degeneracy.fourier",
     "sparsify": "degeneracy.accounting",
     "behavioral_loss": "degeneracy.accounting",

@@ -14,7 +14,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["atomic_write_text", "save_tensors", "load_tensors", "ResultFileError"]
+__all__ = [
+    "atomic_write_text",
+    "save_tensors",
+    "load_tensors",
+    "save_json",
+    "load_json",
+    "JsonResult",
+    "ResultFileError",
+]
 
 _META_KEY = "degeneracy"
 
@@ -114,3 +122,83 @@ def load_tensors(
     if missing:
         raise ResultFileError(f"{path}: incomplete {kind} file, missing tensors {missing}")
     return {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in tensors.items()}, meta
+
+
+def save_json(path: str | Path, kind: str, payload: Mapping[str, Any]) -> Path:
+    """Write ``{"result": kind, **payload}`` as JSON atomically; returns the path.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     load_json(save_json(Path(folder) / "r.json", "example", {"value": 1}), kind="example")
+    {'value': 1}
+    """
+    path = Path(path)
+    atomic_write_text(path, json.dumps({"result": kind, **payload}, indent=2))
+    return path
+
+
+def load_json(path: str | Path, *, kind: str) -> dict[str, Any]:
+    """The payload of a file written by :func:`save_json`, its kind checked (files written before the
+    kind was stored load too); :class:`ResultFileError` for a missing, unreadable or foreign file.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_json(Path(folder) / "r.json", "graph", {})
+    ...     try:
+    ...         load_json(path, kind="basis")
+    ...     except ResultFileError as err:
+    ...         print(str(err).split(": ", 1)[1])
+    holds a 'graph' result, expected 'basis'
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ResultFileError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultFileError(f"{path}: not a readable degeneracy {kind} file ({err})") from err
+    if not isinstance(data, dict):
+        raise ResultFileError(f"{path}: not a degeneracy {kind} file (a JSON object was expected)")
+    found = data.pop("result", kind)
+    if found != kind:
+        raise ResultFileError(f"{path}: holds a {found!r} result, expected {kind!r}")
+    return data
+
+
+class JsonResult:
+    """Results kept in one JSON file: a subclass sets ``KIND`` and defines ``to_dict()`` and the
+    classmethod ``from_dict(d)``; ``save(path)`` and ``load(path)`` follow (kind checked).
+
+    >>> import tempfile
+    >>> class Count(JsonResult):
+    ...     KIND = "count"
+    ...     def __init__(self, n): self.n = n
+    ...     def to_dict(self): return {"n": self.n}
+    ...     @classmethod
+    ...     def from_dict(cls, d): return cls(d["n"])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     Count.load(Count(3).save(Path(folder) / "c.json")).n
+    3
+    """
+
+    KIND: str
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON atomically (temporary file + ``os.replace``); returns the path."""
+        return save_json(path, self.KIND, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        """Read a result written by :meth:`save` (:class:`ResultFileError` for another kind of file)."""
+        data = load_json(path, kind=cls.KIND)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ResultFileError(f"{path}: incomplete degeneracy {cls.KIND} file ({err})") from err

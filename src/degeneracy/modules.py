@@ -31,14 +31,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.io import JsonResult
 
-__all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules"]
+__all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules", "load_modules"]
 
 Node = tuple[str, int]
 Pair = tuple[str, str]
@@ -104,7 +106,7 @@ def resolve_epsilon(
 
 @renamed_fields(n_modules="num_modules")
 @dataclass(frozen=True)
-class Modules:
+class Modules(JsonResult):
     """A partition of the features of an interaction graph into modules.
 
     Attributes:
@@ -129,6 +131,8 @@ class Modules:
     (True, ['1', '2', 'output'])
     """
 
+    KIND: ClassVar[str] = "modules"
+
     labels: dict[Node, int]
     modules: list[list[Node]]
     epsilon: dict[Pair, float]
@@ -145,6 +149,31 @@ class Modules:
         """How many modules there are (``n_modules`` is its former, deprecated name)."""
         return len(self.modules)
 
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Modules:
+        """The partition :meth:`to_dict` described (labels rebuilt from the members; the constant nodes,
+        which ``to_dict`` leaves out, are left empty). ``save``/``load`` write and read it as JSON.
+
+        >>> saved = {"modules": [[["fc1", 0], ["fc2", 1]], [["fc1", 1]]], "epsilon": {"fc1->fc2": 0.1},
+        ...          "inter_module_strength": 0.0, "intra_module_strength": 2.0, "modularity": 0.5,
+        ...          "resolution": 1.0, "seed": 0}
+        >>> found = Modules.from_dict(saved)
+        >>> found.num_modules, found.labels[("fc2", 1)], found.epsilon
+        (2, 0, {('fc1', 'fc2'): 0.1})
+        """
+        members = [[(str(name), int(i)) for name, i in module] for module in d["modules"]]
+        return cls(
+            labels={node: k for k, module in enumerate(members) for node in module},
+            modules=members,
+            epsilon={tuple(key.split("->", 1)): float(e) for key, e in d["epsilon"].items()},
+            inter_module_strength=float(d["inter_module_strength"]),
+            intra_module_strength=float(d["intra_module_strength"]),
+            modularity=float(d["modularity"]),
+            resolution=float(d["resolution"]),
+            seed=int(d["seed"]),
+            isolated=[(str(name), int(i)) for name, i in d.get("isolated", [])],
+        )
 
     def layer_labels(self, layer: str) -> dict[int, int]:
         """``feature_index -> module id`` of one node layer."""
@@ -319,3 +348,15 @@ def find_modules(
         constant_nodes,
         [nodes[i] for i in isolated],
     )
+
+
+def load_modules(path: str | Path) -> Modules:
+    """Read modules written by :meth:`Modules.save` (same as ``Modules.load``; the kind is checked).
+
+    >>> import tempfile
+    >>> M = Modules({("fc1", 1): 0}, [[("fc1", 1)]], {("fc1", "fc2"): 0.1}, 0.0, 1.0, 0.0, 1.0, 0)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     load_modules(M.save(Path(folder) / "modules.json")).modules
+    [[('fc1', 1)]]
+    """
+    return Modules.load(path)

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -41,14 +41,14 @@ from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
-from degeneracy.io import ResultFileError, atomic_write_text
+from degeneracy.io import JsonResult
 from degeneracy.run import ForwardFn, ModelRun
 
 __all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "load_degeneracy_report", "curvature_checks"]
 
 
 @dataclass
-class DegeneracyReport:
+class DegeneracyReport(JsonResult):
     """Sources and counts of free directions at noise scale ε, beside N and the Hessian nullity.
 
     Attributes:
@@ -68,6 +68,8 @@ class DegeneracyReport:
     >>> DegeneracyReport.from_dict(json.loads(report.to_json())).rows[0].count
     8
     """
+
+    KIND: ClassVar[str] = "degeneracy_report"
 
     rows: list[SourceRow]
     num_parameters: int
@@ -174,28 +176,8 @@ class DegeneracyReport:
         fields = {k: v for k, v in d.items() if k not in ("rows", "total")}
         return cls(rows=rows, **fields)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the JSON atomically (temporary file + ``os.replace``); returns the path."""
-        path = Path(path)
-        atomic_write_text(path, json.dumps({"result": REPORT_KIND, **self.to_dict()}, indent=2))
-        return path
 
-    @classmethod
-    def load(cls, path: str | Path) -> DegeneracyReport:
-        """Read a report written by :meth:`save` (the file's kind is checked; files from before the
-        kind was stored load too)."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-            kind = d.pop("result", REPORT_KIND) if isinstance(d, dict) else None
-            if kind != REPORT_KIND:
-                raise ResultFileError(f"{path}: holds a {kind!r} result, expected {REPORT_KIND!r}")
-            return cls.from_dict(d)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ResultFileError(f"{path}: not a readable degeneracy report ({err})") from err
-
-
-REPORT_KIND = "degeneracy_report"
+REPORT_KIND = DegeneracyReport.KIND
 
 
 def load_degeneracy_report(path: str | Path) -> DegeneracyReport:

@@ -17,17 +17,16 @@ with ``"result": "hessian_spectrum"`` checked on load.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from degeneracy.io import ResultFileError, atomic_write_text
+from degeneracy.io import JsonResult, ResultFileError
 from degeneracy.linalg import slq_rank
 
 __all__ = ["HessianSpectrum", "load_hessian_spectrum", "RESULT"]
@@ -37,7 +36,7 @@ RESULT = "hessian_spectrum"
 
 
 @dataclass(repr=False)
-class HessianSpectrum:
+class HessianSpectrum(JsonResult):
     """The spectrum of the behavioral-loss Hessian at θ* (float64, descending).
 
     Attributes:
@@ -59,6 +58,8 @@ class HessianSpectrum:
     >>> spectrum
     HessianSpectrum(exact, mse, N=2, n=5, 2 eigenvalues, largest 2, rank 1 above the floor 0)
     """
+
+    KIND: ClassVar[str] = RESULT
 
     eigenvalues: Float[Tensor, " k"]
     num_parameters: int
@@ -238,36 +239,6 @@ class HessianSpectrum:
             timings=dict(d.get("timings", {})),
             config=dict(d.get("config", {})),
         )
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (temporary file + ``os.replace``); returns the path.
-
-        >>> import tempfile, pathlib
-        >>> s = HessianSpectrum(torch.ones(1, dtype=torch.float64), 1, "exact", "mse", 1, 0.0)
-        >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     HessianSpectrum.load(s.save(pathlib.Path(tmp) / "h.json")).eigenvalues.tolist()
-        [1.0]
-        """
-        path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> HessianSpectrum:
-        """Read a spectrum written by :meth:`save` (``ResultFileError`` for another kind of file)."""
-        path = Path(path)
-        if not path.exists():
-            raise ResultFileError(f"{path}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ResultFileError(f"{path}: not a readable degeneracy {RESULT} file ({err})") from err
-        if not isinstance(data, dict):
-            raise ResultFileError(f"{path}: not a degeneracy {RESULT} file")
-        try:
-            return cls.from_dict(data)
-        except ResultFileError as err:
-            raise ResultFileError(f"{path}: {err}") from err
 
 
 def load_hessian_spectrum(path: str | Path) -> HessianSpectrum:

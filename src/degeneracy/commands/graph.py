@@ -170,30 +170,16 @@ def edge_results_from_json(payload: list[Mapping[str, Any]]) -> dict[tuple[str, 
 
 
 def modules_from_json(payload: Mapping[str, Any]) -> Any:
-    """A :class:`~degeneracy.modules.Modules` from its saved ``to_dict()`` (labels rebuilt from the
-    members; the constant nodes, which ``to_dict`` leaves out, are left empty).
+    """A :class:`~degeneracy.modules.Modules` from its saved ``to_dict()`` (:meth:`Modules.from_dict`).
 
-    >>> saved = {"modules": [[["fc1", 0], ["fc2", 1]], [["fc1", 1]]], "epsilon": {"fc1->fc2": 0.1},
-    ...          "inter_module_strength": 0.0, "intra_module_strength": 2.0, "modularity": 0.5,
-    ...          "resolution": 1.0, "seed": 0}
-    >>> found = modules_from_json(saved)
-    >>> found.num_modules, found.labels[("fc2", 1)], found.epsilon
-    (2, 0, {('fc1', 'fc2'): 0.1})
+    >>> modules_from_json({"modules": [[["fc1", 0]]], "epsilon": {}, "inter_module_strength": 0.0,
+    ...                    "intra_module_strength": 0.0, "modularity": 0.0, "resolution": 1.0,
+    ...                    "seed": 0}).num_modules
+    1
     """
     from degeneracy.modules import Modules
 
-    members = [[(str(name), int(i)) for name, i in module] for module in payload["modules"]]
-    return Modules(
-        labels={node: k for k, module in enumerate(members) for node in module},
-        modules=members,
-        epsilon={tuple(key.split("->", 1)): float(e) for key, e in payload["epsilon"].items()},
-        inter_module_strength=float(payload["inter_module_strength"]),
-        intra_module_strength=float(payload["intra_module_strength"]),
-        modularity=float(payload["modularity"]),
-        resolution=float(payload["resolution"]),
-        seed=int(payload["seed"]),
-        isolated=[(str(name), int(i)) for name, i in payload.get("isolated", [])],
-    )
+    return Modules.from_dict(payload)
 
 
 def _json_file(out: Path, relative: str, dump: Callable[[Any], Any], read: Callable[[Any], Any]) -> Any:
