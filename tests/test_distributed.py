@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         basis = degeneracy.interaction_basis(model, x, LAYERS, batch_size=16, progress=False)
         if rank == 0:
             basis.save(os.path.join(out_dir, "dist.safetensors"))
+        dist.barrier()  # both ranks leave together: a rank exiting while gloo still talks to it aborts
     finally:
         dist.destroy_process_group()
 
