@@ -229,3 +229,20 @@ def test_graph_reuses_bases_only_when_their_config_matches(tmp_path) -> None:
     assert changed.exit_code == 0, changed.output
     assert "[basis.lib] recomputing: its config changed (options.gram_threshold)" in changed.output
     assert "[edges.lib] recomputing: its config changed (basis.options.gram_threshold)" in changed.output
+
+
+@pytest.mark.parametrize(
+    ("command", "field"),
+    [("basis", "methods"), ("graph", "ablation"), ("degeneracy", "hessian_k"), ("llc", "epsilons")],
+)
+def test_command_help_lists_the_config_fields(command: str, field: str) -> None:
+    """``degeneracy COMMAND --help`` names the config class and its fields (and shows no doctest)."""
+    from typer.testing import CliRunner
+
+    from degeneracy.commands import app
+
+    result = CliRunner().invoke(app, [command, "--help"])
+    text = " ".join(result.output.split())  # the help is wrapped to the terminal
+    assert result.exit_code == 0
+    assert "Config fields (" in text and f"{field} (" in text
+    assert ">>>" not in text

@@ -13,9 +13,15 @@ from :mod:`degeneracy.report`, which takes results only.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import typer
+from pydantic import BaseModel
 
 from degeneracy.commands.basis import basis_command
+from degeneracy.commands.config import BasisRunConfig, DegeneracyRunConfig, GraphRunConfig, LLCRunConfig
 from degeneracy.commands.degeneracy import degeneracy_command
 from degeneracy.commands.demo import demo_command
 from degeneracy.commands.graph import graph_command
@@ -29,9 +35,41 @@ HELP = (
     "finished with the same config; --force redoes them."
 )
 
+
+def command_help(command: Callable[..., Any], config: type[BaseModel] | None = None) -> str:
+    """A command's ``--help`` text: its docstring up to the examples, then the fields its YAML config
+    takes (each with its type and default).
+
+    >>> text = command_help(basis_command, BasisRunConfig)
+    >>> ">>>" in text, "methods" in text
+    (False, True)
+    """
+    doc = inspect.getdoc(command) or ""
+    text = doc.split(">>>", 1)[0].strip()
+    if config is not None:
+        fields = []
+        for name, info in config.model_fields.items():
+            annotation = info.annotation
+            plain = getattr(annotation, "__args__", None) is None and hasattr(annotation, "__name__")
+            kind = annotation.__name__ if plain else str(annotation).replace("typing.", "")
+            default = (
+                "required"
+                if info.is_required()
+                else f"default {info.get_default(call_default_factory=True)!r}"
+            )
+            fields.append(f"{name} ({kind}; {default})")
+        text += (
+            f"\n\nConfig fields ({config.__name__}; unknown fields are errors): " + ", ".join(fields) + "."
+        )
+    return text
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
-app.command("demo")(demo_command)
-app.command("basis")(basis_command)
-app.command("graph")(graph_command)
-app.command("degeneracy")(degeneracy_command)
-app.command("llc")(llc_command)
+for _name, _command, _config in (
+    ("demo", demo_command, None),
+    ("basis", basis_command, BasisRunConfig),
+    ("graph", graph_command, GraphRunConfig),
+    ("degeneracy", degeneracy_command, DegeneracyRunConfig),
+    ("llc", llc_command, LLCRunConfig),
+):
+    app.command(_name, help=command_help(_command, _config))(_command)

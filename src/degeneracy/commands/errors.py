@@ -15,7 +15,7 @@ __all__ = ["USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_er
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
 
 ConfigArgument = Annotated[
-    Path, typer.Argument(help="YAML config of the run (its fields: see the command's config class)")
+    Path, typer.Argument(help="YAML config of the run (its fields are listed above)")
 ]
 """The CONFIG argument of the ``basis``, ``graph``, ``degeneracy`` and ``llc`` commands."""
 

@@ -239,7 +239,7 @@ def llc_command(
     >>> from typer.testing import CliRunner
     >>> from degeneracy.commands import app
     >>> result = CliRunner().invoke(app, ["llc", "--help"])
-    >>> result.exit_code, "CONFIG" in result.output, "--force" in result.output
+    >>> result.exit_code, "Config fields (LLCRunConfig" in result.output, "--force" in result.output
     (0, True, True)
     """
     with user_errors():
