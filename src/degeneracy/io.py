@@ -1,7 +1,13 @@
-"""Atomic, pickle-free result files: tensors in safetensors, everything else as JSON metadata."""
+"""Atomic, pickle-free result files: tensors in safetensors, everything else as JSON metadata.
+
+Files are written to a temporary file and moved into place (never half-written), get the permissions
+the umask gives a new file, and a tensor file carries a SHA-256 checksum of its tensors and metadata,
+so that a damaged file is refused on load instead of read as wrong numbers.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +31,7 @@ __all__ = [
 ]
 
 _META_KEY = "degeneracy"
+_CHECKSUM_KEY = "degeneracy_sha256"
 
 
 class ResultFileError(ValueError):
@@ -38,12 +45,19 @@ class ResultFileError(ValueError):
     """
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,8 +98,19 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], meta: Mapping[
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         payload[k] = t
-    header = {_META_KEY: json.dumps(meta)}
+    text = json.dumps(meta)
+    header = {_META_KEY: text, _CHECKSUM_KEY: _checksum(payload, text)}
     _atomic(Path(path), lambda tmp: save_file(payload, tmp, metadata=header))
+
+
+def _checksum(tensors: Mapping[str, Tensor], meta_text: str) -> str:
+    """SHA-256 of the metadata text and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(meta_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_tensors(
@@ -116,6 +141,12 @@ def load_tensors(
         meta = json.loads(header[_META_KEY])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
         raise ResultFileError(f"{path}: not a readable degeneracy {kind} file ({err})") from err
+    stored = header.get(_CHECKSUM_KEY)  # files written before checksums were stored have none
+    if stored is not None and stored != _checksum(tensors, header[_META_KEY]):
+        raise ResultFileError(
+            f"{path}: damaged {kind} file: its tensors or metadata do not match the checksum written with "
+            "them; recompute it (a rerun of the command recomputes a damaged stage)"
+        )
     if meta.get("kind") != kind:
         raise ResultFileError(f"{path}: holds a {meta.get('kind')!r} result, expected {kind!r}")
     missing = [k for k in required if k not in tensors]
