@@ -435,3 +435,12 @@ def test_run_degeneracy_on_a_transformer_uses_the_last_token_forward(tmp_path) -
     assert "section4" not in summary  # the Section 4 construction is for chains of linear layers
     report = DegeneracyReport.load(tmp_path / "degeneracy_report.json")
     assert report.hessian_method == "lanczos" and report.hessian_stderr is not None
+
+
+@pytest.mark.parametrize(("epsilon", "relative"), [(-1.0, False), (float("nan"), False), (1.5, True)])
+def test_bad_epsilon_is_a_clear_error_before_any_pass(planted, epsilon, relative) -> None:
+    model, x = planted
+    with pytest.raises(ValueError, match="epsilon"):
+        degeneracy.degeneracy_report(model, x, epsilon=epsilon, relative=relative, hessian=None)
+    with pytest.raises(ValueError, match="epsilon"):
+        degeneracy.synchronized_blocks(model, x, "act1", epsilon=epsilon, relative=relative)

@@ -229,3 +229,11 @@ def test_bad_options(tanh_mlp, inputs, unchecked) -> None:
         degeneracy.interaction_basis(tanh_mlp, inputs, LAYERS, method="ica", progress=False)
     with unchecked(), pytest.raises(ValueError, match="integration rule"):
         degeneracy.interaction_basis(tanh_mlp, inputs, LAYERS, integration_rule="simpson", progress=False)
+
+
+def test_out_of_range_positions_name_the_node_layer() -> None:
+    model = mlp([3, 4, 2])
+    x = torch.randn(8, 5, 3, dtype=torch.float64)  # 5 positions
+    layers = [{"name": "hidden", "module": "act0", "positions": 7}, "output"]
+    with pytest.raises(ValueError, match=r"node layer 'hidden' selects positions \[7\].*5 position"):
+        degeneracy.interaction_basis(model, x, layers, progress=False)

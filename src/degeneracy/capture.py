@@ -5,8 +5,9 @@ outputs when ``read="output"``), or the model ``"output"``; several modules are 
 the feature dimension. Every activation is handled as ``(batch, pos, d)``: a ``(batch, d)`` tensor
 gets ``pos = 1`` and trailing dimensions beyond the position are flattened into ``d``.
 
-One hook mechanism (:func:`forward`) does everything: capture some node layers, substitute others,
-and stop the forward pass early once everything asked for has been read. Hooks are always removed.
+One hook mechanism (:func:`forward`) captures some node layers, substitutes others and stops the
+forward pass early once everything asked for has been read (:func:`trace_calls` records every module
+call, for structure discovery). Hooks are always removed.
 
 When a basis carries a *constant coordinate* (METHOD §0) activations are augmented to ``[f; 1]``.
 The map between node layers is then extended to the augmented vectors as the positively homogeneous
@@ -170,9 +171,13 @@ def to_bpd(x: Tensor) -> Shaped[Tensor, "batch pos d"]:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _select(x: Tensor, positions: Positions) -> Tensor:
+def _select(x: Tensor, positions: Positions, name: str = "") -> Tensor:
     if positions is None:
         return x
+    count, wanted = x.shape[1], (positions,) if isinstance(positions, int) else positions
+    if bad := [p for p in wanted if not -count <= p < count]:
+        raise ValueError(f"node layer {name!r} selects positions {bad}, but its activation has {count} "
+                         f"position(s): choose positions from {-count} to {count - 1}")  # fmt: skip
     if isinstance(positions, int):
         return x[:, positions : positions + 1] if positions != -1 else x[:, -1:]
     return x[:, list(positions)]
@@ -225,7 +230,7 @@ class _Run:
         """Record a module activation; return a replacement tensor if the layer is substituted."""
         layer = piece.layer
         full = to_bpd(x)
-        selected = _select(full, layer.positions)
+        selected = _select(full, layer.positions, layer.name)
         replacement = None
         if layer.name in self.substitute:
             new_full = self._replacement(piece, full, selected)
@@ -236,7 +241,7 @@ class _Run:
             else:
                 new_full = _place(full, new_full, layer.positions)
                 replacement = new_full.reshape(x.shape)
-                selected = _select(new_full, layer.positions)
+                selected = _select(new_full, layer.positions, layer.name)
         self.pieces[layer.name][piece.index] = selected
         if layer.name in self.pending_stop and all(p is not None for p in self.pieces[layer.name]):
             self.pending_stop.discard(layer.name)
@@ -345,7 +350,9 @@ def forward(
         output = call_model(model, inputs)
         if wants_output:
             out_layer = next(known[n] for n in capture if known[n].is_output)
-            captured[out_layer.name] = _select(to_bpd(model_output_tensor(output)), out_layer.positions)
+            captured[out_layer.name] = _select(
+                to_bpd(model_output_tensor(output)), out_layer.positions, out_layer.name
+            )
     except _Stop:
         pass
     finally:

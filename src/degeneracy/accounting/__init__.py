@@ -34,7 +34,7 @@ from degeneracy.accounting.report import (
     load_degeneracy_report,
 )
 from degeneracy.accounting.rows import layer_synchronisation
-from degeneracy.accounting.sources import HeadSync, NeuronSync, head_sync
+from degeneracy.accounting.sources import HeadSync, NeuronSync, check_epsilon, head_sync
 from degeneracy.accounting.sources import neuron_sync as neuron_sync  # kept importable from here
 from degeneracy.accounting.statistics import collect
 from degeneracy.accounting.structure import discover, neuron_layer
@@ -104,6 +104,7 @@ def neuron_synchronization(
     >>> sync.blocks, sync.block_ranks
     ([[0, 1]], [1])
     """
+    check_epsilon(epsilon, relative)
     batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     found = neuron_layer(model, structure, layer)
@@ -156,6 +157,7 @@ def head_synchronization(
     ...
     ValueError: '0' is not an attention layer of this model; attention layers: none
     """
+    check_epsilon(epsilon, relative=False)
     batches = list(iter_batches(data, batch_size))
     structure = discover(model, batches[0].inputs)
     for attn in structure.attention_layers:

@@ -37,6 +37,7 @@ from degeneracy.accounting.rows import (
     neuron_rows,
     site_rows,
 )
+from degeneracy.accounting.sources import check_epsilon
 from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
@@ -259,6 +260,7 @@ def degeneracy_report(
     """
     from degeneracy import __version__
 
+    check_epsilon(epsilon, relative)  # before any pass over the data
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     run = ModelRun(model, data, dtype=dtype, batch_size=batch_size, cache=False)

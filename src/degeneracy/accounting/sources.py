@@ -38,6 +38,7 @@ zero, with floor = λ_max · max(d·eps64, 100·d·eps_src²) for a float64 Gram
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import eigh_descending
 
 __all__ = [
+    "check_epsilon",
     "RankInfo",
     "gram_floor",
     "gram_rank",
@@ -282,6 +284,24 @@ def pattern_residuals(pre: Tensor, fires: Tensor) -> Tensor:
     return total.clamp_min(0.0) / m
 
 
+def check_epsilon(epsilon: float, relative: bool) -> None:
+    """``ValueError`` unless ε is a usable noise scale: finite and ≥ 0 (below 1 when ``relative``, where
+    it multiplies the largest eigenvalue).
+
+    >>> check_epsilon(1e-3, relative=True)
+    >>> check_epsilon(-1.0, relative=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: epsilon must be a finite number >= 0 (the noise scale ε), got -1.0
+    """
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be a finite number >= 0 (the noise scale ε), got {epsilon}")
+    if relative and epsilon >= 1:
+        raise ValueError(
+            f"a relative epsilon multiplies the largest eigenvalue and must be below 1, got {epsilon}"
+        )
+
+
 def neuron_sync(
     pre: Tensor,
     activation: str,
@@ -301,6 +321,7 @@ def neuron_sync(
     >>> neuron_sync(pre, "relu").blocks, neuron_sync(pre, "relu", epsilon=0.5).blocks
     ([[0], [1], [2]], [[0, 1], [2]])
     """
+    check_epsilon(epsilon, relative)
     pre = pre.to(torch.float64)
     m, d = pre.shape
     fires = firing_patterns(pre, activation)
@@ -450,6 +471,7 @@ def head_sync(
     >>> head_sync(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 2, 1).blocks
     [[0, 1]]
     """
+    check_epsilon(epsilon, relative)
     p = patterns.to(torch.float64).reshape(patterns.shape[0], n_heads, -1)
     diff = torch.zeros(n_heads, n_heads, dtype=torch.float64)
     for h in range(n_heads):
