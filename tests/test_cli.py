@@ -246,3 +246,24 @@ def test_command_help_lists_the_config_fields(command: str, field: str) -> None:
     assert result.exit_code == 0
     assert "Config fields (" in text and f"{field} (" in text
     assert ">>>" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        ("basis", "", "config file is empty"),
+        ("basis", "methods: [lib, pac]\n", "unknown basis method 'pac'"),
+        ("basis", "options: {centre: true}\n", "unknown option 'centre' of interaction_basis"),
+        ("graph", "edges: {integration_rul: trapezoid}\n", "unknown option 'integration_rul'"),
+        ("graph", "basis: {method: pca}\n", "set by the command"),
+    ],
+)
+def test_config_mistakes_fail_before_any_work(tmp_path, command: str, text: str, message: str) -> None:
+    """An empty config, a misspelled method or option: one clear line and exit code 2, before any model
+    is loaded (the model named here does not exist, so reaching it would fail differently)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(text + ("model: {name: no.such.module:factory}\n" if text else ""))
+    result = CliRunner().invoke(app, [command, str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,8 @@ with the field named.
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +43,10 @@ MODADD_NODE_LAYERS: list[Any] = [
 ]
 DIGITS_NODE_LAYERS: list[Any] = ["fc1", "fc2", "out", "output"]
 BASIS_METHODS = ("lib", "global", "pca", "neuron")
+BASIS_TAKEN = ("model", "data", "node_layers", "method")
+"""Arguments of ``interaction_basis`` that the commands set themselves (not config options)."""
+GRAPH_TAKEN = ("model", "data", "basis", "sections", "progress")
+"""Arguments of ``interaction_graph`` that the graph command sets itself."""
 
 
 class StrictModel(BaseModel):
@@ -108,9 +114,16 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
     if not path.exists():
         raise ValueError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if raw is None:
+        raise ValueError(
+            f"{path}: the config file is empty; write at least one field (the fields are listed by "
+            "`degeneracy COMMAND --help`), e.g. `model: {name: modadd}`"
+        )
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of fields, not a {type(raw).__name__}")
     try:
         return model.model_validate(raw)
     except ValidationError as err:
@@ -193,6 +206,49 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
 # Run configs, one per command
 
 
+BASIS_METHODS = ("lib", "global", "pca", "neuron")
+BASIS_TAKEN = ("model", "data", "node_layers", "method")
+"""Arguments of ``interaction_basis`` that the commands set themselves (not config options)."""
+GRAPH_TAKEN = ("model", "data", "basis", "sections", "progress")
+"""Arguments of ``interaction_graph`` that the graph command sets itself."""
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """The basis methods of a config, each one known (checked before any model is loaded).
+
+    >>> check_methods(["lib", "pac"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown basis method 'pac'; choose from ('lib', 'global', 'pca', 'neuron')
+    """
+    for method in methods:
+        if method not in BASIS_METHODS:
+            raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
+    return methods
+
+
+def check_options(options: dict[str, Any], function: Callable[..., Any], *, taken: tuple[str, ...]) -> dict:
+    """Keyword options of a config meant for ``function``: every key must be one of its keyword
+    arguments (those in ``taken`` are set by the command itself), checked before anything runs.
+
+    >>> import degeneracy
+    >>> check_options({"centre": True}, degeneracy.interaction_basis, taken=("model", "data"))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown option 'centre' of interaction_basis; valid options: node_layers, method, center, ...
+    """
+    valid = [n for n in inspect.signature(function).parameters if n not in taken]
+    for key in options:
+        if key in taken:
+            raise ValueError(f"option {key!r} of {function.__name__} is set by the command, not the config")
+        if key not in valid:
+            raise ValueError(
+                f"unknown option {key!r} of {function.__name__}; valid options: {', '.join(valid)}"
+            )
+    return options
+
+
 class BasisRunConfig(StrictModel):
     """``degeneracy basis CONFIG.yaml``: a model, its node layers and the basis options.
 
@@ -208,6 +264,15 @@ class BasisRunConfig(StrictModel):
     node_layers: list[Any] | None = None
     methods: list[str] = ["lib", "pca"]
     options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known(self) -> BasisRunConfig:
+        """Methods and options are checked before any model is loaded or basis built."""
+        import degeneracy
+
+        check_methods(self.methods)
+        check_options(self.options, degeneracy.interaction_basis, taken=BASIS_TAKEN)
+        return self
 
 
 class AblationOptions(StrictModel):
@@ -283,6 +348,18 @@ class GraphRunConfig(StrictModel):
     ablation: AblationOptions = AblationOptions()
     modules: ModuleOptions = ModuleOptions()
     fourier: bool | None = None
+
+    @model_validator(mode="after")
+    def _known(self) -> GraphRunConfig:
+        """Methods and the basis and edge options are checked before any model is loaded."""
+        import degeneracy
+
+        check_methods(self.methods)
+        check_methods(self.modules.methods)
+        check_methods(self.ablation.edge_methods or [])
+        check_options(self.basis, degeneracy.interaction_basis, taken=BASIS_TAKEN)
+        check_options(self.edges, degeneracy.interaction_graph, taken=GRAPH_TAKEN)
+        return self
 
 
 class DegeneracyRunConfig(StrictModel):

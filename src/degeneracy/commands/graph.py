@@ -229,7 +229,8 @@ def run_graph(
     and ``cfg.basis``; the others are built, or loaded when ``out`` holds them with the same config.
     ``force`` recomputes every stage.
 
-    >>> run_graph(GraphRunConfig(methods=["lib", "lob"]), None, None, None, Path("runs/graph"))
+    >>> unchecked = GraphRunConfig.model_construct(methods=["lib", "lob"])  # a config built unvalidated
+    >>> run_graph(unchecked, None, None, None, Path("runs/graph"))
     Traceback (most recent call last):
     ...
     ValueError: unknown basis methods ['lob']; choose from ('lib', 'global', 'pca', 'neuron')
