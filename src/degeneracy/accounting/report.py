@@ -178,8 +178,6 @@ class DegeneracyReport(JsonResult):
         return cls(rows=rows, **fields)
 
 
-REPORT_KIND = DegeneracyReport.KIND
-
 
 def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
     """Read a report written by :meth:`DegeneracyReport.save` (same as ``DegeneracyReport.load``).

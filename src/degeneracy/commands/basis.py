@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from degeneracy.commands.config import BASIS_METHODS, BasisRunConfig, ModelSpec, load_yaml, resolve_model
+from degeneracy.commands.config import BasisRunConfig, ModelSpec, check_methods, load_yaml, resolve_model
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 
@@ -72,8 +72,7 @@ def basis_stage(
     """
     import degeneracy
 
-    if method not in BASIS_METHODS:
-        raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
+    check_methods([method])
     out = Path(out)
     relative = f"bases/{method}.safetensors"
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from degeneracy.basis_result import METHODS
+
 __all__ = [
     "StrictModel",
     "ModelSpec",
@@ -42,7 +44,7 @@ MODADD_NODE_LAYERS: list[Any] = [
     {"name": "logits", "module": "output", "positions": -1},
 ]
 DIGITS_NODE_LAYERS: list[Any] = ["fc1", "fc2", "out", "output"]
-BASIS_METHODS = ("lib", "global", "pca", "neuron")
+BASIS_METHODS = METHODS  # the basis methods interaction_basis knows
 BASIS_TAKEN = ("model", "data", "node_layers", "method")
 """Arguments of ``interaction_basis`` that the commands set themselves (not config options)."""
 GRAPH_TAKEN = ("model", "data", "basis", "sections", "progress")
@@ -206,7 +208,6 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
 # Run configs, one per command
 
 
-BASIS_METHODS = ("lib", "global", "pca", "neuron")
 BASIS_TAKEN = ("model", "data", "node_layers", "method")
 """Arguments of ``interaction_basis`` that the commands set themselves (not config options)."""
 GRAPH_TAKEN = ("model", "data", "basis", "sections", "progress")

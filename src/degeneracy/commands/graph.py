@@ -33,11 +33,11 @@ import typer
 
 from degeneracy.commands.basis import basis_stage, basis_stage_config
 from degeneracy.commands.config import (
-    BASIS_METHODS,
     AblationOptions,
     GraphRunConfig,
     ModelSpec,
     ModuleOptions,
+    check_methods,
     load_run,
 )
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
@@ -233,7 +233,7 @@ def run_graph(
     >>> run_graph(unchecked, None, None, None, Path("runs/graph"))
     Traceback (most recent call last):
     ...
-    ValueError: unknown basis methods ['lob']; choose from ('lib', 'global', 'pca', 'neuron')
+    ValueError: unknown basis method 'lob'; choose from ('lib', 'global', 'pca', 'neuron')
     """
     import degeneracy
     from degeneracy.ablation import edge_ablation, node_ablation_curves
@@ -241,9 +241,7 @@ def run_graph(
 
     out = Path(out)
     say = log or (lambda _: None)
-    unknown = [m for m in cfg.methods if m not in BASIS_METHODS]
-    if unknown:
-        raise ValueError(f"unknown basis methods {unknown}; choose from {BASIS_METHODS}")
+    check_methods(cfg.methods)
     layers = list(node_layers or cfg.node_layers or [])
     if not layers and set(cfg.methods) - set(bases or {}):
         raise ValueError("node_layers must be given for a model that is not bundled")
