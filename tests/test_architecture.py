@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"axes", "deprecation", "linalg", "io", "lazy"},
     {"data"},
     {"run", "capture", "stats"},
-    {"behavioral", "jacobian", "basis_result", "graph_result"},
+    {"behavioral", "jacobian", "basis_result", "graph_result", "cuts"},
     {"adapters", "sections"},
     {"attributions", "basis", "accounting", "llc"},
     {"edges"},

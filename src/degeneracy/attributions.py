@@ -25,7 +25,7 @@ from torch.func import vjp
 
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.graph_result import Mode
-from degeneracy.jacobian import choose_mode, integrated_jvp, integrated_vjp
+from degeneracy.jacobian import choose_mode, forward_mode_unsupported, integrated_jvp, integrated_vjp
 from degeneracy.linalg import IntegrationRule
 from degeneracy.sections import SectionShortcut, slice_inputs
 
@@ -58,6 +58,8 @@ def squared_attributions(
     signs: Float[Tensor, "batch sources pos_out"] | None = None,
     mode: Mode = "auto",
     max_elements: int = 2**21,
+    in_mask: Tensor | None = None,
+    out_mask: Tensor | None = None,
 ) -> tuple[Float[Tensor, "m k"], Float[Tensor, "batch rows m"]]:
     """Σ_x Σ_t A(x)_{t,i,j}² for one batch, and Σ_j A (for the completeness check); float64.
 
@@ -74,6 +76,8 @@ def squared_attributions(
         mode: ``"vjp"``, ``"jvp"`` or ``"auto"``; the JVP path is exact over positions and ignores
             ``signs``.
         max_elements: the largest number of entries a vmapped chunk may hold.
+        in_mask, out_mask: valid (unpadded) input and output positions, (batch, pos_in) and
+            (batch, pos_out) bools: padded positions get no attribution (``None``: all valid).
 
     Returns:
         ``(S, Σ_j A)``: S[i, j] = Σ_b Σ_rows A² (m × k) and the row sums of A, shape
@@ -92,7 +96,22 @@ def squared_attributions(
     if in_features is None:
         in_features = x.to(torch.float64) @ torch.linalg.pinv(in_map.to(torch.float64)).T
     feats = in_features.to(torch.float64)
+    if in_mask is not None:  # a padded input position contributes nothing
+        feats = feats * in_mask[..., None].to(feats)
+    out_valid = None if out_mask is None else out_mask.to(device=x.device, dtype=torch.float64)
+    if out_valid is not None and signs is not None:  # padded output positions draw no source
+        signs = signs * out_valid[:, None, :].to(signs)
     n_out = num_out_positions if signs is None else signs.shape[1]
+    if mode == "auto" and attribution_mode(mode, n_out * m, k) == "jvp":
+        try:  # forward mode; reverse mode where an operation does not support it
+            return squared_attributions(
+                fn, x, in_map, out_map, rule, in_features=feats, num_out_positions=num_out_positions,
+                signs=signs, mode="jvp", max_elements=max_elements, out_mask=out_mask,
+            )  # fmt: skip
+        except (NotImplementedError, RuntimeError) as error:
+            if not forward_mode_unsupported(error):
+                raise
+            mode = "vjp"
     if attribution_mode(mode, n_out * m, k) == "jvp":
         # A_{·,·,j} as the JVP along T_j[b, s] = f̂_{b,s,j} C₊[:, j], for chunks of features j
         in_model = in_map.to(device=x.device, dtype=x.dtype)
@@ -110,6 +129,8 @@ def squared_attributions(
                 * in_model[:, start:stop].T[:, None, None, :]
             )
             a = integrated_jvp(fn, points, tangents, out_map)  # (c, batch, p_out, m)
+            if out_valid is not None:
+                a = a * out_valid[None, :, :, None]
             total[:, start:stop] += torch.einsum("cbtm,cbtm->mc", a, a)
             row_sums += a.sum(0)
         return total, row_sums
@@ -129,6 +150,8 @@ def squared_attributions(
             cot = torch.zeros(rows.numel(), num_out_positions, d_out, dtype=x.dtype, device=x.device)
             cot[torch.arange(rows.numel()), t_idx] = out_model[i_idx]
             cot = cot[:, None].expand(rows.numel(), batch, num_out_positions, d_out)
+            if out_valid is not None:
+                cot = cot * out_valid[None, :, :, None].to(cot)
         else:  # row (r, i): r_{b,t} C[i] at every output position t
             cot = sgn[:, t_idx].permute(1, 0, 2)[..., None] * out_model[i_idx][:, None, None, :]
         # A[row, b, j] = Σ_s J[row, b, s, j] f̂[b, s, j]

@@ -40,11 +40,12 @@ from degeneracy.capture import (
     NodeLayer,
     as_node_layers,
     capture,
-    check_cut,
     compact_is_exact,
     module_widths,
     section,
 )
+from degeneracy.cuts import check_cut
+from degeneracy.data import node_mask
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
@@ -96,6 +97,17 @@ class NodeLayerRun(ModelRun):
         super().__init__(model, data, dtype=dtype, batch_size=batch_size)
         self.layers = as_node_layers(self.model, node_layers)
         self.widths: dict[str, list[int]] = {}
+        self.num_seen, self.padded = 0, False  # examples read by collect_moments; any padding seen
+
+    def layer(self, name: str) -> NodeLayer:
+        """The node layer called ``name``."""
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def masks(self, inputs: Any, acts: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
+        """The valid (unpadded) positions of each node layer's activations ``acts`` of the batch
+        ``inputs``: ``(batch, pos)`` bools, or ``None`` where all are valid
+        (:func:`degeneracy.data.node_mask`)."""
+        return {name: node_mask(inputs, self.layer(name).positions, x.shape[1]) for name, x in acts.items()}
 
     def learn_widths(self, inputs: Any) -> dict[str, list[int]]:
         """The widths of the modules of every multi-module node layer, from one batch's ``inputs``."""
@@ -318,6 +330,7 @@ def collect_moments(
     """
     moments: dict[str, MomentAccumulator] = {}
     positions: dict[str, int] = {}
+    run.num_seen, run.padded = 0, False
     with torch.no_grad():
         for i, inputs in enumerate(run.inputs("moments", progress)):
             if i == 0:
@@ -332,7 +345,10 @@ def collect_moments(
                 if name not in moments:
                     moments[name] = MomentAccumulator(x.shape[-1])
                     positions[name] = x.shape[1]
-                moments[name].update(x)
+                mask = node_mask(inputs, run.layer(name).positions, x.shape[1])
+                moments[name].update(x, mask)
+                run.padded |= mask is not None
+            run.num_seen += x.shape[0]
     for acc in moments.values():
         acc.all_reduce()
     return moments, positions
@@ -404,7 +420,7 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
     timings["total"] = time.perf_counter() - t0
     info = {
         "timings": timings,
-        "n_examples": moments[names[0]].count // max(1, positions[names[0]]),
+        "n_examples": run.num_seen if run.padded else moments[names[0]].count // max(1, positions[names[0]]),
         "jacobians": methods,
         "version": degeneracy.__version__,
     }
@@ -433,11 +449,14 @@ def _interaction_matrix(
     affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
     for i, inputs in enumerate(run.inputs(f"M[{src}]", progress)):
         with torch.no_grad():
-            x = run.cached(src, i)
-            if x is None:
-                x = capture(run.model, inputs, run.layers, [src], constant=constant)[src]
+            x, y = run.cached(src, i), run.cached(dst, i)
+            if x is None or y is None:  # (the batch's own numbers of positions: lengths may vary)
+                both = capture(run.model, inputs, run.layers, [src, dst], constant=constant)
+                x, y = both[src], both[dst]
+            in_mask = node_mask(inputs, run.layer(src).positions, x.shape[1])
+            out_mask = node_mask(inputs, run.layer(dst).positions, y.shape[1])
             total = None
-            if shortcut is not None:
+            if shortcut is not None and in_mask is None and out_mask is None:  # (padding: autodiff)
                 total = shortcut_gram(
                     shortcut, inputs, x, white.R_pinv, out_basis.C, rule, constant, cfg.max_elements
                 )
@@ -453,10 +472,12 @@ def _interaction_matrix(
                 j0 = None
                 if affine is not False:
                     first = section(run.model, slice_inputs(inputs, slice(0, 1)), run.layers, src, dst, **kw)
-                    j0 = constant_jacobian(fn, x, first)
+                    j0 = constant_jacobian(fn, x, first, mode=cfg.jacobian_mode)
                     affine = j0 is not None
                 if j0 is not None:
-                    total = gram_of_constant_jacobian(j0, white.R_pinv, out_basis.C, x.shape[0])
+                    total = gram_of_constant_jacobian(
+                        j0, white.R_pinv, out_basis.C, x.shape[0], in_mask=in_mask, out_mask=out_mask
+                    )
                     how.add("affine")
                 else:
                     how.add("autodiff")
@@ -466,10 +487,12 @@ def _interaction_matrix(
                         white.R_pinv,
                         out_basis.C,
                         rule,
-                        num_out_positions=positions[dst],
+                        in_mask=in_mask,
+                        out_mask=out_mask,
+                        num_out_positions=y.shape[1],
                         mode=cfg.jacobian_mode,
                         max_elements=cfg.max_elements,
                     )
             check_finite(total, f"the Jacobian Gram of node layer {src!r}")
-            acc.add(total, x.shape[0] * x.shape[1])
+            acc.add(total, x.shape[0] * x.shape[1] if in_mask is None else int(in_mask.sum()))
     return acc.all_reduce().value, " + ".join(sorted(how))

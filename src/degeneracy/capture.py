@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
-from degeneracy.data import call_model, model_output_tensor
+from degeneracy.data import call_model, input_mask, position_mask
+from degeneracy.lazy import lazy_exports
+from degeneracy.run import select_output
 
 __all__ = [
     "OUTPUT",
@@ -37,7 +39,6 @@ __all__ = [
     "forward",
     "capture",
     "section",
-    "check_cut",
     "append_constant",
     "to_bpd",
     "ModuleCall",
@@ -46,6 +47,8 @@ __all__ = [
 
 OUTPUT = "output"
 Positions = int | tuple[int, ...] | None
+# check_cut and CutReport moved to degeneracy.cuts; still importable from here
+__getattr__ = lazy_exports(globals(), {"check_cut": "degeneracy.cuts", "CutReport": "degeneracy.cuts"})[0]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class NodeLayer:
         modules: submodule names (as in ``model.named_modules()``), or ``("output",)``.
         positions: ``None`` for all positions, an index or a tuple of indices (``-1``: last token).
         read: ``"input"`` (default: the module's first input) or ``"output"``.
+        output: for the ``"output"`` node layer, which output of the model: a key of a ``ModelOutput``
+            or dict, or an index of a tuple (default: ``logits``, else ``last_hidden_state``, else the
+            first tensor; see :func:`degeneracy.run.select_output`).
 
     >>> NodeLayer("mlp_in", ("blocks.0.mlp",), positions=-1).to_dict()
     {'name': 'mlp_in', 'modules': ['blocks.0.mlp'], 'positions': -1, 'read': 'input'}
@@ -66,6 +72,7 @@ class NodeLayer:
     modules: tuple[str, ...]
     positions: Positions = None
     read: Literal["input", "output"] = "input"
+    output: str | int | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
@@ -80,12 +87,9 @@ class NodeLayer:
         return self.modules == (OUTPUT,)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "modules": list(self.modules),
-            "positions": self.positions,
-            "read": self.read,
-        }
+        out = {"name": self.name, "modules": list(self.modules), "positions": self.positions}
+        out["read"] = self.read
+        return out if self.output is None else {**out, "output": self.output}
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> NodeLayer:
@@ -101,6 +105,7 @@ class NodeLayer:
             modules=modules,
             positions=positions,
             read=spec.get("read", "input"),
+            output=spec.get("output"),
         )
 
 
@@ -351,7 +356,7 @@ def forward(
         if wants_output:
             out_layer = next(known[n] for n in capture if known[n].is_output)
             captured[out_layer.name] = _select(
-                to_bpd(model_output_tensor(output)), out_layer.positions, out_layer.name
+                to_bpd(select_output(output, key=out_layer.output)), out_layer.positions, out_layer.name
             )
     except _Stop:
         pass
@@ -490,10 +495,16 @@ def section(
         kw = {"capture": [target], "substitute": {source: x}, "widths": widths, "compact": compact}
         return forward(model, inputs, layers, **kw)[target]
 
+    mask, where = input_mask(inputs), next(lay.positions for lay in layers if lay.name == source)
+
     def fn(x: Tensor) -> Tensor:
         if not constant:
             return run(x)
-        c = x[..., -1:].mean(dim=1, keepdim=True)  # (batch, 1, 1)
+        valid = position_mask(mask, where, x.shape[1])
+        valid = None if valid is None else valid[..., None].to(x)
+        # (batch, 1, 1): the mean constant coordinate over the valid (unpadded) input positions
+        ones = x[..., -1:]
+        c = ones.mean(1, True) if valid is None else (ones * valid).sum(1, True) / valid.sum(1, True)
         out = run(x[..., :-1] / c)
         return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
 
@@ -535,66 +546,3 @@ def compact_is_exact(
         return False
     scale = float(full.abs().max()) or 1.0
     return float((short - full).abs().max()) <= 1e-12 * scale
-
-
-@dataclass
-class CutReport:
-    """Result of :func:`check_cut`: the largest relative deviation per node-layer transition.
-
-    >>> CutReport({("1", "2"): 0.0}).deviations
-    {('1', '2'): 0.0}
-    """
-
-    deviations: dict[tuple[str, str], float] = field(default_factory=dict)
-
-
-def check_cut(
-    model: nn.Module,
-    inputs: Tensor | Mapping[str, Tensor],
-    layers: Sequence[NodeLayer],
-    *,
-    rtol: float = 1e-5,
-    widths: Mapping[str, list[int]] | None = None,
-) -> CutReport:
-    """Check that every node layer is a cut (METHOD §8).
-
-    Substitutes f^l computed on a permuted batch x' while running x; f^{l+1} must then equal its
-    value on x'. Raises ``ValueError`` naming the node layer when the deviation exceeds ``rtol``
-    relative to the scale of f^{l+1}. Needs a batch with at least two distinct examples.
-
-    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    >>> report = check_cut(model, torch.randn(5, 3, dtype=torch.float64), as_node_layers(model, ["1", "2"]))
-    >>> list(report.deviations)
-    [('1', '2')]
-    """
-    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
-    n = first.shape[0]
-    if n < 2:
-        raise ValueError("the cut check needs a batch of at least 2 examples")
-    perm = torch.roll(torch.arange(n), 1)
-    permuted = {k: v[perm] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[perm]
-    with torch.no_grad():
-        acts = forward(model, permuted, layers, capture=[layer.name for layer in layers])
-        report = CutReport()
-        for src, dst in zip(layers[:-1], layers[1:], strict=True):
-            got = forward(
-                model,
-                inputs,
-                layers,
-                capture=[dst.name],
-                substitute={src.name: acts[src.name]},
-                widths=widths,
-            )[dst.name]
-            want = acts[dst.name]
-            scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-            dev = float((got - want).abs().max() / scale)
-            report.deviations[(src.name, dst.name)] = dev
-            if dev > rtol:
-                raise ValueError(
-                    f"node layer {src.name!r} is not a cut: {dst.name!r} is not a function of it alone "
-                    f"(substituting {src.name!r} from other inputs changes {dst.name!r} "
-                    f"by {dev:.2e} relative). "
-                    "Include every path that bypasses it (e.g. the whole residual stream, all positions "
-                    "the next layer reads, or the side inputs as extra modules of the node layer)."
-                )
-    return report

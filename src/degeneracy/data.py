@@ -22,7 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "iter_batches", "pool_batches", "call_model", "num_examples"]
+__all__ = [
+    "Batch",
+    "iter_batches",
+    "pool_batches",
+    "call_model",
+    "num_examples",
+    "MASK_KEY",
+    "input_mask",
+    "position_mask",
+    "node_mask",
+]
+
+MASK_KEY = "attention_mask"
+"""The keyword input that marks a batch's valid (1) and padded (0) positions (Hugging Face's name)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,18 @@ class Batch:
         inputs = self.inputs
         tensor = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs
         return tensor.device
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The valid positions of the inputs, ``(batch, pos)`` bools, or ``None`` when all are valid
+        (see :func:`input_mask`).
+
+        >>> mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+        >>> Batch({"input_ids": torch.ones(2, 3), "attention_mask": mask}).mask
+        tensor([[ True,  True, False],
+                [ True,  True,  True]])
+        """
+        return input_mask(self.inputs)
 
     @property
     def indexable(self) -> bool:
@@ -248,3 +273,60 @@ def model_output_tensor(output: Any) -> Tensor:
     if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# padding: the valid positions of a batch
+
+
+def input_mask(inputs: Any) -> Tensor | None:
+    """The valid positions of a batch's model ``inputs``: its ``attention_mask`` (:data:`MASK_KEY`) as
+    ``(batch, pos)`` bools; ``None`` when there is none or every position is valid.
+
+    Every statistic (Grams, M, edges, ablation metrics, the cut check) sums over valid positions only,
+    so a padded batch gives the results of its sentences fed one at a time.
+
+    >>> input_mask({"input_ids": torch.ones(1, 3), "attention_mask": torch.tensor([[1, 1, 0]])}).tolist()
+    [[True, True, False]]
+    >>> input_mask(torch.zeros(2, 3)) is None
+    True
+    """
+    if not isinstance(inputs, Mapping):
+        return None
+    mask = inputs.get(MASK_KEY)
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    mask = mask != 0
+    return None if bool(mask.all()) else mask
+
+
+def position_mask(mask: Tensor | None, positions: int | tuple[int, ...] | None, count: int) -> Tensor | None:
+    """The input ``mask`` at a node layer that selects ``positions`` and has ``count`` positions:
+    ``(batch, count)`` bools, or ``None`` (all valid) when there is no mask or the activation's positions
+    are not the input's (a pooled output, for instance).
+
+    >>> mask = torch.tensor([[True, True, False]])
+    >>> position_mask(mask, None, 3).tolist(), position_mask(mask, (0, 2), 2).tolist()
+    ([[True, True, False]], [[True, False]])
+    >>> position_mask(mask, None, 1) is None  # a pooled activation
+    True
+    """
+    if mask is None:
+        return None
+    if positions is None:
+        selected = mask if count == mask.shape[1] else None
+    else:
+        index = [positions] if isinstance(positions, int) else list(positions)
+        ok = len(index) == count and all(-mask.shape[1] <= p < mask.shape[1] for p in index)
+        selected = mask[:, index] if ok else None
+    return None if selected is None or bool(selected.all()) else selected
+
+
+def node_mask(inputs: Any, positions: int | tuple[int, ...] | None, count: int) -> Tensor | None:
+    """:func:`position_mask` of the batch ``inputs``' :func:`input_mask`.
+
+    >>> inputs = {"input_ids": torch.ones(1, 3), "attention_mask": torch.tensor([[1, 0, 1]])}
+    >>> node_mask(inputs, -1, 1) is None, node_mask(inputs, None, 3).tolist()
+    (True, [[True, False, True]])
+    """
+    return position_mask(input_mask(inputs), positions, count)

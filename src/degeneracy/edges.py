@@ -212,6 +212,7 @@ def _build(
             run.learn_widths(inputs)
         with torch.no_grad():
             acts = capture(run.model, inputs, run.layers, constant=constant)
+            masks = run.masks(inputs, acts)
             if i == 0:
                 shortcuts, kinds = resolve_sections(
                     run.model, run.layers, inputs, acts, sections, constant=constant, widths=run.widths
@@ -237,8 +238,10 @@ def _build(
             )
             short = shortcuts.get((src, dst))
             analytic = None
+            padded = masks[src] is not None or masks[dst] is not None
             if (
-                isinstance(short, SectionShortcut)
+                not padded
+                and isinstance(short, SectionShortcut)
                 and short.kernel is not None
                 and cfg.jacobian_mode == "auto"
             ):
@@ -263,16 +266,21 @@ def _build(
                         signs=signs,
                         mode=cfg.jacobian_mode,
                         max_elements=cfg.max_elements,
+                        in_mask=masks[src],
+                        out_mask=masks[dst],
                     )
                 if signs is not None:  # the average over sources estimates Σ_t A_t²
                     total = total / cfg.num_sources
                 check_finite(total, f"the edges {src} -> {dst}")
                 sums[(src, dst)] += total.cpu()
-                counts[(src, dst)] += x.shape[0] * x.shape[1]
+                counts[(src, dst)] += x.shape[0] * x.shape[1] if masks[src] is None else int(masks[src].sum())
                 # completeness: Σ_j A = f̂^{l+1}(f) − f̂^{l+1}(0)
                 y = acts[dst].to(torch.float64) @ C_out.T  # (batch, p_out, m)
                 if not constant:  # with the constant coordinate the baseline output is exactly 0
                     y = y - fn(torch.zeros_like(x)).to(torch.float64) @ C_out.T
+                if masks[dst] is not None:  # padded output positions are left out
+                    y = y * masks[dst][..., None].to(y)
+                    signs = None if signs is None else signs * masks[dst][:, None, :].to(signs)
                 target = y if signs is None else torch.einsum("brt,btm->brm", signs, y)
                 dev = float((row_sums - target).abs().max())
                 worst[(src, dst)] = max(worst[(src, dst)], dev)

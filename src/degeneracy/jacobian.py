@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from torch.func import jacrev, jvp, vjp, vmap
+from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import IntegrationRule
@@ -39,6 +39,7 @@ __all__ = [
     "GramFn",
     "GramQuery",
     "gram_function",
+    "forward_mode_unsupported",
 ]
 
 Mode = Literal["auto", "vjp", "jvp"]
@@ -104,6 +105,19 @@ def gram_function(body: Callable[[GramQuery], Tensor | None]) -> GramFn:
 
     gram.__doc__ = body.__doc__
     return gram
+
+
+def forward_mode_unsupported(error: BaseException) -> bool:
+    """Whether ``error`` says that forward-mode autodiff is not implemented for an operation (e.g. the
+    fused scaled-dot-product attention of Hugging Face models); ``"auto"`` modes then use reverse mode.
+
+    >>> forward_mode_unsupported(NotImplementedError("Trying to use forward AD with _scaled_dot_product"))
+    True
+    """
+    text = str(error)
+    return isinstance(error, NotImplementedError | RuntimeError) and (
+        "forward AD" in text or "forward-mode" in text or "forward mode" in text
+    )
 
 
 def choose_mode(n_rows: int, n_directions: int) -> Literal["vjp", "jvp"]:
@@ -195,6 +209,19 @@ def jacobian_blocks(
     n_rows, n_dirs = num_out_positions * m, p_in * k
     if mode == "auto":
         mode = choose_mode(n_rows, n_dirs)
+        if mode == "jvp":  # forward mode; reverse mode where an operation does not support it
+            blocks = jacobian_blocks(fn, x, in_map, out_map, rule, num_out_positions=num_out_positions,
+                                     mode="jvp", max_elements=max_elements)  # fmt: skip
+            try:
+                first = next(blocks)
+            except (NotImplementedError, RuntimeError) as error:
+                if not forward_mode_unsupported(error):
+                    raise
+                mode = "vjp"
+            else:
+                yield first
+                yield from blocks
+                return
     out_model = out_map.to(device=x.device, dtype=x.dtype)
     points = [(alpha * x, w) for alpha, w in zip(rule.points, rule.weights, strict=True)]
     if mode == "vjp":
@@ -233,13 +260,17 @@ def jacobian_gram(
     in_map: Float[Tensor, "d_in k"],
     out_map: Float[Tensor, "m d_out"],
     rule: IntegrationRule,
+    *,
+    in_mask: Tensor | None = None,
+    out_mask: Tensor | None = None,
     **options: Any,
 ) -> Float[Tensor, "k k"]:
     """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
 
     This is the un-normalised M of METHOD §2.2 (products pair the same input position s), summed over
     the blocks of :func:`jacobian_blocks`, which takes the same arguments (``options``: its keywords
-    ``num_out_positions``, ``mode`` and ``max_elements``).
+    ``num_out_positions``, ``mode`` and ``max_elements``). ``in_mask`` (batch, pos_in) and
+    ``out_mask`` (batch, pos_out) leave out the padded input positions s and output positions t.
 
     >>> from degeneracy.linalg import integration_rule
     >>> x, eye = torch.ones(2, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
@@ -247,9 +278,15 @@ def jacobian_gram(
     >>> jacobian_gram(lambda z: 3 * z, x, eye, eye, rule, num_out_positions=1).tolist()
     [[18.0, 0.0], [0.0, 18.0]]
     """
-    k = in_map.shape[1]
+    k, m = in_map.shape[1], out_map.shape[0]
     total = torch.zeros(k, k, dtype=torch.float64, device=x.device)
-    for _, _, jac in jacobian_blocks(fn, x, in_map, out_map, rule, **options):
+    rows_valid = None if out_mask is None else out_mask.to(x.device, torch.float64).repeat_interleave(m, 1)
+    in_valid = None if in_mask is None else in_mask.to(x.device, torch.float64)
+    for rows, positions, jac in jacobian_blocks(fn, x, in_map, out_map, rule, **options):
+        if rows_valid is not None:
+            jac = jac * rows_valid[:, rows, None, None]
+        if in_valid is not None:
+            jac = jac * in_valid[:, None, positions, None]
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
     return total
@@ -260,33 +297,49 @@ def constant_jacobian(
     x: Float[Tensor, "batch pos_in d_in"],
     fn_first: Callable[[Tensor], Tensor],
     *,
+    mode: Mode = "auto",
     seed: int = 0,
 ) -> Float[Tensor, "pos_out d_out pos_in d_in"] | None:
-    """The section's Jacobian if it is the same at every example of the batch (an affine section,
-    such as an unembedding), else ``None``.
+    """The section's Jacobian if it is the same at every example of the batch and does not depend on
+    the activations (an affine section, such as an unembedding), else ``None``.
 
-    ``fn_first`` is the same section for the batch's first example alone. Its Jacobian J₀ comes from
-    ``jacrev``; one JVP of the whole batch along a random direction v must then equal J₀ v at every
-    example, to 1e-10 relative in float64 (1e-5 otherwise). A Jacobian that differs anywhere passes
-    this test with probability zero. Then every integration rule gives J₀ too, and M or the edges
-    follow from J₀ alone instead of one backward pass per output row and example.
+    The probe costs two products: for a random direction v shared by all examples (or, in reverse
+    mode, a random cotangent u), J v (uᵀ J) at x and at a random x + w must be the same at every
+    example and at both points, to 1e-10 relative in float64 (1e-5 otherwise). A Jacobian that differs
+    anywhere passes this test with probability zero. Only then is the Jacobian J₀ of ``fn_first`` (the
+    same section for the batch's first example alone) computed, and every integration rule gives J₀
+    too, so M or the edges follow from J₀ alone. ``mode``: ``"jvp"`` (forward), ``"vjp"`` (reverse)
+    or ``"auto"`` (forward, reverse where forward mode is not supported).
 
     >>> x = torch.randn(4, 1, 2, dtype=torch.float64)
     >>> constant_jacobian(lambda z: 2 * z + 1, x, lambda z: 2 * z + 1).shape
     torch.Size([1, 2, 1, 2])
-    >>> constant_jacobian(torch.tanh, x, torch.tanh) is None
+    >>> constant_jacobian(torch.tanh, x, torch.tanh, mode="vjp") is None
     True
     """
-    j0 = jacrev(fn_first)(x[:1])[0, :, :, 0]  # (pos_out, d_out, pos_in, d_in)
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-    _, jv = jvp(fn, (x,), (v,))
-    predicted = torch.einsum("tosd,bsd->bto", j0, v)
+    opts = {"generator": gen, "dtype": x.dtype, "device": x.device}
+    w = torch.randn(x.shape, **opts) * x.abs().amax().clamp_min(1.0) * 0.5
+    reverse = mode == "vjp"
+    if not reverse:
+        v = torch.randn(x.shape[1:], **opts).expand(x.shape)
+        try:
+            probes = [jvp(fn, (point,), (v,))[1] for point in (x, x + w)]
+        except (NotImplementedError, RuntimeError) as error:
+            if mode != "auto" or not forward_mode_unsupported(error):
+                raise
+            reverse = True
+    if reverse:
+        y, pull = vjp(fn, x)
+        u = torch.randn(y.shape[1:], **opts).expand(y.shape)
+        probes = [pull(u)[0], vjp(fn, x + w)[1](u)[0]]
     rtol = 1e-10 if x.dtype == torch.float64 else 1e-5
-    scale = float(jv.abs().max())
-    if jv.shape != predicted.shape or float((jv - predicted).abs().max()) > rtol * max(scale, 1e-300):
-        return None
-    return j0.to(torch.float64)
+    scale = max(float(probes[0].abs().max()), 1e-300)
+    for probe in probes:
+        if float((probe - probes[0][:1]).abs().max()) > rtol * scale:
+            return None
+    jacobian = jacrev if reverse else jacfwd
+    return jacobian(fn_first)(x[:1])[0, :, :, 0].to(torch.float64)  # (pos_out, d_out, pos_in, d_in)
 
 
 def gram_of_constant_jacobian(
@@ -294,8 +347,12 @@ def gram_of_constant_jacobian(
     in_map: Float[Tensor, "d_in k"],
     out_map: Float[Tensor, "m d_out"],
     count: int,
+    *,
+    in_mask: Tensor | None = None,
+    out_mask: Tensor | None = None,
 ) -> Float[Tensor, "k k"]:
-    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0``.
+    """What :func:`jacobian_gram` returns for ``count`` examples sharing the Jacobian ``j0`` (with
+    the same ``in_mask`` / ``out_mask`` of valid positions, if given).
 
     >>> j0 = 2 * torch.eye(2, dtype=torch.float64).reshape(1, 2, 1, 2)
     >>> eye = torch.eye(2, dtype=torch.float64)
@@ -303,5 +360,10 @@ def gram_of_constant_jacobian(
     [[12.0, 0.0], [0.0, 12.0]]
     """
     jac = torch.einsum("io,tosd,da->stia", out_map.to(j0), j0, in_map.to(j0))  # (pos_in, pos_out, m, k)
-    flat = jac.reshape(jac.shape[0], -1, jac.shape[-1])
-    return count * torch.einsum("sra,srb->ab", flat, flat)
+    flat = jac.reshape(jac.shape[0], jac.shape[1], -1, jac.shape[-1])
+    p_in, p_out = jac.shape[0], jac.shape[1]
+    valid_in = torch.ones(count, p_in, dtype=j0.dtype) if in_mask is None else in_mask.to(j0)
+    valid_out = torch.ones(count, p_out, dtype=j0.dtype) if out_mask is None else out_mask.to(j0)
+    # (pos_in, pos_out): the number of examples where both positions are valid
+    weights = valid_in.to(j0.device).T @ valid_out.to(j0.device)
+    return torch.einsum("st,stra,strb->ab", weights, flat, flat)

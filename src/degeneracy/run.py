@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor, num_examples
+from degeneracy.data import Batch, call_model, iter_batches, num_examples
 
 __all__ = [
     "DTYPES",
@@ -47,6 +47,9 @@ __all__ = [
     "model_device",
     "cast_inputs",
     "shard",
+    "DEFAULT_OUTPUTS",
+    "OutputKey",
+    "output_names",
     "select_output",
     "run_model",
     "functional_output",
@@ -159,16 +162,66 @@ def shard(data: Any) -> Any:
 # running a model
 
 
-def select_output(output: Any, positions: int | None = None) -> Tensor:
+DEFAULT_OUTPUTS = ("logits", "last_hidden_state")
+"""The named model outputs :func:`select_output` prefers, in order (then the first tensor)."""
+
+OutputKey = str | int | None
+
+
+def output_names(output: Any) -> list[str | int]:
+    """The names (dict / ``ModelOutput`` keys) or indices (tuple) of the tensors in a model output.
+
+    >>> output_names({"pooled": torch.ones(2), "hidden": torch.ones(2, 3), "extra": None})
+    ['pooled', 'hidden']
+    >>> output_names((torch.ones(2), "cache", torch.ones(1)))
+    [0, 2]
+    """
+    if isinstance(output, Tensor):
+        return [0]
+    if isinstance(output, Mapping):
+        return [k for k, v in output.items() if isinstance(v, Tensor)]
+    if isinstance(output, tuple | list):
+        return [i for i, v in enumerate(output) if isinstance(v, Tensor)]
+    return [k for k in DEFAULT_OUTPUTS if isinstance(getattr(output, k, None), Tensor)]
+
+
+def _output_tensor(output: Any, key: OutputKey) -> Tensor:
+    names = output_names(output)
+    if key is None:
+        preferred = [k for k in DEFAULT_OUTPUTS if k in names] if not isinstance(output, Tensor) else []
+        key = preferred[0] if preferred else (names[0] if names else None)
+        if key is None:
+            raise TypeError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
+    names_from_end = [i - len(output) for i in names] if isinstance(output, tuple | list) else []
+    if isinstance(output, Tensor):
+        if key in (0, -1):
+            return output
+    elif key in names or key in names_from_end:
+        indexable = isinstance(output, Mapping | tuple | list)
+        value = output[key] if indexable else getattr(output, key)  # type: ignore[index,arg-type]
+        if isinstance(value, Tensor):
+            return value
+    raise ValueError(
+        f"the model output ({type(output).__name__}) has no tensor {key!r}: choose output= from {names}"
+    )
+
+
+def select_output(output: Any, positions: int | None = None, *, key: OutputKey = None) -> Tensor:
     """The output tensor of a model call, restricted to one position when ``positions`` is an int.
 
+    ``key`` names the output to analyse: a key of a dict or Hugging Face ``ModelOutput``, or an index
+    of a tuple. By default: ``logits`` if present, else ``last_hidden_state`` (:data:`DEFAULT_OUTPUTS`),
+    else the first tensor. An unknown ``key`` is a ``ValueError`` listing the available ones.
     ``positions`` applies to outputs of shape ``(batch, pos, d)`` (the position axis is dropped);
     ``None`` keeps every position.
 
     >>> select_output(torch.zeros(2, 5, 3), positions=-1).shape
     torch.Size([2, 3])
+    >>> out = {"last_hidden_state": torch.zeros(2, 5, 3), "pooler_output": torch.ones(2, 3)}
+    >>> select_output(out).shape, select_output(out, key="pooler_output").shape
+    (torch.Size([2, 5, 3]), torch.Size([2, 3]))
     """
-    out = model_output_tensor(output)
+    out = _output_tensor(output, key)
     if positions is not None:
         if out.dim() < 3:
             raise ValueError(
@@ -185,14 +238,16 @@ def run_model(
     *,
     forward: ForwardFn | None = None,
     positions: int | None = None,
+    output: OutputKey = None,
 ) -> Tensor:
-    """``f(x)`` for a batch of inputs, as ``(batch, ...)`` (every position unless ``positions`` is set).
+    """``f(x)`` for a batch of inputs, as ``(batch, ...)`` (every position unless ``positions`` is set;
+    ``output`` names the model output as in :func:`select_output`).
 
     >>> run_model(torch.nn.Linear(3, 2), torch.ones(4, 3)).shape
     torch.Size([4, 2])
     """
-    output = forward(model, inputs) if forward is not None else call_model(model, inputs)
-    return select_output(output, positions)
+    result = forward(model, inputs) if forward is not None else call_model(model, inputs)
+    return select_output(result, positions, key=output)
 
 
 class _Caller(nn.Module):
@@ -216,6 +271,7 @@ def functional_output(
     *,
     forward: ForwardFn | None = None,
     positions: int | None = None,
+    output: OutputKey = None,
 ) -> Tensor:
     """f(x) with ``model``'s parameters/buffers replaced by ``tensors`` (a name → tensor map).
 
@@ -228,8 +284,8 @@ def functional_output(
     """
     caller = _Caller(model, forward)
     prefixed = {f"inner.{k}": v for k, v in tensors.items()}
-    output = torch.func.functional_call(caller, prefixed, (inputs,), strict=False)
-    return select_output(output, positions)
+    result = torch.func.functional_call(caller, prefixed, (inputs,), strict=False)
+    return select_output(result, positions, key=output)
 
 
 # --------------------------------------------------------------------------------------------------

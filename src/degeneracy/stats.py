@@ -83,10 +83,13 @@ class MomentAccumulator(_Sum):
     def _tensors(self) -> list[Tensor]:
         return [self.sum, self.sum_outer]
 
-    def update(self, x: Float[Tensor, "... d"]) -> None:
-        """Add every vector in ``x`` (all leading dimensions are samples)."""
+    def update(self, x: Float[Tensor, "... d"], mask: Tensor | None = None) -> None:
+        """Add every vector in ``x`` (all leading dimensions are samples), or only those where
+        ``mask`` (shaped like ``x`` without its last axis, e.g. the valid positions) is true."""
         if x.shape[-1] != self.d:
             raise ValueError(f"expected vectors of width {self.d}, got shape {tuple(x.shape)}")
+        if mask is not None:
+            x = x[mask.to(x.device)]
         flat = x.reshape(-1, self.d).to(device=self.sum.device, dtype=torch.float64)
         self.sum += flat.sum(0)
         self.sum_outer += flat.T @ flat
