@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -351,6 +352,10 @@ def collect_moments(
             run.num_seen += x.shape[0]
     for acc in moments.values():
         acc.all_reduce()
+    if dist.is_available() and dist.is_initialized():  # examples on every process
+        seen = torch.tensor([float(run.num_seen)], dtype=torch.float64)
+        dist.all_reduce(seen)
+        run.num_seen = int(seen.item())
     return moments, positions
 
 
@@ -420,7 +425,7 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
     timings["total"] = time.perf_counter() - t0
     info = {
         "timings": timings,
-        "n_examples": run.num_seen if run.padded else moments[names[0]].count // max(1, positions[names[0]]),
+        "n_examples": run.num_seen,
         "jacobians": methods,
         "version": degeneracy.__version__,
     }

@@ -21,10 +21,21 @@ logarithmic scale, as in the companion code).
 
 from degeneracy.ablation.edges import EdgeAblationResult, bisect_edges, edge_ablation, edge_mask
 from degeneracy.ablation.nodes import NodeAblationCurve, node_ablation_curve, node_ablation_curves
-from degeneracy.ablation.runner import classification_metrics, default_schedule
+from degeneracy.ablation.runner import (
+    METRICS,
+    classification_metrics,
+    default_schedule,
+    embedding_metrics,
+    mse_metrics,
+    pooled,
+)
 
 __all__ = [
     "classification_metrics",
+    "embedding_metrics",
+    "mse_metrics",
+    "METRICS",
+    "pooled",
     "NodeAblationCurve",
     "node_ablation_curve",
     "node_ablation_curves",

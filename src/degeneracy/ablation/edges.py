@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from degeneracy.ablation.runner import AblationRunner, Metrics, Pair, classification_metrics
+from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.sections import Sections, extended, resolve_sections
@@ -217,7 +217,7 @@ def edge_ablation(
     batch_size: int | None = None,
     dtype: str | None = None,
     max_elements: int = 2**23,
-    metrics: Metrics = classification_metrics,
+    metrics: MetricName | Metrics = classification_metrics,
     sections: Sections = "auto",
     progress: bool = False,
 ) -> dict[Pair, EdgeAblationResult]:
@@ -227,6 +227,8 @@ def edge_ablation(
         model, data, basis, graph: the graph must have been computed in ``basis``.
         labels: aligned with a tensor ``data`` (or batches ``(inputs, labels)``).
         delta: allowed accuracy drop (absolute; 0.001 = 0.1 %).
+        metrics: as for :func:`~degeneracy.ablation.node_ablation_curve` (``"classification"``,
+            ``"embedding"``, ``"mse"`` or a function); bisection keeps its ``accuracy`` within ``delta``.
         pairs: layer pairs to study (default: all).
         scaling: bisection midpoint on a ``"logarithmic"`` (default) or ``"linear"`` scale.
         max_elements: bounds the batched group passes (entries of one stacked activation tensor).

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.ablation.runner import AblationRunner, Metrics, classification_metrics, default_schedule
+from degeneracy.ablation.runner import (
+    AblationRunner,
+    MetricName,
+    Metrics,
+    classification_metrics,
+    default_schedule,
+)
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 
@@ -118,7 +124,7 @@ def node_ablation_curve(
     graph: Any | None = None,
     batch_size: int | None = None,
     dtype: str | None = None,
-    metrics: Metrics = classification_metrics,
+    metrics: MetricName | Metrics = classification_metrics,
     _runner: AblationRunner | None = None,
 ) -> NodeAblationCurve:
     """Keep the top-k features of ``layer`` by importance, mean-ablate the rest, and evaluate.
@@ -131,7 +137,10 @@ def node_ablation_curve(
             ``n_kept=`` is its former, deprecated name).
         importance: ``"eigenvalues"`` (Λ of LIB/global, variance of PCA), ``"edges"`` (total edge
             weight in and out, needs ``graph``) or a tensor of d̂ scores.
-        metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels).
+        metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels), or a name:
+            ``"classification"`` (default), ``"embedding"`` (accuracy = cosine similarity of the pooled
+            embedding, loss = its MSE) or ``"mse"`` (regression; accuracy = −MSE); the last two compare
+            with the unablated model's output when no labels are given. Padded positions are left out.
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -195,7 +204,7 @@ def node_ablation_curves(
     num_points: int = 24,
     batch_size: int | None = None,
     dtype: str | None = None,
-    metrics: Metrics = classification_metrics,
+    metrics: MetricName | Metrics = classification_metrics,
 ) -> dict[str, NodeAblationCurve]:
     """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``).
 

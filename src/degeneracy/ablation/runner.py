@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import NodeLayer, capture, forward
+from degeneracy.data import input_mask
 
 __all__ = [
     "classification_metrics",
+    "embedding_metrics",
+    "mse_metrics",
+    "METRICS",
+    "MetricName",
+    "resolve_metrics",
+    "pooled",
     "finish_metrics",
     "default_schedule",
     "AblationRunner",
@@ -23,12 +31,41 @@ __all__ = [
 ]
 
 Pair = tuple[str, str]
-Metrics = Callable[[Tensor, Tensor], dict[str, float]]
+Metrics = Callable[..., dict[str, float]]
+"""``metrics(output, labels)`` or ``metrics(output, labels, mask=)`` (valid positions): per-batch sums
+``{"correct", "loss", "count"}``."""
 MODEL_OUTPUT = NodeLayer("__model_output__", ("output",))
 
 
-def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Summed correct predictions and cross-entropy over a batch (the last position of (b, P, V) logits).
+def _last_valid(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(b, P, d) → (b, d) at each example's last valid position (the last position without a mask)."""
+    if mask is None or mask.shape[:2] != x.shape[:2]:
+        return x[:, -1]
+    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
+    return x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
+
+
+def pooled(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The mean of (b, P, d) activations over each example's valid positions (``mask``, (b, P) bools;
+    all without one), as (b, d) float64: the sentence embedding of mean-pooling encoders. (b, d) is
+    returned as is.
+
+    >>> x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    >>> pooled(x, torch.tensor([[True, True, False]])).tolist()
+    [[2.0]]
+    """
+    x = x.to(torch.float64)
+    if x.dim() == 2:
+        return x
+    if mask is None or mask.shape[:2] != x.shape[:2]:
+        return x.mean(1)
+    w = mask.to(device=x.device, dtype=torch.float64)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+    """Summed correct predictions and cross-entropy over a batch (the last position of (b, P, V) logits,
+    or each example's last valid position where ``mask`` marks padding).
 
     Returns ``{"correct": Σ 1[argmax = label], "loss": Σ CE, "count": b}`` (sums, so batches add up).
 
@@ -38,7 +75,7 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     (1.0, 2.2539)
     """
     if logits.dim() == 3:
-        logits = logits[:, -1]
+        logits = _last_valid(logits, mask)
     logits = logits.to(torch.float64)
     labels = labels.to(logits.device)
     return {
@@ -46,6 +83,72 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
         "loss": float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
         "count": float(labels.shape[0]),
     }
+
+
+def embedding_metrics(output: Tensor, reference: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+    """Cosine similarity and squared error of the pooled embedding (:func:`pooled`, padding left out)
+    against the ``reference`` (the unablated model's output, or given target embeddings).
+
+    Returns ``{"correct": Σ cos, "loss": Σ mean-squared error, "count": b}``: after
+    :func:`finish_metrics` the ``accuracy`` is the mean cosine similarity (1 when unchanged) and the
+    ``loss`` the mean squared error per embedding entry.
+
+    >>> out = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])
+    >>> m = embedding_metrics(out, torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]]]))
+    >>> m["correct"], m["loss"], m["count"]
+    (1.0, 4.0, 2.0)
+    """
+    a, b = pooled(output, mask), pooled(reference, mask).to(output.device)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    mse = (a - b).square().mean(-1)
+    return {"correct": float(cos.sum()), "loss": float(mse.sum()), "count": float(a.shape[0])}
+
+
+def mse_metrics(output: Tensor, targets: Tensor, mask: Tensor | None = None) -> dict[str, float]:
+    """Squared error of a regression output against ``targets`` (the unablated model's output by
+    default), at the valid positions (``mask``) of (b, P, d) outputs.
+
+    Returns ``{"correct": −Σ mse, "loss": Σ mse, "count": b}``, mse the mean over an example's valid
+    entries: after :func:`finish_metrics` the ``loss`` is the MSE and the ``accuracy`` (the score that
+    edge-ablation bisection keeps within ``delta``) is −MSE.
+
+    >>> m = mse_metrics(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    >>> m["loss"], m["correct"]
+    (2.5, -2.5)
+    """
+    out = output.to(torch.float64)
+    t = targets.to(device=out.device, dtype=torch.float64).reshape(out.shape)
+    err = (out - t).square()
+    if mask is not None and out.dim() == 3 and mask.shape[:2] == out.shape[:2]:
+        w = mask.to(device=out.device, dtype=torch.float64)[..., None]
+        per = (err * w).sum((1, 2)) / (w.sum((1, 2)) * out.shape[-1]).clamp_min(1.0)
+    else:
+        per = err.reshape(err.shape[0], -1).mean(1)
+    return {"correct": -float(per.sum()), "loss": float(per.sum()), "count": float(out.shape[0])}
+
+
+MetricName = Literal["classification", "embedding", "mse"]
+METRICS: dict[str, Metrics] = {
+    "classification": classification_metrics,
+    "embedding": embedding_metrics,
+    "mse": mse_metrics,
+}
+"""The ablation metrics by name: labels (classification), embeddings (cosine similarity of the pooled
+embedding; MSE) and regression outputs (MSE). Those but ``"classification"`` compare with the unablated
+model's own output when no labels are given."""
+
+
+def resolve_metrics(metrics: MetricName | Metrics) -> Metrics:
+    """The metric function of a name in :data:`METRICS`, or ``metrics`` itself if callable.
+
+    >>> resolve_metrics("embedding") is embedding_metrics
+    True
+    """
+    if callable(metrics):
+        return metrics
+    if metrics not in METRICS:
+        raise ValueError(f"metrics must be one of {sorted(METRICS)} or a function, got {metrics!r}")
+    return METRICS[metrics]
 
 
 def finish_metrics(sums: Mapping[str, float]) -> dict[str, float]:
@@ -96,7 +199,7 @@ class AblationRunner:
         labels: Tensor | None,
         batch_size: int | None,
         dtype: str | None,
-        metrics: Metrics,
+        metrics: MetricName | Metrics,
     ) -> None:
         self.run = NodeLayerRun(
             model,
@@ -106,24 +209,40 @@ class AblationRunner:
             batch_size=batch_size or basis.config.batch_size,
         )
         self.layers = list(self.run.layers)
-        self.all_layers = self.layers + [MODEL_OUTPUT]
+        last = self.layers[-1]  # the model output the basis reads (a named output), if it reads one
+        key = last.output if last.is_output else None
+        self.model_output = NodeLayer(MODEL_OUTPUT.name, ("output",), output=key)
+        self.all_layers = self.layers + [self.model_output]
         self.basis = basis
         self.labels = labels
-        self.metrics = metrics
+        self.metrics = resolve_metrics(metrics)
+        self.masked = "mask" in inspect.signature(self.metrics).parameters
+        self.references: dict[int, Tensor] = {}  # the unablated output, when it is the reference
         self.constant = bool(basis.config.has_constant)
         self.means: dict[str, Tensor] = {}
         self.widths: dict[str, list[int]] = {}
 
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
         offset = 0
-        for batch in self.run.batches():
+        for i, batch in enumerate(self.run.batches()):
             inputs = batch.inputs
             if self.labels is not None:
                 labels = self.labels[offset : offset + batch.size]
             elif batch.extras and isinstance(batch.extras[0], Tensor):
                 labels = batch.extras[0]
+            elif self.metrics is not classification_metrics:  # compare with the unablated model
+                labels = self.references.get(i)
+                if labels is None:
+                    with torch.no_grad():
+                        labels = forward(self.run.model, inputs, self.all_layers, capture=[MODEL_OUTPUT.name])
+                    labels = labels[MODEL_OUTPUT.name]
+                    if isinstance(self.run.data, Tensor | Mapping):  # the same batches every pass
+                        self.references[i] = labels
             else:
-                raise ValueError("ablations need labels: pass labels=..., or data batches (inputs, labels)")
+                raise ValueError(
+                    "ablations need labels: pass labels=..., or data batches (inputs, labels), or "
+                    "metrics='embedding' / 'mse' to compare with the model's own output"
+                )
             offset += batch.size
             if not self.widths:
                 self.widths = self.run.learn_widths(inputs)
@@ -138,7 +257,9 @@ class AblationRunner:
         with torch.no_grad():
             for inputs, _ in self.batches():
                 acts = capture(self.run.model, inputs, self.layers, constant=self.constant)
+                masks = self.run.masks(inputs, acts)
                 for name, x in acts.items():
+                    x = x if masks[name] is None else x[masks[name].to(x.device)]  # valid positions
                     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                     sums[name] = sums.get(name, 0) + flat.sum(0)
                     count[name] = count.get(name, 0) + flat.shape[0]
@@ -179,6 +300,7 @@ class AblationRunner:
                             widths=self.widths,
                         )
                         logits = out[MODEL_OUTPUT.name]
-                for key, value in self.metrics(logits, labels).items():
+                extra = {"mask": input_mask(inputs)} if self.masked else {}
+                for key, value in self.metrics(logits, labels, **extra).items():
                     sums[key] = sums.get(key, 0.0) + value
         return finish_metrics(sums)

@@ -87,6 +87,7 @@ class ModelSpec(StrictModel):
     name: str = "modadd"
     split: Literal["train", "test", "all"] = "train"
     limit: int | None = Field(default=None, gt=0)
+    metrics: Literal["classification", "embedding", "mse"] = "classification"
     dtype: Literal["float32", "float64"] = "float64"
 
 
@@ -280,7 +281,10 @@ class AblationOptions(StrictModel):
     """Node ablation curves and edge-ablation bisection (see :mod:`degeneracy.ablation`).
 
     ``limit`` evaluates on the first examples only; ``edge_methods`` lists the bases whose edges are
-    bisected (default: all ``methods``).
+    bisected (default: all ``methods``). ``metrics``: ``classification`` (default; needs labels),
+    ``embedding`` (cosine similarity and MSE of the pooled embedding) or ``mse`` (regression outputs),
+    the last two against the unablated model's output when the data has no labels
+    (:data:`degeneracy.ablation.METRICS`).
 
     >>> AblationOptions(delta=0.01, limit=256).node_points
     16
@@ -297,6 +301,7 @@ class AblationOptions(StrictModel):
     edge_methods: list[str] | None = None
     delta: float = Field(default=0.001, ge=0)
     limit: int | None = Field(default=None, gt=0)
+    metrics: Literal["classification", "embedding", "mse"] = "classification"
 
 
 class ModuleOptions(StrictModel):

@@ -305,7 +305,8 @@ def run_graph(
     opts = cfg.ablation
     eval_data = _head(data, opts.limit)
     eval_labels = labels[: opts.limit] if labels is not None and opts.limit is not None else labels
-    if labels is None and (opts.node_curves or opts.edges):
+    metric = {} if opts.metrics == "classification" else {"metrics": opts.metrics}
+    if labels is None and not metric and (opts.node_curves or opts.edges):
         say("[graph] no labels for this data: ablations skipped")
     elif opts.node_curves or opts.edges:
         summary["ablation_examples"] = _n(eval_data)
@@ -314,7 +315,8 @@ def run_graph(
             if opts.node_curves:
                 node_curves[method] = staged(
                     f"node_ablation.{method}",
-                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points},
+                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points}
+                    | metric,
                     partial(
                         node_ablation_curves,
                         model,
@@ -322,6 +324,7 @@ def run_graph(
                         basis,
                         labels=eval_labels,
                         num_points=opts.node_points,
+                        **metric,
                     ),
                     _json_file(
                         out,
@@ -336,6 +339,7 @@ def run_graph(
                     "limit": opts.limit,
                     "delta": opts.delta,
                     "shortcuts": cfg.shortcuts,
+                    **metric,
                 }
                 edge_results[method] = staged(
                     f"edge_ablation.{method}",
@@ -349,6 +353,7 @@ def run_graph(
                         labels=eval_labels,
                         delta=opts.delta,
                         sections=sections,
+                        **metric,
                     ),
                     _json_file(
                         out,
