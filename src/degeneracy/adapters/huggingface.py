@@ -1,0 +1,75 @@
+"""Hugging Face ``transformers`` models, as users load them (no import of ``transformers`` here).
+
+Nothing in the methods needs this module: a ``PreTrainedModel`` is a ``torch.nn.Module`` whose
+batches are dicts of keyword inputs (``input_ids``, ``attention_mask``, ...). What the package does
+for them lives in the run layer, generically:
+
+* the output to analyse is chosen by :func:`degeneracy.run.select_output` (a ``ModelOutput`` is a
+  dict: ``logits`` if present, else ``last_hidden_state``, else the first tensor; a node layer
+  ``{"modules": "output", "output": "pooler_output"}`` names another);
+* an ``attention_mask`` marks padded positions, which every statistic leaves out
+  (:func:`degeneracy.data.input_mask`), and travels as a side input (:mod:`degeneracy.cuts`);
+* the default attention (SDPA) has no forward-mode derivative: ``jacobian_mode="auto"`` then uses
+  reverse mode (:func:`degeneracy.jacobian.forward_mode_unsupported`).
+
+This module adds the conveniences: :func:`is_hugging_face`, :func:`attention_implementation` and
+:func:`encode` (a tokenizer's padded batch as a plain dict of tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["is_hugging_face", "attention_implementation", "encode"]
+
+
+def is_hugging_face(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers`` ``PreTrainedModel`` (by its class hierarchy).
+
+    >>> is_hugging_face(nn.Linear(2, 2))
+    False
+    """
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+        for cls in type(model).__mro__
+    )
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation a Hugging Face model runs (``"sdpa"``, ``"eager"``, ...), or
+    ``None`` for other models. With ``"sdpa"`` the Jacobians are computed in reverse mode.
+
+    >>> attention_implementation(nn.Linear(2, 2)) is None
+    True
+    """
+    config = getattr(model, "config", None)
+    if not is_hugging_face(model) or config is None:
+        return None
+    return getattr(config, "_attn_implementation", None)
+
+
+def encode(
+    tokenizer: Callable[..., Mapping[str, Any]],
+    texts: Sequence[str],
+    *,
+    max_length: int | None = None,
+) -> dict[str, Tensor]:
+    """``texts`` tokenised into one padded batch (right padding, truncated to ``max_length``), as a
+    plain dict of tensors: ``input_ids``, ``attention_mask`` (1 for tokens, 0 for padding) and what
+    else the tokenizer returns. Any ``data`` argument of the package takes it, as it takes the
+    tokenizer's own ``BatchEncoding``.
+
+    >>> import torch
+    >>> fake = lambda texts, **kw: {"input_ids": torch.tensor([[5, 6], [7, 0]]),
+    ...                             "attention_mask": torch.tensor([[1, 1], [1, 0]]), "note": "x"}
+    >>> sorted(encode(fake, ["a b", "c"]))
+    ['attention_mask', 'input_ids']
+    """
+    options: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
+    if max_length is not None:
+        options.update(truncation=True, max_length=max_length)
+    batch = tokenizer(list(texts), **options)
+    return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
