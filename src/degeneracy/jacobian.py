@@ -319,7 +319,8 @@ def constant_jacobian(
     """
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opts = {"generator": gen, "dtype": x.dtype, "device": x.device}
-    w = torch.randn(x.shape, **opts) * x.abs().amax().clamp_min(1.0) * 0.5
+    scale = x.abs().amax(dim=(0, 1), keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    w = 0.1 * scale * torch.randn(x.shape, **opts)  # a step of 10 % of each coordinate's range
     reverse = mode == "vjp"
     if not reverse:
         v = torch.randn(x.shape[1:], **opts).expand(x.shape)

@@ -87,7 +87,6 @@ class ModelSpec(StrictModel):
     name: str = "modadd"
     split: Literal["train", "test", "all"] = "train"
     limit: int | None = Field(default=None, gt=0)
-    metrics: Literal["classification", "embedding", "mse"] = "classification"
     dtype: Literal["float32", "float64"] = "float64"
 
 
