@@ -295,3 +295,31 @@ def test_cli_config_selects_the_ablation_metric():
     assert AblationOptions().metrics == "classification"
     with pytest.raises(ValueError, match="metrics"):
         AblationOptions(metrics="cosine")
+
+
+@pytest.mark.slow
+def test_graph_command_ablates_a_model_without_labels_with_the_mse_metric(tmp_path):
+    """Without labels the classification ablations are skipped (graph.py); ``metrics: mse`` runs them
+    against the model's own output (whose −MSE, the score, is then 0)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from degeneracy.commands import app
+
+    config = tmp_path / "graph.yaml"
+    text = (
+        "model: {name: 'tests.test_cli:tiny_factory'}\n"
+        "node_layers: [fc1, fc2, output]\n"
+        "methods: [lib]\n"
+        "basis: {progress: false}\n"
+        "modules: {epsilon: relative, methods: []}\n"
+        "ablation: {node_points: 2, metrics: mse, edges: false}\n"
+    )
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "ablations skipped" not in result.output
+    curves = json.loads((tmp_path / "run" / "ablation" / "lib_nodes.json").read_text())
+    assert curves["fc1"]["base_accuracy"] == 0.0 and curves["fc1"]["base_loss"] == 0.0
+    assert curves["fc1"]["loss"][-1] < 1e-20 <= curves["fc1"]["loss"][0]  # all kept / only the mean
