@@ -323,3 +323,22 @@ def test_graph_command_ablates_a_model_without_labels_with_the_mse_metric(tmp_pa
     curves = json.loads((tmp_path / "run" / "ablation" / "lib_nodes.json").read_text())
     assert curves["fc1"]["base_accuracy"] == 0.0 and curves["fc1"]["base_loss"] == 0.0
     assert curves["fc1"]["loss"][-1] < 1e-20 <= curves["fc1"]["loss"][0]  # all kept / only the mean
+
+
+def test_examples_whose_selected_positions_are_all_padding_are_left_out(one_thread):
+    """Node layers at the last position of a right-padded batch: only the full-length sentences count."""
+    model = tiny()
+    padded, _ = sentences()
+    layers = [
+        {"name": "last1", "modules": "encoder.layer.1", "positions": -1},
+        {"name": "out", "modules": "output", "positions": -1},
+    ]
+    full = [b for b, n in enumerate(LENGTHS) if n == max(LENGTHS)]
+    kw = {"progress": False, "check_cut": False}
+    B = degeneracy.interaction_basis(model, padded, layers, **kw)
+    Bf = degeneracy.interaction_basis(model, {k: v[full] for k, v in padded.items()}, layers, **kw)
+    same_basis(B, Bf, 1e-10)
+    G = degeneracy.interaction_graph(model, padded, B, progress=False)
+    Gf = degeneracy.interaction_graph(model, {k: v[full] for k, v in padded.items()}, B, progress=False)
+    edges = G.edges[("last1", "out")]
+    assert float((edges - Gf.edges[("last1", "out")]).abs().max()) <= 1e-10 * float(edges.abs().max())

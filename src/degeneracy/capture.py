@@ -503,8 +503,10 @@ def section(
         valid = position_mask(mask, where, x.shape[1])
         valid = None if valid is None else valid[..., None].to(x)
         # (batch, 1, 1): the mean constant coordinate over the valid (unpadded) input positions
-        ones = x[..., -1:]
-        c = ones.mean(1, True) if valid is None else (ones * valid).sum(1, True) / valid.sum(1, True)
+        ones, c = x[..., -1:], x[..., -1:].mean(1, True)
+        if valid is not None:  # (an example with no valid position keeps the plain mean)
+            count = valid.sum(1, True)
+            c = torch.where(count > 0, (ones * valid).sum(1, True) / count.clamp_min(1), c)
         out = run(x[..., :-1] / c)
         return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
 
