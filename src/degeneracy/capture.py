@@ -3,7 +3,10 @@
 A :class:`NodeLayer` names one or more submodules of any ``torch.nn.Module`` (their inputs, or their
 outputs when ``read="output"``), or the model ``"output"``; several modules are concatenated along
 the feature dimension. Every activation is handled as ``(batch, pos, d)``: a ``(batch, d)`` tensor
-gets ``pos = 1`` and trailing dimensions beyond the position are flattened into ``d``.
+gets ``pos = 1``; for more dimensions the node layer's ``feature_axis`` says which axis holds the
+features (channels-first modules such as ``nn.Conv2d``: the channels, the spatial positions being the
+positions; sequence activations ``(batch, pos, ...)``: the trailing axes) by the rule of
+:mod:`degeneracy.layout`, and substitution puts the features back on that axis.
 
 One hook mechanism (:func:`forward`) captures some node layers, substitutes others and stops the
 forward pass early once everything asked for has been read (:func:`trace_calls` records every module
@@ -25,10 +28,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
-from jaxtyping import Float, Shaped
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.data import call_model, model_output_tensor
+from degeneracy.layout import (
+    LayoutTracker,
+    from_bpd,
+    module_layout,
+    needs_tracker,
+    place_positions,
+    resolve_axis,
+    select_positions,
+    to_bpd,
+)
 
 __all__ = [
     "OUTPUT",
@@ -57,6 +70,8 @@ class NodeLayer:
         modules: submodule names (as in ``model.named_modules()``), or ``("output",)``.
         positions: ``None`` for all positions, an index or a tuple of indices (``-1``: last token).
         read: ``"input"`` (default: the module's first input) or ``"output"``.
+        feature_axis: the axis of the activation holding the features (``1``: channels of a conv net);
+            ``None`` (default) picks it by the rule of :mod:`degeneracy.layout`.
 
     >>> NodeLayer("mlp_in", ("blocks.0.mlp",), positions=-1).to_dict()
     {'name': 'mlp_in', 'modules': ['blocks.0.mlp'], 'positions': -1, 'read': 'input'}
@@ -66,6 +81,7 @@ class NodeLayer:
     modules: tuple[str, ...]
     positions: Positions = None
     read: Literal["input", "output"] = "input"
+    feature_axis: int | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
@@ -74,18 +90,19 @@ class NodeLayer:
             raise ValueError(f"node layer {self.name!r}: 'output' cannot be combined with other modules")
         if self.read not in ("input", "output"):
             raise ValueError(f"node layer {self.name!r}: read must be 'input' or 'output', got {self.read!r}")
+        axis = self.feature_axis
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis == 0):
+            raise ValueError(f"node layer {self.name!r}: feature_axis must be a non-zero int (axis 0 is the "
+                             f"batch) or None for the default rule, got {axis!r}")  # fmt: skip
 
     @property
     def is_output(self) -> bool:
         return self.modules == (OUTPUT,)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "modules": list(self.modules),
-            "positions": self.positions,
-            "read": self.read,
-        }
+        out = {"name": self.name, "modules": list(self.modules), "positions": self.positions}
+        out["read"] = self.read
+        return out if self.feature_axis is None else {**out, "feature_axis": self.feature_axis}
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> NodeLayer:
@@ -101,6 +118,7 @@ class NodeLayer:
             modules=modules,
             positions=positions,
             read=spec.get("read", "input"),
+            feature_axis=spec.get("feature_axis"),
         )
 
 
@@ -156,43 +174,8 @@ class _Piece:
     layer: NodeLayer
     index: int  # position of the module within layer.modules
     shape: torch.Size | None = None  # the module activation's full shape, learned when it fires
-
-
-def to_bpd(x: Tensor) -> Shaped[Tensor, "batch pos d"]:
-    """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...)).
-
-    >>> to_bpd(torch.zeros(2, 3)).shape
-    torch.Size([2, 1, 3])
-    """
-    if x.dim() == 1:
-        return x[:, None, None]
-    if x.dim() == 2:
-        return x[:, None, :]
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _select(x: Tensor, positions: Positions, name: str = "") -> Tensor:
-    if positions is None:
-        return x
-    count, wanted = x.shape[1], (positions,) if isinstance(positions, int) else positions
-    if bad := [p for p in wanted if not -count <= p < count]:
-        raise ValueError(f"node layer {name!r} selects positions {bad}, but its activation has {count} "
-                         f"position(s): choose positions from {-count} to {count - 1}")  # fmt: skip
-    if isinstance(positions, int):
-        return x[:, positions : positions + 1] if positions != -1 else x[:, -1:]
-    return x[:, list(positions)]
-
-
-def _place(original: Tensor, value: Tensor, positions: Positions) -> Tensor:
-    """Original (b, p, d) with ``value`` written at ``positions`` (out of place, torch.func friendly)."""
-    if positions is None:
-        return value
-    n_pos = original.shape[1]
-    idx = [positions] if isinstance(positions, int) else list(positions)
-    idx = [i % n_pos for i in idx]
-    where = {p: k for k, p in enumerate(idx)}
-    cols = [value[:, where[p]] if p in where else original[:, p] for p in range(n_pos)]
-    return torch.stack(cols, dim=1)
+    module: str = OUTPUT  # the module's name
+    layout: str = "inherit"  # its layout rule (degeneracy.layout.module_layout)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
@@ -225,23 +208,32 @@ class _Run:
             layer.name: [None] * len(layer.modules) for layer in layers
         }
         self.widths: dict[str, list[int]] = {}
+        self.tracker: LayoutTracker | None = None  # set when a node layer's layout follows its producer
+
+    def axis(self, piece: _Piece, x: Tensor) -> int | None:
+        """The feature axis of activation ``x`` of ``piece`` (see :mod:`degeneracy.layout`)."""
+        where = "" if piece.layer.is_output else piece.module
+        return resolve_axis(x, piece.layer.feature_axis, piece.layout, self.tracker, piece.layer.name, where)
 
     def visit(self, piece: _Piece, x: Tensor) -> Tensor | None:
         """Record a module activation; return a replacement tensor if the layer is substituted."""
         layer = piece.layer
-        full = to_bpd(x)
-        selected = _select(full, layer.positions, layer.name)
+        axis = self.axis(piece, x)
+        full = to_bpd(x, axis)
+        selected = select_positions(full, layer.positions, layer.name)
         replacement = None
         if layer.name in self.substitute:
             new_full = self._replacement(piece, full, selected)
-            if self.compact and x.dim() >= 3 and layer.positions is not None:
+            if self.compact and x.dim() >= 3 and layer.positions is not None and axis is None:
                 # only the selected positions go on (valid when nothing downstream reads the others)
                 replacement = new_full.reshape(x.shape[0], new_full.shape[1], *x.shape[2:])
                 selected = new_full
             else:
-                new_full = _place(full, new_full, layer.positions)
-                replacement = new_full.reshape(x.shape)
-                selected = _select(new_full, layer.positions, layer.name)
+                new_full = place_positions(full, new_full, layer.positions)
+                replacement = from_bpd(new_full, x.shape, axis)
+                selected = select_positions(new_full, layer.positions, layer.name)
+            if self.tracker is not None:
+                self.tracker.mark(replacement, axis)
         self.pieces[layer.name][piece.index] = selected
         if layer.name in self.pending_stop and all(p is not None for p in self.pieces[layer.name]):
             self.pending_stop.discard(layer.name)
@@ -280,12 +272,15 @@ class _Run:
 def _register(model: nn.Module, run: _Run, layers: Sequence[NodeLayer]) -> list[Any]:
     handles = []
     modules = dict(model.named_modules())
+    if needs_tracker(model, [(layer.feature_axis, layer.modules) for layer in layers]):
+        run.tracker = LayoutTracker()
+        handles.extend(run.tracker.hooks(model))
     for layer in layers:
         if layer.is_output:
             continue
         for index, module_name in enumerate(layer.modules):
-            piece = _Piece(layer, index)
             module = modules[module_name]
+            piece = _Piece(layer, index, module=module_name, layout=module_layout(module))
             if layer.read == "input":
 
                 def pre_hook(mod, args, kwargs, piece=piece):
@@ -350,9 +345,10 @@ def forward(
         output = call_model(model, inputs)
         if wants_output:
             out_layer = next(known[n] for n in capture if known[n].is_output)
-            captured[out_layer.name] = _select(
-                to_bpd(model_output_tensor(output)), out_layer.positions, out_layer.name
-            )
+            out = model_output_tensor(output)
+            axis = run.axis(_Piece(out_layer, 0), out)
+            out = select_positions(to_bpd(out, axis), out_layer.positions, out_layer.name)
+            captured[out_layer.name] = out
     except _Stop:
         pass
     finally:
