@@ -41,6 +41,7 @@ from degeneracy.layout import (
     resolve_axis,
     select_positions,
     to_bpd,
+    validate_feature_axis,
 )
 
 __all__ = [
@@ -90,10 +91,7 @@ class NodeLayer:
             raise ValueError(f"node layer {self.name!r}: 'output' cannot be combined with other modules")
         if self.read not in ("input", "output"):
             raise ValueError(f"node layer {self.name!r}: read must be 'input' or 'output', got {self.read!r}")
-        axis = self.feature_axis
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis == 0):
-            raise ValueError(f"node layer {self.name!r}: feature_axis must be a non-zero int (axis 0 is the "
-                             f"batch) or None for the default rule, got {axis!r}")  # fmt: skip
+        validate_feature_axis(self.feature_axis, self.name)
 
     @property
     def is_output(self) -> bool:
@@ -118,7 +116,7 @@ class NodeLayer:
             modules=modules,
             positions=positions,
             read=spec.get("read", "input"),
-            feature_axis=spec.get("feature_axis"),
+            feature_axis=validate_feature_axis(spec.get("feature_axis"), spec.get("name", "+".join(modules))),
         )
 
 

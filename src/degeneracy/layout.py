@@ -59,6 +59,7 @@ __all__ = [
     "place_positions",
     "select_positions",
     "to_bpd",
+    "validate_feature_axis",
 ]
 
 Positions = int | tuple[int, ...] | None
@@ -167,6 +168,19 @@ def resolve_axis(
     if layout == "sequence" or tracker is None:
         return SEQUENCE
     return tracker.axis_of(x, name, module)
+
+
+def validate_feature_axis(feature_axis: Any, name: str = "") -> int | None:
+    """``feature_axis`` if it is ``None`` or a non-zero int (axis 0 is the batch), else a ``ValueError``.
+
+    >>> validate_feature_axis(-1), validate_feature_axis(None)
+    (-1, None)
+    """
+    bad = isinstance(feature_axis, bool) or not isinstance(feature_axis, int) or feature_axis == 0
+    if feature_axis is not None and bad:
+        raise ValueError(f"node layer {name!r}: feature_axis must be a non-zero int (axis 0 is the batch "
+                         f"axis) or None for the default rule, got {feature_axis!r}")  # fmt: skip
+    return feature_axis
 
 
 def check_feature_axis(feature_axis: int | None, ndim: int, name: str = "") -> int | None:
