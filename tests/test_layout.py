@@ -99,6 +99,19 @@ def test_conv1d_reads_channels() -> None:
     torch.testing.assert_close(acts["2"], want.relu(), rtol=0, atol=0)
 
 
+def test_pooling_and_what_follows_it_read_channels() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Dropout(0.5).eval()).double()
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    acts = capture(
+        model, x, as_node_layers(model, ["1", "2", "3", {"name": "out", "module": "3", "read": "output"}])
+    )
+    pooled = model[1](model[0](x)).permute(0, 2, 3, 1).reshape(5, 4, 3)
+    torch.testing.assert_close(acts["2"], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(acts["out"], pooled.relu(), rtol=0, atol=0)
+    assert acts["1"].shape == (5, 16, 3) and acts["3"].shape == (5, 4, 3)
+
+
 def test_substitution_puts_features_back_on_the_channel_axis(cnn) -> None:
     model, x = cnn
     layers = as_node_layers(model, ["act1", "output"])
