@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import degeneracy
+from degeneracy.ablation import node_ablation_curve
 from degeneracy.capture import NodeLayer, as_node_layers, capture, forward
 from degeneracy.layout import from_bpd, to_bpd
 
@@ -178,3 +179,23 @@ def test_ambiguous_layouts_and_bad_feature_axes_are_clear_errors(cnn) -> None:
     layer = NodeLayer.from_dict({"module": "act1", "feature_axis": 1})
     assert NodeLayer.from_dict(layer.to_dict()) == layer and layer.to_dict()["feature_axis"] == 1
     assert "feature_axis" not in NodeLayer("a", ("act1",)).to_dict()  # older records unchanged
+
+
+def test_edges_and_node_ablation_of_a_cnn_equal_those_of_its_channels_last_twin(cnn) -> None:
+    model, x = cnn[0], cnn[1][:40]
+    twin = channels_last_twin(model)
+    labels = model(x).argmax(-1)
+    ours = degeneracy.interaction_basis(model, x, ["act1", "act2", "output"], progress=False)
+    by_hand = [{"name": f"act{i}", "module": f"cl_conv{i}.seq", "feature_axis": -1} for i in (1, 2)]
+    ref = degeneracy.interaction_basis(twin, x, [*by_hand, "output"], progress=False)
+    g_ours = degeneracy.interaction_graph(model, x, ours, progress=False)
+    g_ref = degeneracy.interaction_graph(twin, x, ref, progress=False)
+    assert g_ours.pairs == g_ref.pairs
+    for pair in g_ours.pairs:
+        torch.testing.assert_close(g_ours[pair], g_ref[pair], rtol=1e-7, atol=1e-9)
+    kept = [0, 1, 2]
+    a = node_ablation_curve(model, x, ours, "act1", labels=labels, num_kept=kept)
+    b = node_ablation_curve(twin, x, ref, "act1", labels=labels, num_kept=kept)
+    assert a.base_accuracy == 1.0
+    torch.testing.assert_close(torch.tensor(a.loss), torch.tensor(b.loss), rtol=1e-9, atol=1e-12)
+    assert a.accuracy == b.accuracy

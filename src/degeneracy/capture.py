@@ -270,7 +270,7 @@ class _Run:
 def _register(model: nn.Module, run: _Run, layers: Sequence[NodeLayer]) -> list[Any]:
     handles = []
     modules = dict(model.named_modules())
-    if needs_tracker(model, [(layer.feature_axis, layer.modules) for layer in layers]):
+    if needs_tracker(model, [(layer.feature_axis, layer.modules) for layer in layers], modules):
         run.tracker = LayoutTracker()
         handles.extend(run.tracker.hooks(model))
     for layer in layers:

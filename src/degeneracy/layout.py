@@ -127,21 +127,25 @@ def has_channels_first(model: nn.Module) -> bool:
     return any(isinstance(m, CHANNELS_FIRST_MODULES) for m in model.modules())
 
 
-def needs_tracker(model: nn.Module, layers: list[tuple[int | None, tuple[str, ...]]]) -> bool:
+def needs_tracker(
+    model: nn.Module,
+    layers: list[tuple[int | None, tuple[str, ...]]],
+    modules: dict[str, nn.Module] | None = None,
+) -> bool:
     """Whether reading node layers given as ``(feature_axis, modules)`` needs a :class:`LayoutTracker`:
     some layer without a ``feature_axis`` reads a module of rule 3 (or the output, ``"output"``) in a
-    model that has channels-first modules.
+    model that has channels-first modules. ``modules``: ``dict(model.named_modules())`` if at hand.
 
     >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     >>> needs_tracker(model, [(None, ("1",))]), needs_tracker(model, [(1, ("1",)), (None, ("0",))])
     (True, False)
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     follows = any(
         axis is None and any(m not in modules or module_layout(modules[m]) == "inherit" for m in names)
         for axis, names in layers
     )
-    return follows and has_channels_first(model)
+    return follows and any(isinstance(m, CHANNELS_FIRST_MODULES) for m in modules.values())
 
 
 def resolve_axis(
