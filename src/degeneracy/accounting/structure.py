@@ -244,8 +244,12 @@ def _linear_site(layout: ParamLayout, name: str, module: nn.Linear) -> Site:
 
 def _conv_site(layout: ParamLayout, name: str, module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Site | str:
     """A convolution as a site on its patches (im2col), or the reason it is not one."""
-    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return f"{name}: a convolution with groups, non-zero or string padding; not analysed"
+    padding = (0, 0) if module.padding == "valid" else module.padding
+    if module.groups != 1 or module.padding_mode != "zeros" or isinstance(padding, str):
+        return (
+            f"{name}: a convolution with groups > 1, padding 'same' or a padding mode other than zeros; "
+            "not analysed"
+        )
     two = isinstance(module, nn.Conv2d)
     spatial = tuple(x.shape[2:]) if two else (1, x.shape[-1])
 
@@ -253,7 +257,7 @@ def _conv_site(layout: ParamLayout, name: str, module: nn.Conv1d | nn.Conv2d, x:
         return (int(v[0]), int(v[1])) if two else (fill, int(v[0]))
 
     (kh, kw), (dh, dw) = pair(module.kernel_size, 1), pair(module.dilation, 1)
-    (ph, pw), (sh, sw) = pair(module.padding, 0), pair(module.stride, 1)  # type: ignore[arg-type]
+    (ph, pw), (sh, sw) = pair(padding, 0), pair(module.stride, 1)  # type: ignore[arg-type]
 
     def patches(v: Tensor) -> Tensor:  # (batch, positions, C_in) → (batch, output positions, C_in·K)
         image = F.pad(v.transpose(1, 2).reshape(v.shape[0], v.shape[2], *spatial), (pw, pw, ph, ph))
