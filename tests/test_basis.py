@@ -56,6 +56,27 @@ def test_deep_linear_network_is_identity_in_lib_coordinates() -> None:
         torch.testing.assert_close(B[name].eigenvalues, pca, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("center", [True, False])
+def test_pca_with_rotate_final_false_leaves_the_last_layer_unrotated(tanh_mlp, inputs, center: bool) -> None:
+    with torch.no_grad():  # a rank-deficient output: PCA would rotate and truncate it to 2 directions
+        tanh_mlp.fc3.weight[2] = tanh_mlp.fc3.weight[0] + tanh_mlp.fc3.weight[1]
+        tanh_mlp.fc3.bias[2] = tanh_mlp.fc3.bias[0] + tanh_mlp.fc3.bias[1]
+    opts = dict(center=center, progress=False)
+    rotated = degeneracy.interaction_basis(tanh_mlp, inputs, LAYERS, method="pca", **opts)
+    kept = degeneracy.interaction_basis(tanh_mlp, inputs, LAYERS, method="pca", rotate_final=False, **opts)
+    neurons = degeneracy.interaction_basis(tanh_mlp, inputs, LAYERS, method="neuron", **opts)
+    assert rotated["output"].dim == 2 + center  # truncated when rotated
+    out = kept["output"]
+    assert out.dim == 3 + center
+    for field in ("C", "C_pinv", "eigenvalues"):
+        torch.testing.assert_close(getattr(out, field), getattr(neurons["output"], field), rtol=0, atol=0)
+    eye = torch.eye(4, dtype=torch.float64)
+    want = eye[[3, 0, 1, 2]] if center else eye[:3, :3]  # the constant coordinate first, then the logits
+    torch.testing.assert_close(out.C, want, rtol=0, atol=0)
+    for name in LAYERS[:-1]:  # the other layers are PCA-rotated as before
+        torch.testing.assert_close(kept[name].C, rotated[name].C, rtol=0, atol=0)
+
+
 def _with_inserted_map(model: nn.Sequential, a: torch.Tensor) -> nn.Sequential:
     """Same function, with f -> A f inserted before fc1 and fc1's weight replaced by W A^-1."""
     insert = nn.Linear(a.shape[0], a.shape[0], bias=False).double()

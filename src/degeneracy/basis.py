@@ -399,7 +399,7 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
     bases: dict[str, LayerBasis] = {}
     if cfg.method in ("pca", "neuron"):
         for name in names:
-            if cfg.method == "pca":
+            if cfg.method == "pca" and (cfg.rotate_final or name != names[-1]):
                 bases[name] = _pca_basis(name, white[name], positions[name])
             else:
                 bases[name] = _neuron_basis(name, moments[name], white[name], positions[name])

@@ -3,7 +3,10 @@
 A :class:`NodeLayer` names one or more submodules of any ``torch.nn.Module`` (their inputs, or their
 outputs when ``read="output"``), or the model ``"output"``; several modules are concatenated along
 the feature dimension. Every activation is handled as ``(batch, pos, d)``: a ``(batch, d)`` tensor
-gets ``pos = 1`` and trailing dimensions beyond the position are flattened into ``d``.
+gets ``pos = 1``; for more dimensions the node layer's ``feature_axis`` says which axis holds the
+features (channels-first modules such as ``nn.Conv2d``: the channels, the spatial positions being the
+positions; sequence activations ``(batch, pos, ...)``: the trailing axes) by the rule of
+:mod:`degeneracy.layout`, and substitution puts the features back on that axis.
 
 One hook mechanism (:func:`forward`) captures some node layers, substitutes others and stops the
 forward pass early once everything asked for has been read (:func:`trace_calls` records every module
@@ -25,10 +28,21 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
-from jaxtyping import Float, Shaped
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.data import call_model, input_mask, position_mask
+from degeneracy.layout import (
+    LayoutTracker,
+    from_bpd,
+    module_layout,
+    needs_tracker,
+    place_positions,
+    resolve_axis,
+    select_positions,
+    to_bpd,
+    validate_feature_axis,
+)
 from degeneracy.lazy import lazy_exports
 from degeneracy.run import select_output
 
@@ -63,6 +77,8 @@ class NodeLayer:
         output: for the ``"output"`` node layer, which output of the model: a key of a ``ModelOutput``
             or dict, or an index of a tuple (default: ``logits``, else ``last_hidden_state``, else the
             first tensor; see :func:`degeneracy.run.select_output`).
+        feature_axis: the axis of the activation holding the features (``1``: channels of a conv net);
+            ``None`` (default) picks it by the rule of :mod:`degeneracy.layout`.
 
     >>> NodeLayer("mlp_in", ("blocks.0.mlp",), positions=-1).to_dict()
     {'name': 'mlp_in', 'modules': ['blocks.0.mlp'], 'positions': -1, 'read': 'input'}
@@ -73,6 +89,7 @@ class NodeLayer:
     positions: Positions = None
     read: Literal["input", "output"] = "input"
     output: str | int | None = None
+    feature_axis: int | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:
@@ -81,6 +98,7 @@ class NodeLayer:
             raise ValueError(f"node layer {self.name!r}: 'output' cannot be combined with other modules")
         if self.read not in ("input", "output"):
             raise ValueError(f"node layer {self.name!r}: read must be 'input' or 'output', got {self.read!r}")
+        validate_feature_axis(self.feature_axis, self.name)
 
     @property
     def is_output(self) -> bool:
@@ -89,7 +107,11 @@ class NodeLayer:
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "modules": list(self.modules), "positions": self.positions}
         out["read"] = self.read
-        return out if self.output is None else {**out, "output": self.output}
+        if self.output is not None:
+            out["output"] = self.output
+        if self.feature_axis is not None:
+            out["feature_axis"] = self.feature_axis
+        return out
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> NodeLayer:
@@ -106,6 +128,7 @@ class NodeLayer:
             positions=positions,
             read=spec.get("read", "input"),
             output=spec.get("output"),
+            feature_axis=validate_feature_axis(spec.get("feature_axis"), spec.get("name", "+".join(modules))),
         )
 
 
@@ -161,43 +184,8 @@ class _Piece:
     layer: NodeLayer
     index: int  # position of the module within layer.modules
     shape: torch.Size | None = None  # the module activation's full shape, learned when it fires
-
-
-def to_bpd(x: Tensor) -> Shaped[Tensor, "batch pos d"]:
-    """(batch,) → (batch, 1, 1); (batch, d) → (batch, 1, d); (batch, pos, ...) → (batch, pos, prod(...)).
-
-    >>> to_bpd(torch.zeros(2, 3)).shape
-    torch.Size([2, 1, 3])
-    """
-    if x.dim() == 1:
-        return x[:, None, None]
-    if x.dim() == 2:
-        return x[:, None, :]
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _select(x: Tensor, positions: Positions, name: str = "") -> Tensor:
-    if positions is None:
-        return x
-    count, wanted = x.shape[1], (positions,) if isinstance(positions, int) else positions
-    if bad := [p for p in wanted if not -count <= p < count]:
-        raise ValueError(f"node layer {name!r} selects positions {bad}, but its activation has {count} "
-                         f"position(s): choose positions from {-count} to {count - 1}")  # fmt: skip
-    if isinstance(positions, int):
-        return x[:, positions : positions + 1] if positions != -1 else x[:, -1:]
-    return x[:, list(positions)]
-
-
-def _place(original: Tensor, value: Tensor, positions: Positions) -> Tensor:
-    """Original (b, p, d) with ``value`` written at ``positions`` (out of place, torch.func friendly)."""
-    if positions is None:
-        return value
-    n_pos = original.shape[1]
-    idx = [positions] if isinstance(positions, int) else list(positions)
-    idx = [i % n_pos for i in idx]
-    where = {p: k for k, p in enumerate(idx)}
-    cols = [value[:, where[p]] if p in where else original[:, p] for p in range(n_pos)]
-    return torch.stack(cols, dim=1)
+    module: str = OUTPUT  # the module's name
+    layout: str = "inherit"  # its layout rule (degeneracy.layout.module_layout)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple[tuple, dict]]]:
@@ -230,23 +218,32 @@ class _Run:
             layer.name: [None] * len(layer.modules) for layer in layers
         }
         self.widths: dict[str, list[int]] = {}
+        self.tracker: LayoutTracker | None = None  # set when a node layer's layout follows its producer
+
+    def axis(self, piece: _Piece, x: Tensor) -> int | None:
+        """The feature axis of activation ``x`` of ``piece`` (see :mod:`degeneracy.layout`)."""
+        where = "" if piece.layer.is_output else piece.module
+        return resolve_axis(x, piece.layer.feature_axis, piece.layout, self.tracker, piece.layer.name, where)
 
     def visit(self, piece: _Piece, x: Tensor) -> Tensor | None:
         """Record a module activation; return a replacement tensor if the layer is substituted."""
         layer = piece.layer
-        full = to_bpd(x)
-        selected = _select(full, layer.positions, layer.name)
+        axis = self.axis(piece, x)
+        full = to_bpd(x, axis)
+        selected = select_positions(full, layer.positions, layer.name)
         replacement = None
         if layer.name in self.substitute:
             new_full = self._replacement(piece, full, selected)
-            if self.compact and x.dim() >= 3 and layer.positions is not None:
+            if self.compact and x.dim() >= 3 and layer.positions is not None and axis is None:
                 # only the selected positions go on (valid when nothing downstream reads the others)
                 replacement = new_full.reshape(x.shape[0], new_full.shape[1], *x.shape[2:])
                 selected = new_full
             else:
-                new_full = _place(full, new_full, layer.positions)
-                replacement = new_full.reshape(x.shape)
-                selected = _select(new_full, layer.positions, layer.name)
+                new_full = place_positions(full, new_full, layer.positions)
+                replacement = from_bpd(new_full, x.shape, axis)
+                selected = select_positions(new_full, layer.positions, layer.name)
+            if self.tracker is not None:
+                self.tracker.mark(replacement, axis)
         self.pieces[layer.name][piece.index] = selected
         if layer.name in self.pending_stop and all(p is not None for p in self.pieces[layer.name]):
             self.pending_stop.discard(layer.name)
@@ -285,12 +282,15 @@ class _Run:
 def _register(model: nn.Module, run: _Run, layers: Sequence[NodeLayer]) -> list[Any]:
     handles = []
     modules = dict(model.named_modules())
+    if needs_tracker(model, [(layer.feature_axis, layer.modules) for layer in layers], modules):
+        run.tracker = LayoutTracker()
+        handles.extend(run.tracker.hooks(model))
     for layer in layers:
         if layer.is_output:
             continue
         for index, module_name in enumerate(layer.modules):
-            piece = _Piece(layer, index)
             module = modules[module_name]
+            piece = _Piece(layer, index, module=module_name, layout=module_layout(module))
             if layer.read == "input":
 
                 def pre_hook(mod, args, kwargs, piece=piece):
@@ -355,9 +355,10 @@ def forward(
         output = call_model(model, inputs)
         if wants_output:
             out_layer = next(known[n] for n in capture if known[n].is_output)
-            captured[out_layer.name] = _select(
-                to_bpd(select_output(output, key=out_layer.output)), out_layer.positions, out_layer.name
-            )
+            out = select_output(output, key=out_layer.output)
+            axis = run.axis(_Piece(out_layer, 0), out)
+            out = select_positions(to_bpd(out, axis), out_layer.positions, out_layer.name)
+            captured[out_layer.name] = out
     except _Stop:
         pass
     finally:

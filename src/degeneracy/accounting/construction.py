@@ -244,6 +244,10 @@ def sparsify(
     structure = discover_torch(new, batches[0].inputs)
     if not structure.sites:
         raise ValueError("no nn.Linear layer called once per forward pass was found")
+    if convs := [s.name for s in structure.sites if not isinstance(resolve_module(new, s.name), nn.Linear)]:
+        raise NotImplementedError(
+            f"the Section 4 construction is implemented for chains of nn.Linear layers; {convs} are not"
+        )
     dtype = next(new.parameters()).dtype
     if tolerance is None:
         tolerance = 1e-10 if dtype == torch.float64 else 1e-4

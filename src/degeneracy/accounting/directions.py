@@ -110,6 +110,10 @@ def jacobian_directions(site: Site, null_vectors: Tensor, num_parameters: int) -
 def block_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
     """d/dt of W_in[S] → (I + tE) W_in[S], W_out[:, S] → W_out[:, S](I − tE) for E = e_a e_bᵀ, a, b ∈ S.
 
+    A neuron is read by the columns :meth:`~degeneracy.accounting.structure.NeuronLayer.columns` of
+    W_out (a channel's kernel taps, or its pixels after a flatten): column k of neuron b gains column
+    k of neuron a.
+
     >>> import torch
     >>> from degeneracy.accounting.structure import discover
     >>> model = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
@@ -123,18 +127,20 @@ def block_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tens
     in_index = layer.in_site.augmented_index()
     w_out = flat[layer.out_site.weight_index]  # (d_out, d)
     out_index = layer.out_site.weight_index
+    cols = layer.columns()
     rows = []
     for a in block:
         for b in block:
             v = torch.zeros(num_parameters, dtype=torch.float64)
             v[in_index[a]] += w_in[b]  # row a of E W_in
-            v[out_index[:, b]] -= w_out[:, a]  # column b of W_out E
+            v[out_index[:, cols[b]]] -= w_out[:, cols[a]]  # column b of W_out E
             rows.append(v)
     return torch.stack(rows)
 
 
 def translation_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -> Tensor:
-    """δb_in[a] = 1, δb_out = −slope·W_out[:, a] for each neuron a of a linear block (always on: slope 1).
+    """δb_in[a] = 1, δb_out = −slope·W_out[:, a] for each neuron a of a linear block (always on: slope 1;
+    a neuron read by several columns of W_out, e.g. a channel, moves them all: their sum).
 
     >>> import torch
     >>> from degeneracy.accounting.structure import discover
@@ -146,11 +152,12 @@ def translation_directions(layer: NeuronLayer, block: list[int], flat: Tensor) -
     assert layer.in_site is not None and layer.out_site is not None
     assert layer.in_site.bias_index is not None and layer.out_site.bias_index is not None
     w_out = flat[layer.out_site.weight_index]
+    cols = layer.columns()
     rows = []
     for a in block:
         v = torch.zeros(flat.numel(), dtype=torch.float64)
         v[layer.in_site.bias_index[a]] = 1.0
-        v[layer.out_site.bias_index] = -w_out[:, a]
+        v[layer.out_site.bias_index] = -w_out[:, cols[a]].sum(1)
         rows.append(v)
     return torch.stack(rows)
 

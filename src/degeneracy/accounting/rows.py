@@ -356,6 +356,7 @@ def neuron_rows(
             and layer.out_site is not None
             and layer.in_site.has_bias
             and layer.out_site.has_bias
+            and layer.shift_exact
         )
         linear_blocks = sync.linear_blocks() if translatable else []
         if linear_blocks:
