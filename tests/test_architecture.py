@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"data"},
     {"run", "capture", "stats"},
     {"behavioral", "jacobian", "basis_result", "graph_result"},
-    {"adapters", "sections"},
+    {"adapters", "sections", "probes"},
     {"attributions", "basis", "accounting", "llc"},
     {"edges"},
     {"ablation", "modules", "fourier", "models"},

@@ -1,0 +1,147 @@
+"""Stochastic ±1 sources (degeneracy.probes): unbiased over every sign pattern, standard errors that
+match the spread over seeds, reproducible seeds, and clear errors for bad options."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import degeneracy
+from degeneracy.jacobian import jacobian_gram
+from degeneracy.linalg import integration_rule
+from degeneracy.probes import (
+    eigenvalue_se,
+    every_sign_pattern,
+    pattern_sources,
+    rademacher_sources,
+    source_gram,
+)
+from tests.test_edges import SeqModel
+from tests.test_jacobian import _direct, _section
+
+LAYERS = ["mix", "out", "output"]
+
+
+@pytest.mark.parametrize("rule_name,n", [("gradient", 1), ("gauss-legendre", 2)])
+def test_source_gram_over_every_pattern_is_the_exact_gram(rule_name: str, n: int) -> None:
+    """Σ_s g_sᵀ g_s with g = Σ_(t,i) r_(t,i) J[(t,i), s], averaged over all 2^(P_out·m) patterns = M."""
+    fn = _section(torch.randn(4, 6, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    in_map, out_map = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    rule = integration_rule(rule_name, n)
+    want = _direct(fn, x, in_map, out_map, rule)  # per-example jacrev
+    signs = every_sign_pattern(6).reshape(1, 64, 2, 3).expand(5, 64, 2, 3)
+    per = source_gram(fn, x, in_map, out_map, rule, signs, max_elements=300)  # several chunks
+    torch.testing.assert_close(per.mean(0), want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+    assert float((per[5] - want).norm() / want.norm()) > 1e-2  # one pattern alone is a genuine estimate
+    exact = jacobian_gram(fn, x, in_map, out_map, rule, num_out_positions=2)
+    torch.testing.assert_close(exact, want, rtol=1e-12, atol=1e-12)
+
+
+def _model(positions: int = 2) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    return SeqModel(positions=positions).double(), torch.randn(12, positions, 4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["lib", "global"])
+def test_basis_over_every_pattern_equals_the_exact_basis(method: str) -> None:
+    model, x = _model()
+    exact = degeneracy.interaction_basis(model, x, LAYERS, method=method, progress=False)
+    rows = 2 * exact["out"].dim if method == "lib" else 2 * exact["output"].dim
+    every = degeneracy.interaction_basis(
+        model, x, LAYERS, method=method, num_sources=2**rows, sources=pattern_sources(), progress=False
+    )
+    assert "±1 sources" in every.info["jacobians"]["mix->" + ("out" if method == "lib" else "output")]
+    for name in LAYERS:
+        a, b = exact[name], every[name]
+        torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-10, atol=0)
+        signs = torch.sign((a.C * b.C).sum(1))
+        torch.testing.assert_close(signs[:, None] * b.C, a.C, rtol=1e-8, atol=1e-10 * float(a.C.abs().max()))
+    assert exact["mix"].eigenvalue_se is None
+    assert float(every["mix"].eigenvalue_se.max()) > 0  # patterns differ: a spread, yet a mean that is exact
+
+
+def test_source_gram_standard_errors_match_the_spread_over_seeds() -> None:
+    """Eigenvalues of M from R = 4 sources, 200 seeds: their spread against the delta-method SE of each
+    draw (std of v_jᵀ M_r v_j over the sources / √R), and their mean against the exact eigenvalues."""
+    fn = _section(torch.randn(4, 6, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    x = torch.randn(20, 3, 4, dtype=torch.float64)
+    in_map, out_map = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    rule = integration_rule("gradient")
+    exact = torch.linalg.eigvalsh(jacobian_gram(fn, x, in_map, out_map, rule, num_out_positions=2))
+    signs = rademacher_sources(0)((20, 200 * 4, 2, 3))  # 200 independent draws of 4 sources
+    draws = source_gram(fn, x, in_map, out_map, rule, signs).reshape(200, 4, 3, 3)
+    values, reported = [], []
+    for per in draws:
+        eig = torch.linalg.eigh(per.mean(0))
+        values.append(eig.eigenvalues)
+        reported.append(eigenvalue_se(per, eig.eigenvectors))
+    values_t, spread = torch.stack(values), torch.stack(values).std(0)
+    ratio = torch.stack(reported).mean(0) / spread
+    assert bool(((ratio > 0.75) & (ratio < 1.33)).all()), ratio
+    bias = (values_t.mean(0) - exact).abs() / (spread / 200**0.5)
+    assert bool((bias[1:] < 5).all()), bias  # the top ones: no bias visible at 200 seeds
+    assert float(spread.min()) > 1e-3 * float(exact.max())  # a genuine spread
+
+
+@pytest.mark.slow
+def test_eigenvalue_standard_errors_match_the_spread_over_seeds() -> None:
+    """Through interaction_basis: the reported SE (std over R sources / √R, delta method) against the
+    std of the eigenvalues over independent seeds; and the same seed gives the same basis."""
+    model, x = _model(positions=4)
+    options = dict(num_sources=4, sections=None, progress=False)
+    runs = [degeneracy.interaction_basis(model, x, LAYERS, seed=s, **options) for s in range(40)]
+    values = torch.stack([b["mix"].eigenvalues[1:4] for b in runs])  # top three after the constant
+    spread = values.std(0)
+    reported = torch.stack([b["mix"].eigenvalue_se[1:4] for b in runs]).mean(0)
+    ratio = reported / spread
+    assert bool(((ratio > 0.6) & (ratio < 1.6)).all()), ratio
+    exact = degeneracy.interaction_basis(model, x, LAYERS, progress=False)["mix"].eigenvalues[1:4]
+    bias = (values.mean(0) - exact).abs() / (spread / 40**0.5)
+    assert bool((bias < 5).all()), bias  # within 5 standard errors of the mean over seeds
+    again = degeneracy.interaction_basis(model, x, LAYERS, seed=3, **options)
+    torch.testing.assert_close(again["mix"].C, runs[3]["mix"].C, rtol=0, atol=0)
+
+
+def test_eigenvalue_se_is_the_delta_method() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64)
+    per = a @ a.transpose(1, 2) + torch.diag(torch.tensor([30.0, 10.0, 1.0], dtype=torch.float64))
+    vectors = torch.linalg.eigh(per.mean(0)).eigenvectors
+    quad = torch.stack([vectors.T @ m @ vectors for m in per]).diagonal(dim1=1, dim2=2)
+    torch.testing.assert_close(eigenvalue_se(per, vectors), quad.std(0) / 6**0.5, rtol=1e-12, atol=0)
+
+
+def test_rademacher_sources_are_seeded_signs() -> None:
+    a, b = rademacher_sources(5)((3, 4, 6)), rademacher_sources(5)((3, 4, 6))
+    assert torch.equal(a, b) and not torch.equal(a, rademacher_sources(6)((3, 4, 6)))
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    draws = torch.randint(0, 2, (3, 4, 6), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, (2 * draws - 1).double())  # the documented draw
+
+
+def test_exact_builds_log_their_cost(caplog) -> None:
+    model, x = _model()
+    with caplog.at_level(logging.INFO, logger="degeneracy"):
+        B = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "degeneracy"]
+    assert any("exact LIB M" in m and "num_sources=R" in m for m in messages), messages
+    # (mix -> out): 12 examples × 2 positions × dim(out) rows; (out -> output): 12 × 2 × dim(output)
+    assert B.info["cost"]["products_per_source"] == 2 * 12  # one VJP per source, example and pair
+    assert B.info["cost"]["exact_products"] >= 12 * 2 * (B["out"].dim + B["output"].dim)
+
+
+def test_bad_source_options(unchecked) -> None:
+    model, x = _model()
+    with pytest.raises(ValueError, match="num_sources"):
+        degeneracy.interaction_basis(model, x, LAYERS, num_sources=0, progress=False)
+    with pytest.raises(ValueError, match="jacobian_mode='vjp'"):
+        degeneracy.interaction_basis(model, x, LAYERS, num_sources=2, jacobian_mode="jvp", progress=False)
+    with unchecked(), pytest.raises(ValueError, match="rademacher"):
+        degeneracy.interaction_basis(model, x, LAYERS, num_sources=2, sources="gauss", progress=False)
+    with pytest.raises(ValueError, match="num_sources=256"):
+        degeneracy.interaction_basis(
+            model, x, LAYERS, num_sources=3, sources=pattern_sources(), progress=False
+        )
