@@ -145,3 +145,64 @@ def test_bad_source_options(unchecked) -> None:
         degeneracy.interaction_basis(
             model, x, LAYERS, num_sources=3, sources=pattern_sources(), progress=False
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edges: sources over output positions (each output feature i is an edge of its own)
+
+
+def test_edges_over_every_pattern_equal_the_exact_edges(tmp_path) -> None:
+    model, x = _model(positions=5)
+    B = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
+    exact = degeneracy.interaction_graph(model, x, B, jacobian_mode="vjp", progress=False)
+    every = degeneracy.interaction_graph(
+        model, x, B, num_sources=32, sources=pattern_sources(), jacobian_mode="vjp", progress=False
+    )
+    for pair in exact.pairs:
+        torch.testing.assert_close(
+            every[pair], exact[pair], rtol=1e-10, atol=1e-14 * float(exact[pair].max())
+        )
+        assert float(every.edge_se[pair].max()) > 0  # the patterns disagree, their mean is exact
+    assert exact.edge_se == {}
+    path = every.save(tmp_path / "graph.safetensors")
+    again = degeneracy.load_graph(path)
+    for pair in exact.pairs:
+        assert torch.equal(again.edge_se[pair], every.edge_se[pair])
+    basis = degeneracy.interaction_basis(model, x, LAYERS, num_sources=3, progress=False)
+    loaded = degeneracy.load_basis(basis.save(tmp_path / "basis.safetensors"))
+    assert torch.equal(loaded["mix"].eigenvalue_se, basis["mix"].eigenvalue_se)
+
+
+def test_edge_standard_errors_match_the_spread_over_seeds() -> None:
+    """E from R = 4 sources, 200 independent draws: the spread of each edge against its reported SE."""
+    from degeneracy.attributions import squared_attributions
+
+    fn = _section(torch.randn(4, 6, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    x = torch.randn(10, 3, 4, dtype=torch.float64)
+    in_map, out_map = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    rule = integration_rule("gradient")
+    kw = dict(num_out_positions=2, mode="vjp")
+    exact, _ = squared_attributions(fn, x, in_map, out_map, rule, **kw)
+    signs = rademacher_sources(0)((10, 800, 2))
+    per, _ = squared_attributions(fn, x, in_map, out_map, rule, signs=signs, per_source=True, **kw)
+    draws = per.reshape(200, 4, 2, 3)
+    estimates = draws.mean(1)
+    spread = estimates.std(0)
+    reported = (draws.std(1) / 2).mean(0)  # std over the 4 sources / √4, averaged over the draws
+    ratio = reported / spread
+    assert bool(((ratio > 0.75) & (ratio < 1.33)).all()), ratio
+    bias = (estimates.mean(0) - exact).abs() / (spread / 200**0.5)
+    assert bool((bias < 5).all()), bias  # unbiased
+    assert float((spread / exact).min()) > 1e-3  # a genuine spread
+
+
+def test_sources_where_the_exact_path_is_cheaper_give_exact_edges() -> None:
+    """With "auto", R sources × d̂_out rows costlier than d̂_in JVPs: the exact JVP path (was a crash)."""
+    model, x = _model(positions=5)
+    B = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
+    exact = degeneracy.interaction_graph(model, x, B, progress=False)
+    got = degeneracy.interaction_graph(model, x, B, num_sources=3, progress=False)
+    assert set(got.info["modes"].values()) == {"jvp"}
+    for pair in exact.pairs:
+        torch.testing.assert_close(got[pair], exact[pair], rtol=1e-12, atol=0)
+        assert float(got.edge_se[pair].abs().max()) == 0.0
