@@ -206,3 +206,54 @@ def test_sources_where_the_exact_path_is_cheaper_give_exact_edges() -> None:
     for pair in exact.pairs:
         torch.testing.assert_close(got[pair], exact[pair], rtol=1e-12, atol=0)
         assert float(got.edge_se[pair].abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        ("basis", "options: {num_sources: 0}\n", "basis option num_sources must be a positive number"),
+        ("basis", "options: {num_sources: 4, sources: gauss}\n", "sources must be 'rademacher'"),
+        ("basis", "options: {num_sources: 4, jacobian_mode: jvp}\n", "exclude each other"),
+        ("graph", "edges: {num_sources: 2.5}\n", "edges option num_sources must be a positive number"),
+        ("graph", "basis: {num_sources: 4, seed: one}\n", "basis option seed must be an integer"),
+    ],
+)
+def test_source_options_fail_before_any_work(tmp_path, command: str, text: str, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from degeneracy.commands import app
+
+    config = tmp_path / "run.yaml"
+    config.write_text(text + "model: {name: no.such.module:factory}\n")
+    result = CliRunner().invoke(app, [command, str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_basis_command_with_sources(tmp_path) -> None:
+    """``degeneracy basis`` with ``num_sources``: the saved LIB basis carries eigenvalue standard errors,
+    and the seed reproduces it."""
+    from typer.testing import CliRunner
+
+    from degeneracy.commands import app
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {name: digits_mlp, limit: 64}\nmethods: [lib]\noptions: {num_sources: 4, seed: 2}\n"
+    )
+    runs = []
+    for out in ("a", "b"):
+        result = CliRunner().invoke(app, ["basis", str(config), "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        runs.append(degeneracy.load_basis(tmp_path / out / "bases" / "lib.safetensors"))
+    a, b = runs
+    assert a.config.num_sources == 4 and a.config.seed == 2
+    se = a["fc1"].eigenvalue_se
+    assert se is not None and se.shape == a["fc1"].eigenvalues.shape and float(se[1:].max()) > 0
+    assert torch.equal(a["fc1"].C, b["fc1"].C) and torch.equal(se, b["fc1"].eigenvalue_se)
