@@ -54,12 +54,65 @@ def load(examples: int, tokens: int) -> tuple[torch.nn.Module, torch.Tensor]:
     return LastHidden(bert).float().eval(), torch.tensor(chunks[:examples])
 
 
+def pass_timings(
+    model: torch.nn.Module, x: torch.Tensor, layers: list[str], basis: degeneracy.Basis, counts: list[int]
+) -> dict[str, float]:
+    """Seconds of the Jacobian products alone (the M pass of one layer pair, without the build's
+    affine-section probe and cut check): the exact Gram against R ±1 sources, on the same section."""
+    from degeneracy.capture import capture, section
+    from degeneracy.jacobian import jacobian_gram
+    from degeneracy.linalg import homogeneous_rule, integration_rule
+    from degeneracy.probes import rademacher_sources, source_gram
+
+    src, dst = layers
+    acts = capture(model, x, basis.layers, constant=True)
+    fn = section(model, x, basis.layers, src, dst, constant=True)
+    in_map, out_map = basis[src].C_pinv, basis[dst].C
+    rule = homogeneous_rule(integration_rule("gradient"))
+    positions = acts[dst].shape[1]
+    out = {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        jacobian_gram(fn, acts[src], in_map, out_map, rule, num_out_positions=positions)
+        out["exact"] = time.perf_counter() - t0
+        for r in counts:
+            signs = rademacher_sources(0)((x.shape[0], r, positions, out_map.shape[0]))
+            t0 = time.perf_counter()
+            source_gram(fn, acts[src], in_map, out_map, rule, signs)
+            out[f"R={r}"] = time.perf_counter() - t0
+    print(out, flush=True)
+    return out
+
+
+def large_run(examples: int, tokens: int, layers: list[str], count: int, common: dict) -> dict:
+    """A stochastic build on more inputs: time and the largest relative standard error of the top 20."""
+    model, x = load(examples, tokens)
+    t0 = time.perf_counter()
+    got = degeneracy.interaction_basis(model, x, layers, num_sources=count, **{**common, "batch_size": 16})
+    src = layers[0]
+    values, se = got[src].eigenvalues[1 : TOP + 1], got[src].eigenvalue_se[1 : TOP + 1]
+    row = {
+        "examples": examples,
+        "sources": count,
+        "products": count * got.info["cost"]["products_per_source"],
+        "exact_products": got.info["cost"]["exact_products"],
+        "seconds_total": time.perf_counter() - t0,
+        "load": os.getloadavg()[0],
+        "max_rel_se_top20": float((se / values).max()),
+        "median_rel_se_top20": float((se / values).median()),
+    }
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--sources", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--large-examples", type=int, default=128)
+    parser.add_argument("--large-sources", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/minilm_stochastic.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -101,6 +154,8 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+    products = pass_timings(model, x, layers, exact, args.sources)
+    rows_large = large_run(args.large_examples, args.tokens, layers, args.large_sources, common)
     meta = {
         "examples": args.examples,
         "tokens": args.tokens,
@@ -110,7 +165,8 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": 1,
     }
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    result = {"meta": meta, "rows": rows, "pass_seconds": products, "large": rows_large}
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
