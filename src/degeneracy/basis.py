@@ -57,9 +57,8 @@ from degeneracy.linalg import (
 )
 from degeneracy.probes import (
     SignSource,
+    build_cost,
     eigenvalue_se,
-    exact_products,
-    log_cost,
     resolve_sources,
     source_gram,
 )
@@ -426,7 +425,16 @@ def _build(
         if cfg.has_constant:
             rule = homogeneous_rule(rule)
         last = names[-1]
-        info_cost = _log_build_cost(run, cfg, names, white, moments, positions, shortcuts, rule)
+        # the products M needs where no closed-form Gram applies (affine sections turn out cheaper), logged
+        n = moments[names[0]].count // max(1, positions[names[0]])
+        dsts = {src: names[l + 1] if cfg.method == "lib" else last for l, src in enumerate(names[:-1])}
+        shapes = [
+            (positions[dst], white[dst].R.shape[0], positions[src], white[src].R.shape[0], 1)
+            for src, dst in dsts.items()
+            if getattr(shortcuts.get((src, dst)), "gram", None) is None
+        ]
+        what, points = f"{cfg.method.upper()} M", len(rule.points)
+        info_cost = build_cost(what, n, shapes, points, cfg.jacobian_mode, cfg.num_sources)
         if cfg.rotate_final:
             bases[last] = _pca_basis(last, white[last], positions[last])
         else:
@@ -438,19 +446,9 @@ def _build(
             short = shortcuts.get((src, dst))
             k = white[src].R.shape[0]
             per = None if cfg.num_sources is None else [MatrixAccumulator(k) for _ in range(cfg.num_sources)]
+            sourced = {"per_source": per, "draw": draw}
             M, methods[f"{src}->{dst}"] = _interaction_matrix(
-                run,
-                cfg,
-                src,
-                dst,
-                white[src],
-                bases[dst],
-                positions,
-                rule,
-                progress,
-                short,
-                per_source=per,
-                draw=draw,
+                run, cfg, src, dst, white[src], bases[dst], positions, rule, progress, short, **sourced
             )
             spread = None if per is None else torch.stack([acc.value for acc in per])
             bases[src] = _interaction_step(src, white[src], M, cfg, positions[src], spread)
@@ -465,40 +463,6 @@ def _build(
     if cfg.method in ("lib", "global"):
         info["cost"] = info_cost
     return Basis(list(run.layers), {name: bases[name] for name in names}, cfg, info)
-
-
-def _log_build_cost(
-    run: NodeLayerRun,
-    cfg: BasisConfig,
-    names: list[str],
-    white: Mapping[str, Whitening],
-    moments: Mapping[str, MomentAccumulator],
-    positions: Mapping[str, int],
-    shortcuts: Mapping[tuple[str, str], Any],
-    rule: Any,
-) -> dict[str, int]:
-    """Jacobian products that M needs for the pairs without a closed-form Gram (an upper bound: affine
-    sections turn out cheaper), logged before the passes with the ±1-source alternative."""
-    n = moments[names[0]].count // max(1, positions[names[0]])
-    exact, per_source, kind = 0, 0, "VJP"
-    for l in range(len(names) - 1):
-        src, dst = names[l], names[l + 1] if cfg.method == "lib" else names[-1]
-        if getattr(shortcuts.get((src, dst)), "gram", None) is not None:
-            continue
-        products, kind = exact_products(
-            n,
-            positions[dst],
-            white[dst].R.shape[0],
-            positions[src],
-            white[src].R.shape[0],
-            len(rule.points),
-            cfg.jacobian_mode,
-        )
-        exact += products
-        per_source += n * len(rule.points)
-    if exact:
-        log_cost(f"{cfg.method.upper()} M", exact, kind, per_source, cfg.num_sources)
-    return {"exact_products": exact, "products_per_source": per_source}
 
 
 def _interaction_matrix(

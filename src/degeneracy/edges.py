@@ -62,7 +62,7 @@ from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
-from degeneracy.probes import SignSource, exact_products, log_cost, resolve_sources, source_mean_and_se
+from degeneracy.probes import SignSource, build_cost, resolve_sources, source_mean_and_se
 from degeneracy.sections import (
     SectionFn,
     Sections,
@@ -334,16 +334,11 @@ def _log_cost(
 ) -> dict[str, int]:
     """Jacobian products of the edges (pairs without a closed-form kernel), logged before the passes
     with the ±1-source alternative (R sources: R·d̂_out VJPs per example)."""
-    exact, per_source, kind = 0, 0, "VJP"
+    shapes = []
     for src, dst in pairs:
         short = shortcuts.get((src, dst))
         if isinstance(short, SectionShortcut) and short.kernel is not None and cfg.jacobian_mode == "auto":
             continue
-        m, p_out = basis[dst].dim, acts[dst].shape[1]
         # one VJP per output row (t, i), or one JVP per input feature j (all input positions at once)
-        products, kind = exact_products(run.n, p_out, m, 1, basis[src].dim, points, cfg.jacobian_mode)
-        exact += products
-        per_source += run.n * points * m
-    if exact:
-        log_cost("edges", exact, kind, per_source, cfg.num_sources)
-    return {"exact_products": exact, "products_per_source": per_source}
+        shapes.append((acts[dst].shape[1], basis[dst].dim, 1, basis[src].dim, basis[dst].dim))
+    return build_cost("edges", run.n, shapes, points, cfg.jacobian_mode, cfg.num_sources)

@@ -49,6 +49,7 @@ __all__ = [
     "eigenvalue_se",
     "exact_products",
     "log_cost",
+    "build_cost",
     "LONG_BUILD_PRODUCTS",
 ]
 
@@ -240,3 +241,31 @@ def log_cost(what: str, exact: int, kind: str, per_source: int, num_sources: int
     )
     logger.log(logging.WARNING if exact > LONG_BUILD_PRODUCTS else logging.INFO, message)
     return message
+
+
+def build_cost(
+    what: str,
+    n: int,
+    shapes: list[tuple[int, int, int, int, int]],
+    points: int,
+    mode: str,
+    num_sources: int | None,
+) -> dict[str, int]:
+    """The Jacobian products of a build over ``n`` examples, logged (:func:`log_cost`) before it runs.
+
+    ``shapes`` holds, per layer pair that is differentiated, (output positions, output rows, input
+    positions, input directions) as for :func:`exact_products`, and the VJPs one source costs per
+    example (1 for the basis Grams, whose sources mix the output rows; d̂_out for the edges, whose
+    sources mix output positions only). Returns ``{"exact_products", "products_per_source"}``.
+
+    >>> build_cost("LIB M", 64, [(32, 385, 32, 385, 1)], 1, "auto", None)
+    {'exact_products': 788480, 'products_per_source': 64}
+    """
+    exact, per_source, kind = 0, 0, "VJP"
+    for out_positions, out_rows, in_positions, in_directions, source_rows in shapes:
+        products, kind = exact_products(n, out_positions, out_rows, in_positions, in_directions, points, mode)
+        exact += products
+        per_source += n * points * source_rows
+    if exact:
+        log_cost(what, exact, kind, per_source, num_sources)
+    return {"exact_products": exact, "products_per_source": per_source}
