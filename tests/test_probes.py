@@ -122,15 +122,28 @@ def test_rademacher_sources_are_seeded_signs() -> None:
     assert torch.equal(a, (2 * draws - 1).double())  # the documented draw
 
 
-def test_exact_builds_log_their_cost(caplog) -> None:
+def test_exact_builds_log_their_cost(caplog, monkeypatch) -> None:
+    """The cost of an exact build and its stochastic alternative, logged before the passes: a warning
+    above LONG_BUILD_PRODUCTS, else INFO; the counts are in ``info["cost"]``."""
+    import degeneracy.probes
+
     model, x = _model()
     with caplog.at_level(logging.INFO, logger="degeneracy"):
         B = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
-    messages = [r.getMessage() for r in caplog.records if r.name == "degeneracy"]
-    assert any("exact LIB M" in m and "num_sources=R" in m for m in messages), messages
-    # (mix -> out): 12 examples × 2 positions × dim(out) rows; (out -> output): 12 × 2 × dim(output)
+    records = [r for r in caplog.records if r.name == "degeneracy"]
+    assert any("exact LIB M" in r.getMessage() and r.levelno == logging.INFO for r in records), records
+    # (mix -> out): 12 examples × 2 positions × the whitened rows of "out", then (out -> output)
     assert B.info["cost"]["products_per_source"] == 2 * 12  # one VJP per source, example and pair
     assert B.info["cost"]["exact_products"] >= 12 * 2 * (B["out"].dim + B["output"].dim)
+    caplog.clear()
+    monkeypatch.setattr(degeneracy.probes, "LONG_BUILD_PRODUCTS", 100)
+    with caplog.at_level(logging.INFO, logger="degeneracy"):
+        G = degeneracy.interaction_graph(model, x, B, jacobian_mode="vjp", progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("exact edges") and "num_sources=R" in m for m in warned), warned
+    # VJP path: one per output row (2 positions × d̂_out) and example; a source costs d̂_out per example
+    want = sum(12 * 2 * B[dst].dim for _, dst in G.pairs)
+    assert G.info["cost"] == {"exact_products": want, "products_per_source": want // 2}
 
 
 def test_bad_source_options(unchecked) -> None:
