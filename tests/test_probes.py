@@ -146,6 +146,24 @@ def test_exact_builds_log_their_cost(caplog, monkeypatch) -> None:
     assert G.info["cost"] == {"exact_products": want, "products_per_source": want // 2}
 
 
+def test_edges_of_an_iterable_of_batches_with_sources() -> None:
+    """Data of unknown length (a list of batches): the cost is logged per example, and the same seed
+    gives the same edges as the whole tensor in the same batches."""
+    model, x = _model(positions=5)
+    B = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
+    options = dict(num_sources=4, seed=7, jacobian_mode="vjp", progress=False, batch_size=6)
+    whole = degeneracy.interaction_graph(model, x, B, **options)
+    batches = degeneracy.interaction_graph(model, [x[:6], x[6:]], B, **options)
+    assert batches.info["cost"]["products_per_source"] == sum(B[dst].dim for _, dst in _pairs(B))
+    for pair in whole.pairs:
+        torch.testing.assert_close(batches[pair], whole[pair], rtol=1e-12, atol=0)
+        torch.testing.assert_close(batches.edge_se[pair], whole.edge_se[pair], rtol=1e-10, atol=0)
+
+
+def _pairs(basis: degeneracy.Basis) -> list[tuple[str, str]]:
+    return list(zip(basis.names[:-1], basis.names[1:], strict=True))
+
+
 def test_bad_source_options(unchecked) -> None:
     model, x = _model()
     with pytest.raises(ValueError, match="num_sources"):

@@ -333,7 +333,8 @@ def _log_cost(
     run: NodeLayerRun, basis: Any, cfg: EdgeConfig, pairs: list[Pair], acts: Any, shortcuts: Any, points: int
 ) -> dict[str, int]:
     """Jacobian products of the edges (pairs without a closed-form kernel), logged before the passes
-    with the ±1-source alternative (R sources: R·d̂_out VJPs per example)."""
+    with the ±1-source alternative (R sources: R·d̂_out VJPs per example); per example when the data
+    (an iterable of batches) do not say how many examples they hold."""
     shapes = []
     for src, dst in pairs:
         short = shortcuts.get((src, dst))
@@ -341,4 +342,5 @@ def _log_cost(
             continue
         # one VJP per output row (t, i), or one JVP per input feature j (all input positions at once)
         shapes.append((acts[dst].shape[1], basis[dst].dim, 1, basis[src].dim, basis[dst].dim))
-    return build_cost("edges", run.n, shapes, points, cfg.jacobian_mode, cfg.num_sources)
+    what = "edges" if run.n is not None else "edges, per example,"
+    return build_cost(what, run.n or 1, shapes, points, cfg.jacobian_mode, cfg.num_sources)
