@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"data", "layout"},
     {"run", "capture", "stats"},
     {"behavioral", "jacobian", "basis_result", "graph_result", "cuts"},
-    {"adapters", "sections"},
+    {"adapters", "sections", "probes"},
     {"attributions", "basis", "accounting", "llc"},
     {"edges"},
     {"ablation", "modules", "fourier", "models"},

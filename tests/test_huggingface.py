@@ -342,3 +342,33 @@ def test_examples_whose_selected_positions_are_all_padding_are_left_out(one_thre
     Gf = degeneracy.interaction_graph(model, {k: v[full] for k, v in padded.items()}, B, progress=False)
     edges = G.edges[("last1", "out")]
     assert float((edges - Gf.edges[("last1", "out")]).abs().max()) <= 1e-10 * float(edges.abs().max())
+
+
+def test_stochastic_sources_on_a_padded_batch_equal_its_sentences_with_the_same_signs(one_thread):
+    """±1 sources leave padding out too: a padded batch's per-source Grams and edges equal those of
+    its sentences fed one at a time with the same signs on their valid positions (padded output
+    positions get no sign, padded input positions add nothing)."""
+    model = tiny("bert")
+    padded, single = sentences()
+    drawn: list[torch.Tensor] = []
+
+    def record(shape: tuple[int, ...]) -> torch.Tensor:
+        signs = 2 * torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(len(drawn))) - 1.0
+        drawn.append(signs.to(torch.float64))
+        return drawn[-1]
+
+    calls = iter(range(10**6))
+
+    def replay(shape: tuple[int, ...]) -> torch.Tensor:
+        k = next(calls)  # the k-th draw of the one-at-a-time build: pair k // 6, sentence k % 6
+        b, n = k % len(LENGTHS), LENGTHS[k % len(LENGTHS)]
+        return drawn[k // len(LENGTHS)][b : b + 1, :, :n].reshape(shape)
+
+    layers = LAYERS["bert"]
+    Bp = degeneracy.interaction_basis(model, padded, layers, num_sources=3, sources=record, progress=False)
+    Bs = degeneracy.interaction_basis(model, single, layers, num_sources=3, sources=replay, progress=False)
+    assert len(drawn) == 2  # one draw per layer pair: the sources were used
+    same_basis(Bp, Bs, 1e-10)
+    for name in layers[:-1]:
+        se_p, se_s = Bp[name].eigenvalue_se, Bs[name].eigenvalue_se
+        assert float((se_p - se_s).abs().max()) <= 1e-10 * float(se_p.abs().max())

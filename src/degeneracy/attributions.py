@@ -60,7 +60,8 @@ def squared_attributions(
     max_elements: int = 2**21,
     in_mask: Tensor | None = None,
     out_mask: Tensor | None = None,
-) -> tuple[Float[Tensor, "m k"], Float[Tensor, "batch rows m"]]:
+    per_source: bool = False,
+) -> tuple[Float[Tensor, "*sources m k"], Float[Tensor, "batch rows m"]]:
     """Σ_x Σ_t A(x)_{t,i,j}² for one batch, and Σ_j A (for the completeness check); float64.
 
     Args:
@@ -78,6 +79,7 @@ def squared_attributions(
         max_elements: the largest number of entries a vmapped chunk may hold.
         in_mask, out_mask: valid (unpadded) input and output positions, (batch, pos_in) and
             (batch, pos_out) bools: padded positions get no attribution (``None``: all valid).
+        per_source: with ``signs`` on the VJP path, S per source (R × m × k) instead of its sum.
 
     Returns:
         ``(S, Σ_j A)``: S[i, j] = Σ_b Σ_rows A² (m × k) and the row sums of A, shape
@@ -158,7 +160,8 @@ def squared_attributions(
         a = (integrated_vjp(pullbacks, cot, in_map) * feats[None]).sum(2)
         total[rows] += torch.einsum("rbk,rbk->rk", a, a)
         sums[:, rows] = a.sum(-1).T
-    return total.reshape(n_out, m, k).sum(0), sums.reshape(batch, n_out, m)
+    total = total.reshape(n_out, m, k)
+    return (total if per_source and signs is not None else total.sum(0)), sums.reshape(batch, n_out, m)
 
 
 def kernel_attributions(

@@ -20,7 +20,7 @@ AXES: dict[str, str] = {
     "pos_in": "positions of the source node layer of a section f^l -> f^{l+1}",
     "pos_out": "positions of the target node layer of a section",
     "rows": "flattened (position, feature) rows of an output or Jacobian",
-    "sources": "random ±1 source vectors over output positions",
+    "sources": "random ±1 source vectors over output positions (and output directions)",
     "out": "output axes after the example axis (summed by the behavioral loss)",
     # node layers and bases
     "d": "width of a node layer (including the constant coordinate when present)",

@@ -57,6 +57,13 @@ from degeneracy.linalg import (
     truncate,
     whitening,
 )
+from degeneracy.probes import (
+    SignSource,
+    build_cost,
+    eigenvalue_se,
+    resolve_sources,
+    source_gram,
+)
 from degeneracy.run import ModelRun
 from degeneracy.sections import SectionFn, Sections, resolve_sections, shortcut_gram, slice_inputs
 from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite
@@ -203,9 +210,16 @@ def _neuron_basis(name: str, moments: MomentAccumulator, w: Whitening, positions
 
 
 def _interaction_step(
-    name: str, w: Whitening, M: Float[Tensor, "k k"], cfg: BasisConfig, positions: int
+    name: str,
+    w: Whitening,
+    M: Float[Tensor, "k k"],
+    cfg: BasisConfig,
+    positions: int,
+    per_source: Float[Tensor, "sources k k"] | None = None,
 ) -> LayerBasis:
-    """C = diag(Λ)^{1/2} V R from M = Vᵀ diag(Λ) V; the constant direction (if any) kept as row 0."""
+    """C = diag(Λ)^{1/2} V R from M = Vᵀ diag(Λ) V; the constant direction (if any) kept as row 0.
+    With ``per_source`` (the independent estimates M_r whose mean is M) the eigenvalues get their
+    standard errors."""
     start = 1 if w.has_constant else 0
     full = eigh_descending(M[start:, start:])
     kept, k = truncate(full, cfg.interaction_threshold, relative=cfg.relative)
@@ -215,6 +229,7 @@ def _interaction_step(
     rows = sqrt[:, None] * (kept.vectors.T @ w.R[start:])
     cols = (w.R_pinv[:, start:] @ kept.vectors) / sqrt[None, :]
     eig = kept.values
+    se = None if per_source is None else eigenvalue_se(per_source[:, start:, start:], kept.vectors)
     if w.has_constant:
         # the constant direction: scaled by sqrt(M_00) so that E[f̂_0²] = Λ_0 (1 if it has no effect)
         lam0 = float(M[0, 0])
@@ -227,7 +242,10 @@ def _interaction_step(
         rows = torch.cat([s0 * w.R[:1], rows])
         cols = torch.cat([w.R_pinv[:, :1] / s0, cols], dim=1)
         eig = torch.cat([torch.tensor([lam0], dtype=torch.float64), eig])
-    return LayerBasis(name, rows, cols, eig, w.all_values, w.augmented, positions, w.truncated_mass, mass)
+        if se is not None and per_source is not None:  # Λ_0 = M_00 (or 1 when it is not used)
+            se0 = eigenvalue_se(per_source, torch.eye(M.shape[0], 1, dtype=torch.float64))
+            se = torch.cat([se0 if lam0 == float(M[0, 0]) else torch.zeros(1, dtype=torch.float64), se])
+    return LayerBasis(name, rows, cols, eig, w.all_values, w.augmented, positions, w.truncated_mass, mass, se)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,6 +273,9 @@ def interaction_basis(
     dtype: str | torch.dtype | None = None,
     check_cut: bool = True,
     sections: Sections = "auto",
+    num_sources: int | None = None,
+    seed: int = 0,
+    sources: str | SignSource = "rademacher",
     progress: bool = True,
 ) -> Basis:
     """Build an interaction basis at every node layer of ``model`` over ``data``.
@@ -294,6 +315,17 @@ def interaction_basis(
             if it differs), ``None`` (always differentiate the hook-based section) or a mapping
             ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
             not the result; ``B.info["jacobians"]`` records how each pair's Jacobians were had.
+        num_sources: stochastic sources for M (:mod:`degeneracy.probes`): ``None`` (default) sums
+            exactly over every output row (position t, direction i), one VJP per row and example;
+            a count R replaces that sum by R random ±1 combinations of the rows, R VJPs per example
+            (unbiased: E[M] is the exact M). ``B[name].eigenvalue_se`` then holds each eigenvalue's
+            standard error (spread of the R independent sources, delta method; needs R ≥ 2).
+            Closed-form and affine sections stay exact. An exact build that needs more than
+            :data:`~degeneracy.probes.LONG_BUILD_PRODUCTS` products logs its cost and this alternative.
+        seed: seed of the ±1 sources (reproducible; one ``torch.Generator`` per build, drawn per
+            batch, shape (batch, R, P_out, d̂_out), for the layer pairs from last to first).
+        sources: ``"rademacher"`` (default: independent ±1 signs) or a callable ``draw(shape)``
+            returning ±1 float64 signs of that shape, e.g. :func:`degeneracy.probes.pattern_sources`.
         progress: show progress bars.
 
     Returns:
@@ -311,7 +343,7 @@ def interaction_basis(
     was_training = run.model.training
     run.model.eval()
     try:
-        return _build(run, cfg, progress, sections)
+        return _build(run, cfg, progress, sections, resolve_sources(sources, seed))
     finally:
         run.model.train(was_training)
 
@@ -387,7 +419,13 @@ def _first_batch_sections(run: NodeLayerRun, cfg: BasisConfig, sections: Section
         )[0]
 
 
-def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sections = None) -> Basis:
+def _build(
+    run: NodeLayerRun,
+    cfg: BasisConfig,
+    progress: bool,
+    sections: Sections = None,
+    draw: SignSource | None = None,
+) -> Basis:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     moments, positions = collect_moments(run, cfg.has_constant, progress, cfg.check_cut)
@@ -408,6 +446,16 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
         if cfg.has_constant:
             rule = homogeneous_rule(rule)
         last = names[-1]
+        # the products M needs where no closed-form Gram applies (affine sections turn out cheaper), logged
+        n = moments[names[0]].count // max(1, positions[names[0]])
+        dsts = {src: names[l + 1] if cfg.method == "lib" else last for l, src in enumerate(names[:-1])}
+        shapes = [
+            (positions[dst], white[dst].R.shape[0], positions[src], white[src].R.shape[0], 1)
+            for src, dst in dsts.items()
+            if getattr(shortcuts.get((src, dst)), "gram", None) is None
+        ]
+        what, points = f"{cfg.method.upper()} M", len(rule.points)
+        info_cost = build_cost(what, n, shapes, points, cfg.jacobian_mode, cfg.num_sources)
         if cfg.rotate_final:
             bases[last] = _pca_basis(last, white[last], positions[last])
         else:
@@ -417,10 +465,14 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
             src = names[l]
             dst = names[l + 1] if cfg.method == "lib" else last
             short = shortcuts.get((src, dst))
+            k = white[src].R.shape[0]
+            per = None if cfg.num_sources is None else [MatrixAccumulator(k) for _ in range(cfg.num_sources)]
+            sourced = {"per_source": per, "draw": draw}
             M, methods[f"{src}->{dst}"] = _interaction_matrix(
-                run, cfg, src, dst, white[src], bases[dst], positions, rule, progress, short
+                run, cfg, src, dst, white[src], bases[dst], positions, rule, progress, short, **sourced
             )
-            bases[src] = _interaction_step(src, white[src], M, cfg, positions[src])
+            spread = None if per is None else torch.stack([acc.value for acc in per])
+            bases[src] = _interaction_step(src, white[src], M, cfg, positions[src], spread)
             timings[f"interaction/{src}"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
     info = {
@@ -429,6 +481,8 @@ def _build(run: NodeLayerRun, cfg: BasisConfig, progress: bool, sections: Sectio
         "jacobians": methods,
         "version": degeneracy.__version__,
     }
+    if cfg.method in ("lib", "global"):
+        info["cost"] = info_cost
     return Basis(list(run.layers), {name: bases[name] for name in names}, cfg, info)
 
 
@@ -443,15 +497,21 @@ def _interaction_matrix(
     rule: Any,
     progress: bool,
     shortcut: SectionFn | None = None,
+    per_source: list[MatrixAccumulator] | None = None,
+    draw: SignSource | None = None,
 ) -> tuple[Float[Tensor, "k k"], str]:
     """M = 1/(n P_in) Σ_x Σ_s Jᵀ J for J = C^dst ∂f^dst/∂f^src R₊^src (METHOD §2.2), and how the
     Jacobians were had: ``"closed form"`` (a section shortcut), ``"affine"`` (one Jacobian for all
-    inputs) or ``"autodiff"`` (``torch.func`` through the hook-based section)."""
+    inputs), ``"autodiff"`` (``torch.func`` through the hook-based section) or ``"±1 sources"``
+    (``cfg.num_sources`` random combinations of the output rows, drawn by ``draw``). With
+    ``per_source`` (one accumulator per source), each gets its own estimate M_r (exact parts
+    added to all): independent estimates of M, with mean M."""
     acc = MatrixAccumulator(white.R.shape[0])
     how: set[str] = set()
     constant = cfg.has_constant
     compact = None
     affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
+    estimates = None  # this batch's per-source Grams, when drawn
     for i, inputs in enumerate(run.inputs(f"M[{src}]", progress)):
         with torch.no_grad():
             x, y = run.cached(src, i), run.cached(dst, i)
@@ -484,6 +544,14 @@ def _interaction_matrix(
                         j0, white.R_pinv, out_basis.C, x.shape[0], in_mask=in_mask, out_mask=out_mask
                     )
                     how.add("affine")
+                elif cfg.num_sources is not None and draw is not None:
+                    how.add("±1 sources")
+                    signs = draw((x.shape[0], cfg.num_sources, y.shape[1], out_basis.C.shape[0]))
+                    estimates = source_gram(
+                        fn, x, white.R_pinv, out_basis.C, rule, signs, max_elements=cfg.max_elements,
+                        in_mask=in_mask, out_mask=out_mask,
+                    )  # fmt: skip
+                    total = estimates.mean(0)
                 else:
                     how.add("autodiff")
                     total = jacobian_gram(
@@ -499,5 +567,11 @@ def _interaction_matrix(
                         max_elements=cfg.max_elements,
                     )
             check_finite(total, f"the Jacobian Gram of node layer {src!r}")
-            acc.add(total, x.shape[0] * x.shape[1] if in_mask is None else int(in_mask.sum()))
+            count = x.shape[0] * x.shape[1] if in_mask is None else int(in_mask.sum())
+            acc.add(total, count)
+            for r, source_acc in enumerate(per_source or []):  # exact batches count for every source
+                source_acc.add(total if estimates is None else estimates[r], count)
+            estimates = None
+    for source_acc in per_source or []:
+        source_acc.all_reduce()
     return acc.all_reduce().value, " + ".join(sorted(how))

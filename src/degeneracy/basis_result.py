@@ -94,6 +94,8 @@ class BasisConfig:
     max_elements: int = 2**20
     dtype: str | None = None
     check_cut: bool = True
+    num_sources: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +113,15 @@ class BasisConfig:
         dtype_name(self.dtype)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.num_sources is not None and self.num_sources < 1:
+            raise ValueError(
+                f"num_sources must be a positive number of ±1 sources (None: exact), got {self.num_sources}"
+            )
+        if self.num_sources is not None and self.jacobian_mode == "jvp":
+            raise ValueError(
+                "num_sources draws ±1 sources as cotangents of vector-Jacobian products: use "
+                "jacobian_mode='vjp' or 'auto' with it, or num_sources=None for the exact JVP path"
+            )
 
     @property
     def has_constant(self) -> bool:
@@ -142,6 +153,9 @@ class LayerBasis:
         width: d, the node layer's width including the constant coordinate.
         positions: number of positions the node layer has.
         truncated_gram_mass, truncated_interaction_mass: fractions of eigenvalue mass dropped.
+        eigenvalue_se: for bases built with ±1 sources (``num_sources``), the standard error of each
+            eigenvalue from the spread of the independent sources (:mod:`degeneracy.probes`; 0 where
+            M was exact, ``nan`` with one source); ``None`` for exact builds.
 
     >>> eye = torch.eye(2, dtype=torch.float64)
     >>> b = LayerBasis("h", eye, eye, torch.ones(2, dtype=torch.float64), torch.ones(2), False, 1)
@@ -158,6 +172,7 @@ class LayerBasis:
     positions: int
     truncated_gram_mass: float = 0.0
     truncated_interaction_mass: float = 0.0
+    eigenvalue_se: Float[Tensor, " dhat"] | None = None
 
     @property
     def width(self) -> int:
@@ -247,6 +262,8 @@ class Basis:
             tensors[f"{name}/C_pinv"] = b.C_pinv
             tensors[f"{name}/eigenvalues"] = b.eigenvalues
             tensors[f"{name}/gram_eigenvalues"] = b.gram_eigenvalues
+            if b.eigenvalue_se is not None:
+                tensors[f"{name}/eigenvalue_se"] = b.eigenvalue_se
             per_layer[name] = {
                 "has_constant": b.has_constant,
                 "positions": b.positions,
@@ -313,6 +330,7 @@ def load_basis(path: str | Path) -> Basis:
             C_pinv=tensors[f"{layer.name}/C_pinv"],
             eigenvalues=tensors[f"{layer.name}/eigenvalues"],
             gram_eigenvalues=tensors[f"{layer.name}/gram_eigenvalues"],
+            eigenvalue_se=tensors.get(f"{layer.name}/eigenvalue_se"),
             **per_layer[layer.name],
         )
         for layer in layers

@@ -34,7 +34,11 @@ two seconds (benchmarks/).
 
 Long contexts: with ``num_sources = R`` the sum over output positions is estimated by random ±1
 sources (VJP path): A^r_{i,j} = Σ_t r_t A_{t,i,j} with Rademacher r_t, and E[(A^r)²] = Σ_t A_t², since
-E[r_t r_t'] = δ_tt'. The estimate averages R sources; it is exact when P_out = 1 (r² = 1).
+E[r_t r_t'] = δ_tt'. The estimate averages R sources, R·d̂_{l+1} VJPs per example instead of
+P_out·d̂_{l+1}; the spread of the R independent sources gives each edge's standard error
+(``G.edge_se``, :mod:`degeneracy.probes`). The output features i stay exact (each edge E_ij needs its
+own i, so sources cannot mix them, unlike the basis Grams). Pairs with one output position, and pairs
+where the exact JVP path is cheaper than R sources, are computed exactly.
 
 The results (:class:`InteractionGraph`, :func:`load_graph`, :func:`sparsity`) live in
 :mod:`degeneracy.graph_result`, the per-batch numerics in :mod:`degeneracy.attributions`; both are
@@ -58,6 +62,7 @@ from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
+from degeneracy.probes import SignSource, build_cost, resolve_sources, source_mean_and_se
 from degeneracy.sections import (
     SectionFn,
     Sections,
@@ -93,6 +98,7 @@ def interaction_graph(
     integration_steps: int = 1,
     num_sources: int | None = None,
     seed: int = 0,
+    sources: str | SignSource = "rademacher",
     batch_size: int | None = None,
     jacobian_mode: Mode = "auto",
     max_elements: int = 2**21,
@@ -113,9 +119,14 @@ def interaction_graph(
             completeness.
         integration_steps: intervals (trapezoid) or nodes − 1 (Gauss-Legendre).
         num_sources: random ±1 sources over output positions (VJP path) instead of one VJP per
-            output position; ``None`` (default) is exact.
+            output position; ``None`` (default) is exact. Unbiased; ``G.edge_se`` holds each edge's
+            standard error (needs R ≥ 2). Pairs with one output position or a cheaper exact JVP path
+            stay exact. An exact graph that needs more than
+            :data:`~degeneracy.probes.LONG_BUILD_PRODUCTS` products logs its cost and this alternative.
         seed: seed of the ±1 sources (per batch, ``torch.randint(0, 2, (batch, num_sources, P_out))``
             from one ``torch.Generator`` seeded with ``seed``, drawn for the layer pairs in order).
+        sources: ``"rademacher"`` (default) or a callable ``draw(shape)`` returning ±1 float64 signs
+            of that shape (e.g. :func:`degeneracy.probes.pattern_sources`).
         batch_size: examples per pass (default: the basis's).
         jacobian_mode: ``"vjp"``, ``"jvp"`` or ``"auto"`` (fewer passes wins).
         max_elements: the largest number of entries a vmapped chunk may hold (bounds memory).
@@ -152,7 +163,7 @@ def interaction_graph(
     run.model.eval()
     try:
         with frozen_parameters(run.model):
-            return _build(run, basis, cfg, progress, sections)
+            return _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
     finally:
         run.model.train(was_training)
 
@@ -182,7 +193,12 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def _build(
-    run: NodeLayerRun, basis: Any, cfg: EdgeConfig, progress: bool, sections: Sections
+    run: NodeLayerRun,
+    basis: Any,
+    cfg: EdgeConfig,
+    progress: bool,
+    sections: Sections,
+    draw: SignSource | None = None,
 ) -> InteractionGraph:
     names = [layer.name for layer in run.layers]
     pairs = list(zip(names[:-1], names[1:], strict=True))
@@ -192,8 +208,12 @@ def _build(
         rule = homogeneous_rule(rule)
     shortcuts: dict[Pair, SectionFn] = {}
     kinds: dict[str, str] = {}
-    generator = torch.Generator().manual_seed(cfg.seed)
+    draw = draw or resolve_sources("rademacher", cfg.seed)
     sums = {pair: torch.zeros(basis[pair[1]].dim, basis[pair[0]].dim, dtype=torch.float64) for pair in pairs}
+    num = cfg.num_sources or 0
+    source_sums = {pair: torch.zeros(num, *sums[pair].shape, dtype=torch.float64) for pair in pairs}
+    sampled = dict.fromkeys(pairs, False)
+    cost: dict[str, int] = {}
     counts = dict.fromkeys(pairs, 0)
     worst = dict.fromkeys(pairs, 0.0)
     scale = dict.fromkeys(pairs, 0.0)
@@ -217,6 +237,7 @@ def _build(
                 shortcuts, kinds = resolve_sections(
                     run.model, run.layers, inputs, acts, sections, constant=constant, widths=run.widths
                 )
+                cost = _log_cost(run, basis, cfg, pairs, acts, shortcuts, len(rule.points))
         for src, dst in pairs:
             t0 = time.perf_counter()
             x = acts[src]
@@ -230,8 +251,10 @@ def _build(
             p_out = acts[dst].shape[1]
             signs = None
             if cfg.num_sources is not None:
-                draws = torch.randint(0, 2, (x.shape[0], cfg.num_sources, p_out), generator=generator)
-                signs = (2 * draws - 1).to(device=x.device, dtype=torch.float64)
+                signs = draw((x.shape[0], cfg.num_sources, p_out)).to(device=x.device, dtype=torch.float64)
+                sampled_rows = cfg.num_sources * C_out.shape[0]
+                if p_out == 1 or attribution_mode(cfg.jacobian_mode, sampled_rows, C_in.shape[0]) == "jvp":
+                    signs = None  # exact at no more cost (drawn all the same: the draws stay in step)
             n_out = p_out if signs is None else cfg.num_sources
             modes[f"{src}->{dst}"] = attribution_mode(
                 cfg.jacobian_mode, n_out * C_out.shape[0], C_in.shape[0]
@@ -268,9 +291,14 @@ def _build(
                         max_elements=cfg.max_elements,
                         in_mask=masks[src],
                         out_mask=masks[dst],
+                        per_source=True,
                     )
                 if signs is not None:  # the average over sources estimates Σ_t A_t²
-                    total = total / cfg.num_sources
+                    source_sums[(src, dst)] += total.cpu()
+                    sampled[(src, dst)] = True
+                    total = total.sum(0) / cfg.num_sources
+                elif cfg.num_sources is not None:  # an exact batch: the same for every source
+                    source_sums[(src, dst)] += total.cpu()
                 check_finite(total, f"the edges {src} -> {dst}")
                 sums[(src, dst)] += total.cpu()
                 counts[(src, dst)] += x.shape[0] * x.shape[1] if masks[src] is None else int(masks[src].sum())
@@ -287,15 +315,40 @@ def _build(
                 scale[(src, dst)] = max(scale[(src, dst)], float(target.abs().max()))
             timings[f"{src}->{dst}"] += time.perf_counter() - t0
     edges = {pair: sums[pair] / counts[pair] for pair in pairs}
+    edge_se = {
+        pair: source_mean_and_se(source_sums[pair] / counts[pair])[1]
+        if sampled[pair]
+        else torch.zeros_like(edges[pair])
+        for pair in pairs
+        if cfg.num_sources is not None
+    }
     completeness = {pair: worst[pair] / scale[pair] if scale[pair] > 0 else worst[pair] for pair in pairs}
     info = {
         "timings": {**timings, "total": time.perf_counter() - t_start},
         "n_examples": counts[pairs[0]] // max(1, basis[pairs[0][0]].positions) if pairs else 0,
         "modes": modes,
         "sections": kinds,
+        "cost": cost,
         "version": degeneracy.__version__,
     }
     eigenvalues = {name: basis[name].eigenvalues.clone() for name in names}
     return InteractionGraph(
-        tuple(run.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info
+        tuple(run.layers), edges, basis.config.method, constant, eigenvalues, completeness, cfg, info, edge_se
     )
+
+
+def _log_cost(
+    run: NodeLayerRun, basis: Any, cfg: EdgeConfig, pairs: list[Pair], acts: Any, shortcuts: Any, points: int
+) -> dict[str, int]:
+    """Jacobian products of the edges (pairs without a closed-form kernel), logged before the passes
+    with the ±1-source alternative (R sources: R·d̂_out VJPs per example); per example when the data
+    (an iterable of batches) do not say how many examples they hold."""
+    shapes = []
+    for src, dst in pairs:
+        short = shortcuts.get((src, dst))
+        if isinstance(short, SectionShortcut) and short.kernel is not None and cfg.jacobian_mode == "auto":
+            continue
+        # one VJP per output row (t, i), or one JVP per input feature j (all input positions at once)
+        shapes.append((acts[dst].shape[1], basis[dst].dim, 1, basis[src].dim, basis[dst].dim))
+    what = "edges" if run.n is not None else "edges, per example,"
+    return build_cost(what, run.n or 1, shapes, points, cfg.jacobian_mode, cfg.num_sources)

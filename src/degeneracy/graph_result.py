@@ -80,6 +80,9 @@ class InteractionGraph:
             scale max |f̂^{l+1}(f) − f̂^{l+1}(0)|.
         config: the :class:`EdgeConfig` used.
         info: timings (seconds per layer pair and total), number of examples, modes, library version.
+        edge_se: with ±1 sources (``num_sources``), ``edge_se[pair]`` is the standard error of each edge
+            (spread of the independent sources / √R, :mod:`degeneracy.probes`; 0 for pairs computed
+            exactly, ``nan`` with one source); empty for exact graphs.
 
     >>> import degeneracy
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
@@ -98,6 +101,7 @@ class InteractionGraph:
     completeness: dict[Pair, float]
     config: EdgeConfig
     info: dict[str, Any] = field(default_factory=dict)
+    edge_se: dict[Pair, Tensor] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -127,6 +131,7 @@ class InteractionGraph:
             edges={p: self.edges[p] for p in pairs},
             eigenvalues={n: self.eigenvalues[n] for n in keep},
             completeness={p: self.completeness[p] for p in pairs},
+            edge_se={p: self.edge_se[p] for p in pairs if p in self.edge_se},
         )
 
     def __getitem__(self, pair: Pair) -> Tensor:
@@ -154,6 +159,8 @@ class InteractionGraph:
         tensors: dict[str, Tensor] = {}
         for k, pair in enumerate(self.pairs):
             tensors[f"edges/{k}"] = self.edges[pair]
+            if pair in self.edge_se:
+                tensors[f"edge_se/{k}"] = self.edge_se[pair]
         for k, name in enumerate(self.names):
             tensors[f"eigenvalues/{k}"] = self.eigenvalues[name]
         completeness = [self.completeness[pair] for pair in self.pairs]
@@ -207,8 +214,10 @@ def load_graph(path: str | Path) -> InteractionGraph:
         if e.shape != (eigenvalues[b].numel(), eigenvalues[a].numel()):
             raise ResultFileError(f"{path}: edges {a}->{b} have shape {tuple(e.shape)}, inconsistent")
     completeness = {pair: float(c) for pair, c in zip(pairs, completeness_list, strict=True)}
+    edge_se = {pair: tensors[f"edge_se/{k}"] for k, pair in enumerate(pairs) if f"edge_se/{k}" in tensors}
+    info = meta.get("info", {})
     return InteractionGraph(
-        layers, edges, basis_method, has_constant, eigenvalues, completeness, config, meta.get("info", {})
+        layers, edges, basis_method, has_constant, eigenvalues, completeness, config, info, edge_se
     )
 
 

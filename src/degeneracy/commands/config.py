@@ -250,11 +250,42 @@ def check_options(options: dict[str, Any], function: Callable[..., Any], *, take
     return options
 
 
+def check_sources(options: dict[str, Any], where: str) -> dict:
+    """The stochastic-source options of a basis or edge config (:mod:`degeneracy.probes`), checked before
+    anything runs: ``num_sources`` a positive count or ``null`` (exact), ``seed`` an integer,
+    ``sources`` ``"rademacher"`` (a config file cannot name a draw function of your own).
+
+    >>> check_sources({"num_sources": 8, "seed": 1}, "basis")
+    {'num_sources': 8, 'seed': 1}
+    >>> check_sources({"num_sources": 0}, "basis")
+    Traceback (most recent call last):
+    ...
+    ValueError: basis option num_sources must be a positive number of ±1 sources (null: exact), got 0
+    """
+    count = options.get("num_sources")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"{where} option num_sources must be a positive number of ±1 sources (null: exact), got {count!r}"
+        )
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where} option seed must be an integer, got {seed!r}")
+    if options.get("sources", "rademacher") != "rademacher":
+        raise ValueError(f"{where} option sources must be 'rademacher', got {options['sources']!r}")
+    if count is not None and options.get("jacobian_mode") == "jvp":
+        raise ValueError(
+            f"{where} options num_sources and jacobian_mode='jvp' exclude each other: use 'auto'"
+        )
+    return options
+
+
 class BasisRunConfig(StrictModel):
     """``degeneracy basis CONFIG.yaml``: a model, its node layers and the basis options.
 
     ``methods`` lists the bases to build; ``options`` are keyword arguments of
-    :func:`degeneracy.interaction_basis` (``center``, ``gram_threshold``, ``integration_rule``, ...).
+    :func:`degeneracy.interaction_basis` (``center``, ``gram_threshold``, ``integration_rule``, ...;
+    ``num_sources: R`` with ``seed`` for stochastic ±1 sources in place of the exact Jacobian Grams,
+    with eigenvalue standard errors: :mod:`degeneracy.probes`).
 
     >>> cfg = BasisRunConfig.model_validate({"methods": ["lib"], "options": {"center": False}})
     >>> cfg.model.name, cfg.methods, cfg.options, cfg.node_layers
@@ -273,6 +304,7 @@ class BasisRunConfig(StrictModel):
 
         check_methods(self.methods)
         check_options(self.options, degeneracy.interaction_basis, taken=BASIS_TAKEN)
+        check_sources(self.options, "basis")
         return self
 
 
@@ -334,7 +366,8 @@ class GraphRunConfig(StrictModel):
     """``degeneracy graph CONFIG.yaml``: bases, interaction graphs, ablations, modules, Fourier labels.
 
     ``basis`` and ``edges`` are keyword options of :func:`degeneracy.interaction_basis` and
-    :func:`degeneracy.interaction_graph`; ``shortcuts`` uses the (checked) TransformerLens section
+    :func:`degeneracy.interaction_graph` (both take ``num_sources``, ``seed``: stochastic ±1 sources
+    with standard errors); ``shortcuts`` uses the (checked) TransformerLens section
     shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
     modular-addition data) adds Fourier labels of the features.
 
@@ -364,6 +397,8 @@ class GraphRunConfig(StrictModel):
         check_methods(self.ablation.edge_methods or [])
         check_options(self.basis, degeneracy.interaction_basis, taken=BASIS_TAKEN)
         check_options(self.edges, degeneracy.interaction_graph, taken=GRAPH_TAKEN)
+        check_sources(self.basis, "basis")
+        check_sources(self.edges, "edges")
         return self
 
 
