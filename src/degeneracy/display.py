@@ -108,9 +108,7 @@ def html_table(
                 cells.append(f"<td{cell}>{escape(format_value(value))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     if len(shown) < len(rows):
-        parts.append(
-            f'<tr><td colspan="{len(headers)}"{cell}>… {len(rows) - len(shown)} more rows</td></tr>'
-        )
+        parts.append(f'<tr><td colspan="{len(headers)}"{cell}>… {len(rows) - len(shown)} more rows</td></tr>')
     parts.append("</tbody></table>")
     return "".join(parts)
 
@@ -164,9 +162,12 @@ def text_summary(
         numeric = [all(_is_number(row[i]) for row in shown) for i in range(len(headers))]
 
         def line(values: Sequence[str]) -> str:
-            return "  " + "  ".join(
-                v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)
-            ).rstrip()
+            return (
+                "  "
+                + "  ".join(
+                    v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)
+                ).rstrip()
+            )
 
         lines.append(line([str(h) for h in headers]))
         lines += [line(r) for r in cells]
