@@ -147,6 +147,14 @@ class Chromium:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
+    def evaluate_async(self, expression: str) -> Any:
+        """The JSON value a JavaScript promise resolves to (e.g. after the next animation frames)."""
+        params = {"expression": expression, "returnByValue": True, "awaitPromise": True}
+        result = self.call("Runtime.evaluate", params)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
     def mouse(self, kind: str, x: float, y: float) -> None:
         """A mouse event at viewport coordinates (``mouseMoved``, ``mousePressed``, ``mouseReleased``)."""
         params = {"type": kind, "x": x, "y": y}
@@ -169,15 +177,18 @@ class Chromium:
 
     def requests(self) -> list[str]:
         """The URL of every network request the page made."""
-        return [e["params"]["request"]["url"] for e in self.log if e.get("method") == "Network.requestWillBeSent"]
+        sent = [e for e in self.log if e.get("method") == "Network.requestWillBeSent"]
+        return [e["params"]["request"]["url"] for e in sent]
 
     def screenshot(self, path: str | Path, full_page: bool = True) -> Path:
         """A PNG of the page (the whole page when ``full_page``)."""
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": size["width"],
-                                                           "height": size["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         data = self.call("Page.captureScreenshot", params)["data"]
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)
