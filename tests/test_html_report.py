@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,21 @@ from chromium import Chromium, find_browser
 from typer.testing import CliRunner
 
 import degeneracy
-from conftest import mlp
 from degeneracy.commands import app
 from degeneracy.llc import sample_sgld
 from degeneracy.report.html import write_html_report
 
 LAYERS = ["fc0", "fc1", "fc2", "output"]
+
+
+def mlp(widths: list[int], act: type[torch.nn.Module]) -> torch.nn.Sequential:
+    """fc0, act0, fc1, ... (no activation after the last layer), float64."""
+    parts: dict[str, torch.nn.Module] = {}
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        parts[f"fc{i}"] = torch.nn.Linear(a, b)
+        if i < len(widths) - 2:
+            parts[f"act{i}"] = act()
+    return torch.nn.Sequential(OrderedDict(parts)).double()
 
 
 @pytest.fixture(scope="module")

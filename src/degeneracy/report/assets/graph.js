@@ -245,9 +245,9 @@
       tooltip.appendChild(document.createTextNode(line));
     });
     tooltip.hidden = false;
-    var left = Math.min(x + 14, state.width - 260);
-    tooltip.style.left = left + "px";
-    tooltip.style.top = (y + 14) + "px";
+    var left = Math.min(x + 14, state.width - 260);  // canvas coordinates, shifted to the container's
+    tooltip.style.left = (canvas.offsetLeft + left) + "px";
+    tooltip.style.top = (canvas.offsetTop + y + 14) + "px";
   }
 
   function position(event) {
