@@ -239,6 +239,22 @@ def test_interactive_graph_in_headless_chromium(run_dir: Path, page: str) -> Non
         shown = [(s, t) for s, t, e in data["edges"] if e >= data["epsilon"][nodes[s]["layer"]]]
         assert int(stats["selectedIn"]) == sum(1 for _, t in shown if t == node_id)
         assert int(stats["selectedOut"]) == sum(1 for s, _ in shown if s == node_id)
+        # colour by connected components: recomputed in the page, counted here by union-find
+        browser.evaluate("document.querySelector('input[name=colour-by][value=components]').click()")
+        parent = list(range(len(nodes)))
+
+        def root(a: int) -> int:
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        for s, t in shown:
+            parent[root(s)] = root(t)
+        sizes: dict[int, int] = {}
+        for k in range(len(nodes)):
+            sizes[root(k)] = sizes.get(root(k), 0) + 1
+        groups = browser.evaluate("document.getElementById('graph-stats').dataset.groups")
+        assert int(groups) == sum(1 for n in sizes.values() if n > 1) > 0
         assert browser.errors() == []
         remote = [u for u in browser.requests() if not u.startswith(("file:", "data:"))]
         assert remote == []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from degeneracy.display import escape, format_value, html_table
-from degeneracy.report.html import embed_figure, source_line
+from degeneracy.report.html_figures import embed_figure, source_line
 
 __all__ = ["SECTIONS"]
 
@@ -415,14 +415,14 @@ def _accounting(run_dir: Path, found: Found) -> str:
             r.layer,
             r.source,
             r.count,
-            "upper bound" if r.is_upper_bound else "exact",
+            "upper bound" if r.is_upper_bound else "",
             "yes" if r.generic else "",
         ]
         for r in report.rows
     ]
     parts.append(
         _table(
-            ["layer", "source", "free directions (count)", "bound", "generic"],
+            ["layer", "source", "free directions (count)", "count is", "generic (every θ)"],
             rows,
             "Sources of free directions (parameter directions that leave the behavioral loss unchanged).",
         )
