@@ -149,7 +149,7 @@ def _graph(run_dir: Path, found: Found) -> str:
             "Edges with E ≥ ε are shown; ε of each layer pair starts at the run's "
             f"({data['epsilon_source']}) "
             "and the slider scales all of them. Hover a feature for its facts; click it to highlight its "
-            "incoming (red) and outgoing (blue) edges, click again to clear. The constant direction is left "
+            "incoming (red) and outgoing (black) edges, click again to clear. The constant direction is left "
             "out, as the modules leave it out."
             + (f" {data['edges_left_out']:,} weakest edges are not drawn." if data["edges_left_out"] else "")
             + "</p>"

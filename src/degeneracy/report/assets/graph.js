@@ -146,7 +146,7 @@
       var bucketWidth = Math.round(width * 2) / 2;
       var style;
       if (sel >= 0) {
-        style = touches ? (e[1] === sel ? "#d62728" : "#1f77b4") : "rgba(190,190,190,0.25)";
+        style = touches ? (e[1] === sel ? "#d62728" : "#111111") : "rgba(190,190,190,0.25)";
       } else {
         var same = state.colour[e[0]] === state.colour[e[1]] && state.colour[e[0]] >= 0;
         style = same ? colourOf(state.colour[e[0]]) : NONE;
