@@ -23,6 +23,7 @@ from torch import Tensor
 import degeneracy
 from degeneracy.capture import NodeLayer
 from degeneracy.deprecation import renamed_fields
+from degeneracy.display import format_value, html_summary, text_summary
 from degeneracy.io import load_tensors, save_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 from degeneracy.run import DTYPES
@@ -199,6 +200,18 @@ class LayerBasis:
         x = features.to(torch.float64) @ self.C_pinv.T
         return x[..., :-1] if self.has_constant else x
 
+    def __repr__(self) -> str:
+        """One line: name, kept dimension, width and eigenvalue range (not the tensors).
+
+        >>> eye = torch.eye(2, dtype=torch.float64)
+        >>> LayerBasis("h", eye, eye, torch.tensor([4.0, 1.0], dtype=torch.float64), torch.ones(2), False, 1)
+        LayerBasis('h': 2 of 2 directions, 1 position(s), Λ 4 … 1)
+        """
+        ev = self.eigenvalues
+        span = f", Λ {format_value(float(ev.max()))} … {format_value(float(ev.min()))}" if ev.numel() else ""
+        where = f"{self.dim} of {self.width} directions, {self.positions} position(s)"
+        return f"LayerBasis({self.name!r}: {where}{span})"
+
 
 @dataclass
 class Basis:
@@ -240,6 +253,33 @@ class Basis:
     def transform(self, name: str, activations: Tensor) -> Tensor:
         """Features of node layer ``name`` for raw activations of shape (..., d)."""
         return self[name].transform(activations)
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        title = f"Basis: {self.config.method}, {'centred' if self.config.center else 'uncentred'}"
+        facts: list[tuple[str, Any]] = [("node layers", len(self.names))]
+        headers = ["node layer", "d̂ kept", "width d", "positions", "Λ max", "Λ min"]
+        rows = []
+        for name in self.names:
+            b = self.bases[name]
+            ev = b.eigenvalues
+            top, low = (float(ev.max()), float(ev.min())) if ev.numel() else (None, None)
+            rows.append([name, b.dim, b.width, b.positions, top, low])
+        return title, facts, headers, rows
+
+    def __repr__(self) -> str:
+        """A table of the node layers (kept dimension, width, positions, eigenvalue range), not the
+        tensors.
+
+        >>> from degeneracy import interaction_basis
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()).double()
+        >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> print(repr(interaction_basis(model, x, ["1", "output"], progress=False)).splitlines()[0])
+        Basis: lib, centred
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
     def summary(self) -> str:
         lines = [f"{self.config.method} basis ({'centred' if self.config.center else 'uncentred'})"]

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from degeneracy.basis_result import dtype_name, save_result
 from degeneracy.capture import NodeLayer
+from degeneracy.display import html_summary, text_summary
 from degeneracy.io import ResultFileError, load_tensors
 from degeneracy.linalg import INTEGRATION_RULES
 
@@ -138,6 +139,39 @@ class InteractionGraph:
         if pair not in self.edges:
             raise KeyError(f"no edges {pair}; layer pairs are {self.pairs}")
         return self.edges[pair]
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        title = f"InteractionGraph: {self.basis_method} basis, rule {self.config.integration_rule}"
+        facts: list[tuple[str, Any]] = [
+            ("node layers", len(self.names)),
+            ("features", sum(self.dims.values())),
+            ("edges (nonzero)", sum(int((e > 0).sum()) for e in self.edges.values())),
+        ]
+        headers = ["layer pair", "shape (out × in)", "nonzero edges", "Σ E", "max E", "completeness residual"]
+        rows = []
+        for pair in self.pairs:
+            e = self.edges[pair]
+            total, top = (float(e.sum()), float(e.max())) if e.numel() else (0.0, 0.0)
+            shape = f"{e.shape[0]} × {e.shape[1]}"
+            nonzero = int((e > 0).sum())
+            rows.append([f"{pair[0]} → {pair[1]}", shape, nonzero, total, top, self.completeness[pair]])
+        return title, facts, headers, rows
+
+    def __repr__(self) -> str:
+        """A table of the layer pairs (shape, nonzero edges, total and largest edge, completeness), not
+        the tensors.
+
+        >>> import degeneracy
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()).double()
+        >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> B = degeneracy.interaction_basis(model, x, ["1", "output"], progress=False)
+        >>> print(repr(degeneracy.interaction_graph(model, x, B, progress=False)).splitlines()[:2])
+        ['InteractionGraph: lib basis, rule gradient', '  node layers: 2']
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
     def summary(self) -> str:
         lines = [f"interaction graph ({self.basis_method} basis, rule {self.config.integration_rule})"]

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.display import html_summary, text_summary
 from degeneracy.io import JsonResult
 
 __all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules", "load_modules"]
@@ -178,6 +179,39 @@ class Modules(JsonResult):
     def layer_labels(self, layer: str) -> dict[int, int]:
         """``feature_index -> module id`` of one node layer."""
         return {i: m for (name, i), m in self.labels.items() if name == layer}
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        title = f"Modules: {self.num_modules} (Leiden, resolution {self.resolution}, seed {self.seed})"
+        facts: list[tuple[str, Any]] = [
+            ("modularity Q", self.modularity),
+            ("inter-module Σ s", self.inter_module_strength),
+            ("intra-module Σ s", self.intra_module_strength),
+            ("isolated features (no edge above ε)", len(self.isolated)),
+        ]
+        layers = list(dict.fromkeys(name for members in self.modules for name, _ in members))
+        rows = []
+        for k, members in enumerate(self.modules):
+            per_layer = [sum(1 for name, _ in members if name == layer) for layer in layers]
+            rows.append([k, len(members), *per_layer])
+        return title, facts, ["module", "features", *layers], rows
+
+    def __repr__(self) -> str:
+        """Modularity, strengths and a table of the modules' sizes per node layer (not every label).
+
+        >>> M = Modules({("fc1", 1): 0, ("fc2", 0): 0}, [[("fc1", 1), ("fc2", 0)]], {}, 0.0, 1.0, 0.5, 1.0, 0)
+        >>> print(M)
+        Modules: 1 (Leiden, resolution 1.0, seed 0)
+          modularity Q: 0.5
+          inter-module Σ s: 0
+          intra-module Σ s: 1
+          isolated features (no edge above ε): 0
+          module  features  fc1  fc2
+               0         2    1    1
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
     def summary(self) -> str:
         lines = [

@@ -42,6 +42,7 @@ from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.display import html_summary, text_summary
 from degeneracy.io import JsonResult
 from degeneracy.run import ForwardFn, ModelRun
 
@@ -143,6 +144,42 @@ class DegeneracyReport(JsonResult):
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        eps = f"{self.epsilon:g}{' (relative)' if self.relative else ''}"
+        title = f"DegeneracyReport: kind={self.kind}, ε={eps}, n={self.num_examples:,}"
+        facts: list[tuple[str, Any]] = [
+            ("nominal parameters N", self.num_parameters),
+            ("free directions counted (Σ rows)", self.total),
+            ("distinct (span of directions)", self.union),
+        ]
+        if self.hessian_nullity is not None:
+            facts += [
+                (f"Hessian rank ({self.hessian_method})", self.hessian_rank),
+                (f"Hessian nullity ({self.hessian_method})", self.hessian_nullity),
+            ]
+        rows = [
+            [r.layer, r.source, r.count, "≤ (upper bound)" if r.is_upper_bound else "", "generic" * r.generic]
+            for r in self.rows
+        ]
+        return title, facts, ["layer", "source", "free directions", "bound", "generic"], rows
+
+    def __repr__(self) -> str:
+        """The headline counts and the first rows (``print(report)`` shows every row).
+
+        >>> report = DegeneracyReport([SourceRow("fc1", "activation rank", 8)], 20, 20, 0.0, False, "mse", 10)
+        >>> print(repr(report))
+        DegeneracyReport: kind=mse, ε=0, n=10
+          nominal parameters N: 20
+          free directions counted (Σ rows): 8
+          distinct (span of directions): –
+          layer  source           free directions  bound  generic
+          fc1    activation rank                8
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
     def attach_hessian(self, spectrum: HessianSpectrum) -> None:
         """Record the Hessian rank and nullity at this report's ε from a spectrum (exact when complete,

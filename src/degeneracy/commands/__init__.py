@@ -1,7 +1,8 @@
 """The ``degeneracy`` command line: every command, its config models and the demo, in one package.
 
 Commands: ``demo`` (the whole pipeline on the bundled models, writing a report), ``basis``, ``graph``,
-``degeneracy`` and ``llc`` (one run each, from a YAML config; see :mod:`degeneracy.commands.config`).
+``degeneracy`` and ``llc`` (one run each, from a YAML config; see :mod:`degeneracy.commands.config`),
+``report`` (the HTML report of a run folder).
 Every stage stores its config next to its result (:func:`degeneracy.commands.resume.run_stage`); a
 rerun skips the stages finished with the same config, ``--force`` redoes them.
 
@@ -26,13 +27,14 @@ from degeneracy.commands.degeneracy import degeneracy_command
 from degeneracy.commands.demo import demo_command
 from degeneracy.commands.graph import graph_command
 from degeneracy.commands.llc import llc_command
+from degeneracy.commands.report import report_command
 
 __all__ = ["app"]
 
 HELP = (
     "Find the computationally relevant structure of a network. demo: the whole pipeline on the bundled "
-    "models; basis, graph, degeneracy, llc: one run each from a YAML config. A rerun skips the stages "
-    "finished with the same config; --force redoes them."
+    "models; basis, graph, degeneracy, llc: one run each from a YAML config; report: the HTML report of a "
+    "run folder. A rerun skips the stages finished with the same config; --force redoes them."
 )
 
 
@@ -71,5 +73,6 @@ for _name, _command, _config in (
     ("graph", graph_command, GraphRunConfig),
     ("degeneracy", degeneracy_command, DegeneracyRunConfig),
     ("llc", llc_command, LLCRunConfig),
+    ("report", report_command, None),
 ):
     app.command(_name, help=command_help(_command, _config))(_command)

@@ -85,7 +85,8 @@ SECTIONS: list[Section] = [
 
 
 def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) -> Path:
-    """Run every section (skipping those finished with the same config), then write ``out/report.md``.
+    """Run every section (skipping those finished with the same config), then write ``out/report.md``
+    and ``out/report.html`` (:func:`degeneracy.report.html.write_html_report`).
 
     A rerun of a finished demo only rewrites the report (here the sections' records are stand-ins):
 
@@ -102,6 +103,7 @@ def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) ->
     ## Degeneracy accounting
     ## Effective parameter count
     """
+    from degeneracy.report.html import write_html_report
     from degeneracy.report.markdown import markdown
 
     out = Path(out)
@@ -123,12 +125,14 @@ def run_demo(out: Path, *, force: bool = False, log: StageLog | None = print) ->
         lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figures]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
+    write_html_report(out)  # out/report.html: the same results, self-contained and interactive
     return path
 
 
 def demo_command(out: OutOption = Path("demo-report"), force: ForceOption = False) -> None:
     """The whole pipeline on the bundled models: bases, interaction graph and modules, degeneracy
-    accounting and the learning coefficient, written to OUT/report.md with figures.
+    accounting and the learning coefficient, written to OUT/report.md with figures and to the
+    self-contained OUT/report.html (interactive interaction graph).
 
     >>> import inspect
     >>> {name: p.default for name, p in inspect.signature(demo_command).parameters.items()}
@@ -136,4 +140,4 @@ def demo_command(out: OutOption = Path("demo-report"), force: ForceOption = Fals
     """
     with user_errors():
         path = run_demo(out, force=force, log=echo_err)
-    typer.echo(f"report written to {path}")
+    typer.echo(f"report written to {path} and {path.with_suffix('.html')}")

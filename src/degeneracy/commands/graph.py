@@ -430,6 +430,7 @@ def run_graph(
             }
             rows, alignment = frequency_module_table(found, labs)
             tables[method] = (rows, alignment, labs)
+            _write_json(out / "fourier" / f"{method}.json", _fourier_payload(rows, alignment, labs))
         summary["frequency_alignment"] = {m: t[1] for m, t in tables.items()}
 
     _figures(out / "figures", module_graphs, modules, node_curves, edge_results, tables, say)
@@ -439,6 +440,15 @@ def run_graph(
     _write_json(out / "graph_summary.json", summary)
     atomic_write_text(out / "graph_report.md", graph_report_markdown(summary, tables))
     return summary
+
+
+def _fourier_payload(rows: Any, alignment: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
+    """``fourier/METHOD.json`` (read by the HTML report): each feature's dominant frequency, power
+    fraction per node layer, the frequency/module rows and the AMI."""
+    per_layer = {n: {"frequency": x.frequency.tolist(), "fraction": x.fraction.tolist()}
+                 for n, x in labels.items()}
+    table = [{**vars(r), "frequencies": {str(k): v for k, v in r.frequencies.items()}} for r in rows]
+    return {"layers": per_layer, "rows": table, "alignment": dict(alignment)}
 
 
 def _figures(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.deprecation import renamed_fields
+from degeneracy.display import html_summary, text_summary
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.record import NOT_SAVED, TensorRecord
@@ -104,6 +105,26 @@ class LLCCurve(EffectiveCount, TensorRecord):
         """dλ̂/d log nβ − (λ̂ − λ̂_var): zero at equilibrium (full-batch losses); large values flag
         unconverged chains or minibatch noise in λ̂_var."""
         return self.slope - (self.llc - self.llc_var)
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        headers = ["nβ", "ε = λ̂/nβ", "λ̂", "λ̂ std", "N_eff = 2λ̂"]
+        columns = [self.nbetas, self.epsilons, self.llc, self.llc_std, self.n_eff]
+        rows = [list(r) for r in zip(*(c.tolist() for c in columns), strict=True)]
+        return f"LLCCurve: {len(rows)} inverse temperatures", [], headers, rows
+
+    def __repr__(self) -> str:
+        """One row per inverse temperature: nβ, ε, λ̂, its spread and N_eff (not the results).
+
+        >>> points = [torch.tensor([10.0], dtype=torch.float64) for _ in range(6)]
+        >>> print(LLCCurve(*points))
+        LLCCurve: 1 inverse temperatures
+          nβ  ε = λ̂/nβ  λ̂  λ̂ std  N_eff = 2λ̂
+          10         10  10      10           20
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
 
 def load_llc_curve(path: str | Path) -> LLCCurve:
@@ -241,6 +262,29 @@ class EffectiveParameterCount(TensorRecord):
     def llc(self) -> Tensor:
         """λ(ε) = N_eff(ε) / 2."""
         return self.n_eff / 2.0
+
+    def _display(self) -> tuple[str, list[tuple[str, Any]], list[str], list[list[Any]]]:
+        headers = ["ε requested", "ε achieved", "N_eff", "N_eff std", "nβ"]
+        columns = [self.epsilons, self.achieved_epsilons, self.n_eff, self.n_eff_std, self.nbetas]
+        rows = [list(r) for r in zip(*(c.tolist() for c in columns), strict=True)]
+        facts: list[tuple[str, Any]] = [("method", self.method), ("parameters P", self.num_parameters)]
+        return "EffectiveParameterCount: N_eff(ε) = 2 λ(ε)", facts, headers, rows
+
+    def __repr__(self) -> str:
+        """The method, P and one row per ε (requested and achieved), N_eff and its error bar.
+
+        >>> ones = [torch.ones(1, dtype=torch.float64) for _ in range(5)]
+        >>> print(EffectiveParameterCount(*ones, method="sgld", num_parameters=3))
+        EffectiveParameterCount: N_eff(ε) = 2 λ(ε)
+          method: sgld
+          parameters P: 3
+          ε requested  ε achieved  N_eff  N_eff std  nβ
+                    1           1      1          1   1
+        """
+        return text_summary(*self._display())
+
+    def _repr_html_(self) -> str:
+        return html_summary(*self._display())
 
 
 

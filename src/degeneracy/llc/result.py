@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.display import html_summary
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     chain_llc,
@@ -153,6 +154,22 @@ class LLCResult(EffectiveCount, TensorRecord):
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
         )
+
+    def _repr_html_(self) -> str:
+        """The estimate, its spread, N_eff, nβ, ε and the per-chain estimates as an HTML table."""
+        facts: list[tuple[str, Any]] = [
+            ("λ̂ (mean over good chains)", self.mean),
+            ("std over chains", self.std),
+            ("N_eff = 2 λ̂", float(self.n_eff)),
+            ("nβ", self.nbeta),
+            ("ε = λ̂ / nβ", self.epsilon),
+            ("parameters P", self.num_parameters),
+            ("draws per chain", int(self.loss_traces.shape[1])),
+            ("warnings", len(self.warnings)),
+        ]
+        estimates = self.chain_estimates.tolist()
+        rows = [[c, float(est), self.excluded_chains.get(c, "")] for c, est in enumerate(estimates)]
+        return html_summary("LLCResult", facts, ["chain", "λ̂_c", "excluded because"], rows)
 
 
 
