@@ -55,7 +55,7 @@ from degeneracy.linalg import (
     truncate,
     whitening,
 )
-from degeneracy.run import ModelRun
+from degeneracy.run import ModelRun, full_precision
 from degeneracy.sections import SectionFn, Sections, resolve_sections, shortcut_gram, slice_inputs
 from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite
 
@@ -298,7 +298,8 @@ def interaction_basis(
     was_training = run.model.training
     run.model.eval()
     try:
-        return _build(run, cfg, progress, sections)
+        with full_precision():
+            return _build(run, cfg, progress, sections)
     finally:
         run.model.train(was_training)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "model_device",
     "cast_inputs",
     "shard",
+    "full_precision",
     "select_output",
     "run_model",
     "functional_output",
@@ -148,11 +150,37 @@ def shard(data: Any) -> Any:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return data
     rank, world = dist.get_rank(), dist.get_world_size()
+    if isinstance(data, Tensor | Mapping) and num_examples(data) < world:
+        raise ValueError(
+            f"{num_examples(data)} examples cannot be split over {world} processes: give every rank at "
+            "least one example (more data, or fewer processes)"
+        )
     if isinstance(data, Tensor):
         return data[rank::world]
     if isinstance(data, Mapping):
         return {k: v[rank::world] for k, v in data.items()}
     return data
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """No TF32 inside the block: float32 matrix products and convolutions on CUDA stay float32.
+
+    On Ampere and later GPUs torch may run float32 matmuls in TF32 (10-bit mantissa), which changes
+    float32 results (and float64 statistics accumulated from them) by up to 1e-3 relative; every heavy
+    stage runs inside this block, which restores the previous settings on exit. It changes nothing on
+    a CPU or in float64.
+
+    >>> with full_precision():
+    ...     torch.backends.cuda.matmul.allow_tf32
+    False
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # --------------------------------------------------------------------------------------------------

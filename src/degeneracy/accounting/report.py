@@ -43,7 +43,7 @@ from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.io import JsonResult
-from degeneracy.run import ForwardFn, ModelRun
+from degeneracy.run import ForwardFn, ModelRun, full_precision
 
 __all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "load_degeneracy_report", "curvature_checks"]
 
@@ -196,6 +196,7 @@ def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
 
 
 @renamed_arguments(position="positions")
+@full_precision()
 def degeneracy_report(
     model: nn.Module,
     data: Any,

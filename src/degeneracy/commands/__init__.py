@@ -13,6 +13,7 @@ from :mod:`degeneracy.report`, which takes results only.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from degeneracy.commands.degeneracy import degeneracy_command
 from degeneracy.commands.demo import demo_command
 from degeneracy.commands.graph import graph_command
 from degeneracy.commands.llc import llc_command
+from degeneracy.distributed import main_writes
 
 __all__ = ["app"]
 
@@ -64,6 +66,22 @@ def command_help(command: Callable[..., Any], config: type[BaseModel] | None = N
     return text
 
 
+def main_rank_writes(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` run inside :func:`degeneracy.distributed.main_writes`: under ``torchrun`` every rank
+    computes (the library shards the data and combines the ranks' sums) and only rank 0 writes files.
+
+    >>> main_rank_writes(lambda x: x + 1)(2)
+    3
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with main_writes():
+            return command(*args, **kwargs)
+
+    return run
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 for _name, _command, _config in (
     ("demo", demo_command, None),
@@ -72,4 +90,4 @@ for _name, _command, _config in (
     ("degeneracy", degeneracy_command, DegeneracyRunConfig),
     ("llc", llc_command, LLCRunConfig),
 ):
-    app.command(_name, help=command_help(_command, _config))(_command)
+    app.command(_name, help=command_help(_command, _config))(main_rank_writes(_command))
