@@ -10,7 +10,9 @@ process group (or with one process) every helper is the identity, at no cost.
   ranks' rows, uneven counts allowed), :func:`barrier`;
 * :func:`main_writes` / :func:`writes_enabled`: inside ``with main_writes():`` only rank 0 writes
   result files (:mod:`degeneracy.io` and the figures ask :func:`writes_enabled`); the command line
-  runs every command in it.
+  runs every command in it;
+* :func:`process_group_from_env`: the process group ``torchrun`` asks for (gloo on CPUs, NCCL with
+  GPUs), so that the command line runs under ``torchrun`` unchanged.
 
 Tensors are reduced on the backend's device (CUDA for NCCL, CPU for gloo) and returned on their own.
 Sums are reduced in one collective, so every rank receives bitwise the same numbers and takes the same
@@ -25,6 +27,7 @@ decisions (bisections, Lanczos restarts, rank thresholds).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -44,6 +47,7 @@ __all__ = [
     "all_gather_rows",
     "main_writes",
     "writes_enabled",
+    "process_group_from_env",
 ]
 
 _WRITES = {"main_only": False}
@@ -188,3 +192,28 @@ def writes_enabled() -> bool:
     True
     """
     return not _WRITES["main_only"] or is_main()
+
+
+@contextmanager
+def process_group_from_env() -> Iterator[None]:
+    """A process group inside the block when ``torchrun`` started this process (``WORLD_SIZE`` > 1 in
+    the environment) and none is initialised yet: NCCL when CUDA is available (each process on the GPU
+    ``LOCAL_RANK``), gloo otherwise; destroyed on exit. Otherwise nothing happens.
+
+    >>> with process_group_from_env():  # not under torchrun
+    ...     is_distributed()
+    False
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield
+        dist.barrier()  # leave together: a rank exiting while another still talks to it aborts
+    finally:
+        dist.destroy_process_group()

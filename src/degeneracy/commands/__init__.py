@@ -13,8 +13,10 @@ from :mod:`degeneracy.report`, which takes results only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,7 @@ from degeneracy.commands.degeneracy import degeneracy_command
 from degeneracy.commands.demo import demo_command
 from degeneracy.commands.graph import graph_command
 from degeneracy.commands.llc import llc_command
-from degeneracy.distributed import main_writes
+from degeneracy.distributed import is_main, main_writes, process_group_from_env
 
 __all__ = ["app"]
 
@@ -67,8 +69,9 @@ def command_help(command: Callable[..., Any], config: type[BaseModel] | None = N
 
 
 def main_rank_writes(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``command`` run inside :func:`degeneracy.distributed.main_writes`: under ``torchrun`` every rank
-    computes (the library shards the data and combines the ranks' sums) and only rank 0 writes files.
+    """``command`` for ``torchrun``: in the process group it asks for
+    (:func:`degeneracy.distributed.process_group_from_env`), every rank computes (the library shards
+    the data and combines the ranks' sums) and only rank 0 writes files and prints the summary.
 
     >>> main_rank_writes(lambda x: x + 1)(2)
     3
@@ -76,8 +79,11 @@ def main_rank_writes(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with main_writes():
-            return command(*args, **kwargs)
+        with process_group_from_env(), main_writes():
+            if is_main():
+                return command(*args, **kwargs)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return command(*args, **kwargs)
 
     return run
 
