@@ -166,10 +166,10 @@ def shard(data: Any) -> Any:
 def full_precision() -> Iterator[None]:
     """No TF32 inside the block: float32 matrix products and convolutions on CUDA stay float32.
 
-    On Ampere and later GPUs torch may run float32 matmuls in TF32 (10-bit mantissa), which changes
-    float32 results (and float64 statistics accumulated from them) by up to 1e-3 relative; every heavy
-    stage runs inside this block, which restores the previous settings on exit. It changes nothing on
-    a CPU or in float64.
+    On Ampere and later GPUs torch may run float32 matmuls in TF32 (inputs rounded to a 10-bit
+    mantissa), which changes float32 results and the float64 statistics accumulated from them; every
+    heavy stage runs inside this block, which restores the previous settings on exit. It changes
+    nothing on a CPU or in float64.
 
     >>> with full_precision():
     ...     torch.backends.cuda.matmul.allow_tf32
