@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor, num_examples
+from degeneracy.distributed import is_distributed, world_size
+from degeneracy.distributed import rank as this_rank
 
 __all__ = [
     "DTYPES",
@@ -147,9 +148,9 @@ def shard(data: Any) -> Any:
     >>> shard(torch.arange(4)).tolist()  # one process: everything
     [0, 1, 2, 3]
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return data
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = this_rank(), world_size()
     if isinstance(data, Tensor | Mapping) and num_examples(data) < world:
         raise ValueError(
             f"{num_examples(data)} examples cannot be split over {world} processes: give every rank at "
