@@ -23,6 +23,9 @@ from torch import nn
 import degeneracy
 from degeneracy.ablation import edge_ablation, node_ablation_curves
 from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization
+from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, main_writes, sum_scalars
+from degeneracy.io import save_json
+from degeneracy.run import shard
 from tests.conftest import mlp
 
 LAYERS = ["fc1", "fc2", "output"]
@@ -75,12 +78,34 @@ def _stages(full: bool) -> dict[str, Any]:
     return out
 
 
+def _helpers(rank: int, out_dir: str) -> dict[str, Any]:
+    """The reduction helpers and the write rule on two ranks."""
+    out: dict[str, Any] = {
+        "rows": all_gather_rows(torch.full((rank + 1, 2), float(rank), dtype=torch.float64)),
+        "max": all_reduce_max(torch.tensor([float(rank), -float(rank)])),
+        "sum": all_reduce_sum(torch.tensor([1.0, float(rank)], dtype=torch.float64)),
+        "scalars": sum_scalars({"loss": 0.5 + rank, "count": 2.0}),
+    }
+    try:
+        sum_scalars({"loss": 1.0} if rank == 0 else {"loss": 1.0, "extra": 2.0})
+    except ValueError as err:
+        out["mismatch"] = str(err)
+    try:
+        shard(torch.zeros(1, 3))
+    except ValueError as err:
+        out["too_few"] = str(err)
+    with main_writes():
+        save_json(os.path.join(out_dir, f"written_by_rank{rank}.json"), "test", {"rank": rank})
+    save_json(os.path.join(out_dir, f"outside_by_rank{rank}.json"), "test", {"rank": rank})
+    return out
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, full: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        results = _stages(full)
+        results = {**_stages(full), "helpers": _helpers(rank, out_dir)}
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -168,6 +193,15 @@ def _check(tmp_path, full: bool) -> None:
     for two in ranks:
         _compare(two, one)
     _compare(ranks[1], ranks[0])  # the ranks agree (with each other, as with one process)
+    for rank, two in enumerate(ranks):
+        helpers = two["helpers"]
+        assert helpers["rows"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        assert helpers["max"].tolist() == [1.0, 0.0] and helpers["sum"].tolist() == [2.0, 1.0]
+        assert helpers["scalars"] == {"count": 4.0, "loss": 2.0}
+        assert "different metrics" in helpers["mismatch"], rank
+        assert "1 examples cannot be split over 2 processes" in helpers["too_few"], rank
+    assert (tmp_path / "written_by_rank0.json").exists() and not (tmp_path / "written_by_rank1.json").exists()
+    assert (tmp_path / "outside_by_rank1.json").exists()  # outside main_writes() every rank writes
     saved = degeneracy.load_basis(tmp_path / "dist.safetensors")
     assert saved.info["n_examples"] == 101
     _close(saved["fc1"].eigenvalues, one["basis"]["fc1"].eigenvalues, "saved basis")
