@@ -64,7 +64,7 @@ from degeneracy.probes import (
     resolve_sources,
     source_gram,
 )
-from degeneracy.run import ModelRun
+from degeneracy.run import ModelRun, full_precision
 from degeneracy.sections import SectionFn, Sections, resolve_sections, shortcut_gram, slice_inputs
 from degeneracy.stats import MatrixAccumulator, MomentAccumulator, check_finite
 
@@ -343,7 +343,8 @@ def interaction_basis(
     was_training = run.model.training
     run.model.eval()
     try:
-        return _build(run, cfg, progress, sections, resolve_sources(sources, seed))
+        with full_precision():
+            return _build(run, cfg, progress, sections, resolve_sources(sources, seed))
     finally:
         run.model.train(was_training)
 

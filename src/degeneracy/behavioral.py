@@ -41,6 +41,7 @@ from degeneracy.run import (
     ForwardFn,
     cast_inputs,
     functional_output,
+    model_device,
     model_dtype,
     parameters_and_buffers,
     reference_parameters,
@@ -212,7 +213,9 @@ class BehavioralProblem:
         self.dtype = dtype or model_dtype(model)
         self.params, self.buffers = parameters_and_buffers(model, self.dtype)
         batches = list(iter_batches(data, batch_size))
-        self.inputs = [cast_inputs(b.inputs, self.dtype, explicit=dtype is not None) for b in batches]
+        device = model_device(model)  # inputs where the model is
+        explicit = dtype is not None
+        self.inputs = [cast_inputs(b.inputs, self.dtype, explicit=explicit, device=device) for b in batches]
         self.sizes = [b.size for b in batches]
         self.n = sum(self.sizes)
         with torch.no_grad():

@@ -60,9 +60,11 @@ from degeneracy.attributions import attribution_mode, kernel_attributions, squar
 from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
+from degeneracy.distributed import all_reduce_max, all_reduce_sum
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
 from degeneracy.probes import SignSource, build_cost, resolve_sources, source_mean_and_se
+from degeneracy.run import full_precision
 from degeneracy.sections import (
     SectionFn,
     Sections,
@@ -162,7 +164,7 @@ def interaction_graph(
     was_training = run.model.training
     run.model.eval()
     try:
-        with frozen_parameters(run.model):
+        with frozen_parameters(run.model), full_precision():
             return _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
     finally:
         run.model.train(was_training)
@@ -314,6 +316,14 @@ def _build(
                 worst[(src, dst)] = max(worst[(src, dst)], dev)
                 scale[(src, dst)] = max(scale[(src, dst)], float(target.abs().max()))
             timings[f"{src}->{dst}"] += time.perf_counter() - t0
+    for pair in pairs:  # under torch.distributed: every rank's shard (sums, counts, worst cases)
+        sums[pair] = all_reduce_sum(sums[pair])
+        if cfg.num_sources is not None:  # the per-source sums too (each rank draws its own signs)
+            source_sums[pair] = all_reduce_sum(source_sums[pair])
+            sampled[pair] = bool(all_reduce_max(torch.tensor([float(sampled[pair])], dtype=torch.float64)))
+        counts[pair] = int(all_reduce_sum(torch.tensor([float(counts[pair])], dtype=torch.float64)).item())
+        both = all_reduce_max(torch.tensor([worst[pair], scale[pair]], dtype=torch.float64))
+        worst[pair], scale[pair] = float(both[0]), float(both[1])
     edges = {pair: sums[pair] / counts[pair] for pair in pairs}
     edge_se = {
         pair: source_mean_and_se(source_sums[pair] / counts[pair])[1]

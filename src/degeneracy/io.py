@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from degeneracy.distributed import writes_enabled
+
 __all__ = [
     "atomic_write_text",
     "save_tensors",
@@ -52,6 +54,8 @@ def _umask() -> int:
 
 
 def _atomic(path: Path, write: Any) -> None:
+    if not writes_enabled():  # a rank > 0 under main_writes(): rank 0 writes the same result
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -28,16 +28,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
+from degeneracy.distributed import is_distributed, world_size
+from degeneracy.distributed import rank as this_rank
 
 __all__ = [
     "DTYPES",
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_OUTPUTS",
     "OutputKey",
     "output_names",
+    "full_precision",
     "select_output",
     "run_model",
     "functional_output",
@@ -148,14 +151,40 @@ def shard(data: Any) -> Any:
     >>> shard(torch.arange(4)).tolist()  # one process: everything
     [0, 1, 2, 3]
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return data
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = this_rank(), world_size()
+    if isinstance(data, Tensor | Mapping) and num_examples(data) < world:
+        raise ValueError(
+            f"{num_examples(data)} examples cannot be split over {world} processes: give every rank at "
+            "least one example (more data, or fewer processes)"
+        )
     if isinstance(data, Tensor):
         return data[rank::world]
     if isinstance(data, Mapping):
         return {k: v[rank::world] for k, v in data.items()}
     return data
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """No TF32 inside the block: float32 matrix products and convolutions on CUDA stay float32.
+
+    On Ampere and later GPUs torch may run float32 matmuls in TF32 (inputs rounded to a 10-bit
+    mantissa), which changes float32 results and the float64 statistics accumulated from them; every
+    heavy stage runs inside this block, which restores the previous settings on exit. It changes
+    nothing on a CPU or in float64.
+
+    >>> with full_precision():
+    ...     torch.backends.cuda.matmul.allow_tf32
+    False
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.distributed import all_reduce_sum, is_distributed
+
 __all__ = ["MomentAccumulator", "MatrixAccumulator", "check_finite"]
 
 
@@ -52,11 +54,17 @@ class _Sum:
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> _Sum:
         """Sum this accumulator over all processes of a ``torch.distributed`` group (in place)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:  # a sub-group: reduce in place on it
+            count = torch.tensor([float(self.count)], dtype=torch.float64)  # type: ignore[attr-defined]
+            for t in [*self._tensors(), count]:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            self.count = int(count.item())  # type: ignore[attr-defined]
             return self
-        count = torch.tensor([float(self.count)], dtype=torch.float64)  # type: ignore[attr-defined]
-        for t in [*self._tensors(), count]:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        if not is_distributed():
+            return self
+        for t in self._tensors():
+            t.copy_(all_reduce_sum(t))
+        count = all_reduce_sum(torch.tensor([float(self.count)], dtype=torch.float64))  # type: ignore[attr-defined]
         self.count = int(count.item())  # type: ignore[attr-defined]
         return self
 

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import NodeLayer, capture, forward
 from degeneracy.data import input_mask
+from degeneracy.distributed import all_reduce_sum, sum_scalars
+from degeneracy.run import full_precision, shard
 
 __all__ = [
     "classification_metrics",
@@ -214,6 +216,8 @@ class AblationRunner:
         self.model_output = NodeLayer(MODEL_OUTPUT.name, ("output",), output=key)
         self.all_layers = self.layers + [self.model_output]
         self.basis = basis
+        if labels is not None and isinstance(data, Tensor | Mapping):
+            labels = shard(labels)  # aligned with this rank's share of the data (ModelRun shards it)
         self.labels = labels
         self.metrics = resolve_metrics(metrics)
         self.masked = "mask" in inspect.signature(self.metrics).parameters
@@ -254,7 +258,7 @@ class AblationRunner:
             return self.means
         sums: dict[str, Tensor] = {}
         count: dict[str, int] = {}
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             for inputs, _ in self.batches():
                 acts = capture(self.run.model, inputs, self.layers, constant=self.constant)
                 masks = self.run.masks(inputs, acts)
@@ -263,6 +267,9 @@ class AblationRunner:
                     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
                     sums[name] = sums.get(name, 0) + flat.sum(0)
                     count[name] = count.get(name, 0) + flat.shape[0]
+        for name in sorted(sums):  # under torch.distributed: every rank's shard, in one order
+            sums[name] = all_reduce_sum(sums[name])
+            count[name] = int(all_reduce_sum(torch.tensor([float(count[name])], dtype=torch.float64)).item())
         self.means = {
             name: (sums[name] / count[name]) @ self.basis[name].C.to(sums[name].device).T for name in sums
         }
@@ -280,7 +287,7 @@ class AblationRunner:
     def evaluate(self, replace: Callable[[Any, Tensor], tuple[str, Tensor]] | None) -> dict[str, float]:
         """Metrics of the model when ``replace(inputs, labels)`` gives (layer, new activations)."""
         sums: dict[str, float] = {}
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             for inputs, labels in self.batches():
                 if replace is None:
                     out = forward(self.run.model, inputs, self.all_layers, capture=[MODEL_OUTPUT.name])
@@ -303,4 +310,4 @@ class AblationRunner:
                 extra = {"mask": input_mask(inputs)} if self.masked else {}
                 for key, value in self.metrics(logits, labels, **extra).items():
                     sums[key] = sums.get(key, 0.0) + value
-        return finish_metrics(sums)
+        return finish_metrics(sum_scalars(sums))  # summed over ranks: every rank decides alike

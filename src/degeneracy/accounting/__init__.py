@@ -44,7 +44,7 @@ from degeneracy.behavioral import behavioral_loss, behavioral_loss_function, whi
 from degeneracy.data import iter_batches
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import hutchinson_trace, lanczos_top, rank_at
-from degeneracy.run import ForwardFn
+from degeneracy.run import ForwardFn, shard
 
 __all__ = [
     "behavioral_loss",
@@ -105,7 +105,7 @@ def neuron_synchronization(
     ([[0, 1]], [1])
     """
     check_epsilon(epsilon, relative)
-    batches = list(iter_batches(data, batch_size))
+    batches = list(iter_batches(shard(data), batch_size))  # this rank's share (torch.distributed)
     structure = discover(model, batches[0].inputs)
     found = neuron_layer(model, structure, layer)
     stats = collect(
@@ -158,7 +158,7 @@ def head_synchronization(
     ValueError: '0' is not an attention layer of this model; attention layers: none
     """
     check_epsilon(epsilon, relative=False)
-    batches = list(iter_batches(data, batch_size))
+    batches = list(iter_batches(shard(data), batch_size))  # this rank's share (torch.distributed)
     structure = discover(model, batches[0].inputs)
     for attn in structure.attention_layers:
         if attn.name in (layer, layer.removesuffix(".hook_pattern")):

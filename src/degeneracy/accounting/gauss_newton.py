@@ -31,13 +31,16 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp, vmap
 
 from degeneracy.accounting.kronecker import linear_gram
-from degeneracy.behavioral import BehavioralProblem, whiten_outputs
+from degeneracy.behavioral import BehavioralProblem, LossKind, whiten_outputs
+from degeneracy.distributed import all_gather_rows, all_reduce_sum
 from degeneracy.run import (
     ParamLayout,
+    model_device,
+    shard,
 )
 
 __all__ = ["BehavioralHessian", "numerical_floor"]
@@ -68,12 +71,27 @@ class BehavioralHessian(BehavioralProblem):
 
     The flat parameter vector is :class:`degeneracy.run.ParamLayout` order (``named_parameters``).
 
+    Under ``torch.distributed`` each rank keeps its share of the data (:func:`degeneracy.run.shard`;
+    a list or loader of batches is taken as this rank's share already), ``n`` counts every rank's
+    examples, and every Gram, product and quadratic form is summed over the ranks: each rank gets the
+    single-process H. Products run on the model's device; vectors come back on their own.
+
     >>> h = BehavioralHessian(torch.nn.Linear(3, 2).double(), torch.ones(4, 3, dtype=torch.float64))
     >>> h.num_parameters, h.n, h.rows
     (8, 4, 2)
     """
 
     _vjp_cache: list[Callable[..., Any]] | None = None
+
+    def __init__(self, model: nn.Module, data: Any, kind: LossKind = "mse", **options: Any) -> None:
+        super().__init__(model, shard(data), kind, **options)
+        self.local_n = self.n
+        self.n = int(all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64)).item())
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """The model's device, where every product is computed."""
+        return model_device(self.model)
 
     @functools.cached_property
     def layout(self) -> ParamLayout:
@@ -131,22 +149,25 @@ class BehavioralHessian(BehavioralProblem):
         if total_rows >= n_params:
             fast = self.linear_gram()
             if fast is not None:
-                return fast, "parameters"
-            gram = torch.zeros(n_params, n_params, dtype=torch.float64)
+                return fast.cpu(), "parameters"
+            gram = torch.zeros(n_params, n_params, dtype=torch.float64, device=self.device)
             for block in self.jacobian_blocks(chunk_size):
                 block = block.to(torch.float64)
                 gram.addmm_(block.T, block)
-            return gram / self.n, "parameters"
+            return (all_reduce_sum(gram) / self.n).cpu(), "parameters"
         blocks = [block.to(torch.float64) for block in self.jacobian_blocks(chunk_size)]
-        jac = torch.cat(blocks, dim=0)
-        return (jac @ jac.T) / self.n, "outputs"
+        empty = torch.zeros(0, n_params, dtype=torch.float64, device=self.device)
+        jac = all_gather_rows(torch.cat(blocks, dim=0) if blocks else empty)  # every rank's rows
+        return ((jac @ jac.T) / self.n).cpu(), "outputs"
 
     def linear_gram(self, batch_size: int = 256) -> Tensor | None:
         """H by eq 11 for chains of ``nn.Linear`` maps; ``None`` when that does not apply.
 
-        See :func:`degeneracy.accounting.kronecker.linear_gram`.
+        See :func:`degeneracy.accounting.kronecker.linear_gram` (this rank's examples; summed over the
+        ranks here).
         """
-        return linear_gram(self, batch_size)
+        gram = linear_gram(self, batch_size)
+        return None if gram is None else all_reduce_sum(gram)
 
     # -- operator ------------------------------------------------------------------------------------
     def _flat(self, tensors: dict[str, Tensor]) -> Tensor:
@@ -169,7 +190,7 @@ class BehavioralHessian(BehavioralProblem):
         """A block V (N, b) as b stacked parameter dicts (name → (b, *shape)) in the compute dtype."""
         b = v.shape[1]
         return {
-            name: v[self.layout.slice(name)].T.reshape(b, *shape).to(self.dtype)
+            name: v[self.layout.slice(name)].T.reshape(b, *shape).to(self.device, self.dtype)
             for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
         }
 
@@ -179,13 +200,13 @@ class BehavioralHessian(BehavioralProblem):
         With ``cache`` the backward graphs of every batch are kept after the first call (more memory,
         one forward pass fewer per product).
         """
-        tangent = {k: t.to(self.dtype) for k, t in self.layout.unflatten(v).items()}
-        out = torch.zeros(self.num_parameters, dtype=torch.float64)
+        tangent = {k: t.to(self.device, self.dtype) for k, t in self.layout.unflatten(v).items()}
+        out = torch.zeros(self.num_parameters, dtype=torch.float64, device=self.device)
         for (x, ref), fn in zip(self.batches(), self._vjps(cache), strict=True):
             _, jv = jvp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), (self.params,), (tangent,))
             (grad,) = fn(jv)
             out += self._flat(grad)
-        return out / self.n
+        return (all_reduce_sum(out) / self.n).to(v.device)
 
     def matmat(self, v: Tensor, *, cache: bool = True) -> Tensor:
         """H V for a float64 block V (N, b): b Hessian-vector products batched with ``vmap`` (float64).
@@ -194,7 +215,7 @@ class BehavioralHessian(BehavioralProblem):
         """
         b = v.shape[1]
         tangents = self._tangents(v)
-        out = torch.zeros(b, self.num_parameters, dtype=torch.float64)
+        out = torch.zeros(b, self.num_parameters, dtype=torch.float64, device=self.device)
         for (x, ref), fn in zip(self.batches(), self._vjps(cache), strict=True):
 
             def push(t: dict[str, Tensor], x: Any = x, ref: Tensor = ref) -> Tensor:
@@ -205,13 +226,13 @@ class BehavioralHessian(BehavioralProblem):
             out += torch.cat([grads[name].reshape(b, -1) for name in self.layout.names], dim=1).to(
                 torch.float64
             )
-        return out.T / self.n
+        return (all_reduce_sum(out).T / self.n).to(v.device)
 
     def quadratic_forms(self, v: Tensor) -> Tensor:
         """vᵀ H v for each column of a float64 block V (N, b): 1/n Σ_x ‖J_z(x) v‖² (forward mode)."""
         b = v.shape[1]
         tangents = self._tangents(v)
-        total = torch.zeros(b, dtype=torch.float64)
+        total = torch.zeros(b, dtype=torch.float64, device=self.device)
         for x, ref in self.batches():
 
             def push(t: dict[str, Tensor], x: Any = x, ref: Tensor = ref) -> Tensor:
@@ -219,7 +240,7 @@ class BehavioralHessian(BehavioralProblem):
 
             jv = vmap(push)(tangents)
             total += jv.to(torch.float64).pow(2).reshape(b, -1).sum(1)
-        return total / self.n
+        return (all_reduce_sum(total) / self.n).to(v.device)
 
     def quadratic_form(self, v: Tensor) -> float:
         """vᵀ H v = 1/n Σ_x ‖J_z(x) v‖² (forward mode only).
@@ -229,12 +250,12 @@ class BehavioralHessian(BehavioralProblem):
         >>> round(h.quadratic_form(torch.tensor([1.0, 1.0], dtype=torch.float64)), 12)
         2.0
         """
-        tangent = {k: t.to(self.dtype) for k, t in self.layout.unflatten(v).items()}
-        total = 0.0
+        tangent = {k: t.to(self.device, self.dtype) for k, t in self.layout.unflatten(v).items()}
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, ref in self.batches():
             _, jv = jvp(lambda th, x=x, ref=ref: self.whitened(th, x, ref), (self.params,), (tangent,))
-            total += float(jv.to(torch.float64).pow(2).sum())
-        return total / self.n
+            total += jv.to(torch.float64).pow(2).sum()
+        return float(all_reduce_sum(total)) / self.n
 
     def release(self) -> None:
         """Drop the cached backward graphs."""

@@ -55,7 +55,7 @@ from degeneracy.linalg import (
     slq_nodes,
     slq_nodes_batched,
 )
-from degeneracy.run import ForwardFn
+from degeneracy.run import ForwardFn, full_precision
 
 __all__ = [
     "hessian_spectrum",
@@ -162,6 +162,7 @@ def _lanczos(
     rank_probes="num_rank_probes",
     rank_steps="num_rank_steps",
 )
+@full_precision()
 def hessian_spectrum(
     model: nn.Module,
     data: Any,
@@ -208,6 +209,10 @@ def hessian_spectrum(
             rank at any ε (:meth:`HessianSpectrum.rank_estimate`).
         chunk_size: vmap chunk of the exact path.
         seed: seeds every random vector.
+
+    Under ``torch.distributed`` the data are sharded by rank and every Gram and Hessian-vector product
+    is summed over the ranks (:class:`BehavioralHessian`): every rank returns the single-process
+    spectrum (the Lanczos vectors, seeded alike, see the same products on every rank).
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1)).double()
     >>> x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

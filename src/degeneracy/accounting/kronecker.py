@@ -32,7 +32,7 @@ from torch import Tensor
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.behavioral import whiten_outputs
 from degeneracy.capture import OUTPUT, NodeLayer, capture, section
-from degeneracy.run import model_dtype
+from degeneracy.run import model_device, model_dtype
 
 __all__ = ["linear_gram"]
 
@@ -91,7 +91,7 @@ def linear_gram(hessian: Any, batch_size: int = 256) -> Tensor | None:
     if model_dtype(model) != hessian.dtype:  # the Hessian's compute dtype (parameters and buffers cast)
         model = copy.deepcopy(model).to(hessian.dtype)
     layers = _site_layers([s.name for s in sites])
-    gram = torch.zeros(n_params, n_params, dtype=torch.float64)
+    gram = torch.zeros(n_params, n_params, dtype=torch.float64, device=model_device(model))
     for x_all, ref_all in hessian.batches():
         for start in range(0, x_all.shape[0], batch_size):
             x, ref = x_all[start : start + batch_size], ref_all[start : start + batch_size]
@@ -118,10 +118,10 @@ def _output_jacobian(
     with torch.enable_grad():
         z = whiten_outputs(to_output(p).reshape(ref.shape), ref, kind)
     b, rows = z.shape
-    eye = torch.eye(rows, dtype=z.dtype).unsqueeze(1).expand(rows, b, rows)
+    eye = torch.eye(rows, dtype=z.dtype, device=z.device).unsqueeze(1).expand(rows, b, rows)
     (grad,) = torch.autograd.grad(z, [p], grad_outputs=eye, is_grads_batched=True, allow_unused=True)
     if grad is None:  # the output does not depend on this site
-        return torch.zeros(rows, b, p.shape[-1], dtype=torch.float64)
+        return torch.zeros(rows, b, p.shape[-1], dtype=torch.float64, device=p.device)
     return grad.reshape(rows, b, -1).to(torch.float64)
 
 
@@ -129,7 +129,7 @@ def _features(f: Tensor, bias: bool) -> Tensor:
     """f̃ = [f | 1] (with a bias) in float64, ``(batch, d_in_aug)``."""
     f = f.detach().to(torch.float64)
     if bias:
-        f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64)], dim=1)
+        f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64, device=f.device)], dim=1)
     return f
 
 

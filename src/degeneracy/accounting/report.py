@@ -44,7 +44,7 @@ from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.display import html_summary, text_summary
 from degeneracy.io import JsonResult
-from degeneracy.run import ForwardFn, ModelRun
+from degeneracy.run import ForwardFn, ModelRun, full_precision
 
 __all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "load_degeneracy_report", "curvature_checks"]
 
@@ -233,6 +233,7 @@ def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
 
 
 @renamed_arguments(position="positions")
+@full_precision()
 def degeneracy_report(
     model: nn.Module,
     data: Any,

@@ -45,6 +45,7 @@ from degeneracy.behavioral import LossKind, whiten_outputs
 from degeneracy.capture import NodeLayer, to_bpd
 from degeneracy.data import Batch
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.distributed import all_gather_rows, all_reduce_sum, is_distributed
 from degeneracy.run import ForwardFn
 from degeneracy.stats import MatrixAccumulator
 
@@ -172,6 +173,10 @@ def collect(
 ) -> Statistics:
     """Run the data and accumulate Grams / Jacobian Grams / raw values at the given node layers.
 
+    Under ``torch.distributed`` ``batches`` are this rank's share of the data (e.g. from
+    :class:`degeneracy.run.ModelRun`); the sums are combined over the ranks and the raw values gathered,
+    so every rank returns the statistics of the whole data set.
+
     Args:
         gram_points: node layers whose Gram to accumulate, mapped to whether to append the constant 1.
         raw_points: node layers whose values to keep.
@@ -227,7 +232,25 @@ def collect(
                 kind=kind, positions=positions, forward=forward, projections=jacobian_projections,
                 rows_per_pass=rows_per_pass, generator=generator,
             )  # fmt: skip
+    n = _combine_ranks(stats, n)
     return Statistics(points=stats, num_examples=n, kind=kind, projections=jacobian_projections)
+
+
+def _combine_ranks(stats: dict[NodeLayer, PointStats], n: int) -> int:
+    """Under ``torch.distributed`` (``batches`` being this rank's share): sum the Grams, Jacobian Grams
+    and counts over the ranks and gather the raw values (in rank order), so that every rank holds the
+    statistics of the whole data set. Returns the total number of examples."""
+    if not is_distributed():
+        return n
+    for point in sorted(stats, key=repr):  # one order on every rank (sets of points hash per process)
+        st = stats[point]
+        for accs in (st.grams, st.jacobians):
+            for acc in accs or []:
+                acc.all_reduce()
+        st.count = int(all_reduce_sum(torch.tensor([float(st.count)], dtype=torch.float64)).item())
+        if st.raw:
+            st.raw = [all_gather_rows(torch.cat(st.raw, dim=0))]
+    return int(all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64)).item())
 
 
 def _cotangents(

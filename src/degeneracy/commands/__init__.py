@@ -14,7 +14,10 @@ from :mod:`degeneracy.report`, which takes results only.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,7 @@ from degeneracy.commands.demo import demo_command
 from degeneracy.commands.graph import graph_command
 from degeneracy.commands.llc import llc_command
 from degeneracy.commands.report import report_command
+from degeneracy.distributed import is_main, main_writes, process_group_from_env
 
 __all__ = ["app"]
 
@@ -66,6 +70,26 @@ def command_help(command: Callable[..., Any], config: type[BaseModel] | None = N
     return text
 
 
+def main_rank_writes(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` for ``torchrun``: in the process group it asks for
+    (:func:`degeneracy.distributed.process_group_from_env`), every rank computes (the library shards
+    the data and combines the ranks' sums) and only rank 0 writes files and prints the summary.
+
+    >>> main_rank_writes(lambda x: x + 1)(2)
+    3
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with process_group_from_env(), main_writes():
+            if is_main():
+                return command(*args, **kwargs)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return command(*args, **kwargs)
+
+    return run
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 for _name, _command, _config in (
     ("demo", demo_command, None),
@@ -75,4 +99,4 @@ for _name, _command, _config in (
     ("llc", llc_command, LLCRunConfig),
     ("report", report_command, None),
 ):
-    app.command(_name, help=command_help(_command, _config))(_command)
+    app.command(_name, help=command_help(_command, _config))(main_rank_writes(_command))

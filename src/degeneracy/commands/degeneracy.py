@@ -32,6 +32,7 @@ from torch import nn
 from degeneracy.commands.config import DegeneracyRunConfig, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text
 
 __all__ = ["degeneracy_command", "degeneracy_demo_section", "demo_degeneracy_config", "run_degeneracy"]
@@ -294,7 +295,8 @@ def degeneracy_demo_section(
         path = summary["files"].get(key)
         if path:
             target = figures / Path(path).name
-            target.write_bytes(Path(path).read_bytes())
+            if writes_enabled():  # rank 0 under torchrun
+                target.write_bytes(Path(path).read_bytes())
             summary["files"][key] = str(target)
     summary.pop("table", None)
     return summary

@@ -42,6 +42,7 @@ from degeneracy.commands.config import (
 )
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text
 
 __all__ = [
@@ -580,7 +581,7 @@ def graph_demo_section(
     figs = folder / "figures"
     target = Path(out_dir) / "figures"
     target.mkdir(parents=True, exist_ok=True)
-    for fig in figs.glob("*.png") if figs.exists() else []:
+    for fig in figs.glob("*.png") if figs.exists() and writes_enabled() else []:  # rank 0 under torchrun
         name = fig.name if fig.name.startswith("graph") else f"graph_{fig.name}"
         (target / name).write_bytes(fig.read_bytes())
     summary["note"] = (

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from degeneracy.distributed import barrier
 from degeneracy.io import atomic_write_text
 
 __all__ = ["run_stage", "stage_path", "jsonable", "StageLog"]
@@ -124,6 +125,7 @@ def run_stage(
     ({'y': 9}, {'y': 9})
     """
     say = log or (lambda _: None)
+    barrier()  # under torchrun every rank reads the records rank 0 wrote, and decides alike
     path = stage_path(folder, name)
     wanted = jsonable(dict(config))
     why = "running"

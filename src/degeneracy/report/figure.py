@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from degeneracy.distributed import writes_enabled
+
 __all__ = ["pyplot", "save_figure"]
 
 
@@ -34,6 +36,10 @@ def save_figure(fig: Any, path: str | Path, *, dpi: int = 120, close: bool = Tru
     ('plot.png', True, False)
     """
     path = Path(path)
+    if not writes_enabled():  # a rank > 0 under main_writes()
+        if close:
+            pyplot().close(fig)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, **kwargs)
     if close:

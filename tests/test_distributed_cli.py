@@ -1,0 +1,90 @@
+"""The ``graph`` command under ``torchrun`` (2 processes, gloo) writes the single-process results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from typer.testing import CliRunner
+
+import degeneracy
+from degeneracy.commands import app
+
+CONFIG = "model: {name: digits_mlp, limit: 150}\nmethods: [lib]\nablation: {node_points: 3}\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or shutil.which("torchrun") is None, reason="no torchrun")
+def test_graph_command_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    config = tmp_path / "graph.yaml"
+    config.write_text(CONFIG)
+    one = CliRunner().invoke(app, ["graph", str(config), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    two = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "graph", str(config),
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    printed = json.loads(two.stdout)  # rank 0 alone prints the summary (one JSON document)
+    assert printed["n_examples"] == 150
+
+    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
+    g1 = degeneracy.load_graph(tmp_path / "one/graphs/lib.safetensors")
+    g2 = degeneracy.load_graph(tmp_path / "two/graphs/lib.safetensors")
+    for pair in g1.pairs:
+        scale = float(g1.edges[pair].abs().max())
+        torch.testing.assert_close(g2.edges[pair], g1.edges[pair], rtol=0.0, atol=1e-10 * scale)
+    e1 = json.loads((tmp_path / "one/ablation/lib_edges.json").read_text())
+    e2 = json.loads((tmp_path / "two/ablation/lib_edges.json").read_text())
+    assert [r["num_needed"] for r in e2] == [r["num_needed"] for r in e1] and e1[0]["num_needed"] > 0
+    n1 = json.loads((tmp_path / "one/ablation/lib_nodes.json").read_text())
+    n2 = json.loads((tmp_path / "two/ablation/lib_nodes.json").read_text())
+    assert {k: v["accuracy"] for k, v in n2.items()} == {k: v["accuracy"] for k, v in n1.items()}
+
+    again = subprocess.run(  # a rerun with the same config: every rank skips every stage alike
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "graph", str(config),
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("done before with the same config") == 2 * 5  # 5 stages on 2 ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available() or shutil.which("torchrun") is None, reason="no torchrun")
+def test_degeneracy_command_under_torchrun_equals_one_process(tmp_path: Path) -> None:
+    from degeneracy.accounting import load_degeneracy_report, load_hessian_spectrum
+
+    config = tmp_path / "degeneracy.yaml"
+    config.write_text("model: {name: digits_mlp, limit: 150}\nhessian: exact\n")
+    one = CliRunner().invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    two = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "degeneracy", str(config),
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
+    r1 = load_degeneracy_report(tmp_path / "one/degeneracy_report.json")
+    r2 = load_degeneracy_report(tmp_path / "two/degeneracy_report.json")
+    assert r2.num_examples == r1.num_examples == 150 and r2.union == r1.union
+    assert [(r.layer, r.source, r.count) for r in r2.rows] == [(r.layer, r.source, r.count) for r in r1.rows]
+    assert (r2.hessian_rank, r2.hessian_nullity) == (r1.hessian_rank, r1.hessian_nullity)
+    h1 = load_hessian_spectrum(tmp_path / "one/hessian_spectrum.json")
+    h2 = load_hessian_spectrum(tmp_path / "two/hessian_spectrum.json")
+    assert h1.gram_side == h2.gram_side == "outputs"  # the gathered Jacobian rows (n·rows < N)
+    scale = float(h1.eigenvalues.abs().max())
+    torch.testing.assert_close(h2.eigenvalues, h1.eigenvalues, rtol=0.0, atol=1e-10 * scale)
