@@ -20,6 +20,7 @@ from torch import Tensor
 from degeneracy.deprecation import renamed_arguments
 
 __all__ = [
+    "LLCWarning",
     "chain_llc",
     "chain_llc_variance",
     "find_bad_chains",
@@ -28,6 +29,18 @@ __all__ = [
     "step_size_stability",
     "DIVERGENCE_FACTOR",
 ]
+
+class LLCWarning(UserWarning):
+    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("chains not stationary", LLCWarning)
+    >>> caught[0].category.__name__
+    'LLCWarning'
+    """
+
 
 DIVERGENCE_FACTOR = 10.0
 """A chain is called diverged when its late excess loss nβ (L − L*) exceeds this many times P/2, the

@@ -25,12 +25,14 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from degeneracy.linalg import intra_op_threads
-from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR
+from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR, LLCWarning
 from degeneracy.llc.model_loss import (
+    ENGINES,
     Engine,
     LossSpec,
     materialize,
     model_chain_loss,
+    resolve_loss,
     select_parameters,
 )
 from degeneracy.llc.result import LLCResult, summarize_chains
@@ -75,18 +77,6 @@ def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
         "acceptance": float(run.acceptance.mean()),
         "chain_acceptance": [round(float(a), 6) for a in run.acceptance],
     }
-
-
-class LLCWarning(UserWarning):
-    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
-
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     warnings.warn("chains not stationary", LLCWarning)
-    >>> caught[0].category.__name__
-    'LLCWarning'
-    """
 
 
 def auto_step_size(nbeta: float, localization: float, curvature: float) -> float:
@@ -292,7 +282,7 @@ def estimate_llc(
     model: nn.Module,
     data: Any,
     *,
-    loss: LossSpec = "behavioral",
+    loss: LossSpec | None = None,
     nbeta: float | None = None,
     localization: float = 100.0,
     step_size: float | Literal["auto"] = "auto",
@@ -320,13 +310,30 @@ def estimate_llc(
     Args:
         model: any ``nn.Module``; it is put in eval mode while sampling (restored after) and its
             parameters are not modified (chains run on ``torch.func.functional_call``).
-        data: inputs in the :mod:`degeneracy.data` convention (tensor, dict of tensors, or iterable of
-            batches / ``(inputs, labels, ...)`` tuples). They are held in memory.
-        loss: ``"behavioral"`` (alias ``"mse"``): E ‖f_θ(x) − f_θ*(x)‖², the squared norm summed over
-            output features and positions, averaged over examples (n counts sequences; METHOD §6,
-            :mod:`degeneracy.behavioral`); ``"kl"``: E Σ_pos KL(softmax f_θ* ‖ softmax f_θ); or
-            ``loss(model, batch) -> scalar`` (``batch`` a :class:`~degeneracy.data.Batch`), vectorised
-            over chains with ``torch.func.vmap``.
+        data: one dataset — a tensor of inputs, a dict of tensors (keyword inputs), or a tuple/list of
+            equal-length tensors ``(inputs, labels, ...)`` — or batches: a ``DataLoader`` or any other
+            iterable (a generator, a list of ``(inputs, labels)`` tuples), each batch a tensor, a dict or
+            a tuple/list. Everything is read once into memory on the model's device. A dataset is
+            sampled in minibatches of ``batch_size`` (``None``: full batch); batches given as an
+            iterable are used one per step (``batch_size=None``) or pooled and re-split to
+            ``batch_size``.
+        loss: what λ is the learning coefficient of.
+
+            * ``loss(model, batch) -> scalar tensor`` (the mean loss of the batch), ``batch`` exactly as
+              the data yield it (``x, y = batch`` for ``(X, y)`` data), as devinterp's
+              ``evaluate(model, batch)``;
+            * ``"cross_entropy"`` / ``"mse"``: ``F.cross_entropy`` / ``F.mse_loss`` of the model's output
+              against the labels of the batch (its second element, or a dict's ``"labels"``);
+            * ``"behavioral"``: E ‖f_θ(x) − f_θ*(x)‖², the squared norm summed over output features and
+              positions, averaged over examples (n counts sequences; METHOD §6,
+              :mod:`degeneracy.behavioral`); ``"kl"``: E Σ_pos KL(softmax f_θ* ‖ softmax f_θ).
+            * ``None`` (default): the behavioral loss, with an :class:`LLCWarning` when the data carry
+              labels (the training loss's λ is another number: pass ``loss=`` to choose). ``"mse"`` on
+              data without labels is a deprecated alias of ``"behavioral"``.
+
+            The result's ``config["loss"]`` and repr name the loss. A loss that ``torch.func.vmap``
+            cannot vectorise (it calls ``.item()``, branches on values...) is evaluated chain by chain
+            (``engine="sequential"``) with an :class:`LLCWarning`.
         nbeta: nβ; default n / log n with n the number of examples (Watanabe's WBIC temperature).
         localization: γ.
         step_size: η, or ``"auto"``: :func:`auto_step_size` from the top Hessian eigenvalue at θ*.
@@ -336,10 +343,12 @@ def estimate_llc(
         params: names of the parameters to sample (or a predicate on names); default all parameters
             that require grad. The others stay at θ*.
         vectorize: run the chains together (default) or one after another (identical results).
-        engine: how chains are vectorised for the behavioral loss: ``"vmap"`` (``torch.func.vmap`` of
-            ``functional_call``, any model), ``"batched"`` (linear layers with a chain dimension, see
-            :mod:`degeneracy.llc.batched`; faster on small models) or ``"auto"`` (batched when it applies
-            and reproduces the vmap path at perturbed parameters, else vmap). Custom losses use vmap.
+        engine: how chains are vectorised: ``"batched"`` (linear layers with a chain dimension, see
+            :mod:`degeneracy.llc.batched`: all chains' outputs in plain batched ops; for labelled losses
+            the loss must call the model once, on the batch's inputs), ``"vmap"`` (``torch.func.vmap``
+            of ``functional_call``, any model), ``"sequential"`` (one chain after another inside each
+            step, any loss) or ``"auto"`` (batched when it applies and reproduces the loss chain by
+            chain at perturbed parameters, else vmap, else sequential). ``result.config["engine"]``.
         threads: torch intra-op threads while sampling; default: 1 for small problems
             (:func:`~degeneracy.llc.sgld.default_threads`), else torch's setting.
         progress: show a progress bar.
@@ -360,8 +369,8 @@ def estimate_llc(
     >>> r.loss_traces.shape, r.config["loss"]   # one regular parameter: λ̂ near 1/2
     (torch.Size([2, 40]), 'behavioral-mse')
     """
-    if engine not in ("auto", "vmap", "batched"):
-        raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {ENGINES}")
     if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters")
     wanted = resolve_dtype(dtype)
@@ -371,6 +380,7 @@ def estimate_llc(
     layout = ParamLayout.of(chosen)
     center = layout.flatten(chosen).detach()
     examples = materialize(data, model_device(model), model_dtype(model), explicit=wanted is not None)
+    loss = resolve_loss(loss, examples)
     n = examples.num_examples
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")

@@ -148,8 +148,9 @@ class LLCResult(EffectiveCount, TensorRecord):
 
     def __repr__(self) -> str:
         bad = f", {len(self.excluded_chains)} chain(s) excluded" if self.excluded_chains else ""
+        loss = f"loss={self.config['loss']}, " if "loss" in self.config else ""
         return (
-            f"LLCResult(λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
+            f"LLCResult({loss}λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
         )
