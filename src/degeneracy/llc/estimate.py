@@ -401,6 +401,7 @@ def estimate_llc(
         extra = {
             "loss": spec.name,
             "batch_size": batch_size,
+            "num_batches": examples.num_batches(batch_size),
             "num_examples": n,
             "params": list(layout.names),
             "dtype": str(center.dtype).replace("torch.", ""),
