@@ -36,6 +36,7 @@ from degeneracy.llc.model_loss import (
     select_parameters,
 )
 from degeneracy.llc.result import LLCResult, summarize_chains
+from degeneracy.llc.user_loss import loss_name
 from degeneracy.llc.sgld import (
     ChainLoss,
     ChainRun,
@@ -265,7 +266,7 @@ def sample_sgld(
 
     sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
                          vectorize, threads, progress, sampler, divergence_factor, warn)
-    name = getattr(loss_fn, "__name__", "callable")
+    name = loss_name(loss_fn)
     extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
 
     def batches() -> Iterator[Any]:

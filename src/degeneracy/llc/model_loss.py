@@ -51,6 +51,7 @@ from degeneracy.llc.user_loss import (
     UserLoss,
     batched_user_chain_loss,
     builtin_as_user_loss,
+    loss_name,
     user_chain_loss,
     user_item,
 )
@@ -432,7 +433,7 @@ def _labelled_chain_loss(
         form, user, name = examples.form, builtin_as_user_loss(loss, examples.form), loss
         init_loss = _mean_loss(model, user, examples, form, chunk)
     else:
-        user, name = loss, getattr(loss, "__name__", type(loss).__name__)
+        user, name = loss, loss_name(loss)
         init_loss, form = _user_init_loss(model, loss, examples, chunk)
     first = next(batches())
     sequential = user_chain_loss(model, user, form, "sequential")

@@ -33,6 +33,7 @@ __all__ = [
     "SUPERVISED",
     "UserLoss",
     "user_item",
+    "loss_name",
     "labels_of",
     "supervised_loss",
     "per_chain_supervised",
@@ -52,6 +53,16 @@ LABEL_KEYS = ("labels", "label")
 """Keys of a dict batch that hold the labels of the built-in losses (not passed to the model)."""
 
 UserLoss = Callable[[nn.Module, Any], Tensor]
+
+
+def loss_name(loss: Callable[..., Any]) -> str:
+    """The name a result records for a loss function (``"lambda"`` for a lambda).
+
+    >>> loss_name(lambda m, b: 0), loss_name(torch.nn.functional.mse_loss)
+    ('lambda', 'mse_loss')
+    """
+    name = getattr(loss, "__name__", type(loss).__name__)
+    return "lambda" if name == "<lambda>" else name
 
 
 def user_item(batch: Batch, form: Form) -> Any:
