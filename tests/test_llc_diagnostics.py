@@ -39,7 +39,9 @@ def test_batch_means_stderr_and_ess_match_the_ar1_closed_form() -> None:
     exact_se = math.sqrt((1 - phi**2) / (1 - phi) ** 2 / draws)
     torch.testing.assert_close(batch_means_stderr(x), torch.full((4,), exact_se, dtype=F64), rtol=0.2, atol=0)
     exact_ess = draws * (1 - phi) / (1 + phi)
-    torch.testing.assert_close(effective_sample_size(x), torch.full((4,), exact_ess, dtype=F64), rtol=0.25, atol=0)
+    torch.testing.assert_close(
+        effective_sample_size(x), torch.full((4,), exact_ess, dtype=F64), rtol=0.25, atol=0
+    )
 
 
 def test_split_rhat_separates_agreeing_from_disagreeing_chains() -> None:
@@ -64,7 +66,9 @@ def test_a_30_percent_drift_is_flagged_and_stationary_chains_are_not() -> None:
         noise = _ar1(4, draws, 0.8, seed=100 + seed, variance=lam)
         drifting = lam + noise + line
         drift, se = stationarity_drift(drifting, 0.0, 1.0)
-        assert drift == pytest.approx(float((drifting[:, -third:].mean(1) - drifting[:, :third].mean(1)).mean()))
+        assert drift == pytest.approx(
+            float((drifting[:, -third:].mean(1) - drifting[:, :third].mean(1)).mean())
+        )
         fired += drift_flagged(drift, se, float(drifting.mean()))
         per_chain = drifting[:, -third:].mean(1) - drifting[:, :third].mean(1)
         old_fired += abs(drift) > 5.841 * float(per_chain.std()) / 2  # the former 1 % t test, 3 dof
@@ -88,8 +92,14 @@ def test_sgld_relaxing_by_30_percent_during_the_draws_warns() -> None:
     assert 0.25 < exact_drift / float(exact.mean()) < 0.35
     with pytest.warns(LLCWarning, match="not stationary"):
         result = sample_sgld(
-            lambda w, _: 0.5 * w.square().sum(), torch.zeros(d, dtype=F64), nbeta=nbeta, step_size=eta,
-            num_chains=4, num_draws=draws, num_burnin=burnin, seed=0,
+            lambda w, _: 0.5 * w.square().sum(),
+            torch.zeros(d, dtype=F64),
+            nbeta=nbeta,
+            step_size=eta,
+            num_chains=4,
+            num_draws=draws,
+            num_burnin=burnin,
+            seed=0,
         )
     drift, se = result.drift
     assert abs(drift - exact_drift) < 4 * se  # the standard error is honest
@@ -98,8 +108,15 @@ def test_sgld_relaxing_by_30_percent_during_the_draws_warns() -> None:
 
 def test_summary_reports_every_diagnostic() -> None:
     result = sample_sgld(
-        lambda w, _: 0.5 * w.square().sum(), torch.zeros(4, dtype=F64), nbeta=10.0, step_size=1e-2,
-        num_chains=3, num_draws=400, num_burnin=200, seed=0, warn=False,
+        lambda w, _: 0.5 * w.square().sum(),
+        torch.zeros(4, dtype=F64),
+        nbeta=10.0,
+        step_size=1e-2,
+        num_chains=3,
+        num_draws=400,
+        num_burnin=200,
+        seed=0,
+        warn=False,
     )
     text = result.summary()
     assert repr(text) == str(text)  # shown as is in a REPL

@@ -20,7 +20,9 @@ from degeneracy.llc import LLCWarning, estimate_llc, load_llc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KW = dict(nbeta=50.0, localization=100.0, step_size=1e-4, num_chains=2, num_draws=15, num_burnin=3, warn=False)
+KW = dict(
+    nbeta=50.0, localization=100.0, step_size=1e-4, num_chains=2, num_draws=15, num_burnin=3, warn=False
+)
 
 
 def _setup(n: int = 40) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -98,7 +100,11 @@ def test_dict_batches_for_user_and_builtin_losses() -> None:
     data = {"features": x, "labels": y}
     builtin = estimate_llc(model, data, loss="cross_entropy", batch_size=10, **KW)
     user = estimate_llc(
-        model, data, loss=lambda m, b: F.cross_entropy(m(features=b["features"]), b["labels"]), batch_size=10, **KW
+        model,
+        data,
+        loss=lambda m, b: F.cross_entropy(m(features=b["features"]), b["labels"]),
+        batch_size=10,
+        **KW,
     )
     _same(builtin, user)
     assert builtin.init_loss == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-12)

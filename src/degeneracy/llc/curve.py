@@ -243,8 +243,6 @@ class EffectiveParameterCount(TensorRecord):
         return self.n_eff / 2.0
 
 
-
-
 def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
     """An :class:`EffectiveParameterCount` saved with :meth:`EffectiveParameterCount.save` (the file's
     kind is checked); see :class:`EffectiveParameterCount` for an example.

@@ -35,6 +35,7 @@ __all__ = [
     "DIVERGENCE_FACTOR",
 ]
 
+
 class LLCWarning(UserWarning):
     """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
 

@@ -36,7 +36,6 @@ from degeneracy.llc.model_loss import (
     select_parameters,
 )
 from degeneracy.llc.result import LLCResult, summarize_chains
-from degeneracy.llc.user_loss import loss_name
 from degeneracy.llc.sgld import (
     ChainLoss,
     ChainRun,
@@ -47,6 +46,7 @@ from degeneracy.llc.sgld import (
     run_mala_chains,
     run_sgld_chains,
 )
+from degeneracy.llc.user_loss import loss_name
 from degeneracy.run import ParamLayout, model_device, model_dtype, resolve_dtype
 
 __all__ = ["LLCWarning", "sample_sgld", "estimate_llc", "auto_step_size", "AUTO_STEP_FACTOR", "LossSpec"]
@@ -264,8 +264,22 @@ def sample_sgld(
         with torch.no_grad():
             init_loss = float(sum(float(one_chain(params, b)) for b in items) / len(items))
 
-    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
-                         vectorize, threads, progress, sampler, divergence_factor, warn)
+    sampling = _Sampling(
+        nbeta,
+        localization,
+        step_size,
+        num_chains,
+        num_draws,
+        num_burnin,
+        thinning,
+        seed,
+        vectorize,
+        threads,
+        progress,
+        sampler,
+        divergence_factor,
+        warn,
+    )
     name = loss_name(loss_fn)
     extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
 
@@ -391,8 +405,22 @@ def estimate_llc(
         nbeta = n / math.log(n)
     _check_sampler(sampler, examples.num_batches(batch_size))
 
-    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
-                         vectorize, threads, progress, sampler, divergence_factor, warn)
+    sampling = _Sampling(
+        nbeta,
+        localization,
+        step_size,
+        num_chains,
+        num_draws,
+        num_burnin,
+        thinning,
+        seed,
+        vectorize,
+        threads,
+        progress,
+        sampler,
+        divergence_factor,
+        warn,
+    )
     was_training = model.training
     model.eval()
     try:

@@ -88,7 +88,8 @@ def loss_kind(loss: str) -> LossKind:
     if loss == "kl":
         return "kl"
     raise ValueError(
-        f"unknown loss {loss!r}: use 'behavioral', 'kl', 'cross_entropy', 'mse' or a callable loss(model, batch)"
+        f"unknown loss {loss!r}: use 'behavioral', 'kl', 'cross_entropy', 'mse' or a callable "
+        "loss(model, batch)"
     )
 
 
@@ -501,8 +502,10 @@ def model_chain_loss(
         return _labelled_chain_loss(model, examples, layout, center, loss, engine, batch_size, seed, chunk)
     kind = loss_kind(loss)
     if engine == "sequential":
-        raise ValueError("engine='sequential' is for losses that cannot be vmapped; the behavioral loss "
-                         "takes 'auto', 'vmap' or 'batched'")
+        raise ValueError(
+            "engine='sequential' is for losses that cannot be vmapped; the behavioral loss "
+            "takes 'auto', 'vmap' or 'batched'"
+        )
     stream = _behavioral_batches(model, examples, batch_size, seed, chunk)
     general = vmap_behavioral_chain_loss(model, kind)
     result = ModelLoss(general, stream, 0.0, f"behavioral-{kind}", "vmap")  # L_B(θ*|θ*) = 0 exactly

@@ -14,11 +14,11 @@ from torch import Tensor
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
+    batch_means_stderr,
     chain_llc,
     chain_llc_variance,
     drift_flagged,
     effective_sample_size,
-    batch_means_stderr,
     find_bad_chains,
     split_rhat,
     stationarity_drift,
@@ -118,7 +118,6 @@ class LLCResult(EffectiveCount, TensorRecord):
     seconds: float = math.nan
     warnings: tuple[str, ...] = ()
     version: str = ""
-
 
     @property
     def good_chains(self) -> Tensor:
@@ -232,11 +231,11 @@ class LLCResult(EffectiveCount, TensorRecord):
         bad = f", {len(self.excluded_chains)} chain(s) excluded" if self.excluded_chains else ""
         loss = f"loss={self.config['loss']}, " if "loss" in self.config else ""
         return (
-            f"LLCResult({loss}λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
+            f"LLCResult({loss}λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, "
+            f"nβ={self.nbeta:.4g}, "
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
         )
-
 
 
 def load_llc(path: str | Path) -> LLCResult:

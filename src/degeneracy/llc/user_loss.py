@@ -143,7 +143,9 @@ def supervised_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
         _check_shapes(name, output, labels)
         if name == "cross_entropy":
             if labels.is_floating_point() and labels.shape == output.shape:
-                return F.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1, output.shape[-1]))
+                return F.cross_entropy(
+                    output.reshape(-1, output.shape[-1]), labels.reshape(-1, output.shape[-1])
+                )
             return F.cross_entropy(output.reshape(-1, output.shape[-1]), labels.reshape(-1))
         return F.mse_loss(output.reshape(labels.shape), labels.to(output.dtype))
 
@@ -210,7 +212,9 @@ class _LossModule(nn.Module):
         return self._loss(self.model, item)
 
 
-def user_chain_loss(model: nn.Module, loss: UserLoss, form: Form, how: Literal["vmap", "sequential"]) -> ChainLoss:
+def user_chain_loss(
+    model: nn.Module, loss: UserLoss, form: Form, how: Literal["vmap", "sequential"]
+) -> ChainLoss:
     """Every chain's ``loss(model, batch)`` by ``vmap`` over chains of ``functional_call``, or one chain
     after another (``"sequential"``: any loss, also one that is not vmappable). Items are ``(Batch, None)``.
 
