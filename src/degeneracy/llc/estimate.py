@@ -55,12 +55,12 @@ AUTO_STEP_FACTOR = 0.1
 """``step_size="auto"`` uses η = AUTO_STEP_FACTOR / (nβ h_max + γ), h_max the largest Hessian eigenvalue
 of the loss at θ*: the stiffest direction's variance is then inflated by 1/(1 − 0.1/4) ≈ 2.6 %."""
 
-Sampler = Literal["sgld", "mala"]
+Sampler = Literal["sgld", "mala", "rmsprop"]
 
 
 def _check_sampler(sampler: str, num_batches: int) -> None:
-    if sampler not in ("sgld", "mala"):
-        raise ValueError(f"unknown sampler {sampler!r}: use 'sgld' or 'mala'")
+    if sampler not in ("sgld", "mala", "rmsprop"):
+        raise ValueError(f"unknown sampler {sampler!r}: use 'sgld', 'rmsprop' or 'mala'")
     if sampler == "mala" and num_batches > 1:
         raise ValueError(
             f"sampler='mala' needs the same loss at every step, but the data gives {num_batches} distinct "
@@ -71,6 +71,8 @@ def _check_sampler(sampler: str, num_batches: int) -> None:
 
 def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
     """What the result's config records about the sampler (nothing for the default SGLD)."""
+    if sampler == "rmsprop":
+        return {"sampler": sampler}
     if sampler == "sgld" or run.acceptance is None:
         return {}
     return {
@@ -113,6 +115,33 @@ class _Sampling:
     sampler: str
     divergence_factor: float
     warn: bool
+    sampler_options: Mapping[str, Any] | None = None
+
+    def config(self, step_size: float) -> SGLDConfig:
+        """The :class:`SGLDConfig` of these settings at step size ``step_size``."""
+        options = dict(self.sampler_options or {})
+        rmsprop: dict[str, Any] = {}
+        if self.sampler == "rmsprop":
+            unknown = sorted(set(options) - {"alpha", "eps", "adapt"})
+            if unknown:
+                raise ValueError(
+                    f"unknown sampler_options {unknown} for sampler='rmsprop': use 'alpha', 'eps', 'adapt'"
+                )
+            rmsprop = {"preconditioner": "rmsprop"}
+            rmsprop.update({f"rmsprop_{k}": v if k == "adapt" else float(v) for k, v in options.items()})
+        elif options:
+            raise ValueError(f"sampler_options are for sampler='rmsprop', not {self.sampler!r}")
+        return SGLDConfig(
+            nbeta=float(self.nbeta),
+            localization=float(self.localization),
+            step_size=float(step_size),
+            num_chains=self.num_chains,
+            num_draws=self.num_draws,
+            num_burnin=self.num_burnin,
+            thinning=self.thinning,
+            seed=self.seed,
+            **rmsprop,
+        )
 
     def run(
         self,
@@ -134,17 +163,10 @@ class _Sampling:
         curvature = max_curvature(chain_loss, layout, center, first_item, seed=self.seed)
         step_size = self.step_size
         if step_size == "auto":
-            step_size = auto_step_size(self.nbeta, self.localization, curvature)
-        config = SGLDConfig(
-            nbeta=float(self.nbeta),
-            localization=float(self.localization),
-            step_size=float(step_size),
-            num_chains=self.num_chains,
-            num_draws=self.num_draws,
-            num_burnin=self.num_burnin,
-            thinning=self.thinning,
-            seed=self.seed,
-        )
+            # the preconditioner multiplies the step by at most max_preconditioner (RMSprop: 1/ε)
+            limit = self.config(1.0).max_preconditioner
+            step_size = auto_step_size(self.nbeta, self.localization, curvature) / limit
+        config = self.config(float(step_size))
         threads = self.threads
         if threads is None:
             threads = default_threads(config.num_chains if self.vectorize else 1, layout.numel)
@@ -207,6 +229,7 @@ def sample_sgld(
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
     sampler: Sampler = "sgld",
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> LLCResult:
     """Estimate the LLC of ``loss_fn`` at ``init_params`` = θ* by SGLD (functional form).
 
@@ -233,7 +256,14 @@ def sample_sgld(
             Langevin proposal with a Metropolis–Hastings accept/reject step
             (:func:`~degeneracy.llc.sgld.run_mala_chains`), exact for any η but only for a deterministic
             loss, so ``data`` must be ``None`` or one batch (ValueError otherwise). The acceptance rate is
-            recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``).
+            recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``). Or
+            ``"rmsprop"``: RMSprop-preconditioned SGLD (devinterp's ``RMSpropSGLD``, see
+            :class:`~degeneracy.llc.sgld.SGLDConfig`): each coordinate's step scaled by 1/(√V + ε), V the
+            running mean of its squared gradient; ``step_size="auto"`` then divides the SGLD rule by
+            1/ε (the largest scaling).
+        sampler_options: for ``sampler="rmsprop"``: ``{"alpha": 0.99, "eps": 0.1, "adapt": "burnin"}``
+            (the defaults; ``adapt``: the preconditioner is learnt during burn-in then frozen, or
+            ``"always"`` as devinterp, biased: :class:`~degeneracy.llc.sgld.SGLDConfig`).
 
     >>> import torch
     >>> quadratic = lambda w, _: w.square().sum()   # one regular parameter: λ = 1/2
@@ -279,6 +309,7 @@ def sample_sgld(
         sampler,
         divergence_factor,
         warn,
+        sampler_options,
     )
     name = loss_name(loss_fn)
     extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
@@ -315,6 +346,7 @@ def estimate_llc(
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
     sampler: Sampler = "sgld",
+    sampler_options: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current parameters θ*.
@@ -369,9 +401,12 @@ def estimate_llc(
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
-        sampler: ``"sgld"`` (default) or ``"mala"`` (Metropolis-adjusted, exact for any η; needs the full
-            batch: ValueError when ``batch_size`` or the data split it into several batches), as in
-            :func:`sample_sgld`.
+        sampler: ``"sgld"`` (default), ``"rmsprop"`` (RMSprop-preconditioned SGLD) or ``"mala"``
+            (Metropolis-adjusted, exact for any η; needs the full batch: ValueError when ``batch_size``
+            or the data split it into several batches), as in :func:`sample_sgld`.
+        sampler_options: for ``sampler="rmsprop"``: ``{"alpha": 0.99, "eps": 0.1, "adapt": "burnin"}``
+            (the defaults; ``adapt``: the preconditioner is learnt during burn-in then frozen, or
+            ``"always"`` as devinterp, biased: :class:`~degeneracy.llc.sgld.SGLDConfig`).
         dtype: compute dtype (name or ``torch.dtype``). The run layer's one rule
             (:func:`degeneracy.run.cast_inputs`): without it the model's dtype is used and a floating
             input of another dtype is a ``ValueError``; with it a cast copy of the model is sampled and
@@ -420,6 +455,7 @@ def estimate_llc(
         sampler,
         divergence_factor,
         warn,
+        sampler_options,
     )
     was_training = model.training
     model.eval()

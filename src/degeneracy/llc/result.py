@@ -313,7 +313,9 @@ def summarize_chains(
                 "num_draws, or the step size if it is very small"
             )
     if curvature is not None:
-        warning = step_size_stability(config.step_size, nbeta, config.localization, curvature)
+        # a preconditioner scales the step by at most max_preconditioner: judge the largest step
+        effective = config.step_size * config.max_preconditioner
+        warning = step_size_stability(effective, nbeta, config.localization, curvature)
         if warning:
             notes.append(warning)
     cfg = {**config.to_dict(), **(extra_config or {})}
