@@ -26,6 +26,7 @@ from torch.func import vmap
 
 from degeneracy.linalg import intra_op_threads
 from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR, LLCWarning
+from degeneracy.llc.distributed import empty_chain_run, gather_chain_runs, is_main_process, my_chains
 from degeneracy.llc.model_loss import (
     ENGINES,
     Engine,
@@ -188,25 +189,33 @@ class _Sampling:
         make_batches: Callable[[], Iterator[Any]],
         config: SGLDConfig,
     ) -> ChainRun:
-        """The sampler's chains, all in one vectorised run or one after another (the same draws)."""
+        """The sampler's chains, all in one vectorised run or one after another (the same draws);
+        under ``torch.distributed`` each rank runs its share and all ranks gather them
+        (:mod:`degeneracy.llc.distributed`: the result does not depend on the number of processes)."""
+        progress = self.progress and is_main_process()
 
-        def run(chain_ids: list[int] | None, desc: str) -> ChainRun:
-            options = {"chain_ids": chain_ids, "progress": self.progress, "desc": desc}
+        def run(chain_ids: list[int], desc: str) -> ChainRun:
+            options = {"chain_ids": chain_ids, "progress": progress, "desc": desc}
             if self.sampler == "mala":  # the one batch (checked by the caller)
                 return run_mala_chains(chain_loss, layout, center, next(make_batches()), config, **options)
             return run_sgld_chains(chain_loss, layout, center, make_batches(), config, **options)
 
-        if self.vectorize:
-            return run(None, self.sampler.upper())
-        runs = [run([c], f"chain {c}") for c in range(config.num_chains)]
-        acceptances = [r.acceptance for r in runs]
-        return ChainRun(
-            loss_traces=torch.cat([r.loss_traces for r in runs]),
-            burnin_traces=torch.cat([r.burnin_traces for r in runs]),
-            final_params=torch.cat([r.final_params for r in runs]),
-            seconds=sum(r.seconds for r in runs),
-            acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
-        )
+        mine = my_chains(config.num_chains)
+        if not mine:  # more ranks than chains
+            local = empty_chain_run(config.num_draws, config.num_burnin, layout.numel, center.dtype)
+        elif self.vectorize:
+            local = run(mine, self.sampler.upper())
+        else:
+            runs = [run([c], f"chain {c}") for c in mine]
+            acceptances = [r.acceptance for r in runs]
+            local = ChainRun(
+                loss_traces=torch.cat([r.loss_traces for r in runs]),
+                burnin_traces=torch.cat([r.burnin_traces for r in runs]),
+                final_params=torch.cat([r.final_params for r in runs]),
+                seconds=sum(r.seconds for r in runs),
+                acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
+            )
+        return gather_chain_runs(local, mine, config.num_chains)
 
 
 def sample_sgld(

@@ -49,6 +49,7 @@ __all__ = [
     "run_sgld_chains",
     "run_mala_chains",
     "max_curvature",
+    "progress_options",
 ]
 
 ChainLoss = Callable[[dict[str, Tensor], Any], Tensor]
@@ -225,6 +226,22 @@ class ChainRun:
     """MALA only: the fraction of accepted proposals of each chain over all its steps (burn-in included)."""
 
 
+def progress_options(progress: bool, desc: str, chains: int) -> dict[str, Any]:
+    """tqdm options of a sampler's bar: one tick per step (burn-in, then draws) with rate and ETA, off
+    unless ``progress``, and off when stderr is not a terminal (logs stay clean).
+
+    >>> progress_options(False, "SGLD", 4)["disable"]
+    True
+    """
+    return {
+        "desc": f"{desc} ({chains} chain{'s' if chains != 1 else ''})",
+        "unit": "step",
+        "disable": None if progress else True,  # None: tqdm turns itself off when not on a terminal
+        "leave": False,
+        "dynamic_ncols": True,
+    }
+
+
 def run_sgld_chains(
     chain_loss: ChainLoss,
     layout: ParamLayout,
@@ -288,7 +305,7 @@ def run_sgld_chains(
     adapt_always = config.rmsprop_adapt == "always"
 
     start = time.perf_counter()
-    for step in tqdm(range(config.num_steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(config.num_steps), **progress_options(progress, desc, chains)):
         batch = next(batches)
         with torch.enable_grad():
             losses = chain_loss(leaves, batch)
@@ -416,7 +433,7 @@ def run_mala_chains(
     loss = _loss_and_grad(chain_loss, leaves, batch, grad)  # proposal == θ == θ* here
     u_cur = energy(loss, theta)
     drift = drift_of(theta, grad)
-    for step in tqdm(range(config.num_steps), desc=desc, disable=not progress, leave=False):
+    for step in tqdm(range(config.num_steps), **progress_options(progress, desc, chains)):
         losses_all[:, step] = loss
         k = step % block
         if k == 0:
