@@ -31,7 +31,11 @@ __all__ = ["LLCResult", "EffectiveCount", "Summary", "summarize_chains", "load_l
 
 
 class Summary(str):
-    """Text that a REPL or notebook shows as is (its repr is itself)."""
+    """Text that a REPL or notebook shows as is (its repr is itself).
+
+    >>> Summary("λ̂ 1.0")
+    λ̂ 1.0
+    """
 
     def __repr__(self) -> str:
         return str(self)

@@ -241,7 +241,11 @@ def user_chain_loss(
 
 class ModelCallMismatch(RuntimeError):
     """The loss called the model otherwise than once on the batch's inputs (the batched engine cannot
-    stand in for it)."""
+    stand in for it).
+
+    >>> isinstance(ModelCallMismatch("called on other inputs"), RuntimeError)
+    True
+    """
 
 
 class _OutputProxy(nn.Module):
