@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--no-devinterp", action="store_true")
+    parser.add_argument("--step-size", type=float, default=None, help="default: ours' automatic choice")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("llc_user_loss.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -249,7 +250,7 @@ def main() -> None:
             batch_size=args.batch_size,
             nbeta=nbeta,
             localization=args.localization,
-            step_size=probe.config["step_size"],
+            step_size=args.step_size or probe.config["step_size"],
             seed=0,
         )
         parameters = sum(p.numel() for p in model.parameters())
