@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,14 @@ def test_all_chains_diverged_exits_1_and_json_has_null_not_nan(tmp_path) -> None
     summary = json.loads((out / "summary.json").read_text(), parse_constant=no_nan)
     assert summary["estimate"]["llc"] is None and summary["estimate"]["n_eff"] is None
     assert summary["errors"] and LLCResult.load(out / "llc.safetensors").num_good_chains == 0
+    # the result file's JSON header too: null for the NaN estimate, read back as NaN
+    raw = (out / "llc.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    texts = [t for t in header["__metadata__"].values() if '"kind"' in t]
+    meta = json.loads(texts[0], parse_constant=no_nan)
+    assert meta["mean"] is None and meta["std"] is None
+    loaded = LLCResult.load(out / "llc.safetensors")
+    assert math.isnan(loaded.mean) and math.isnan(loaded.std)
 
 
 def test_progress_bar_ticks_per_step_with_an_eta_and_is_quiet_off_a_terminal(monkeypatch) -> None:

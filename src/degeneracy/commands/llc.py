@@ -37,6 +37,7 @@ from degeneracy.io import atomic_write_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.distributed import is_main_process, process_group
 from degeneracy.llc.estimate import estimate_llc
+from degeneracy.llc.record import finite_json
 from degeneracy.llc.result import LLCResult
 
 __all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition", "NoValidResult"]
@@ -104,21 +105,6 @@ def _stage(
     if _broadcast(None) == "compute":
         return compute()
     return kind.load(out / relative)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN/infinite float replaced by ``None`` (JSON ``null``, never a bare ``NaN``).
-
-    >>> _finite({"llc": float("nan"), "n_eff": [1.0, float("inf")]})
-    {'llc': None, 'n_eff': [1.0, None]}
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 class NoValidResult(RuntimeError):
@@ -255,7 +241,7 @@ def run_llc(
     problems = _invalid_stages(result, curve, n_eff)
     if problems:
         summary["errors"] = problems
-    summary = _finite(summary)  # JSON null, never a bare NaN token
+    summary = finite_json(summary)  # JSON null, never a bare NaN token
     if main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str, allow_nan=False))
     if problems:
