@@ -206,6 +206,8 @@ def stationarity_drift(
     0.0
     """
     d = traces.shape[1]
+    if traces.shape[0] == 0:
+        return math.nan, math.nan
     if d < 3:
         return 0.0, math.nan
     third = d // 3

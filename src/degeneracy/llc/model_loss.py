@@ -87,6 +87,11 @@ def loss_kind(loss: str) -> LossKind:
         return "mse"
     if loss == "kl":
         return "kl"
+    if loss in SUPERVISED:
+        raise ValueError(
+            f"loss={loss!r} needs labels and SGLD (estimate_llc, llc_curve, effective_parameter_count with "
+            "method='sgld'); this path takes the behavioral loss only: 'behavioral' or 'kl'"
+        )
     raise ValueError(
         f"unknown loss {loss!r}: use 'behavioral', 'kl', 'cross_entropy', 'mse' or a callable "
         "loss(model, batch)"
