@@ -42,15 +42,20 @@ def finite_json(value: Any) -> Any:
 def _from_json(hint: Any, value: Any) -> Any:
     """``value`` read from JSON, as the field annotated ``hint`` holds it: JSON has no tuples and its
     keys are strings, so a tuple comes back from a list and a ``dict[int, ...]`` gets int keys; a float
-    field written as ``null`` (NaN) or as a bare ``NaN`` token (older files) is NaN."""
+    (also inside a typed dict or list) written as ``null`` (NaN) or as a bare ``NaN`` (older files) is
+    NaN."""
     if hint is float and value is None:
         return math.nan
     if hint in (float, int):
         return hint(value)
-    if get_origin(hint) is tuple:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
         return tuple(value)
-    if get_origin(hint) is dict and get_args(hint)[:1] == (int,):
-        return {int(k): v for k, v in value.items()}
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        key = int if args[0] is int else (lambda k: k)
+        return {key(k): _from_json(args[1], v) for k, v in value.items()}
+    if origin is list and len(args) == 1 and isinstance(value, list):
+        return [_from_json(args[0], v) for v in value]
     return value
 
 
