@@ -20,7 +20,7 @@ MAX_LINES = 600
 # Layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS: list[set[str]] = [
     {"axes", "deprecation", "linalg", "io", "lazy"},
-    {"data"},
+    {"data", "fingerprint"},
     {"run", "capture", "stats"},
     {"behavioral", "jacobian", "basis_result", "graph_result"},
     {"adapters", "sections"},

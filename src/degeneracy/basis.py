@@ -46,6 +46,7 @@ from degeneracy.capture import (
     section,
 )
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.fingerprint import fingerprint
 from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
     Eigh,
@@ -298,9 +299,11 @@ def interaction_basis(
     was_training = run.model.training
     run.model.eval()
     try:
-        return _build(run, cfg, progress, sections)
+        built = _build(run, cfg, progress, sections)
     finally:
         run.model.train(was_training)
+    built.info["fingerprint"] = fingerprint(model, data, run.layers)  # checked by interaction_graph
+    return built
 
 
 def collect_moments(

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from degeneracy.ablation.runner import AblationRunner, Metrics, classification_metrics, default_schedule
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.fingerprint import check_model
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -120,6 +121,7 @@ def node_ablation_curve(
     dtype: str | None = None,
     metrics: Metrics = classification_metrics,
     _runner: AblationRunner | None = None,
+    allow_other_model: bool = False,
 ) -> NodeAblationCurve:
     """Keep the top-k features of ``layer`` by importance, mean-ablate the rest, and evaluate.
 
@@ -132,6 +134,8 @@ def node_ablation_curve(
         importance: ``"eigenvalues"`` (Λ of LIB/global, variance of PCA), ``"edges"`` (total edge
             weight in and out, needs ``graph``) or a tensor of d̂ scores.
         metrics: per-batch sums ``{"correct", "loss", "count"}`` from (output, labels).
+        allow_other_model: use a basis built on another model (with a warning) instead of a
+            ``ModelMismatchError`` (:func:`degeneracy.fingerprint.check_model`).
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -142,6 +146,8 @@ def node_ablation_curve(
     >>> curve.layer, curve.num_kept[0], curve.base_accuracy
     ('1', 0, 1.0)
     """
+    if _runner is None:
+        check_model(basis, model, allow_other_model=allow_other_model)
     runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     start = time.perf_counter()
     kind, scores = _importance(basis, layer, importance, graph)
@@ -196,8 +202,10 @@ def node_ablation_curves(
     batch_size: int | None = None,
     dtype: str | None = None,
     metrics: Metrics = classification_metrics,
+    allow_other_model: bool = False,
 ) -> dict[str, NodeAblationCurve]:
-    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``).
+    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``);
+    ``allow_other_model`` as there.
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -208,6 +216,7 @@ def node_ablation_curves(
     >>> sorted(curves)
     ['1', '2']
     """
+    check_model(basis, model, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
     out = {}

@@ -31,7 +31,7 @@ from typing import Any
 
 import typer
 
-from degeneracy.commands.basis import basis_stage, basis_stage_config
+from degeneracy.commands.basis import basis_stage, basis_stage_config, run_fingerprint
 from degeneracy.commands.config import (
     AblationOptions,
     GraphRunConfig,
@@ -42,7 +42,7 @@ from degeneracy.commands.config import (
 )
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text
 
 __all__ = [
     "run_graph",
@@ -120,7 +120,7 @@ def _n(data: Any) -> int | None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json_text(payload, indent=2, default=str))
 
 
 def _pair_key(pair: tuple[str, str]) -> str:
@@ -259,16 +259,17 @@ def run_graph(
 
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
+    fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:
             t0 = time.perf_counter()
             have[method] = basis_stage(
                 model, data, layers, method, cfg.basis, out, spec=cfg.model, progress=progress, force=force,
-                log=log,
+                log=log, fingerprint=fingerprint,
             )
             timings[f"basis.{method}"] = time.perf_counter() - t0
         configs[method] = {
-            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis),
+            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis, fingerprint),
             "edges": cfg.edges,
             "edge_limit": cfg.edge_limit,
             "shortcuts": cfg.shortcuts,
@@ -505,7 +506,7 @@ def graph_command(
             force=force,
             log=echo_err,
         )
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json_text(summary, indent=2, default=str))
 
 
 DEMO_EXAMPLES = 1024

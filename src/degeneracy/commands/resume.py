@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text
 
 __all__ = ["run_stage", "stage_path", "jsonable", "StageLog"]
 
@@ -160,6 +160,6 @@ def run_stage(
         "config": wanted,
         "result": jsonable(stored),
     }
-    atomic_write_text(path, json.dumps(record, indent=2))
+    atomic_write_text(path, json_text(record, indent=2))
     say(f"[{name}] finished in {seconds:.1f} s")
     return value if load is not None else record["result"]
