@@ -21,7 +21,7 @@ MAX_LINES = 600
 LAYERS: list[set[str]] = [
     {"axes", "deprecation", "linalg", "io", "lazy"},
     {"data", "fingerprint"},
-    {"run", "capture", "stats"},
+    {"run", "capture", "stats", "checks"},
     {"behavioral", "jacobian", "basis_result", "graph_result"},
     {"adapters", "sections"},
     {"attributions", "basis", "accounting", "llc"},

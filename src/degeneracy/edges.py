@@ -56,6 +56,7 @@ from degeneracy.attributions import attribution_mode, kernel_attributions, squar
 from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
+from degeneracy.checks import check_basis_fits
 from degeneracy.fingerprint import basis_fingerprint, check_model, fingerprint
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
@@ -154,6 +155,8 @@ def interaction_graph(
         dtype=cfg.dtype or basis.config.dtype,
         batch_size=cfg.batch_size or basis.config.batch_size,
     )
+    if run.probe is not None:
+        check_basis_fits(run.model, run.probe, run.layers, basis)
     was_training = run.model.training
     run.model.eval()
     try:

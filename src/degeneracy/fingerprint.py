@@ -179,7 +179,7 @@ def check_model(
 
     >>> import torch, types
     >>> a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-    >>> basis = types.SimpleNamespace(info={"fingerprint": fingerprint(a, None, [])})
+    >>> basis = types.SimpleNamespace(layers=[], bases={}, info={"fingerprint": fingerprint(a, None, [])})
     >>> check_model(basis, a)  # the same model: nothing to say
     >>> try:
     ...     check_model(basis, b)
@@ -187,6 +187,8 @@ def check_model(
     ...     print(str(err)[:50])
     this basis was built on another model (fingerprint
     """
+    if what == "basis" and not (hasattr(result, "layers") and hasattr(result, "bases")):
+        raise TypeError(f"basis must be a Basis (interaction_basis, load_basis), got {type(result).__name__}")
     recorded = _recorded(result)
     if recorded is None or "model" not in recorded:
         warnings.warn(

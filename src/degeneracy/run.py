@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from degeneracy.checks import check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor, num_examples
 
 __all__ = [
@@ -378,6 +379,7 @@ class ModelRun:
         batch_size: int | None = None,
         cache: bool = True,
     ) -> None:
+        check_module(model)
         wanted = resolve_dtype(dtype)
         self.explicit = wanted is not None
         self.dtype = wanted if wanted is not None else model_dtype(model)
@@ -389,6 +391,10 @@ class ModelRun:
         self.batch_size = batch_size
         self.n = num_examples(self.data)
         deterministic = isinstance(self.data, Tensor | Mapping)
+        self.probe: Tensor | Mapping[str, Tensor] | None = None  # the first examples, cast, when known
+        if deterministic and self.n:
+            self.probe = cast_inputs(head(self.data), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, self.probe, full=self.data)  # a clear error now, not deep inside
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import NodeLayer, capture, forward
+from degeneracy.checks import check_basis_fits
 
 __all__ = [
     "classification_metrics",
@@ -105,6 +106,8 @@ class AblationRunner:
             dtype=dtype or basis.config.dtype,
             batch_size=batch_size or basis.config.batch_size,
         )
+        if self.run.probe is not None:
+            check_basis_fits(self.run.model, self.run.probe, self.run.layers, basis)
         self.layers = list(self.run.layers)
         self.all_layers = self.layers + [MODEL_OUTPUT]
         self.basis = basis

@@ -18,7 +18,9 @@ from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, e
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import json_text
 
-__all__ = ["basis_stage_config", "run_fingerprint", "basis_stage", "build_bases", "basis_command"]
+__all__ = [
+    "basis_stage_config", "run_fingerprint", "preflight", "basis_stage", "build_bases", "basis_command"
+]
 
 QUIET_OPTIONS = ("progress",)  # options that change how a build looks, not what it computes
 
@@ -60,6 +62,29 @@ def run_fingerprint(model: Any, data: Any) -> dict[str, Any]:
     from degeneracy.fingerprint import data_fingerprint, model_fingerprint
 
     return {"model": model_fingerprint(model), "data": data_fingerprint(data)}
+
+
+def preflight(model: Any, data: Any, node_layers: list[Any] | None) -> None:
+    """Checks of a run before its first stage: the node layers exist in the model, and the model takes
+    the data (:func:`degeneracy.checks.check_model_accepts` on the first examples).
+
+    >>> import torch
+    >>> preflight(torch.nn.Linear(2, 1), torch.zeros(3, 2), ["output"])
+    >>> preflight(torch.nn.Linear(2, 1), torch.zeros(3, 2), ["fc9"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output'
+    """
+    from torch import Tensor
+
+    from degeneracy.capture import as_node_layers
+    from degeneracy.checks import check_model_accepts, check_module
+
+    check_module(model)
+    if node_layers:
+        as_node_layers(model, node_layers)
+    if isinstance(data, Tensor | Mapping):
+        check_model_accepts(model, data)
 
 
 def basis_stage(
@@ -150,6 +175,7 @@ def build_bases(
     layers = cfg.node_layers or default_layers
     if layers is None:
         raise ValueError("node_layers must be given for a model that is not bundled")
+    preflight(model, data, layers)
     fingerprint = run_fingerprint(model, data)
     bases = {
         method: basis_stage(

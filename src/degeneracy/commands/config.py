@@ -192,7 +192,12 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             func = getattr(importlib.import_module(module_name), func_name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot load model factory {spec.name!r}: {err}") from err
-        model, data = func()
+        made = func()
+        if not (isinstance(made, tuple | list) and len(made) == 2):
+            raise ValueError(
+                f"model factory {spec.name!r} must return a pair (model, data), got {type(made).__name__}"
+            )
+        model, data = made
         model = model.to(dtype)
         layers = None
     else:

@@ -31,7 +31,7 @@ from typing import Any
 
 import typer
 
-from degeneracy.commands.basis import basis_stage, basis_stage_config, run_fingerprint
+from degeneracy.commands.basis import basis_stage, basis_stage_config, preflight, run_fingerprint
 from degeneracy.commands.config import (
     AblationOptions,
     GraphRunConfig,
@@ -259,6 +259,7 @@ def run_graph(
 
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
+    preflight(model, data, layers)  # before the first stage: node layers exist, the model takes the data
     fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:

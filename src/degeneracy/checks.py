@@ -1,0 +1,175 @@
+"""Checks of a model on its data before any long computation: a failure deep inside torch on the first
+batch (integer inputs to a float model, inputs without a batch dimension, the wrong input width) or a
+basis whose widths do not fit the model becomes one ``ValueError`` that names the problem and the fix.
+
+:class:`degeneracy.run.ModelRun` runs :func:`check_model_accepts` on the first two examples of every
+dataset given as a tensor or a dict of tensors; :func:`degeneracy.interaction_graph` and the ablations
+run :func:`check_basis_fits`.
+
+>>> import torch
+>>> check_model_accepts(torch.nn.Linear(3, 2).double(), torch.zeros(5, 3, dtype=torch.float64))
+>>> try:
+...     check_model_accepts(torch.nn.Linear(3, 2).double(), torch.zeros(5, 4, dtype=torch.float64))
+... except ValueError as err:
+...     print(str(err)[:62])
+inputs of shape (5, 4) do not fit the model: its first layer (
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from degeneracy.capture import capture
+from degeneracy.data import call_model
+
+__all__ = ["check_model_accepts", "check_module", "check_basis_fits", "explain_model_error", "head"]
+
+PROBE_EXAMPLES = 2
+
+
+def head(inputs: Tensor | Mapping[str, Any], n: int = PROBE_EXAMPLES) -> Tensor | Mapping[str, Any]:
+    """The first ``n`` examples of a batch of inputs (a tensor or a dict of tensors).
+
+    >>> head(torch.arange(10).reshape(5, 2)).tolist()
+    [[0, 1], [2, 3]]
+    """
+    if isinstance(inputs, Mapping):
+        return {k: v[:n] if isinstance(v, Tensor) and v.dim() else v for k, v in inputs.items()}
+    return inputs[:n] if inputs.dim() else inputs
+
+
+def _describe(inputs: Any) -> str:
+    if isinstance(inputs, Mapping):
+        parts = [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in inputs.items() if isinstance(v, Tensor)]
+        return "inputs {" + ", ".join(parts) + "}"
+    return f"inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype}"
+
+
+def _first_layer(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return f"{name or 'the model'} = Linear({module.in_features} -> {module.out_features})"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            return f"{name} = {type(module).__name__} with {module.in_channels} input channels"
+        if isinstance(module, nn.Embedding):
+            return None  # token model: integer inputs are right
+    return None
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        return p.dtype
+    return None
+
+
+def explain_model_error(model: nn.Module, full: Any, err: Exception) -> str:
+    """What a torch error raised by ``model`` on ``full`` (a batch of inputs) most likely means, and the
+    fix: integer inputs to a float model, no batch dimension, the wrong width, or the error itself.
+
+    >>> model = torch.nn.Linear(3, 2)
+    >>> explain_model_error(model, torch.zeros(3), RuntimeError("shapes cannot be multiplied"))[:46]
+    'inputs of shape (3,) and dtype torch.float32 h'
+    """
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    dtype = _model_dtype(model)
+    first = _first_layer(model)
+    tensors = list(full.values()) if isinstance(full, Mapping) else [full]
+    tensors = [t for t in tensors if isinstance(t, Tensor)]
+    integer = [t for t in tensors if not t.is_floating_point() and not t.is_complex()]
+    if integer and dtype is not None and dtype.is_floating_point and ("dtype" in text or "Long" in text):
+        return (
+            f"integer {_describe(full)} to a model that computes in {dtype}: pass floating inputs, e.g. "
+            f"x.to({dtype}) (integer inputs are token ids, for models that start with an embedding) "
+            f"[torch: {text}]"
+        )
+    if not isinstance(full, Mapping) and full.dim() <= 1:
+        return (
+            f"{_describe(full)} have no batch dimension: the first dimension of the data counts the "
+            f"examples; pass one example as x.unsqueeze(0) [torch: {text}]"
+        )
+    if first is not None and ("shape" in text or "size" in text or "mat1" in text):
+        return (
+            f"{_describe(full).split(' and dtype')[0]} do not fit the model: its first layer ({first}) "
+            "expects another width; the data must be (examples, ...features) as the model takes them "
+            f"[torch: {text}]"
+        )
+    return (
+        f"the model fails on the first {PROBE_EXAMPLES} examples of the data ({_describe(full)}): {text}. "
+        "Check that the data are what the model takes: a batch dimension first, the input width and "
+        "dtype the model expects"
+    )
+
+
+def check_model_accepts(
+    model: nn.Module, inputs: Tensor | Mapping[str, Any], *, full: Any = None
+) -> None:
+    """Run ``model`` (in eval mode, without gradients) on the first examples of ``inputs``; a
+    ``ValueError`` naming the problem when it fails (:func:`explain_model_error`; ``full``, the whole
+    data, is what the message describes, default ``inputs``); a ``TypeError`` when ``model`` is not a
+    ``torch.nn.Module``.
+
+    >>> try:
+    ...     check_model_accepts(torch.nn.Linear(3, 2).double(), torch.zeros(5, 3, dtype=torch.long))
+    ... except ValueError as err:
+    ...     print(str(err)[:70])
+    integer inputs of shape (5, 3) and dtype torch.int64 to a model that c
+    """
+    check_module(model)
+    full = inputs if full is None else full
+    if isinstance(full, Tensor) and full.dim() == 0:
+        raise ValueError("the data is a single number (a 0-d tensor): pass a batch, (examples, ...)")
+    was_training = model.training
+    model.eval()  # no running statistics of batch norm are touched
+    try:
+        with torch.no_grad():
+            call_model(model, head(inputs))
+    except (RuntimeError, TypeError, IndexError) as err:
+        raise ValueError(explain_model_error(model, full, err)) from err
+    finally:
+        model.train(was_training)
+
+
+def check_module(model: Any) -> None:
+    """A ``TypeError`` unless ``model`` is a ``torch.nn.Module``.
+
+    >>> check_module(lambda x: x)
+    Traceback (most recent call last):
+    ...
+    TypeError: model must be a torch.nn.Module (wrap a function in one), not function
+    """
+    if not isinstance(model, nn.Module):
+        kind = type(model).__name__
+        raise TypeError(f"model must be a torch.nn.Module (wrap a function in one), not {kind}")
+
+
+def check_basis_fits(model: nn.Module, inputs: Any, layers: Any, basis: Any) -> None:
+    """Check that every node layer of ``basis`` has the width (and positions) that ``model`` gives it on
+    ``inputs`` (one batch); a ``ValueError`` naming the layer otherwise.
+
+    >>> import degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "output"], progress=False)
+    >>> wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    >>> try:
+    ...     check_basis_fits(wider, x, B.layers, B)
+    ... except ValueError as err:
+    ...     print(str(err)[:70])
+    the basis does not fit this model: node layer '1' has width 5 in the m
+    """
+    if not (hasattr(basis, "layers") and hasattr(basis, "bases")):
+        raise TypeError(f"basis must be a Basis (interaction_basis, load_basis), got {type(basis).__name__}")
+    with torch.no_grad():
+        acts = capture(model, head(inputs), layers)
+    for name, x in acts.items():
+        b = basis[name]
+        width = b.width - int(b.has_constant)
+        if x.shape[-1] != width:
+            raise ValueError(
+                f"the basis does not fit this model: node layer {name!r} has width {x.shape[-1]} in the "
+                f"model, {width} in the basis; build the basis on this model"
+            )
