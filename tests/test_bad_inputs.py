@@ -84,6 +84,10 @@ LIBRARY: list[tuple[str, Callable[[dict[str, Any]], Any], type[Exception], str]]
      r"empty|single number"),
     ("basis-empty-data", lambda m: _basis(m, data=m["x"][:0])(), ValueError, r"empty"),
     ("basis-nan-data", lambda m: _basis(m, data=m["x"] * float("nan"))(), ValueError, r"NaN"),
+    ("basis-inputs-and-labels-as-data", lambda m: _basis(m, data=(m["x"], m["labels"]))(), ValueError,
+     r"batch 1 of the data .* \(inputs, labels\) pair"),
+    ("basis-batches-of-different-widths", lambda m: _basis(m, data=[m["x"], _x(width=5)])(), ValueError,
+     r"batch 1 of the data has inputs of shape \(24, 5\)"),
     ("basis-strings-as-data", lambda m: _basis(m, data=["a", "b"])(), TypeError, r"cannot read a batch"),
     ("model-not-a-module", lambda m: check_module(lambda z: z), TypeError, r"torch.nn.Module"),
     # --- options ---

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from degeneracy.capture import capture
 from degeneracy.data import call_model
 
-__all__ = ["check_model_accepts", "check_module", "check_basis_fits", "explain_model_error", "head"]
+__all__ = [
+    "check_model_accepts",
+    "check_batches_alike",
+    "check_module",
+    "check_basis_fits",
+    "explain_model_error",
+    "head",
+]
 
 PROBE_EXAMPLES = 2
 
@@ -131,6 +138,39 @@ def check_model_accepts(
         raise ValueError(explain_model_error(model, full, err)) from err
     finally:
         model.train(was_training)
+
+
+def _signature(inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return {k: _signature(v) for k, v in inputs.items()}
+    if isinstance(inputs, Tensor):
+        return (inputs.dtype, tuple(inputs.shape[1:]))
+    return type(inputs).__name__
+
+
+def check_batches_alike(batches: Any) -> None:
+    """A ``ValueError`` when the inputs of the batches (``Batch`` objects) differ in dtype or in shape
+    past the batch dimension: an ``(inputs, labels)`` pair given as data is read as two batches.
+
+    >>> from degeneracy.data import iter_batches
+    >>> x, labels = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    >>> check_batches_alike(iter_batches([x, x]))
+    >>> try:
+    ...     check_batches_alike(iter_batches((x, labels)))
+    ... except ValueError as err:
+    ...     print(str(err)[:55])
+    batch 1 of the data has inputs of shape (4,) and dtype
+    """
+    first = None
+    for i, batch in enumerate(batches):
+        if first is None:
+            first = batch.inputs
+        elif _signature(batch.inputs) != _signature(first):
+            raise ValueError(
+                f"batch {i} of the data has {_describe(batch.inputs)}, batch 0 {_describe(first)}: every "
+                "batch must hold the same kind of inputs (an (inputs, labels) pair given as data reads as "
+                "two batches: pass the inputs alone, or a list of (inputs, labels) batches)"
+            )
 
 
 def check_module(model: Any) -> None:

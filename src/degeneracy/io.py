@@ -7,11 +7,14 @@ so that a damaged file is refused on load instead of read as wrong numbers.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ __all__ = [
     "NON_FINITE_KEY",
     "JsonResult",
     "ResultFileError",
+    "kill_point",
+    "remove_stale_temporaries",
+    "KILL_ENV",
 ]
 
 _META_KEY = "degeneracy"
@@ -55,12 +61,60 @@ def _umask() -> int:
     return mask
 
 
+KILL_ENV = "DEGENERACY_TEST_KILL"
+"""For tests of resume after ``kill -9``: a glob such as ``edges.lib@start`` or ``lib.safetensors@write``;
+the process SIGKILLs itself when it reaches a matching point (:func:`kill_point`)."""
+
+
+def kill_point(label: str) -> None:
+    """SIGKILL this process if the environment variable ``DEGENERACY_TEST_KILL`` matches ``label``
+    (a glob): a test hook that lets tests kill a run at a known point; unset, it does nothing.
+
+    Points: ``STAGE@start`` (a stage about to compute), ``STAGE@saved`` (its result files written, its
+    record not yet), ``STAGE@done`` (its record written) and ``FILE@write`` (a file's temporary copy
+    written, not yet moved into place).
+
+    >>> kill_point("basis.lib@start")  # DEGENERACY_TEST_KILL unset: nothing happens
+    """
+    wanted = os.environ.get(KILL_ENV)
+    if wanted and fnmatch.fnmatchcase(label, wanted):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+STARTED = time.time()
+"""When this process imported the module: temporary files older than this are leftovers of a killed run."""
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write_text` and :func:`save_tensors` left under
+    ``folder`` when a run was killed before moving them into place (those older than this process);
+    returns them.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / ".r.json.abc.tmp").write_text("{")
+    >>> os.utime(folder / ".r.json.abc.tmp", (STARTED - 10, STARTED - 10))
+    >>> [p.name for p in remove_stale_temporaries(folder)], list(folder.iterdir())
+    (['.r.json.abc.tmp'], [])
+    """
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < STARTED:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        kill_point(f"{path.name}@write")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are ordinary files
         os.replace(tmp, path)
     except BaseException:

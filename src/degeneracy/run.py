@@ -37,7 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from degeneracy.checks import check_model_accepts, check_module, head
+from degeneracy.checks import check_batches_alike, check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, model_output_tensor, num_examples
 
 __all__ = [
@@ -395,6 +395,11 @@ class ModelRun:
         if deterministic and self.n:
             self.probe = cast_inputs(head(self.data), self.dtype, explicit=self.explicit, device=self.device)
             check_model_accepts(self.model, self.probe, full=self.data)  # a clear error now, not deep inside
+        elif isinstance(self.data, list | tuple) and self.data:  # batches that can be read again
+            check_batches_alike(iter_batches(self.data))
+            first = next(iter_batches(self.data)).inputs
+            probe = cast_inputs(head(first), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, probe, full=first)
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:

@@ -85,6 +85,11 @@ def preflight(model: Any, data: Any, node_layers: list[Any] | None) -> None:
         as_node_layers(model, node_layers)
     if isinstance(data, Tensor | Mapping):
         check_model_accepts(model, data)
+    elif isinstance(data, list | tuple) and data:
+        from degeneracy.checks import check_batches_alike
+        from degeneracy.data import iter_batches
+
+        check_batches_alike(iter_batches(data))
 
 
 def basis_stage(
