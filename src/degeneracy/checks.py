@@ -158,7 +158,7 @@ def check_batches_alike(batches: Any) -> None:
     >>> try:
     ...     check_batches_alike(iter_batches((x, labels)))
     ... except ValueError as err:
-    ...     print(str(err)[:55])
+    ...     print(str(err)[:54])
     batch 1 of the data has inputs of shape (4,) and dtype
     """
     first = None

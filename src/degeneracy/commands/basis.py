@@ -69,11 +69,12 @@ def preflight(model: Any, data: Any, node_layers: list[Any] | None) -> None:
     the data (:func:`degeneracy.checks.check_model_accepts` on the first examples).
 
     >>> import torch
-    >>> preflight(torch.nn.Linear(2, 1), torch.zeros(3, 2), ["output"])
-    >>> preflight(torch.nn.Linear(2, 1), torch.zeros(3, 2), ["fc9"])
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh())
+    >>> preflight(model, torch.zeros(3, 2), ["1", "output"])
+    >>> preflight(model, torch.zeros(3, 2), ["fc9"])
     Traceback (most recent call last):
     ...
-    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output'
+    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output', 0, 1
     """
     from torch import Tensor
 
