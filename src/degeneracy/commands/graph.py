@@ -105,6 +105,16 @@ def _labels_for_spec(spec: ModelSpec, data: Any) -> Any:
     return None
 
 
+def _split_data(spec: ModelSpec) -> tuple[Any, Any]:
+    """The inputs and labels of ``spec`` (another split of the same model's data)."""
+    from degeneracy.commands.config import resolve_model
+
+    _, data, _ = resolve_model(spec)
+    if isinstance(data, tuple | list) and len(data) == 2:  # a factory returning (inputs, labels)
+        return data[0], data[1]
+    return data, _labels_for_spec(spec, data)
+
+
 def _head(data: Any, limit: int | None) -> Any:
     if limit is None:
         return data
@@ -307,16 +317,34 @@ def run_graph(
     opts = cfg.ablation
     eval_data = _head(data, opts.limit)
     eval_labels = labels[: opts.limit] if labels is not None and opts.limit is not None else labels
-    if labels is None and (opts.node_curves or opts.edges):
+    ablated: dict[str, Any] = {}  # what the ablation stages add to their config (when not the defaults)
+    if opts.split is not None and opts.split != cfg.model.split:  # build on one split, ablate on another
+        other = cfg.model.model_copy(update={"split": opts.split})
+        eval_source, eval_all_labels = _split_data(other)
+        eval_data = _head(eval_source, opts.limit)
+        eval_labels = _head(eval_all_labels, opts.limit) if eval_all_labels is not None else None
+        ablated["split"] = opts.split
+        say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
+    options = {k: getattr(opts, k) for k in ("dtype", "batch_size") if getattr(opts, k) is not None}
+    ablated.update(options)
+    if opts.scaling != "logarithmic":
+        ablated["scaling"] = opts.scaling
+    if eval_labels is None and (opts.node_curves or opts.edges):
         say("[graph] no labels for this data: ablations skipped")
     elif opts.node_curves or opts.edges:
         summary["ablation_examples"] = _n(eval_data)
+        summary["ablation_split"] = opts.split or cfg.model.split
         for method in cfg.methods:
             basis, graph = have[method], graphs[method]
             if opts.node_curves:
                 node_curves[method] = staged(
                     f"node_ablation.{method}",
-                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points},
+                    {
+                        "basis": configs[method]["basis"],
+                        "limit": opts.limit,
+                        "points": opts.node_points,
+                        **{k: v for k, v in ablated.items() if k != "scaling"},
+                    },
                     partial(
                         node_ablation_curves,
                         model,
@@ -324,6 +352,7 @@ def run_graph(
                         basis,
                         labels=eval_labels,
                         num_points=opts.node_points,
+                        **options,
                     ),
                     _json_file(
                         out,
@@ -338,6 +367,7 @@ def run_graph(
                     "limit": opts.limit,
                     "delta": opts.delta,
                     "shortcuts": cfg.shortcuts,
+                    **ablated,
                 }
                 edge_results[method] = staged(
                     f"edge_ablation.{method}",
@@ -351,6 +381,8 @@ def run_graph(
                         labels=eval_labels,
                         delta=opts.delta,
                         sections=sections,
+                        scaling=opts.scaling,
+                        **options,
                     ),
                     _json_file(
                         out,
