@@ -290,3 +290,27 @@ def test_json_results_never_hold_nan_tokens(tmp_path: Path) -> None:
     loaded = load_json(path, kind="example")
     assert loaded["llc"][0] == 1.0 and loaded["beta"] == -float("inf")
     assert loaded["llc"][1] != loaded["llc"][1]  # NaN
+
+
+def test_cli_exits_1_when_a_stage_has_no_valid_result(tmp_path: Path, monkeypatch) -> None:
+    """A summary with NaN (a stage without a valid number) exits 1, its JSON holds null, not NaN."""
+    import degeneracy.commands.basis as basis_command
+
+    def broken(cfg, out, **_):  # a stage whose result came out NaN
+        return {}, {"lib": {"dims": {"fc1": 3}, "seconds": float("nan")}}
+
+    monkeypatch.setattr(basis_command, "build_bases", broken)
+    config = tmp_path / "basis.yaml"
+    config.write_text(FACTORY + LAYERS_YAML)
+    result = CliRunner().invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert "1 of its results are not finite numbers" in result.output and "lib/seconds (nan)" in result.output
+    printed = result.output[result.output.index("{") : result.output.rindex("}") + 1]
+    assert json.loads(printed)["lib"]["seconds"] is None and "NaN" not in printed
+
+
+def test_cli_exits_0_on_a_valid_run(tmp_path: Path) -> None:
+    config = tmp_path / "basis.yaml"
+    config.write_text(FACTORY + LAYERS_YAML + "methods: [pca]\n")
+    result = CliRunner().invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output

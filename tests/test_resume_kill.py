@@ -64,8 +64,11 @@ def run(command: str, config: Path, out: Path, kill: str | None = None, *extra: 
 def said(log: str) -> dict[str, str]:
     """What the run said of each stage: ``skipping``, ``running``, ``recomputing...``."""
     found = {}
-    for name, what in re.findall(r"^\[([\w.\-]+)\] (done before|running|recomputing[^\n]*)", log, re.M):
-        found.setdefault(name, "skipping" if what == "done before" else what)
+    for name, line in re.findall(r"^\[([\w.\-]+)\] (.*)$", log, re.M):
+        if line.startswith("done before"):
+            found.setdefault(name, "skipping")
+        elif line.startswith(("running", "recomputing")):
+            found.setdefault(name, line.removesuffix(" ..."))
     return found
 
 

@@ -404,7 +404,8 @@ class ModelRun:
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress, leave=False)
+        # quiet unless asked for and stderr is a terminal (disable=None); counts examples, with an ETA
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if progress else True, leave=False)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)

@@ -14,7 +14,14 @@ from typing import Any
 import typer
 
 from degeneracy.commands.config import BasisRunConfig, ModelSpec, check_methods, load_yaml, resolve_model
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import json_text
 
@@ -215,3 +222,4 @@ def basis_command(
         cfg = load_yaml(config, BasisRunConfig)
         _, summary = build_bases(cfg, out, force=force, log=echo_err)
     typer.echo(json_text(summary, indent=2))
+    exit_if_invalid(summary, "basis")  # a stage without a valid result: exit code 1

@@ -30,7 +30,14 @@ from torch import nn
 
 from degeneracy.commands.basis import run_fingerprint
 from degeneracy.commands.config import DegeneracyRunConfig, load_run
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text, json_text
 
@@ -248,6 +255,7 @@ def degeneracy_command(
     table = summary.pop("table")
     typer.echo(table)
     typer.echo(json_text({k: v for k, v in summary.items() if k != "counts"}, indent=2, default=str))
+    exit_if_invalid(summary, "degeneracy")  # a stage without a valid result: exit code 1
 
 
 def demo_degeneracy_config(model: nn.Module) -> DegeneracyRunConfig:

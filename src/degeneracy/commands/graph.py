@@ -40,7 +40,14 @@ from degeneracy.commands.config import (
     check_methods,
     load_run,
 )
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import atomic_write_text, json_text
 
@@ -540,6 +547,7 @@ def graph_command(
             log=echo_err,
         )
     typer.echo(json_text(summary, indent=2, default=str))
+    exit_if_invalid(summary, "graph")  # a stage without a valid result: exit code 1
 
 
 DEMO_EXAMPLES = 1024
