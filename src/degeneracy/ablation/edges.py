@@ -257,6 +257,7 @@ def edge_ablation(
     check_model(basis, model, allow_other_model=allow_other_model)
     check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    runner.progress = progress  # a bar per evaluation (examples, ETA) when in a terminal
     shortcuts = {}
     if sections is not None:
         inputs, _ = next(iter(runner.batches()))
@@ -284,6 +285,7 @@ def edge_ablation(
         losses: dict[int, float] = {num_total: base["loss"]}
 
         def score(n: int, src: str = src, dst: str = dst, E: Tensor = E, kc: bool = keep_constant) -> dict:
+            runner.desc = f"{src}->{dst}: {n} edges"
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)

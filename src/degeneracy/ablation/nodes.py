@@ -203,9 +203,10 @@ def node_ablation_curves(
     dtype: str | None = None,
     metrics: Metrics = classification_metrics,
     allow_other_model: bool = False,
+    progress: bool = False,
 ) -> dict[str, NodeAblationCurve]:
     """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``);
-    ``allow_other_model`` as there.
+    ``allow_other_model`` as there; ``progress`` shows a bar per evaluation (examples, with an ETA).
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -218,10 +219,12 @@ def node_ablation_curves(
     """
     check_model(basis, model, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    runner.progress = progress
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
     out = {}
     for name in names:
         n = basis[name].dim - (1 if runner.constant else 0)
+        runner.desc = f"ablate {name}"
         out[name] = node_ablation_curve(
             model,
             data,

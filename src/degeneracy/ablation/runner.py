@@ -116,10 +116,12 @@ class AblationRunner:
         self.constant = bool(basis.config.has_constant)
         self.means: dict[str, Tensor] = {}
         self.widths: dict[str, list[int]] = {}
+        self.progress = False  # a bar per pass over the data (examples, ETA) when in a terminal
+        self.desc = "ablation"
 
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
         offset = 0
-        for batch in self.run.batches():
+        for batch in self.run.batches(self.desc, self.progress):
             inputs = batch.inputs
             if self.labels is not None:
                 labels = self.labels[offset : offset + batch.size]

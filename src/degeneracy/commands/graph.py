@@ -359,6 +359,7 @@ def run_graph(
                         basis,
                         labels=eval_labels,
                         num_points=opts.node_points,
+                        progress=progress,
                         **options,
                     ),
                     _json_file(
