@@ -31,6 +31,7 @@ from typing import Any
 
 import typer
 
+from degeneracy.commands.ablation_data import ablation_data
 from degeneracy.commands.basis import basis_stage, basis_stage_config, preflight, run_fingerprint
 from degeneracy.commands.config import (
     AblationOptions,
@@ -110,16 +111,6 @@ def _labels_for_spec(spec: ModelSpec, data: Any) -> Any:
             labels = ytr if spec.split == "train" else yte
         return labels[: spec.limit] if spec.limit is not None else labels
     return None
-
-
-def _split_data(spec: ModelSpec) -> tuple[Any, Any]:
-    """The inputs and labels of ``spec`` (another split of the same model's data)."""
-    from degeneracy.commands.config import resolve_model
-
-    _, data, _ = resolve_model(spec)
-    if isinstance(data, tuple | list) and len(data) == 2:  # a factory returning (inputs, labels)
-        return data[0], data[1]
-    return data, _labels_for_spec(spec, data)
 
 
 def _head(data: Any, limit: int | None) -> Any:
@@ -322,20 +313,9 @@ def run_graph(
     edge_results: dict[str, dict[tuple[str, str], Any]] = {}
     ablation_configs: dict[str, dict[str, Any]] = {}
     opts = cfg.ablation
-    eval_data = _head(data, opts.limit)
-    eval_labels = labels[: opts.limit] if labels is not None and opts.limit is not None else labels
-    ablated: dict[str, Any] = {}  # what the ablation stages add to their config (when not the defaults)
-    if opts.split is not None and opts.split != cfg.model.split:  # build on one split, ablate on another
-        other = cfg.model.model_copy(update={"split": opts.split})
-        eval_source, eval_all_labels = _split_data(other)
-        eval_data = _head(eval_source, opts.limit)
-        eval_labels = _head(eval_all_labels, opts.limit) if eval_all_labels is not None else None
-        ablated["split"] = opts.split
+    eval_data, eval_labels, ablated, options = ablation_data(opts, cfg.model, data, labels, _labels_for_spec)
+    if "split" in ablated:  # built on one split, ablated on another
         say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
-    options = {k: getattr(opts, k) for k in ("dtype", "batch_size") if getattr(opts, k) is not None}
-    ablated.update(options)
-    if opts.scaling != "logarithmic":
-        ablated["scaling"] = opts.scaling
     if eval_labels is None and (opts.node_curves or opts.edges):
         say("[graph] no labels for this data: ablations skipped")
     elif opts.node_curves or opts.edges:
@@ -346,12 +326,8 @@ def run_graph(
             if opts.node_curves:
                 node_curves[method] = staged(
                     f"node_ablation.{method}",
-                    {
-                        "basis": configs[method]["basis"],
-                        "limit": opts.limit,
-                        "points": opts.node_points,
-                        **{k: v for k, v in ablated.items() if k != "scaling"},
-                    },
+                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points,
+                     **{k: v for k, v in ablated.items() if k != "scaling"}},
                     partial(
                         node_ablation_curves,
                         model,
