@@ -150,3 +150,19 @@ def test_degeneracy_killed_then_resumed(tmp_path) -> None:
     code, log = run("degeneracy", config, out)
     assert code == 0 and said(log) == {"degeneracy": "skipping"}, log
     assert not partial_files(out)
+
+
+def test_llc_killed_then_resumed(tmp_path) -> None:
+    config, out = tmp_path / "llc.yaml", tmp_path / "run"
+    config.write_text(
+        "model: {name: digits_mlp, split: test, limit: 200, dtype: float32}\nloss: behavioral\nsampler: "
+        "{nbeta: 50, localization: 100, num_chains: 2, num_draws: 40, num_burnin: 10, batch_size: 64}\n"
+        "nbetas: [20, 200]\nepsilons: [0.1]\nprogress: false\n"
+    )
+    code, _ = run("llc", config, out, "llc_curve@start")
+    assert code == -signal.SIGKILL and (out / "stages" / "llc.json").exists()
+    assert not (out / "stages" / "llc_curve.json").exists()
+    code, log = run("llc", config, out)
+    assert code == 0, log
+    assert said(log) == {"llc": "skipping", "llc_curve": "running", "n_eff": "running"}, log
+    assert not partial_files(out)
