@@ -182,7 +182,7 @@ def _compute(
             forward=hessian_forward,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            **options,
+            **{"progress": True, **options},  # a bar in a terminal, quiet otherwise
         )
         report.attach_hessian(spectrum)
     report.config["model"] = cfg.model.model_dump()
