@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from degeneracy.checks import check_batches_alike, check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
 from degeneracy.distributed import is_distributed, world_size
 from degeneracy.distributed import rank as this_rank
@@ -463,6 +464,7 @@ class ModelRun:
         batch_size: int | None = None,
         cache: bool = True,
     ) -> None:
+        check_module(model)
         wanted = resolve_dtype(dtype)
         self.explicit = wanted is not None
         self.dtype = wanted if wanted is not None else model_dtype(model)
@@ -474,11 +476,21 @@ class ModelRun:
         self.batch_size = batch_size
         self.n = num_examples(self.data)
         deterministic = isinstance(self.data, Tensor | Mapping)
+        self.probe: Tensor | Mapping[str, Tensor] | None = None  # the first examples, cast, when known
+        if deterministic and self.n:
+            self.probe = cast_inputs(head(self.data), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, self.probe, full=self.data)  # a clear error now, not deep inside
+        elif isinstance(self.data, list | tuple) and self.data:  # batches that can be read again
+            check_batches_alike(iter_batches(self.data))
+            first = next(iter_batches(self.data)).inputs
+            probe = cast_inputs(head(first), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, probe, full=first)
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress, leave=False)
+        # quiet unless asked for and stderr is a terminal (disable=None); counts examples, with an ETA
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if progress else True, leave=False)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)
