@@ -11,10 +11,8 @@ attributions C_out J [directions_j · scale_{s,j}] and basis-Jacobian Grams need
 differentiation of the model. MLP activations are any elementwise function (ReLU, GELU, SiLU, …):
 their derivative σ'(pre) is one elementwise evaluation.
 
->>> from types import SimpleNamespace
->>> ln = SimpleNamespace(w=torch.ones(3), b=torch.zeros(3), eps=1e-5)
->>> ln.__class__ = type("LayerNorm", (SimpleNamespace,), {})
->>> norm_of(ln).centre, norm_of(None) is None
+>>> LayerNorm = type("LayerNorm", (), {"w": torch.ones(3), "b": torch.zeros(3), "eps": 1e-5})
+>>> norm_of(LayerNorm()).centre, norm_of(None) is None
 (True, True)
 """
 
@@ -265,7 +263,7 @@ def normed_mlp_kernel(mlp: Any, norm: Norm | None, src: NodeLayer, dst: NodeLaye
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = parts.select_positions(src, dst, f.shape[1] if inputs is None else parts.sequence_length(inputs))
+        idx = _targets(src, dst, inputs, f)
         ft, st = f[:, idx], scale[:, idx].to(torch.float64)
         xhat, inv, slope, w_in = _mlp_parts(mlp, norm, ft)
         w, w2, u = _weights(norm, xhat, inv, st, dirs)
@@ -295,7 +293,7 @@ def normed_mlp_tangent(mlp: Any, norm: Norm | None, src: NodeLayer, dst: NodeLay
     """
 
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        idx = parts.select_positions(src, dst, f.shape[1] if inputs is None else parts.sequence_length(inputs))
+        idx = _targets(src, dst, inputs, f)
         ft, rt = f[:, idx], r[:, idx].to(torch.float64)
         xhat, inv, slope, w_in = _mlp_parts(mlp, norm, ft)
         dh = norm_tangent(norm, xhat, inv, rt)
@@ -315,7 +313,7 @@ def normed_unembed_kernel(w_u: Tensor, norm: Norm | None, src: NodeLayer, dst: N
     """
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        idx = parts.select_positions(src, dst, f.shape[1] if inputs is None else parts.sequence_length(inputs))
+        idx = _targets(src, dst, inputs, f)
         _, xhat, inv = normalise(norm, f[:, idx])
         w, w2, u = _weights(norm, xhat, inv, scale[:, idx].to(torch.float64), dirs)
         p_fold = c_out @ w_u.detach().to(torch.float64).T  # (m, d)
@@ -332,12 +330,13 @@ def normed_unembed_tangent(w_u: Tensor, norm: Norm | None, src: NodeLayer, dst: 
 
     >>> from degeneracy.capture import NodeLayer
     >>> layer = NodeLayer("h", ("h",))
-    >>> normed_unembed_tangent(torch.eye(2), None, layer, layer)(None, torch.ones(1, 1, 2), torch.ones(1, 1, 2))
-    tensor([[[1., 1.]]], dtype=torch.float64)
+    >>> ones = torch.ones(1, 1, 2)
+    >>> normed_unembed_tangent(torch.eye(2), None, layer, layer)(None, ones, ones).tolist()
+    [[[1.0, 1.0]]]
     """
 
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        idx = parts.select_positions(src, dst, f.shape[1] if inputs is None else parts.sequence_length(inputs))
+        idx = _targets(src, dst, inputs, f)
         _, xhat, inv = normalise(norm, f[:, idx])
         return norm_tangent(norm, xhat, inv, r[:, idx]) @ w_u.detach().to(torch.float64)
 
@@ -396,6 +395,12 @@ def positionwise_gram(fn: Callable, kernel: Kernel, tangent: Callable) -> GramFn
         return total
 
     return gram
+
+
+def _targets(src: NodeLayer, dst: NodeLayer, inputs: Any, f: Tensor) -> list[int]:
+    """Where the target's positions sit among the source's (the sequence length from ``inputs``)."""
+    n = f.shape[1] if inputs is None else parts.sequence_length(inputs)
+    return parts.select_positions(src, dst, n)
 
 
 def _slice(inputs: Any, sl: slice) -> Any:
