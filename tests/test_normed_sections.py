@@ -3,6 +3,8 @@ every Gram, JVP and edge kernel equals torch.func through the hooked model (floa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,7 +45,7 @@ def normed_transformer(norm: str | None = "LN", act: str = "gelu", direction: st
         act_fn=act,
         normalization_type=norm,
         attention_dir=direction,
-        n_ctx=5,
+        n_ctx=4,
         d_vocab=8,
         seed=0,
         dtype=torch.float64,
@@ -54,10 +56,10 @@ def normed_transformer(norm: str | None = "LN", act: str = "gelu", direction: st
         for name, p in model.named_parameters():
             if name.split(".")[-1] in ("w", "b") or name.split(".")[-1].startswith("b_"):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model, torch.randint(0, 8, (24, 5), generator=gen)
+    return model, torch.randint(0, 8, (10, 4), generator=gen)
 
 
-def _grams(model, x, nodes, center: bool, rule: str) -> dict:
+def _grams(model, x, nodes, center: bool, rule: str, norm: str | None = "LN") -> dict:
     B = degeneracy.interaction_basis(model, x, nodes, center=center, sections=None, progress=False)
     ctx = NodeLayerRun(model, x, nodes, dtype=B.config.dtype, batch_size=B.config.batch_size)
     shortcuts = transformer_lens_sections(model, ctx.layers)
@@ -73,8 +75,13 @@ def _grams(model, x, nodes, center: bool, rule: str) -> dict:
         white = pca_step(moments, B.config)
         fn = section(model, x, ctx.layers, src, dst, constant=center)
         want = jacobian_gram(fn, acts[src], white.R_pinv, B[dst].C, r, num_out_positions=acts[dst].shape[1])
-        got = shortcut_gram(short, x, acts[src], white.R_pinv, B[dst].C, r, center, 2**16)
+        args = (x, acts[src], white.R_pinv, B[dst].C, r, center, 2**16)
+        if norm is not None or "mid" not in dst:  # the structured Gram applies (attention: with a norm)
+            assert short.gram(*args) is not None, (src, dst)
+        got = shortcut_gram(short, *args)
+        kernel = shortcut_gram(dataclasses.replace(short, gram=None), *args)  # the kernel's Jacobians
         out[(src, dst)] = (got, want)
+        out[(src, dst, "kernel")] = (kernel, want)
     return out
 
 
@@ -94,7 +101,7 @@ def test_normed_grams_equal_autodiff(norm, act, direction, center: bool, rule: s
     the constant direction's row and column included."""
     model, x = normed_transformer(norm, act, direction)
     with torch.no_grad():
-        grams = _grams(model, x, ALL, center, rule)
+        grams = _grams(model, x, ALL, center, rule, norm)
     for pair, (got, want) in grams.items():
         assert got is not None, pair
         assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), pair

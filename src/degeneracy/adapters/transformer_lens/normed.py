@@ -36,6 +36,7 @@ __all__ = [
     "normalise",
     "norm_tangent",
     "activation_slope",
+    "shared_directions",
     "normed_attention_kernel",
     "normed_attention_tangent",
     "normed_mlp_kernel",
@@ -121,8 +122,12 @@ def norm_tangent(norm: Norm | None, xhat: Tensor, inv: Tensor, r: Tensor) -> Ten
     return out if norm.weight is None else out * norm.weight
 
 
-def _shared(norm: Norm | None, dirs: Tensor) -> Tensor:
-    """G = γ ⊙ Π directions (d × k)."""
+def shared_directions(norm: Norm | None, dirs: Tensor) -> Tensor:
+    """G = γ ⊙ Π directions (d × k): the part of ∂h/∂x · directions shared by every position.
+
+    >>> shared_directions(Norm(True, None, None, 0.0), torch.tensor([[1.0], [3.0]])).tolist()
+    [[-1.0], [1.0]]
+    """
     g = dirs - dirs.mean(0, keepdim=True) if norm is not None and norm.centre else dirs
     return g if norm is None or norm.weight is None else g * norm.weight[:, None]
 
@@ -172,7 +177,7 @@ def normed_attention_kernel(attn: Any, norm: Norm | None, positions: Any, direct
         q, k, v, p = a["q"], a["k"], a["v"], a["p"]  # q (b,t,h,e), k, v (b,s,h,e), p (b,t,h,s)
         sa = float(attn.attn_scale)
         w, w2, u = _weights(norm, xhat, inv, scale.to(torch.float64), dirs)
-        g = _shared(norm, dirs)
+        g = shared_directions(norm, dirs)
         fold = {n: torch.einsum("dj,hde->jhe", g, a[f"W_{n}"]) for n in "QKV"}
         ow = torch.einsum("hed,md->hem", a["W_O"], c_out)  # (h, e, m)
         vw = torch.einsum("bshe,hem->bhsm", v, ow)
@@ -268,7 +273,7 @@ def normed_mlp_kernel(mlp: Any, norm: Norm | None, src: NodeLayer, dst: NodeLaye
         xhat, inv, slope, w_in = _mlp_parts(mlp, norm, ft)
         w, w2, u = _weights(norm, xhat, inv, st, dirs)
         p_fold = c_out @ mlp.W_out.detach().to(torch.float64).T  # (m, hidden)
-        q_fold = w_in.T @ _shared(norm, dirs)  # (hidden, k)
+        q_fold = w_in.T @ shared_directions(norm, dirs)  # (hidden, k)
         b, t, hidden = slope.shape
         gated = (p_fold[None] * slope.reshape(b * t, 1, hidden)) @ q_fold  # (b·t, m, k)
         out = gated.reshape(b, t, -1, dirs.shape[1]) * w[:, :, None, :]
@@ -317,7 +322,7 @@ def normed_unembed_kernel(w_u: Tensor, norm: Norm | None, src: NodeLayer, dst: N
         _, xhat, inv = normalise(norm, f[:, idx])
         w, w2, u = _weights(norm, xhat, inv, scale[:, idx].to(torch.float64), dirs)
         p_fold = c_out @ w_u.detach().to(torch.float64).T  # (m, d)
-        out = (p_fold @ _shared(norm, dirs))[None, None] * w[:, :, None, :]
+        out = (p_fold @ shared_directions(norm, dirs))[None, None] * w[:, :, None, :]
         if u is not None:
             out -= (u @ p_fold.T)[..., None] * w2[:, :, None, :]
         return out

@@ -44,6 +44,7 @@ __all__ = [
     "ClosedForm",
     "closed_form_sections",
     "elementwise_mlp",
+    "first_gram",
     "positionwise_section",
     "attention_section",
     "affine_tangent",
@@ -198,6 +199,23 @@ def attention_tangent(attn: Any, positions: Any, direction: str) -> Callable[...
     return tangent
 
 
+def first_gram(*grams: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:
+    """The first of ``grams`` that applies (returns a Gram rather than ``None``).
+
+    >>> first_gram(lambda *a: None, lambda *a: torch.ones(1))().tolist()
+    [1.0]
+    """
+
+    def gram(*args: Any) -> Tensor | None:
+        for candidate in grams:
+            got = candidate(*args)
+            if got is not None:
+                return got
+        return None
+
+    return gram
+
+
 def elementwise_mlp(cfg: Any, block: Any) -> bool:
     """Whether a block's MLP is W_out σ(x W_in + b_in) + b_out with an elementwise σ (not gated, not
     SoLU's LayerNorm after the activation) and a normalisation with a closed form.
@@ -294,12 +312,14 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
                     attn_tangent,
                     attention_gram(blocks[ia].attn, b.positions, direction, attn_fn, attn_tangent),
                 )
-            elif normed:  # LayerNorm: closed-form kernel and JVP (:mod:`.normed`); Gram from the kernel
+            elif normed:  # LayerNorm: closed-form kernel, JVP (:mod:`.normed`) and Gram
                 norm = norm_of(getattr(blocks[ia], "ln1", None))
+                tangent = normed_attention_tangent(blocks[ia].attn, norm, b.positions, direction)
                 out[pair] = ClosedForm(
                     attn_fn,
                     normed_attention_kernel(blocks[ia].attn, norm, b.positions, direction),
-                    normed_attention_tangent(blocks[ia].attn, norm, b.positions, direction),
+                    tangent,
+                    attention_gram(blocks[ia].attn, b.positions, direction, attn_fn, tangent, norm),
                 )
             else:
                 out[pair] = ClosedForm(attn_fn)
@@ -320,11 +340,13 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
                 tangent = normed_mlp_tangent(blk.mlp, norm, a, b)
                 out[pair] = ClosedForm(mlp_fn, kernel, tangent, positionwise_gram(mlp_fn, kernel, tangent))
         elif ib == ia + 1 and (ka, kb) == ("post", "pre") and ib < n_blocks:
+            same = positionwise_section(lambda x: x, a, b)
+            kernel, tangent = affine_kernel(None, a, b), affine_tangent(None, a, b)
             out[pair] = ClosedForm(
-                positionwise_section(lambda x: x, a, b),
-                affine_kernel(None, a, b),
-                affine_tangent(None, a, b),
-                gated_gram(None, None, None, a, b),
+                same,
+                kernel,
+                tangent,
+                first_gram(gated_gram(None, None, None, a, b), positionwise_gram(same, kernel, tangent)),
             )
         elif ia == n_blocks - 1 and ka == "post" and kb == "output":
             ln_final = getattr(model, "ln_final", None)
@@ -338,7 +360,12 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
                         (
                             affine_kernel(unembed.W_U, a, b),
                             affine_tangent(unembed.W_U, a, b),
-                            gated_gram(unembed.W_U, unembed.b_U, None, a, b),
+                            first_gram(
+                                gated_gram(unembed.W_U, unembed.b_U, None, a, b),
+                                positionwise_gram(
+                                    un_fn, affine_kernel(unembed.W_U, a, b), affine_tangent(unembed.W_U, a, b)
+                                ),
+                            ),
                         )
                         if plain
                         else ()
