@@ -89,10 +89,10 @@ def _grams(model, x, nodes, center: bool, rule: str, norm: str | None = "LN") ->
     "norm,act,direction",
     [
         ("LN", "gelu", "causal"),
-        ("LN", "relu", "bidirectional"),
-        ("LNPre", "gelu_new", "causal"),
-        ("RMS", "silu", "causal"),
-        (None, "gelu", "causal"),
+        pytest.param("LN", "relu", "bidirectional", marks=pytest.mark.slow),
+        pytest.param("LNPre", "gelu_new", "causal", marks=pytest.mark.slow),
+        pytest.param("RMS", "silu", "causal", marks=pytest.mark.slow),
+        pytest.param(None, "gelu", "causal", marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize("center,rule", [(True, "gradient"), (False, "gradient"), (False, "trapezoid")])
@@ -140,7 +140,7 @@ def test_normed_tangents_and_kernels_equal_torch_func() -> None:
             assert float((kern[..., j] - col).abs().max()) <= 1e-10 * float(col.abs().max()), (src, j)
 
 
-@pytest.mark.parametrize("method", ["lib", "global"])
+@pytest.mark.parametrize("method", ["lib", pytest.param("global", marks=pytest.mark.slow)])
 def test_normed_bases_with_and_without_shortcuts_agree(method: str) -> None:
     model, x = normed_transformer("LN", "gelu")
     fast = degeneracy.interaction_basis(model, x, ALL, method=method, progress=False)
