@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
+from degeneracy.adapters.huggingface_sections import gpt2_closed_forms
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
@@ -36,6 +37,7 @@ __all__ = [
     "SectionShortcut",
     "Sections",
     "transformer_lens_sections",
+    "gpt2_sections",
     "resolve_sections",
     "shortcut_gram",
     "check_shortcut",
@@ -122,6 +124,20 @@ def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[P
     ValueError: transformer_lens_sections needs a TransformerLens HookedTransformer
     """
     return {pair: SectionShortcut(*form) for pair, form in closed_form_sections(model, layers).items()}
+
+
+def gpt2_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """Section shortcuts for a Hugging Face GPT-2 model whose node layers read the inputs of its blocks
+    ``transformer.h.{i}`` and of ``transformer.ln_f``: each block (pre-LayerNorm attention and GELU MLP)
+    in closed form (:func:`degeneracy.adapters.huggingface_sections.gpt2_closed_forms`). Pass them as
+    ``sections=`` to bases and edges, which check each one against the model on the first batch.
+
+    >>> gpt2_sections(torch.nn.Linear(2, 2), ["weight"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: gpt2_closed_forms needs a Hugging Face GPT-2 model ...
+    """
+    return {pair: SectionShortcut(*form) for pair, form in gpt2_closed_forms(model, layers).items()}
 
 
 def check_shortcut(
