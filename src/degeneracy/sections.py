@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from degeneracy.adapters.huggingface_sections import gpt2_closed_forms
+from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_closed_forms
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
@@ -38,6 +38,7 @@ __all__ = [
     "Sections",
     "transformer_lens_sections",
     "gpt2_sections",
+    "bert_sections",
     "resolve_sections",
     "shortcut_gram",
     "check_shortcut",
@@ -138,6 +139,19 @@ def gpt2_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Section
     ValueError: gpt2_closed_forms needs a Hugging Face GPT-2 model ...
     """
     return {pair: SectionShortcut(*form) for pair, form in gpt2_closed_forms(model, layers).items()}
+
+
+def bert_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """Section shortcuts for a Hugging Face BERT encoder whose node layers read the inputs of
+    ``encoder.layer.{i}`` (and the output of the last one): each post-LayerNorm layer in closed form
+    (:func:`degeneracy.adapters.huggingface_sections.bert_closed_forms`), for ``sections=``.
+
+    >>> bert_sections(torch.nn.Linear(2, 2), ["weight"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: bert_closed_forms needs a Hugging Face BERT model ...
+    """
+    return {pair: SectionShortcut(*form) for pair, form in bert_closed_forms(model, layers).items()}
 
 
 def check_shortcut(
