@@ -67,7 +67,7 @@ def node_at(module: str, read: Read, feature_axis: int | None = None) -> NodeLay
     Named ``"<module>@<read>"``, so that equal places give equal (hashable) node layers.
 
     >>> node_at("fc1", "output")
-    NodeLayer(name='fc1@output', modules=('fc1',), positions=None, read='output', feature_axis=None)
+    NodeLayer(name='fc1@output', modules=('fc1',), positions=None, read='output', output=None, feature_axis=None)
     """
     return NodeLayer(f"{module}@{read}", (module,), read=read, feature_axis=feature_axis)
 
