@@ -187,3 +187,27 @@ def test_bad_data_and_losses_get_clear_errors(unchecked) -> None:
         estimate_llc(model, (x, y[:, None].expand(-1, 2)), loss="cross_entropy", **KW)
     with unchecked(), pytest.raises(ValueError, match="unknown loss 'hinge'"):
         estimate_llc(model, (x, y), loss="hinge", **KW)  # type: ignore[arg-type]
+
+
+def test_batched_user_loss_chain_by_chain_equals_vmap() -> None:
+    """The batched engine runs a (vmappable) user loss once per chain: same losses and gradients as vmap."""
+    from degeneracy.llc.batched import chain_batched_forward
+    from degeneracy.llc.user_loss import batched_user_chain_loss
+
+    model, x, y = _setup()
+    g = torch.Generator().manual_seed(2)
+    views = {
+        n: (p.detach() + 0.1 * torch.randn(3, *p.shape, generator=g, dtype=p.dtype)).requires_grad_(True)
+        for n, p in model.named_parameters()
+    }
+    forward = chain_batched_forward(model, list(views))
+    item = (Batch(x, (y,)), None)
+    results = []
+    for how in ("vmap", "loop"):
+        losses = batched_user_chain_loss(forward, cross_entropy, "tuple", how)(views, item)
+        results.append((losses, torch.autograd.grad(losses.sum(), list(views.values()))))
+    (a, ga), (b, gb) = results
+    assert a.shape == (3,) and len(set(a.tolist())) == 3  # distinct chains
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)

@@ -449,6 +449,8 @@ def _labelled_chain_loss(
         if forward is not None:
             fast = batched_user_chain_loss(forward, loss if isinstance(loss, str) else user, form)
             if chain_losses_agree(fast, sequential, layout, center, first, seed):
+                if not isinstance(loss, str):  # vmappable (checked above): run it chain by chain, faster
+                    fast = batched_user_chain_loss(forward, user, form, "loop")
                 return ModelLoss(fast, batches, init_loss, name, "batched")
         if engine == "batched":
             raise ValueError(
