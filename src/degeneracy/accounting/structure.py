@@ -66,8 +66,9 @@ def node_at(module: str, read: Read, feature_axis: int | None = None) -> NodeLay
 
     Named ``"<module>@<read>"``, so that equal places give equal (hashable) node layers.
 
-    >>> node_at("fc1", "output")
-    NodeLayer(name='fc1@output', modules=('fc1',), positions=None, read='output', output=None, feature_axis=None)
+    >>> layer = node_at("fc1", "output")
+    >>> layer.name, layer.modules, layer.read, layer.positions, layer.feature_axis
+    ('fc1@output', ('fc1',), 'output', None, None)
     """
     return NodeLayer(f"{module}@{read}", (module,), read=read, feature_axis=feature_axis)
 
