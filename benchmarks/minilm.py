@@ -81,7 +81,7 @@ def load(examples: int, tokens: int, attn: str) -> tuple[torch.nn.Module, torch.
         for i in range(0, len(ids) - step, step):
             chunks.append([tok.cls_token_id, *ids[i : i + step], tok.sep_token_id])
             if len(chunks) == examples:
-                return LastHidden(bert), torch.tensor(chunks)
+                return LastHidden(bert).eval(), torch.tensor(chunks)
     raise SystemExit(f"only {len(chunks)} inputs of {tokens} tokens in the shipped texts")
 
 
@@ -140,7 +140,7 @@ def stage_stochastic(args: argparse.Namespace) -> dict:
     opts = basis_options(args)
     if args.compare:
         want = degeneracy.Basis.load(args.compare)
-        n = want.info.get("examples") or args.compare_examples
+        n = want.info.get("n_examples") or args.compare_examples
         model, x = load(n, args.tokens, args.attn)
         t0 = time.perf_counter()
         got = degeneracy.interaction_basis(model, x, LAYERS, num_sources=args.sources, seed=args.seed, **opts)
@@ -148,6 +148,8 @@ def stage_stochastic(args: argparse.Namespace) -> dict:
         row["compare_seconds"] = round(time.perf_counter() - t0, 2)
         row["compare"] = compare(got, want)
         print(json.dumps(row["compare"]), flush=True)
+    if args.examples == 0:  # the comparison alone
+        return stamp(row, t0)
     model, x = load(args.examples, args.tokens, args.attn)
     t0 = time.perf_counter()
     B = degeneracy.interaction_basis(model, x, LAYERS, num_sources=args.sources, seed=args.seed, **opts)
@@ -201,20 +203,23 @@ def stage_pca(args: argparse.Namespace) -> dict:
     for method, B in bases.items():
         curves[method] = {}
         for name in LAYERS[1:-1]:
-            ks = [k for k in kept if k <= B[name].dim]
+            ks = [k for k in kept if k < B[name].dim - 1] + [B[name].dim - 1]
             c = node_ablation_curve(model, x, B, name, metrics="embedding", num_kept=ks)
             curves[method][name] = {"num_kept": ks, "cosine": [float(v) for v in c.accuracy]}
             print(method, name, json.dumps(curves[method][name]), flush=True)
-    graphs = {}
+    graphs, graph_seconds = {}, {}
     for method, B in bases.items():
+        t1 = time.perf_counter()
         G = degeneracy.interaction_graph(
             model, x, B, num_sources=args.edge_sources, seed=args.seed, progress=args.progress,
             batch_size=args.batch_size, jacobian_mode=args.jacobian_mode,
         )
+        graph_seconds[method] = round(time.perf_counter() - t1, 2)
         graphs[method] = {f"{a}->{b}": edge_mass(e) for (a, b), e in G.edges.items()}
         print(method, json.dumps(graphs[method]), flush=True)
     row = {"stage": "pca", "sources": args.sources, "edge_sources": args.edge_sources,
-           "dims": {m: B.dims for m, B in bases.items()}, "curves": curves, "edges": graphs}
+           "dims": {m: B.dims for m, B in bases.items()}, "curves": curves, "edges": graphs,
+           "graph_seconds": graph_seconds}
     return stamp(row, t0)
 
 
