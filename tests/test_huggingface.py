@@ -15,6 +15,7 @@ import torch
 
 import degeneracy
 from degeneracy.ablation import edge_ablation, embedding_metrics, node_ablation_curve
+from degeneracy.adapters.huggingface import eager_attention
 from degeneracy.capture import as_node_layers
 from degeneracy.capture import check_cut as check_cut_from_capture
 from degeneracy.cuts import check_cut
@@ -129,12 +130,24 @@ def test_sdpa_attention_equals_eager_attention(one_thread):
 
 def test_jacobian_mode_is_respected_everywhere(one_thread):
     """An explicit forward mode on SDPA attention reaches torch's error (no silent forward-mode probe
-    elsewhere); reverse mode works, the affine probe included."""
+    elsewhere) when SDPA really runs; reverse mode works, the affine probe included. The builds run
+    SDPA models with eager attention (:func:`eager_attention`), so there forward mode works too and
+    gives the reverse-mode basis, and the model keeps its SDPA afterwards."""
     padded, _ = sentences()
+    model = tiny()
+    fn = lambda x: model(inputs_embeds=x).last_hidden_state  # noqa: E731
+    x = torch.randn(1, 3, model.config.hidden_size, dtype=torch.float64)
     with pytest.raises((NotImplementedError, RuntimeError), match="forward AD"):
-        degeneracy.interaction_basis(tiny(), padded, LAYERS["bert"], jacobian_mode="jvp", progress=False)
-    B = degeneracy.interaction_basis(tiny(), padded, LAYERS["bert"], jacobian_mode="vjp", progress=False)
+        torch.func.jvp(fn, (x,), (x,))
+    B = degeneracy.interaction_basis(model, padded, LAYERS["bert"], jacobian_mode="vjp", progress=False)
     assert set(B.info["jacobians"].values()) == {"autodiff"}
+    Bf = degeneracy.interaction_basis(model, padded, LAYERS["bert"], jacobian_mode="jvp", progress=False)
+    same_basis(B, Bf, 1e-9)
+    assert model.config._attn_implementation == "sdpa"
+    with eager_attention(torch.nn.Sequential(model)) as switched:
+        assert switched == ["0"] and model.config._attn_implementation == "eager"
+        torch.func.jvp(fn, (x,), (x,))
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_affine_probe_costs_a_few_products_and_finds_affine_sections():

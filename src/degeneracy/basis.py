@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 import degeneracy
+from degeneracy.adapters.huggingface import eager_attention
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.basis_result import (
     METHODS,
@@ -344,7 +345,7 @@ def interaction_basis(
     was_training = run.model.training
     run.model.eval()
     try:
-        with full_precision():
+        with full_precision(), eager_attention(run.model):
             built = _build(run, cfg, progress, sections, resolve_sources(sources, seed))
     finally:
         run.model.train(was_training)

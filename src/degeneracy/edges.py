@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 import degeneracy
+from degeneracy.adapters.huggingface import eager_attention
 from degeneracy.attributions import attribution_mode, kernel_attributions, squared_attributions
 from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
@@ -173,7 +174,7 @@ def interaction_graph(
     was_training = run.model.training
     run.model.eval()
     try:
-        with frozen_parameters(run.model), full_precision():
+        with frozen_parameters(run.model), full_precision(), eager_attention(run.model):
             graph = _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
     finally:
         run.model.train(was_training)

@@ -12,18 +12,20 @@ for them lives in the run layer, generically:
 * the default attention (SDPA) has no forward-mode derivative: ``jacobian_mode="auto"`` then uses
   reverse mode (:func:`degeneracy.jacobian.forward_mode_unsupported`).
 
-This module adds the conveniences: :func:`is_hugging_face`, :func:`attention_implementation` and
-:func:`encode` (a tokenizer's padded batch as a plain dict of tensors).
+This module adds the conveniences: :func:`is_hugging_face`, :func:`attention_implementation`,
+:func:`encode` (a tokenizer's padded batch as a plain dict of tensors) and :func:`eager_attention`
+(the fast path for Jacobians: SDPA's backward has no vmap batching rule, eager attention's has).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["is_hugging_face", "attention_implementation", "encode"]
+__all__ = ["is_hugging_face", "attention_implementation", "encode", "eager_attention"]
 
 
 def is_hugging_face(model: nn.Module) -> bool:
@@ -73,3 +75,35 @@ def encode(
         options.update(truncation=True, max_length=max_length)
     batch = tokenizer(list(texts), **options)
     return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[list[str]]:
+    """Run the Hugging Face models inside ``model`` with eager attention for the duration of the block.
+
+    SDPA and eager attention compute the same function (softmax(QKᵀ/√d + mask) V, the same masks),
+    but SDPA's CPU backward has no vmap batching rule, so vmapped Jacobian products fall back to a
+    slow per-example loop (and it has no forward mode). Every ``PreTrainedModel`` in ``model`` whose
+    config says ``"sdpa"`` is switched to ``"eager"`` (read at each forward, masks included) and
+    switched back on exit; other implementations (flash, flex) and other models are left alone.
+    Yields the names of the modules switched.
+
+    >>> with eager_attention(nn.Linear(2, 2)) as switched:
+    ...     switched
+    []
+    """
+    changed: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if not is_hugging_face(module) or config is None or id(config) in seen:
+            continue
+        seen.add(id(config))
+        if getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = "eager"
+            changed.append((name, config))
+    try:
+        yield [name for name, _ in changed]
+    finally:
+        for _, config in changed:
+            config._attn_implementation = "sdpa"

