@@ -48,6 +48,7 @@ from degeneracy.capture import (
 from degeneracy.cuts import check_cut
 from degeneracy.data import node_mask
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.distributed import global_indices
 from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
     Eigh,
@@ -60,6 +61,7 @@ from degeneracy.linalg import (
 from degeneracy.probes import (
     SignSource,
     build_cost,
+    draw_signs,
     eigenvalue_se,
     resolve_sources,
     source_gram,
@@ -322,8 +324,8 @@ def interaction_basis(
             standard error (spread of the R independent sources, delta method; needs R ≥ 2).
             Closed-form and affine sections stay exact. An exact build that needs more than
             :data:`~degeneracy.probes.LONG_BUILD_PRODUCTS` products logs its cost and this alternative.
-        seed: seed of the ±1 sources (reproducible; one ``torch.Generator`` per build, drawn per
-            batch, shape (batch, R, P_out, d̂_out), for the layer pairs from last to first).
+        seed: seed of the ±1 sources (reproducible; drawn per example and layer pair, shape
+            (R, P_out, d̂_out), keyed by the example's index: the same on any number of processes).
         sources: ``"rademacher"`` (default: independent ±1 signs) or a callable ``draw(shape)``
             returning ±1 float64 signs of that shape, e.g. :func:`degeneracy.probes.pattern_sources`.
         progress: show progress bars.
@@ -513,6 +515,7 @@ def _interaction_matrix(
     compact = None
     affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
     estimates = None  # this batch's per-source Grams, when drawn
+    seen = 0  # this rank's examples so far (the sources are drawn per example, by global index)
     for i, inputs in enumerate(run.inputs(f"M[{src}]", progress)):
         with torch.no_grad():
             x, y = run.cached(src, i), run.cached(dst, i)
@@ -547,7 +550,8 @@ def _interaction_matrix(
                     how.add("affine")
                 elif cfg.num_sources is not None and draw is not None:
                     how.add("±1 sources")
-                    signs = draw((x.shape[0], cfg.num_sources, y.shape[1], out_basis.C.shape[0]))
+                    shape = (x.shape[0], cfg.num_sources, y.shape[1], out_basis.C.shape[0])
+                    signs = draw_signs(draw, shape, global_indices(seen, x.shape[0]), f"M[{src}]")
                     estimates = source_gram(
                         fn, x, white.R_pinv, out_basis.C, rule, signs, max_elements=cfg.max_elements,
                         in_mask=in_mask, out_mask=out_mask,
@@ -573,6 +577,7 @@ def _interaction_matrix(
             for r, source_acc in enumerate(per_source or []):  # exact batches count for every source
                 source_acc.add(total if estimates is None else estimates[r], count)
             estimates = None
+            seen += x.shape[0]
     for source_acc in per_source or []:
         source_acc.all_reduce()
     return acc.all_reduce().value, " + ".join(sorted(how))

@@ -8,6 +8,7 @@ process group (or with one process) every helper is the identity, at no cost.
 * :func:`all_reduce_sum` / :func:`all_reduce_max` (tensors, float64 sums stay float64),
   :func:`sum_scalars` (a dict of floats, e.g. summed metrics), :func:`all_gather_rows` (stack the
   ranks' rows, uneven counts allowed), :func:`barrier`;
+* :func:`global_indices`: the global index of this rank's examples (to key per-example random draws);
 * :func:`main_writes` / :func:`writes_enabled`: inside ``with main_writes():`` only rank 0 writes
   result files (:mod:`degeneracy.io` and the figures ask :func:`writes_enabled`); the command line
   runs every command in it;
@@ -45,6 +46,7 @@ __all__ = [
     "all_reduce_max",
     "sum_scalars",
     "all_gather_rows",
+    "global_indices",
     "main_writes",
     "writes_enabled",
     "process_group_from_env",
@@ -167,6 +169,17 @@ def all_gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(x.device)
+
+
+def global_indices(start: int, count: int) -> Tensor:
+    """The global indices of this rank's examples ``start`` … ``start + count − 1`` (counted over its
+    shard): example j of rank r is example r + j · world of the data, as :func:`degeneracy.run.shard`
+    splits tensors (and a ``DistributedSampler`` without shuffling splits a dataset).
+
+    >>> global_indices(2, 3).tolist()  # one process: its own numbering
+    [2, 3, 4]
+    """
+    return torch.arange(start, start + count) * world_size() + rank()
 
 
 @contextmanager
