@@ -27,6 +27,7 @@ from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_s
 from degeneracy.io import save_json
 from degeneracy.run import shard
 from tests.conftest import mlp
+from tests.test_edges import SEQ_LAYERS, SeqModel
 
 LAYERS = ["fc1", "fc2", "output"]
 RTOL = 1e-10
@@ -39,6 +40,11 @@ def _problem():
         model.fc2.weight.mul_(6.0)
         model.fc2.bias.zero_()
     return model, x
+
+
+def _seq_problem():
+    torch.manual_seed(2)
+    return SeqModel(positions=3).double(), torch.randn(13, 3, 4, dtype=torch.float64)
 
 
 def _relu_problem():
@@ -63,6 +69,12 @@ def _stages(full: bool) -> dict[str, Any]:
     labels = model(x).argmax(-1)
     out["edge_ablation"] = edge_ablation(model, x, basis, graph, labels=labels, delta=0.001)
     out["exact_kronecker"] = hessian_spectrum(model, x, method="exact", batch_size=32)
+    seq, xs = _seq_problem()  # ±1 sources, drawn per example: the shards draw the one-process signs
+    sourced = dict(num_sources=3, seed=5, batch_size=4, progress=False)
+    out["sourced_basis"] = degeneracy.interaction_basis(seq, xs, SEQ_LAYERS, sections=None, **sourced)
+    out["sourced_edges"] = degeneracy.interaction_graph(
+        seq, xs, out["sourced_basis"], jacobian_mode="vjp", **sourced
+    )
     if not full:
         return out
     out["nodes"] = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=32)
@@ -163,6 +175,18 @@ def _compare(two: dict[str, Any], one: dict[str, Any]) -> None:
         for n, loss in r1.losses.items():
             _scalar(r2.losses[n], loss, f"edge ablation {pair} loss at {n}")
     _spectrum(two["exact_kronecker"], one["exact_kronecker"], "exact_kronecker")
+    b1, b2 = one["sourced_basis"], two["sourced_basis"]  # ±1 sources: eigenvalues and their SEs
+    assert b1.info["jacobians"]["mix->out"] == "±1 sources"
+    assert float(b1["mix"].eigenvalue_se.max()) > 1e-3 * float(b1["mix"].eigenvalues.max())  # a spread
+    for name in SEQ_LAYERS[:-1]:  # ("out" -> "output" is affine: exact, SEs at rounding level)
+        _close(b2[name].eigenvalues, b1[name].eigenvalues, f"sourced basis {name}")
+        scale = RTOL * float(b1[name].eigenvalues.max())
+        torch.testing.assert_close(b2[name].eigenvalue_se, b1[name].eigenvalue_se, rtol=0, atol=scale)
+    g1, g2 = one["sourced_edges"], two["sourced_edges"]  # edges and their SEs
+    for pair in g1.pairs:
+        assert g1.info["modes"][f"{pair[0]}->{pair[1]}"] == "vjp" and float(g1.edge_se[pair].max()) > 0
+        _close(g2.edges[pair], g1.edges[pair], f"sourced edges {pair}")
+        _close(g2.edge_se[pair], g1.edge_se[pair], f"sourced edges {pair} SE")
     if "nodes" not in one:
         return
     for layer, c1 in one["nodes"].items():  # node ablations: metrics summed over the shards
@@ -209,8 +233,8 @@ def _check(tmp_path, full: bool) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_equal_one(tmp_path) -> None:
-    """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks) and
-    the exact Hessian."""
+    """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks), the
+    exact Hessian, and a basis and edges with ±1 sources (eigenvalue and edge standard errors too)."""
     _check(tmp_path, full=False)
 
 
