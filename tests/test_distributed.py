@@ -9,6 +9,9 @@ exactly, and the two ranks bitwise alike.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
 import socket
@@ -23,6 +26,7 @@ from torch import nn
 import degeneracy
 from degeneracy.ablation import edge_ablation, node_ablation_curves
 from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization
+from degeneracy.commands.errors import echo_err
 from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, main_writes, sum_scalars
 from degeneracy.io import save_json
 from degeneracy.run import shard
@@ -106,6 +110,19 @@ def _helpers(rank: int, out_dir: str) -> dict[str, Any]:
         shard(torch.zeros(1, 3))
     except ValueError as err:
         out["too_few"] = str(err)
+    logged, logger = io.StringIO(), logging.getLogger("degeneracy")
+    handler, level = logging.StreamHandler(logged), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:  # progress bars, log lines and a command's progress lines: rank 0 only
+        with contextlib.redirect_stderr(io.StringIO()) as printed:
+            model, x = _problem()
+            degeneracy.interaction_basis(model, x[:20], LAYERS, progress=True)
+            echo_err("[stage] running ...")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    out["printed"], out["logged"] = printed.getvalue(), logged.getvalue()
     with main_writes():
         save_json(os.path.join(out_dir, f"written_by_rank{rank}.json"), "test", {"rank": rank})
     save_json(os.path.join(out_dir, f"outside_by_rank{rank}.json"), "test", {"rank": rank})
@@ -224,6 +241,11 @@ def _check(tmp_path, full: bool) -> None:
         assert helpers["scalars"] == {"count": 4.0, "loss": 2.0}
         assert "different metrics" in helpers["mismatch"], rank
         assert "1 examples cannot be split over 2 processes" in helpers["too_few"], rank
+        printed, logged = helpers["printed"], helpers["logged"]
+        if rank == 0:
+            assert "M[fc1]" in printed and "[stage] running ..." in printed and "exact LIB M" in logged
+        else:
+            assert printed == logged == "", (printed, logged)
     assert (tmp_path / "written_by_rank0.json").exists() and not (tmp_path / "written_by_rank1.json").exists()
     assert (tmp_path / "outside_by_rank1.json").exists()  # outside main_writes() every rank writes
     saved = degeneracy.load_basis(tmp_path / "dist.safetensors")

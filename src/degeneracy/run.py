@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
-from degeneracy.distributed import is_distributed, world_size
+from degeneracy.distributed import is_distributed, is_main, world_size
 from degeneracy.distributed import rank as this_rank
 
 __all__ = [
@@ -478,7 +478,7 @@ class ModelRun:
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress, leave=False)
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress or not is_main(), leave=False)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.distributed import is_main
 from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
@@ -283,7 +284,7 @@ def edge_ablation(
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)
-            if progress:
+            if progress and is_main():
                 print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
             return res
 
