@@ -25,12 +25,13 @@ from torch import nn
 
 import degeneracy
 from degeneracy.ablation import edge_ablation, node_ablation_curves
-from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization
+from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization, sparsify
 from degeneracy.commands.errors import echo_err
 from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, main_writes, sum_scalars
 from degeneracy.io import save_json
 from degeneracy.run import shard
 from tests.conftest import mlp
+from tests.test_accounting import planted_mlp
 from tests.test_edges import SEQ_LAYERS, SeqModel
 
 LAYERS = ["fc1", "fc2", "output"]
@@ -79,6 +80,10 @@ def _stages(full: bool) -> dict[str, Any]:
     out["sourced_edges"] = degeneracy.interaction_graph(
         seq, xs, out["sourced_basis"], jacobian_mode="vjp", **sourced
     )
+    planted, xp = planted_mlp()  # the Section 4 construction: sharded sums, the same new model
+    out["sparsify"] = sparsify(planted, xp, batch_size=64)
+    noisy = xp + 1e-4 * torch.randn(xp.shape, generator=torch.Generator().manual_seed(0), dtype=xp.dtype)
+    out["sparsify_epsilon"] = sparsify(planted, noisy, epsilon=1e-6, batch_size=64)  # folds by least squares
     if not full:
         return out
     out["nodes"] = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=32)
@@ -204,6 +209,16 @@ def _compare(two: dict[str, Any], one: dict[str, Any]) -> None:
         assert g1.info["modes"][f"{pair[0]}->{pair[1]}"] == "vjp" and float(g1.edge_se[pair].max()) > 0
         _close(g2.edges[pair], g1.edges[pair], f"sourced edges {pair}")
         _close(g2.edge_se[pair], g1.edge_se[pair], f"sourced edges {pair} SE")
+    s1, s2 = one["sparsify"], two["sparsify"]
+    assert s1.verified and s2.verified and s1.free_directions == 8 + 12 + 30
+    assert s2.layers == s1.layers and s2.pinned == s1.pinned
+    assert (s2.zeros_before, s2.zeros_after, s2.free_directions) == (s1.zeros_before, s1.zeros_after, 50)
+    for name, w1 in s1.model.state_dict().items():
+        _close(s2.model.state_dict()[name], w1, f"sparsified {name}")
+    s1, s2 = one["sparsify_epsilon"], two["sparsify_epsilon"]  # the fold depends on every rank's rows
+    assert s1.layers[0]["dependencies"] == 1 and s2.layers == s1.layers
+    for name, w1 in s1.model.state_dict().items():
+        _close(s2.model.state_dict()[name], w1, f"sparsified with epsilon {name}")
     if "nodes" not in one:
         return
     for layer, c1 in one["nodes"].items():  # node ablations: metrics summed over the shards
@@ -256,7 +271,8 @@ def _check(tmp_path, full: bool) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_equal_one(tmp_path) -> None:
     """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks), the
-    exact Hessian, and a basis and edges with ±1 sources (eigenvalue and edge standard errors too)."""
+    exact Hessian, a basis and edges with ±1 sources (eigenvalue and edge standard errors too), the
+    Section 4 construction, and progress bars and log lines on rank 0 alone."""
     _check(tmp_path, full=False)
 
 
