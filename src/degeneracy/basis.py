@@ -103,8 +103,9 @@ class NodeLayerRun(ModelRun):
         *,
         dtype: str | torch.dtype | None = None,
         batch_size: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(model, data, dtype=dtype, batch_size=batch_size)
+        super().__init__(model, data, dtype=dtype, batch_size=batch_size, device=device)
         self.layers = as_node_layers(self.model, node_layers)
         self.widths: dict[str, list[int]] = {}
         self.num_seen, self.padded = 0, False  # examples read by collect_moments; any padding seen
@@ -278,6 +279,7 @@ def interaction_basis(
     num_sources: int | None = None,
     seed: int = 0,
     sources: str | SignSource = "rademacher",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Basis:
     """Build an interaction basis at every node layer of ``model`` over ``data``.
@@ -328,6 +330,8 @@ def interaction_basis(
             (R, P_out, d̂_out), keyed by the example's index: the same on any number of processes).
         sources: ``"rademacher"`` (default: independent ±1 signs) or a callable ``draw(shape)``
             returning ±1 float64 signs of that shape, e.g. :func:`degeneracy.probes.pattern_sources`.
+        device: where to run (``"cpu"``, ``"cuda:0"``, ...): a copy of the model is moved there;
+            ``None`` (default): the model's device. Results are float64 on the CPU either way.
         progress: show progress bars.
 
     Returns:
@@ -341,7 +345,7 @@ def interaction_basis(
     (['1', '2', 'output'], 3)
     """
     cfg = config_from(BasisConfig, locals(), dtype=dtype_name(dtype))
-    run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size, device=device)
     was_training = run.model.training
     run.model.eval()
     try:

@@ -106,6 +106,7 @@ def interaction_graph(
     max_elements: int = 2**21,
     dtype: str | torch.dtype | None = None,
     sections: Sections = "auto",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> InteractionGraph:
     """Interaction edges E between every pair of adjacent node layers of ``basis`` (METHOD §4).
@@ -141,6 +142,8 @@ def interaction_graph(
             the model from its input. Each is checked on the first batch against the hook-based
             section, at the data and at a perturbed input; an explicit one that differs raises
             ``ValueError``. ``G.info["sections"]`` records which kind each pair used.
+        device: where to run (``"cpu"``, ``"cuda:0"``, ...): a copy of the model is moved there;
+            ``None`` (default): the model's device. Edges are float64 on the CPU either way.
         progress: show a progress bar.
 
     Returns:
@@ -161,6 +164,7 @@ def interaction_graph(
         basis.layers,
         dtype=cfg.dtype or basis.config.dtype,
         batch_size=cfg.batch_size or basis.config.batch_size,
+        device=device,
     )
     was_training = run.model.training
     run.model.eval()

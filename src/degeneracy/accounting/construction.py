@@ -149,7 +149,7 @@ def _site_statistics(f: Tensor) -> tuple[Tensor, Tensor, int]:
     r = torch.linalg.qr(f, mode="r").R
     if is_distributed():  # TSQR: QR of the stacked R factors is an R factor of the stacked rows
         r = torch.linalg.qr(all_gather_rows(r), mode="r").R
-    return gram, r, n
+    return gram.cpu(), r.cpu(), n  # (the small d × d algebra on the CPU)
 
 
 def _blocks(fires: Tensor) -> list[list[int]]:
@@ -157,7 +157,7 @@ def _blocks(fires: Tensor) -> list[list[int]]:
     each rank labels its columns by their block's first column; columns with the same label on every
     rank form one block."""
     labels = torch.empty(fires.shape[1], dtype=torch.float64)
-    for block in identical_columns(fires):
+    for block in identical_columns(fires.cpu()):
         labels[block] = float(block[0])
     every = all_gather_rows(labels[None])  # (world, d)
     groups: dict[tuple[float, ...], list[int]] = {}
@@ -222,10 +222,10 @@ def _set_augmented(module: nn.Linear, w_aug: Tensor) -> None:
 
 
 def _augmented(module: nn.Linear) -> Tensor:
-    w = module.weight.detach().to(torch.float64)
+    w = module.weight.detach().to("cpu", torch.float64)
     if module.bias is None:
         return w.clone()
-    return torch.cat([w, module.bias.detach().to(torch.float64)[:, None]], dim=1)
+    return torch.cat([w, module.bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
 
 
 def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -298,7 +298,7 @@ def sparsify(
         # Step 1: eq 23–24 on the site's input.
         f = _capture(new, batches, node_at(site.name, "input"), forward)
         if site.has_bias:
-            f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64)], dim=1)
+            f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64, device=f.device)], dim=1)
         d_aug = f.shape[1]
         gram, r, rows = _site_statistics(f)
         gram_top = float(eigh_descending(gram, one_thread_if_small=True).values[0])
@@ -332,11 +332,11 @@ def sparsify(
         pre = _capture(new, batches, layer.pre_point, forward)
         fires = firing_patterns(pre, layer.activation)
         blocks = _blocks(fires)
-        fired = all_reduce_max(fires.any(0).to(torch.float64)) > 0  # on some rank's rows
+        fired = all_reduce_max(fires.any(0).to(torch.float64)).cpu() > 0  # on some rank's rows
         dead = set(torch.nonzero(~fired).flatten().tolist()) if layer.activation == "relu" else set()
-        magnitude = all_reduce_sum(pre.abs().sum(0))  # Σ_x |p_i|: the representative has the largest
+        magnitude = all_reduce_sum(pre.abs().sum(0)).cpu()  # Σ_x |p_i|: the representative has the largest
         w_in = _augmented(module)
-        w_out = out_module.weight.detach().to(torch.float64).clone()
+        w_out = out_module.weight.detach().to("cpu", torch.float64).clone()
         gate = torch.eye(layer.width, dtype=torch.float64)
         block_info = []
         for block in blocks:
@@ -374,7 +374,7 @@ def sparsify(
         if layer.activation in ("relu", "leaky_relu"):
             parent, child = _parent_and_name(new, layer.name)
             slope = layer.negative_slope if layer.activation == "leaky_relu" else 0.0
-            setattr(parent, child, BlockGatedActivation(gate.to(dtype), slope))
+            setattr(parent, child, BlockGatedActivation(gate.to(module.weight.device, dtype), slope))
         details.append(
             {
                 "layer": layer.name,

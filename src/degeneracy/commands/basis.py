@@ -16,6 +16,7 @@ import typer
 
 from degeneracy.commands.config import BasisRunConfig, ModelSpec, check_methods, load_yaml, resolve_model
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.placement import place, run_device
 from degeneracy.commands.resume import StageLog, run_stage
 
 __all__ = ["basis_stage_config", "basis_stage", "build_bases", "basis_command"]
@@ -121,6 +122,7 @@ def build_bases(
     >>> del sys.modules["toy"]
     """
     model, data, default_layers = resolve_model(cfg.model)
+    model, data = place(model, data, run_device(cfg.device))
     layers = cfg.node_layers or default_layers
     if layers is None:
         raise ValueError("node_layers must be given for a model that is not bundled")
