@@ -33,6 +33,7 @@ from degeneracy.run import shard
 from tests.conftest import mlp
 from tests.test_accounting import planted_mlp
 from tests.test_edges import SEQ_LAYERS, SeqModel
+from tests.test_progress import Terminal
 
 LAYERS = ["fc1", "fc2", "output"]
 RTOL = 1e-10
@@ -120,9 +121,10 @@ def _helpers(rank: int, out_dir: str) -> dict[str, Any]:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:  # progress bars, log lines and a command's progress lines: rank 0 only
-        with contextlib.redirect_stderr(io.StringIO()) as printed:
+        with contextlib.redirect_stderr(Terminal()) as printed:  # bars draw in a terminal only
             model, x = _problem()
             degeneracy.interaction_basis(model, x[:20], LAYERS, progress=True)
+            hessian_spectrum(model, x[:20], method="exact", progress=True)
             echo_err("[stage] running ...")
     finally:
         logger.removeHandler(handler)
@@ -258,7 +260,8 @@ def _check(tmp_path, full: bool) -> None:
         assert "1 examples cannot be split over 2 processes" in helpers["too_few"], rank
         printed, logged = helpers["printed"], helpers["logged"]
         if rank == 0:
-            assert "M[fc1]" in printed and "[stage] running ..." in printed and "exact LIB M" in logged
+            assert "M[fc1]" in printed and "Hessian" in printed and "[stage] running ..." in printed
+            assert "exact LIB M" in logged
         else:
             assert printed == logged == "", (printed, logged)
     assert (tmp_path / "written_by_rank0.json").exists() and not (tmp_path / "written_by_rank1.json").exists()

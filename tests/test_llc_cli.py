@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -142,3 +143,60 @@ def test_core_import_does_not_pull_matplotlib() -> None:
     code = "import sys, degeneracy.llc, degeneracy.commands.llc; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_all_chains_diverged_exits_1_and_json_has_null_not_nan(tmp_path) -> None:
+    """Issue 11: a stage with no valid estimate is an error (exit 1, a clear message) and the JSON on
+    stdout and in summary.json holds null where the numbers are missing (never a bare NaN token)."""
+    config = tmp_path / "llc.yaml"
+    config.write_text(
+        CONFIG.replace("localization: 100,", "localization: 100, step_size: 10.0,")
+        .replace("nbetas: [20, 200]\n", "")
+        .replace("epsilons: [0.1]\n", "")
+        + "plots: false\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_app(), ["llc", str(config), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "no valid estimate, every chain was excluded" in result.output and "step_size" in result.output
+
+    def no_nan(token: str) -> float:
+        raise AssertionError(f"bare {token} in the JSON")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=no_nan)
+    assert summary["estimate"]["llc"] is None and summary["estimate"]["n_eff"] is None
+    assert summary["errors"] and LLCResult.load(out / "llc.safetensors").num_good_chains == 0
+    # the result file's JSON header too: null for the NaN estimate, read back as NaN
+    raw = (out / "llc.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    texts = [t for t in header["__metadata__"].values() if '"kind"' in t]
+    meta = json.loads(texts[0], parse_constant=no_nan)
+    assert meta["mean"] is None and meta["std"] is None
+    loaded = LLCResult.load(out / "llc.safetensors")
+    assert math.isnan(loaded.mean) and math.isnan(loaded.std)
+
+
+def test_progress_bar_ticks_per_step_with_an_eta_and_is_quiet_off_a_terminal(monkeypatch) -> None:
+    import io
+
+    import torch
+
+    from degeneracy.llc.sgld import ParamLayout, SGLDConfig, run_sgld_chains
+
+    def sample() -> None:
+        config = SGLDConfig(nbeta=10.0, localization=0.0, step_size=1e-3, num_chains=2, num_draws=30)
+        layout = ParamLayout(("w",), ((1,),))
+        center = torch.zeros(1, dtype=torch.float64)
+        loss = lambda v, _: v["w"].square().sum(1)  # noqa: E731
+        run_sgld_chains(loss, layout, center, iter([None] * 30), config, progress=True)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        sample()
+        text = stream.getvalue()
+        assert bool(text) == shown
+    assert "/30 [" in text and "step/s" in text and "<" in text  # counted in steps, with rate and ETA

@@ -241,7 +241,8 @@ def test_custom_loss_callable_and_minibatches() -> None:
     )
     full = float(nn.functional.cross_entropy(model(x), y))
     assert r.init_loss == pytest.approx(full, rel=1e-12)
-    assert r.config["engine"] == "vmap" and r.config["loss"] == "cross_entropy"
+    # the batched engine applies to labelled losses too (issue 13; it was "vmap" before)
+    assert r.config["engine"] == "batched" and r.config["loss"] == "cross_entropy"
     assert math.isfinite(r.mean)
     # vectorised and sequential agree for custom losses too
     s = estimate_llc(

@@ -49,6 +49,7 @@ from degeneracy.cuts import check_cut
 from degeneracy.data import node_mask
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.distributed import global_indices
+from degeneracy.fingerprint import fingerprint
 from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
     Eigh,
@@ -350,9 +351,11 @@ def interaction_basis(
     run.model.eval()
     try:
         with full_precision():
-            return _build(run, cfg, progress, sections, resolve_sources(sources, seed))
+            built = _build(run, cfg, progress, sections, resolve_sources(sources, seed))
     finally:
         run.model.train(was_training)
+    built.info["fingerprint"] = fingerprint(model, data, run.layers)  # checked by interaction_graph
+    return built
 
 
 def collect_moments(

@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from degeneracy.checks import explain_model_error
 from degeneracy.data import iter_batches
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.run import (
@@ -219,7 +220,10 @@ class BehavioralProblem:
         self.sizes = [b.size for b in batches]
         self.n = sum(self.sizes)
         with torch.no_grad():
-            self.refs = [self.output(self.params, x) for x in self.inputs]
+            try:
+                self.refs = [self.output(self.params, x) for x in self.inputs]
+            except (RuntimeError, TypeError, IndexError) as err:  # the model does not take these inputs
+                raise ValueError(explain_model_error(model, self.inputs[0], err)) from err
 
     def output(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
         """f_θ(x) for parameters ``params`` (a name → tensor dict) on one batch of cast inputs."""

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from degeneracy.capture import NodeLayer, forward
+from degeneracy.capture import NodeLayer, capture, forward
+from degeneracy.checks import head
 from degeneracy.data import input_mask, position_mask
 
-__all__ = ["SIDE_INPUTS", "CutReport", "check_cut", "with_side_inputs"]
+__all__ = ["SIDE_INPUTS", "CutReport", "check_cut", "with_side_inputs", "check_basis_fits"]
 
 SIDE_INPUTS = ("attention_mask", "token_type_ids", "position_ids", "encoder_attention_mask")
 """Keyword inputs that travel with substituted activations (they describe the whole input, not a
@@ -109,3 +111,32 @@ def check_cut(
                     "the next layer reads, or the side inputs as extra modules of the node layer)."
                 )
     return report
+
+
+def check_basis_fits(model: nn.Module, inputs: Any, layers: Any, basis: Any) -> None:
+    """Check that every node layer of ``basis`` has the width (and positions) that ``model`` gives it on
+    ``inputs`` (one batch); a ``ValueError`` naming the layer otherwise.
+
+    >>> import degeneracy
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> B = degeneracy.interaction_basis(model, x, ["1", "output"], progress=False)
+    >>> wider = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    >>> try:
+    ...     check_basis_fits(wider, x, B.layers, B)
+    ... except ValueError as err:
+    ...     print(str(err)[:70])
+    the basis does not fit this model: node layer '1' has width 5 in the m
+    """
+    if not (hasattr(basis, "layers") and hasattr(basis, "bases")):
+        raise TypeError(f"basis must be a Basis (interaction_basis, load_basis), got {type(basis).__name__}")
+    with torch.no_grad():
+        acts = capture(model, head(inputs), layers)
+    for name, x in acts.items():
+        b = basis[name]
+        width = b.width - int(b.has_constant)
+        if x.shape[-1] != width:
+            raise ValueError(
+                f"the basis does not fit this model: node layer {name!r} has width {x.shape[-1]} in the "
+                f"model, {width} in the basis; build the basis on this model"
+            )

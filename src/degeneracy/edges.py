@@ -60,7 +60,9 @@ from degeneracy.attributions import attribution_mode, kernel_attributions, squar
 from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
+from degeneracy.cuts import check_basis_fits
 from degeneracy.distributed import all_reduce_max, all_reduce_sum, global_indices
+from degeneracy.fingerprint import basis_fingerprint, check_model, fingerprint
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
 from degeneracy.probes import SignSource, build_cost, draw_signs, resolve_sources, source_mean_and_se
@@ -108,6 +110,7 @@ def interaction_graph(
     sections: Sections = "auto",
     device: str | torch.device | None = None,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> InteractionGraph:
     """Interaction edges E between every pair of adjacent node layers of ``basis`` (METHOD §4).
 
@@ -145,6 +148,9 @@ def interaction_graph(
         device: where to run (``"cpu"``, ``"cuda:0"``, ...): a copy of the model is moved there;
             ``None`` (default): the model's device. Edges are float64 on the CPU either way.
         progress: show a progress bar.
+        allow_other_model: use a basis built on another model (its fingerprint differs from this
+            model's, :func:`degeneracy.fingerprint.check_model`) with a warning instead of a
+            ``ModelMismatchError``.
 
     Returns:
         :class:`InteractionGraph` with ``G.edges[(layer_in, layer_out)]`` (d̂_out × d̂_in),
@@ -158,6 +164,7 @@ def interaction_graph(
     True
     """
     cfg = config_from(EdgeConfig, locals(), dtype=dtype_name(dtype))
+    check_model(basis, model, allow_other_model=allow_other_model)
     run = NodeLayerRun(
         model,
         data,
@@ -166,13 +173,17 @@ def interaction_graph(
         batch_size=cfg.batch_size or basis.config.batch_size,
         device=device,
     )
+    if run.probe is not None:
+        check_basis_fits(run.model, run.probe, run.layers, basis)
     was_training = run.model.training
     run.model.eval()
     try:
         with frozen_parameters(run.model), full_precision():
-            return _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
+            graph = _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
     finally:
         run.model.train(was_training)
+    graph.info["fingerprint"] = {**fingerprint(model, data, run.layers), "basis": basis_fingerprint(basis)}
+    return graph
 
 
 @contextmanager

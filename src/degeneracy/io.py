@@ -7,10 +7,14 @@ so that a damaged file is refused on load instead of read as wrong numbers.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import math
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,14 @@ __all__ = [
     "load_tensors",
     "save_json",
     "load_json",
+    "finite_json",
+    "json_text",
+    "NON_FINITE_KEY",
     "JsonResult",
     "ResultFileError",
+    "kill_point",
+    "remove_stale_temporaries",
+    "KILL_ENV",
 ]
 
 _META_KEY = "degeneracy"
@@ -53,6 +63,53 @@ def _umask() -> int:
     return mask
 
 
+KILL_ENV = "DEGENERACY_TEST_KILL"
+"""For tests of resume after ``kill -9``: a glob such as ``edges.lib@start`` or ``lib.safetensors@write``;
+the process SIGKILLs itself when it reaches a matching point (:func:`kill_point`)."""
+
+
+def kill_point(label: str) -> None:
+    """SIGKILL this process if the environment variable ``DEGENERACY_TEST_KILL`` matches ``label``
+    (a glob): a test hook that lets tests kill a run at a known point; unset, it does nothing.
+
+    Points: ``STAGE@start`` (a stage about to compute), ``STAGE@saved`` (its result files written, its
+    record not yet), ``STAGE@done`` (its record written) and ``FILE@write`` (a file's temporary copy
+    written, not yet moved into place).
+
+    >>> kill_point("basis.lib@start")  # DEGENERACY_TEST_KILL unset: nothing happens
+    """
+    wanted = os.environ.get(KILL_ENV)
+    if wanted and fnmatch.fnmatchcase(label, wanted):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+STARTED = time.time()
+"""When this process imported the module: temporary files older than this are leftovers of a killed run."""
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write_text` and :func:`save_tensors` left under
+    ``folder`` when a run was killed before moving them into place (those older than this process);
+    returns them.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / ".r.json.abc.tmp").write_text("{")
+    >>> os.utime(folder / ".r.json.abc.tmp", (STARTED - 10, STARTED - 10))
+    >>> [p.name for p in remove_stale_temporaries(folder)], list(folder.iterdir())
+    (['.r.json.abc.tmp'], [])
+    """
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < STARTED:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
+
+
 def _atomic(path: Path, write: Any) -> None:
     if not writes_enabled():  # a rank > 0 under main_writes(): rank 0 writes the same result
         return
@@ -61,6 +118,7 @@ def _atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        kill_point(f"{path.name}@write")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
@@ -159,16 +217,78 @@ def load_tensors(
     return {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in tensors.items()}, meta
 
 
+NON_FINITE_KEY = "non_finite"
+"""Where :func:`save_json` lists the values it wrote as ``null`` because they were NaN or ±inf."""
+
+
+def finite_json(value: Any) -> tuple[Any, dict[str, str]]:
+    """``value`` with every NaN/±inf float replaced by ``None`` (JSON ``null``), and where they were:
+    ``{"a/0/b": "nan" | "inf" | "-inf"}`` (keys and list indices joined by ``/``).
+
+    Standard JSON has no NaN or Infinity; Python's ``json`` writes them as bare tokens that other
+    readers reject, so result files never contain them.
+
+    >>> finite_json({"llc": [1.5, float("nan")], "beta": float("inf")})
+    ({'llc': [1.5, None], 'beta': None}, {'llc/1': 'nan', 'beta': 'inf'})
+    """
+    where: dict[str, str] = {}
+
+    def walk(v: Any, at: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            where[at] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            return None
+        if isinstance(v, Mapping):
+            return {k: walk(x, f"{at}/{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(x, f"{at}/{i}" if at else str(i)) for i, x in enumerate(v)]
+        return v
+
+    return walk(value, ""), where
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """``json.dumps(value, **kwargs)`` in standard JSON: NaN and ±inf become ``null`` (:func:`finite_json`).
+
+    >>> json_text({"llc": float("nan"), "n": 2})
+    '{"llc": null, "n": 2}'
+    """
+    if "default" in kwargs:  # apply it first, so that NaN inside converted objects is caught too
+        value = json.loads(json.dumps(value, default=kwargs.pop("default")))
+    return json.dumps(finite_json(value)[0], allow_nan=False, **kwargs)
+
+
+def _restore_non_finite(data: Any, where: Mapping[str, str]) -> None:
+    for at, token in where.items():
+        *parents, last = at.split("/")
+        node = data
+        try:
+            for key in parents:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            if isinstance(node, list):
+                node[int(last)] = float(token)
+            elif isinstance(node, dict) and last in node:
+                node[last] = float(token)
+        except (KeyError, IndexError, ValueError, TypeError):
+            continue  # a list that does not match the file (edited by hand): leave the null
+
+
 def save_json(path: str | Path, kind: str, payload: Mapping[str, Any]) -> Path:
     """Write ``{"result": kind, **payload}`` as JSON atomically; returns the path.
 
+    The file is standard JSON: NaN and ±inf values are written as ``null`` and listed under
+    ``"non_finite"`` (see :func:`finite_json`), and :func:`load_json` gives them back as floats.
+
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as folder:
-    ...     load_json(save_json(Path(folder) / "r.json", "example", {"value": 1}), kind="example")
-    {'value': 1}
+    ...     path = save_json(Path(folder) / "r.json", "example", {"value": 1, "llc": [float("nan")]})
+    ...     "NaN" in path.read_text(), load_json(path, kind="example")
+    (False, {'value': 1, 'llc': [nan]})
     """
     path = Path(path)
-    atomic_write_text(path, json.dumps({"result": kind, **payload}, indent=2))
+    clean, where = finite_json({"result": kind, **payload})
+    if where:
+        clean[NON_FINITE_KEY] = where
+    atomic_write_text(path, json.dumps(clean, indent=2, allow_nan=False))
     return path
 
 
@@ -197,6 +317,9 @@ def load_json(path: str | Path, *, kind: str) -> dict[str, Any]:
     found = data.pop("result", kind)
     if found != kind:
         raise ResultFileError(f"{path}: holds a {found!r} result, expected {kind!r}")
+    where = data.pop(NON_FINITE_KEY, None)
+    if isinstance(where, dict):
+        _restore_non_finite(data, where)
     return data
 
 

@@ -38,6 +38,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from degeneracy.checks import check_batches_alike, check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
 from degeneracy.distributed import is_distributed, is_main, world_size
 from degeneracy.distributed import rank as this_rank
@@ -514,6 +515,7 @@ class ModelRun:
         cache: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
+        check_module(model)
         wanted = resolve_dtype(dtype)
         self.explicit = wanted is not None
         self.dtype = wanted if wanted is not None else model_dtype(model)
@@ -526,11 +528,22 @@ class ModelRun:
         self.batch_size = batch_size
         self.n = num_examples(self.data)
         deterministic = isinstance(self.data, Tensor | Mapping)
+        self.probe: Tensor | Mapping[str, Tensor] | None = None  # the first examples, cast, when known
+        if deterministic and self.n:
+            self.probe = cast_inputs(head(self.data), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, self.probe, full=self.data)  # a clear error now, not deep inside
+        elif isinstance(self.data, list | tuple) and self.data:  # batches that can be read again
+            check_batches_alike(iter_batches(self.data))
+            first = next(iter_batches(self.data)).inputs
+            probe = cast_inputs(head(first), self.dtype, explicit=self.explicit, device=self.device)
+            check_model_accepts(self.model, probe, full=first)
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=not progress or not is_main(), leave=False)
+        # quiet unless asked for, on rank 0, and stderr is a terminal (disable=None); examples, with an ETA
+        shown = progress and is_main()
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if shown else True, leave=False)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)

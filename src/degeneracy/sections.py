@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
+from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_closed_forms
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
@@ -36,6 +37,8 @@ __all__ = [
     "SectionShortcut",
     "Sections",
     "transformer_lens_sections",
+    "gpt2_sections",
+    "bert_sections",
     "resolve_sections",
     "shortcut_gram",
     "check_shortcut",
@@ -122,6 +125,33 @@ def transformer_lens_sections(model: nn.Module, layers: Sequence[Any]) -> dict[P
     ValueError: transformer_lens_sections needs a TransformerLens HookedTransformer
     """
     return {pair: SectionShortcut(*form) for pair, form in closed_form_sections(model, layers).items()}
+
+
+def gpt2_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """Section shortcuts for a Hugging Face GPT-2 model whose node layers read the inputs of its blocks
+    ``transformer.h.{i}`` and of ``transformer.ln_f``: each block (pre-LayerNorm attention and GELU MLP)
+    in closed form (:func:`degeneracy.adapters.huggingface_sections.gpt2_closed_forms`). Pass them as
+    ``sections=`` to bases and edges, which check each one against the model on the first batch.
+
+    >>> gpt2_sections(torch.nn.Linear(2, 2), ["weight"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: gpt2_closed_forms needs a Hugging Face GPT-2 model ...
+    """
+    return {pair: SectionShortcut(*form) for pair, form in gpt2_closed_forms(model, layers).items()}
+
+
+def bert_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """Section shortcuts for a Hugging Face BERT encoder whose node layers read the inputs of
+    ``encoder.layer.{i}`` (and the output of the last one): each post-LayerNorm layer in closed form
+    (:func:`degeneracy.adapters.huggingface_sections.bert_closed_forms`), for ``sections=``.
+
+    >>> bert_sections(torch.nn.Linear(2, 2), ["weight"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: bert_closed_forms needs a Hugging Face BERT model ...
+    """
+    return {pair: SectionShortcut(*form) for pair, form in bert_closed_forms(model, layers).items()}
 
 
 def check_shortcut(

@@ -17,6 +17,7 @@ from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.distributed import is_main
+from degeneracy.fingerprint import check_model, check_same_basis
 from degeneracy.sections import Sections, extended, resolve_sections
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
@@ -221,6 +222,7 @@ def edge_ablation(
     metrics: MetricName | Metrics = classification_metrics,
     sections: Sections = "auto",
     progress: bool = False,
+    allow_other_model: bool = False,
 ) -> dict[Pair, EdgeAblationResult]:
     """Bisect, per layer pair, for the fewest edges that keep accuracy within ``delta`` of the model.
 
@@ -235,6 +237,8 @@ def edge_ablation(
         max_elements: bounds the batched group passes (entries of one stacked activation tensor).
         sections: section shortcuts as for :func:`degeneracy.interaction_graph` (``"auto"``,
             ``None`` or a mapping; checked against the model on the first batch before use).
+        allow_other_model: use a basis (or graph) built on another model or basis, with a warning,
+            instead of a ``ModelMismatchError`` (:func:`degeneracy.fingerprint.check_model`).
 
     Returns:
         ``{pair: EdgeAblationResult}``.
@@ -253,7 +257,10 @@ def edge_ablation(
         raise ValueError("delta must be >= 0")
     if list(graph.names) != list(basis.names):
         raise ValueError("the graph and the basis have different node layers")
+    check_model(basis, model, allow_other_model=allow_other_model)
+    check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    runner.progress = progress  # a bar per evaluation (examples, ETA) when in a terminal
     shortcuts = {}
     if sections is not None:
         inputs, _ = next(iter(runner.batches()))
@@ -281,6 +288,7 @@ def edge_ablation(
         losses: dict[int, float] = {num_total: base["loss"]}
 
         def score(n: int, src: str = src, dst: str = dst, E: Tensor = E, kc: bool = keep_constant) -> dict:
+            runner.desc = f"{src}->{dst}: {n} edges"
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)

@@ -21,6 +21,7 @@ from degeneracy.ablation.runner import (
 )
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.fingerprint import check_model
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -126,6 +127,7 @@ def node_ablation_curve(
     dtype: str | None = None,
     metrics: MetricName | Metrics = classification_metrics,
     _runner: AblationRunner | None = None,
+    allow_other_model: bool = False,
 ) -> NodeAblationCurve:
     """Keep the top-k features of ``layer`` by importance, mean-ablate the rest, and evaluate.
 
@@ -141,6 +143,8 @@ def node_ablation_curve(
             ``"classification"`` (default), ``"embedding"`` (accuracy = cosine similarity of the pooled
             embedding, loss = its MSE) or ``"mse"`` (regression; accuracy = −MSE); the last two compare
             with the unablated model's output when no labels are given. Padded positions are left out.
+        allow_other_model: use a basis built on another model (with a warning) instead of a
+            ``ModelMismatchError`` (:func:`degeneracy.fingerprint.check_model`).
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -151,6 +155,8 @@ def node_ablation_curve(
     >>> curve.layer, curve.num_kept[0], curve.base_accuracy
     ('1', 0, 1.0)
     """
+    if _runner is None:
+        check_model(basis, model, allow_other_model=allow_other_model)
     runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     start = time.perf_counter()
     kind, scores = _importance(basis, layer, importance, graph)
@@ -205,8 +211,11 @@ def node_ablation_curves(
     batch_size: int | None = None,
     dtype: str | None = None,
     metrics: MetricName | Metrics = classification_metrics,
+    allow_other_model: bool = False,
+    progress: bool = False,
 ) -> dict[str, NodeAblationCurve]:
-    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``).
+    """:func:`node_ablation_curve` for every node layer except the model output (or ``layers``);
+    ``allow_other_model`` as there; ``progress`` shows a bar per evaluation (examples, with an ETA).
 
     >>> import degeneracy
     >>> _ = torch.manual_seed(0)
@@ -217,11 +226,14 @@ def node_ablation_curves(
     >>> sorted(curves)
     ['1', '2']
     """
+    check_model(basis, model, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
+    runner.progress = progress
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
     out = {}
     for name in names:
         n = basis[name].dim - (1 if runner.constant else 0)
+        runner.desc = f"ablate {name}"
         out[name] = node_ablation_curve(
             model,
             data,

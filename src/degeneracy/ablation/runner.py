@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import NodeLayer, capture, forward
+from degeneracy.cuts import check_basis_fits
 from degeneracy.data import input_mask
 from degeneracy.distributed import all_reduce_sum, sum_scalars
 from degeneracy.run import full_precision, shard
@@ -210,6 +211,8 @@ class AblationRunner:
             dtype=dtype or basis.config.dtype,
             batch_size=batch_size or basis.config.batch_size,
         )
+        if self.run.probe is not None:
+            check_basis_fits(self.run.model, self.run.probe, self.run.layers, basis)
         self.layers = list(self.run.layers)
         last = self.layers[-1]  # the model output the basis reads (a named output), if it reads one
         key = last.output if last.is_output else None
@@ -225,10 +228,12 @@ class AblationRunner:
         self.constant = bool(basis.config.has_constant)
         self.means: dict[str, Tensor] = {}
         self.widths: dict[str, list[int]] = {}
+        self.progress = False  # a bar per pass over the data (examples, ETA) when in a terminal
+        self.desc = "ablation"
 
     def batches(self) -> Iterator[tuple[Any, Tensor]]:
         offset = 0
-        for i, batch in enumerate(self.run.batches()):
+        for i, batch in enumerate(self.run.batches(self.desc, self.progress)):
             inputs = batch.inputs
             if self.labels is not None:
                 labels = self.labels[offset : offset + batch.size]

@@ -33,10 +33,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp, vmap
+from tqdm.auto import tqdm
 
 from degeneracy.accounting.kronecker import linear_gram
 from degeneracy.behavioral import BehavioralProblem, LossKind, whiten_outputs
-from degeneracy.distributed import all_gather_rows, all_reduce_sum
+from degeneracy.distributed import all_gather_rows, all_reduce_sum, is_main
 from degeneracy.run import (
     ParamLayout,
     model_device,
@@ -130,12 +131,18 @@ class BehavioralHessian(BehavioralProblem):
             return self.whitened(theta, xb, ref.unsqueeze(0))[0]
 
         jac_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
-        for x, ref in self.batches():
-            jac = jac_fn(self.params, x, ref)
-            b = ref.shape[0]
-            yield torch.cat(
-                [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
-            ).reshape(b * self.rows, self.num_parameters)
+        show = getattr(self, "progress", False) and is_main()  # examples, rate, ETA (a terminal, rank 0)
+        bar = tqdm(total=self.n, desc="Hessian", unit="ex", disable=None if show else True, leave=False)
+        try:
+            for x, ref in self.batches():
+                jac = jac_fn(self.params, x, ref)
+                b = ref.shape[0]
+                yield torch.cat(
+                    [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
+                ).reshape(b * self.rows, self.num_parameters)
+                bar.update(b)
+        finally:
+            bar.close()
 
     def gram(self, chunk_size: int | None = 64) -> tuple[Tensor, str]:
         """The float64 Gram on the smaller side: (H, "parameters") or (1/n J_z J_zᵀ, "outputs").

@@ -183,6 +183,7 @@ def hessian_spectrum(
     num_rank_steps: int = 40,
     chunk_size: int | None = 64,
     seed: int = 0,
+    progress: bool = False,
 ) -> HessianSpectrum:
     """Spectrum of the behavioral-loss Hessian at the model's parameters, with rank and trace.
 
@@ -209,6 +210,8 @@ def hessian_spectrum(
             rank at any ε (:meth:`HessianSpectrum.rank_estimate`).
         chunk_size: vmap chunk of the exact path.
         seed: seeds every random vector.
+        progress: a progress bar over the examples of the exact per-example Jacobians (counted in
+            examples, with an ETA; quiet when stderr is not a terminal).
 
     Under ``torch.distributed`` the data are sharded by rank and every Gram and Hessian-vector product
     is summed over the ranks (:class:`BehavioralHessian`): every rank returns the single-process
@@ -229,6 +232,7 @@ def hessian_spectrum(
     resolved = _choose_method(method, hessian, max_exact)
     if resolved == "exact" and dtype is None and hessian.dtype != torch.float64:
         hessian = BehavioralHessian(model, data, kind, dtype=torch.float64, **options)
+    hessian.progress = progress  # a bar over the examples of the exact Jacobians (quiet off a terminal)
     timings["setup"] = time.perf_counter() - t0
     from degeneracy import __version__
 

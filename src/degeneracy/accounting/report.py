@@ -17,7 +17,6 @@ explain. Every explicit direction is Hessian-null at ε = 0, so union ≤ Hessia
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.display import html_summary, text_summary
-from degeneracy.io import JsonResult
+from degeneracy.io import JsonResult, json_text
 from degeneracy.run import ForwardFn, ModelRun, full_precision
 
 __all__ = ["SourceRow", "DegeneracyReport", "degeneracy_report", "load_degeneracy_report", "curvature_checks"]
@@ -67,6 +66,7 @@ class DegeneracyReport(JsonResult):
     >>> report = DegeneracyReport([SourceRow("fc1", "activation rank", 8)], 20, 20, 0.0, False, "mse", 10)
     >>> report.total, report.count("activation rank", "fc1")
     (8, 8)
+    >>> import json
     >>> DegeneracyReport.from_dict(json.loads(report.to_json())).rows[0].count
     8
     """
@@ -206,7 +206,7 @@ class DegeneracyReport(JsonResult):
         return {**record(self, derived=("total",)), "rows": [r.to_dict() for r in self.rows]}
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kwargs)
+        return json_text(self.to_dict(), indent=2, **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DegeneracyReport:

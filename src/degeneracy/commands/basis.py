@@ -7,7 +7,6 @@ loads the basis instead of building it again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,30 +14,91 @@ from typing import Any
 import typer
 
 from degeneracy.commands.config import BasisRunConfig, ModelSpec, check_methods, load_yaml, resolve_model
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
 from degeneracy.commands.placement import place, run_device
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.io import json_text
 
-__all__ = ["basis_stage_config", "basis_stage", "build_bases", "basis_command"]
+__all__ = [
+    "basis_stage_config", "run_fingerprint", "preflight", "basis_stage", "build_bases", "basis_command"
+]
 
 QUIET_OPTIONS = ("progress",)  # options that change how a build looks, not what it computes
 
 
 def basis_stage_config(
-    spec: ModelSpec, node_layers: list[Any], method: str, options: Mapping[str, Any]
+    spec: ModelSpec,
+    node_layers: list[Any],
+    method: str,
+    options: Mapping[str, Any],
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The config that determines one basis: model spec, node layers, method and basis options.
+    """The config that determines one basis: model spec, node layers, method and basis options, and
+    the fingerprint of the model and data (:func:`run_fingerprint`), so that a rerun on a model whose
+    weights changed under the same name recomputes instead of reusing a basis of the old model.
 
     >>> cfg = basis_stage_config(ModelSpec(), ["fc1", "fc2"], "lib", {"center": True, "progress": False})
     >>> cfg["method"], cfg["node_layers"], cfg["options"]  # progress changes the look, not the basis
     ('lib', ['fc1', 'fc2'], {'center': True})
     """
-    return {
+    config = {
         "model": spec.model_dump(),
         "node_layers": list(node_layers),
         "method": method,
         "options": {k: v for k, v in options.items() if k not in QUIET_OPTIONS},
     }
+    if fingerprint is not None:
+        config["fingerprint"] = dict(fingerprint)
+    return config
+
+
+def run_fingerprint(model: Any, data: Any) -> dict[str, Any]:
+    """The fingerprints (:mod:`degeneracy.fingerprint`) of the model and the data of a run.
+
+    >>> import torch
+    >>> fp = run_fingerprint(torch.nn.Linear(2, 1), torch.zeros(3, 2))
+    >>> sorted(fp), len(fp["model"])
+    (['data', 'model'], 64)
+    """
+    from degeneracy.fingerprint import data_fingerprint, model_fingerprint
+
+    return {"model": model_fingerprint(model), "data": data_fingerprint(data)}
+
+
+def preflight(model: Any, data: Any, node_layers: list[Any] | None) -> None:
+    """Checks of a run before its first stage: the node layers exist in the model, and the model takes
+    the data (:func:`degeneracy.checks.check_model_accepts` on the first examples).
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh())
+    >>> preflight(model, torch.zeros(3, 2), ["1", "output"])
+    >>> preflight(model, torch.zeros(3, 2), ["fc9"])
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output', 0, 1
+    """
+    from torch import Tensor
+
+    from degeneracy.capture import as_node_layers
+    from degeneracy.checks import check_model_accepts, check_module
+
+    check_module(model)
+    if node_layers:
+        as_node_layers(model, node_layers)
+    if isinstance(data, Tensor | Mapping):
+        check_model_accepts(model, data)
+    elif isinstance(data, list | tuple) and data:
+        from degeneracy.checks import check_batches_alike
+        from degeneracy.data import iter_batches
+
+        check_batches_alike(iter_batches(data))
 
 
 def basis_stage(
@@ -53,10 +113,12 @@ def basis_stage(
     progress: bool = True,
     force: bool = False,
     log: StageLog | None = print,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> Any:
     """Build (or, with the same config, load) the ``method`` basis into ``out/bases/METHOD.safetensors``.
 
-    ``spec`` names the model in the stage config; ``model`` and ``data`` must be the ones it resolves to.
+    ``spec`` names the model in the stage config; ``model`` and ``data`` must be the ones it resolves to
+    (their fingerprint, :func:`run_fingerprint`, is part of the stage config; pass it when known).
 
     >>> import tempfile, torch
     >>> _ = torch.manual_seed(0)
@@ -88,7 +150,9 @@ def basis_stage(
     return run_stage(
         out,
         f"basis.{method}",
-        basis_stage_config(spec, node_layers, method, options),
+        basis_stage_config(
+            spec, node_layers, method, options, fingerprint or run_fingerprint(model, data)
+        ),
         build,
         save=save,
         load=lambda record: degeneracy.load_basis(out / record["file"]),
@@ -126,10 +190,12 @@ def build_bases(
     layers = cfg.node_layers or default_layers
     if layers is None:
         raise ValueError("node_layers must be given for a model that is not bundled")
+    preflight(model, data, layers)
+    fingerprint = run_fingerprint(model, data)
     bases = {
         method: basis_stage(
             model, data, layers, method, cfg.options, out, spec=cfg.model, progress=progress, force=force,
-            log=log,
+            log=log, fingerprint=fingerprint,
         )
         for method in cfg.methods
     }
@@ -157,4 +223,5 @@ def basis_command(
     with user_errors():
         cfg = load_yaml(config, BasisRunConfig)
         _, summary = build_bases(cfg, out, force=force, log=echo_err)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json_text(summary, indent=2))
+    exit_if_invalid(summary, "basis")  # a stage without a valid result: exit code 1

@@ -84,8 +84,14 @@ class ModelSpec(StrictModel):
     returning ``(model, data)``. ``split`` picks the bundled data: ``"train"`` (default), ``"test"``
     or ``"all"``. ``limit`` keeps the first examples only.
 
-    >>> ModelSpec(name="digits_mlp", limit=100).model_dump()
-    {'name': 'digits_mlp', 'split': 'train', 'limit': 100, 'dtype': 'float64'}
+    ``checkpoint`` (with ``name: modadd``) replaces the bundled weights by a TransformerLens ``.pt``
+    state dict, such as the companion paper's (:func:`degeneracy.models.load_transformer_lens_checkpoint`);
+    ``checkpoint_config`` is its YAML config or a dict of ``HookedTransformerConfig`` fields (default:
+    ``config.yaml`` beside the checkpoint). Its ``dataset:`` section (``frac_train``, ``seed``), when
+    present, sets the train/test split of the data.
+
+    >>> ModelSpec(name="digits_mlp", limit=100).model_dump()["limit"]
+    100
     >>> try:
     ...     ModelSpec(split="validation")
     ... except ValueError as err:
@@ -97,6 +103,8 @@ class ModelSpec(StrictModel):
     split: Literal["train", "test", "all"] = "train"
     limit: int | None = Field(default=None, gt=0)
     dtype: Literal["float32", "float64"] = "float64"
+    checkpoint: str | None = None
+    checkpoint_config: str | dict[str, Any] | None = None
 
 
 def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
@@ -158,6 +166,23 @@ def load_run(path: str | Path, config_type: type[BaseModel]) -> tuple[Any, Any, 
     return cfg, model, data, layers
 
 
+def _modadd_checkpoint(spec: ModelSpec, dtype: Any, data_meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The modular-addition model from ``spec.checkpoint`` and the data split its config names."""
+    from degeneracy.models import load_transformer_lens_checkpoint, modadd_config_dict
+
+    config: Any = spec.checkpoint_config
+    beside = Path(str(spec.checkpoint)).parent / "config.yaml"
+    if config is None:
+        config = beside if beside.exists() else {"act_fn": modadd_config_dict()["act_fn"]}
+    meta = dict(data_meta)
+    if isinstance(config, str | Path):
+        raw = yaml.safe_load(Path(config).read_text()) if Path(config).exists() else None
+        dataset = raw.get("dataset") if isinstance(raw, dict) else None
+        if isinstance(dataset, dict):
+            meta.update({k: dataset[k] for k in ("frac_train", "seed") if k in dataset})
+    return load_transformer_lens_checkpoint(spec.checkpoint, config, dtype=dtype), meta
+
+
 def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
     """Load ``(model, data, default_node_layers)`` for a :class:`ModelSpec` (model in eval mode, float64
     when asked). Data are inputs only (labels are attached by the bundled loaders' own helpers).
@@ -181,14 +206,22 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
     if spec.name == "modadd":
         from degeneracy.models import load_modadd, load_modadd_metadata, modadd_all_inputs, modadd_dataset
 
-        model = load_modadd(dtype=dtype)
+        data_meta = load_modadd_metadata()["data"]
+        if spec.checkpoint is not None:
+            model, data_meta = _modadd_checkpoint(spec, dtype, data_meta)
+        else:
+            model = load_modadd(dtype=dtype)
         if spec.split == "all":
             data, _ = modadd_all_inputs()
         else:
-            data_meta = load_modadd_metadata()["data"]
             train, _, test, _ = modadd_dataset(frac_train=data_meta["frac_train"], seed=data_meta["seed"])
             data = train if spec.split == "train" else test
         layers: list[Any] | None = MODADD_NODE_LAYERS
+    elif spec.checkpoint is not None:
+        raise ValueError(
+            f"checkpoint is for the modular-addition data (name: modadd), not {spec.name!r}; for another "
+            "TransformerLens model write a factory calling degeneracy.models.load_transformer_lens_checkpoint"
+        )
     elif spec.name == "digits_mlp":
         from degeneracy.models import digits_all_inputs, digits_dataset, load_digits_mlp
 
@@ -205,7 +238,12 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             func = getattr(importlib.import_module(module_name), func_name)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot load model factory {spec.name!r}: {err}") from err
-        model, data = func()
+        made = func()
+        if not (isinstance(made, tuple | list) and len(made) == 2):
+            raise ValueError(
+                f"model factory {spec.name!r} must return a pair (model, data), got {type(made).__name__}"
+            )
+        model, data = made
         model = model.to(dtype)
         layers = None
     else:
@@ -332,7 +370,10 @@ class AblationOptions(StrictModel):
     bisected (default: all ``methods``). ``metrics``: ``classification`` (default; needs labels),
     ``embedding`` (cosine similarity and MSE of the pooled embedding) or ``mse`` (regression outputs),
     the last two against the unablated model's output when the data has no labels
-    (:data:`degeneracy.ablation.METRICS`).
+    (:data:`degeneracy.ablation.METRICS`). ``split`` evaluates on another split of the bundled data than
+    the bases were built on (the companion paper builds on ``train`` and ablates on ``test``; default:
+    the same data). ``delta`` is the tolerance (the accuracy drop allowed), ``scaling`` the bisection
+    scale, ``dtype`` and ``batch_size`` those of the ablation passes (default: the basis's).
 
     >>> AblationOptions(delta=0.01, limit=256).node_points
     16
@@ -350,6 +391,10 @@ class AblationOptions(StrictModel):
     delta: float = Field(default=0.001, ge=0)
     limit: int | None = Field(default=None, gt=0)
     metrics: Literal["classification", "embedding", "mse"] = "classification"
+    split: Literal["train", "test", "all"] | None = None
+    scaling: Literal["logarithmic", "linear"] = "logarithmic"
+    dtype: Literal["float32", "float64"] | None = None
+    batch_size: int | None = Field(default=None, gt=0)
 
 
 class ModuleOptions(StrictModel):

@@ -20,7 +20,6 @@ Example config (every field optional; unknown fields are errors)::
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,19 @@ import torch
 import typer
 from torch import nn
 
+from degeneracy.commands.basis import run_fingerprint
 from degeneracy.commands.config import DegeneracyRunConfig, load_run
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.distributed import writes_enabled
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text
 
 __all__ = ["degeneracy_command", "degeneracy_demo_section", "demo_degeneracy_config", "run_degeneracy"]
 
@@ -83,6 +90,7 @@ def run_degeneracy(
         **cfg.model_dump(exclude={"device"}),  # where it runs does not change the result
         "hessian_forward": None if hessian_forward is None else _qualname(hessian_forward),
         "title": title,
+        "fingerprint": run_fingerprint(model, data),  # another model under the same name recomputes
     }
 
     def load(summary: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +183,7 @@ def _compute(
             forward=hessian_forward,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            **options,
+            **{"progress": True, **options},  # a bar in a terminal, quiet otherwise
         )
         report.attach_hessian(spectrum)
     report.config["model"] = cfg.model.model_dump()
@@ -216,7 +224,7 @@ def _compute(
             summary["section4"] = {"skipped": str(err)}
         else:
             section4 = result.to_dict()
-            atomic_write_text(out / "sparsified.json", json.dumps(section4, indent=2))
+            atomic_write_text(out / "sparsified.json", json_text(section4, indent=2))
             files["section4"] = str(out / "sparsified.json")
             summary["section4"] = {k: v for k, v in section4.items() if k != "layers"}
     summary["files"] = files
@@ -247,7 +255,8 @@ def degeneracy_command(
         summary = dict(run_degeneracy(cfg, model, data, out, force=force, log=echo_err))
     table = summary.pop("table")
     typer.echo(table)
-    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "counts"}, indent=2, default=str))
+    typer.echo(json_text({k: v for k, v in summary.items() if k != "counts"}, indent=2, default=str))
+    exit_if_invalid(summary, "degeneracy")  # a stage without a valid result: exit code 1
 
 
 def demo_degeneracy_config(model: nn.Module) -> DegeneracyRunConfig:

@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from degeneracy.distributed import is_main
 
-__all__ = ["USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_errors", "echo_err"]
+__all__ = [
+    "USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_errors", "echo_err", "exit_if_invalid"
+]
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
 
@@ -61,3 +63,44 @@ def echo_err(message: str) -> None:
     """
     if is_main():
         typer.echo(message, err=True)
+
+
+def exit_if_invalid(summary: Any, command: str) -> None:
+    """Exit with code 1 when a run's ``summary`` holds NaN or ±inf (a stage that produced no valid
+    number; the JSON files hold ``null`` there), naming the entries; nothing when every number is finite.
+
+    >>> exit_if_invalid({"dims": {"lib": [3, 2]}}, "basis")  # all finite: nothing happens
+    >>> try:
+    ...     exit_if_invalid({"completeness": {"lib": float("nan")}}, "graph")  # printed on stderr
+    ... except typer.Exit as done:
+    ...     print(done.exit_code)
+    1
+    """
+    from degeneracy.io import finite_json
+
+    _, where = finite_json(jsonable_numbers(summary))
+    if where:
+        shown = ", ".join(f"{k} ({v})" for k, v in list(where.items())[:8])
+        shown += " ..." if len(where) > 8 else ""
+        typer.secho(
+            f"error: the {command} run finished, but {len(where)} of its results are not finite numbers "
+            f"(null in its JSON files): {shown}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def jsonable_numbers(value: Any) -> Any:
+    """``value`` with tuples as lists and other objects as strings (as the JSON files have it).
+
+    >>> jsonable_numbers({"a": (1.0, Path("x"))})
+    {'a': [1.0, 'x']}
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable_numbers(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)

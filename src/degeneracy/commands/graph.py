@@ -31,7 +31,8 @@ from typing import Any
 
 import typer
 
-from degeneracy.commands.basis import basis_stage, basis_stage_config
+from degeneracy.commands.ablation_data import ablation_data
+from degeneracy.commands.basis import basis_stage, basis_stage_config, preflight, run_fingerprint
 from degeneracy.commands.config import (
     AblationOptions,
     GraphRunConfig,
@@ -40,10 +41,23 @@ from degeneracy.commands.config import (
     check_methods,
     load_run,
 )
-from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.errors import (
+    ConfigArgument,
+    ForceOption,
+    OutOption,
+    echo_err,
+    exit_if_invalid,
+    user_errors,
+)
+from degeneracy.commands.graph_files import (
+    edge_result_from_dict,
+    edge_results_from_json,
+    modules_from_json,
+    node_curves_from_json,
+)
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.distributed import writes_enabled
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text
 
 __all__ = [
     "run_graph",
@@ -121,66 +135,11 @@ def _n(data: Any) -> int | None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json_text(payload, indent=2, default=str))
 
 
 def _pair_key(pair: tuple[str, str]) -> str:
     return f"{pair[0]}->{pair[1]}"
-
-
-def node_curves_from_json(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Node ablation curves (``{layer: NodeAblationCurve}``) from their saved JSON (files written
-    before the ``num_*`` names load too: :meth:`~degeneracy.ablation.NodeAblationCurve.from_dict`).
-
-    >>> old = {"layer": "fc1", "basis_method": "lib", "importance": "eigenvalues", "n_features": 3,
-    ...        "n_kept": [0, 3], "accuracy": [0.5, 1.0], "loss": [1.0, 0.0], "base_accuracy": 1.0,
-    ...        "base_loss": 0.0}
-    >>> node_curves_from_json({"fc1": old})["fc1"].num_kept
-    [0, 3]
-    """
-    from degeneracy.ablation import NodeAblationCurve
-
-    return {layer: NodeAblationCurve.from_dict(d) for layer, d in payload.items()}
-
-
-def edge_result_from_dict(d: Mapping[str, Any]) -> Any:
-    """One :class:`~degeneracy.ablation.EdgeAblationResult` from its ``to_dict()`` (old files' ``n_edges``
-    and ``n_needed`` load too: :meth:`~degeneracy.ablation.EdgeAblationResult.from_dict`).
-
-    >>> old = {"pair": ["1", "2"], "basis_method": "lib", "n_edges": 4, "n_needed": 1, "threshold": 0.5,
-    ...        "delta": 0.1, "base_accuracy": 1.0, "target": 0.9, "evaluations": {"1": 0.95},
-    ...        "losses": {"1": 0.1}}
-    >>> edge_result_from_dict(old).num_needed
-    1
-    """
-    from degeneracy.ablation import EdgeAblationResult
-
-    return EdgeAblationResult.from_dict(d)
-
-
-def edge_results_from_json(payload: list[Mapping[str, Any]]) -> dict[tuple[str, str], Any]:
-    """Edge-ablation results (``{pair: EdgeAblationResult}``) from their saved JSON list.
-
-    >>> row = {"pair": ["fc1", "fc2"], "basis_method": "lib", "num_edges": 4, "num_needed": 1, "delta": 0.1,
-    ...        "threshold": 0.5, "base_accuracy": 1.0, "target": 0.9, "evaluations": {}, "losses": {}}
-    >>> {pair: r.num_needed for pair, r in edge_results_from_json([row]).items()}
-    {('fc1', 'fc2'): 1}
-    """
-    results = [edge_result_from_dict(r) for r in payload]
-    return {r.pair: r for r in results}
-
-
-def modules_from_json(payload: Mapping[str, Any]) -> Any:
-    """A :class:`~degeneracy.modules.Modules` from its saved ``to_dict()`` (:meth:`Modules.from_dict`).
-
-    >>> modules_from_json({"modules": [[["fc1", 0]]], "epsilon": {}, "inter_module_strength": 0.0,
-    ...                    "intra_module_strength": 0.0, "modularity": 0.0, "resolution": 1.0,
-    ...                    "seed": 0}).num_modules
-    1
-    """
-    from degeneracy.modules import Modules
-
-    return Modules.from_dict(payload)
 
 
 def _json_file(out: Path, relative: str, dump: Callable[[Any], Any], read: Callable[[Any], Any]) -> Any:
@@ -260,16 +219,18 @@ def run_graph(
 
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
+    preflight(model, data, layers)  # before the first stage: node layers exist, the model takes the data
+    fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:
             t0 = time.perf_counter()
             have[method] = basis_stage(
                 model, data, layers, method, cfg.basis, out, spec=cfg.model, progress=progress, force=force,
-                log=log,
+                log=log, fingerprint=fingerprint,
             )
             timings[f"basis.{method}"] = time.perf_counter() - t0
         configs[method] = {
-            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis),
+            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis, fingerprint),
             "edges": cfg.edges,
             "edge_limit": cfg.edge_limit,
             "shortcuts": cfg.shortcuts,
@@ -304,20 +265,22 @@ def run_graph(
     edge_results: dict[str, dict[tuple[str, str], Any]] = {}
     ablation_configs: dict[str, dict[str, Any]] = {}
     opts = cfg.ablation
-    eval_data = _head(data, opts.limit)
-    eval_labels = labels[: opts.limit] if labels is not None and opts.limit is not None else labels
+    eval_data, eval_labels, ablated, options = ablation_data(opts, cfg.model, data, labels, _labels_for_spec)
     metric = {} if opts.metrics == "classification" else {"metrics": opts.metrics}
-    if labels is None and not metric and (opts.node_curves or opts.edges):
+    if "split" in ablated:  # built on one split, ablated on another
+        say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
+    if eval_labels is None and not metric and (opts.node_curves or opts.edges):
         say("[graph] no labels for this data: ablations skipped")
     elif opts.node_curves or opts.edges:
         summary["ablation_examples"] = _n(eval_data)
+        summary["ablation_split"] = opts.split or cfg.model.split
         for method in cfg.methods:
             basis, graph = have[method], graphs[method]
             if opts.node_curves:
                 node_curves[method] = staged(
                     f"node_ablation.{method}",
-                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points}
-                    | metric,
+                    {"basis": configs[method]["basis"], "limit": opts.limit, "points": opts.node_points,
+                     **{k: v for k, v in ablated.items() if k != "scaling"}} | metric,
                     partial(
                         node_ablation_curves,
                         model,
@@ -325,6 +288,8 @@ def run_graph(
                         basis,
                         labels=eval_labels,
                         num_points=opts.node_points,
+                        progress=progress,
+                        **options,
                         **metric,
                     ),
                     _json_file(
@@ -340,6 +305,7 @@ def run_graph(
                     "limit": opts.limit,
                     "delta": opts.delta,
                     "shortcuts": cfg.shortcuts,
+                    **ablated,
                     **metric,
                 }
                 edge_results[method] = staged(
@@ -354,6 +320,8 @@ def run_graph(
                         labels=eval_labels,
                         delta=opts.delta,
                         sections=sections,
+                        scaling=opts.scaling,
+                        **options,
                         **metric,
                     ),
                     _json_file(
@@ -521,7 +489,8 @@ def graph_command(
             force=force,
             log=echo_err,
         )
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json_text(summary, indent=2, default=str))
+    exit_if_invalid(summary, "graph")  # a stage without a valid result: exit code 1
 
 
 DEMO_EXAMPLES = 1024

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,12 @@ from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.io import atomic_write_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
+from degeneracy.llc.distributed import is_main_process, process_group
 from degeneracy.llc.estimate import estimate_llc
+from degeneracy.llc.record import finite_json
 from degeneracy.llc.result import LLCResult
 
-__all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition"]
+__all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition", "NoValidResult"]
 
 
 class LastPosition(nn.Module):
@@ -59,14 +62,72 @@ class LastPosition(nn.Module):
         return out[:, -1]
 
 
-def _file_stage(out: Path, relative: str, kind: Any) -> dict[str, Any]:
-    """``save``/``load`` of a stage whose result is one ``kind`` file (``.save``/``.load``), ``relative``."""
+def _broadcast(message: str | None) -> str:
+    """Rank 0's ``message``, on every rank."""
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def _stage(
+    out: Path, name: str, config: dict[str, Any], compute: Callable[[], Any], relative: str, kind: Any,
+    **options: Any,
+) -> Any:
+    """One resumable stage whose result is the file ``out/relative`` of type ``kind`` (``.save``/
+    ``.load``), :func:`degeneracy.commands.resume.run_stage`. Under ``torch.distributed`` rank 0 decides
+    (run or skip), writes and logs; the other ranks join the computation (their chains) or read rank 0's
+    file, so every rank returns the same result and only rank 0 writes."""
 
     def save(result: Any) -> dict[str, str]:
         result.save(out / relative)
         return {"file": relative}
 
-    return {"save": save, "load": lambda record: kind.load(out / record["file"])}
+    def load(record: dict[str, Any]) -> Any:
+        return kind.load(out / record["file"])
+
+    rank, world = process_group()
+    if world == 1:
+        return run_stage(out, name, config, compute, save=save, load=load, **options)
+    if rank == 0:
+        started: list[bool] = []
+
+        def run() -> Any:
+            _broadcast("compute")
+            started.append(True)
+            return compute()
+
+        result = run_stage(out, name, config, run, save=save, load=load, **options)
+        if not started:
+            _broadcast("skip")
+        return result
+    if _broadcast(None) == "compute":
+        return compute()
+    return kind.load(out / relative)
+
+
+class NoValidResult(RuntimeError):
+    """A stage finished without a valid estimate (every chain diverged): the command exits 1.
+
+    >>> str(NoValidResult("llc: no valid estimate"))
+    'llc: no valid estimate'
+    """
+
+
+def _invalid_stages(
+    result: LLCResult, curve: LLCCurve | None, n_eff: EffectiveParameterCount | None
+) -> list[str]:
+    """What produced no valid estimate, one line per stage."""
+    problems = []
+    if not math.isfinite(result.mean):
+        reasons = "; ".join(f"chain {c}: {why}" for c, why in sorted(result.excluded_chains.items()))
+        problems.append(f"llc: no valid estimate, every chain was excluded ({reasons or 'non-finite'})")
+    if curve is not None and not bool(curve.llc.isfinite().any()):
+        problems.append("llc_curve: no valid estimate at any nβ (every chain excluded at each)")
+    if n_eff is not None and not bool(n_eff.n_eff.isfinite().any()):
+        problems.append("n_eff: no valid N_eff at any ε")
+    return problems
 
 
 def run_llc(
@@ -98,7 +159,9 @@ def run_llc(
     (13, True)
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     if isinstance(data, Tensor) and data.is_floating_point() and data.dtype != dtype:
         data = data.to(dtype)  # float inputs follow the model's dtype (ModelSpec.dtype)
@@ -108,31 +171,27 @@ def run_llc(
         None if cfg.params is None else [f"model.{p}" if cfg.positions == "last" else p for p in cfg.params]
     )
     sampler = cfg.sampler.model_dump()
-    common = {"loss": cfg.loss, "params": params, "progress": cfg.progress, **sampler}
+    common = {"loss": cfg.loss, "params": params, "progress": cfg.progress and main, **sampler}
     sweep = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
     base = cfg.model_dump(include={"model", "loss", "positions", "params", "sampler"})
-    stage = {"force": force, "log": log}
+    stage = {"force": force, "log": log if main else None}
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
 
-    result = run_stage(
-        out,
-        "llc",
-        base,
-        lambda: estimate_llc(model, data, **common),
-        **_file_stage(out, "llc.safetensors", LLCResult),
-        **stage,
+    result = _stage(
+        out, "llc", base, lambda: estimate_llc(model, data, **common), "llc.safetensors", LLCResult, **stage
     )
     summary["estimate"] = _result_summary(result)
 
     curve = None
     if cfg.nbetas:
-        curve = run_stage(
+        curve = _stage(
             out,
             "llc_curve",
             {**base, "nbetas": cfg.nbetas},
             lambda: llc_curve(model, data, nbetas=cfg.nbetas, step_size=cfg.sampler.step_size, **sweep),
-            **_file_stage(out, "llc_curve.safetensors", LLCCurve),
+            "llc_curve.safetensors",
+            LLCCurve,
             **stage,
         )
         summary["curve"] = {
@@ -165,13 +224,8 @@ def run_llc(
         if cfg.method == "volume":  # the sampler plays no part
             n_eff_config = {k: v for k, v in n_eff_config.items() if k != "sampler"}
             n_eff_config["volume_options"] = cfg.volume_options
-        n_eff = run_stage(
-            out,
-            "n_eff",
-            n_eff_config,
-            compute_n_eff,
-            **_file_stage(out, "n_eff.safetensors", EffectiveParameterCount),
-            **stage,
+        n_eff = _stage(
+            out, "n_eff", n_eff_config, compute_n_eff, "n_eff.safetensors", EffectiveParameterCount, **stage
         )
         summary["n_eff"] = {
             "epsilons": n_eff.epsilons.tolist(),
@@ -181,10 +235,17 @@ def run_llc(
             "method": n_eff.method,
         }
 
-    if cfg.plots:
+    if cfg.plots and main:
         summary["figures"] = _plots(result, curve, n_eff, out / "figures")
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    problems = _invalid_stages(result, curve, n_eff)
+    if problems:
+        summary["errors"] = problems
+    summary = finite_json(summary)  # JSON null, never a bare NaN token
+    if main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str, allow_nan=False))
+    if problems:
+        raise NoValidResult("; ".join(problems))
     return summary
 
 
@@ -199,6 +260,11 @@ def _result_summary(result: LLCResult) -> dict[str, Any]:
         "num_parameters": result.num_parameters,
         "step_size": result.config.get("step_size"),
         "engine": result.config.get("engine"),
+        "mcse": result.mcse,
+        "ess": result.ess,
+        "rhat": result.rhat,
+        "drift": result.drift[0],
+        "drift_stderr": result.drift[1],
         "excluded_chains": {str(k): v for k, v in result.excluded_chains.items()},
         "warnings": list(result.warnings),
         "draws_per_second": result.draws_per_second,
@@ -235,6 +301,8 @@ def llc_command(
 ) -> None:
     """The learning coefficient λ̂ and N_eff(ε) = 2 λ(ε) of a model from a config file (an
     :class:`LLCRunConfig`); results in OUT (a rerun with the same config skips the finished stages).
+    Exits 1 when a stage produced no valid estimate (every chain diverged; JSON has null there), 2 on a
+    bad config. Under torchrun the chains are split over the processes; only rank 0 writes.
 
     >>> from typer.testing import CliRunner
     >>> from degeneracy.commands import app
@@ -244,8 +312,18 @@ def llc_command(
     """
     with user_errors():
         cfg, model, data, _ = load_run(config, LLCRunConfig)
-        summary = run_llc(cfg, model, data, out, force=force, log=echo_err)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+        try:
+            summary = run_llc(cfg, model, data, out, force=force, log=echo_err)
+        except NoValidResult as failed:
+            typer.secho(
+                f"error: {failed}. The results and summary.json (nulls for the missing numbers) are in "
+                f"{out}; lower sampler.step_size (or use step_size: auto) and rerun with --force",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(code=1) from failed
+    if is_main_process():
+        typer.echo(json.dumps(summary, indent=2, default=str, allow_nan=False))
 
 
 def demo_llc_sweep(num_examples: int | None) -> tuple[list[float], dict[str, Any]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from degeneracy.distributed import barrier
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text, kill_point, remove_stale_temporaries
 
 __all__ = ["run_stage", "stage_path", "jsonable", "StageLog"]
 
@@ -148,10 +148,14 @@ def run_stage(
                 say(f"[{name}] done before with the same config, skipping (--force redoes it)")
                 return value
     say(f"[{name}] {why} ...")
+    for stale in remove_stale_temporaries(folder):  # left by a run killed while writing
+        say(f"[{name}] removed {stale}, a partial file of an interrupted run")
+    kill_point(f"{name}@start")
     start = time.perf_counter()
     value = run()
     seconds = time.perf_counter() - start
     stored = save(value) if save is not None else value
+    kill_point(f"{name}@saved")
     from degeneracy import __version__
 
     record = {
@@ -162,6 +166,7 @@ def run_stage(
         "config": wanted,
         "result": jsonable(stored),
     }
-    atomic_write_text(path, json.dumps(record, indent=2))
+    atomic_write_text(path, json_text(record, indent=2))
     say(f"[{name}] finished in {seconds:.1f} s")
+    kill_point(f"{name}@done")
     return value if load is not None else record["result"]

@@ -1,6 +1,8 @@
 """The learning coefficient and the effective parameter count N_eff(ε) = 2 λ(ε) (paper eq 8–9, METHOD §7).
 
-* :func:`estimate_llc` — λ̂ of an ``nn.Module`` by vectorised SGLD, on the behavioral loss by default;
+* :func:`estimate_llc` — λ̂ of an ``nn.Module`` by vectorised SGLD (or RMSprop-SGLD, MALA) on
+  ``loss(model, batch)`` with the batch as the data yield it, ``"cross_entropy"``/``"mse"`` (labels from
+  the batch) or the behavioral loss (the default); ``result.summary()`` shows its diagnostics;
 * :func:`sample_sgld` — the same sampler on a loss of a parameter tensor (model-free problems);
 * :func:`llc_curve` / :func:`effective_parameter_count` — λ(ε) and N_eff(ε) over loss scales ε;
 * :func:`volume_llc` — λ(ε) from the volume of {L < ε} by nested (subset) sampling, few parameters;

@@ -29,6 +29,8 @@ from degeneracy.run import ParamLayout, functional_output
 __all__ = [
     "per_chain_behavioral",
     "vmap_behavioral_chain_loss",
+    "ChainForward",
+    "chain_batched_forward",
     "batched_behavioral_chain_loss",
     "chain_losses_agree",
 ]
@@ -107,16 +109,20 @@ class _ChainLinear(nn.Module):
         return out + bias.reshape(chains, *([1] * (out.dim() - 2)), self.out_features)
 
 
-def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: LossKind) -> ChainLoss | None:
-    """The fast path, or ``None`` when some sampled parameter is not the weight or bias of an
-    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call).
+ChainForward = Callable[[dict[str, Tensor], Tensor], Tensor]
+"""``forward(views, inputs) -> outputs``: the model's output tensor for every chain, ``(C, batch, *out)``,
+from parameters ``views`` with a leading chain dimension and inputs ``(batch, ...)``."""
+
+
+def chain_batched_forward(model: nn.Module, sampled: list[str]) -> ChainForward | None:
+    """All chains' outputs in plain batched ops (a copy of ``model`` whose ``nn.Linear`` layers carry a
+    chain dimension), or ``None`` when some sampled parameter is not the weight or bias of an
+    ``nn.Linear`` (exact class). Tensor inputs only (a ``TypeError`` otherwise).
 
     >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
-    >>> x = torch.randn(5, 2, dtype=torch.float64)
-    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
-    >>> fast = batched_behavioral_chain_loss(model, list(params), "mse")
-    >>> fast(params, (Batch(x), model(x).detach())).tolist()
-    [0.0, 0.0]
+    >>> params = {n: p.detach().expand(4, *p.shape) for n, p in model.named_parameters()}
+    >>> chain_batched_forward(model, list(params))(params, torch.ones(5, 2, dtype=torch.float64)).shape
+    torch.Size([4, 5, 1])
     """
     owners: dict[str, tuple[str, str]] = {}
     linear_names = {name for name, m in model.named_modules() if type(m) is nn.Linear}
@@ -135,16 +141,35 @@ def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: Lo
         chain_modules[module_name] = replacement
     slots = [(pname, chain_modules[m], attr) for pname, (m, attr) in owners.items()]
 
-    def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
-        batch, reference = item
-        if not isinstance(batch.inputs, Tensor):
+    def forward(views: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        if not isinstance(inputs, Tensor):
             raise TypeError("the batched path takes tensor inputs only")
         for pname, module, attr in slots:
             module.__dict__[attr] = views[pname]  # plain attributes: skip nn.Module.__setattr__
         chains = views[slots[0][0]].shape[0]
-        inputs = batch.inputs.expand(chains, *batch.inputs.shape)
-        output = model_output_tensor(clone(inputs))
-        return per_chain_behavioral(output, reference, kind)
+        return model_output_tensor(clone(inputs.expand(chains, *inputs.shape)))
+
+    return forward
+
+
+def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: LossKind) -> ChainLoss | None:
+    """The fast path, or ``None`` when some sampled parameter is not the weight or bias of an
+    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call).
+
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}
+    >>> fast = batched_behavioral_chain_loss(model, list(params), "mse")
+    >>> fast(params, (Batch(x), model(x).detach())).tolist()
+    [0.0, 0.0]
+    """
+    forward = chain_batched_forward(model, sampled)
+    if forward is None:
+        return None
+
+    def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
+        batch, reference = item
+        return per_chain_behavioral(forward(views, batch.inputs), reference, kind)  # type: ignore[arg-type]
 
     return chain_loss
 
@@ -186,7 +211,7 @@ def chain_losses_agree(
     try:
         a_loss, a_grad = evaluate(first)
         b_loss, b_grad = evaluate(second)
-    except (RuntimeError, TypeError, ValueError, IndexError):
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, NotImplementedError):
         return False
     if a_loss.shape != b_loss.shape or not (torch.isfinite(a_loss).all() and torch.isfinite(b_loss).all()):
         return False

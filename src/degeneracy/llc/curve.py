@@ -287,8 +287,6 @@ class EffectiveParameterCount(TensorRecord):
         return html_summary(*self._display())
 
 
-
-
 def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
     """An :class:`EffectiveParameterCount` saved with :meth:`EffectiveParameterCount.save` (the file's
     kind is checked); see :class:`EffectiveParameterCount` for an example.

@@ -20,14 +20,33 @@ from torch import Tensor
 from degeneracy.deprecation import renamed_arguments
 
 __all__ = [
+    "LLCWarning",
     "chain_llc",
     "chain_llc_variance",
     "find_bad_chains",
     "stationarity_drift",
+    "drift_flagged",
+    "DRIFT_Z",
+    "batch_means_stderr",
+    "effective_sample_size",
+    "split_rhat",
     "t_critical_99",
     "step_size_stability",
     "DIVERGENCE_FACTOR",
 ]
+
+
+class LLCWarning(UserWarning):
+    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("chains not stationary", LLCWarning)
+    >>> caught[0].category.__name__
+    'LLCWarning'
+    """
+
 
 DIVERGENCE_FACTOR = 10.0
 """A chain is called diverged when its late excess loss nβ (L − L*) exceeds this many times P/2, the
@@ -103,12 +122,83 @@ def find_bad_chains(
     return bad
 
 
+def _batch_means_variance(x: Float[Tensor, "chains draws"]) -> Float[Tensor, " chains"]:
+    """σ²_BM of each row: the asymptotic variance of its mean (Var(mean) ≈ σ²_BM / draws), from
+    ⌊√draws⌋ non-overlapping batches; NaN with fewer than 4 draws."""
+    d = x.shape[1]
+    b = int(math.isqrt(d))
+    if b < 2:
+        return torch.full(x.shape[:1], math.nan, dtype=x.dtype)
+    m = d // b
+    means = x[:, d - b * m :].reshape(x.shape[0], b, m).mean(dim=2)
+    return m * means.var(dim=1)
+
+
+def _detrended(traces: Float[Tensor, "chains draws"]) -> Float[Tensor, "chains draws"]:
+    """Each chain minus its least-squares line over the draws (the noise a drift is judged against)."""
+    d = traces.shape[1]
+    t = torch.arange(d, dtype=traces.dtype) - (d - 1) / 2
+    slope = (traces * t).sum(dim=1, keepdim=True) / t.square().sum().clamp_min(1e-300)
+    return traces - traces.mean(dim=1, keepdim=True) - slope * t
+
+
+def batch_means_stderr(traces: Float[Tensor, "chains draws"], nbeta: float = 1.0) -> Float[Tensor, " chains"]:
+    """Monte Carlo standard error of each chain's estimate nβ mean_t L_c(t), by batch means over its
+    draws (⌊√draws⌋ batches: autocorrelation within a batch is accounted for). NaN with < 4 draws.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> iid = torch.randn(1, 10_000, generator=g, dtype=torch.float64)   # i.i.d.: s.e. = 1/√10⁴
+    >>> round(float(batch_means_stderr(iid)[0]), 2)
+    0.01
+    """
+    return nbeta * (_batch_means_variance(traces) / traces.shape[1]).sqrt()
+
+
+def effective_sample_size(traces: Float[Tensor, "chains draws"]) -> Float[Tensor, " chains"]:
+    """Effective sample size of each chain's mean: draws × Var_t / σ²_BM (batch means), at most the
+    number of draws.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> iid = torch.randn(2, 2500, generator=g, dtype=torch.float64)
+    >>> bool(((effective_sample_size(iid) > 1500) & (effective_sample_size(iid) <= 2500)).all())
+    True
+    """
+    d = traces.shape[1]
+    if d < 4:
+        return torch.full(traces.shape[:1], math.nan, dtype=traces.dtype)
+    ess = d * traces.var(dim=1) / _batch_means_variance(traces).clamp_min(1e-300)
+    return ess.clamp(max=float(d))
+
+
+def split_rhat(traces: Float[Tensor, "chains draws"]) -> float:
+    """Split-R̂ (Gelman et al.): each chain cut in halves, between- vs within-half variance of the
+    halves; ≈ 1 for chains that sample one distribution, > 1.01 flags disagreement. NaN with < 4 draws.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> round(split_rhat(torch.randn(4, 1000, generator=g, dtype=torch.float64)), 2)
+    1.0
+    """
+    d = traces.shape[1] // 2
+    if d < 2 or traces.shape[0] == 0:
+        return math.nan
+    halves = torch.cat([traces[:, :d], traces[:, -d:]])
+    within = float(halves.var(dim=1).mean())
+    between = d * float(halves.mean(dim=1).var())
+    if within <= 0:
+        return math.nan if between <= 0 else math.inf
+    return math.sqrt(((d - 1) / d * within + between / d) / within)
+
+
 def stationarity_drift(
     traces: Float[Tensor, "chains draws"], init_loss: float, nbeta: float
 ) -> tuple[float, float]:
     """Drift of the chains after burn-in, in units of λ: mean over chains of
-    nβ (mean of the last third − mean of the first third of draws), and its standard error over chains
-    (NaN with one chain). A drift large compared with λ̂ means the burn-in was too short.
+    nβ (mean of the last third − mean of the first third of draws), and its standard error from the
+    draws themselves: batch means of each chain's detrended trace (so a few chains give a sharp
+    test), combined over chains. NaN standard error with fewer than 6 draws.
 
     >>> import torch
     >>> drift, _ = stationarity_drift(torch.full((2, 9), 0.01, dtype=torch.float64), 0.0, 50.0)
@@ -116,13 +206,36 @@ def stationarity_drift(
     0.0
     """
     d = traces.shape[1]
+    if traces.shape[0] == 0:
+        return math.nan, math.nan
     if d < 3:
         return 0.0, math.nan
     third = d // 3
     per_chain = nbeta * (traces[:, -third:].mean(dim=1) - traces[:, :third].mean(dim=1))
     mean = float(per_chain.mean())
-    se = float(per_chain.std() / math.sqrt(per_chain.numel())) if per_chain.numel() > 1 else math.nan
+    if d < 6:
+        return mean, math.nan
+    sigma2 = _batch_means_variance(_detrended(traces))  # asymptotic variance of one draw's mean
+    per_chain_var = nbeta**2 * 2 * sigma2 / third
+    se = float(per_chain_var.sum().sqrt()) / per_chain.numel()
     return mean, se
+
+
+DRIFT_Z = 3.0
+"""A drift is flagged when it exceeds DRIFT_Z standard errors (and 10 % of λ̂)."""
+
+
+def drift_flagged(drift: float, drift_se: float, estimate: float) -> bool:
+    """Whether a drift (:func:`stationarity_drift`) is significant: above ``DRIFT_Z`` batch-means
+    standard errors and above 10 % of max(|λ̂|, 0.5); without a standard error, above 25 %.
+
+    >>> drift_flagged(3.0, 0.5, 10.0), drift_flagged(3.0, 2.0, 10.0), drift_flagged(0.5, 0.01, 10.0)
+    (True, False, False)
+    """
+    scale = max(abs(estimate), 0.5)
+    if math.isfinite(drift_se):
+        return abs(drift) > DRIFT_Z * drift_se and abs(drift) > 0.1 * scale
+    return abs(drift) > 0.25 * scale
 
 
 _T99 = (63.66, 9.925, 5.841, 4.604, 4.032, 3.707, 3.499, 3.355, 3.250, 3.169)

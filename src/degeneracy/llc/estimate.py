@@ -25,12 +25,15 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from degeneracy.linalg import intra_op_threads
-from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR
+from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR, LLCWarning
+from degeneracy.llc.distributed import empty_chain_run, gather_chain_runs, is_main_process, my_chains
 from degeneracy.llc.model_loss import (
+    ENGINES,
     Engine,
     LossSpec,
     materialize,
     model_chain_loss,
+    resolve_loss,
     select_parameters,
 )
 from degeneracy.llc.result import LLCResult, summarize_chains
@@ -44,6 +47,7 @@ from degeneracy.llc.sgld import (
     run_mala_chains,
     run_sgld_chains,
 )
+from degeneracy.llc.user_loss import loss_name
 from degeneracy.run import ParamLayout, model_device, model_dtype, resolve_dtype
 
 __all__ = ["LLCWarning", "sample_sgld", "estimate_llc", "auto_step_size", "AUTO_STEP_FACTOR", "LossSpec"]
@@ -52,12 +56,12 @@ AUTO_STEP_FACTOR = 0.1
 """``step_size="auto"`` uses η = AUTO_STEP_FACTOR / (nβ h_max + γ), h_max the largest Hessian eigenvalue
 of the loss at θ*: the stiffest direction's variance is then inflated by 1/(1 − 0.1/4) ≈ 2.6 %."""
 
-Sampler = Literal["sgld", "mala"]
+Sampler = Literal["sgld", "mala", "rmsprop"]
 
 
 def _check_sampler(sampler: str, num_batches: int) -> None:
-    if sampler not in ("sgld", "mala"):
-        raise ValueError(f"unknown sampler {sampler!r}: use 'sgld' or 'mala'")
+    if sampler not in ("sgld", "mala", "rmsprop"):
+        raise ValueError(f"unknown sampler {sampler!r}: use 'sgld', 'rmsprop' or 'mala'")
     if sampler == "mala" and num_batches > 1:
         raise ValueError(
             f"sampler='mala' needs the same loss at every step, but the data gives {num_batches} distinct "
@@ -68,6 +72,8 @@ def _check_sampler(sampler: str, num_batches: int) -> None:
 
 def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
     """What the result's config records about the sampler (nothing for the default SGLD)."""
+    if sampler == "rmsprop":
+        return {"sampler": sampler}
     if sampler == "sgld" or run.acceptance is None:
         return {}
     return {
@@ -75,18 +81,6 @@ def _sampler_extra(sampler: str, run: ChainRun) -> dict[str, Any]:
         "acceptance": float(run.acceptance.mean()),
         "chain_acceptance": [round(float(a), 6) for a in run.acceptance],
     }
-
-
-class LLCWarning(UserWarning):
-    """A diagnostic of an LLC estimate (bad chains, step size, stationarity, negative estimates).
-
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     warnings.warn("chains not stationary", LLCWarning)
-    >>> caught[0].category.__name__
-    'LLCWarning'
-    """
 
 
 def auto_step_size(nbeta: float, localization: float, curvature: float) -> float:
@@ -122,6 +116,33 @@ class _Sampling:
     sampler: str
     divergence_factor: float
     warn: bool
+    sampler_options: Mapping[str, Any] | None = None
+
+    def config(self, step_size: float) -> SGLDConfig:
+        """The :class:`SGLDConfig` of these settings at step size ``step_size``."""
+        options = dict(self.sampler_options or {})
+        rmsprop: dict[str, Any] = {}
+        if self.sampler == "rmsprop":
+            unknown = sorted(set(options) - {"alpha", "eps", "adapt"})
+            if unknown:
+                raise ValueError(
+                    f"unknown sampler_options {unknown} for sampler='rmsprop': use 'alpha', 'eps', 'adapt'"
+                )
+            rmsprop = {"preconditioner": "rmsprop"}
+            rmsprop.update({f"rmsprop_{k}": v if k == "adapt" else float(v) for k, v in options.items()})
+        elif options:
+            raise ValueError(f"sampler_options are for sampler='rmsprop', not {self.sampler!r}")
+        return SGLDConfig(
+            nbeta=float(self.nbeta),
+            localization=float(self.localization),
+            step_size=float(step_size),
+            num_chains=self.num_chains,
+            num_draws=self.num_draws,
+            num_burnin=self.num_burnin,
+            thinning=self.thinning,
+            seed=self.seed,
+            **rmsprop,
+        )
 
     def run(
         self,
@@ -143,17 +164,10 @@ class _Sampling:
         curvature = max_curvature(chain_loss, layout, center, first_item, seed=self.seed)
         step_size = self.step_size
         if step_size == "auto":
-            step_size = auto_step_size(self.nbeta, self.localization, curvature)
-        config = SGLDConfig(
-            nbeta=float(self.nbeta),
-            localization=float(self.localization),
-            step_size=float(step_size),
-            num_chains=self.num_chains,
-            num_draws=self.num_draws,
-            num_burnin=self.num_burnin,
-            thinning=self.thinning,
-            seed=self.seed,
-        )
+            # the preconditioner multiplies the step by at most max_preconditioner (RMSprop: 1/ε)
+            limit = self.config(1.0).max_preconditioner
+            step_size = auto_step_size(self.nbeta, self.localization, curvature) / limit
+        config = self.config(float(step_size))
         threads = self.threads
         if threads is None:
             threads = default_threads(config.num_chains if self.vectorize else 1, layout.numel)
@@ -175,25 +189,33 @@ class _Sampling:
         make_batches: Callable[[], Iterator[Any]],
         config: SGLDConfig,
     ) -> ChainRun:
-        """The sampler's chains, all in one vectorised run or one after another (the same draws)."""
+        """The sampler's chains, all in one vectorised run or one after another (the same draws);
+        under ``torch.distributed`` each rank runs its share and all ranks gather them
+        (:mod:`degeneracy.llc.distributed`: the result does not depend on the number of processes)."""
+        progress = self.progress and is_main_process()
 
-        def run(chain_ids: list[int] | None, desc: str) -> ChainRun:
-            options = {"chain_ids": chain_ids, "progress": self.progress, "desc": desc}
+        def run(chain_ids: list[int], desc: str) -> ChainRun:
+            options = {"chain_ids": chain_ids, "progress": progress, "desc": desc}
             if self.sampler == "mala":  # the one batch (checked by the caller)
                 return run_mala_chains(chain_loss, layout, center, next(make_batches()), config, **options)
             return run_sgld_chains(chain_loss, layout, center, make_batches(), config, **options)
 
-        if self.vectorize:
-            return run(None, self.sampler.upper())
-        runs = [run([c], f"chain {c}") for c in range(config.num_chains)]
-        acceptances = [r.acceptance for r in runs]
-        return ChainRun(
-            loss_traces=torch.cat([r.loss_traces for r in runs]),
-            burnin_traces=torch.cat([r.burnin_traces for r in runs]),
-            final_params=torch.cat([r.final_params for r in runs]),
-            seconds=sum(r.seconds for r in runs),
-            acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
-        )
+        mine = my_chains(config.num_chains)
+        if not mine:  # more ranks than chains
+            local = empty_chain_run(config.num_draws, config.num_burnin, layout.numel, center.dtype)
+        elif self.vectorize:
+            local = run(mine, self.sampler.upper())
+        else:
+            runs = [run([c], f"chain {c}") for c in mine]
+            acceptances = [r.acceptance for r in runs]
+            local = ChainRun(
+                loss_traces=torch.cat([r.loss_traces for r in runs]),
+                burnin_traces=torch.cat([r.burnin_traces for r in runs]),
+                final_params=torch.cat([r.final_params for r in runs]),
+                seconds=sum(r.seconds for r in runs),
+                acceptance=None if any(a is None for a in acceptances) else torch.cat(acceptances),  # type: ignore[arg-type]
+            )
+        return gather_chain_runs(local, mine, config.num_chains)
 
 
 def sample_sgld(
@@ -216,6 +238,7 @@ def sample_sgld(
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
     sampler: Sampler = "sgld",
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> LLCResult:
     """Estimate the LLC of ``loss_fn`` at ``init_params`` = θ* by SGLD (functional form).
 
@@ -242,7 +265,14 @@ def sample_sgld(
             Langevin proposal with a Metropolis–Hastings accept/reject step
             (:func:`~degeneracy.llc.sgld.run_mala_chains`), exact for any η but only for a deterministic
             loss, so ``data`` must be ``None`` or one batch (ValueError otherwise). The acceptance rate is
-            recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``).
+            recorded in ``result.config["acceptance"]`` (per chain: ``"chain_acceptance"``). Or
+            ``"rmsprop"``: RMSprop-preconditioned SGLD (devinterp's ``RMSpropSGLD``, see
+            :class:`~degeneracy.llc.sgld.SGLDConfig`): each coordinate's step scaled by 1/(√V + ε), V the
+            running mean of its squared gradient; ``step_size="auto"`` then divides the SGLD rule by
+            1/ε (the largest scaling).
+        sampler_options: for ``sampler="rmsprop"``: ``{"alpha": 0.99, "eps": 0.1, "adapt": "burnin"}``
+            (the defaults; ``adapt``: the preconditioner is learnt during burn-in then frozen, or
+            ``"always"`` as devinterp, biased: :class:`~degeneracy.llc.sgld.SGLDConfig`).
 
     >>> import torch
     >>> quadratic = lambda w, _: w.square().sum()   # one regular parameter: λ = 1/2
@@ -273,9 +303,24 @@ def sample_sgld(
         with torch.no_grad():
             init_loss = float(sum(float(one_chain(params, b)) for b in items) / len(items))
 
-    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
-                         vectorize, threads, progress, sampler, divergence_factor, warn)
-    name = getattr(loss_fn, "__name__", "callable")
+    sampling = _Sampling(
+        nbeta,
+        localization,
+        step_size,
+        num_chains,
+        num_draws,
+        num_burnin,
+        thinning,
+        seed,
+        vectorize,
+        threads,
+        progress,
+        sampler,
+        divergence_factor,
+        warn,
+        sampler_options,
+    )
+    name = loss_name(loss_fn)
     extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
 
     def batches() -> Iterator[Any]:
@@ -292,7 +337,7 @@ def estimate_llc(
     model: nn.Module,
     data: Any,
     *,
-    loss: LossSpec = "behavioral",
+    loss: LossSpec | None = None,
     nbeta: float | None = None,
     localization: float = 100.0,
     step_size: float | Literal["auto"] = "auto",
@@ -310,6 +355,7 @@ def estimate_llc(
     divergence_factor: float = DIVERGENCE_FACTOR,
     warn: bool = True,
     sampler: Sampler = "sgld",
+    sampler_options: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current parameters θ*.
@@ -320,13 +366,30 @@ def estimate_llc(
     Args:
         model: any ``nn.Module``; it is put in eval mode while sampling (restored after) and its
             parameters are not modified (chains run on ``torch.func.functional_call``).
-        data: inputs in the :mod:`degeneracy.data` convention (tensor, dict of tensors, or iterable of
-            batches / ``(inputs, labels, ...)`` tuples). They are held in memory.
-        loss: ``"behavioral"`` (alias ``"mse"``): E ‖f_θ(x) − f_θ*(x)‖², the squared norm summed over
-            output features and positions, averaged over examples (n counts sequences; METHOD §6,
-            :mod:`degeneracy.behavioral`); ``"kl"``: E Σ_pos KL(softmax f_θ* ‖ softmax f_θ); or
-            ``loss(model, batch) -> scalar`` (``batch`` a :class:`~degeneracy.data.Batch`), vectorised
-            over chains with ``torch.func.vmap``.
+        data: one dataset — a tensor of inputs, a dict of tensors (keyword inputs), or a tuple/list of
+            equal-length tensors ``(inputs, labels, ...)`` — or batches: a ``DataLoader`` or any other
+            iterable (a generator, a list of ``(inputs, labels)`` tuples), each batch a tensor, a dict or
+            a tuple/list. Everything is read once into memory on the model's device. A dataset is
+            sampled in minibatches of ``batch_size`` (``None``: full batch); batches given as an
+            iterable are used one per step (``batch_size=None``) or pooled and re-split to
+            ``batch_size``.
+        loss: what λ is the learning coefficient of.
+
+            * ``loss(model, batch) -> scalar tensor`` (the mean loss of the batch), ``batch`` exactly as
+              the data yield it (``x, y = batch`` for ``(X, y)`` data), as devinterp's
+              ``evaluate(model, batch)``;
+            * ``"cross_entropy"`` / ``"mse"``: ``F.cross_entropy`` / ``F.mse_loss`` of the model's output
+              against the labels of the batch (its second element, or a dict's ``"labels"``);
+            * ``"behavioral"``: E ‖f_θ(x) − f_θ*(x)‖², the squared norm summed over output features and
+              positions, averaged over examples (n counts sequences; METHOD §6,
+              :mod:`degeneracy.behavioral`); ``"kl"``: E Σ_pos KL(softmax f_θ* ‖ softmax f_θ).
+            * ``None`` (default): the behavioral loss, with an :class:`LLCWarning` when the data carry
+              labels (the training loss's λ is another number: pass ``loss=`` to choose). ``"mse"`` on
+              data without labels is a deprecated alias of ``"behavioral"``.
+
+            The result's ``config["loss"]`` and repr name the loss. A loss that ``torch.func.vmap``
+            cannot vectorise (it calls ``.item()``, branches on values...) is evaluated chain by chain
+            (``engine="sequential"``) with an :class:`LLCWarning`.
         nbeta: nβ; default n / log n with n the number of examples (Watanabe's WBIC temperature).
         localization: γ.
         step_size: η, or ``"auto"``: :func:`auto_step_size` from the top Hessian eigenvalue at θ*.
@@ -336,18 +399,23 @@ def estimate_llc(
         params: names of the parameters to sample (or a predicate on names); default all parameters
             that require grad. The others stay at θ*.
         vectorize: run the chains together (default) or one after another (identical results).
-        engine: how chains are vectorised for the behavioral loss: ``"vmap"`` (``torch.func.vmap`` of
-            ``functional_call``, any model), ``"batched"`` (linear layers with a chain dimension, see
-            :mod:`degeneracy.llc.batched`; faster on small models) or ``"auto"`` (batched when it applies
-            and reproduces the vmap path at perturbed parameters, else vmap). Custom losses use vmap.
+        engine: how chains are vectorised: ``"batched"`` (linear layers with a chain dimension, see
+            :mod:`degeneracy.llc.batched`: all chains' outputs in plain batched ops; for labelled losses
+            the loss must call the model once, on the batch's inputs), ``"vmap"`` (``torch.func.vmap``
+            of ``functional_call``, any model), ``"sequential"`` (one chain after another inside each
+            step, any loss) or ``"auto"`` (batched when it applies and reproduces the loss chain by
+            chain at perturbed parameters, else vmap, else sequential). ``result.config["engine"]``.
         threads: torch intra-op threads while sampling; default: 1 for small problems
             (:func:`~degeneracy.llc.sgld.default_threads`), else torch's setting.
         progress: show a progress bar.
         divergence_factor: see :func:`~degeneracy.llc.diagnostics.find_bad_chains`.
         warn: emit the result's warnings as :class:`LLCWarning`.
-        sampler: ``"sgld"`` (default) or ``"mala"`` (Metropolis-adjusted, exact for any η; needs the full
-            batch: ValueError when ``batch_size`` or the data split it into several batches), as in
-            :func:`sample_sgld`.
+        sampler: ``"sgld"`` (default), ``"rmsprop"`` (RMSprop-preconditioned SGLD) or ``"mala"``
+            (Metropolis-adjusted, exact for any η; needs the full batch: ValueError when ``batch_size``
+            or the data split it into several batches), as in :func:`sample_sgld`.
+        sampler_options: for ``sampler="rmsprop"``: ``{"alpha": 0.99, "eps": 0.1, "adapt": "burnin"}``
+            (the defaults; ``adapt``: the preconditioner is learnt during burn-in then frozen, or
+            ``"always"`` as devinterp, biased: :class:`~degeneracy.llc.sgld.SGLDConfig`).
         dtype: compute dtype (name or ``torch.dtype``). The run layer's one rule
             (:func:`degeneracy.run.cast_inputs`): without it the model's dtype is used and a floating
             input of another dtype is a ``ValueError``; with it a cast copy of the model is sampled and
@@ -360,8 +428,8 @@ def estimate_llc(
     >>> r.loss_traces.shape, r.config["loss"]   # one regular parameter: λ̂ near 1/2
     (torch.Size([2, 40]), 'behavioral-mse')
     """
-    if engine not in ("auto", "vmap", "batched"):
-        raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {ENGINES}")
     if next(model.parameters(), None) is None:
         raise ValueError("the model has no parameters")
     wanted = resolve_dtype(dtype)
@@ -371,6 +439,7 @@ def estimate_llc(
     layout = ParamLayout.of(chosen)
     center = layout.flatten(chosen).detach()
     examples = materialize(data, model_device(model), model_dtype(model), explicit=wanted is not None)
+    loss = resolve_loss(loss, examples)
     n = examples.num_examples
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -380,8 +449,23 @@ def estimate_llc(
         nbeta = n / math.log(n)
     _check_sampler(sampler, examples.num_batches(batch_size))
 
-    sampling = _Sampling(nbeta, localization, step_size, num_chains, num_draws, num_burnin, thinning, seed,
-                         vectorize, threads, progress, sampler, divergence_factor, warn)
+    sampling = _Sampling(
+        nbeta,
+        localization,
+        step_size,
+        num_chains,
+        num_draws,
+        num_burnin,
+        thinning,
+        seed,
+        vectorize,
+        threads,
+        progress,
+        sampler,
+        divergence_factor,
+        warn,
+        sampler_options,
+    )
     was_training = model.training
     model.eval()
     try:
@@ -391,6 +475,7 @@ def estimate_llc(
         extra = {
             "loss": spec.name,
             "batch_size": batch_size,
+            "num_batches": examples.num_batches(batch_size),
             "num_examples": n,
             "params": list(layout.names),
             "dtype": str(center.dtype).replace("torch.", ""),

@@ -24,28 +24,44 @@ and N_eff(ε) share for an ``nn.Module``:
 
 from __future__ import annotations
 
+import inspect
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
 from degeneracy.behavioral import LossKind
 from degeneracy.data import Batch, iter_batches, pool_batches
 from degeneracy.llc.batched import (
     batched_behavioral_chain_loss,
+    chain_batched_forward,
     chain_losses_agree,
     vmap_behavioral_chain_loss,
 )
+from degeneracy.llc.diagnostics import LLCWarning
 from degeneracy.llc.sgld import ChainLoss, cycle_batches, seed_from
+from degeneracy.llc.user_loss import (
+    LABEL_KEYS,
+    SUPERVISED,
+    Form,
+    UserLoss,
+    batched_user_chain_loss,
+    builtin_as_user_loss,
+    loss_name,
+    user_chain_loss,
+    user_item,
+)
 from degeneracy.run import ParamLayout, cast_inputs, run_model
 
 __all__ = [
     "LossSpec",
     "Engine",
+    "ENGINES",
+    "resolve_loss",
     "Examples",
     "ModelLoss",
     "loss_kind",
@@ -56,8 +72,9 @@ __all__ = [
     "model_chain_loss",
 ]
 
-LossSpec = Literal["behavioral", "mse", "kl"] | Callable[[nn.Module, Batch], Tensor]
-Engine = Literal["auto", "vmap", "batched"]
+LossSpec = Literal["behavioral", "mse", "kl", "cross_entropy"] | Callable[[nn.Module, Any], Tensor]
+Engine = Literal["auto", "vmap", "batched", "sequential"]
+ENGINES = ("auto", "vmap", "batched", "sequential")
 
 
 def loss_kind(loss: str) -> LossKind:
@@ -70,7 +87,15 @@ def loss_kind(loss: str) -> LossKind:
         return "mse"
     if loss == "kl":
         return "kl"
-    raise ValueError(f"unknown loss {loss!r}: use 'behavioral', 'kl' or a callable loss(model, batch)")
+    if loss in SUPERVISED:
+        raise ValueError(
+            f"loss={loss!r} needs labels and SGLD (estimate_llc, llc_curve, effective_parameter_count with "
+            "method='sgld'); this path takes the behavioral loss only: 'behavioral' or 'kl'"
+        )
+    raise ValueError(
+        f"unknown loss {loss!r}: use 'behavioral', 'kl', 'cross_entropy', 'mse' or a callable "
+        "loss(model, batch)"
+    )
 
 
 def select_parameters(
@@ -102,12 +127,18 @@ class Examples:
     """Data held in memory: one pooled batch of every example (indexable, see
     :func:`degeneracy.data.pool_batches`) when the batches line up, and the batches themselves.
 
+    ``form`` is how the data yield a batch (:data:`~degeneracy.llc.user_loss.Form`, what a user loss
+    receives) and ``per_step`` whether the data were batches (an iterable: with ``batch_size=None`` every
+    step takes the next one) rather than one dataset (tensor, dict, tuple/list of tensors: the full batch).
+
     >>> Examples(Batch(torch.zeros(4, 2)), []).num_examples
     4
     """
 
     pooled: Batch | None
     batches: list[Batch]
+    form: Form = "tensor"
+    per_step: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -116,16 +147,73 @@ class Examples:
             return self.pooled.size
         return sum(b.size for b in self.batches)
 
+    @property
+    def has_labels(self) -> bool:
+        """Whether the batches carry labels (a tuple/list batch beyond its inputs, a dict's ``"labels"``).
+
+        >>> Examples(Batch(torch.zeros(4, 2), (torch.zeros(4),)), [], "tuple").has_labels
+        True
+        """
+        first = self.pooled if self.pooled is not None else self.batches[0]
+        if self.form == "mapping":
+            return any(k in first.inputs for k in LABEL_KEYS)
+        return len(first.extras) > 0
+
     def num_batches(self, batch_size: int | None) -> int:
         """How many distinct minibatches a pass over the data gives.
 
         >>> Examples(Batch(torch.zeros(10, 2)), []).num_batches(3)
         3
         """
+        if self.per_step and batch_size is None:
+            return len(self.batches)
         if self.pooled is not None:
             n = self.pooled.size
             return 1 if batch_size is None or batch_size >= n else n // batch_size
         return sum(1 for b in self.batches for _ in b.split(batch_size))
+
+
+def _form_of(item: Any) -> Form:
+    if isinstance(item, Batch):
+        return "batch"
+    if isinstance(item, Tensor):
+        return "tensor"
+    if isinstance(item, Mapping):
+        return "mapping"
+    if isinstance(item, list):
+        return "list"
+    return "tuple"
+
+
+def _read(data: Any) -> tuple[list[Batch], Form, bool]:
+    """(batches, form, per_step) of the user's ``data`` (see :func:`materialize`)."""
+    if isinstance(data, Tensor | Mapping):
+        return list(iter_batches(data)), _form_of(data), False
+    if isinstance(data, tuple | list) and data and all(isinstance(t, Tensor) for t in data):
+        lengths = [int(t.shape[0]) if t.dim() > 0 else None for t in data]
+        if None in lengths or len(set(lengths)) != 1:
+            raise ValueError(
+                f"data is a {type(data).__name__} of tensors, read as one dataset (inputs, labels, ...) "
+                f"whose tensors need one entry per example, but their lengths are {lengths}; to pass "
+                "batches give an iterable of them (a DataLoader, or iter(list_of_batches))"
+            )
+        if lengths[0] == 0:
+            raise ValueError("data is empty: it holds 0 examples")
+        return [Batch(data[0], tuple(data[1:]))], _form_of(data), False
+    if isinstance(data, Tensor | Mapping | Iterable) and not isinstance(data, str):
+        batches, forms = [], set()
+        for item in data:
+            forms.add(_form_of(item))
+            batches.extend(iter_batches([item]))
+        if not batches:
+            raise ValueError("data is empty: the iterable yielded no examples")
+        if len(forms) > 1:
+            raise ValueError(f"the data's batches come in several forms {sorted(forms)}: give them all alike")
+        return batches, forms.pop(), True
+    raise TypeError(
+        f"data of type {type(data).__name__} is neither a tensor, a dict, a tuple/list of tensors nor an "
+        "iterable of batches"
+    )
 
 
 def materialize(data: Any, device: torch.device, dtype: torch.dtype, *, explicit: bool = False) -> Examples:
@@ -133,27 +221,40 @@ def materialize(data: Any, device: torch.device, dtype: torch.dtype, *, explicit
     (:func:`degeneracy.run.cast_inputs`: floating inputs are cast to ``dtype`` when ``explicit``, else a
     floating input of another dtype is a ``ValueError``; integer inputs are left alone).
 
+    ``data`` is one dataset — a tensor of inputs, a dict of tensors, or a tuple/list of equal-length
+    tensors ``(inputs, labels, ...)`` — or batches: any other iterable (a ``DataLoader``, a generator, a
+    list of tuples ``(inputs, labels)``), each batch a tensor, a dict or a tuple/list.
+
     >>> materialize(torch.ones(3, 2), torch.device("cpu"), torch.float32).num_examples
     3
+    >>> both = materialize((torch.ones(3, 2), torch.arange(3)), torch.device("cpu"), torch.float32)
+    >>> both.form, both.num_examples, both.per_step
+    ('tuple', 3, False)
     """
+    raw, form, per_step = _read(data)
     batches = []
-    for b in iter_batches(data):
+    for b in raw:
         inputs = cast_inputs(b.inputs, dtype, explicit=explicit, device=device)
         extras = tuple(e.to(device) if isinstance(e, Tensor) else e for e in b.extras)
         batches.append(Batch(inputs, extras))
-    return Examples(pool_batches(batches), batches)
+    return Examples(pool_batches(batches), batches, form, per_step)
 
 
 def minibatches(examples: Examples, batch_size: int | None, seed: int) -> Callable[[], Iterator[Batch]]:
     """A factory of fresh, endless minibatch streams (the same order every time: it depends on
-    ``seed`` only). Pooled data: a permutation per pass, minibatches of ``batch_size`` (the last partial
-    one dropped); otherwise the batches (split to ``batch_size``) cycled in a fresh order per pass.
+    ``seed`` only). Batches given as an iterable with ``batch_size=None``: those batches, cycled in a
+    fresh order per pass. Pooled data: the full batch (``batch_size=None``), else a permutation per pass
+    and minibatches of ``batch_size`` (the last partial one dropped), indexed on the data's device;
+    otherwise the batches split to ``batch_size`` and cycled in a fresh order per pass.
 
     >>> stream = minibatches(Examples(Batch(torch.arange(4.0)), []), 2, seed=0)()
     >>> [next(stream).size for _ in range(3)]
     [2, 2, 2]
     """
     pooled = examples.pooled
+    if examples.per_step and batch_size is None:
+        listed = list(examples.batches)
+        return lambda: cycle_batches(listed, seed)
     if pooled is not None:
         n = pooled.size
         if batch_size is None or batch_size >= n:
@@ -186,32 +287,6 @@ def reference_outputs(model: nn.Module, batch: Batch, chunk: int = 4096) -> Tens
     return torch.cat(outs)
 
 
-class _LossModule(nn.Module):
-    """Holds ``model`` so that ``functional_call`` can swap its parameters inside a user loss."""
-
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self._loss = loss
-
-    def forward(self, batch: Batch) -> Tensor:
-        return self._loss(self.model, batch)
-
-
-def _custom_chain_loss(model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor]) -> ChainLoss:
-    wrapper = _LossModule(model, loss)
-
-    def chain_loss(views: dict[str, Tensor], item: tuple[Batch, None]) -> Tensor:
-        batch = item[0]
-
-        def one_chain(params: dict[str, Tensor]) -> Tensor:
-            return functional_call(wrapper, {f"model.{k}": v for k, v in params.items()}, args=(batch,))
-
-        return vmap(one_chain)(views)
-
-    return chain_loss
-
-
 def _behavioral_batches(
     model: nn.Module, examples: Examples, batch_size: int | None, seed: int, chunk: int
 ) -> Callable[[], Iterator[tuple[Batch, Tensor]]]:
@@ -238,17 +313,50 @@ def _behavioral_batches(
     return listed_stream
 
 
-def _mean_loss(
-    model: nn.Module, loss: Callable[[nn.Module, Batch], Tensor], examples: Examples, chunk: int
-) -> float:
-    """L(θ*): the example-weighted mean of ``loss`` over all the data."""
+def _mean_loss(model: nn.Module, loss: UserLoss, examples: Examples, form: Form, chunk: int) -> float:
+    """L(θ*): the example-weighted mean of ``loss`` over all the data (a clear error when the loss fails
+    or does not return a scalar tensor)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for whole in [examples.pooled] if examples.pooled is not None else examples.batches:
             for part in whole.split(chunk):
-                total += float(loss(model, part)) * part.size
+                value = loss(model, user_item(part, form))
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise TypeError(
+                        f"loss(model, batch) must return a scalar tensor (the mean loss of the batch), got "
+                        f"{got}"
+                    )
+                total += float(value) * part.size
                 count += part.size
     return total / count
+
+
+def _is_legacy(loss: UserLoss) -> bool:
+    """A loss annotated to take a :class:`~degeneracy.data.Batch` (the former signature)."""
+    try:
+        hints = [p.annotation for p in inspect.signature(loss).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    return len(hints) >= 2 and (hints[1] is Batch or hints[1] == "Batch")
+
+
+def _user_init_loss(model: nn.Module, loss: UserLoss, examples: Examples, chunk: int) -> tuple[float, Form]:
+    """L(θ*) and the form the loss takes its batches in: the data's own, or (deprecated) a ``Batch`` for
+    losses written against ``batch.inputs`` / ``batch.extras``."""
+    if not _is_legacy(loss):
+        try:
+            return _mean_loss(model, loss, examples, examples.form, chunk), examples.form
+        except AttributeError as error:
+            if not any(word in str(error) for word in ("inputs", "extras")):
+                raise
+    warnings.warn(
+        "the LLC loss takes the batch as the data yield it, e.g. (X, y): write loss(model, batch) with "
+        "x, y = batch; a loss reading batch.inputs / batch.extras (a degeneracy.data.Batch) is deprecated",
+        DeprecationWarning,
+        stacklevel=5,
+    )
+    return _mean_loss(model, loss, examples, "batch", chunk), "batch"
 
 
 @dataclass(frozen=True)
@@ -268,6 +376,101 @@ class ModelLoss:
     engine: str
 
 
+def resolve_loss(loss: LossSpec | None, examples: Examples) -> LossSpec:
+    """What ``loss=`` means on these data: ``None`` is the behavioral loss (with an
+    :class:`~degeneracy.llc.diagnostics.LLCWarning` when the data carry labels, whose training loss is
+    another number), ``"mse"`` on data without labels is the behavioral loss (deprecated alias).
+
+    >>> resolve_loss(None, Examples(Batch(torch.zeros(3, 2)), []))
+    'behavioral'
+    """
+    if loss is None:
+        if examples.has_labels:
+            warnings.warn(
+                "estimate_llc: no loss= given and the data carry labels: estimating the behavioral loss "
+                "E‖f_θ(x) − f_θ*(x)‖² (the LLC of the model's function, which can be far from that of its "
+                "training loss); pass loss='behavioral' to keep it, or loss='cross_entropy', 'mse' or "
+                "loss(model, batch) for the training loss (what devinterp estimates)",
+                LLCWarning,
+                stacklevel=4,
+            )
+        return "behavioral"
+    if loss == "mse" and not examples.has_labels:
+        warnings.warn(
+            "loss='mse' on data without labels is the behavioral loss, a deprecated alias: write "
+            "loss='behavioral' ('mse' is the mean squared error against the labels of (inputs, labels) data)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        return "behavioral"
+    return loss
+
+
+def _stream_items(make: Callable[[], Iterator[Batch]]) -> Callable[[], Iterator[tuple[Batch, None]]]:
+    return lambda: ((b, None) for b in make())
+
+
+def _vmap_failure(chain_loss: ChainLoss, layout: ParamLayout, center: Tensor, item: Any) -> str | None:
+    """Why ``chain_loss`` fails on two chains at θ* (its loss and gradient), or ``None``."""
+    theta = center.detach().unsqueeze(0).expand(2, -1).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            torch.autograd.grad(chain_loss(layout.unflatten(theta), item).sum(), theta, allow_unused=True)
+    except Exception as error:  # noqa: BLE001 - any failure means: not vmappable
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def _labelled_chain_loss(
+    model: nn.Module,
+    examples: Examples,
+    layout: ParamLayout,
+    center: Tensor,
+    loss: str | UserLoss,
+    engine: Engine,
+    batch_size: int | None,
+    seed: int,
+    chunk: int,
+) -> ModelLoss:
+    """A built-in supervised loss or a user ``loss(model, batch)``: the batched engine when it applies
+    and reproduces the loss chain by chain, else vmap, else (not vmappable) one chain after another."""
+    batches = _stream_items(minibatches(examples, batch_size, seed))
+    if isinstance(loss, str):
+        form, user, name = examples.form, builtin_as_user_loss(loss, examples.form), loss
+        init_loss = _mean_loss(model, user, examples, form, chunk)
+    else:
+        user, name = loss, loss_name(loss)
+        init_loss, form = _user_init_loss(model, loss, examples, chunk)
+    first = next(batches())
+    sequential = user_chain_loss(model, user, form, "sequential")
+    if engine in ("auto", "batched"):
+        tensor_inputs = isinstance(first[0].inputs, Tensor)
+        forward = chain_batched_forward(model, list(layout.names)) if tensor_inputs else None
+        if forward is not None:
+            fast = batched_user_chain_loss(forward, loss if isinstance(loss, str) else user, form)
+            if chain_losses_agree(fast, sequential, layout, center, first, seed):
+                return ModelLoss(fast, batches, init_loss, name, "batched")
+        if engine == "batched":
+            raise ValueError(
+                "engine='batched' needs every sampled parameter to be the weight or bias of an nn.Linear, "
+                "tensor inputs, a forward that treats leading dimensions as batch dimensions and a loss that "
+                "calls the model once on the batch's inputs; use engine='vmap' or 'auto'"
+            )
+    if engine in ("auto", "vmap"):
+        general = user_chain_loss(model, user, form, "vmap")
+        failure = _vmap_failure(general, layout, center, first)
+        if failure is None:
+            return ModelLoss(general, batches, init_loss, name, "vmap")
+        warnings.warn(
+            f"the loss cannot be vectorised over chains with torch.func.vmap ({failure}); the chains' "
+            "losses are evaluated one after another (engine='sequential', slower). To vectorise, keep the "
+            "loss free of .item(), Python branches on tensor values and in-place changes of its inputs",
+            LLCWarning,
+            stacklevel=4,
+        )
+    return ModelLoss(sequential, batches, init_loss, name, "sequential")
+
+
 def model_chain_loss(
     model: nn.Module,
     examples: Examples,
@@ -284,8 +487,10 @@ def model_chain_loss(
     For the behavioral loss the items are ``(batch, f_θ*(batch))`` and the loss of each chain is
     :func:`degeneracy.behavioral.behavioral_loss_from_outputs` of its outputs; ``engine="batched"``
     (or ``"auto"`` when it applies) uses :func:`~degeneracy.llc.batched.batched_behavioral_chain_loss`
-    after checking that it reproduces the vmap path at perturbed parameters. A callable ``loss(model,
-    batch)`` is vectorised with ``vmap`` (items ``(batch, None)``). ``model`` should be in eval mode.
+    after checking that it reproduces the vmap path at perturbed parameters. ``"cross_entropy"``,
+    ``"mse"`` (labels from the batch) and a callable ``loss(model, batch)`` (``batch`` as the data yield
+    it) take items ``(batch, None)``: batched engine when it applies and agrees, else vmap, else
+    ``"sequential"`` (:mod:`degeneracy.llc.user_loss`). ``model`` should be in eval mode.
     See the module docstring for an example.
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1)).double()
@@ -295,21 +500,17 @@ def model_chain_loss(
     >>> model_chain_loss(model, data, layout, center, loss="kl").engine
     'batched'
     """
-    if engine not in ("auto", "vmap", "batched"):
-        raise ValueError(f"unknown engine {engine!r}: use 'auto', 'vmap' or 'batched'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {ENGINES}")
     chunk = max(batch_size or 0, 4096)  # evaluation chunk (reference outputs, L(θ*))
-    if not isinstance(loss, str):
-        if engine == "batched":
-            raise ValueError("engine='batched' needs the behavioral loss; use engine='vmap' or 'auto'")
-        make_batches = minibatches(examples, batch_size, seed)
-
-        def batches() -> Iterator[tuple[Batch, None]]:
-            return ((b, None) for b in make_batches())
-
-        name = getattr(loss, "__name__", "callable")
-        init_loss = _mean_loss(model, loss, examples, chunk)
-        return ModelLoss(_custom_chain_loss(model, loss), batches, init_loss, name, "vmap")
+    if not isinstance(loss, str) or loss in SUPERVISED:
+        return _labelled_chain_loss(model, examples, layout, center, loss, engine, batch_size, seed, chunk)
     kind = loss_kind(loss)
+    if engine == "sequential":
+        raise ValueError(
+            "engine='sequential' is for losses that cannot be vmapped; the behavioral loss "
+            "takes 'auto', 'vmap' or 'batched'"
+        )
     stream = _behavioral_batches(model, examples, batch_size, seed, chunk)
     general = vmap_behavioral_chain_loss(model, kind)
     result = ModelLoss(general, stream, 0.0, f"behavioral-{kind}", "vmap")  # L_B(θ*|θ*) = 0 exactly

@@ -5,6 +5,7 @@ tensor fields as tensors and its other fields as JSON metadata, the file's kind 
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from degeneracy.io import load_tensors, save_tensors
 
-__all__ = ["TensorRecord", "NOT_SAVED"]
+__all__ = ["TensorRecord", "NOT_SAVED", "finite_json"]
 
 R = TypeVar("R", bound="TensorRecord")
 
@@ -22,15 +23,39 @@ NOT_SAVED = {"saved": False}
 it keeps its default on load."""
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``: standard JSON (``null``), never a
+    bare ``NaN`` token. A float field read back from ``null`` is NaN.
+
+    >>> finite_json({"mean": float("nan"), "config": {"x": [1.0, float("inf")]}})
+    {'mean': None, 'config': {'x': [1.0, None]}}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(finite_json(v) for v in value)
+    return value
+
+
 def _from_json(hint: Any, value: Any) -> Any:
     """``value`` read from JSON, as the field annotated ``hint`` holds it: JSON has no tuples and its
-    keys are strings, so a tuple comes back from a list and a ``dict[int, ...]`` gets int keys."""
+    keys are strings, so a tuple comes back from a list and a ``dict[int, ...]`` gets int keys; a float
+    (also inside a typed dict or list) written as ``null`` (NaN) or as a bare ``NaN`` (older files) is
+    NaN."""
+    if hint is float and value is None:
+        return math.nan
     if hint in (float, int):
         return hint(value)
-    if get_origin(hint) is tuple:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
         return tuple(value)
-    if get_origin(hint) is dict and get_args(hint)[:1] == (int,):
-        return {int(k): v for k, v in value.items()}
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        key = int if args[0] is int else (lambda k: k)
+        return {key(k): _from_json(args[1], v) for k, v in value.items()}
+    if origin is list and len(args) == 1 and isinstance(value, list):
+        return [_from_json(args[0], v) for v in value]
     return value
 
 
@@ -40,7 +65,8 @@ class TensorRecord:
     A subclass sets ``KIND`` (the file's kind, checked on load) and ``REQUIRED`` (the tensors a file
     must hold), and ``RENAMED`` (``{former name: field}``) when a field was renamed: files written under
     the former name load into the field. Fields holding tensors are saved as tensors, every other field
-    as JSON metadata (after ``"kind"``, in field order), except those with ``metadata=NOT_SAVED``.
+    as JSON metadata (after ``"kind"``, in field order; NaN/inf floats as ``null``, read back as NaN),
+    except those with ``metadata=NOT_SAVED``.
 
     >>> import tempfile, torch
     >>> from dataclasses import dataclass
@@ -69,7 +95,7 @@ class TensorRecord:
                 if isinstance(value, Tensor):
                     tensors[f.name] = value
                 else:
-                    meta[f.name] = value
+                    meta[f.name] = finite_json(value)
         save_tensors(path, tensors, meta)
         return Path(path)
 

@@ -15,17 +15,31 @@ from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.display import html_summary
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
+    batch_means_stderr,
     chain_llc,
     chain_llc_variance,
+    drift_flagged,
+    effective_sample_size,
     find_bad_chains,
+    split_rhat,
     stationarity_drift,
     step_size_stability,
-    t_critical_99,
 )
 from degeneracy.llc.record import TensorRecord
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
-__all__ = ["LLCResult", "EffectiveCount", "summarize_chains", "load_llc"]
+__all__ = ["LLCResult", "EffectiveCount", "Summary", "summarize_chains", "load_llc"]
+
+
+class Summary(str):
+    """Text that a REPL or notebook shows as is (its repr is itself).
+
+    >>> Summary("λ̂ 1.0")
+    λ̂ 1.0
+    """
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _version() -> str:
@@ -110,7 +124,6 @@ class LLCResult(EffectiveCount, TensorRecord):
     warnings: tuple[str, ...] = ()
     version: str = ""
 
-
     @property
     def good_chains(self) -> Tensor:
         """Boolean mask of the chains averaged into ``mean``."""
@@ -147,10 +160,84 @@ class LLCResult(EffectiveCount, TensorRecord):
         draws = self.loss_traces.shape[0] * self.loss_traces.shape[1]
         return draws / self.seconds if self.seconds > 0 else math.nan
 
+    @property
+    def mcse(self) -> float:
+        """Monte Carlo standard error of ``mean`` from the draws: batch means within each good chain
+        (:func:`~degeneracy.llc.diagnostics.batch_means_stderr`), combined over chains. Unlike
+        :attr:`stderr` it is sharp with few chains."""
+        good = self.good_chains
+        n = int(good.sum())
+        if n == 0:
+            return math.nan
+        per_chain = batch_means_stderr(self.loss_traces[good], self.nbeta)
+        return float(per_chain.square().sum().sqrt()) / n
+
+    @property
+    def chain_ess(self) -> Tensor:
+        """Effective sample size of every chain's mean (batch means), excluded chains included."""
+        return effective_sample_size(self.loss_traces)
+
+    @property
+    def ess(self) -> float:
+        """Effective sample size of ``mean``: the sum of the good chains' effective sample sizes."""
+        return float(self.chain_ess[self.good_chains].sum())
+
+    @property
+    def rhat(self) -> float:
+        """Split-R̂ of the good chains' losses (≈ 1 when they sample one distribution)."""
+        return split_rhat(self.loss_traces[self.good_chains])
+
+    @property
+    def drift(self) -> tuple[float, float]:
+        """(drift, its standard error): nβ × (mean of the last third − mean of the first third of the
+        draws), good chains, in units of λ (:func:`~degeneracy.llc.diagnostics.stationarity_drift`)."""
+        return stationarity_drift(self.loss_traces[self.good_chains], self.init_loss, self.nbeta)
+
+    def summary(self) -> Summary:
+        """The estimate and its diagnostics as text (printed as is in a REPL or notebook).
+
+        >>> import torch
+        >>> from degeneracy.llc import sample_sgld
+        >>> r = sample_sgld(lambda w, _: w.square().sum(), torch.zeros(1, dtype=torch.float64), nbeta=100.0,
+        ...                 step_size=1e-2, num_chains=2, num_draws=400, warn=False)
+        >>> print(r.summary().splitlines()[0])
+        LLC estimate λ̂ (loss=lambda, sampler=sgld)
+        """
+        drift, drift_se = self.drift
+        chains = self.chain_estimates.shape[0]
+        draws = self.loss_traces.shape[1]
+        cfg = self.config
+        sampler = cfg.get("sampler", "sgld")
+        if cfg.get("preconditioner"):
+            sampler += f" + {cfg['preconditioner']}"
+        head = f"loss={cfg.get('loss', '?')}, sampler={sampler}"
+        if "engine" in cfg:
+            head += f", engine={cfg['engine']}"
+        lines = [
+            f"LLC estimate λ̂ ({head})",
+            f"  λ̂        {self.mean:.6g} ± {self.mcse:.2g} (batch-means s.e.); spread over chains "
+            f"{self.std:.3g} (s.e. {self.stderr:.2g})",
+            f"  N_eff    {self.n_eff:.6g}   nβ {self.nbeta:.6g}   ε = λ̂/nβ {self.epsilon:.3g}   "
+            f"L(θ*) {self.init_loss:.6g}   P {self.num_parameters}",
+            f"  chains   {self.num_good_chains} of {chains} used × {draws} draws; ESS {self.ess:.0f}; "
+            f"R̂ {self.rhat:.3f}",
+            f"  drift    {drift:+.3g} ± {drift_se:.2g} (last − first third of the draws, units of λ)",
+            f"  speed    {self.draws_per_second:.0f} draws/s ({self.seconds:.3g} s)",
+            "  chain    λ̂_c       ESS     note",
+        ]
+        ess = self.chain_ess
+        for c in range(chains):
+            note = self.excluded_chains.get(c, "")
+            lines.append(f"  {c:<8d} {float(self.chain_estimates[c]):<9.4g} {float(ess[c]):<7.0f} {note}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return Summary("\n".join(lines))
+
     def __repr__(self) -> str:
         bad = f", {len(self.excluded_chains)} chain(s) excluded" if self.excluded_chains else ""
+        loss = f"loss={self.config['loss']}, " if "loss" in self.config else ""
         return (
-            f"LLCResult(λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, nβ={self.nbeta:.4g}, "
+            f"LLCResult({loss}λ̂={self.mean:.4g} ± {self.std:.2g}, N_eff={self.n_eff:.4g}, "
+            f"nβ={self.nbeta:.4g}, "
             f"ε={self.epsilon:.3g}, chains={self.chain_estimates.shape[0]}, draws={self.loss_traces.shape[1]}"
             f"{bad}, warnings={len(self.warnings)})"
         )
@@ -170,7 +257,6 @@ class LLCResult(EffectiveCount, TensorRecord):
         estimates = self.chain_estimates.tolist()
         rows = [[c, float(est), self.excluded_chains.get(c, "")] for c, est in enumerate(estimates)]
         return html_summary("LLCResult", facts, ["chain", "λ̂_c", "excluded because"], rows)
-
 
 
 def load_llc(path: str | Path) -> LLCResult:
@@ -238,23 +324,19 @@ def summarize_chains(
                 "local minimum of this loss; use the behavioral loss, or a smaller nβ / larger localization"
             )
         drift, drift_se = stationarity_drift(traces[good], init_loss, nbeta)
-        chains = int(good.sum())
-        # a drift is flagged when it is significant at 1 % across chains (t test) and above 10 % of λ̂;
-        # with a single chain (no error bar) only drifts above 25 % of λ̂ are flagged
-        if chains > 1 and math.isfinite(drift_se):
-            flagged = abs(drift) > t_critical_99(chains - 1) * drift_se and abs(drift) > 0.1 * max(
-                abs(mean), 0.5
-            )
-        else:
-            flagged = abs(drift) > 0.25 * max(abs(mean), 0.5)
+        # judged against the draws' own batch-means noise (not only the spread across a few chains)
+        flagged = drift_flagged(drift, drift_se, mean)
         if flagged:
             notes.append(
                 f"chains are not stationary after burn-in: the excess loss nβ(L − L*) moved by {drift:+.3g} "
-                f"between the first and last third of the draws (λ̂ = {mean:.3g}); increase num_burnin or "
+                f"± {drift_se:.2g} between the first and last third of the draws (λ̂ = {mean:.3g}, "
+                f"{100 * abs(drift) / max(abs(mean), 1e-12):.0f} %); increase num_burnin or "
                 "num_draws, or the step size if it is very small"
             )
     if curvature is not None:
-        warning = step_size_stability(config.step_size, nbeta, config.localization, curvature)
+        # a preconditioner scales the step by at most max_preconditioner: judge the largest step
+        effective = config.step_size * config.max_preconditioner
+        warning = step_size_stability(effective, nbeta, config.localization, curvature)
         if warning:
             notes.append(warning)
     cfg = {**config.to_dict(), **(extra_config or {})}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from degeneracy.adapters.transformer_lens.normed import Norm, normalise, shared_directions
 from degeneracy.adapters.transformer_lens.parts import (
     attention_parts,
     positions_of,
@@ -138,6 +139,7 @@ def attention_gram(
     direction: str,
     fn: Callable[[Any, Tensor], Tensor],
     tangent: Callable[..., Tensor] | None,
+    norm: Norm | None = None,
 ) -> GramFn:
     """Σ Jᵀ J for x_t + attn(x)_t in closed form, through :func:`structured_gram`.
 
@@ -150,6 +152,11 @@ def attention_gram(
     coordinate, R₊'s constant column r₀ = [m₀; s₀] enters as the direction m₀ plus the rank-one term
     C_out [s₀/P (g(f) − J f); s₀/P] on that column (Euler's identity for the homogeneous extension).
     ``None`` (use the kernel) when the rank-one terms outnumber the directions.
+
+    With a normalisation ``norm`` before the attention (:mod:`.normed`), x_s enters through
+    h_s = norm(x_s) with ∂h_s/∂x_s R₊ = (1/σ_s)(G − u_s β_sᵀ), G = γ ⊙ Π R₊, u_s = γ ⊙ x̂_s and
+    β_s = R₊ᵀ x̂_s / d: the terms above use G for R₊ and carry the factor 1/σ_s, and each (t, s) gains
+    the rank-one term −(1/σ_s) C_out A_ts u_s β_sᵀ, A_ts u_s the attention's JVP along u_s at s.
 
     >>> from types import SimpleNamespace
     >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
@@ -177,13 +184,14 @@ def attention_gram(
         if q.mixes_constant():
             return None
         heads = attn.W_Q.shape[0]
-        if heads * (n_pos + 1) > k or (constant and tangent is None):
+        if (norm is None and heads * (n_pos + 1) > k) or (constant and tangent is None):
             return None
         dirs, c_f = in64[:d], out64[:, :d]
         w = {name: getattr(attn, name).detach().to(f64) for name in ("W_Q", "W_K", "W_V", "W_O")}
-        a_q = torch.einsum("dj,hde->hje", dirs, w["W_Q"])
-        a_k = torch.einsum("dj,hde->hje", dirs, w["W_K"])
-        a_v = torch.einsum("dj,hde->hje", dirs, w["W_V"])
+        g_dirs = shared_directions(norm, dirs)  # G = γ ⊙ Π R₊ (R₊ itself without a norm)
+        a_q = torch.einsum("dj,hde->hje", g_dirs, w["W_Q"])
+        a_k = torch.einsum("dj,hde->hje", g_dirs, w["W_K"])
+        a_v = torch.einsum("dj,hde->hje", g_dirs, w["W_V"])
         ow = torch.einsum("hed,md->hem", w["W_O"], c_f)  # (h, e, m)
         fixed = torch.cat([(c_f @ dirs)[None], torch.einsum("hje,hem->hmj", a_v, ow)])  # (1 + H, m, k)
         scale_attn = float(attn.attn_scale)
@@ -193,19 +201,36 @@ def attention_gram(
         sigma = torch.zeros(b, t, n_pos, 1 + heads, dtype=f64, device=x.device)
         for i, q in enumerate(qpos):
             sigma[:, i, q, 0] = 1.0
-        lam_q, lam_k, bt_q, bt_k = [], [], [], []
+        lam_q, lam_k, bt_q, bt_k, ell_u, bt_u = [], [], [], [], [], []
         for alpha, weight in points:
-            part = attention_parts(attn, alpha * f, qpos, direction)
+            h_in, xhat, inv = normalise(norm, alpha * f)  # inv (b, s, 1): 1/σ_s (1 without a norm)
+            part = attention_parts(attn, h_in, qpos, direction)
             p, q_, k_, v_ = part["p"], part["q"], part["k"], part["v"]  # p (b, t, h, s); q, k, v (b, ·, h, e)
-            sigma[..., 1:] += weight * p.permute(0, 1, 3, 2)
+            sigma[..., 1:] += weight * p.permute(0, 1, 3, 2) * inv[:, None]
             vbar = torch.einsum("bths,bshe->bthe", p, v_)
             kbar = torch.einsum("bths,bshe->bthe", p, k_)
             cq = p[..., None] * (k_.permute(0, 2, 1, 3)[:, None] - kbar[:, :, :, None])  # (b, t, h, s', e)
-            lam_q.append(weight * v_.permute(0, 2, 1, 3)[:, None].expand(b, t, -1, -1, -1))  # (b,t,h,s',e)
+            inv_t = inv[:, qpos, :, None, None]  # the query enters at s = t
+            lam_q.append(weight * inv_t * v_.permute(0, 2, 1, 3)[:, None].expand(b, t, -1, -1, -1))
             bt_q.append(torch.einsum("bthse,hje->bthsj", cq, a_q) / scale_attn)
             key = p.permute(0, 1, 3, 2)[..., None] * (v_[:, None] - vbar[:, :, None])  # (b, t, s, h, e)
-            lam_k.append(weight * key[:, :, :, :, None])
+            lam_k.append(weight * inv[:, None, :, :, None, None] * key[:, :, :, :, None])
             bt_k.append((torch.einsum("bthe,hje->bthj", q_, a_k) / scale_attn)[:, :, None, :, None])
+            if norm is not None:  # −(1/σ_s) C_out A_ts u_s β_sᵀ, one rank-one term per (t, s)
+                u = xhat if norm.weight is None else xhat * norm.weight  # u_s = γ ⊙ x̂_s
+                uq, uk, uv = (torch.einsum("bsd,hde->bshe", u, w[f"W_{n}"]) for n in "QKV")
+                vw = torch.einsum("bshe,hem->bhsm", v_, ow)
+                ell = torch.einsum("bths,bshm->btsm", p, torch.einsum("bshe,hem->bshm", uv, ow))
+                qdot = torch.einsum("bthse,bthe->bths", cq, uq[:, qpos]) / scale_attn  # c_hts'·uQ_ht
+                query = torch.einsum("bths,bhsm->btm", qdot, vw)
+                ell[:, torch.arange(t), torch.tensor(qpos)] += query
+                kdot = torch.einsum("bthe,bshe->bths", q_, uk) / scale_attn
+                vbw = torch.einsum("bths,bhsm->bhtm", p, vw)
+                ell += torch.einsum("bths,bhsm->btsm", p * kdot, vw) - torch.einsum(
+                    "bths,bhtm->btsm", p * kdot, vbw
+                )
+                ell_u.append(-weight * inv[:, None] * ell)  # (b, t, s, m)
+                bt_u.append((xhat @ dirs / d)[:, None].expand(b, t, -1, -1))  # β_s: (b, t, s, k)
         lam_k_all = torch.cat(lam_k, dim=4)  # (b, t, s, h, R_k, e)
         bt_k_all = torch.cat(bt_k, dim=4).expand(b, t, n_pos, heads, -1, k)
         lam_q_all, bt_q_all = torch.cat(lam_q, dim=3), torch.cat(bt_q, dim=3)  # (b, t, h, R_q, ·)
@@ -218,6 +243,12 @@ def attention_gram(
             unit[0] = 1.0
             ell_x = extra[:, :, None, None].expand(b, t, n_pos, 1, m)
             btil_x = unit.expand(b, t, n_pos, 1, k)
+        if ell_u:  # the normalisation's rank-one terms join the extra ones
+            lu, bu = torch.stack(ell_u, dim=3), torch.stack(bt_u, dim=3)  # (b, t, s, R_u, ·)
+            if ell_x is None:
+                ell_x, btil_x = lu, bu
+            else:
+                ell_x, btil_x = torch.cat([ell_x, lu], dim=3), torch.cat([btil_x, bu], dim=3)
         lmaps = ow.transpose(1, 2)  # O_h = C_out W_Oʰᵀ: (h, m, e)
         diag = torch.zeros(t, n_pos, dtype=torch.bool, device=x.device)
         diag[torch.arange(t), torch.tensor(qpos)] = True

@@ -2,8 +2,10 @@
 
 :func:`closed_form_sections` recognises the standard sections (attention, ReLU MLP, identity,
 unembedding) between node layers that read ``blocks.{i}.hook_resid_{pre,mid,post}`` or ``"output"``
-and returns, per adjacent pair, the section computed from f^l alone at the target's positions, and
-(for models without LayerNorm) its closed-form JVP, edge kernel and Gram. The generic
+and returns, per adjacent pair, the section computed from f^l alone at the target's positions, and its
+closed-form JVP, edge kernel and (for position-wise sections and attention without LayerNorm) Gram:
+:mod:`.kernels` / :mod:`.grams` without LayerNorm, :mod:`.normed` with LayerNorm (or RMSNorm) and for
+MLPs with any elementwise activation. The generic
 :mod:`degeneracy.sections` wraps them as :class:`~degeneracy.sections.SectionShortcut` s and checks
 each against the hooked model before use.
 """
@@ -18,6 +20,16 @@ from torch import Tensor, nn
 
 from degeneracy.adapters.transformer_lens.grams import attention_gram, gated_gram
 from degeneracy.adapters.transformer_lens.kernels import affine_kernel, attention_kernel, mlp_kernel
+from degeneracy.adapters.transformer_lens.normed import (
+    norm_of,
+    normed_attention_kernel,
+    normed_attention_tangent,
+    normed_mlp_kernel,
+    normed_mlp_tangent,
+    normed_unembed_kernel,
+    normed_unembed_tangent,
+    positionwise_gram,
+)
 from degeneracy.adapters.transformer_lens.parts import (
     attention_parts,
     positions_of,
@@ -31,6 +43,8 @@ from degeneracy.jacobian import SectionFn
 __all__ = [
     "ClosedForm",
     "closed_form_sections",
+    "elementwise_mlp",
+    "first_gram",
     "positionwise_section",
     "attention_section",
     "affine_tangent",
@@ -185,6 +199,48 @@ def attention_tangent(attn: Any, positions: Any, direction: str) -> Callable[...
     return tangent
 
 
+def first_gram(*grams: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:
+    """The first of ``grams`` that applies (returns a Gram rather than ``None``).
+
+    >>> first_gram(lambda *a: None, lambda *a: torch.ones(1))().tolist()
+    [1.0]
+    """
+
+    def gram(*args: Any) -> Tensor | None:
+        for candidate in grams:
+            got = candidate(*args)
+            if got is not None:
+                return got
+        return None
+
+    return gram
+
+
+def elementwise_mlp(cfg: Any, block: Any) -> bool:
+    """Whether a block's MLP is W_out σ(x W_in + b_in) + b_out with an elementwise σ (not gated, not
+    SoLU's LayerNorm after the activation) and a normalisation with a closed form.
+
+    >>> from types import SimpleNamespace
+    >>> cfg = SimpleNamespace(act_fn="gelu", normalization_type="LN")
+    >>> elementwise_mlp(cfg, SimpleNamespace(mlp=SimpleNamespace(W_in=1, act_fn=abs)))
+    True
+    """
+    act = getattr(cfg, "act_fn", None)
+    mlp = getattr(block, "mlp", None)
+    return (
+        mlp is not None
+        and hasattr(mlp, "W_in")
+        and not hasattr(mlp, "W_gate")
+        and callable(getattr(mlp, "act_fn", None))
+        and isinstance(act, str)
+        and not act.endswith("_ln")
+        and getattr(cfg, "normalization_type", None) in NORMALISATIONS
+    )
+
+
+NORMALISATIONS = (None, "LN", "LNPre", "RMS", "RMSPre")  # those with closed forms (:mod:`.normed`)
+
+
 def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
     """Section shortcuts for a TransformerLens ``HookedTransformer`` whose node layers are hook points.
 
@@ -237,6 +293,7 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
         and not getattr(cfg, "use_attention_sinks", False)
         and getattr(cfg, "clip_qkv", None) is None
     )
+    normed = getattr(cfg, "normalization_type", None) in NORMALISATIONS
     for a, b in zip(nodes[:-1], nodes[1:], strict=True):
         wa, wb = where(a), where(b)
         if wa is None or wb is None:
@@ -248,38 +305,75 @@ def closed_form_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, 
             direction = getattr(cfg, "attention_dir", "causal")
             attn_fn = attention_section(blocks[ia], b.positions, direction)
             attn_tangent = attention_tangent(blocks[ia].attn, b.positions, direction) if plain else None
-            out[pair] = ClosedForm(
-                attn_fn,
-                attention_kernel(blocks[ia].attn, b.positions, direction) if plain else None,
-                attn_tangent,
-                attention_gram(blocks[ia].attn, b.positions, direction, attn_fn, attn_tangent)
-                if plain
-                else None,
-            )
+            if plain:
+                out[pair] = ClosedForm(
+                    attn_fn,
+                    attention_kernel(blocks[ia].attn, b.positions, direction),
+                    attn_tangent,
+                    attention_gram(blocks[ia].attn, b.positions, direction, attn_fn, attn_tangent),
+                )
+            elif normed:  # LayerNorm: closed-form kernel, JVP (:mod:`.normed`) and Gram
+                norm = norm_of(getattr(blocks[ia], "ln1", None))
+                tangent = normed_attention_tangent(blocks[ia].attn, norm, b.positions, direction)
+                out[pair] = ClosedForm(
+                    attn_fn,
+                    normed_attention_kernel(blocks[ia].attn, norm, b.positions, direction),
+                    tangent,
+                    attention_gram(blocks[ia].attn, b.positions, direction, attn_fn, tangent, norm),
+                )
+            else:
+                out[pair] = ClosedForm(attn_fn)
         elif ia == ib and (ka, kb) == ("mid", "post") and not getattr(cfg, "attn_only", False):
             blk = blocks[ia]
             relu = plain and getattr(cfg, "act_fn", None) == "relu" and hasattr(blk.mlp, "W_in")
-            out[pair] = ClosedForm(
-                positionwise_section(lambda x, blk=blk: x + blk.mlp(blk.ln2(x)), a, b),
-                mlp_kernel(blk.mlp, a, b) if relu else None,
-                mlp_tangent(blk.mlp, a, b) if relu else None,
-                gated_gram(None, blk.mlp.b_out, blk.mlp, a, b) if relu else None,
-            )
+            mlp_fn = positionwise_section(lambda x, blk=blk: x + blk.mlp(blk.ln2(x)), a, b)
+            if relu or not elementwise_mlp(cfg, blk):
+                out[pair] = ClosedForm(
+                    mlp_fn,
+                    mlp_kernel(blk.mlp, a, b) if relu else None,
+                    mlp_tangent(blk.mlp, a, b) if relu else None,
+                    gated_gram(None, blk.mlp.b_out, blk.mlp, a, b) if relu else None,
+                )
+            else:  # LayerNorm and/or a smooth activation (:mod:`.normed`)
+                norm = norm_of(getattr(blk, "ln2", None))
+                kernel = normed_mlp_kernel(blk.mlp, norm, a, b)
+                tangent = normed_mlp_tangent(blk.mlp, norm, a, b)
+                out[pair] = ClosedForm(mlp_fn, kernel, tangent, positionwise_gram(mlp_fn, kernel, tangent))
         elif ib == ia + 1 and (ka, kb) == ("post", "pre") and ib < n_blocks:
+            same = positionwise_section(lambda x: x, a, b)
+            kernel, tangent = affine_kernel(None, a, b), affine_tangent(None, a, b)
             out[pair] = ClosedForm(
-                positionwise_section(lambda x: x, a, b),
-                affine_kernel(None, a, b),
-                affine_tangent(None, a, b),
-                gated_gram(None, None, None, a, b),
+                same,
+                kernel,
+                tangent,
+                first_gram(gated_gram(None, None, None, a, b), positionwise_gram(same, kernel, tangent)),
             )
         elif ia == n_blocks - 1 and ka == "post" and kb == "output":
             ln_final = getattr(model, "ln_final", None)
             ln_final = nn.Identity() if ln_final is None else ln_final
             unembed = model.unembed
-            out[pair] = ClosedForm(
-                positionwise_section(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b),
-                affine_kernel(unembed.W_U, a, b) if plain else None,
-                affine_tangent(unembed.W_U, a, b) if plain else None,
-                gated_gram(unembed.W_U, unembed.b_U, None, a, b) if plain else None,
-            )
+            un_fn = positionwise_section(lambda x, ln=ln_final, un=unembed: un(ln(x)), a, b)
+            if plain or not normed:
+                out[pair] = ClosedForm(
+                    un_fn,
+                    *(
+                        (
+                            affine_kernel(unembed.W_U, a, b),
+                            affine_tangent(unembed.W_U, a, b),
+                            first_gram(
+                                gated_gram(unembed.W_U, unembed.b_U, None, a, b),
+                                positionwise_gram(
+                                    un_fn, affine_kernel(unembed.W_U, a, b), affine_tangent(unembed.W_U, a, b)
+                                ),
+                            ),
+                        )
+                        if plain
+                        else ()
+                    ),
+                )
+            else:
+                norm = norm_of(ln_final)
+                kernel = normed_unembed_kernel(unembed.W_U, norm, a, b)
+                tangent = normed_unembed_tangent(unembed.W_U, norm, a, b)
+                out[pair] = ClosedForm(un_fn, kernel, tangent, positionwise_gram(un_fn, kernel, tangent))
     return out

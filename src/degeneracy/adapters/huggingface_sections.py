@@ -1,0 +1,330 @@
+"""Closed-form sections of Hugging Face GPT-2 blocks (pre-LayerNorm, GELU MLP, causal attention).
+
+A ``GPT2Block`` computes m = x + attn(ln_1(x)), y = m + mlp(ln_2(m)). Its residual stream is a cut only
+between blocks (the block adds the residual from a local variable, so the input of ``ln_2`` is not a
+cut), so node layers read the *inputs* of ``transformer.h.{i}`` and ``transformer.ln_f`` and each
+section is a whole block. :func:`gpt2_closed_forms` gives it in closed form: the JVP and edge kernel of
+the attention (:mod:`degeneracy.adapters.transformer_lens.normed`, with the fused ``Conv1D`` weights
+read per head by :func:`gpt2_attention_weights`) followed by the LayerNorm-GELU MLP's Jacobian at
+each position; the Gram follows from the kernel (:func:`degeneracy.sections.shortcut_gram`).
+Sequences without padding only. Pass them as ``sections=`` (:func:`degeneracy.sections.gpt2_sections`);
+every shortcut is checked against the model on the first batch, and one that differs raises.
+
+>>> gpt2_closed_forms(torch.nn.Linear(2, 2), ["weight"])
+Traceback (most recent call last):
+...
+ValueError: gpt2_closed_forms needs a Hugging Face GPT-2 model (GPT2Model or GPT2LMHeadModel)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from degeneracy.adapters.transformer_lens.normed import (
+    Norm,
+    activation_slope,
+    norm_tangent,
+    normalise,
+    normed_attention_kernel,
+    normed_attention_tangent,
+)
+from degeneracy.adapters.transformer_lens.parts import positions_of
+from degeneracy.adapters.transformer_lens.sections import ClosedForm, attention_section
+from degeneracy.capture import NodeLayer, as_node_layers
+from degeneracy.graph_result import Pair
+
+__all__ = [
+    "gpt2_attention_weights",
+    "hf_layer_norm",
+    "gpt2_block",
+    "gpt2_closed_forms",
+    "bert_attention_weights",
+    "bert_layer",
+    "bert_closed_forms",
+]
+
+
+def hf_layer_norm(module: nn.LayerNorm) -> Norm:
+    """The :class:`~degeneracy.adapters.transformer_lens.normed.Norm` of a ``torch.nn.LayerNorm``.
+
+    >>> hf_layer_norm(torch.nn.LayerNorm(3)).eps
+    1e-05
+    """
+    f64 = torch.float64
+    weight = None if module.weight is None else module.weight.detach().to(f64)
+    bias = None if module.bias is None else module.bias.detach().to(f64)
+    return Norm(True, weight, bias, float(module.eps))
+
+
+def gpt2_attention_weights(attn: Any) -> SimpleNamespace:
+    """Per-head W_Q, W_K, W_V (heads × d × d_head), W_O (heads × d_head × d), biases and scale of a
+    ``GPT2Attention``, as the TransformerLens closed forms read them (views of its parameters).
+
+    >>> from transformers import GPT2Config
+    >>> from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    >>> w = gpt2_attention_weights(GPT2Attention(GPT2Config(n_embd=8, n_head=2), layer_idx=0))
+    >>> tuple(w.W_Q.shape), tuple(w.W_O.shape), w.attn_scale
+    ((2, 8, 4), (2, 4, 8), 2.0)
+    """
+    d, heads = attn.embed_dim, attn.num_heads
+    e = d // heads
+    weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: y = x W + b, W (d, 3d)
+
+    def per_head(i: int) -> tuple[Any, Any]:
+        w = weight[:, i * d : (i + 1) * d].reshape(d, heads, e).permute(1, 0, 2)
+        return w, bias[i * d : (i + 1) * d].reshape(heads, e)
+
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = per_head(0), per_head(1), per_head(2)
+    return SimpleNamespace(
+        W_Q=w_q,
+        W_K=w_k,
+        W_V=w_v,
+        W_O=attn.c_proj.weight.reshape(heads, e, d),
+        b_Q=b_q,
+        b_K=b_k,
+        b_V=b_v,
+        b_O=attn.c_proj.bias,
+        attn_scale=math.sqrt(e) if attn.scale_attn_weights else 1.0,
+    )
+
+
+def gpt2_block(block: Any, positions: Any) -> ClosedForm:
+    """The section x ↦ block(x) at ``positions`` of a ``GPT2Block``, its JVP and its edge kernel.
+
+    The kernel takes the attention's columns δm (:func:`normed_attention_kernel` with C_out = I), then
+    C_out (δm + W_outᵀ diag(σ'(pre)) W_inᵀ J_ln2(m) δm) per position, in blocks of examples.
+
+    >>> from transformers import GPT2Config
+    >>> from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    >>> block = GPT2Block(GPT2Config(n_embd=8, n_head=2), layer_idx=0).double()
+    >>> form = gpt2_block(block, None)
+    >>> form.fn(None, torch.randn(1, 3, 8, dtype=torch.float64)).shape
+    torch.Size([1, 3, 8])
+    """
+    attn = gpt2_attention_weights(block.attn)
+    ln1, ln2 = hf_layer_norm(block.ln_1), hf_layer_norm(block.ln_2)
+    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=block.ln_1), positions, "causal")
+    attn_tangent = normed_attention_tangent(attn, ln1, positions, "causal")
+    attn_kernel = normed_attention_kernel(attn, ln1, positions, "causal")
+    mlp = block.mlp
+    f64 = torch.float64
+
+    def fn(inputs: Any, x: Tensor) -> Tensor:
+        m = attn_fn(inputs, x)
+        return m + mlp(block.ln_2(m))
+
+    def mlp_parts(inputs: Any, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = attn_fn(inputs, f).to(f64)
+        h, xhat, inv = normalise(ln2, m)
+        pre = h @ mlp.c_fc.weight.detach().to(f64) + mlp.c_fc.bias.detach().to(f64)
+        return m, xhat, inv, activation_slope(mlp.act, pre)
+
+    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
+        dm = attn_tangent(inputs, f, r)
+        _, xhat, inv, slope = mlp_parts(inputs, f)
+        dh = norm_tangent(ln2, xhat, inv, dm)
+        w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
+        return dm + (slope * (dh @ w_in)) @ w_out
+
+    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
+        w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
+        p_fold = c_out @ w_out.T  # (m, hidden)
+        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
+        t = len(positions_of(positions, f.shape[1]))
+        per = max(1, 2**22 // max(1, t * w_in.shape[1] * dirs.shape[1]))  # examples per block
+        outs = []
+        for b0 in range(0, f.shape[0], per):
+            sl = slice(b0, b0 + per)
+            sub = None if inputs is None else _slice(inputs, sl)
+            dm = attn_kernel(sub, f[sl], scale[sl], dirs, eye)  # (b, t, d, k)
+            _, xhat, inv, slope = mlp_parts(sub, f[sl])
+            dh = norm_tangent(ln2, xhat[..., None, :], inv[..., None], dm.transpose(-1, -2))  # (b,t,k,d)
+            gated = (dh @ w_in) * slope[:, :, None, :]  # (b, t, k, hidden)
+            outs.append(torch.einsum("md,btdk->btmk", c_out, dm) + (gated @ p_fold.T).transpose(-1, -2))
+        return torch.cat(outs)
+
+    return ClosedForm(fn, kernel, tangent)
+
+
+def gpt2_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
+    """Closed-form sections between adjacent node layers of a Hugging Face GPT-2 model.
+
+    Recognised pairs: node layers reading the *inputs* of ``h.{i}`` (all positions) and ``h.{i+1}``
+    or, after the last block, ``ln_f`` (any positions): the block in closed form (:func:`gpt2_block`);
+    module names with or without the ``transformer.`` prefix of ``GPT2LMHeadModel``. Other pairs, and
+    models with ``scale_attn_by_inverse_layer_idx`` or ``reorder_and_upcast_attn``, are left out.
+
+    >>> from transformers import GPT2Config, GPT2Model
+    >>> model = GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=4, vocab_size=5))
+    >>> list(gpt2_closed_forms(model, ["h.0", "ln_f"]))
+    [('h.0', 'ln_f')]
+    """
+    base = getattr(model, "transformer", model)
+    if type(base).__name__ != "GPT2Model":
+        raise ValueError("gpt2_closed_forms needs a Hugging Face GPT-2 model (GPT2Model or GPT2LMHeadModel)")
+    cfg, blocks = base.config, base.h
+    if cfg.scale_attn_by_inverse_layer_idx or cfg.reorder_and_upcast_attn:
+        return {}
+    prefix = "transformer." if base is not model else ""
+
+    def index(node: NodeLayer) -> int | None:
+        if len(node.modules) != 1 or node.read != "input" or not node.modules[0].startswith(prefix):
+            return None
+        parts = node.modules[0][len(prefix) :].split(".")
+        if parts == ["ln_f"]:
+            return len(blocks)
+        return int(parts[1]) if len(parts) == 2 and parts[0] == "h" else None
+
+    nodes = as_node_layers(model, layers)
+    out: dict[Pair, ClosedForm] = {}
+    for a, b in zip(nodes[:-1], nodes[1:], strict=True):
+        ia, ib = index(a), index(b)
+        if ia is not None and ib == ia + 1 and a.positions is None:
+            out[(a.name, b.name)] = gpt2_block(blocks[ia], b.positions)
+    return out
+
+
+def bert_attention_weights(attention: Any) -> SimpleNamespace:
+    """Per-head W_Q, W_K, W_V, W_O, biases and scale of a ``BertAttention`` (``nn.Linear``: y = x Wᵀ + b).
+
+    >>> from transformers import BertConfig
+    >>> from transformers.models.bert.modeling_bert import BertAttention
+    >>> w = bert_attention_weights(BertAttention(BertConfig(hidden_size=8, num_attention_heads=2)))
+    >>> tuple(w.W_K.shape), w.attn_scale
+    ((2, 8, 4), 2.0)
+    """
+    own, out = attention.self, attention.output.dense
+    heads = own.num_attention_heads
+    e = own.attention_head_size
+    d = out.weight.shape[0]
+
+    def per_head(linear: nn.Linear) -> tuple[Any, Any]:
+        return linear.weight.T.reshape(d, heads, e).permute(1, 0, 2), linear.bias.reshape(heads, e)
+
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = per_head(own.query), per_head(own.key), per_head(own.value)
+    return SimpleNamespace(
+        W_Q=w_q,
+        W_K=w_k,
+        W_V=w_v,
+        W_O=out.weight.T.reshape(heads, e, d),
+        b_Q=b_q,
+        b_K=b_k,
+        b_V=b_v,
+        b_O=out.bias,
+        attn_scale=math.sqrt(e),
+    )
+
+
+def bert_layer(layer: Any, positions: Any) -> ClosedForm:
+    """x ↦ ``BertLayer``(x) at ``positions`` (post-LayerNorm: z = LN₁(x + attn(x)),
+    y = LN₂(z + W₂ σ(W₁ z + b₁) + b₂), bidirectional attention, no padding), its JVP and edge kernel.
+
+    >>> from transformers import BertConfig
+    >>> from transformers.models.bert.modeling_bert import BertLayer
+    >>> layer = BertLayer(BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16)).double()
+    >>> bert_layer(layer.eval(), -1).fn(None, torch.randn(1, 3, 8, dtype=torch.float64)).shape
+    torch.Size([1, 1, 8])
+    """
+    attn = bert_attention_weights(layer.attention)
+    ln1, ln2 = hf_layer_norm(layer.attention.output.LayerNorm), hf_layer_norm(layer.output.LayerNorm)
+    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=None), positions, "bidirectional")
+    attn_tangent = normed_attention_tangent(attn, None, positions, "bidirectional")
+    attn_kernel = normed_attention_kernel(attn, None, positions, "bidirectional")
+    inner, outer = layer.intermediate, layer.output.dense
+    f64 = torch.float64
+
+    def fn(inputs: Any, x: Tensor) -> Tensor:
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out[:, positions_of(positions, x.shape[1])]
+
+    def parts(inputs: Any, f: Tensor) -> tuple[Tensor, ...]:
+        _, xhat1, inv1 = normalise(ln1, attn_fn(inputs, f).to(f64))
+        z = _apply(ln1, xhat1)
+        w_in, w_out = inner.dense.weight.detach().to(f64).T, outer.weight.detach().to(f64).T
+        pre = z @ w_in + inner.dense.bias.detach().to(f64)
+        slope = activation_slope(inner.intermediate_act_fn, pre)
+        w = z + inner.intermediate_act_fn(pre) @ w_out + outer.bias.detach().to(f64)
+        _, xhat2, inv2 = normalise(ln2, w)
+        return xhat1, inv1, slope, xhat2, inv2, w_in, w_out
+
+    def after_attention(p: tuple[Tensor, ...], dz_pre: Tensor) -> Tensor:  # (b, t, ·, d) rows
+        xhat1, inv1, slope, xhat2, inv2, w_in, w_out = (q[:, :, None] if q.dim() == 3 else q for q in p)
+        dz = norm_tangent(ln1, xhat1, inv1, dz_pre)
+        dw = dz + (slope * (dz @ w_in)) @ w_out
+        return norm_tangent(ln2, xhat2, inv2, dw)
+
+    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
+        dz_pre = attn_tangent(inputs, f, r)[:, :, None]  # (b, t, 1, d)
+        return after_attention(parts(inputs, f), dz_pre)[:, :, 0]
+
+    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
+        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
+        t = len(positions_of(positions, f.shape[1]))
+        hidden = inner.dense.weight.shape[0]
+        per = max(1, 2**22 // max(1, t * hidden * dirs.shape[1]))  # examples per block
+        outs = []
+        for b0 in range(0, f.shape[0], per):
+            sl = slice(b0, b0 + per)
+            sub = None if inputs is None else _slice(inputs, sl)
+            dz_pre = attn_kernel(sub, f[sl], scale[sl], dirs, eye).transpose(-1, -2)  # (b, t, k, d)
+            outs.append((after_attention(parts(sub, f[sl]), dz_pre) @ c_out.T).transpose(-1, -2))
+        return torch.cat(outs)
+
+    return ClosedForm(fn, kernel, tangent)
+
+
+def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
+    """Closed-form sections between adjacent node layers of a Hugging Face BERT encoder.
+
+    Recognised pairs: the input of ``encoder.layer.{i}`` (all positions) and the input of
+    ``encoder.layer.{i+1}`` or the output (``read: output``) of ``encoder.layer.{i}`` (any positions):
+    the layer in closed form (:func:`bert_layer`); module names with or without the ``bert.`` prefix of
+    the task models. Sequences without padding only.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> cfg = BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
+    >>> out = {"name": "out", "module": "encoder.layer.0", "read": "output"}
+    >>> list(bert_closed_forms(BertModel(cfg), ["encoder.layer.0", out]))
+    [('encoder.layer.0', 'out')]
+    """
+    base = getattr(model, "bert", model)
+    if type(base).__name__ != "BertModel":
+        raise ValueError("bert_closed_forms needs a Hugging Face BERT model (BertModel or a Bert*For* model)")
+    prefix = "bert." if base is not model else ""
+    stack = base.encoder.layer
+
+    def index(node: NodeLayer) -> tuple[int, str] | None:
+        if len(node.modules) != 1 or not node.modules[0].startswith(prefix):
+            return None
+        parts = node.modules[0][len(prefix) :].split(".")
+        if len(parts) == 3 and parts[:2] == ["encoder", "layer"]:
+            return int(parts[2]), node.read
+        return None
+
+    nodes = as_node_layers(model, layers)
+    out: dict[Pair, ClosedForm] = {}
+    for a, b in zip(nodes[:-1], nodes[1:], strict=True):
+        wa, wb = index(a), index(b)
+        if wa is None or wb is None or wa[1] != "input" or a.positions is not None:
+            continue
+        if wb == (wa[0] + 1, "input") or wb == (wa[0], "output"):
+            out[(a.name, b.name)] = bert_layer(stack[wa[0]], b.positions)
+    return out
+
+
+def _apply(norm: Norm, xhat: Tensor) -> Tensor:
+    out = xhat if norm.weight is None else xhat * norm.weight
+    return out if norm.bias is None else out + norm.bias
+
+
+def _slice(inputs: Any, sl: slice) -> Any:
+    if isinstance(inputs, dict):
+        return {key: value[sl] for key, value in inputs.items()}
+    return inputs[sl]

@@ -1,0 +1,71 @@
+"""Progress bars: counted in examples with a rate and an ETA when stderr is a terminal; quiet otherwise."""
+
+from __future__ import annotations
+
+import functools
+import io
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+import degeneracy
+import degeneracy.accounting.gauss_newton
+import degeneracy.run
+from degeneracy.ablation import node_ablation_curves
+from tests.conftest import mlp
+
+
+def _draw_every_update(monkeypatch) -> None:
+    """tqdm draws at most every 0.1 s: draw every update, so that the test sees each step."""
+    for module in (degeneracy.run, degeneracy.accounting.gauss_newton):
+        monkeypatch.setattr(module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = mlp([4, 6, 5, 3])
+    x = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def test_bars_count_examples_in_a_terminal_and_are_quiet_otherwise(monkeypatch) -> None:
+    _draw_every_update(monkeypatch)
+    model, x = _setup()
+    quiet = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", quiet)
+    basis = degeneracy.interaction_basis(model, x, ["fc1", "fc2", "output"], batch_size=16, progress=True)
+    node_ablation_curves(model, x, basis, labels=model(x).argmax(-1), num_points=2, progress=True)
+    assert quiet.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    degeneracy.interaction_basis(model, x, ["fc1", "fc2", "output"], batch_size=16, progress=True)
+    node_ablation_curves(model, x, basis, labels=model(x).argmax(-1), num_points=2, progress=True)
+    text = terminal.getvalue()
+    for shown in ("moments", "M[fc1]", "ablate fc1", "16/40", "32/40", "40/40", "ex/s"):
+        assert shown in text, (shown, text[-500:])
+    assert "<" in text  # tqdm's elapsed<remaining: the ETA
+
+
+def test_hessian_bar_counts_examples_in_a_terminal(monkeypatch) -> None:
+    _draw_every_update(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    x = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    first = degeneracy.hessian_spectrum(model, x, method="exact", batch_size=10, progress=True)
+    assert quiet.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    again = degeneracy.hessian_spectrum(model, x, method="exact", batch_size=10, progress=True)
+    text = terminal.getvalue()
+    assert all(shown in text for shown in ("Hessian", "10/30", "20/30", "30/30", "ex/s")), text[-400:]
+    torch.testing.assert_close(first.eigenvalues, again.eigenvalues, rtol=0, atol=0)  # look only
