@@ -15,18 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
-from degeneracy.commands.placement import check_device, place, run_device
+from degeneracy.commands.placement import Device, place, run_device
 
 __all__ = [
     "StrictModel",
@@ -348,9 +340,7 @@ class BasisRunConfig(StrictModel):
     node_layers: list[Any] | None = None
     methods: list[str] = ["lib", "pca"]
     options: dict[str, Any] = {}
-    device: str | None = None
-
-    _device = field_validator("device")(check_device)
+    device: Device = None
 
     @model_validator(mode="after")
     def _known(self) -> BasisRunConfig:
@@ -449,9 +439,7 @@ class GraphRunConfig(StrictModel):
     ablation: AblationOptions = AblationOptions()
     modules: ModuleOptions = ModuleOptions()
     fourier: bool | None = None
-    device: str | None = None
-
-    _device = field_validator("device")(check_device)
+    device: Device = None
 
     @model_validator(mode="after")
     def _known(self) -> GraphRunConfig:
@@ -532,9 +520,7 @@ class DegeneracyRunConfig(StrictModel):
     sparsify: bool = True
     union_max_parameters: int = Field(default=20_000, ge=0)
     seed: int = 0
-    device: str | None = None
-
-    _device = field_validator("device")(check_device)
+    device: Device = None
 
     @model_validator(mode="after")
     def check_combinations(self) -> DegeneracyRunConfig:

@@ -8,9 +8,11 @@ moves its model and data there (:func:`place`) before any stage runs.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
-__all__ = ["check_device", "run_device", "place"]
+from pydantic import AfterValidator
+
+__all__ = ["check_device", "run_device", "place", "Device"]
 
 
 def check_device(device: str | None) -> str | None:
@@ -68,3 +70,7 @@ def place(model: Any, data: Any, device: Any) -> tuple[Any, Any]:
     if device is None:
         return model, data
     return model.to(device), move(data)
+
+
+Device = Annotated[str | None, AfterValidator(check_device)]
+"""The ``device`` field of a run config: a device name checked by :func:`check_device`, or ``None``."""
