@@ -9,6 +9,9 @@ exactly, and the two ranks bitwise alike.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
 import socket
@@ -22,11 +25,15 @@ from torch import nn
 
 import degeneracy
 from degeneracy.ablation import edge_ablation, node_ablation_curves
-from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization
+from degeneracy.accounting import degeneracy_report, hessian_spectrum, neuron_synchronization, sparsify
+from degeneracy.commands.errors import echo_err
 from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, main_writes, sum_scalars
 from degeneracy.io import save_json
 from degeneracy.run import shard
 from tests.conftest import mlp
+from tests.test_accounting import planted_mlp
+from tests.test_edges import SEQ_LAYERS, SeqModel
+from tests.test_progress import Terminal
 
 LAYERS = ["fc1", "fc2", "output"]
 RTOL = 1e-10
@@ -39,6 +46,11 @@ def _problem():
         model.fc2.weight.mul_(6.0)
         model.fc2.bias.zero_()
     return model, x
+
+
+def _seq_problem():
+    torch.manual_seed(2)
+    return SeqModel(positions=3).double(), torch.randn(13, 3, 4, dtype=torch.float64)
 
 
 def _relu_problem():
@@ -63,6 +75,16 @@ def _stages(full: bool) -> dict[str, Any]:
     labels = model(x).argmax(-1)
     out["edge_ablation"] = edge_ablation(model, x, basis, graph, labels=labels, delta=0.001)
     out["exact_kronecker"] = hessian_spectrum(model, x, method="exact", batch_size=32)
+    seq, xs = _seq_problem()  # ±1 sources, drawn per example: the shards draw the one-process signs
+    sourced = dict(num_sources=3, seed=5, batch_size=4, progress=False)
+    out["sourced_basis"] = degeneracy.interaction_basis(seq, xs, SEQ_LAYERS, sections=None, **sourced)
+    out["sourced_edges"] = degeneracy.interaction_graph(
+        seq, xs, out["sourced_basis"], jacobian_mode="vjp", **sourced
+    )
+    planted, xp = planted_mlp()  # the Section 4 construction: sharded sums, the same new model
+    out["sparsify"] = sparsify(planted, xp, batch_size=64)
+    noisy = xp + 1e-4 * torch.randn(xp.shape, generator=torch.Generator().manual_seed(0), dtype=xp.dtype)
+    out["sparsify_epsilon"] = sparsify(planted, noisy, epsilon=1e-6, batch_size=64)  # folds by least squares
     if not full:
         return out
     out["nodes"] = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=32)
@@ -94,6 +116,20 @@ def _helpers(rank: int, out_dir: str) -> dict[str, Any]:
         shard(torch.zeros(1, 3))
     except ValueError as err:
         out["too_few"] = str(err)
+    logged, logger = io.StringIO(), logging.getLogger("degeneracy")
+    handler, level = logging.StreamHandler(logged), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:  # progress bars, log lines and a command's progress lines: rank 0 only
+        with contextlib.redirect_stderr(Terminal()) as printed:  # bars draw in a terminal only
+            model, x = _problem()
+            degeneracy.interaction_basis(model, x[:20], LAYERS, progress=True)
+            hessian_spectrum(model, x[:20], method="exact", progress=True)
+            echo_err("[stage] running ...")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    out["printed"], out["logged"] = printed.getvalue(), logged.getvalue()
     with main_writes():
         save_json(os.path.join(out_dir, f"written_by_rank{rank}.json"), "test", {"rank": rank})
     save_json(os.path.join(out_dir, f"outside_by_rank{rank}.json"), "test", {"rank": rank})
@@ -163,6 +199,28 @@ def _compare(two: dict[str, Any], one: dict[str, Any]) -> None:
         for n, loss in r1.losses.items():
             _scalar(r2.losses[n], loss, f"edge ablation {pair} loss at {n}")
     _spectrum(two["exact_kronecker"], one["exact_kronecker"], "exact_kronecker")
+    b1, b2 = one["sourced_basis"], two["sourced_basis"]  # ±1 sources: eigenvalues and their SEs
+    assert b1.info["jacobians"]["mix->out"] == "±1 sources"
+    assert float(b1["mix"].eigenvalue_se.max()) > 1e-3 * float(b1["mix"].eigenvalues.max())  # a spread
+    for name in SEQ_LAYERS[:-1]:  # ("out" -> "output" is affine: exact, SEs at rounding level)
+        _close(b2[name].eigenvalues, b1[name].eigenvalues, f"sourced basis {name}")
+        scale = RTOL * float(b1[name].eigenvalues.max())
+        torch.testing.assert_close(b2[name].eigenvalue_se, b1[name].eigenvalue_se, rtol=0, atol=scale)
+    g1, g2 = one["sourced_edges"], two["sourced_edges"]  # edges and their SEs
+    for pair in g1.pairs:
+        assert g1.info["modes"][f"{pair[0]}->{pair[1]}"] == "vjp" and float(g1.edge_se[pair].max()) > 0
+        _close(g2.edges[pair], g1.edges[pair], f"sourced edges {pair}")
+        _close(g2.edge_se[pair], g1.edge_se[pair], f"sourced edges {pair} SE")
+    s1, s2 = one["sparsify"], two["sparsify"]
+    assert s1.verified and s2.verified and s1.free_directions == 8 + 12 + 30
+    assert s2.layers == s1.layers and s2.pinned == s1.pinned
+    assert (s2.zeros_before, s2.zeros_after, s2.free_directions) == (s1.zeros_before, s1.zeros_after, 50)
+    for name, w1 in s1.model.state_dict().items():
+        _close(s2.model.state_dict()[name], w1, f"sparsified {name}")
+    s1, s2 = one["sparsify_epsilon"], two["sparsify_epsilon"]  # the fold depends on every rank's rows
+    assert s1.layers[0]["dependencies"] == 1 and s2.layers == s1.layers
+    for name, w1 in s1.model.state_dict().items():
+        _close(s2.model.state_dict()[name], w1, f"sparsified with epsilon {name}")
     if "nodes" not in one:
         return
     for layer, c1 in one["nodes"].items():  # node ablations: metrics summed over the shards
@@ -200,6 +258,12 @@ def _check(tmp_path, full: bool) -> None:
         assert helpers["scalars"] == {"count": 4.0, "loss": 2.0}
         assert "different metrics" in helpers["mismatch"], rank
         assert "1 examples cannot be split over 2 processes" in helpers["too_few"], rank
+        printed, logged = helpers["printed"], helpers["logged"]
+        if rank == 0:
+            assert "M[fc1]" in printed and "Hessian" in printed and "[stage] running ..." in printed
+            assert "exact LIB M" in logged
+        else:
+            assert printed == logged == "", (printed, logged)
     assert (tmp_path / "written_by_rank0.json").exists() and not (tmp_path / "written_by_rank1.json").exists()
     assert (tmp_path / "outside_by_rank1.json").exists()  # outside main_writes() every rank writes
     saved = degeneracy.load_basis(tmp_path / "dist.safetensors")
@@ -209,8 +273,9 @@ def _check(tmp_path, full: bool) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_equal_one(tmp_path) -> None:
-    """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks) and
-    the exact Hessian."""
+    """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks), the
+    exact Hessian, a basis and edges with ±1 sources (eigenvalue and edge standard errors too), the
+    Section 4 construction, and progress bars and log lines on rank 0 alone."""
     _check(tmp_path, full=False)
 
 

@@ -57,7 +57,7 @@ def test_graph_command_under_torchrun_equals_one_process(tmp_path: Path) -> None
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("done before with the same config") == 2 * 5  # 5 stages on 2 ranks
+    assert again.stderr.count("done before with the same config") == 5  # 5 stages, said by rank 0 alone
 
 
 @pytest.mark.slow

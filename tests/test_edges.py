@@ -15,6 +15,7 @@ from degeneracy.capture import capture, section
 from degeneracy.edges import gini, sparsity
 from degeneracy.io import ResultFileError
 from degeneracy.linalg import integration_rule
+from degeneracy.probes import example_seed
 from tests.conftest import mlp, tiny_relu_transformer
 
 LAYERS = ["fc1", "fc2", "fc3", "output"]
@@ -178,9 +179,10 @@ def test_stochastic_sources_are_unbiased() -> None:
     exact = (a**2).sum(dim=(0, 1)) / n
     graph = degeneracy.interaction_graph(model, x, B, jacobian_mode="vjp", progress=False)
     torch.testing.assert_close(graph.edges[(src, dst)], exact, rtol=1e-10, atol=0)
-    # the library's draw: torch.randint(0, 2, (batch, R, P_out)) from a generator seeded with `seed`
-    draws = torch.randint(0, 2, (x.shape[0], 3, 5), generator=torch.Generator().manual_seed(11))
-    signs = (2 * draws - 1).double()
+    # the library's draw: per example b, torch.randint(0, 2, (R, P_out)) from a generator seeded by
+    # example_seed(seed, "edges src->dst", b)
+    gens = [torch.Generator().manual_seed(example_seed(11, f"edges {src}->{dst}", b)) for b in range(6)]
+    signs = (2 * torch.stack([torch.randint(0, 2, (3, 5), generator=g) for g in gens]) - 1).double()
     estimate = (torch.einsum("brt,btij->brij", signs, a) ** 2).sum(dim=(0, 1)) / (n * 3)
     got = degeneracy.interaction_graph(
         model, x, B, num_sources=3, seed=11, jacobian_mode="vjp", progress=False

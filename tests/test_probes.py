@@ -14,6 +14,7 @@ from degeneracy.linalg import integration_rule
 from degeneracy.probes import (
     eigenvalue_se,
     every_sign_pattern,
+    example_seed,
     pattern_sources,
     rademacher_sources,
     source_gram,
@@ -118,8 +119,16 @@ def test_rademacher_sources_are_seeded_signs() -> None:
     a, b = rademacher_sources(5)((3, 4, 6)), rademacher_sources(5)((3, 4, 6))
     assert torch.equal(a, b) and not torch.equal(a, rademacher_sources(6)((3, 4, 6)))
     assert set(a.unique().tolist()) == {-1.0, 1.0}
-    draws = torch.randint(0, 2, (3, 4, 6), generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, (2 * draws - 1).double())  # the documented draw
+    # the documented draw: example b of plain call c from a generator seeded by (seed, "call c", b)
+    for b in range(3):
+        gen = torch.Generator().manual_seed(example_seed(5, "call 0", b))
+        assert torch.equal(a[b], (2 * torch.randint(0, 2, (4, 6), generator=gen) - 1).double())
+    draw = rademacher_sources(5)
+    assert not torch.equal(draw((3, 4, 6)), draw((3, 4, 6)))  # successive calls: new signs
+    keyed = draw.keyed((3, 4, 6), torch.tensor([10, 0, 7]), "M[mix]")
+    for b, g in enumerate([10, 0, 7]):  # keyed by (seed, stream, example): batches do not matter
+        assert torch.equal(keyed[b : b + 1], draw.keyed((1, 4, 6), torch.tensor([g]), "M[mix]"))
+    assert not torch.equal(keyed, draw.keyed((3, 4, 6), torch.tensor([10, 0, 7]), "M[out]"))
 
 
 def test_exact_builds_log_their_cost(caplog, monkeypatch) -> None:

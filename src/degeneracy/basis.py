@@ -49,6 +49,7 @@ from degeneracy.capture import (
 from degeneracy.cuts import check_cut
 from degeneracy.data import node_mask
 from degeneracy.deprecation import renamed_arguments
+from degeneracy.distributed import global_indices
 from degeneracy.fingerprint import fingerprint
 from degeneracy.jacobian import constant_jacobian, gram_of_constant_jacobian, jacobian_gram
 from degeneracy.linalg import (
@@ -62,6 +63,7 @@ from degeneracy.linalg import (
 from degeneracy.probes import (
     SignSource,
     build_cost,
+    draw_signs,
     eigenvalue_se,
     resolve_sources,
     source_gram,
@@ -103,8 +105,9 @@ class NodeLayerRun(ModelRun):
         *,
         dtype: str | torch.dtype | None = None,
         batch_size: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
-        super().__init__(model, data, dtype=dtype, batch_size=batch_size)
+        super().__init__(model, data, dtype=dtype, batch_size=batch_size, device=device)
         self.layers = as_node_layers(self.model, node_layers)
         self.widths: dict[str, list[int]] = {}
         self.num_seen, self.padded = 0, False  # examples read by collect_moments; any padding seen
@@ -278,6 +281,7 @@ def interaction_basis(
     num_sources: int | None = None,
     seed: int = 0,
     sources: str | SignSource = "rademacher",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Basis:
     """Build an interaction basis at every node layer of ``model`` over ``data``.
@@ -324,10 +328,12 @@ def interaction_basis(
             standard error (spread of the R independent sources, delta method; needs R ≥ 2).
             Closed-form and affine sections stay exact. An exact build that needs more than
             :data:`~degeneracy.probes.LONG_BUILD_PRODUCTS` products logs its cost and this alternative.
-        seed: seed of the ±1 sources (reproducible; one ``torch.Generator`` per build, drawn per
-            batch, shape (batch, R, P_out, d̂_out), for the layer pairs from last to first).
+        seed: seed of the ±1 sources (reproducible; drawn per example and layer pair, shape
+            (R, P_out, d̂_out), keyed by the example's index: the same on any number of processes).
         sources: ``"rademacher"`` (default: independent ±1 signs) or a callable ``draw(shape)``
             returning ±1 float64 signs of that shape, e.g. :func:`degeneracy.probes.pattern_sources`.
+        device: where to run (``"cpu"``, ``"cuda:0"``, ...): a copy of the model is moved there;
+            ``None`` (default): the model's device. Results are float64 on the CPU either way.
         progress: show progress bars.
 
     Returns:
@@ -341,7 +347,7 @@ def interaction_basis(
     (['1', '2', 'output'], 3)
     """
     cfg = config_from(BasisConfig, locals(), dtype=dtype_name(dtype))
-    run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size, device=device)
     was_training = run.model.training
     run.model.eval()
     try:
@@ -517,6 +523,7 @@ def _interaction_matrix(
     compact = None
     affine: bool | None = None  # is the section affine (one Jacobian for all inputs)? tested per batch
     estimates = None  # this batch's per-source Grams, when drawn
+    seen = 0  # this rank's examples so far (the sources are drawn per example, by global index)
     for i, inputs in enumerate(run.inputs(f"M[{src}]", progress)):
         with torch.no_grad():
             x, y = run.cached(src, i), run.cached(dst, i)
@@ -551,7 +558,8 @@ def _interaction_matrix(
                     how.add("affine")
                 elif cfg.num_sources is not None and draw is not None:
                     how.add("±1 sources")
-                    signs = draw((x.shape[0], cfg.num_sources, y.shape[1], out_basis.C.shape[0]))
+                    shape = (x.shape[0], cfg.num_sources, y.shape[1], out_basis.C.shape[0])
+                    signs = draw_signs(draw, shape, global_indices(seen, x.shape[0]), f"M[{src}]")
                     estimates = source_gram(
                         fn, x, white.R_pinv, out_basis.C, rule, signs, max_elements=cfg.max_elements,
                         in_mask=in_mask, out_mask=out_mask,
@@ -577,6 +585,7 @@ def _interaction_matrix(
             for r, source_acc in enumerate(per_source or []):  # exact batches count for every source
                 source_acc.add(total if estimates is None else estimates[r], count)
             estimates = None
+            seen += x.shape[0]
     for source_acc in per_source or []:
         source_acc.all_reduce()
     return acc.all_reduce().value, " + ".join(sorted(how))

@@ -8,6 +8,9 @@ process group (or with one process) every helper is the identity, at no cost.
 * :func:`all_reduce_sum` / :func:`all_reduce_max` (tensors, float64 sums stay float64),
   :func:`sum_scalars` (a dict of floats, e.g. summed metrics), :func:`all_gather_rows` (stack the
   ranks' rows, uneven counts allowed), :func:`barrier`;
+* :class:`MainRankFilter`: log lines of the ``"degeneracy"`` logger only on rank 0 (installed on import;
+  progress bars and the command line's progress lines ask :func:`is_main` too);
+* :func:`global_indices`: the global index of this rank's examples (to key per-example random draws);
 * :func:`main_writes` / :func:`writes_enabled`: inside ``with main_writes():`` only rank 0 writes
   result files (:mod:`degeneracy.io` and the figures ask :func:`writes_enabled`); the command line
   runs every command in it;
@@ -27,6 +30,7 @@ decisions (bisections, Lanczos restarts, rank thresholds).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -45,6 +49,8 @@ __all__ = [
     "all_reduce_max",
     "sum_scalars",
     "all_gather_rows",
+    "global_indices",
+    "MainRankFilter",
     "main_writes",
     "writes_enabled",
     "process_group_from_env",
@@ -167,6 +173,34 @@ def all_gather_rows(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)]).to(x.device)
+
+
+def global_indices(start: int, count: int) -> Tensor:
+    """The global indices of this rank's examples ``start`` … ``start + count − 1`` (counted over its
+    shard): example j of rank r is example r + j · world of the data, as :func:`degeneracy.run.shard`
+    splits tensors (and a ``DistributedSampler`` without shuffling splits a dataset).
+
+    >>> global_indices(2, 3).tolist()  # one process: its own numbering
+    [2, 3, 4]
+    """
+    return torch.arange(start, start + count) * world_size() + rank()
+
+
+class MainRankFilter(logging.Filter):
+    """A logging filter that passes records on rank 0 only (every record without a process group).
+    It is installed on the ``"degeneracy"`` logger, so that under ``torchrun`` its lines appear once.
+
+    >>> record = logging.LogRecord("degeneracy", logging.INFO, "", 0, "built", None, None)
+    >>> MainRankFilter().filter(record)  # one process: rank 0
+    True
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to emit ``record``: on rank 0."""
+        return is_main()
+
+
+logging.getLogger("degeneracy").addFilter(MainRankFilter())
 
 
 @contextmanager

@@ -62,11 +62,11 @@ from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.cuts import check_basis_fits
-from degeneracy.distributed import all_reduce_max, all_reduce_sum
+from degeneracy.distributed import all_reduce_max, all_reduce_sum, global_indices
 from degeneracy.fingerprint import basis_fingerprint, check_model, fingerprint
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
 from degeneracy.linalg import homogeneous_rule, integration_rule
-from degeneracy.probes import SignSource, build_cost, resolve_sources, source_mean_and_se
+from degeneracy.probes import SignSource, build_cost, draw_signs, resolve_sources, source_mean_and_se
 from degeneracy.run import full_precision
 from degeneracy.sections import (
     SectionFn,
@@ -109,6 +109,7 @@ def interaction_graph(
     max_elements: int = 2**21,
     dtype: str | torch.dtype | None = None,
     sections: Sections = "auto",
+    device: str | torch.device | None = None,
     progress: bool = True,
     allow_other_model: bool = False,
 ) -> InteractionGraph:
@@ -129,8 +130,9 @@ def interaction_graph(
             standard error (needs R ≥ 2). Pairs with one output position or a cheaper exact JVP path
             stay exact. An exact graph that needs more than
             :data:`~degeneracy.probes.LONG_BUILD_PRODUCTS` products logs its cost and this alternative.
-        seed: seed of the ±1 sources (per batch, ``torch.randint(0, 2, (batch, num_sources, P_out))``
-            from one ``torch.Generator`` seeded with ``seed``, drawn for the layer pairs in order).
+        seed: seed of the ±1 sources (per example and layer pair, ``torch.randint(0, 2, (num_sources,
+            P_out))`` from a ``torch.Generator`` seeded by :func:`~degeneracy.probes.example_seed`
+            from ``seed``, the pair and the example's index: the same on any number of processes).
         sources: ``"rademacher"`` (default) or a callable ``draw(shape)`` returning ±1 float64 signs
             of that shape (e.g. :func:`degeneracy.probes.pattern_sources`).
         batch_size: examples per pass (default: the basis's).
@@ -144,6 +146,8 @@ def interaction_graph(
             the model from its input. Each is checked on the first batch against the hook-based
             section, at the data and at a perturbed input; an explicit one that differs raises
             ``ValueError``. ``G.info["sections"]`` records which kind each pair used.
+        device: where to run (``"cpu"``, ``"cuda:0"``, ...): a copy of the model is moved there;
+            ``None`` (default): the model's device. Edges are float64 on the CPU either way.
         progress: show a progress bar.
         allow_other_model: use a basis built on another model (its fingerprint differs from this
             model's, :func:`degeneracy.fingerprint.check_model`) with a warning instead of a
@@ -168,6 +172,7 @@ def interaction_graph(
         basis.layers,
         dtype=cfg.dtype or basis.config.dtype,
         batch_size=cfg.batch_size or basis.config.batch_size,
+        device=device,
     )
     if run.probe is not None:
         check_basis_fits(run.model, run.probe, run.layers, basis)
@@ -234,6 +239,7 @@ def _build(
     timings = dict.fromkeys((f"{a}->{b}" for a, b in pairs), 0.0)
     modes: dict[str, str] = {}
     t_start = time.perf_counter()
+    seen = 0  # this rank's examples so far (the sources are drawn per example, by global index)
     maps = {
         name: (
             basis[name].C.to(device=run.device),
@@ -265,7 +271,8 @@ def _build(
             p_out = acts[dst].shape[1]
             signs = None
             if cfg.num_sources is not None:
-                signs = draw((x.shape[0], cfg.num_sources, p_out)).to(device=x.device, dtype=torch.float64)
+                shape, examples = (x.shape[0], cfg.num_sources, p_out), global_indices(seen, x.shape[0])
+                signs = draw_signs(draw, shape, examples, f"edges {src}->{dst}").to(x.device, torch.float64)
                 sampled_rows = cfg.num_sources * C_out.shape[0]
                 if p_out == 1 or attribution_mode(cfg.jacobian_mode, sampled_rows, C_in.shape[0]) == "jvp":
                     signs = None  # exact at no more cost (drawn all the same: the draws stay in step)
@@ -328,9 +335,10 @@ def _build(
                 worst[(src, dst)] = max(worst[(src, dst)], dev)
                 scale[(src, dst)] = max(scale[(src, dst)], float(target.abs().max()))
             timings[f"{src}->{dst}"] += time.perf_counter() - t0
+        seen += acts[names[0]].shape[0]
     for pair in pairs:  # under torch.distributed: every rank's shard (sums, counts, worst cases)
         sums[pair] = all_reduce_sum(sums[pair])
-        if cfg.num_sources is not None:  # the per-source sums too (each rank draws its own signs)
+        if cfg.num_sources is not None:  # the per-source sums too (each rank draws its examples' signs)
             source_sums[pair] = all_reduce_sum(source_sums[pair])
             sampled[pair] = bool(all_reduce_max(torch.tensor([float(sampled[pair])], dtype=torch.float64)))
         counts[pair] = int(all_reduce_sum(torch.tensor([float(counts[pair])], dtype=torch.float64)).item())

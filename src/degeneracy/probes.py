@@ -18,19 +18,20 @@ eigenvalue λ_j = v_jᵀ M v_j the first-order (delta-method) error is v_jᵀ (M
 (:func:`eigenvalue_se`); eigenvalues of the averaged M are not themselves unbiased (the top ones err
 upwards at second order), only M is.
 
-Sources come from a :data:`SignSource`: :func:`rademacher_sources` (seeded, reproducible) or
+Sources come from a :data:`SignSource`: :func:`rademacher_sources` (seeded, reproducible, drawn per
+example from its global index, so that one process and several draw the same signs) or
 :func:`pattern_sources`, which hands every example every sign pattern (the exact average, for tests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 from torch.func import vjp
@@ -41,6 +42,9 @@ from degeneracy.linalg import IntegrationRule
 __all__ = [
     "SignSource",
     "rademacher_sources",
+    "RademacherSources",
+    "example_seed",
+    "draw_signs",
     "every_sign_pattern",
     "pattern_sources",
     "resolve_sources",
@@ -60,13 +64,63 @@ LONG_BUILD_PRODUCTS = 10**6
 """Exact builds needing more Jacobian products than this log a warning with the stochastic alternative."""
 
 logger = logging.getLogger("degeneracy")
-RANK_STRIDE = 1_000_003  # processes of a torch.distributed group draw from seeds seed + rank · stride
+
+
+def example_seed(seed: int, stream: str, example: int) -> int:
+    """The 64-bit seed of one example's signs: BLAKE2b of ``seed``, the draw's ``stream`` label and the
+    example's global index, so that it depends on nothing else (not on the batches or the ranks).
+
+    >>> example_seed(0, "M[mix]", 5) == example_seed(0, "M[mix]", 5) != example_seed(0, "M[mix]", 6)
+    True
+    """
+    digest = hashlib.blake2b(f"{seed}|{stream}|{example}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class RademacherSources:
+    """Independent ±1 signs keyed by example: the signs of example g in the draw labelled ``stream``
+    are ``2 · torch.randint(0, 2, (R, *rows)) − 1`` from a ``torch.Generator`` seeded with
+    :func:`example_seed` (seed, stream, g). A build therefore draws the same signs for an example
+    whatever the batches and however many ``torch.distributed`` processes share the data (the
+    library passes each example's global index and a label of the layer pair): a build with
+    ``num_sources`` is the same on one process and on several.
+
+    Called as a plain :data:`SignSource` ``draw(shape)``, the examples are 0 … batch − 1 and the stream
+    is the number of earlier plain calls (successive calls give new signs).
+
+    >>> draw = RademacherSources(seed=1)
+    >>> a = draw.keyed((2, 3, 4), torch.tensor([7, 9]), "M[mix]")
+    >>> b = draw.keyed((1, 3, 4), torch.tensor([9]), "M[mix]")
+    >>> torch.equal(a[1:], b), torch.equal(draw((2, 3)), draw((2, 3)))
+    (True, False)
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.calls = 0
+
+    def __call__(self, shape: tuple[int, ...]) -> Tensor:
+        """Signs of shape (batch, sources, *rows) for examples 0 … batch − 1 in a stream of their own."""
+        stream = f"call {self.calls}"
+        self.calls += 1
+        return self.keyed(shape, torch.arange(shape[0]), stream)
+
+    def keyed(self, shape: tuple[int, ...], examples: Tensor, stream: str) -> Tensor:
+        """Signs of shape (batch, sources, *rows), row b drawn for the example with global index
+        ``examples[b]`` in the draw labelled ``stream`` (float64, on the CPU)."""
+        if len(examples) != shape[0]:
+            raise ValueError(f"{len(examples)} example indices for a draw of {shape[0]} examples")
+        signs = torch.empty(shape, dtype=torch.float64)
+        for b, g in enumerate(examples.tolist()):
+            generator = torch.Generator().manual_seed(example_seed(self.seed, stream, int(g)))
+            signs[b] = 2 * torch.randint(0, 2, shape[1:], generator=generator) - 1
+        return signs
 
 
 def rademacher_sources(seed: int = 0) -> SignSource:
-    """Independent ±1 signs, each sign +1 or −1 with probability ½, from one ``torch.Generator``
-    seeded with ``seed`` (plus a multiple of the rank under ``torch.distributed``: rank 0 draws from
-    ``seed`` itself): ``torch.randint(0, 2, shape)`` mapped to ±1, so a seed reproduces the draws.
+    """Independent ±1 signs, each +1 or −1 with probability ½, reproducible from ``seed``: a
+    :class:`RademacherSources`, which the library draws per example (keyed by the example's global
+    index, so the number of processes does not change them).
 
     >>> draw = rademacher_sources(seed=3)
     >>> signs = draw((2, 4, 5))
@@ -74,13 +128,21 @@ def rademacher_sources(seed: int = 0) -> SignSource:
     >>> signs.shape, sorted(set(signs.flatten().tolist())), torch.equal(signs, again)
     (torch.Size([2, 4, 5]), [-1.0, 1.0], True)
     """
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    generator = torch.Generator().manual_seed(seed + RANK_STRIDE * rank)
+    return RademacherSources(seed)
 
-    def draw(shape: tuple[int, ...]) -> Tensor:
-        return (2 * torch.randint(0, 2, shape, generator=generator) - 1).to(torch.float64)
 
-    return draw
+def draw_signs(draw: SignSource, shape: tuple[int, ...], examples: Tensor, stream: str) -> Tensor:
+    """``draw``'s signs for a batch whose examples have global indices ``examples`` (see
+    :func:`degeneracy.distributed.global_indices`): keyed by example for :class:`RademacherSources`,
+    a plain ``draw(shape)`` for any other source.
+
+    >>> draw_signs(rademacher_sources(0), (1, 2), torch.tensor([4]), "x").equal(
+    ...     draw_signs(rademacher_sources(0), (2, 2), torch.tensor([3, 4]), "x")[1:])
+    True
+    """
+    if isinstance(draw, RademacherSources):
+        return draw.keyed(shape, examples, stream)
+    return draw(shape)
 
 
 def every_sign_pattern(n: int) -> Float[Tensor, "sources rows"]:

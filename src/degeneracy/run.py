@@ -6,7 +6,8 @@ One place for what bases, edges, ablations, the accounting and the LLC all need:
   model's device. Passing ``dtype=`` to a method casts a copy of the model *and* the floating inputs to
   that dtype. Without it, a floating input whose dtype differs from the model's is an error that says
   what to pass; integer inputs (token ids, masks) are never cast. Inputs are moved to the model's
-  device.
+  device; ``device=`` (:func:`resolve_device`) runs a copy of the model there (the caller's model is
+  never moved).
 * **sharding** under ``torch.distributed``: :func:`shard` gives this rank its share of the data.
 * **running**: :func:`run_model` (a batch's inputs → the output tensor, optionally at one position),
   :func:`functional_output` (the same with parameters swapped in, for ``torch.func``), and
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from degeneracy.checks import check_batches_alike, check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
-from degeneracy.distributed import is_distributed, world_size
+from degeneracy.distributed import is_distributed, is_main, world_size
 from degeneracy.distributed import rank as this_rank
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "resolve_dtype",
     "model_dtype",
     "model_device",
+    "available_devices",
+    "resolve_device",
     "cast_inputs",
     "shard",
     "DEFAULT_OUTPUTS",
@@ -108,6 +111,51 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def available_devices() -> list[str]:
+    """The device names :func:`resolve_device` accepts here: ``"cpu"``, and ``"cuda"``,
+    ``"cuda:0"`` … when CUDA is available (``"mps"`` on Apple GPUs).
+
+    >>> available_devices()[0]
+    'cpu'
+    """
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """A device from its name (``"cpu"``, ``"cuda:1"``) or itself, checked to exist here; ``None``
+    (the model's device) stays ``None``. ``"cuda"`` is the current CUDA device.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    >>> resolve_device("tpu")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown device 'tpu': use one of ['cpu'...] (or none: the model's device)
+    """
+    if device is None:
+        return None
+    valid = available_devices()
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        found = None
+    if found is not None and found.type == "cpu":
+        found = torch.device("cpu")  # "cpu:0" is the CPU too
+    if found is None or str(found) not in valid:
+        name = str(device)
+        no_cuda = name.startswith("cuda") and not torch.cuda.is_available()
+        why = "; CUDA is not available here" if no_cuda else ""
+        raise ValueError(f"unknown device {name!r}: use one of {valid} (or none: the model's device){why}")
+    if found.type == "cuda" and found.index is None:
+        found = torch.device("cuda", torch.cuda.current_device())
+    return found
 
 
 def cast_inputs(
@@ -446,6 +494,8 @@ class ModelRun:
             under ``torch.distributed``.
         dtype: compute dtype (name or ``torch.dtype``); ``None``: the model's (floating inputs must
             match it).
+        device: where to compute (:func:`resolve_device`): a copy of the model is moved there when
+            the model is elsewhere; ``None``: the model's device.
         batch_size: split the data into batches of at most this many examples.
         cache: keep activations between passes (see :meth:`keep`), only for data that batches the same
             way every time (a tensor or a dict of tensors), up to ``CACHE_BYTES``.
@@ -463,13 +513,15 @@ class ModelRun:
         dtype: str | torch.dtype | None = None,
         batch_size: int | None = None,
         cache: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
         check_module(model)
         wanted = resolve_dtype(dtype)
         self.explicit = wanted is not None
         self.dtype = wanted if wanted is not None else model_dtype(model)
-        if self.explicit and model_dtype(model) != self.dtype:
-            model = copy.deepcopy(model).to(self.dtype)
+        target = resolve_device(device) or model_device(model)
+        if (self.explicit and model_dtype(model) != self.dtype) or target != model_device(model):
+            model = copy.deepcopy(model).to(target, **({"dtype": self.dtype} if self.explicit else {}))
         self.model = model
         self.device = model_device(model)
         self.data = shard(data)
@@ -489,8 +541,9 @@ class ModelRun:
 
     def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
-        # quiet unless asked for and stderr is a terminal (disable=None); counts examples, with an ETA
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if progress else True, leave=False)
+        # quiet unless asked for, on rank 0, and stderr is a terminal (disable=None); examples, with an ETA
+        shown = progress and is_main()
+        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if shown else True, leave=False)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)

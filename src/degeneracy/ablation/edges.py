@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
+from degeneracy.distributed import is_main
 from degeneracy.fingerprint import check_model, check_same_basis
 from degeneracy.sections import Sections, extended, resolve_sections
 
@@ -291,7 +292,7 @@ def edge_ablation(
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)
-            if progress:
+            if progress and is_main():
                 print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
             return res
 

@@ -19,6 +19,13 @@ the input:
    one representative pre-activation p_k = (C⁻¹ p̂)_k. On D (where the block is synchronised) its
    outputs equal the original ones exactly; off D they may differ.
 
+Under ``torch.distributed`` every rank reads its shard of D (:func:`degeneracy.run.shard`) and the
+data enter only through sums and exact combinations over the ranks: the Gram of each site's input
+(all-reduced), the R factor of a QR of its rows (the ranks' R factors stacked and factored again, so
+the least-squares fold equals the one of all rows), the firing patterns' blocks (columns identical on
+every shard), dead neurons, the representatives' Σ|p| and the verification's max |Δ output|. Every
+rank then takes the same decisions and returns the same model as one process.
+
 The counted free directions (non-generic, as in the paper's claim) are Σ (dependencies × d_out) over
 sites plus Σ_a (s_a² − s_a) over blocks; the per-neuron rescalings (s_a per block) are generic, and
 the construction pins one entry per rescaling to 1 instead of zeroing it.
@@ -40,8 +47,9 @@ from degeneracy.accounting.structure import NeuronLayer, discover_torch, node_at
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.capture import NodeLayer
 from degeneracy.data import Batch, iter_batches
+from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, is_distributed
 from degeneracy.linalg import eigh_descending
-from degeneracy.run import ForwardFn, run_model
+from degeneracy.run import ForwardFn, run_model, shard
 
 __all__ = ["BlockGatedActivation", "SparsifiedModel", "sparsify"]
 
@@ -133,12 +141,36 @@ def _capture(model: nn.Module, batches: list[Batch], point: NodeLayer, forward: 
     return torch.cat(chunks, dim=0)
 
 
-def _pivoted_basis(f: Tensor, threshold: float, first: int | None) -> list[int]:
-    """Greedy column pivoting on the mean Gram of f (pivoted Cholesky): the basis columns.
+def _site_statistics(f: Tensor) -> tuple[Tensor, Tensor, int]:
+    """From this rank's values f (rows, d), over every rank's rows: the mean Gram fᵀf / n, an R factor
+    of all rows (‖F c‖ = ‖R c‖ for every c: least squares on F is least squares on R) and n."""
+    n = int(all_reduce_sum(torch.tensor([float(f.shape[0])], dtype=torch.float64)).item())
+    gram = all_reduce_sum(f.T @ f) / max(n, 1)
+    r = torch.linalg.qr(f, mode="r").R
+    if is_distributed():  # TSQR: QR of the stacked R factors is an R factor of the stacked rows
+        r = torch.linalg.qr(all_gather_rows(r), mode="r").R
+    return gram.cpu(), r.cpu(), n  # (the small d × d algebra on the CPU)
+
+
+def _blocks(fires: Tensor) -> list[list[int]]:
+    """Columns of the firing patterns (rows, d) identical on every rank's rows (sorted by first index):
+    each rank labels its columns by their block's first column; columns with the same label on every
+    rank form one block."""
+    labels = torch.empty(fires.shape[1], dtype=torch.float64)
+    for block in identical_columns(fires.cpu()):
+        labels[block] = float(block[0])
+    every = all_gather_rows(labels[None])  # (world, d)
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for i, key in enumerate(every.T.tolist()):
+        groups.setdefault(tuple(key), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _pivoted_basis(gram: Tensor, threshold: float, first: int | None) -> list[int]:
+    """Greedy column pivoting on the mean Gram (pivoted Cholesky): the basis columns.
 
     ``first`` (the constant column) is taken first when its residual is above the threshold.
     """
-    gram = f.T @ f / max(f.shape[0], 1)
     d = gram.shape[0]
     residual = torch.diagonal(gram).clone()
     basis: list[int] = []
@@ -190,10 +222,10 @@ def _set_augmented(module: nn.Linear, w_aug: Tensor) -> None:
 
 
 def _augmented(module: nn.Linear) -> Tensor:
-    w = module.weight.detach().to(torch.float64)
+    w = module.weight.detach().to("cpu", torch.float64)
     if module.bias is None:
         return w.clone()
-    return torch.cat([w, module.bias.detach().to(torch.float64)[:, None]], dim=1)
+    return torch.cat([w, module.bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
 
 
 def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -239,7 +271,7 @@ def sparsify(
             "the Section 4 construction is implemented for chains of nn.Linear and ReLU/LeakyReLU/Identity "
             "layers; TransformerLens models are not supported"
         )
-    batches = list(iter_batches(data, batch_size))
+    batches = list(iter_batches(shard(data), batch_size))  # this rank's share (torch.distributed)
     new = copy.deepcopy(model)
     structure = discover_torch(new, batches[0].inputs)
     if not structure.sites:
@@ -266,15 +298,16 @@ def sparsify(
         # Step 1: eq 23–24 on the site's input.
         f = _capture(new, batches, node_at(site.name, "input"), forward)
         if site.has_bias:
-            f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64)], dim=1)
+            f = torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64, device=f.device)], dim=1)
         d_aug = f.shape[1]
-        gram_top = float(eigh_descending(f.T @ f / f.shape[0], one_thread_if_small=True).values[0])
-        threshold = max(epsilon, gram_floor(gram_top, d_aug, f.shape[0], dtype))
-        basis = _pivoted_basis(f, threshold, d_aug - 1 if site.has_bias else None)
+        gram, r, rows = _site_statistics(f)
+        gram_top = float(eigh_descending(gram, one_thread_if_small=True).values[0])
+        threshold = max(epsilon, gram_floor(gram_top, d_aug, rows, dtype))
+        basis = _pivoted_basis(gram, threshold, d_aug - 1 if site.has_bias else None)
         others = [j for j in range(d_aug) if j not in basis]
         w = _augmented(module)
         if others:
-            coeffs = torch.linalg.lstsq(f[:, basis], f[:, others]).solution  # (|basis|, |others|)
+            coeffs = torch.linalg.lstsq(r[:, basis], r[:, others]).solution  # (|basis|, |others|)
             w[:, basis] += w[:, others] @ coeffs.T
             w[:, others] = 0.0
             _set_augmented(module, w)
@@ -298,10 +331,12 @@ def sparsify(
         assert isinstance(out_module, nn.Linear)
         pre = _capture(new, batches, layer.pre_point, forward)
         fires = firing_patterns(pre, layer.activation)
-        blocks = identical_columns(fires)
-        dead = set(torch.nonzero(~fires.any(0)).flatten().tolist()) if layer.activation == "relu" else set()
+        blocks = _blocks(fires)
+        fired = all_reduce_max(fires.any(0).to(torch.float64)).cpu() > 0  # on some rank's rows
+        dead = set(torch.nonzero(~fired).flatten().tolist()) if layer.activation == "relu" else set()
+        magnitude = all_reduce_sum(pre.abs().sum(0)).cpu()  # Σ_x |p_i|: the representative has the largest
         w_in = _augmented(module)
-        w_out = out_module.weight.detach().to(torch.float64).clone()
+        w_out = out_module.weight.detach().to("cpu", torch.float64).clone()
         gate = torch.eye(layer.width, dtype=torch.float64)
         block_info = []
         for block in blocks:
@@ -326,7 +361,7 @@ def sparsify(
                 new_rows[s:] = 0.0
             w_in[idx] = new_rows
             w_out[:, idx] = w_out[:, idx] @ frame
-            representative = int(pre[:, idx].abs().mean(0).argmax())
+            representative = int(magnitude[idx].argmax())
             for i in block:
                 gate[i, idx] = frame[representative]
             free += s * s - s
@@ -339,7 +374,7 @@ def sparsify(
         if layer.activation in ("relu", "leaky_relu"):
             parent, child = _parent_and_name(new, layer.name)
             slope = layer.negative_slope if layer.activation == "leaky_relu" else 0.0
-            setattr(parent, child, BlockGatedActivation(gate.to(dtype), slope))
+            setattr(parent, child, BlockGatedActivation(gate.to(module.weight.device, dtype), slope))
         details.append(
             {
                 "layer": layer.name,
@@ -356,6 +391,7 @@ def sparsify(
             a = run_model(model, b.inputs, forward=forward, positions=None).to(torch.float64)
             c_out = run_model(new, b.inputs, forward=forward, positions=None).to(torch.float64)
             max_diff = max(max_diff, float((a - c_out).abs().max()))
+    max_diff = float(all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)))
     return SparsifiedModel(
         model=new,
         max_output_difference=max_diff,

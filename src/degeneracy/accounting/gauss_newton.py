@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from degeneracy.accounting.kronecker import linear_gram
 from degeneracy.behavioral import BehavioralProblem, LossKind, whiten_outputs
-from degeneracy.distributed import all_gather_rows, all_reduce_sum
+from degeneracy.distributed import all_gather_rows, all_reduce_sum, is_main
 from degeneracy.run import (
     ParamLayout,
     model_device,
@@ -131,7 +131,7 @@ class BehavioralHessian(BehavioralProblem):
             return self.whitened(theta, xb, ref.unsqueeze(0))[0]
 
         jac_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
-        show = getattr(self, "progress", False)  # examples, rate and ETA when stderr is a terminal
+        show = getattr(self, "progress", False) and is_main()  # examples, rate, ETA (a terminal, rank 0)
         bar = tqdm(total=self.n, desc="Hessian", unit="ex", disable=None if show else True, leave=False)
         try:
             for x, ref in self.batches():

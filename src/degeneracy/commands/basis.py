@@ -22,6 +22,7 @@ from degeneracy.commands.errors import (
     exit_if_invalid,
     user_errors,
 )
+from degeneracy.commands.placement import place, run_device
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.io import json_text
 
@@ -185,6 +186,7 @@ def build_bases(
     >>> del sys.modules["toy"]
     """
     model, data, default_layers = resolve_model(cfg.model)
+    model, data = place(model, data, run_device(cfg.device))
     layers = cfg.node_layers or default_layers
     if layers is None:
         raise ValueError("node_layers must be given for a model that is not bundled")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
+from degeneracy.commands.placement import Device, place, run_device
 
 __all__ = [
     "StrictModel",
@@ -142,7 +143,8 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
 
 def load_run(path: str | Path, config_type: type[BaseModel]) -> tuple[Any, Any, Any, list[Any] | None]:
     """``(config, model, data, default_node_layers)`` of a run: its YAML config read as ``config_type``
-    (:func:`load_yaml`), then the config's ``model`` resolved (:func:`resolve_model`).
+    (:func:`load_yaml`), then the config's ``model`` resolved (:func:`resolve_model`) and, for a config
+    with a ``device`` field, placed on :func:`run_device`.
 
     >>> load_run("missing.yaml", LLCRunConfig)
     Traceback (most recent call last):
@@ -150,7 +152,10 @@ def load_run(path: str | Path, config_type: type[BaseModel]) -> tuple[Any, Any, 
     ValueError: missing.yaml: no such config file
     """
     cfg = load_yaml(path, config_type)
-    return (cfg, *resolve_model(cfg.model))
+    model, data, layers = resolve_model(cfg.model)
+    if "device" in type(cfg).model_fields:
+        model, data = place(model, data, run_device(cfg.device))
+    return cfg, model, data, layers
 
 
 def _modadd_checkpoint(spec: ModelSpec, dtype: Any, data_meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -323,7 +328,8 @@ class BasisRunConfig(StrictModel):
     ``methods`` lists the bases to build; ``options`` are keyword arguments of
     :func:`degeneracy.interaction_basis` (``center``, ``gram_threshold``, ``integration_rule``, ...;
     ``num_sources: R`` with ``seed`` for stochastic ±1 sources in place of the exact Jacobian Grams,
-    with eigenvalue standard errors: :mod:`degeneracy.probes`).
+    with eigenvalue standard errors: :mod:`degeneracy.probes`). ``device`` (``"cpu"``, ``"cuda:0"``):
+    where the model and data go (default: :func:`run_device`).
 
     >>> cfg = BasisRunConfig.model_validate({"methods": ["lib"], "options": {"center": False}})
     >>> cfg.model.name, cfg.methods, cfg.options, cfg.node_layers
@@ -334,6 +340,7 @@ class BasisRunConfig(StrictModel):
     node_layers: list[Any] | None = None
     methods: list[str] = ["lib", "pca"]
     options: dict[str, Any] = {}
+    device: Device = None
 
     @model_validator(mode="after")
     def _known(self) -> BasisRunConfig:
@@ -414,7 +421,8 @@ class GraphRunConfig(StrictModel):
     :func:`degeneracy.interaction_graph` (both take ``num_sources``, ``seed``: stochastic ±1 sources
     with standard errors); ``shortcuts`` uses the (checked) TransformerLens section
     shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
-    modular-addition data) adds Fourier labels of the features.
+    modular-addition data) adds Fourier labels of the features. ``device``: where the model and data
+    go (default: :func:`run_device`).
 
     >>> cfg = GraphRunConfig.model_validate({"methods": ["lib"], "ablation": {"limit": 256}})
     >>> cfg.methods, cfg.ablation.limit, cfg.ablation.node_points, cfg.modules.methods
@@ -431,6 +439,7 @@ class GraphRunConfig(StrictModel):
     ablation: AblationOptions = AblationOptions()
     modules: ModuleOptions = ModuleOptions()
     fourier: bool | None = None
+    device: Device = None
 
     @model_validator(mode="after")
     def _known(self) -> GraphRunConfig:
@@ -470,6 +479,7 @@ class DegeneracyRunConfig(StrictModel):
         sparsify: run the Section 4 construction when the model is a chain of linear layers.
         union_max_parameters: compute the exact span of the free directions up to this N.
         seed: seeds every random choice.
+        device: where the model and data go (``"cpu"``, ``"cuda:0"``; default: :func:`run_device`).
 
     >>> cfg = DegeneracyRunConfig.model_validate({"epsilon": 1e-3, "relative": True, "position": -1})
     >>> cfg.model.name, cfg.epsilon, cfg.positions, cfg.hessian  # "position" is the former name
@@ -510,6 +520,7 @@ class DegeneracyRunConfig(StrictModel):
     sparsify: bool = True
     union_max_parameters: int = Field(default=20_000, ge=0)
     seed: int = 0
+    device: Device = None
 
     @model_validator(mode="after")
     def check_combinations(self) -> DegeneracyRunConfig:

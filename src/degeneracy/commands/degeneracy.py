@@ -87,7 +87,7 @@ def run_degeneracy(
     """
     out = Path(out)
     config = {
-        **cfg.model_dump(),
+        **cfg.model_dump(exclude={"device"}),  # where it runs does not change the result
         "hessian_forward": None if hessian_forward is None else _qualname(hessian_forward),
         "title": title,
         "fingerprint": run_fingerprint(model, data),  # another model under the same name recomputes

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from degeneracy.distributed import is_main
+
 __all__ = [
     "USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_errors", "echo_err", "exit_if_invalid"
 ]
@@ -49,7 +51,8 @@ def user_errors() -> Iterator[None]:
 
 
 def echo_err(message: str) -> None:
-    """Progress lines of a command go to stderr, so that its stdout is only the JSON summary.
+    """Progress lines of a command go to stderr, so that its stdout is only the JSON summary (under
+    ``torchrun``: from rank 0 only).
 
     >>> import contextlib, io
     >>> out, err = io.StringIO(), io.StringIO()
@@ -58,7 +61,8 @@ def echo_err(message: str) -> None:
     >>> out.getvalue(), err.getvalue().splitlines()
     ('', ['[basis.lib] running ...'])
     """
-    typer.echo(message, err=True)
+    if is_main():
+        typer.echo(message, err=True)
 
 
 def exit_if_invalid(summary: Any, command: str) -> None:
