@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from degeneracy.distributed import is_main
 from degeneracy.linalg import intra_op_threads
 from degeneracy.run import ParamLayout
 
@@ -228,7 +229,8 @@ class ChainRun:
 
 def progress_options(progress: bool, desc: str, chains: int) -> dict[str, Any]:
     """tqdm options of a sampler's bar: one tick per step (burn-in, then draws) with rate and ETA, off
-    unless ``progress``, and off when stderr is not a terminal (logs stay clean).
+    unless ``progress``, off when stderr is not a terminal (logs stay clean) and off on every rank but
+    rank 0 under torch.distributed.
 
     >>> progress_options(False, "SGLD", 4)["disable"]
     True
@@ -236,7 +238,8 @@ def progress_options(progress: bool, desc: str, chains: int) -> dict[str, Any]:
     return {
         "desc": f"{desc} ({chains} chain{'s' if chains != 1 else ''})",
         "unit": "step",
-        "disable": None if progress else True,  # None: tqdm turns itself off when not on a terminal
+        # None: tqdm turns itself off when not on a terminal
+        "disable": None if progress and is_main() else True,
         "leave": False,
         "dynamic_ncols": True,
     }
