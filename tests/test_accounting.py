@@ -248,6 +248,16 @@ def test_report_counts_grow_with_epsilon(planted) -> None:
     assert large.count("activation rank") >= small.count("activation rank")
 
 
+def test_report_without_jacobians_keeps_the_activation_rows(planted, planted_report) -> None:
+    """``jacobians=False`` (also the degeneracy command's ``jacobians: false``) leaves out the Jacobian
+    statistics and their rows, not the activation-rank rows, which are the same as with them."""
+    model, x = planted
+    report = degeneracy_report(model, x, jacobians=False, hessian=None)
+    assert report.row("jacobian rank", "fc1") is None
+    for layer in ("fc1", "fc2"):
+        assert report.count("activation rank", layer) == planted_report.count("activation rank", layer)
+
+
 # --- Section 4 ---------------------------------------------------------------------------------------
 
 

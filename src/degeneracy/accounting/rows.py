@@ -137,8 +137,8 @@ SOURCE_KEYS: dict[str, str] = {
 def _site_grams(
     stats: Statistics, site: Site, epsilon: float, relative: bool
 ) -> tuple[RankInfo, RankInfo | None, Tensor | None]:
-    out_stats = stats.points[site.output_point]
-    mask = out_stats.relevant()
+    out_stats = stats.points.get(site.output_point)  # absent without Jacobian statistics
+    mask = None if out_stats is None else out_stats.relevant()
     gram = stats.gram(site.input_point, mask)
     d = site.d_in_aug
     if stats.points[site.input_point].augment and not site.has_bias:
@@ -147,9 +147,9 @@ def _site_grams(
     in_stats = stats.points[site.input_point]
     samples = in_stats.count * (int(mask.sum()) if mask is not None else in_stats.positions)
     act = gram_rank(gram, epsilon, relative=relative, num_samples=samples, src_dtype=in_stats.dtype)
-    k = stats.jacobian_gram(site.output_point)
+    k = None if out_stats is None else stats.jacobian_gram(site.output_point)
     jac = None
-    if k is not None:
+    if k is not None and out_stats is not None:
         jac = gram_rank(k, epsilon, relative=relative, num_samples=samples, src_dtype=out_stats.dtype)
     return act, jac, mask
 
