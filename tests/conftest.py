@@ -90,3 +90,32 @@ def tiny_relu_transformer(n_layers: int = 1) -> tuple[nn.Module, torch.Tensor]:
     a = torch.arange(7).repeat_interleave(7)
     b = torch.arange(7).repeat(7)
     return model, torch.stack([a, b, torch.full_like(a, 7)], 1)
+
+
+def residual_nodes(n_layers: int) -> list[str]:
+    """The residual stream of a TransformerLens model (pre, mid and post hook of every block), then its
+    output: node layers at all positions with every kind of section between neighbours."""
+    hooks = [f"blocks.{i}.hook_resid_{where}" for i in range(n_layers) for where in ("pre", "mid", "post")]
+    return [*hooks, "output"]
+
+
+def assert_bases_agree(fast, slow, directions: bool = False) -> None:
+    """Two bases of the same node layers (with and without section shortcuts) have the same eigenvalues
+    (1e-9 relative, 1e-12 of the top one absolute) and, with ``directions``, the same rows of C up to sign
+    (1e-7 relative, 1e-9 of the largest entry absolute)."""
+    for name in fast:
+        a, b = fast[name], slow[name]
+        top = float(b.eigenvalues[0])
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12 * top)
+        if directions:
+            signs = torch.sign((a.C * b.C).sum(1))
+            big = float(b.C.abs().max())
+            torch.testing.assert_close(signs[:, None] * a.C, b.C, rtol=1e-7, atol=1e-9 * big)
+
+
+def assert_edges_agree(fast, slow) -> None:
+    """Two interaction graphs (with and without section shortcuts) have the same pairs and the same edges
+    (1e-9 relative, 1e-12 of each pair's largest edge absolute)."""
+    assert set(fast.edges) == set(slow.edges)
+    for pair, want in slow.edges.items():
+        torch.testing.assert_close(fast.edges[pair], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))

@@ -18,27 +18,44 @@ import degeneracy
 from degeneracy.commands import app
 
 CONFIG = "model: {name: digits_mlp, limit: 150}\nmethods: [lib]\nablation: {node_points: 3}\n"
+needs_torchrun = pytest.mark.skipif(
+    not dist.is_available() or shutil.which("torchrun") is None, reason="no torchrun"
+)
+
+
+def torchrun(command: str, config: Path, out: Path) -> subprocess.CompletedProcess:
+    """``python -m degeneracy COMMAND CONFIG --out OUT`` under torchrun (2 processes, one thread each),
+    asserted to succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", command, str(config),
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def one_and_two_processes(tmp_path: Path, command: str, config_text: str) -> subprocess.CompletedProcess:
+    """Run ``command`` on ``config_text`` in this process (into tmp_path/one) and under torchrun (into
+    tmp_path/two); assert both succeed and write the same files; return the torchrun run."""
+    config = tmp_path / f"{command}.yaml"
+    config.write_text(config_text)
+    one = CliRunner().invoke(app, [command, str(config), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = torchrun(command, config, tmp_path / "two")
+    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
+    return two
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not dist.is_available() or shutil.which("torchrun") is None, reason="no torchrun")
+@needs_torchrun
 def test_graph_command_under_torchrun_equals_one_process(tmp_path: Path) -> None:
-    config = tmp_path / "graph.yaml"
-    config.write_text(CONFIG)
-    one = CliRunner().invoke(app, ["graph", str(config), "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    two = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "graph", str(config),
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = one_and_two_processes(tmp_path, "graph", CONFIG)
     printed = json.loads(two.stdout)  # rank 0 alone prints the summary (one JSON document)
     assert printed["n_examples"] == 150
 
-    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))
-    assert files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
     g1 = degeneracy.load_graph(tmp_path / "one/graphs/lib.safetensors")
     g2 = degeneracy.load_graph(tmp_path / "two/graphs/lib.safetensors")
     for pair in g1.pairs:
@@ -51,33 +68,16 @@ def test_graph_command_under_torchrun_equals_one_process(tmp_path: Path) -> None
     n2 = json.loads((tmp_path / "two/ablation/lib_nodes.json").read_text())
     assert {k: v["accuracy"] for k, v in n2.items()} == {k: v["accuracy"] for k, v in n1.items()}
 
-    again = subprocess.run(  # a rerun with the same config: every rank skips every stage alike
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "graph", str(config),
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = torchrun("graph", tmp_path / "graph.yaml", tmp_path / "two")  # a rerun: every rank skips alike
     assert again.stderr.count("done before with the same config") == 5  # 5 stages, said by rank 0 alone
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not dist.is_available() or shutil.which("torchrun") is None, reason="no torchrun")
+@needs_torchrun
 def test_degeneracy_command_under_torchrun_equals_one_process(tmp_path: Path) -> None:
     from degeneracy.accounting import load_degeneracy_report, load_hessian_spectrum
 
-    config = tmp_path / "degeneracy.yaml"
-    config.write_text("model: {name: digits_mlp, limit: 150}\nhessian: exact\n")
-    one = CliRunner().invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "one")])
-    assert one.exit_code == 0, one.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    two = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "degeneracy", "degeneracy", str(config),
-         "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*"))
-    assert files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*"))
+    one_and_two_processes(tmp_path, "degeneracy", "model: {name: digits_mlp, limit: 150}\nhessian: exact\n")
     r1 = load_degeneracy_report(tmp_path / "one/degeneracy_report.json")
     r2 = load_degeneracy_report(tmp_path / "two/degeneracy_report.json")
     assert r2.num_examples == r1.num_examples == 150 and r2.union == r1.union

@@ -20,18 +20,11 @@ from degeneracy.models import (
     load_induction_metadata,
 )
 from degeneracy.sections import shortcut_gram, transformer_lens_sections
+from tests.conftest import residual_nodes
 
 pytest.importorskip("transformer_lens")
 
-NODES = [
-    "blocks.0.hook_resid_pre",
-    "blocks.0.hook_resid_mid",
-    "blocks.0.hook_resid_post",
-    "blocks.1.hook_resid_pre",
-    "blocks.1.hook_resid_mid",
-    "blocks.1.hook_resid_post",
-    "output",
-]
+NODES = residual_nodes(2)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from degeneracy.llc import estimate_llc, sample_sgld, theory
+from degeneracy.llc import LLCResult, estimate_llc, sample_sgld, theory
 from degeneracy.llc.sgld import ParamLayout, SGLDConfig, chain_generator, noise_block_steps, run_sgld_chains
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,35 +63,28 @@ def test_rmsprop_on_an_anisotropic_quadratic_gives_half_the_dimension() -> None:
     η G nβ h ≤ 0.035 in every direction (G ≈ 1/(√(h/nβ) + ε) at equilibrium): bias ≲ 1 %. Adapting G at
     every draw (devinterp's way, α = 0.99) is biased here: G then follows the state it scales."""
     h = torch.tensor([1.0, 1.0, 30.0, 30.0], dtype=F64)
-    result = sample_sgld(
-        lambda w, _: 0.5 * (h * w.square()).sum(),
-        torch.zeros(4, dtype=F64),
-        nbeta=10.0,
-        step_size=2e-4,
-        num_chains=32,
-        num_draws=2000,
-        num_burnin=1000,
-        seed=0,
-        sampler="rmsprop",
-        warn=False,
-    )
+
+    def sample(num_chains: int, **options: object) -> LLCResult:
+        return sample_sgld(
+            lambda w, _: 0.5 * (h * w.square()).sum(),
+            torch.zeros(4, dtype=F64),
+            nbeta=10.0,
+            step_size=2e-4,
+            num_chains=num_chains,
+            num_draws=2000,
+            num_burnin=1000,
+            seed=0,
+            sampler="rmsprop",
+            warn=False,
+            **options,
+        )
+
+    result = sample(32)
     assert result.config["sampler"] == "rmsprop" and result.config["preconditioner"] == "rmsprop"
     assert not result.excluded_chains
     assert result.mean == pytest.approx(2.0, rel=0.05)  # stated tolerance: 5 %
     assert result.mcse < 0.05
-    always = sample_sgld(
-        lambda w, _: 0.5 * (h * w.square()).sum(),
-        torch.zeros(4, dtype=F64),
-        nbeta=10.0,
-        step_size=2e-4,
-        num_chains=16,
-        num_draws=2000,
-        num_burnin=1000,
-        seed=0,
-        sampler="rmsprop",
-        sampler_options={"adapt": "always"},
-        warn=False,
-    )
+    always = sample(16, sampler_options={"adapt": "always"})
     assert always.mean > 2.0 * 1.15  # measured: 2.60 (+30 %)
 
 

@@ -14,18 +14,11 @@ from degeneracy.capture import capture, section
 from degeneracy.jacobian import jacobian_gram
 from degeneracy.linalg import homogeneous_rule, integration_rule
 from degeneracy.sections import shortcut_gram, transformer_lens_sections
+from tests.conftest import assert_bases_agree, assert_edges_agree, residual_nodes
 
 tl = pytest.importorskip("transformer_lens")
 
-ALL = [  # two blocks, all positions, every kind of section
-    "blocks.0.hook_resid_pre",
-    "blocks.0.hook_resid_mid",
-    "blocks.0.hook_resid_post",
-    "blocks.1.hook_resid_pre",
-    "blocks.1.hook_resid_mid",
-    "blocks.1.hook_resid_post",
-    "output",
-]
+ALL = residual_nodes(2)  # two blocks, all positions, every kind of section
 LAST = [  # fewer target positions than source positions
     "blocks.1.hook_resid_pre",
     {"name": "mid", "module": "blocks.1.hook_resid_mid", "positions": -1},
@@ -148,10 +141,7 @@ def test_normed_bases_with_and_without_shortcuts_agree(method: str) -> None:
     if method == "lib":
         assert set(fast.info["jacobians"].values()) == {"closed form"}
     assert "closed form" not in set(slow.info["jacobians"].values())
-    for name in fast:
-        a, b = fast[name], slow[name]
-        top = float(b.eigenvalues[0])
-        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-9, atol=1e-12 * top)
+    assert_bases_agree(fast, slow)
 
 
 def test_normed_edges_with_and_without_shortcuts_agree() -> None:
@@ -160,9 +150,7 @@ def test_normed_edges_with_and_without_shortcuts_agree() -> None:
     fast = degeneracy.interaction_graph(model, x, basis, progress=False)
     slow = degeneracy.interaction_graph(model, x, basis, sections=None, progress=False)
     assert set(fast.info["modes"].values()) == {"analytic"}
-    for pair in fast.edges:
-        want = slow.edges[pair]
-        torch.testing.assert_close(fast.edges[pair], want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+    assert_edges_agree(fast, slow)
 
 
 def test_normed_shortcut_that_differs_from_the_model_is_dropped() -> None:

@@ -62,6 +62,18 @@ def hf_layer_norm(module: nn.LayerNorm) -> Norm:
     return Norm(True, weight, bias, float(module.eps))
 
 
+def _head_weights(
+    qkv: Sequence[tuple[Tensor, Tensor]], w_o: Tensor, b_o: Tensor | None, attn_scale: float
+) -> SimpleNamespace:
+    """Attention weights named as the TransformerLens closed forms read them: ``qkv`` the per-head
+    (weight heads × d × d_head, bias heads × d_head) of the queries, keys and values, in that order;
+    ``w_o`` heads × d_head × d."""
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = qkv
+    return SimpleNamespace(
+        W_Q=w_q, W_K=w_k, W_V=w_v, W_O=w_o, b_Q=b_q, b_K=b_k, b_V=b_v, b_O=b_o, attn_scale=attn_scale
+    )
+
+
 def gpt2_attention_weights(attn: Any) -> SimpleNamespace:
     """Per-head W_Q, W_K, W_V (heads × d × d_head), W_O (heads × d_head × d), biases and scale of a
     ``GPT2Attention``, as the TransformerLens closed forms read them (views of its parameters).
@@ -80,18 +92,9 @@ def gpt2_attention_weights(attn: Any) -> SimpleNamespace:
         w = weight[:, i * d : (i + 1) * d].reshape(d, heads, e).permute(1, 0, 2)
         return w, bias[i * d : (i + 1) * d].reshape(heads, e)
 
-    (w_q, b_q), (w_k, b_k), (w_v, b_v) = per_head(0), per_head(1), per_head(2)
-    return SimpleNamespace(
-        W_Q=w_q,
-        W_K=w_k,
-        W_V=w_v,
-        W_O=attn.c_proj.weight.reshape(heads, e, d),
-        b_Q=b_q,
-        b_K=b_k,
-        b_V=b_v,
-        b_O=attn.c_proj.bias,
-        attn_scale=math.sqrt(e) if attn.scale_attn_weights else 1.0,
-    )
+    scale = math.sqrt(e) if attn.scale_attn_weights else 1.0
+    qkv = [per_head(i) for i in range(3)]
+    return _head_weights(qkv, attn.c_proj.weight.reshape(heads, e, d), attn.c_proj.bias, scale)
 
 
 def gpt2_block(block: Any, positions: Any) -> ClosedForm:
@@ -207,18 +210,8 @@ def bert_attention_weights(attention: Any) -> SimpleNamespace:
     def per_head(linear: nn.Linear) -> tuple[Any, Any]:
         return linear.weight.T.reshape(d, heads, e).permute(1, 0, 2), linear.bias.reshape(heads, e)
 
-    (w_q, b_q), (w_k, b_k), (w_v, b_v) = per_head(own.query), per_head(own.key), per_head(own.value)
-    return SimpleNamespace(
-        W_Q=w_q,
-        W_K=w_k,
-        W_V=w_v,
-        W_O=out.weight.T.reshape(heads, e, d),
-        b_Q=b_q,
-        b_K=b_k,
-        b_V=b_v,
-        b_O=out.bias,
-        attn_scale=math.sqrt(e),
-    )
+    qkv = [per_head(linear) for linear in (own.query, own.key, own.value)]
+    return _head_weights(qkv, out.weight.T.reshape(heads, e, d), out.bias, math.sqrt(e))
 
 
 def bert_layer(layer: Any, positions: Any) -> ClosedForm:

@@ -17,7 +17,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -117,6 +117,12 @@ class _Sampling:
     divergence_factor: float
     warn: bool
     sampler_options: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> _Sampling:
+        """The settings an entry point was called with: each field taken by name from ``arguments``
+        (its ``locals()``), so both entry points build them the same way, in no positional order."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 
     def config(self, step_size: float) -> SGLDConfig:
         """The :class:`SGLDConfig` of these settings at step size ``step_size``."""
@@ -303,23 +309,7 @@ def sample_sgld(
         with torch.no_grad():
             init_loss = float(sum(float(one_chain(params, b)) for b in items) / len(items))
 
-    sampling = _Sampling(
-        nbeta,
-        localization,
-        step_size,
-        num_chains,
-        num_draws,
-        num_burnin,
-        thinning,
-        seed,
-        vectorize,
-        threads,
-        progress,
-        sampler,
-        divergence_factor,
-        warn,
-        sampler_options,
-    )
+    sampling = _Sampling.of(locals())
     name = loss_name(loss_fn)
     extra = {"loss": name, "num_batches": len(items), "vectorize": vectorize}
 
@@ -449,23 +439,7 @@ def estimate_llc(
         nbeta = n / math.log(n)
     _check_sampler(sampler, examples.num_batches(batch_size))
 
-    sampling = _Sampling(
-        nbeta,
-        localization,
-        step_size,
-        num_chains,
-        num_draws,
-        num_burnin,
-        thinning,
-        seed,
-        vectorize,
-        threads,
-        progress,
-        sampler,
-        divergence_factor,
-        warn,
-        sampler_options,
-    )
+    sampling = _Sampling.of(locals())
     was_training = model.training
     model.eval()
     try:

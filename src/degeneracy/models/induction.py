@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from degeneracy.models.shipped import WEIGHTS_DIR, read_sidecar, read_weights
+from degeneracy.models.shipped import WEIGHTS_DIR, load_shipped_transformer, read_sidecar
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -162,15 +162,5 @@ def load_induction(
     >>> model.cfg.normalization_type, model.training, next(model.parameters()).dtype
     ('LN', False, torch.float64)
     """
-    import transformer_lens as tl
-
-    state = read_weights(weights, "scripts/train_induction.py")
-    model = tl.HookedTransformer(
-        induction_config(dtype=dtype, device=str(torch.device(device))), move_to_device=True
-    )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(("attn.mask", "attn.IGNORE"))]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model
+    config = induction_config(dtype=dtype, device=str(torch.device(device)))
+    return load_shipped_transformer(config, weights, "scripts/train_induction.py")

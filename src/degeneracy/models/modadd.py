@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from degeneracy.models.shipped import WEIGHTS_DIR, read_sidecar, read_weights, split_indices
+from degeneracy.models.shipped import WEIGHTS_DIR, load_shipped_transformer, read_sidecar, split_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -225,14 +225,5 @@ def load_modadd(
     >>> model.cfg.d_vocab_out, model.training
     (114, False)
     """
-    tl = _import_transformer_lens()
-    state = read_weights(weights, "scripts/train_modadd.py")
     config = modadd_config(dtype=dtype, device=str(torch.device(device)))
-    model = tl.HookedTransformer(config, move_to_device=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # TransformerLens buffers (the causal mask and IGNORE) are rebuilt by the constructor.
-    missing = [k for k in missing if not k.endswith(("attn.mask", "attn.IGNORE"))]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model
+    return load_shipped_transformer(config, weights, "scripts/train_modadd.py")

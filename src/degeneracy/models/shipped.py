@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHTS_DIR", "split_indices", "read_sidecar", "read_weights"]
+if TYPE_CHECKING:  # pragma: no cover
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+__all__ = ["WEIGHTS_DIR", "split_indices", "read_sidecar", "read_weights", "load_shipped_transformer"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """The folder of the shipped weights (safetensors) and their JSON sidecars."""
@@ -58,3 +61,29 @@ def read_weights(path: str | Path, script: str) -> dict[str, Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}; train them with `python {script}`")
     return load_file(str(path))
+
+
+def load_shipped_transformer(
+    config: HookedTransformerConfig, weights: str | Path, script: str
+) -> HookedTransformer:
+    """A ``HookedTransformer`` of ``config`` holding the weights file ``weights`` (written by the training
+    script ``script``), in eval mode. The buffers its constructor rebuilds (the causal mask and IGNORE)
+    may be absent from the file; any other missing or unexpected key is a ``RuntimeError``.
+
+    >>> from degeneracy.models.induction import induction_config
+    >>> model = load_shipped_transformer(
+    ...     induction_config(), WEIGHTS_DIR / "induction.safetensors", "scripts/train_induction.py"
+    ... )
+    >>> model.cfg.n_layers, model.training
+    (2, False)
+    """
+    import transformer_lens as tl
+
+    state = read_weights(weights, script)
+    model = tl.HookedTransformer(config, move_to_device=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("attn.mask", "attn.IGNORE"))]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model

@@ -11,7 +11,7 @@ when the run holds nothing for it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,13 @@ def _facts(items: list[tuple[str, Any]]) -> str:
         if v is not None
     )
     return f'<div class="facts">{cells}</div>'
+
+
+def _section(run_dir: Path, parts: list[str], sources: Iterable[Path]) -> str:
+    """A section's HTML: its parts, then the line naming the files they were read from ("" without parts)."""
+    if not parts:
+        return ""
+    return "".join([*parts, source_line(run_dir, *sources)])
 
 
 def _pair(key: str) -> str:
@@ -102,8 +109,7 @@ def _bases(run_dir: Path, found: Found) -> str:
     parts.append(
         embed_figure(plot, "basis spectra", "Retained eigenvalues per node layer, normalised to the largest.")
     )
-    parts.append(source_line(run_dir, *sources))
-    return "".join(parts)
+    return _section(run_dir, parts, sources)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,10 +209,7 @@ def _graph(run_dir: Path, found: Found) -> str:
                     "90/99/99.9 % of the total strength.",
                 )
             )
-    if not parts:
-        return ""
-    parts.append(source_line(run_dir, *sources))
-    return "".join(parts)
+    return _section(run_dir, parts, sources)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,10 +280,7 @@ def _ablations(run_dir: Path, found: Found) -> str:
                 "Edge ablation: accuracy against edges kept (the bisection's points), answer marked.",
             )
         )
-    if not parts:
-        return ""
-    parts.append(source_line(run_dir, *(p for _, p in edge_files + node_files)))
-    return "".join(parts)
+    return _section(run_dir, parts, (p for _, p in edge_files + node_files))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -375,10 +375,7 @@ def _modules(run_dir: Path, found: Found) -> str:
                         "Features of each module by dominant Fourier frequency.",
                     )
                 )
-    if not parts:
-        return ""
-    parts.append(source_line(run_dir, *sources))
-    return "".join(parts)
+    return _section(run_dir, parts, sources)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -467,8 +464,7 @@ def _accounting(run_dir: Path, found: Found) -> str:
     parts.append(
         embed_figure(lambda p: plot_sources(report, p), "sources", "Free directions by source and layer.")
     )
-    parts.append(source_line(run_dir, *sources))
-    return "".join(parts)
+    return _section(run_dir, parts, sources)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -555,10 +551,7 @@ def _llc(run_dir: Path, found: Found) -> str:
                 "Effective parameter count against the loss scale ε.",
             )
         )
-    if not parts:
-        return ""
-    parts.append(source_line(run_dir, *sources))
-    return "".join(parts)
+    return _section(run_dir, parts, sources)
 
 
 Section = tuple[str, str, Callable[[Path, Found], str]]

@@ -31,7 +31,6 @@ from degeneracy.adapters.transformer_lens.normed import (
     positionwise_gram,
 )
 from degeneracy.adapters.transformer_lens.parts import (
-    attention_parts,
     positions_of,
     select_positions,
     sequence_length,
@@ -169,7 +168,8 @@ def mlp_tangent(mlp: Any, src: NodeLayer, dst: NodeLayer) -> Callable[..., Tenso
 
 
 def attention_tangent(attn: Any, positions: Any, direction: str) -> Callable[..., Tensor]:
-    """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form.
+    """J(f)·δf of x_t + attn(x)_t for a general tangent δf (b, P, d), in closed form:
+    :func:`normed_attention_tangent` without a norm (h = x, δh = δf).
 
     >>> from types import SimpleNamespace
     >>> w = torch.ones(1, 2, 1, dtype=torch.float64)  # one head, d_model 2, d_head 1
@@ -180,23 +180,7 @@ def attention_tangent(attn: Any, positions: Any, direction: str) -> Callable[...
     >>> attention_tangent(attn, -1, "causal")(None, f, torch.ones(1, 2, 2)).tolist()
     [[[3.0, 3.0]]]
     """
-
-    def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        qpos = positions_of(positions, f.shape[1])
-        a = attention_parts(attn, f, qpos, direction)
-        r = r.to(torch.float64)
-        dq = torch.einsum("btd,hde->bthe", r[:, qpos], a["W_Q"])
-        dk = torch.einsum("bsd,hde->bshe", r, a["W_K"])
-        dv = torch.einsum("bsd,hde->bshe", r, a["W_V"])
-        p = a["p"]
-        ds = (
-            torch.einsum("bthe,bshe->bths", dq, a["k"]) + torch.einsum("bthe,bshe->bths", a["q"], dk)
-        ) / float(attn.attn_scale)
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-        dz = torch.einsum("bths,bshe->bthe", dp, a["v"]) + torch.einsum("bths,bshe->bthe", p, dv)
-        return r[:, qpos] + torch.einsum("bthe,hed->btd", dz, a["W_O"])
-
-    return tangent
+    return normed_attention_tangent(attn, None, positions, direction)
 
 
 def first_gram(*grams: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:
