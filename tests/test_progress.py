@@ -69,3 +69,27 @@ def test_hessian_bar_counts_examples_in_a_terminal(monkeypatch) -> None:
     text = terminal.getvalue()
     assert all(shown in text for shown in ("Hessian", "10/30", "20/30", "30/30", "ex/s")), text[-400:]
     torch.testing.assert_close(first.eigenvalues, again.eigenvalues, rtol=0, atol=0)  # look only
+
+
+def test_edge_ablation_progress_writes_nothing_to_stdout(monkeypatch, capsys, caplog) -> None:
+    """Each bisection evaluation goes to the ``degeneracy`` logger and, on a terminal, above the bars on
+    stderr; never to stdout."""
+    import logging
+
+    from degeneracy.ablation import edge_ablation
+
+    model, x = _setup()
+    basis = degeneracy.interaction_basis(model, x, ["fc1", "fc2", "output"], progress=False)
+    graph = degeneracy.interaction_graph(model, x, basis, progress=False)
+    labels = model(x).argmax(-1)
+    with caplog.at_level(logging.INFO, logger="degeneracy"):
+        quiet = edge_ablation(model, x, basis, graph, labels=labels, pairs=[("fc1", "fc2")], progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""  # pytest's stderr is not a terminal: quiet
+    logged = [r.getMessage() for r in caplog.records if "edges kept" in r.getMessage()]
+    assert len(logged) == quiet[("fc1", "fc2")].info["evaluations"], logged  # one line per evaluation
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    edge_ablation(model, x, basis, graph, labels=labels, pairs=[("fc1", "fc2")], progress=True)
+    assert capsys.readouterr().out == ""
+    assert "fc1->fc2:" in terminal.getvalue() and "edges kept, accuracy" in terminal.getvalue()

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,12 +14,15 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.fingerprint import check_model, check_same_basis
 from degeneracy.sections import Sections, extended, resolve_sections
+
+logger = logging.getLogger("degeneracy")
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
 
@@ -291,8 +296,10 @@ def edge_ablation(
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)
-            if progress:
-                print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
+            line = f"{src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}"
+            logger.info(line)  # the degeneracy logger; on a terminal also a line above the bars (stderr)
+            if progress and sys.stderr.isatty():
+                tqdm.write("  " + line, file=sys.stderr)
             return res
 
         needed, evaluated = bisect_edges(score, num_total, target, scaling)
