@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
-from degeneracy.fingerprint import check_model, check_same_basis
+from degeneracy.fingerprint import basis_fingerprint, check_model, check_same_basis, result_fingerprint
 from degeneracy.sections import Sections, extended, resolve_sections
 
 logger = logging.getLogger("degeneracy")
@@ -281,6 +281,7 @@ def edge_ablation(
             )
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
+    recorded = result_fingerprint(model, data, basis=basis_fingerprint(basis))  # in every result's info
     results = {}
     for pair in pairs or graph.pairs:
         start = time.perf_counter()
@@ -319,6 +320,6 @@ def edge_ablation(
             target,
             dict(sorted(accs.items())),
             dict(sorted(losses.items())),
-            {"seconds": time.perf_counter() - start, "evaluations": len(accs) - 1},
+            {"seconds": time.perf_counter() - start, "evaluations": len(accs) - 1, "fingerprint": recorded},
         )
     return results

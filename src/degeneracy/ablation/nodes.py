@@ -21,7 +21,7 @@ from degeneracy.ablation.runner import (
 )
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
-from degeneracy.fingerprint import check_model
+from degeneracy.fingerprint import basis_fingerprint, check_model, result_fingerprint
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -184,6 +184,9 @@ def node_ablation_curve(
         result = runner.evaluate(replace)
         accs.append(result["accuracy"])
         losses.append(result["loss"])
+    info: dict[str, Any] = {"seconds": time.perf_counter() - start}
+    if _runner is None:  # node_ablation_curves records it once for all its curves
+        info["fingerprint"] = result_fingerprint(model, data, basis=basis_fingerprint(basis))
     return NodeAblationCurve(
         layer,
         basis.config.method,
@@ -194,7 +197,7 @@ def node_ablation_curve(
         losses,
         base["accuracy"],
         base["loss"],
-        {"seconds": time.perf_counter() - start},
+        info,
     )
 
 
@@ -245,6 +248,9 @@ def node_ablation_curves(
             metrics=metrics,
             _runner=runner,
         )
+    recorded = result_fingerprint(model, data, basis=basis_fingerprint(basis))  # model + data + basis
+    for curve in out.values():
+        curve.info["fingerprint"] = recorded
     return out
 
 
