@@ -93,3 +93,43 @@ def test_edge_ablation_progress_writes_nothing_to_stdout(monkeypatch, capsys, ca
     edge_ablation(model, x, basis, graph, labels=labels, pairs=[("fc1", "fc2")], progress=True)
     assert capsys.readouterr().out == ""
     assert "fc1->fc2:" in terminal.getvalue() and "edges kept, accuracy" in terminal.getvalue()
+
+
+def test_exact_hessian_bar_moves_within_a_batch_and_lanczos_has_an_eta(monkeypatch) -> None:
+    """The exact Jacobians advance per vmap chunk of examples (the same numbers as one batch-wide vmap);
+    Lanczos counts its Hessian-vector products against their bound."""
+    import degeneracy.accounting.hessian
+    from degeneracy.linalg import krylov_max_vectors
+
+    _draw_every_update(monkeypatch)
+    monkeypatch.setattr(
+        degeneracy.accounting.hessian, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1)
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    x = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    options = {"method": "exact", "batch_size": 30}
+    chunked = degeneracy.hessian_spectrum(model, x, chunk_size=7, progress=True, **options)
+    text = terminal.getvalue()
+    assert all(f"{n}/30" in text for n in (7, 14, 21, 28, 30)), text[-400:]  # one batch, five chunks
+    whole = degeneracy.hessian_spectrum(model, x, chunk_size=None, **options)
+    torch.testing.assert_close(chunked.eigenvalues, whole.eigenvalues, rtol=0, atol=0)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    n = sum(p.numel() for p in model.parameters())
+    lanczos = degeneracy.hessian_spectrum(
+        model, x, method="lanczos", k=3, block_size=2, num_rank_probes=2, num_rank_steps=5, progress=True
+    )
+    text = terminal.getvalue()
+    bound = krylov_max_vectors(n, 3, block_size=2)
+    assert "Lanczos top-3" in text and f"/{bound}" in text and "vec/s" in text and "<" in text, text[-400:]
+    assert "SLQ rank" in text and "10/10" in text, text[-400:]
+    assert lanczos.matvecs >= 10
+    quiet = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    degeneracy.hessian_spectrum(model, x, method="lanczos", k=3, block_size=2, progress=True)
+    assert quiet.getvalue() == ""
