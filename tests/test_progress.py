@@ -133,3 +133,27 @@ def test_exact_hessian_bar_moves_within_a_batch_and_lanczos_has_an_eta(monkeypat
     monkeypatch.setattr(sys, "stderr", quiet)
     degeneracy.hessian_spectrum(model, x, method="lanczos", k=3, block_size=2, progress=True)
     assert quiet.getvalue() == ""
+
+
+def test_ablation_bars_move_within_a_batch_with_the_same_accuracies(monkeypatch) -> None:
+    """Evaluations run a batch in pieces of EVALUATION_STEP examples: the bar moves per piece, the
+    accuracies are the same counts as in one batch-wide pass and the losses agree to float64 round-off."""
+    import degeneracy.ablation.runner as runner
+
+    _draw_every_update(monkeypatch)
+    torch.manual_seed(0)
+    model = mlp([4, 6, 5, 3])
+    x = torch.randn(300, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(4))
+    basis = degeneracy.interaction_basis(model, x, ["fc1", "fc2", "output"], progress=False)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    pieces = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=300, progress=True)
+    text = terminal.getvalue()
+    assert runner.EVALUATION_STEP == 128 and all(f"{n}/300" in text for n in (128, 256, 300)), text[-400:]
+    monkeypatch.setattr(runner, "EVALUATION_STEP", None)  # one pass over the whole batch
+    whole = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=300)
+    for name, curve in pieces.items():
+        assert curve.accuracy == whole[name].accuracy and curve.num_kept == whole[name].num_kept
+        loss, reference = torch.tensor(curve.loss), torch.tensor(whole[name].loss)
+        torch.testing.assert_close(loss, reference, rtol=1e-13, atol=0)
