@@ -112,3 +112,13 @@ def test_report_and_llc_record_model_and_data_and_keep_them_on_disk(tmp_path) ->
     ]
     other = degeneracy.degeneracy_report(_model(1), x, hessian=None).config["fingerprint"]["model"]
     assert other != fp["model"]
+
+
+def test_node_ablation_by_edges_refuses_a_graph_of_another_basis(built) -> None:
+    model, x, basis, graph, labels, edges = built
+    pca = degeneracy.interaction_basis(model, x, LAYERS, method="pca", progress=False)
+    options = {"labels": labels, "importance": "edges", "graph": graph, "num_points": 2}
+    with pytest.raises(ModelMismatchError, match="another basis"):
+        node_ablation_curves(model, x, pca, **options)
+    curves = node_ablation_curves(model, x, basis, **options)
+    assert all(c.importance == "edges" for c in curves.values())

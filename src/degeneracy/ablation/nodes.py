@@ -21,7 +21,7 @@ from degeneracy.ablation.runner import (
 )
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
-from degeneracy.fingerprint import basis_fingerprint, check_model, result_fingerprint
+from degeneracy.fingerprint import basis_fingerprint, check_model, check_same_basis, result_fingerprint
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -157,6 +157,8 @@ def node_ablation_curve(
     """
     if _runner is None:
         check_model(basis, model, allow_other_model=allow_other_model)
+        if graph is not None:  # importance="edges": the graph must come from this basis
+            check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     start = time.perf_counter()
     kind, scores = _importance(basis, layer, importance, graph)
@@ -230,6 +232,8 @@ def node_ablation_curves(
     ['1', '2']
     """
     check_model(basis, model, allow_other_model=allow_other_model)
+    if graph is not None:  # importance="edges": the graph must come from this basis
+        check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     runner.progress = progress
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
