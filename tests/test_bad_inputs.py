@@ -166,6 +166,12 @@ LIBRARY: list[tuple[str, Callable[[dict[str, Any]], Any], type[Exception], str]]
     ("behavioral-integer-inputs", lambda m: BehavioralProblem(m["model"], torch.randint(0, 3, (8, 4))),
      ValueError, r"integer inputs"),
     ("unknown-dtype-name", lambda m: resolve_dtype("float12"), ValueError, r"float12"),
+    # --- learning coefficient ---
+    ("llc-wrong-width", lambda m: degeneracy.estimate_llc(m["model"], _x(width=5), num_chains=1, num_draws=2),
+     ValueError, r"do not fit the model"),
+    ("llc-cross-entropy-wrong-width", lambda m: degeneracy.estimate_llc(
+        m["model"], (_x(width=5), torch.arange(24) % 3), loss="cross_entropy", num_chains=1, num_draws=2),
+     ValueError, r"do not fit the model"),
     # --- result files ---
     ("load-basis-missing-file", lambda m: degeneracy.load_basis(m["folder"] / "nope.safetensors"),
      ResultFileError, r"no such file"),

@@ -39,8 +39,11 @@ __all__ = [
     "layers_fingerprint",
     "tensors_fingerprint",
     "fingerprint",
+    "result_fingerprint",
     "check_model",
     "check_same_basis",
+    "check_same_model",
+    "recorded_fingerprint",
     "basis_fingerprint",
 ]
 
@@ -162,10 +165,77 @@ def fingerprint(model: nn.Module, data: Any, layers: Sequence[Any]) -> dict[str,
     }
 
 
+def result_fingerprint(model: nn.Module | None, data: Any, **extra: Any) -> dict[str, Any]:
+    """The fingerprint every other result records (ablations, modules, the degeneracy report, LLC
+    estimates; in ``info["fingerprint"]`` or ``config["fingerprint"]``): ``{"format", "model", "data"}``
+    and ``extra`` (e.g. the ``basis`` it was computed in). ``model=None`` or a model fingerprint given as
+    a string (copied from the result it derives from) avoid hashing the model again.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> fp = result_fingerprint(model, torch.zeros(4, 2))
+    >>> sorted(fp), fp["model"] == model_fingerprint(model)
+    (['data', 'format', 'model'], True)
+    >>> result_fingerprint(None, iter([]))["data"] is None
+    True
+    """
+    if model is None or isinstance(model, str):
+        found = model
+    else:
+        found = model_fingerprint(model)
+    return {"format": FINGERPRINT_FORMAT, "model": found, "data": data_fingerprint(data), **extra}
+
+
 def _recorded(result: Any) -> Mapping[str, Any] | None:
-    info = getattr(result, "info", None)
-    found = info.get("fingerprint") if isinstance(info, Mapping) else None
-    return found if isinstance(found, Mapping) else None
+    for where in ("info", "config"):
+        place = getattr(result, where, None)
+        found = place.get("fingerprint") if isinstance(place, Mapping) else None
+        if isinstance(found, Mapping):
+            return found
+    return None
+
+
+def recorded_fingerprint(result: Any) -> Mapping[str, Any] | None:
+    """The fingerprint ``result`` records (in ``info`` or ``config``), or ``None`` (an older file).
+
+    >>> import types
+    >>> recorded_fingerprint(types.SimpleNamespace(config={"fingerprint": {"model": "ab"}}))
+    {'model': 'ab'}
+    >>> recorded_fingerprint(types.SimpleNamespace(info={})) is None
+    True
+    """
+    return _recorded(result)
+
+
+def check_same_model(
+    first: Any, second: Any, *, what: str = "results", allow_other_model: bool = False
+) -> None:
+    """Check that two results (each with a recorded fingerprint) were computed on the same model (and,
+    where both record one, in the same basis); a :class:`ModelMismatchError` when they were not
+    (``allow_other_model=True``: a warning). Nothing is checked where either records nothing (older files).
+
+    >>> import types
+    >>> a = types.SimpleNamespace(info={"fingerprint": {"model": "aa"}})
+    >>> b = types.SimpleNamespace(config={"fingerprint": {"model": "bb"}})
+    >>> check_same_model(a, a)
+    >>> try:
+    ...     check_same_model(a, b, what="modules and their epsilon")
+    ... except ModelMismatchError as err:
+    ...     print(str(err)[:52])
+    modules and their epsilon come from different models
+    """
+    one, two = _recorded(first) or {}, _recorded(second) or {}
+    differ = [k for k in ("model", "basis") if one.get(k) and two.get(k) and one[k] != two[k]]
+    if not differ:
+        return
+    key = differ[0]
+    message = (
+        f"{what} come from different {key}s (fingerprints {str(one[key])[:12]} and "
+        f"{str(two[key])[:12]}): compute both on the same {key}, or pass allow_other_model=True"
+    )
+    if not allow_other_model:
+        raise ModelMismatchError(message)
+    warnings.warn(message + " (allowed)", UserWarning, stacklevel=3)
 
 
 def check_model(

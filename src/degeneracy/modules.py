@@ -39,6 +39,7 @@ from torch import Tensor
 
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.display import html_summary, text_summary
+from degeneracy.fingerprint import check_same_model, recorded_fingerprint, tensors_fingerprint
 from degeneracy.io import JsonResult
 
 __all__ = ["log_strengths", "resolve_epsilon", "Modules", "find_modules", "load_modules"]
@@ -144,6 +145,7 @@ class Modules(JsonResult):
     seed: int
     constant_nodes: list[Node] = field(default_factory=list)
     isolated: list[Node] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_modules(self) -> int:
@@ -174,6 +176,7 @@ class Modules(JsonResult):
             resolution=float(d["resolution"]),
             seed=int(d["seed"]),
             isolated=[(str(name), int(i)) for name, i in d.get("isolated", [])],
+            info=dict(d.get("info", {})),  # files written before the fingerprint have none
         )
 
     def layer_labels(self, layer: str) -> dict[int, int]:
@@ -244,6 +247,7 @@ class Modules(JsonResult):
             "resolution": self.resolution,
             "seed": self.seed,
             "isolated": [[name, i] for name, i in self.isolated],
+            "info": self.info,
         }
 
 
@@ -256,6 +260,7 @@ def find_modules(
     seed: int = 0,
     quantile: float | None = None,
     epsilon_fraction: float = 1e-9,
+    allow_other_model: bool = False,
 ) -> Modules:
     """Leiden modules of an interaction graph on cut-off-normalised log strengths (METHOD §5).
 
@@ -268,6 +273,9 @@ def find_modules(
         quantile: ε = this quantile of each pair's non-constant edges.
         epsilon_fraction: ε = this fraction of each pair's largest non-constant edge (the default rule;
             ``relative=`` is its former, deprecated name).
+        allow_other_model: use edge-ablation results (``epsilon``) computed on another model or basis
+            than ``graph`` with a warning instead of a ``ModelMismatchError``
+            (:func:`degeneracy.fingerprint.check_same_model`).
 
     Returns:
         :class:`Modules` with ``.labels[(layer, feature)]``, the inter-module Σ s and the modularity Q.
@@ -286,6 +294,10 @@ def find_modules(
         import leidenalg
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("find_modules needs igraph and leidenalg: pip install degeneracy[modules]") from err
+    if isinstance(epsilon, Mapping):  # edge-ablation results must come from the graph's model and basis
+        for item in epsilon.values():
+            check_same_model(graph, item, what="the graph and its edge-ablation epsilon",
+                             allow_other_model=allow_other_model)
     eps = resolve_epsilon(graph, epsilon, quantile=quantile, epsilon_fraction=epsilon_fraction)
     start = 1 if graph.has_constant else 0
     nodes: list[Node] = []
@@ -381,7 +393,16 @@ def find_modules(
         seed,
         constant_nodes,
         [nodes[i] for i in isolated],
+        {"fingerprint": _fingerprint(graph)},
     )
+
+
+def _fingerprint(graph: Any) -> dict[str, Any]:
+    """The graph's model and data fingerprints (copied, not recomputed) and a hash of its edges."""
+    found = dict(recorded_fingerprint(graph) or {})
+    edges = {f"{a}->{b}": graph.edges[(a, b)] for a, b in graph.pairs}
+    keep = {k: found[k] for k in ("format", "model", "data", "basis") if k in found}
+    return {**keep, "graph": tensors_fingerprint(edges)}
 
 
 def load_modules(path: str | Path) -> Modules:

@@ -539,8 +539,9 @@ class ModelRun:
             check_model_accepts(self.model, probe, full=first)
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
 
-    def batches(self, desc: str = "", progress: bool = False) -> Iterator[Batch]:
-        """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device)."""
+    def batches(self, desc: str = "", progress: bool = False, *, step: int | None = None) -> Iterator[Batch]:
+        """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device);
+        with ``step``, each batch in pieces of at most ``step`` examples (the bar moves per piece)."""
         # quiet unless asked for, on rank 0, and stderr is a terminal (disable=None); examples, with an ETA
         shown = progress and is_main()
         bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if shown else True, leave=False)
@@ -548,8 +549,9 @@ class ModelRun:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)
                 extras = tuple(e.to(self.device) if isinstance(e, Tensor) else e for e in batch.extras)
-                yield Batch(inputs, extras)
-                bar.update(batch.size)
+                for piece in Batch(inputs, extras).split(step):
+                    yield piece
+                    bar.update(piece.size)
         finally:
             bar.close()
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,13 +14,16 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from degeneracy.ablation.runner import AblationRunner, MetricName, Metrics, Pair, classification_metrics
 from degeneracy.capture import capture, section
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.distributed import is_main
-from degeneracy.fingerprint import check_model, check_same_basis
+from degeneracy.fingerprint import basis_fingerprint, check_model, check_same_basis, result_fingerprint
 from degeneracy.sections import Sections, extended, resolve_sections
+
+logger = logging.getLogger("degeneracy")
 
 __all__ = ["EdgeAblationResult", "edge_ablation", "edge_mask", "bisect_edges"]
 
@@ -277,6 +282,7 @@ def edge_ablation(
             )
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
+    recorded = result_fingerprint(model, data, basis=basis_fingerprint(basis))  # in every result's info
     results = {}
     for pair in pairs or graph.pairs:
         start = time.perf_counter()
@@ -292,8 +298,10 @@ def edge_ablation(
             mask = edge_mask(E, n, keep_constant=kc)
             replace = _edge_replace(runner, src, dst, mask, max_elements, shortcuts.get((src, dst)))
             res = runner.evaluate(replace)
-            if progress and is_main():
-                print(f"  {src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}")
+            line = f"{src}->{dst}: {n} edges kept, accuracy {res['accuracy']:.5f}"
+            logger.info(line)  # the degeneracy logger; on a terminal also a line above the bars (stderr)
+            if progress and is_main() and sys.stderr.isatty():
+                tqdm.write("  " + line, file=sys.stderr)
             return res
 
         needed, evaluated = bisect_edges(score, num_total, target, scaling)
@@ -313,6 +321,6 @@ def edge_ablation(
             target,
             dict(sorted(accs.items())),
             dict(sorted(losses.items())),
-            {"seconds": time.perf_counter() - start, "evaluations": len(accs) - 1},
+            {"seconds": time.perf_counter() - start, "evaluations": len(accs) - 1, "fingerprint": recorded},
         )
     return results

@@ -21,7 +21,7 @@ from degeneracy.ablation.runner import (
 )
 from degeneracy.capture import capture
 from degeneracy.deprecation import renamed_arguments, renamed_fields
-from degeneracy.fingerprint import check_model
+from degeneracy.fingerprint import basis_fingerprint, check_model, check_same_basis, result_fingerprint
 
 __all__ = ["NodeAblationCurve", "node_ablation_curve", "node_ablation_curves"]
 
@@ -157,6 +157,8 @@ def node_ablation_curve(
     """
     if _runner is None:
         check_model(basis, model, allow_other_model=allow_other_model)
+        if graph is not None:  # importance="edges": the graph must come from this basis
+            check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = _runner or AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     start = time.perf_counter()
     kind, scores = _importance(basis, layer, importance, graph)
@@ -184,6 +186,9 @@ def node_ablation_curve(
         result = runner.evaluate(replace)
         accs.append(result["accuracy"])
         losses.append(result["loss"])
+    info: dict[str, Any] = {"seconds": time.perf_counter() - start}
+    if _runner is None:  # node_ablation_curves records it once for all its curves
+        info["fingerprint"] = result_fingerprint(model, data, basis=basis_fingerprint(basis))
     return NodeAblationCurve(
         layer,
         basis.config.method,
@@ -194,7 +199,7 @@ def node_ablation_curve(
         losses,
         base["accuracy"],
         base["loss"],
-        {"seconds": time.perf_counter() - start},
+        info,
     )
 
 
@@ -227,6 +232,8 @@ def node_ablation_curves(
     ['1', '2']
     """
     check_model(basis, model, allow_other_model=allow_other_model)
+    if graph is not None:  # importance="edges": the graph must come from this basis
+        check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
     runner.progress = progress
     names = layers or [layer.name for layer in runner.layers if not layer.is_output]
@@ -245,6 +252,9 @@ def node_ablation_curves(
             metrics=metrics,
             _runner=runner,
         )
+    recorded = result_fingerprint(model, data, basis=basis_fingerprint(basis))  # model + data + basis
+    for curve in out.values():
+        curve.info["fingerprint"] = recorded
     return out
 
 

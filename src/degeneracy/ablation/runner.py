@@ -38,6 +38,9 @@ Metrics = Callable[..., dict[str, float]]
 """``metrics(output, labels)`` or ``metrics(output, labels, mask=)`` (valid positions): per-batch sums
 ``{"correct", "loss", "count"}``."""
 MODEL_OUTPUT = NodeLayer("__model_output__", ("output",))
+EVALUATION_STEP = 128
+"""Ablation evaluations run each batch in pieces of this many examples, so that the progress bar moves
+within a batch (the accuracy is an exact count; sums of the loss change only by float64 round-off)."""
 
 
 def _last_valid(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -224,29 +227,29 @@ class AblationRunner:
         self.labels = labels
         self.metrics = resolve_metrics(metrics)
         self.masked = "mask" in inspect.signature(self.metrics).parameters
-        self.references: dict[int, Tensor] = {}  # the unablated output, when it is the reference
+        self.references: dict[tuple[int | None, int], Tensor] = {}  # unablated output by (step, piece)
         self.constant = bool(basis.config.has_constant)
         self.means: dict[str, Tensor] = {}
         self.widths: dict[str, list[int]] = {}
         self.progress = False  # a bar per pass over the data (examples, ETA) when in a terminal
         self.desc = "ablation"
 
-    def batches(self) -> Iterator[tuple[Any, Tensor]]:
+    def batches(self, step: int | None = None) -> Iterator[tuple[Any, Tensor]]:
         offset = 0
-        for i, batch in enumerate(self.run.batches(self.desc, self.progress)):
+        for i, batch in enumerate(self.run.batches(self.desc, self.progress, step=step)):
             inputs = batch.inputs
             if self.labels is not None:
                 labels = self.labels[offset : offset + batch.size]
             elif batch.extras and isinstance(batch.extras[0], Tensor):
                 labels = batch.extras[0]
             elif self.metrics is not classification_metrics:  # compare with the unablated model
-                labels = self.references.get(i)
+                labels = self.references.get((step, i))
                 if labels is None:
                     with torch.no_grad():
                         labels = forward(self.run.model, inputs, self.all_layers, capture=[MODEL_OUTPUT.name])
                     labels = labels[MODEL_OUTPUT.name]
                     if isinstance(self.run.data, Tensor | Mapping):  # the same batches every pass
-                        self.references[i] = labels
+                        self.references[(step, i)] = labels
             else:
                 raise ValueError(
                     "ablations need labels: pass labels=..., or data batches (inputs, labels), or "
@@ -293,7 +296,7 @@ class AblationRunner:
         """Metrics of the model when ``replace(inputs, labels)`` gives (layer, new activations)."""
         sums: dict[str, float] = {}
         with torch.no_grad(), full_precision():
-            for inputs, labels in self.batches():
+            for inputs, labels in self.batches(EVALUATION_STEP):  # the bar moves per piece of a batch
                 if replace is None:
                     out = forward(self.run.model, inputs, self.all_layers, capture=[MODEL_OUTPUT.name])
                     logits = out[MODEL_OUTPUT.name]

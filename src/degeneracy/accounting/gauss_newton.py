@@ -135,12 +135,18 @@ class BehavioralHessian(BehavioralProblem):
         bar = tqdm(total=self.n, desc="Hessian", unit="ex", disable=None if show else True, leave=False)
         try:
             for x, ref in self.batches():
-                jac = jac_fn(self.params, x, ref)
                 b = ref.shape[0]
+                step = chunk_size or b  # vmap's own chunks, run one by one: the bar moves per chunk
+                parts = []
+                for start in range(0, b, step):
+                    end = min(b, start + step)
+                    part = torch.utils._pytree.tree_map(lambda t, s=start, e=end: t[s:e], x)
+                    parts.append(jac_fn(self.params, part, ref[start:end]))
+                    bar.update(end - start)
+                jac = {name: torch.cat([p[name] for p in parts]) for name in self.layout.names}
                 yield torch.cat(
                     [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
                 ).reshape(b * self.rows, self.num_parameters)
-                bar.update(b)
         finally:
             bar.close()
 

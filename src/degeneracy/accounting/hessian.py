@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from degeneracy.accounting.gauss_newton import BehavioralHessian, numerical_floor
 from degeneracy.accounting.spectrum import HessianSpectrum, load_hessian_spectrum
@@ -49,6 +50,7 @@ from degeneracy.deprecation import deprecated_alias, renamed_arguments
 from degeneracy.linalg import (
     block_krylov_top,
     hutchinson_trace,
+    krylov_max_vectors,
     lanczos_top,
     psd_eigenvalues,
     rank_at,
@@ -123,15 +125,23 @@ def _lanczos(
     """The top k eigenvalues by block Lanczos, with the SLQ density and Hutchinson's trace if asked."""
     n_params = hessian.num_parameters
     counter = {"n": 0}
+    show = None if getattr(hessian, "progress", False) else True  # None: quiet when not a terminal
+    bound = krylov_max_vectors(n_params, k, block_size=block_size, max_vectors=max_iter)
+    bars = [tqdm(total=bound, desc=f"Lanczos top-{k}", unit="vec", disable=show, leave=False)]
 
     def matmat(v: torch.Tensor) -> torch.Tensor:
         counter["n"] += v.shape[1]
-        return hessian.matmat(v)
+        out = hessian.matmat(v)
+        bars[-1].update(v.shape[1])  # Hessian-vector products done (rate and ETA on a terminal)
+        return out
 
     t = time.perf_counter()
-    values, residuals, _ = block_krylov_top(
-        matmat, n_params, k, block_size=block_size, max_vectors=max_iter, tol=tol, seed=seed
-    )
+    try:
+        values, residuals, _ = block_krylov_top(
+            matmat, n_params, k, block_size=block_size, max_vectors=max_iter, tol=tol, seed=seed
+        )
+    finally:
+        bars[-1].close()
     timings["lanczos"] = time.perf_counter() - t
     top = float(values[0]) if values.numel() else 0.0
     fields: dict[str, Any] = {
@@ -141,9 +151,14 @@ def _lanczos(
     }
     if num_rank_probes > 0:
         t = time.perf_counter()
-        fields["density"] = slq_nodes_batched(
-            matmat, n_params, num_probes=num_rank_probes, num_steps=num_rank_steps, seed=seed + 1
-        )
+        total = num_rank_probes * min(num_rank_steps, n_params)
+        bars.append(tqdm(total=total, desc="SLQ rank", unit="vec", disable=show, leave=False))
+        try:
+            fields["density"] = slq_nodes_batched(
+                matmat, n_params, num_probes=num_rank_probes, num_steps=num_rank_steps, seed=seed + 1
+            )
+        finally:
+            bars[-1].close()
         timings["slq"] = time.perf_counter() - t
     fields["matvecs"] = counter["n"]
     if num_trace_probes > 0:
@@ -210,8 +225,10 @@ def hessian_spectrum(
             rank at any ε (:meth:`HessianSpectrum.rank_estimate`).
         chunk_size: vmap chunk of the exact path.
         seed: seeds every random vector.
-        progress: a progress bar over the examples of the exact per-example Jacobians (counted in
-            examples, with an ETA; quiet when stderr is not a terminal).
+        progress: progress bars with an ETA, quiet when stderr is not a terminal: the exact path counts
+            the examples of the per-example Jacobians (moving per ``chunk_size`` examples), Lanczos its
+            Hessian-vector products (up to the bound of :func:`~degeneracy.linalg.krylov_max_vectors`;
+            it may stop earlier) and then those of the SLQ rank probes.
 
     Under ``torch.distributed`` the data are sharded by rank and every Gram and Hessian-vector product
     is summed over the ranks (:class:`BehavioralHessian`): every rank returns the single-process

@@ -42,6 +42,7 @@ from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.display import html_summary, text_summary
+from degeneracy.fingerprint import result_fingerprint
 from degeneracy.io import JsonResult, json_text
 from degeneracy.run import ForwardFn, ModelRun, full_precision
 
@@ -376,6 +377,7 @@ def degeneracy_report(
             "hessian": hessian,
             "gated": gated,
             "seed": seed,
+            "fingerprint": result_fingerprint(model, data),  # model + data (older files have none)
         },
         version=__version__,
     )

@@ -37,6 +37,7 @@ __all__ = [
     "tridiagonal",
     "lanczos_top",
     "block_krylov_top",
+    "krylov_max_vectors",
     "slq_nodes",
     "slq_nodes_batched",
     "slq_rank",
@@ -177,6 +178,20 @@ def lanczos_top(
     return top, residuals, int(alphas.numel())
 
 
+def krylov_max_vectors(size: int, k: int, *, block_size: int = 16, max_vectors: int | None = None) -> int:
+    """The most operator products :func:`block_krylov_top` makes before it stops (it may stop earlier,
+    when the residuals are small; the last block may pass it by up to ``block_size``): the length of
+    its progress bar.
+
+    >>> krylov_max_vectors(1000, 50), krylov_max_vectors(1000, 50, max_vectors=20), krylov_max_vectors(30, 50)
+    (150, 66, 30)
+    """
+    k = min(k, size)
+    b = max(1, min(block_size, size))
+    bound = min(size, max_vectors or max(3 * k, k + 100))
+    return max(bound, min(size, k + b))
+
+
 def block_krylov_top(
     matmat: MatVec,
     size: int,
@@ -206,8 +221,7 @@ def block_krylov_top(
     """
     k = min(k, size)
     b = max(1, min(block_size, size))
-    max_vectors = min(size, max_vectors or max(3 * k, k + 100))
-    max_vectors = max(max_vectors, min(size, k + b))
+    max_vectors = krylov_max_vectors(size, k, block_size=block_size, max_vectors=max_vectors)
     generator = torch.Generator().manual_seed(seed)
     basis = torch.zeros(max_vectors + b, size, dtype=torch.float64)  # rows: contiguous slices
     t = torch.zeros(max_vectors + b, max_vectors + b, dtype=torch.float64)

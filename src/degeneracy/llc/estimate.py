@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from degeneracy.fingerprint import result_fingerprint
 from degeneracy.linalg import intra_op_threads
 from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR, LLCWarning
 from degeneracy.llc.distributed import empty_chain_run, gather_chain_runs, is_main_process, my_chains
@@ -455,6 +456,7 @@ def estimate_llc(
             "dtype": str(center.dtype).replace("torch.", ""),
             "vectorize": vectorize,
             "engine": spec.engine,
+            "fingerprint": result_fingerprint(model, data),  # model + data (older files have none)
         }
         first_item = next(spec.batches())
         return sampling.run(spec.chain_loss, layout, center, spec.batches, first_item, spec.init_loss, extra)

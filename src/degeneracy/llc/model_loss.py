@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from degeneracy.behavioral import LossKind
+from degeneracy.checks import check_model_accepts
 from degeneracy.data import Batch, iter_batches, pool_batches
 from degeneracy.llc.batched import (
     batched_behavioral_chain_loss,
@@ -504,6 +505,9 @@ def model_chain_loss(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: use one of {ENGINES}")
+    first = examples.pooled if examples.pooled is not None else examples.batches[0]
+    if isinstance(loss, str) and (loss not in SUPERVISED or isinstance(first.inputs, Tensor)):
+        check_model_accepts(model, first.inputs)  # a clear error now (a user's loss calls the model itself)
     chunk = max(batch_size or 0, 4096)  # evaluation chunk (reference outputs, L(θ*))
     if not isinstance(loss, str) or loss in SUPERVISED:
         return _labelled_chain_loss(model, examples, layout, center, loss, engine, batch_size, seed, chunk)
