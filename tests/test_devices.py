@@ -104,3 +104,16 @@ def test_commands_take_a_device_and_it_is_not_part_of_the_stage_config(tmp_path)
     config.write_text(text)
     again = runner.invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "deg")])
     assert again.exit_code == 0 and "[degeneracy] done before with the same config" in again.output
+
+
+def test_model_run_casts_a_hooked_transformer_copy():
+    """``dtype=`` (and ``device=``) copy a TransformerLens model too, whose ``.to`` takes no ``dtype=``
+    keyword; the caller's model is left as it was."""
+    pytest.importorskip("transformer_lens")
+    from degeneracy.models import load_modadd, modadd_all_inputs
+
+    model = load_modadd()
+    inputs, _ = modadd_all_inputs()
+    run = ModelRun(model, inputs[:4], dtype="float64", device="cpu")
+    assert next(run.model.parameters()).dtype == torch.float64
+    assert next(model.parameters()).dtype == torch.float32

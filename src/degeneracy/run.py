@@ -521,7 +521,9 @@ class ModelRun:
         self.dtype = wanted if wanted is not None else model_dtype(model)
         target = resolve_device(device) or model_device(model)
         if (self.explicit and model_dtype(model) != self.dtype) or target != model_device(model):
-            model = copy.deepcopy(model).to(target, **({"dtype": self.dtype} if self.explicit else {}))
+            model = copy.deepcopy(model)  # (one argument per .to: HookedTransformer.to takes no dtype=)
+            model = model.to(self.dtype) if self.explicit else model
+            model = model.to(target) if target != model_device(model) else model
         self.model = model
         self.device = model_device(model)
         self.data = shard(data)
