@@ -65,7 +65,8 @@ def _relu_problem():
 
 def _stages(full: bool) -> dict[str, Any]:
     """The stages on the problems above (the same code on one process and on each rank): the quick set
-    (basis, edges, edge ablation, exact Hessian) or, with ``full``, every stage."""
+    (basis, edges, edge and node ablations, exact Hessian, Lanczos, the degeneracy report, ±1 sources,
+    Section 4) or, with ``full``, also the other exact Gram paths and neuron synchronisation."""
     model, x = _problem()
     out: dict[str, Any] = {}
     basis = degeneracy.interaction_basis(model, x, LAYERS, batch_size=32, progress=False)
@@ -85,17 +86,17 @@ def _stages(full: bool) -> dict[str, Any]:
     out["sparsify"] = sparsify(planted, xp, batch_size=64)
     noisy = xp + 1e-4 * torch.randn(xp.shape, generator=torch.Generator().manual_seed(0), dtype=xp.dtype)
     out["sparsify_epsilon"] = sparsify(planted, noisy, epsilon=1e-6, batch_size=64)  # folds by least squares
-    if not full:
-        return out
     out["nodes"] = node_ablation_curves(model, x, basis, labels=labels, num_points=3, batch_size=32)
-    out["exact_jacobians"] = hessian_spectrum(model, x, method="exact", forward=lambda m, i: m(i))
-    out["exact_outputs"] = hessian_spectrum(model, x[:21], method="exact", batch_size=8)  # 63 rows < N
     out["lanczos"] = hessian_spectrum(
         model, x, method="lanczos", k=4, block_size=4, tol=1e-8, num_trace_probes=4, num_rank_probes=2,
         num_rank_steps=8,
     )  # fmt: skip
     relu, xr = _relu_problem()
     out["report"] = degeneracy_report(relu, xr, hessian="exact", batch_size=32)
+    if not full:
+        return out
+    out["exact_jacobians"] = hessian_spectrum(model, x, method="exact", forward=lambda m, i: m(i))
+    out["exact_outputs"] = hessian_spectrum(model, x[:21], method="exact", batch_size=8)  # 63 rows < N
     out["sync"] = neuron_synchronization(relu, xr, "act0", jacobians=True)
     return out
 
@@ -221,17 +222,13 @@ def _compare(two: dict[str, Any], one: dict[str, Any]) -> None:
     assert s1.layers[0]["dependencies"] == 1 and s2.layers == s1.layers
     for name, w1 in s1.model.state_dict().items():
         _close(s2.model.state_dict()[name], w1, f"sparsified with epsilon {name}")
-    if "nodes" not in one:
-        return
     for layer, c1 in one["nodes"].items():  # node ablations: metrics summed over the shards
         c2 = two["nodes"][layer]
         assert c2.num_kept == c1.num_kept and c2.accuracy == c1.accuracy, layer
         _scalar(c2.base_loss, c1.base_loss, f"node {layer} base loss")
         for a, b in zip(c2.loss, c1.loss, strict=True):
             _scalar(a, b, f"node {layer} loss")
-    for key in ("exact_jacobians", "exact_outputs", "lanczos"):
-        _spectrum(two[key], one[key], key)
-    assert one["exact_kronecker"].gram_side == "parameters" and one["exact_outputs"].gram_side == "outputs"
+    _spectrum(two["lanczos"], one["lanczos"], "lanczos")
     _scalar(two["lanczos"].trace_stderr, one["lanczos"].trace_stderr, "Hutchinson stderr")
     _scalar(two["lanczos"].rank_estimate(1e-6)[0], one["lanczos"].rank_estimate(1e-6)[0], "SLQ rank")
     r1, r2 = one["report"], two["report"]  # the degeneracy report: every row, count and the Hessian
@@ -240,6 +237,11 @@ def _compare(two: dict[str, Any], one: dict[str, Any]) -> None:
     assert (r2.hessian_rank, r2.hessian_nullity) == (r1.hessian_rank, r1.hessian_nullity)
     assert [d["blocks"] for d in r2.neuron_layers] == [d["blocks"] for d in r1.neuron_layers]
     assert r1.count("activation rank") > 0 and r1.hessian_nullity > 0
+    if "sync" not in one:
+        return
+    for key in ("exact_jacobians", "exact_outputs"):
+        _spectrum(two[key], one[key], key)
+    assert one["exact_kronecker"].gram_side == "parameters" and one["exact_outputs"].gram_side == "outputs"
     s1, s2 = one["sync"], two["sync"]
     assert s2.blocks == s1.blocks and s2.block_ranks == s1.block_ranks and [0, 1] in s1.blocks
 
@@ -273,15 +275,16 @@ def _check(tmp_path, full: bool) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_equal_one(tmp_path) -> None:
-    """Basis, edges (all-reduced sums and counts), edge ablation (the same bisection on both ranks), the
-    exact Hessian, a basis and edges with ±1 sources (eigenvalue and edge standard errors too), the
-    Section 4 construction, and progress bars and log lines on rank 0 alone."""
+    """Basis, edges (all-reduced sums and counts), edge and node ablations (the same bisection on both
+    ranks), the exact Hessian, Lanczos top-k with Hutchinson and SLQ, the degeneracy report, a basis and
+    edges with ±1 sources (eigenvalue and edge standard errors too), the Section 4 construction, and
+    progress bars and log lines on rank 0 alone."""
     _check(tmp_path, full=False)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_equal_one_every_stage(tmp_path) -> None:
-    """And node ablations, every exact Gram path, Lanczos top-k with Hutchinson and SLQ, the degeneracy
-    report and neuron synchronisation."""
+    """And the other exact Gram paths (per-example Jacobians, output-side Gram) and neuron
+    synchronisation."""
     _check(tmp_path, full=True)

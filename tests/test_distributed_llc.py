@@ -84,7 +84,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~60 s on 2 shared cores (two spawned interpreters, a sweep and the command)
+# default tier (issue 10: CI runs it): two spawned interpreters, a sweep and the command
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_give_the_one_process_chains(tmp_path) -> None:
     from degeneracy.commands.config import LLCRunConfig, load_run

@@ -33,6 +33,7 @@ from degeneracy.commands.config import LLCRunConfig, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
+from degeneracy.distributed import barrier
 from degeneracy.io import atomic_write_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.distributed import is_main_process, process_group
@@ -102,6 +103,7 @@ def _stage(
         if not started:
             _broadcast("skip")
         return result
+    barrier()  # rank 0's run_stage starts with one (every rank reads the records alike)
     if _broadcast(None) == "compute":
         return compute()
     return kind.load(out / relative)
