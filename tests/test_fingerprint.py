@@ -24,18 +24,20 @@ from tests.conftest import mlp
 LAYERS = ["fc1", "fc2", "output"]
 
 
-def _model(seed: int) -> torch.nn.Module:
+def fingerprint_model(seed: int) -> torch.nn.Module:
+    """A small float64 MLP (4 -> 6 -> 5 -> 3) seeded by ``seed``."""
     torch.manual_seed(seed)
     return mlp([4, 6, 5, 3])
 
 
-def _data(seed: int = 0, n: int = 40) -> torch.Tensor:
+def fingerprint_data(seed: int = 0, n: int = 40) -> torch.Tensor:
+    """``n`` float64 inputs of width 4 seeded by ``seed``."""
     return torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
 def built():
-    model, x = _model(0), _data()
+    model, x = fingerprint_model(0), fingerprint_data()
     basis = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
     graph = degeneracy.interaction_graph(model, x, basis, progress=False)
     return model, x, basis, graph
@@ -45,21 +47,22 @@ def test_basis_and_graph_record_model_layers_and_data(built) -> None:
     model, x, basis, graph = built
     fp = basis.info["fingerprint"]
     assert fp == fingerprint(model, x, basis.layers)  # recomputed independently: same hashes
-    assert fp["model"] == model_fingerprint(_model(0))  # an identical model built again
-    assert fp["model"] != model_fingerprint(_model(1))
-    assert fp["data"] == data_fingerprint(x.clone()) and fp["data"] != data_fingerprint(_data(1))
+    assert fp["model"] == model_fingerprint(fingerprint_model(0))  # an identical model built again
+    assert fp["model"] != model_fingerprint(fingerprint_model(1))
+    assert fp["data"] == data_fingerprint(x.clone()) and fp["data"] != data_fingerprint(fingerprint_data(1))
     assert fp["node_layers"] == layers_fingerprint(basis.layers)
     assert fp["node_layers"] != layers_fingerprint(basis.layers[:2])
     assert graph.info["fingerprint"]["model"] == fp["model"] and "basis" in graph.info["fingerprint"]
 
 
 def test_fingerprint_ignores_dtype_but_not_structure_or_buffers() -> None:
-    a = _model(0)
-    assert model_fingerprint(a) == model_fingerprint(_model(0).float())  # float32 -> float64 is exact
-    b = _model(0)
+    a = fingerprint_model(0)
+    # float32 -> float64 is exact
+    assert model_fingerprint(a) == model_fingerprint(fingerprint_model(0).float())
+    b = fingerprint_model(0)
     b.act0 = torch.nn.ReLU()  # same parameters, another activation: another model
     assert model_fingerprint(a) != model_fingerprint(b)
-    c = _model(0)
+    c = fingerprint_model(0)
     c.register_buffer("scale", torch.ones(1))
     assert model_fingerprint(a) != model_fingerprint(c)
 
@@ -75,7 +78,7 @@ def test_fingerprint_survives_save_and_load(built, tmp_path) -> None:
 
 def test_a_basis_of_another_model_with_the_same_widths_is_refused(built, tmp_path) -> None:
     _, x, basis, _ = built
-    other = _model(1)
+    other = fingerprint_model(1)
     loaded = degeneracy.load_basis(basis.save(tmp_path / "b.safetensors"))
     for used in (basis, loaded):
         with pytest.raises(ModelMismatchError, match="built on another model.*allow_other_model=True"):
@@ -89,9 +92,9 @@ def test_ablations_refuse_another_model_or_a_graph_of_another_basis(built) -> No
     model, x, basis, graph = built
     labels = model(x).argmax(-1)
     with pytest.raises(ModelMismatchError, match="another model"):
-        node_ablation_curves(_model(1), x, basis, labels=labels, num_points=2)
+        node_ablation_curves(fingerprint_model(1), x, basis, labels=labels, num_points=2)
     with pytest.raises(ModelMismatchError, match="another model"):
-        edge_ablation(_model(1), x, basis, graph, labels=labels)
+        edge_ablation(fingerprint_model(1), x, basis, graph, labels=labels)
     pca = degeneracy.interaction_basis(model, x, LAYERS, method="pca", progress=False)
     with pytest.raises(ModelMismatchError, match="another basis"):
         edge_ablation(model, x, pca, graph, labels=labels)
@@ -110,14 +113,14 @@ def test_old_files_without_a_fingerprint_load_and_warn_when_used(built, tmp_path
 
 
 def test_data_read_once_has_no_data_fingerprint_and_is_not_consumed() -> None:
-    batches = iter([_data()[:20], _data()[20:]])
+    batches = iter([fingerprint_data()[:20], fingerprint_data()[20:]])
     assert data_fingerprint(batches) is None
     assert len(list(batches)) == 2
 
 
 def factory():
     """A model factory whose weights change with ``DEGENERACY_TEST_SEED`` (same name, another model)."""
-    return _model(int(os.environ.get("DEGENERACY_TEST_SEED", "0"))), _data()
+    return fingerprint_model(int(os.environ.get("DEGENERACY_TEST_SEED", "0"))), fingerprint_data()
 
 
 def test_cli_rerun_on_changed_weights_under_the_same_name_recomputes(tmp_path, monkeypatch) -> None:
@@ -136,5 +139,5 @@ def test_cli_rerun_on_changed_weights_under_the_same_name_recomputes(tmp_path, m
     assert changed.exit_code == 0, changed.output
     assert "config changed (fingerprint.model)" in changed.output
     basis = degeneracy.load_basis(out / "bases" / "pca.safetensors")
-    assert basis.info["fingerprint"]["model"] == model_fingerprint(_model(1))
+    assert basis.info["fingerprint"]["model"] == model_fingerprint(fingerprint_model(1))
 

@@ -19,23 +19,14 @@ from degeneracy.fingerprint import (
     model_fingerprint,
 )
 from degeneracy.modules import Modules, find_modules
-from tests.conftest import mlp
+from tests.test_fingerprint import fingerprint_data, fingerprint_model
 
 LAYERS = ["fc1", "fc2", "output"]
 
 
-def _model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return mlp([4, 6, 5, 3])
-
-
-def _data(seed: int = 0, n: int = 40) -> torch.Tensor:
-    return torch.randn(n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def built():
-    model, x = _model(0), _data()
+    model, x = fingerprint_model(0), fingerprint_data()
     basis = degeneracy.interaction_basis(model, x, LAYERS, progress=False)
     graph = degeneracy.interaction_graph(model, x, basis, progress=False)
     labels = model(x).argmax(-1)
@@ -50,7 +41,7 @@ def _expected(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, str | None]
 
 def test_ablations_record_model_data_and_basis_and_keep_them_through_json(built) -> None:
     model, x, basis, graph, labels, edges = built
-    want_model, want_data = _expected(_model(0), x)
+    want_model, want_data = _expected(fingerprint_model(0), x)
     curves = node_ablation_curves(model, x, basis, labels=labels, num_points=2)
     for result, cls in [*((c, NodeAblationCurve) for c in curves.values()),
                         *((e, EdgeAblationResult) for e in edges.values())]:
@@ -60,18 +51,20 @@ def test_ablations_record_model_data_and_basis_and_keep_them_through_json(built)
         back = cls.from_dict(json.loads(json.dumps(result.to_dict())))
         assert back.info["fingerprint"] == fp
     with pytest.warns(UserWarning, match="another model"):
-        other = node_ablation_curves(_model(1), x, basis, labels=labels, num_points=2, allow_other_model=True)
+        other = node_ablation_curves(
+            fingerprint_model(1), x, basis, labels=labels, num_points=2, allow_other_model=True
+        )
     recorded = next(iter(other.values())).info["fingerprint"]["model"]
-    assert recorded == model_fingerprint(_model(1)) != want_model
+    assert recorded == model_fingerprint(fingerprint_model(1)) != want_model
 
 
 def test_modules_record_the_graph_fingerprint_and_old_files_load(built, tmp_path) -> None:
     model, x, basis, graph, labels, edges = built
     modules = find_modules(graph, epsilon=edges)
     fp = modules.info["fingerprint"]
-    assert (fp["model"], fp["data"]) == _expected(_model(0), x)
+    assert (fp["model"], fp["data"]) == _expected(fingerprint_model(0), x)
     assert fp["graph"] != find_modules(
-        degeneracy.interaction_graph(model, _data(1), basis, progress=False), epsilon=1e-3
+        degeneracy.interaction_graph(model, fingerprint_data(1), basis, progress=False), epsilon=1e-3
     ).info["fingerprint"]["graph"]  # another graph, another hash
     path = modules.save(tmp_path / "modules.json")
     assert degeneracy.load_modules(path).info == modules.info
@@ -82,7 +75,7 @@ def test_modules_record_the_graph_fingerprint_and_old_files_load(built, tmp_path
 
 def test_modules_refuse_an_edge_ablation_epsilon_of_another_model(built) -> None:
     model, x, basis, graph, labels, edges = built
-    other = _model(1)
+    other = fingerprint_model(1)
     other_basis = degeneracy.interaction_basis(other, x, LAYERS, progress=False)
     other_graph = degeneracy.interaction_graph(other, x, other_basis, progress=False)
     with pytest.raises(ModelMismatchError, match="different models"):
@@ -98,9 +91,9 @@ def test_modules_refuse_an_edge_ablation_epsilon_of_another_model(built) -> None
 
 
 def test_report_and_llc_record_model_and_data_and_keep_them_on_disk(tmp_path) -> None:
-    model, x = _model(0), _data()
+    model, x = fingerprint_model(0), fingerprint_data()
     report = degeneracy.degeneracy_report(model, x, hessian=None)
-    want = _expected(_model(0), x)
+    want = _expected(fingerprint_model(0), x)
     fp = report.config["fingerprint"]
     assert (fp["model"], fp["data"]) == want
     loaded = degeneracy.load_degeneracy_report(report.save(tmp_path / "report.json"))
@@ -110,7 +103,7 @@ def test_report_and_llc_record_model_and_data_and_keep_them_on_disk(tmp_path) ->
     assert degeneracy.load_llc(llc.save(tmp_path / "llc.safetensors")).config["fingerprint"] == llc.config[
         "fingerprint"
     ]
-    other = degeneracy.degeneracy_report(_model(1), x, hessian=None).config["fingerprint"]["model"]
+    other = degeneracy.degeneracy_report(fingerprint_model(1), x, hessian=None).config["fingerprint"]["model"]
     assert other != fp["model"]
 
 
