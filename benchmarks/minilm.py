@@ -37,19 +37,11 @@ import torch
 
 import degeneracy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_stochastic import LastHidden  # noqa: E402  (the encoder with its last hidden state as output)
+
 TOP = 20
 LAYERS = [f"bert.encoder.layer.{i}" for i in range(6)] + ["output"]
-
-
-class LastHidden(torch.nn.Module):
-    """The encoder with its last hidden state as output (a plain tensor)."""
-
-    def __init__(self, bert: torch.nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids).last_hidden_state
 
 
 def texts() -> list[str]:

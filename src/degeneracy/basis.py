@@ -480,7 +480,7 @@ def _build(
             per = None if cfg.num_sources is None else [MatrixAccumulator(k) for _ in range(cfg.num_sources)]
             sourced = {"per_source": per, "draw": draw}
             M, methods[f"{src}->{dst}"] = _interaction_matrix(
-                run, cfg, src, dst, white[src], bases[dst], positions, rule, progress, short, **sourced
+                run, cfg, src, dst, white[src], bases[dst], rule, progress, short, **sourced
             )
             spread = None if per is None else torch.stack([acc.value for acc in per])
             bases[src] = _interaction_step(src, white[src], M, cfg, positions[src], spread)
@@ -504,7 +504,6 @@ def _interaction_matrix(
     dst: str,
     white: Whitening,
     out_basis: LayerBasis,
-    positions: Mapping[str, int],
     rule: Any,
     progress: bool,
     shortcut: SectionFn | None = None,
