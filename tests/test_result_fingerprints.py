@@ -115,3 +115,74 @@ def test_node_ablation_by_edges_refuses_a_graph_of_another_basis(built) -> None:
         node_ablation_curves(model, x, pca, **options)
     curves = node_ablation_curves(model, x, basis, **options)
     assert all(c.importance == "edges" for c in curves.values())
+
+
+SAMPLER = {"num_chains": 1, "num_draws": 5, "num_burnin": 0, "warn": False}
+
+
+def test_llc_curve_and_effective_parameter_count_record_and_check_their_model(tmp_path) -> None:
+    """LLCCurve and EffectiveParameterCount (both methods) record the model + data fingerprint; the
+    loaders given a model refuse one made on another model unless allow_other_model=True."""
+    from degeneracy.llc import effective_parameter_count, llc_curve, load_effective_parameter_count
+    from degeneracy.llc.curve import load_llc_curve
+
+    model, x = fingerprint_model(0), fingerprint_data()
+    curve = llc_curve(model, x, nbetas=[5.0, 10.0], step_size=1e-4, **SAMPLER)
+    sgld = effective_parameter_count(model, x, [1.0], max_iter=1, step_size=1e-4, **SAMPLER)
+    torch.manual_seed(2)
+    small = torch.nn.Linear(4, 1, bias=False).double()  # few parameters, for the volume method
+    volume = effective_parameter_count(
+        small, x, [1.0], method="volume", radius=1e-3,
+        volume_kwargs={"num_points": 20, "num_repeats": 1, "num_mcmc_steps": 1},
+    )  # fmt: skip
+    big = (model, fingerprint_model(0), fingerprint_model(1))  # the model, a rebuilt copy, another
+    torch.manual_seed(2)
+    copy = torch.nn.Linear(4, 1, bias=False).double()
+    for result, load, what, (used, rebuilt, other) in [
+        (curve, load_llc_curve, "LLC curve", big),
+        (sgld, load_effective_parameter_count, "effective parameter count", big),
+        (volume, load_effective_parameter_count, "effective parameter count", (small, copy, model)),
+        (curve.results[0], degeneracy.load_llc, "LLC estimate", big),
+    ]:
+        fp = result.config["fingerprint"]
+        assert (fp["model"], fp["data"]) == _expected(rebuilt, x)
+        path = result.save(tmp_path / f"{type(result).__name__}.safetensors")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load(path, used).config["fingerprint"] == fp  # the same model: nothing to say
+        with pytest.raises(ModelMismatchError, match=f"this {what} was built on another model"):
+            load(path, other)
+        with pytest.warns(UserWarning, match="allowed by allow_other_model"):
+            assert load(path, other, allow_other_model=True).config["fingerprint"] == fp
+        assert load(path).config["fingerprint"] == fp  # no model: nothing checked
+
+
+def test_llc_command_recomputes_for_another_model_and_a_stored_result_of_another_model(tmp_path) -> None:
+    """The llc command's stage configs hold the model + data fingerprint: the same config on changed
+    weights recomputes (saying why); a stored file made on another model under an unchanged record is
+    not loaded but recomputed."""
+    from degeneracy.commands.config import LLCRunConfig
+    from degeneracy.commands.llc import run_llc
+
+    cfg = LLCRunConfig.model_validate(
+        {"sampler": {"num_chains": 1, "num_draws": 5, "num_burnin": 0, "step_size": 1e-4},
+         "plots": False, "progress": False}
+    )  # fmt: skip
+    x = fingerprint_data()
+    first, other = fingerprint_model(0), fingerprint_model(1)
+    lines: list[str] = []
+    run_llc(cfg, first, x, tmp_path, log=lines.append)
+    assert degeneracy.load_llc(tmp_path / "llc.safetensors", first).config["fingerprint"]["model"] == (
+        model_fingerprint(first)
+    )
+    run_llc(cfg, other, x, tmp_path, log=lines.append)
+    assert any("recomputing: its config changed (fingerprint.model)" in line for line in lines), lines
+    assert degeneracy.load_llc(tmp_path / "llc.safetensors").config["fingerprint"]["model"] == (
+        model_fingerprint(other)
+    )
+    # a file of the first model put in place of the second's, its stage record unchanged
+    degeneracy.estimate_llc(first, x, step_size=1e-4, **SAMPLER).save(tmp_path / "llc.safetensors")
+    lines.clear()
+    run_llc(cfg, other, x, tmp_path, log=lines.append)
+    assert any("recomputing" in line and "another model" in line for line in lines), lines
+    degeneracy.load_llc(tmp_path / "llc.safetensors", other)  # recomputed on this model

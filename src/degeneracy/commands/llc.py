@@ -29,11 +29,13 @@ from typing import Any
 import typer
 from torch import Tensor, nn
 
+from degeneracy.commands.basis import run_fingerprint
 from degeneracy.commands.config import LLCRunConfig, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.distributed import barrier
+from degeneracy.fingerprint import check_model
 from degeneracy.io import atomic_write_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.distributed import is_main_process, process_group
@@ -74,10 +76,11 @@ def _broadcast(message: str | None) -> str:
 
 def _stage(
     out: Path, name: str, config: dict[str, Any], compute: Callable[[], Any], relative: str, kind: Any,
-    **options: Any,
+    model: nn.Module | None = None, **options: Any,
 ) -> Any:
     """One resumable stage whose result is the file ``out/relative`` of type ``kind`` (``.save``/
-    ``.load``), :func:`degeneracy.commands.resume.run_stage`. Under ``torch.distributed`` rank 0 decides
+    ``.load``), :func:`degeneracy.commands.resume.run_stage`; a stored result that records another
+    ``model`` than this one is recomputed. Under ``torch.distributed`` rank 0 decides
     (run or skip), writes and logs; the other ranks join the computation (their chains) or read rank 0's
     file, so every rank returns the same result and only rank 0 writes."""
 
@@ -86,7 +89,10 @@ def _stage(
         return {"file": relative}
 
     def load(record: dict[str, Any]) -> Any:
-        return kind.load(out / record["file"])
+        result = kind.load(out / record["file"])
+        if model is not None:  # made on another model (a file put there by hand): recomputed, saying why
+            check_model(result, model, what=f"stored {name} result")
+        return result
 
     rank, world = process_group()
     if world == 1:
@@ -164,6 +170,7 @@ def run_llc(
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     dtype = next(model.parameters()).dtype
     if isinstance(data, Tensor) and data.is_floating_point() and data.dtype != dtype:
         data = data.to(dtype)  # float inputs follow the model's dtype (ModelSpec.dtype)
@@ -176,7 +183,8 @@ def run_llc(
     common = {"loss": cfg.loss, "params": params, "progress": cfg.progress and main, **sampler}
     sweep = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
     base = cfg.model_dump(include={"model", "loss", "positions", "params", "sampler"})
-    stage = {"force": force, "log": log if main else None}
+    base["fingerprint"] = fingerprint
+    stage = {"force": force, "log": log if main else None, "model": model}
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
 

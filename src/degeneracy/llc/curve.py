@@ -24,10 +24,11 @@ from torch import Tensor, nn
 from degeneracy.behavioral import behavioral_loss_from_outputs
 from degeneracy.deprecation import renamed_fields
 from degeneracy.display import html_summary, text_summary
+from degeneracy.fingerprint import result_fingerprint
 from degeneracy.llc.estimate import LLCWarning, estimate_llc, sample_sgld
 from degeneracy.llc.model_loss import loss_kind, materialize, reference_outputs, select_parameters
 from degeneracy.llc.record import NOT_SAVED, TensorRecord
-from degeneracy.llc.result import EffectiveCount, LLCResult
+from degeneracy.llc.result import EffectiveCount, LLCResult, checked_against
 from degeneracy.llc.volume import volume_llc
 from degeneracy.run import ParamLayout, functional_output, model_device, model_dtype
 
@@ -127,8 +128,11 @@ class LLCCurve(EffectiveCount, TensorRecord):
         return html_summary(*self._display())
 
 
-def load_llc_curve(path: str | Path) -> LLCCurve:
-    """An :class:`LLCCurve` saved with :meth:`LLCCurve.save` (the file's kind is checked); see
+def load_llc_curve(
+    path: str | Path, model: nn.Module | None = None, *, allow_other_model: bool = False
+) -> LLCCurve:
+    """An :class:`LLCCurve` saved with :meth:`LLCCurve.save` (the file's kind is checked); with ``model``,
+    checked to have been made on it, as by :func:`~degeneracy.llc.result.load_llc`. See
     :class:`LLCCurve` for an example.
 
     >>> import os, tempfile
@@ -137,7 +141,7 @@ def load_llc_curve(path: str | Path) -> LLCCurve:
     >>> load_llc_curve(path).llc.tolist()
     [1.0, 1.0]
     """
-    return LLCCurve.load(path)
+    return checked_against(LLCCurve.load(path), model, "LLC curve", allow_other_model)
 
 
 def _curve_from_results(
@@ -182,7 +186,14 @@ def llc_curve(
         estimate_llc(model, data, nbeta=float(nb), step_size=_step_for(step_size, float(nb)), **kwargs)
         for nb in nbetas
     ]
-    return _curve_from_results(list(nbetas), results, {"kind": "sgld", **_jsonable(kwargs)})
+    config = {"kind": "sgld", **_jsonable(kwargs), "fingerprint": _fingerprint_of(results, model, data)}
+    return _curve_from_results(list(nbetas), results, config)
+
+
+def _fingerprint_of(results: Sequence[LLCResult], model: nn.Module, data: Any) -> dict[str, Any]:
+    """The model + data fingerprint the estimates recorded (computed again only if they hold none)."""
+    found = results[0].config.get("fingerprint") if results else None
+    return dict(found) if isinstance(found, dict) else result_fingerprint(model, data)
 
 
 def sgld_llc_curve(
@@ -287,9 +298,12 @@ class EffectiveParameterCount(TensorRecord):
         return html_summary(*self._display())
 
 
-def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
+def load_effective_parameter_count(
+    path: str | Path, model: nn.Module | None = None, *, allow_other_model: bool = False
+) -> EffectiveParameterCount:
     """An :class:`EffectiveParameterCount` saved with :meth:`EffectiveParameterCount.save` (the file's
-    kind is checked); see :class:`EffectiveParameterCount` for an example.
+    kind is checked); with ``model``, checked to have been made on it, as by
+    :func:`~degeneracy.llc.result.load_llc`. See :class:`EffectiveParameterCount` for an example.
 
     >>> import os, tempfile
     >>> ones = [torch.ones(1, dtype=torch.float64) for _ in range(5)]
@@ -298,7 +312,8 @@ def load_effective_parameter_count(path: str | Path) -> EffectiveParameterCount:
     >>> load_effective_parameter_count(path).llc.tolist()
     [0.5]
     """
-    return EffectiveParameterCount.load(path)
+    count = EffectiveParameterCount.load(path)
+    return checked_against(count, model, "effective parameter count", allow_other_model)
 
 
 def behavioral_loss_fn(
@@ -393,7 +408,7 @@ def effective_parameter_count(
             nbetas=torch.full_like(targets, math.nan),
             method="volume",
             num_parameters=center.numel(),
-            config={"radius": radius, **vol.config},
+            config={"radius": radius, **vol.config, "fingerprint": result_fingerprint(model, data)},
         )
     if method != "sgld":
         raise ValueError(f"unknown method {method!r}: use 'sgld' or 'volume'")
@@ -432,7 +447,12 @@ def effective_parameter_count(
         method="sgld",
         num_parameters=num_parameters,
         results=results,
-        config={"max_iter": max_iter, "tolerance": tolerance, **_jsonable(kwargs)},
+        config={
+            "max_iter": max_iter,
+            "tolerance": tolerance,
+            **_jsonable(kwargs),
+            "fingerprint": _fingerprint_of(results, model, data),
+        },
     )
 
 

@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 from degeneracy.deprecation import renamed_arguments, renamed_fields
 from degeneracy.display import html_summary
+from degeneracy.fingerprint import check_model
 from degeneracy.llc.diagnostics import (
     DIVERGENCE_FACTOR,
     batch_means_stderr,
@@ -28,7 +29,7 @@ from degeneracy.llc.diagnostics import (
 from degeneracy.llc.record import TensorRecord
 from degeneracy.llc.sgld import ChainRun, SGLDConfig
 
-__all__ = ["LLCResult", "EffectiveCount", "Summary", "summarize_chains", "load_llc"]
+__all__ = ["LLCResult", "EffectiveCount", "Summary", "summarize_chains", "load_llc", "checked_against"]
 
 
 class Summary(str):
@@ -259,9 +260,14 @@ class LLCResult(EffectiveCount, TensorRecord):
         return html_summary("LLCResult", facts, ["chain", "λ̂_c", "excluded because"], rows)
 
 
-def load_llc(path: str | Path) -> LLCResult:
+def load_llc(
+    path: str | Path, model: nn.Module | None = None, *, allow_other_model: bool = False
+) -> LLCResult:
     """An :class:`LLCResult` saved with :meth:`LLCResult.save` (the file's kind is checked).
 
+    With ``model``, the estimate must have been made on it (the model fingerprint in its ``config``):
+    one made on another model raises :class:`~degeneracy.fingerprint.ModelMismatchError` unless
+    ``allow_other_model=True`` (a warning); a file without a fingerprint loads with a warning.
     See :class:`LLCResult` for an example.
 
     >>> import os, tempfile, torch
@@ -271,7 +277,19 @@ def load_llc(path: str | Path) -> LLCResult:
     >>> load_llc(r.save(os.path.join(tempfile.mkdtemp(), "llc.safetensors"))).mean
     0.5
     """
-    return LLCResult.load(path)
+    return checked_against(LLCResult.load(path), model, "LLC estimate", allow_other_model)
+
+
+def checked_against(result: Any, model: nn.Module | None, what: str, allow_other_model: bool) -> Any:
+    """``result`` after :func:`degeneracy.fingerprint.check_model` against ``model`` (nothing without one).
+
+    >>> import types
+    >>> checked_against(types.SimpleNamespace(config={}), None, "LLC estimate", False).config
+    {}
+    """
+    if model is not None:
+        check_model(result, model, what=what, allow_other_model=allow_other_model)
+    return result
 
 
 @renamed_arguments(num_params="num_parameters")
