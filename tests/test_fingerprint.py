@@ -4,6 +4,7 @@ data it was built on; using it with another model is a clear error unless explic
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -141,3 +142,61 @@ def test_cli_rerun_on_changed_weights_under_the_same_name_recomputes(tmp_path, m
     basis = degeneracy.load_basis(out / "bases" / "pca.safetensors")
     assert basis.info["fingerprint"]["model"] == model_fingerprint(fingerprint_model(1))
 
+
+
+def test_cli_graph_refuses_saved_bases_of_another_model_unless_allowed(tmp_path, monkeypatch) -> None:
+    """`graph` with basis_files: a basis saved from another model is refused (exit 2, the message names
+    it, nothing computed); --allow-other-model (or allow_other_model: true) uses it with a warning, through
+    the edges and the ablation stages; a basis of the same model is used silently."""
+    runner = CliRunner()
+    monkeypatch.setenv("DEGENERACY_TEST_SEED", "0")
+    (tmp_path / "basis.yaml").write_text(
+        "model: {name: 'tests.test_fingerprint:factory'}\nmethods: [pca]\nnode_layers: [fc1, fc2, output]\n"
+    )
+    made = runner.invoke(app, ["basis", str(tmp_path / "basis.yaml"), "--out", str(tmp_path / "b")])
+    assert made.exit_code == 0, made.output
+    saved = tmp_path / "b" / "bases" / "pca.safetensors"
+    config = tmp_path / "graph.yaml"
+    config.write_text(
+        "model: {name: 'tests.test_fingerprint:factory'}\nmethods: [pca]\n"
+        f"basis_files: {{pca: '{saved}'}}\n"
+        "ablation: {metrics: mse, node_points: 2, edges: false, limit: 16}\n"
+        "modules: {methods: [pca], epsilon: quantile}\n"
+    )
+    monkeypatch.setenv("DEGENERACY_TEST_SEED", "1")  # another model under the same name
+    refused = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "g1")])
+    assert refused.exit_code == 2, refused.output
+    assert "basis_files.pca" in refused.output and "built on another model" in refused.output
+    assert "--allow-other-model" in refused.output
+    assert not (tmp_path / "g1" / "stages").exists()  # refused before any stage
+    with pytest.warns(UserWarning, match="allowed by allow_other_model"):
+        allowed = runner.invoke(
+            app, ["graph", str(config), "--out", str(tmp_path / "g1"), "--allow-other-model"]
+        )
+    assert allowed.exit_code == 0, allowed.output
+    graph = degeneracy.load_graph(tmp_path / "g1" / "graphs" / "pca.safetensors")
+    assert graph.info["fingerprint"]["model"] == model_fingerprint(fingerprint_model(1))
+    assert (tmp_path / "g1" / "ablation" / "pca_nodes.json").exists()
+    record = (tmp_path / "g1" / "stages" / "edges.pca.json").read_text()
+    assert model_fingerprint(fingerprint_model(0)) in record  # the stage records what the basis was built on
+    config.write_text(config.read_text() + "allow_other_model: true\n")  # the config field does the same
+    with pytest.warns(UserWarning, match="allowed by allow_other_model"):
+        assert runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "g2")]).exit_code == 0
+    monkeypatch.setenv("DEGENERACY_TEST_SEED", "0")  # the model the basis was built on: no flag needed
+    config.write_text(config.read_text().replace("allow_other_model: true\n", ""))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*another model")
+        same = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "g3")])
+    assert same.exit_code == 0, same.output
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [("{lib: x.safetensors}", "not among methods"), ("{pca: missing.safetensors}", "no such file"),
+     ("{pac: x.safetensors}", "unknown basis method 'pac'")],
+)
+def test_cli_graph_basis_files_are_checked_before_the_model_loads(tmp_path, files, message) -> None:
+    config = tmp_path / "graph.yaml"
+    config.write_text(f"model: {{name: 'no_such_module:make'}}\nmethods: [pca]\nbasis_files: {files}\n")
+    result = CliRunner().invoke(app, ["graph", str(config), "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2 and message in result.output, result.output

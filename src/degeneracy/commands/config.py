@@ -18,6 +18,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
+from degeneracy.commands.basis_files import check_basis_files
 from degeneracy.commands.placement import Device, place, run_device
 
 __all__ = [
@@ -422,7 +423,9 @@ class GraphRunConfig(StrictModel):
     with standard errors); ``shortcuts`` uses the (checked) TransformerLens section
     shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
     modular-addition data) adds Fourier labels of the features. ``device``: where the model and data
-    go (default: :func:`run_device`).
+    go (default: :func:`run_device`). ``basis_files`` (method → a saved basis) uses those bases instead
+    of building them; one built on another model is refused unless ``allow_other_model`` (or
+    ``--allow-other-model``).
 
     >>> cfg = GraphRunConfig.model_validate({"methods": ["lib"], "ablation": {"limit": 256}})
     >>> cfg.methods, cfg.ablation.limit, cfg.ablation.node_points, cfg.modules.methods
@@ -440,6 +443,8 @@ class GraphRunConfig(StrictModel):
     modules: ModuleOptions = ModuleOptions()
     fourier: bool | None = None
     device: Device = None
+    basis_files: dict[str, str] = {}
+    allow_other_model: bool = False
 
     @model_validator(mode="after")
     def _known(self) -> GraphRunConfig:
@@ -453,6 +458,7 @@ class GraphRunConfig(StrictModel):
         check_options(self.edges, degeneracy.interaction_graph, taken=GRAPH_TAKEN)
         check_sources(self.basis, "basis")
         check_sources(self.edges, "edges")
+        check_basis_files(self.basis_files, self.methods, BASIS_METHODS)
         return self
 
 

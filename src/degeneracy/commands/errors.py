@@ -13,7 +13,8 @@ import typer
 from degeneracy.distributed import is_main
 
 __all__ = [
-    "USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "user_errors", "echo_err", "exit_if_invalid"
+    "USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "AllowOtherModelOption", "user_errors",
+    "echo_err", "exit_if_invalid",
 ]
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
@@ -30,6 +31,16 @@ ForceOption = Annotated[
     bool, typer.Option("--force", help="recompute stages that already finished with the same config")
 ]
 """The ``--force`` flag of every command (``False`` also when a command function is called directly)."""
+
+AllowOtherModelOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-model",
+        help="use saved bases (basis_files) built on another model than this one (a warning instead of "
+        "an error; the same as allow_other_model: true in the config)",
+    ),
+]
+"""The ``--allow-other-model`` flag of the ``graph`` command."""
 
 
 @contextmanager

@@ -33,6 +33,7 @@ import typer
 
 from degeneracy.commands.ablation_data import ablation_data
 from degeneracy.commands.basis import basis_stage, basis_stage_config, preflight, run_fingerprint
+from degeneracy.commands.basis_files import basis_file_config, load_basis_files
 from degeneracy.commands.config import (
     AblationOptions,
     GraphRunConfig,
@@ -42,6 +43,7 @@ from degeneracy.commands.config import (
     load_run,
 )
 from degeneracy.commands.errors import (
+    AllowOtherModelOption,
     ConfigArgument,
     ForceOption,
     OutOption,
@@ -202,6 +204,9 @@ def run_graph(
     out = Path(out)
     say = log or (lambda _: None)
     check_methods(cfg.methods)
+    other = {"allow_other_model": True} if cfg.allow_other_model else {}  # bases of another model: warned
+    supplied = load_basis_files(cfg.basis_files, model, **other)  # checked before any stage runs
+    bases = {**(bases or {}), **supplied}
     layers = list(node_layers or cfg.node_layers or [])
     if not layers and set(cfg.methods) - set(bases or {}):
         raise ValueError("node_layers must be given for a model that is not bundled")
@@ -230,7 +235,9 @@ def run_graph(
             )
             timings[f"basis.{method}"] = time.perf_counter() - t0
         configs[method] = {
-            "basis": basis_stage_config(cfg.model, layers, method, cfg.basis, fingerprint),
+            "basis": basis_file_config(have[method], cfg.basis_files[method], fingerprint)
+            if method in supplied
+            else basis_stage_config(cfg.model, layers, method, cfg.basis, fingerprint),
             "edges": cfg.edges,
             "edge_limit": cfg.edge_limit,
             "shortcuts": cfg.shortcuts,
@@ -246,7 +253,7 @@ def run_graph(
                 basis,
                 sections=sections,
                 progress=progress,
-                **cfg.edges,
+                **{**cfg.edges, **other},
             ),
             _object_file(out, f"graphs/{method}.safetensors", load_graph),
         )
@@ -291,6 +298,7 @@ def run_graph(
                         progress=progress,
                         **options,
                         **metric,
+                        **other,
                     ),
                     _json_file(
                         out,
@@ -323,6 +331,7 @@ def run_graph(
                         scaling=opts.scaling,
                         **options,
                         **metric,
+                        **other,
                     ),
                     _json_file(
                         out,
@@ -458,7 +467,10 @@ def _figures(
 
 
 def graph_command(
-    config: ConfigArgument, out: OutOption = Path("runs/graph"), force: ForceOption = False
+    config: ConfigArgument,
+    out: OutOption = Path("runs/graph"),
+    force: ForceOption = False,
+    allow_other_model: AllowOtherModelOption = False,
 ) -> None:
     """Build bases and interaction graphs, run ablations, find modules from a config file (a
     :class:`GraphRunConfig`); results and figures in OUT (a rerun with the same config skips the
@@ -475,6 +487,8 @@ def graph_command(
     """
     with user_errors():
         cfg, model, data, default_layers = load_run(config, GraphRunConfig)
+        if allow_other_model:
+            cfg = cfg.model_copy(update={"allow_other_model": True})
         labels = None
         if isinstance(data, tuple | list) and len(data) == 2:  # a factory returning (inputs, labels)
             data, labels = data
