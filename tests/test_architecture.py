@@ -19,7 +19,7 @@ MAX_LINES = 600
 
 # Layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS: list[set[str]] = [
-    {"axes", "deprecation", "linalg", "io", "lazy", "display", "distributed"},
+    {"axes", "deprecation", "linalg", "io", "lazy", "display", "distributed", "progress"},
     {"data", "layout", "fingerprint"},
     {"run", "capture", "stats", "checks"},
     {"behavioral", "jacobian", "basis_result", "graph_result", "cuts"},

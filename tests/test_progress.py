@@ -10,16 +10,15 @@ import torch
 from tqdm.auto import tqdm
 
 import degeneracy
-import degeneracy.accounting.gauss_newton
-import degeneracy.run
+import degeneracy.progress
 from degeneracy.ablation import node_ablation_curves
 from tests.conftest import mlp
 
 
 def _draw_every_update(monkeypatch) -> None:
-    """tqdm draws at most every 0.1 s: draw every update, so that the test sees each step."""
-    for module in (degeneracy.run, degeneracy.accounting.gauss_newton):
-        monkeypatch.setattr(module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+    """tqdm draws at most every 0.1 s: draw every update, so that the test sees each step (every bar of
+    the package is made by degeneracy.progress)."""
+    monkeypatch.setattr(degeneracy.progress, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
 
 
 class Terminal(io.StringIO):
@@ -98,13 +97,9 @@ def test_edge_ablation_progress_writes_nothing_to_stdout(monkeypatch, capsys, ca
 def test_exact_hessian_bar_moves_within_a_batch_and_lanczos_has_an_eta(monkeypatch) -> None:
     """The exact Jacobians advance per vmap chunk of examples (the same numbers as one batch-wide vmap);
     Lanczos counts its Hessian-vector products against their bound."""
-    import degeneracy.accounting.hessian
     from degeneracy.linalg import krylov_max_vectors
 
     _draw_every_update(monkeypatch)
-    monkeypatch.setattr(
-        degeneracy.accounting.hessian, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1)
-    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Tanh(), torch.nn.Linear(4, 2)

@@ -383,7 +383,9 @@ def collect_moments(
                     _first_batch_cut_check(run, inputs)
             acts = capture(run.model, inputs, run.layers, constant=constant)
             run.keep(acts)
-            for name in (layer.name for layer in run.layers):
+            parts = len(run.layers) + 1  # the forward pass, then each node layer's moments: the bar moves
+            run.within(1, parts)
+            for j, name in enumerate(layer.name for layer in run.layers):
                 x = acts[name]
                 check_finite(x, f"activations of node layer {name!r} (batch {i})")
                 if name not in moments:
@@ -392,6 +394,7 @@ def collect_moments(
                 mask = node_mask(inputs, run.layer(name).positions, x.shape[1])
                 moments[name].update(x, mask)
                 run.padded |= mask is not None
+                run.within(j + 2, parts)
             run.num_seen += x.shape[0]
     for acc in moments.values():
         acc.all_reduce()
@@ -561,7 +564,7 @@ def _interaction_matrix(
                     signs = draw_signs(draw, shape, global_indices(seen, x.shape[0]), f"M[{src}]")
                     estimates = source_gram(
                         fn, x, white.R_pinv, out_basis.C, rule, signs, max_elements=cfg.max_elements,
-                        in_mask=in_mask, out_mask=out_mask,
+                        in_mask=in_mask, out_mask=out_mask, advance=run.within,
                     )  # fmt: skip
                     total = estimates.mean(0)
                 else:
@@ -577,6 +580,7 @@ def _interaction_matrix(
                         num_out_positions=y.shape[1],
                         mode=cfg.jacobian_mode,
                         max_elements=cfg.max_elements,
+                        advance=run.within,  # the bar moves per block of Jacobian rows or positions
                     )
             check_finite(total, f"the Jacobian Gram of node layer {src!r}")
             count = x.shape[0] * x.shape[1] if in_mask is None else int(in_mask.sum())

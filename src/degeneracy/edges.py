@@ -258,7 +258,8 @@ def _build(
                     run.model, run.layers, inputs, acts, sections, constant=constant, widths=run.widths
                 )
                 cost = _log_cost(run, basis, cfg, pairs, acts, shortcuts, len(rule.points))
-        for src, dst in pairs:
+        run.within(1, len(pairs) + 1)  # the forward pass, then each pair: the bar moves within a batch
+        for part, (src, dst) in enumerate(pairs, start=2):
             t0 = time.perf_counter()
             x = acts[src]
             C_in, Cp_in = maps[src]
@@ -335,6 +336,7 @@ def _build(
                 worst[(src, dst)] = max(worst[(src, dst)], dev)
                 scale[(src, dst)] = max(scale[(src, dst)], float(target.abs().max()))
             timings[f"{src}->{dst}"] += time.perf_counter() - t0
+            run.within(part, len(pairs) + 1)
         seen += acts[names[0]].shape[0]
     for pair in pairs:  # under torch.distributed: every rank's shard (sums, counts, worst cases)
         sums[pair] = all_reduce_sum(sums[pair])

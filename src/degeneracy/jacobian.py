@@ -263,6 +263,7 @@ def jacobian_gram(
     *,
     in_mask: Tensor | None = None,
     out_mask: Tensor | None = None,
+    advance: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Float[Tensor, "k k"]:
     """Σ_b Σ_s Σ_(t,i) J_b[(t,i),(s,·)]ᵀ J_b[(t,i),(s,·)] (k × k, float64; not yet divided by n·P_in).
@@ -271,6 +272,8 @@ def jacobian_gram(
     the blocks of :func:`jacobian_blocks`, which takes the same arguments (``options``: its keywords
     ``num_out_positions``, ``mode`` and ``max_elements``). ``in_mask`` (batch, pos_in) and
     ``out_mask`` (batch, pos_out) leave out the padded input positions s and output positions t.
+    ``advance(done, parts)`` is told after each block how much of the work is done (a progress bar,
+    :meth:`degeneracy.run.ModelRun.within`).
 
     >>> from degeneracy.linalg import integration_rule
     >>> x, eye = torch.ones(2, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
@@ -289,6 +292,9 @@ def jacobian_gram(
             jac = jac * in_valid[:, None, positions, None]
         flat = jac.reshape(-1, k)
         total += flat.T @ flat
+        if advance is not None:  # rows (reverse mode) or input positions (forward mode) done
+            out_positions = options.get("num_out_positions", options.get("out_positions", 1))
+            advance(rows.stop * positions.stop, out_positions * m * x.shape[1])
     return total
 
 

@@ -211,6 +211,7 @@ def source_gram(
     max_elements: int = 2**20,
     in_mask: Tensor | None = None,
     out_mask: Tensor | None = None,
+    advance: Callable[[int, int], None] | None = None,
 ) -> Float[Tensor, "sources k k"]:
     """Per source r, Σ_b Σ_s g_{r,b,s}ᵀ g_{r,b,s} with g = Σ_(t,i) r_{b,t,i} J_b[(t,i), s] (float64).
 
@@ -220,6 +221,7 @@ def source_gram(
     :func:`degeneracy.jacobian.jacobian_gram` without bias; their mean over every sign pattern is it.
     ``in_mask`` (batch, pos_in) and ``out_mask`` (batch, pos_out): valid (unpadded) positions; padded
     output positions draw no source and padded input positions add nothing (``None``: all valid).
+    ``advance(done, count)`` is told after each chunk of sources (a progress bar).
 
     >>> from degeneracy.linalg import integration_rule
     >>> x, eye = torch.ones(1, 1, 2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
@@ -244,6 +246,8 @@ def source_gram(
         if valid_in is not None:
             g = g * valid_in
         total[start : start + g.shape[0]] = torch.einsum("cbsa,cbsh->cah", g, g)
+        if advance is not None:
+            advance(start + g.shape[0], count)
     return total
 
 

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from degeneracy.checks import check_batches_alike, check_model_accepts, check_module, head
 from degeneracy.data import Batch, call_model, iter_batches, num_examples
-from degeneracy.distributed import is_distributed, is_main, world_size
+from degeneracy.distributed import is_distributed, world_size
 from degeneracy.distributed import rank as this_rank
+from degeneracy.progress import ExampleBar
 
 __all__ = [
     "DTYPES",
@@ -540,22 +540,31 @@ class ModelRun:
             probe = cast_inputs(head(first), self.dtype, explicit=self.explicit, device=self.device)
             check_model_accepts(self.model, probe, full=first)
         self._cache: dict[str, list[Tensor]] | None = {} if (cache and deterministic) else None
+        self._bar: ExampleBar | None = None  # the bar of the batch last yielded (moved by within)
 
     def batches(self, desc: str = "", progress: bool = False, *, step: int | None = None) -> Iterator[Batch]:
         """The data as :class:`~degeneracy.data.Batch` es with cast inputs (extras moved to the device);
         with ``step``, each batch in pieces of at most ``step`` examples (the bar moves per piece)."""
-        # quiet unless asked for, on rank 0, and stderr is a terminal (disable=None); examples, with an ETA
-        shown = progress and is_main()
-        bar = tqdm(total=self.n, desc=desc, unit="ex", disable=None if shown else True, leave=False)
+        # quiet unless asked for, on rank 0, and stderr is a terminal; examples, with an ETA; the work on
+        # a batch moves the bar within it (:meth:`within`)
+        bar = ExampleBar(self.n, desc, progress)
         try:
             for batch in iter_batches(self.data, self.batch_size):
                 inputs = cast_inputs(batch.inputs, self.dtype, explicit=self.explicit, device=self.device)
                 extras = tuple(e.to(self.device) if isinstance(e, Tensor) else e for e in batch.extras)
                 for piece in Batch(inputs, extras).split(step):
+                    bar.begin(piece.size)
+                    self._bar = bar
                     yield piece
-                    bar.update(piece.size)
+                    bar.finish()
         finally:
             bar.close()
+
+    def within(self, done: int, parts: int) -> None:
+        """``done`` of ``parts`` equal parts of the work on the batch last yielded by :meth:`batches`
+        are finished: its progress bar moves by that share of the batch's examples."""
+        if self._bar is not None:
+            self._bar.within(done, parts)
 
     def inputs(self, desc: str = "", progress: bool = False) -> Iterator[Tensor | Mapping[str, Tensor]]:
         """The cast inputs of each batch."""

@@ -265,7 +265,6 @@ def edge_ablation(
     check_model(basis, model, allow_other_model=allow_other_model)
     check_same_basis(graph, basis, allow_other_model=allow_other_model)
     runner = AblationRunner(model, data, basis, labels, batch_size, dtype, metrics)
-    runner.progress = progress  # a bar per evaluation (examples, ETA) when in a terminal
     shortcuts = {}
     if sections is not None:
         inputs, _ = next(iter(runner.batches()))
@@ -280,6 +279,7 @@ def edge_ablation(
                 constant=runner.constant,
                 widths=runner.widths,
             )
+    runner.progress = progress  # a bar per evaluation (examples, ETA) when in a terminal (not the probe)
     base = runner.evaluate(None)
     target = base["accuracy"] - delta
     recorded = result_fingerprint(model, data, basis=basis_fingerprint(basis))  # in every result's info

@@ -33,11 +33,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vjp, vmap
-from tqdm.auto import tqdm
 
 from degeneracy.accounting.kronecker import linear_gram
 from degeneracy.behavioral import BehavioralProblem, LossKind, whiten_outputs
-from degeneracy.distributed import all_gather_rows, all_reduce_sum, is_main
+from degeneracy.distributed import all_gather_rows, all_reduce_sum
+from degeneracy.progress import progress_bar
 from degeneracy.run import (
     ParamLayout,
     model_device,
@@ -131,8 +131,7 @@ class BehavioralHessian(BehavioralProblem):
             return self.whitened(theta, xb, ref.unsqueeze(0))[0]
 
         jac_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
-        show = getattr(self, "progress", False) and is_main()  # examples, rate, ETA (a terminal, rank 0)
-        bar = tqdm(total=self.n, desc="Hessian", unit="ex", disable=None if show else True, leave=False)
+        bar = progress_bar(self.n, "Hessian", getattr(self, "progress", False))  # examples, rate, ETA
         try:
             for x, ref in self.batches():
                 b = ref.shape[0]

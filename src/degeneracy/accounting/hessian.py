@@ -41,7 +41,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from degeneracy.accounting.gauss_newton import BehavioralHessian, numerical_floor
 from degeneracy.accounting.spectrum import HessianSpectrum, load_hessian_spectrum
@@ -57,6 +56,7 @@ from degeneracy.linalg import (
     slq_nodes,
     slq_nodes_batched,
 )
+from degeneracy.progress import progress_bar
 from degeneracy.run import ForwardFn, full_precision
 
 __all__ = [
@@ -125,9 +125,9 @@ def _lanczos(
     """The top k eigenvalues by block Lanczos, with the SLQ density and Hutchinson's trace if asked."""
     n_params = hessian.num_parameters
     counter = {"n": 0}
-    show = None if getattr(hessian, "progress", False) else True  # None: quiet when not a terminal
+    show = getattr(hessian, "progress", False)  # a terminal, rank 0: vectors, rate, ETA
     bound = krylov_max_vectors(n_params, k, block_size=block_size, max_vectors=max_iter)
-    bars = [tqdm(total=bound, desc=f"Lanczos top-{k}", unit="vec", disable=show, leave=False)]
+    bars = [progress_bar(bound, f"Lanczos top-{k}", show, unit="vec")]
 
     def matmat(v: torch.Tensor) -> torch.Tensor:
         counter["n"] += v.shape[1]
@@ -152,7 +152,7 @@ def _lanczos(
     if num_rank_probes > 0:
         t = time.perf_counter()
         total = num_rank_probes * min(num_rank_steps, n_params)
-        bars.append(tqdm(total=total, desc="SLQ rank", unit="vec", disable=show, leave=False))
+        bars.append(progress_bar(total, "SLQ rank", show, unit="vec"))
         try:
             fields["density"] = slq_nodes_batched(
                 matmat, n_params, num_probes=num_rank_probes, num_steps=num_rank_steps, seed=seed + 1
@@ -163,9 +163,19 @@ def _lanczos(
     fields["matvecs"] = counter["n"]
     if num_trace_probes > 0:
         t = time.perf_counter()
-        fields["trace"], fields["trace_stderr"] = hutchinson_trace(
-            hessian.quadratic_forms, n_params, num_probes=num_trace_probes, seed=seed + 2, batched=True
-        )
+        bar = progress_bar(num_trace_probes, "Hutchinson trace", show, unit="vec")
+
+        def forms(v: torch.Tensor) -> torch.Tensor:
+            out = hessian.quadratic_forms(v)
+            bar.update(v.shape[1])  # probes done
+            return out
+
+        try:
+            fields["trace"], fields["trace_stderr"] = hutchinson_trace(
+                forms, n_params, num_probes=num_trace_probes, seed=seed + 2, batched=True
+            )
+        finally:
+            bar.close()
         timings["trace"] = time.perf_counter() - t
     hessian.release()
     return fields
