@@ -258,18 +258,24 @@ def call_model(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
 
 
 def model_output_tensor(output: Any) -> Tensor:
-    """The tensor a model "outputs": the tensor itself, ``.logits`` or ``.last_hidden_state``,
-    or the first element of a tuple.
+    """The tensor a model "outputs": the tensor itself, ``.logits`` or ``.last_hidden_state`` (an
+    attribute or, for a plain dict, a key; else a dict's first tensor), or the first element of a tuple.
 
     >>> model_output_tensor((torch.ones(2), "cache")).tolist()
+    [1.0, 1.0]
+    >>> model_output_tensor({"aux": torch.zeros(1), "logits": torch.ones(2)}).tolist()
     [1.0, 1.0]
     """
     if isinstance(output, Tensor):
         return output
     for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
+        value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
         if isinstance(value, Tensor):
             return value
+    if isinstance(output, Mapping):
+        found = [v for v in output.values() if isinstance(v, Tensor)]
+        if found:
+            return found[0]
     if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(f"cannot find an output tensor in a model output of type {type(output).__name__}")
