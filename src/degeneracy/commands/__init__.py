@@ -53,21 +53,30 @@ def command_help(command: Callable[..., Any], config: type[BaseModel] | None = N
     doc = inspect.getdoc(command) or ""
     text = doc.split(">>>", 1)[0].strip()
     if config is not None:
-        fields = []
-        for name, info in config.model_fields.items():
-            annotation = info.annotation
-            plain = getattr(annotation, "__args__", None) is None and hasattr(annotation, "__name__")
-            kind = annotation.__name__ if plain else str(annotation).replace("typing.", "")
-            default = (
-                "required"
-                if info.is_required()
-                else f"default {info.get_default(call_default_factory=True)!r}"
-            )
-            fields.append(f"{name} ({kind}; {default})")
-        text += (
-            f"\n\nConfig fields ({config.__name__}; unknown fields are errors): " + ", ".join(fields) + "."
-        )
+        fields = ", ".join(config_fields(config))
+        text += f"\n\nConfig fields ({config.__name__}; unknown fields are errors): {fields}."
     return text
+
+
+def config_fields(config: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every field of a config as ``name (type; default ...)``, the fields of a nested config as
+    ``outer.name`` (each with its own type and default).
+
+    >>> config_fields(GraphRunConfig)[:2]
+    ["model.name (str; default 'modadd')", "model.split (Literal['train', 'test', 'all']; default 'train')"]
+    """
+    fields = []
+    for name, info in config.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields += config_fields(annotation, f"{prefix}{name}.")
+            continue
+        plain = getattr(annotation, "__args__", None) is None and hasattr(annotation, "__name__")
+        kind = annotation.__name__ if plain else str(annotation).replace("typing.", "")
+        value = None if info.is_required() else info.get_default(call_default_factory=True)
+        default = "required" if info.is_required() else f"default {value!r}"
+        fields.append(f"{prefix}{name} ({kind}; {default})")
+    return fields
 
 
 def main_rank_writes(command: Callable[..., Any]) -> Callable[..., Any]:
