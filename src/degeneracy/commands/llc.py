@@ -36,7 +36,7 @@ from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.distributed import barrier
 from degeneracy.fingerprint import check_model
-from degeneracy.io import atomic_write_text
+from degeneracy.io import atomic_write_text, json_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.distributed import is_main_process, process_group
 from degeneracy.llc.estimate import estimate_llc
@@ -385,5 +385,5 @@ def llc_demo_section(model: nn.Module, data: Any, out_dir: Path) -> dict[str, An
         "figures": figures,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(folder / "summary.json", json_text(summary, indent=2))  # null, never a NaN token
     return summary

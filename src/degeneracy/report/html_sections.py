@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from degeneracy.display import escape, format_value, html_table
+from degeneracy.io import json_text
 from degeneracy.report.html_figures import embed_figure, source_line
 
 __all__ = ["SECTIONS"]
@@ -140,7 +141,7 @@ def _graph(run_dir: Path, found: Found) -> str:
         fourier = _json(fourier_file) if fourier_file.exists() else None
         data = graph_payload(graph, modules, fourier)
         sources += [graphs[method], *(f for f in (modules_file, fourier_file) if f.exists())]
-        payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+        payload = json_text(data, separators=(",", ":")).replace("</", "<\\/")  # JSON.parse: no NaN
         colour = (
             '<label><input type="radio" name="colour-by" value="modules"> modules saved with the run</label>'
             '<label><input type="radio" name="colour-by" value="components"> connected components at this ε'
