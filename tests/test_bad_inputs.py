@@ -259,6 +259,19 @@ CLI: list[tuple[str, str, str | None, str]] = [
      + LAYERS_YAML, r"\(model, data\)"),
     ("llc-unknown-field", "llc", FACTORY + "los: kl\n", r"los"),
     ("llc-bad-sampler-field", "llc", FACTORY + "sampler: {num_chain: 2}\n", r"num_chain"),
+    ("basis-option-of-the-wrong-type", "basis", FACTORY + LAYERS_YAML + "options: {center: maybe}\n",
+     r"option 'center' of interaction_basis must be bool, got 'maybe'"),
+    ("basis-option-out-of-range", "basis", FACTORY + LAYERS_YAML + "options: {batch_size: 0}\n",
+     r"batch_size must be positive"),
+    ("graph-basis-option-of-the-wrong-type", "graph", FACTORY + LAYERS_YAML
+     + "basis: {gram_threshold: tiny}\n",
+     r"option 'gram_threshold' of interaction_basis must be float"),
+    ("graph-edges-option-out-of-range", "graph", FACTORY + LAYERS_YAML + "edges: {batch_size: -3}\n",
+     r"edges options: batch_size must be positive"),
+    ("graph-edges-unknown-integration-rule", "graph", FACTORY + LAYERS_YAML
+     + "edges: {integration_rule: simpson}\n", r"unknown integration rule 'simpson'"),
+    ("graph-basis-file-of-another-method", "graph", FACTORY + LAYERS_YAML + "methods: [lib]\n"
+     "basis_files: {pca: x.safetensors}\n", r"not among methods"),
 ]
 
 

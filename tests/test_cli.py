@@ -233,7 +233,7 @@ def test_graph_reuses_bases_only_when_their_config_matches(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("command", "field"),
-    [("basis", "methods"), ("graph", "ablation"), ("degeneracy", "hessian_k"), ("llc", "epsilons")],
+    [("basis", "methods"), ("graph", "ablation.delta"), ("degeneracy", "hessian_k"), ("llc", "epsilons")],
 )
 def test_command_help_lists_the_config_fields(command: str, field: str) -> None:
     """``degeneracy COMMAND --help`` names the config class and its fields (and shows no doctest)."""

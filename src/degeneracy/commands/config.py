@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from degeneracy.basis_result import METHODS
 from degeneracy.commands.basis_files import check_basis_files
+from degeneracy.commands.options import basis_options, edge_options
 from degeneracy.commands.placement import Device, place, run_device
 
 __all__ = [
@@ -351,6 +352,7 @@ class BasisRunConfig(StrictModel):
         check_methods(self.methods)
         check_options(self.options, degeneracy.interaction_basis, taken=BASIS_TAKEN)
         check_sources(self.options, "basis")
+        object.__setattr__(self, "options", basis_options(self.options, self.methods))  # typed, checked
         return self
 
 
@@ -459,6 +461,8 @@ class GraphRunConfig(StrictModel):
         check_sources(self.basis, "basis")
         check_sources(self.edges, "edges")
         check_basis_files(self.basis_files, self.methods, BASIS_METHODS)
+        object.__setattr__(self, "basis", basis_options(self.basis, self.methods))  # typed, checked
+        object.__setattr__(self, "edges", edge_options(self.edges))
         return self
 
 

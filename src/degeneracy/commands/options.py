@@ -1,0 +1,107 @@
+"""The keyword options a config passes to a library function (``options:``/``basis:`` to
+:func:`degeneracy.interaction_basis`, ``edges:`` to :func:`degeneracy.interaction_graph`), typed and
+checked when the config is read, before any model loads: each value against the function's annotation
+(YAML's ``1e-3``, a string to YAML, is read as the number it means; ``center: maybe`` is an error naming
+the option and the type), then the option set as a whole by the config the function builds from it
+(:class:`~degeneracy.basis.BasisConfig` for each basis method, :class:`~degeneracy.edges.EdgeConfig`):
+a negative ``batch_size`` or an unknown integration rule is found now, not after the first basis."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+__all__ = ["typed_options", "basis_options", "edge_options"]
+
+
+def _adapters(function: Callable[..., Any]) -> dict[str, TypeAdapter]:
+    """A pydantic validator per annotated parameter of ``function`` (none for types pydantic cannot
+    check, such as ``torch.dtype``: those are checked by the function's own config)."""
+    try:
+        hints = typing.get_type_hints(inspect.unwrap(function))
+    except (NameError, TypeError):  # pragma: no cover - annotations that do not resolve
+        return {}
+    adapters = {}
+    for name, hint in hints.items():
+        try:
+            adapters[name] = TypeAdapter(hint)
+        except Exception:  # noqa: BLE001 - pydantic has no schema for this type: not checked here
+            continue
+    return adapters
+
+
+def typed_options(options: dict[str, Any], function: Callable[..., Any]) -> dict[str, Any]:
+    """``options`` with each value checked against (and read as) the annotation of ``function``'s
+    keyword argument of that name; a ``ValueError`` names the option, the type and the value.
+
+    >>> import degeneracy
+    >>> typed_options({"gram_threshold": "1e-3", "center": True}, degeneracy.interaction_basis)
+    {'gram_threshold': 0.001, 'center': True}
+    >>> typed_options({"center": "maybe"}, degeneracy.interaction_basis)
+    Traceback (most recent call last):
+    ...
+    ValueError: option 'center' of interaction_basis must be bool, got 'maybe'
+    """
+    adapters = _adapters(function)
+    typed = {}
+    for key, value in options.items():
+        adapter = adapters.get(key)
+        if adapter is None:
+            typed[key] = value
+            continue
+        try:
+            typed[key] = adapter.validate_python(value)
+        except ValidationError:
+            hint = inspect.signature(inspect.unwrap(function)).parameters[key].annotation
+            raise ValueError(
+                f"option {key!r} of {function.__name__} must be {hint}, got {value!r}"
+            ) from None
+    return typed
+
+
+def basis_options(options: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Basis options typed (:func:`typed_options`) and checked together for each method by the
+    :class:`~degeneracy.basis.BasisConfig` they make.
+
+    >>> basis_options({"batch_size": "64"}, ["lib"])
+    {'batch_size': 64}
+    >>> basis_options({"batch_size": 0}, ["lib"])
+    Traceback (most recent call last):
+    ...
+    ValueError: basis options: batch_size must be positive, got 0
+    """
+    import degeneracy
+    from degeneracy.basis_result import BasisConfig, config_from
+
+    typed = typed_options(options, degeneracy.interaction_basis)
+    for method in methods:
+        try:
+            config_from(BasisConfig, typed, method=method)
+        except ValueError as err:
+            raise ValueError(f"basis options: {err}") from None
+    return typed
+
+
+def edge_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Edge options typed (:func:`typed_options`) and checked together by the
+    :class:`~degeneracy.edges.EdgeConfig` they make.
+
+    >>> edge_options({"integration_rule": "simpson"})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: edges options: unknown integration rule 'simpson'; choose one of ('gradient', ...)
+    """
+    import degeneracy
+    from degeneracy.basis_result import config_from
+    from degeneracy.graph_result import EdgeConfig
+
+    typed = typed_options(options, degeneracy.interaction_graph)
+    try:
+        config_from(EdgeConfig, typed)
+    except ValueError as err:
+        raise ValueError(f"edges options: {err}") from None
+    return typed
