@@ -270,6 +270,12 @@ CLI: list[tuple[str, str, str | None, str]] = [
      r"edges options: batch_size must be positive"),
     ("graph-edges-unknown-integration-rule", "graph", FACTORY + LAYERS_YAML
      + "edges: {integration_rule: simpson}\n", r"unknown integration rule 'simpson'"),
+    ("llc-volume-method-on-too-many-parameters", "llc", FACTORY + "method: volume\nepsilons: [0.1]\n",
+     r"method: volume handles at most 12 parameters, this model has 83"),
+    ("llc-volume-option-of-the-wrong-type", "llc", FACTORY + "method: volume\nepsilons: [0.1]\n"
+     "params: [fc2.bias]\nvolume_options: {num_points: many}\n", r"'num_points' of volume_llc must be int"),
+    ("llc-unknown-volume-option", "llc", FACTORY + "method: volume\nepsilons: [0.1]\n"
+     "params: [fc2.bias]\nvolume_options: {num_point: 9}\n", r"unknown volume_options \['num_point'\]"),
     ("graph-basis-file-of-another-method", "graph", FACTORY + LAYERS_YAML + "methods: [lib]\n"
      "basis_files: {pca: x.safetensors}\n", r"not among methods"),
 ]

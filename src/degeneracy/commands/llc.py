@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from degeneracy.commands.basis import run_fingerprint
 from degeneracy.commands.config import LLCRunConfig, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
+from degeneracy.commands.options import volume_options
 from degeneracy.commands.resume import StageLog, run_stage
 from degeneracy.data import call_model, model_output_tensor
 from degeneracy.distributed import barrier
@@ -40,8 +41,10 @@ from degeneracy.io import atomic_write_text, json_text
 from degeneracy.llc.curve import EffectiveParameterCount, LLCCurve, effective_parameter_count, llc_curve
 from degeneracy.llc.distributed import is_main_process, process_group
 from degeneracy.llc.estimate import estimate_llc
+from degeneracy.llc.model_loss import select_parameters
 from degeneracy.llc.record import finite_json
 from degeneracy.llc.result import LLCResult
+from degeneracy.run import ParamLayout
 
 __all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition", "NoValidResult"]
 
@@ -179,6 +182,10 @@ def run_llc(
     params = (
         None if cfg.params is None else [f"model.{p}" if cfg.positions == "last" else p for p in cfg.params]
     )
+    volume = None
+    if cfg.epsilons and cfg.method == "volume":  # known options, and few enough parameters: checked now
+        count = ParamLayout.of(select_parameters(model, params)).numel
+        volume = volume_options(cfg.volume_options, count)
     sampler = cfg.sampler.model_dump()
     common = {"loss": cfg.loss, "params": params, "progress": cfg.progress and main, **sampler}
     sweep = {k: v for k, v in common.items() if k not in ("nbeta", "step_size")}
@@ -226,7 +233,7 @@ def run_llc(
                     method="volume",
                     loss=cfg.loss,
                     params=params,
-                    volume_kwargs=cfg.volume_options,
+                    volume_kwargs=volume,
                 )
             return effective_parameter_count(model, data, epsilons, step_size=cfg.sampler.step_size, **sweep)
 

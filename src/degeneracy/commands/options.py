@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["typed_options", "basis_options", "edge_options"]
+__all__ = ["typed_options", "basis_options", "edge_options", "volume_options"]
 
 
 def _adapters(function: Callable[..., Any]) -> dict[str, TypeAdapter]:
@@ -105,3 +105,30 @@ def edge_options(options: dict[str, Any]) -> dict[str, Any]:
     except ValueError as err:
         raise ValueError(f"edges options: {err}") from None
     return typed
+
+
+def volume_options(options: dict[str, Any], num_parameters: int | None = None) -> dict[str, Any]:
+    """The llc command's ``volume_options`` (keyword options of :func:`degeneracy.llc.volume_llc`, but
+    for those the command sets), known and typed; with ``num_parameters``, also that the volume method
+    can take that many parameters (checked before the first stage runs, not after it).
+
+    >>> volume_options({"num_points": "200"})
+    {'num_points': 200}
+    >>> volume_options({}, num_parameters=3466)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: method: volume handles at most 12 parameters, this model has 3466; ...
+    """
+    from degeneracy.llc.volume import MAX_VOLUME_PARAMS, volume_llc
+
+    taken = ("loss_fn", "center", "epsilons", "radius")
+    valid = [n for n in inspect.signature(volume_llc).parameters if n not in taken]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown volume_options {unknown}; valid options: {', '.join(valid)}")
+    if num_parameters is not None and num_parameters > MAX_VOLUME_PARAMS:
+        raise ValueError(
+            f"method: volume handles at most {MAX_VOLUME_PARAMS} parameters, this model has "
+            f"{num_parameters}; use method: sgld, or params: [...] to pick a few"
+        )
+    return typed_options(options, volume_llc)
