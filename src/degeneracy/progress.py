@@ -20,6 +20,7 @@ while it is worked on. The numbers computed are not touched: only the bar moves.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -29,17 +30,23 @@ from degeneracy.distributed import is_main
 __all__ = ["progress_bar", "ExampleBar"]
 
 
-def progress_bar(total: int | None, desc: str, progress: bool, *, unit: str = "ex") -> Any:
+def progress_bar(
+    total: int | None, desc: str, progress: bool, *, unit: str = "ex", iterable: Iterable[Any] | None = None
+) -> Any:
     """A tqdm bar of ``total`` units with a rate and an ETA: shown when ``progress``, on rank 0, and
-    stderr is a terminal (tqdm's ``disable=None``); otherwise a bar that prints nothing.
+    stderr is a terminal (tqdm's ``disable=None``); otherwise a bar that prints nothing. With
+    ``iterable``, the bar iterates it, one unit per item (a sampler's steps).
 
     >>> bar = progress_bar(3, "steps", progress=False, unit="step")
     >>> bar.disable, bar.total
     (True, 3)
     >>> bar.close()
+    >>> list(progress_bar(2, "steps", progress=False, iterable=range(2)))
+    [0, 1]
     """
     shown = progress and is_main()
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if shown else True, leave=False)
+    options = {"desc": desc, "unit": unit, "disable": None if shown else True, "leave": False}
+    return tqdm(iterable, total=total, dynamic_ncols=True, **options)
 
 
 class ExampleBar:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from degeneracy.distributed import is_main
 from degeneracy.linalg import intra_op_threads
+from degeneracy.progress import progress_bar
 from degeneracy.run import ParamLayout
 
 __all__ = [
@@ -279,8 +280,6 @@ def run_sgld_chains(
     >>> run.loss_traces.shape, run.final_params.shape
     (torch.Size([2, 10]), torch.Size([2, 1]))
     """
-    from tqdm.auto import tqdm
-
     ids = list(range(config.num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     chains, dim = len(ids), layout.numel
     center = center.detach()
@@ -308,7 +307,9 @@ def run_sgld_chains(
     adapt_always = config.rmsprop_adapt == "always"
 
     start = time.perf_counter()
-    for step in tqdm(range(config.num_steps), **progress_options(progress, desc, chains)):
+    label = progress_options(progress, desc, chains)["desc"]  # one bar helper: degeneracy.progress
+    steps = progress_bar(config.num_steps, label, progress, unit="step", iterable=range(config.num_steps))
+    for step in steps:
         batch = next(batches)
         with torch.enable_grad():
             losses = chain_loss(leaves, batch)
@@ -406,8 +407,6 @@ def run_mala_chains(
     >>> run.acceptance.shape
     torch.Size([2])
     """
-    from tqdm.auto import tqdm
-
     ids = list(range(config.num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
     chains, dim = len(ids), layout.numel
     center = center.detach()
@@ -436,7 +435,9 @@ def run_mala_chains(
     loss = _loss_and_grad(chain_loss, leaves, batch, grad)  # proposal == θ == θ* here
     u_cur = energy(loss, theta)
     drift = drift_of(theta, grad)
-    for step in tqdm(range(config.num_steps), **progress_options(progress, desc, chains)):
+    label = progress_options(progress, desc, chains)["desc"]  # one bar helper: degeneracy.progress
+    steps = progress_bar(config.num_steps, label, progress, unit="step", iterable=range(config.num_steps))
+    for step in steps:
         losses_all[:, step] = loss
         k = step % block
         if k == 0:
