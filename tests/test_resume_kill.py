@@ -166,3 +166,30 @@ def test_llc_killed_then_resumed(tmp_path) -> None:
     assert code == 0, log
     assert said(log) == {"llc": "skipping", "llc_curve": "running", "n_eff": "running"}, log
     assert not partial_files(out)
+
+
+def test_demo_killed_then_resumed(tmp_path) -> None:
+    """The demo (no config: its sections are stages) killed as its degeneracy section starts: a rerun
+    skips the finished bases and graph sections and runs the rest; no partial file; a third run skips all."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+
+    def demo(kill: str | None = None) -> tuple[int, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "degeneracy", "demo", "--out", str(out)],
+            capture_output=True, text=True, cwd=ROOT, timeout=1800,
+            env={**env, KILL_ENV: kill} if kill else {k: v for k, v in env.items() if k != KILL_ENV},
+        )  # fmt: skip
+        return done.returncode, done.stderr
+
+    code, log = demo("degeneracy@start")
+    assert code == -signal.SIGKILL, log
+    assert not (out / "report.md").exists() and not partial_files(out)
+    code, log = demo()
+    assert code == 0, log
+    sections = {k: v for k, v in said(log).items() if k in ("bases", "graph", "degeneracy", "llc")}
+    want = {"bases": "skipping", "graph": "skipping", "degeneracy": "running", "llc": "running"}
+    assert sections == want, log
+    assert (out / "report.md").exists() and not partial_files(out)
+    code, log = demo()
+    assert code == 0 and set(said(log).values()) == {"skipping"}, log

@@ -562,7 +562,7 @@ class ModelRun:
 
     def within(self, done: int, parts: int) -> None:
         """``done`` of ``parts`` equal parts of the work on the batch last yielded by :meth:`batches`
-        are finished: its progress bar moves by that share of the batch's examples."""
+        are finished: its bar moves by that share of the batch's examples (:class:`ExampleBar`)."""
         if self._bar is not None:
             self._bar.within(done, parts)
 

@@ -18,8 +18,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
-from degeneracy.commands.basis_files import check_basis_files
-from degeneracy.commands.options import basis_options, edge_options
+from degeneracy.commands.options import basis_options, check_graph_options
 from degeneracy.commands.placement import Device, place, run_device
 
 __all__ = [
@@ -425,9 +424,8 @@ class GraphRunConfig(StrictModel):
     with standard errors); ``shortcuts`` uses the (checked) TransformerLens section
     shortcuts; ``edge_limit`` computes edges on the first examples only; ``fourier`` (``null``: on for
     modular-addition data) adds Fourier labels of the features. ``device``: where the model and data
-    go (default: :func:`run_device`). ``basis_files`` (method → a saved basis) uses those bases instead
-    of building them; one built on another model is refused unless ``allow_other_model`` (or
-    ``--allow-other-model``).
+    go (default: :func:`run_device`). ``basis_files``: saved bases (by method) used instead of building
+    them, refused if built on another model unless ``allow_other_model`` (``--allow-other-model``).
 
     >>> cfg = GraphRunConfig.model_validate({"methods": ["lib"], "ablation": {"limit": 256}})
     >>> cfg.methods, cfg.ablation.limit, cfg.ablation.node_points, cfg.modules.methods
@@ -460,9 +458,7 @@ class GraphRunConfig(StrictModel):
         check_options(self.edges, degeneracy.interaction_graph, taken=GRAPH_TAKEN)
         check_sources(self.basis, "basis")
         check_sources(self.edges, "edges")
-        check_basis_files(self.basis_files, self.methods, BASIS_METHODS)
-        object.__setattr__(self, "basis", basis_options(self.basis, self.methods))  # typed, checked
-        object.__setattr__(self, "edges", edge_options(self.edges))
+        check_graph_options(self)  # basis_files; basis and edges options typed and checked
         return self
 
 

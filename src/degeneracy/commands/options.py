@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["typed_options", "basis_options", "edge_options", "volume_options"]
+__all__ = ["typed_options", "basis_options", "edge_options", "volume_options", "check_graph_options"]
 
 
 def _adapters(function: Callable[..., Any]) -> dict[str, TypeAdapter]:
@@ -132,3 +132,21 @@ def volume_options(options: dict[str, Any], num_parameters: int | None = None) -
             f"{num_parameters}; use method: sgld, or params: [...] to pick a few"
         )
     return typed_options(options, volume_llc)
+
+
+def check_graph_options(cfg: Any) -> None:
+    """A graph config's ``basis_files`` (:func:`~degeneracy.commands.basis_files.check_basis_files`)
+    and its ``basis`` and ``edges`` options typed and checked, set back on the (frozen) config.
+
+    >>> import types
+    >>> cfg = types.SimpleNamespace(basis_files={}, methods=["lib"], basis={"center": "true"}, edges={})
+    >>> check_graph_options(cfg)
+    >>> cfg.basis
+    {'center': True}
+    """
+    from degeneracy.basis_result import METHODS
+    from degeneracy.commands.basis_files import check_basis_files
+
+    check_basis_files(cfg.basis_files, cfg.methods, METHODS)
+    object.__setattr__(cfg, "basis", basis_options(cfg.basis, cfg.methods))
+    object.__setattr__(cfg, "edges", edge_options(cfg.edges))
