@@ -252,10 +252,6 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
 # Run configs, one per command
 
 
-BASIS_TAKEN = ("model", "data", "node_layers", "method")
-"""Arguments of ``interaction_basis`` that the commands set themselves (not config options)."""
-GRAPH_TAKEN = ("model", "data", "basis", "sections", "progress")
-"""Arguments of ``interaction_graph`` that the graph command sets itself."""
 
 
 def check_methods(methods: list[str]) -> list[str]:
