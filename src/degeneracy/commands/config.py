@@ -252,8 +252,6 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
 # Run configs, one per command
 
 
-
-
 def check_methods(methods: list[str]) -> list[str]:
     """The basis methods of a config, each one known (checked before any model is loaded).
 
