@@ -371,6 +371,7 @@ class MLPChainLoss:
             else batched_user_chain_loss(lambda views, inputs: self._holder["out"], user_loss, form, "loop")
         )
         self._last = next(i for i, s in enumerate(steps) if isinstance(s, LinearStep))
+        self._view_cache: dict[tuple[Any, ...], list[tuple[Tensor, Tensor | None, Tensor | None]]] = {}
 
     def __call__(self, views: dict[str, Tensor], item: Any) -> Tensor:
         if self.reference is None:
@@ -389,20 +390,37 @@ class MLPChainLoss:
         self._backward(theta, grad, d, saved)
         return losses
 
+    def _views(self, flat: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """Per step: (weight ``(C, out, in)``, bias ``(C, out, 1)``, bias ``(C, out)``) views into ``flat``
+        (θ or its gradient), made once per buffer: the sampler updates its buffers in place."""
+        key = (flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()), flat.dtype)
+        found = self._view_cache.get(key)
+        if found is not None:
+            return found
+        chains, views = flat.shape[0], []
+        for step in self.steps:
+            if not isinstance(step, LinearStep):
+                views.append((flat, None, None))  # unused
+                continue
+            size = step.out_features * step.in_features
+            weight = flat[:, step.weight : step.weight + size].view(
+                chains, step.out_features, step.in_features
+            )
+            bias = None if step.bias is None else flat[:, step.bias : step.bias + step.out_features]
+            views.append((weight, None if bias is None else bias.unsqueeze(2), bias))
+        if len(self._view_cache) >= 4:
+            self._view_cache.clear()
+        self._view_cache[key] = views
+        return views
+
     def _forward(self, theta: Tensor, x: Tensor) -> tuple[Tensor, list[Any]]:
         chains = theta.shape[0]
         a = x.t().expand(chains, x.shape[1], x.shape[0])  # (C, in, B): feature-major, shared input
         saved: list[Any] = []
-        for step in self.steps:
+        for step, (weight, bias, _) in zip(self.steps, self._views(theta), strict=True):
             if isinstance(step, LinearStep):
-                weight = theta[:, step.weight : step.weight + step.out_features * step.in_features]
-                weight = weight.view(chains, step.out_features, step.in_features)
                 saved.append(a)
-                if step.bias is None:
-                    a = torch.bmm(weight, a)
-                else:
-                    bias = theta[:, step.bias : step.bias + step.out_features].unsqueeze(2)
-                    a = torch.baddbmm(bias, weight, a)
+                a = torch.bmm(weight, a) if bias is None else torch.baddbmm(bias, weight, a)
             else:
                 h = ACTIVATIONS[step.name][0](a, step.option)
                 saved.append((a, h))
@@ -410,25 +428,24 @@ class MLPChainLoss:
         return a, saved
 
     def _backward(self, theta: Tensor, grad: Tensor, d: Tensor, saved: list[Any]) -> None:
-        chains = theta.shape[0]
+        weights, grads = self._views(theta), self._views(grad)
         for i in range(len(self.steps) - 1, -1, -1):
             step = self.steps[i]
             if isinstance(step, ActivationStep):
                 z, h = saved[i]
                 d = ACTIVATIONS[step.name][1](d, z, h, step.option)
                 continue
-            size = step.out_features * step.in_features
-            g_weight = grad[:, step.weight : step.weight + size].view(
-                chains, step.out_features, step.in_features
-            )
-            torch.bmm(d, saved[i].transpose(1, 2), out=g_weight)
-            if step.bias is not None:
-                torch.sum(d, dim=2, out=grad[:, step.bias : step.bias + step.out_features])
+            g_weight, _, g_bias = grads[i]
+            if i == self._last:  # the input is shared by the chains: one GEMM (C·out, B) × (B, in)
+                chains, out_features, examples = d.shape
+                flat = torch.mm(d.reshape(chains * out_features, examples), saved[i][0].t())
+                g_weight.copy_(flat.view(chains, out_features, -1))
+            else:
+                torch.bmm(d, saved[i].transpose(1, 2), out=g_weight)
+            if g_bias is not None:
+                torch.sum(d, dim=2, out=g_bias)
             if i > self._last:
-                weight = theta[:, step.weight : step.weight + size].view(
-                    chains, step.out_features, step.in_features
-                )
-                d = torch.bmm(weight.transpose(1, 2), d)
+                d = torch.bmm(weights[i][0].transpose(1, 2), d)
 
     def _head(self, out: Tensor, item: Any) -> tuple[Tensor, Tensor]:
         """(losses ``(C,)``, their gradient with respect to ``out`` ``(C, classes, B)``)."""
