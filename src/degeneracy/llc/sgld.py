@@ -56,7 +56,9 @@ __all__ = [
 ChainLoss = Callable[[dict[str, Tensor], Any], Tensor]
 """``chain_loss(params, batch) -> losses``: ``params`` maps each sampled parameter name to a tensor with
 a leading chain dimension ``(C, *shape)``; the result is the loss of every chain, shape ``(C,)``.
-It must be differentiable with respect to ``params`` (built with ``torch.func.vmap``)."""
+It must be differentiable with respect to ``params`` (built with ``torch.func.vmap``). A chain loss may
+also offer ``value_and_grad(theta, batch, grad) -> losses`` (θ ``(C, P)``, the gradient written into
+``grad``), which :func:`run_sgld_chains` then uses instead of autograd (:mod:`degeneracy.llc.mlp`)."""
 
 
 @dataclass(frozen=True)
