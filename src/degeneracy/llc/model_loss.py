@@ -46,6 +46,7 @@ from degeneracy.llc.batched import (
 from degeneracy.llc.diagnostics import LLCWarning
 from degeneracy.llc.mlp import mlp_chain_loss
 from degeneracy.llc.sgld import ChainLoss, cycle_batches, seed_from
+from degeneracy.llc.transformer import transformer_chain_forward
 from degeneracy.llc.user_loss import (
     LABEL_KEYS,
     SUPERVISED,
@@ -463,6 +464,8 @@ def _labelled_chain_loss(
     if engine in ("auto", "batched"):
         tensor_inputs = isinstance(first[0].inputs, Tensor)
         forward = chain_batched_forward(model, list(layout.names)) if tensor_inputs else None
+        if forward is None and tensor_inputs:
+            forward = transformer_chain_forward(model, list(layout.names))
         if forward is not None:
             fast = batched_user_chain_loss(forward, loss if isinstance(loss, str) else user, form)
             if chain_losses_agree(fast, sequential, layout, center, first, seed):
