@@ -218,6 +218,11 @@ def mlp_steps(model: nn.Module, layout: ParamLayout, inputs: Tensor | None = Non
     ['LinearStep', 'ActivationStep', 'LinearStep']
     >>> mlp_steps(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), ParamLayout.of_model(nn.Linear(3, 4)))
     """
+    linear = {
+        f"{n}.{a}" for n, m in model.named_modules() if type(m) is nn.Linear for a in ("weight", "bias")
+    }
+    if not set(layout.names) <= linear:  # some sampled parameter outside a linear layer: no tracing
+        return None
     chain = _fx_chain(model)
     if chain is None and inputs is not None:
         chain = _hook_chain(model, inputs)
