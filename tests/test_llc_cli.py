@@ -200,3 +200,41 @@ def test_progress_bar_ticks_per_step_with_an_eta_and_is_quiet_off_a_terminal(mon
         text = stream.getvalue()
         assert bool(text) == shown
     assert "/30 [" in text and "step/s" in text and "<" in text  # counted in steps, with rate and ETA
+
+
+def test_llc_command_estimates_the_training_loss_on_the_bundled_labels(tmp_path) -> None:
+    """loss: cross_entropy takes the digits' labels: the same chains as estimate_llc on (inputs, labels)."""
+    import torch
+
+    from degeneracy.llc import estimate_llc
+    from degeneracy.models import digits_dataset
+
+    config = tmp_path / "llc.yaml"
+    config.write_text(
+        """
+model: {name: digits_mlp, split: test, limit: 120, dtype: float64}
+loss: cross_entropy
+sampler: {nbeta: 50, localization: 100, step_size: 1e-4, num_chains: 2, num_draws: 20, num_burnin: 0,
+          batch_size: 40}
+plots: false
+progress: false
+"""
+    )
+    cfg = load_yaml(config, LLCRunConfig)
+    model, data, _ = resolve_model(cfg.model)
+    summary = run_llc(cfg, model, data, tmp_path / "out", log=None)
+    _, _, x, y = digits_dataset(dtype=torch.float64)
+    direct = estimate_llc(model, (x[:120], y[:120]), loss="cross_entropy", **cfg.sampler.model_dump())
+    assert summary["estimate"]["llc"] == pytest.approx(direct.mean, rel=1e-12)
+    assert LLCResult.load(tmp_path / "out" / "llc.safetensors").config["loss"] == "cross_entropy"
+
+
+def test_llc_supervised_loss_without_labels_is_a_clear_error() -> None:
+    import torch
+
+    from degeneracy.commands.llc import labelled_data
+
+    with pytest.raises(ValueError, match="need labels"):
+        labelled_data(ModelSpec(name="toy:make"), torch.zeros(8, 2))
+    pair = (torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
+    assert labelled_data(ModelSpec(name="toy:make"), pair) is pair

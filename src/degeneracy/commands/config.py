@@ -558,7 +558,9 @@ class LLCRunConfig(StrictModel):
 
     Attributes:
         model: which model and data.
-        loss: ``"behavioral"`` (mean squared output difference) or ``"kl"`` (classifiers).
+        loss: ``"behavioral"`` (mean squared output difference), ``"kl"`` (classifiers), or the training
+            loss on labels: ``"cross_entropy"`` or ``"mse"`` (labels of the bundled data, or data
+            ``(inputs, labels)`` from a factory; :func:`degeneracy.commands.llc.labelled_data`).
         positions: ``"last"`` keeps only the last position of ``(batch, pos, d)`` outputs (e.g. the
             answer position of the modular-addition transformer).
         params: names of the parameters to sample (default: all).
@@ -576,7 +578,7 @@ class LLCRunConfig(StrictModel):
     """
 
     model: ModelSpec = ModelSpec(name="digits_mlp", dtype="float32")
-    loss: Literal["behavioral", "kl"] = "behavioral"
+    loss: Literal["behavioral", "kl", "cross_entropy", "mse"] = "behavioral"
     positions: Literal["all", "last"] = "all"
     params: list[str] | None = None
     sampler: LLCSamplerConfig = LLCSamplerConfig()

@@ -4,7 +4,7 @@ A config names the model and data (:class:`degeneracy.commands.config.ModelSpec`
 settings, and optionally a sweep over nβ (λ(ε) curve) and loss scales ε for N_eff(ε)::
 
     model: {name: digits_mlp, split: train, dtype: float32}
-    loss: behavioral            # or kl
+    loss: behavioral            # or kl; cross_entropy / mse: the training loss on the data's labels
     positions: all              # "last": only the last position of sequence outputs
     sampler: {nbeta: 200, localization: 100, step_size: auto, num_chains: 4, num_draws: 400,
               num_burnin: 200, batch_size: 256, seed: 0}
@@ -30,7 +30,7 @@ import typer
 from torch import Tensor, nn
 
 from degeneracy.commands.basis import run_fingerprint
-from degeneracy.commands.config import LLCRunConfig, load_run
+from degeneracy.commands.config import LLCRunConfig, ModelSpec, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
 from degeneracy.commands.options import volume_options
 from degeneracy.commands.resume import StageLog, run_stage
@@ -46,7 +46,15 @@ from degeneracy.llc.record import finite_json
 from degeneracy.llc.result import LLCResult
 from degeneracy.run import ParamLayout
 
-__all__ = ["run_llc", "llc_command", "llc_demo_section", "demo_llc_sweep", "LastPosition", "NoValidResult"]
+__all__ = [
+    "run_llc",
+    "llc_command",
+    "llc_demo_section",
+    "demo_llc_sweep",
+    "LastPosition",
+    "NoValidResult",
+    "labelled_data",
+]
 
 
 class LastPosition(nn.Module):
@@ -66,6 +74,40 @@ class LastPosition(nn.Module):
         if out.dim() < 3:
             raise ValueError(f"positions='last' needs (batch, pos, d) outputs, got shape {tuple(out.shape)}")
         return out[:, -1]
+
+
+def labelled_data(spec: ModelSpec, data: Any) -> Any:
+    """``(inputs, labels)`` for the ``cross_entropy``/``mse`` losses: ``data`` itself when it carries
+    labels (a tuple/list, a dict with ``"labels"``), else the labels of the bundled data ``spec`` names
+    (digits: the class; modular addition: (a + b) mod p, at the last position), else a ``ValueError``.
+
+    >>> import torch
+    >>> x, y = labelled_data(ModelSpec(name="digits_mlp", split="test", limit=5), torch.zeros(5, 64))
+    >>> y.shape, y.dtype
+    (torch.Size([5]), torch.int64)
+    """
+    if isinstance(data, tuple | list) or (isinstance(data, dict) and "labels" in data):
+        return data
+    labels = None
+    if spec.name == "modadd" and isinstance(data, Tensor):
+        from degeneracy.fourier import modadd_labels
+
+        labels = modadd_labels(data)
+    elif spec.name == "digits_mlp" and isinstance(data, Tensor):
+        from degeneracy.models import digits_all_inputs, digits_dataset
+
+        if spec.split == "all":
+            _, labels = digits_all_inputs()
+        else:
+            _, train, _, test = digits_dataset()
+            labels = train if spec.split == "train" else test
+        labels = labels[: data.shape[0]]
+    if labels is None:
+        raise ValueError(
+            f"loss: cross_entropy / mse need labels, and the data of model {spec.name!r} carry none: make "
+            "the factory return (model, (inputs, labels)), or use loss: behavioral / kl"
+        )
+    return (data, labels)
 
 
 def _broadcast(message: str | None) -> str:
@@ -177,6 +219,8 @@ def run_llc(
     dtype = next(model.parameters()).dtype
     if isinstance(data, Tensor) and data.is_floating_point() and data.dtype != dtype:
         data = data.to(dtype)  # float inputs follow the model's dtype (ModelSpec.dtype)
+    if cfg.loss in ("cross_entropy", "mse"):
+        data = labelled_data(cfg.model, data)
     if cfg.positions == "last":
         model = LastPosition(model)
     params = (

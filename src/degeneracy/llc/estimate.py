@@ -456,6 +456,7 @@ def estimate_llc(
             "dtype": str(center.dtype).replace("torch.", ""),
             "vectorize": vectorize,
             "engine": spec.engine,
+            **spec.details,
             "fingerprint": result_fingerprint(model, data),  # model + data (older files have none)
         }
         first_item = next(spec.batches())

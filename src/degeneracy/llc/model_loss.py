@@ -28,7 +28,7 @@ import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -44,7 +44,9 @@ from degeneracy.llc.batched import (
     vmap_behavioral_chain_loss,
 )
 from degeneracy.llc.diagnostics import LLCWarning
+from degeneracy.llc.mlp import mlp_chain_loss
 from degeneracy.llc.sgld import ChainLoss, cycle_batches, seed_from
+from degeneracy.llc.transformer import transformer_chain_forward
 from degeneracy.llc.user_loss import (
     LABEL_KEYS,
     SUPERVISED,
@@ -52,6 +54,7 @@ from degeneracy.llc.user_loss import (
     UserLoss,
     batched_user_chain_loss,
     builtin_as_user_loss,
+    labels_of,
     loss_name,
     user_chain_loss,
     user_item,
@@ -375,6 +378,8 @@ class ModelLoss:
     init_loss: float
     name: str
     engine: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """What the engine records besides its name (``{"backward": "manual"}``: :mod:`degeneracy.llc.mlp`)."""
 
 
 def resolve_loss(loss: LossSpec | None, examples: Examples) -> LossSpec:
@@ -405,6 +410,18 @@ def resolve_loss(loss: LossSpec | None, examples: Examples) -> LossSpec:
         )
         return "behavioral"
     return loss
+
+
+def _all_labels(examples: Examples) -> list[Tensor]:
+    """The labels of every example (empty when the data carry none that are tensors)."""
+    found = []
+    for batch in [examples.pooled] if examples.pooled is not None else examples.batches:
+        try:
+            labels = labels_of(batch, examples.form)
+        except ValueError:
+            return []
+        found.append(labels)
+    return found
 
 
 def _stream_items(make: Callable[[], Iterator[Batch]]) -> Callable[[], Iterator[tuple[Batch, None]]]:
@@ -447,11 +464,20 @@ def _labelled_chain_loss(
     if engine in ("auto", "batched"):
         tensor_inputs = isinstance(first[0].inputs, Tensor)
         forward = chain_batched_forward(model, list(layout.names)) if tensor_inputs else None
+        if forward is None and tensor_inputs:
+            forward = transformer_chain_forward(model, list(layout.names))
         if forward is not None:
             fast = batched_user_chain_loss(forward, loss if isinstance(loss, str) else user, form)
             if chain_losses_agree(fast, sequential, layout, center, first, seed):
                 if not isinstance(loss, str):  # vmappable (checked above): run it chain by chain, faster
                     fast = batched_user_chain_loss(forward, user, form, "loop")
+                stream = batches()
+                items = [first, *(next(stream) for _ in range(min(2, examples.num_batches(batch_size) - 1)))]
+                manual = mlp_chain_loss(
+                    model, layout, center, fast, loss, form, items, _all_labels(examples), seed
+                )
+                if manual is not None:
+                    return ModelLoss(manual[0], batches, init_loss, name, "batched", manual[1])
                 return ModelLoss(fast, batches, init_loss, name, "batched")
         if engine == "batched":
             raise ValueError(
@@ -537,4 +563,10 @@ def model_chain_loss(
                 "not treat leading dimensions as batch dimensions); use engine='vmap' or 'auto'"
             )
         return result
+    first_item = next(stream())
+    manual = mlp_chain_loss(
+        model, layout, center, fast, f"behavioral-{kind}", examples.form, [first_item], [], seed
+    )
+    if manual is not None:
+        return ModelLoss(manual[0], stream, 0.0, f"behavioral-{kind}", "batched", manual[1])
     return ModelLoss(fast, stream, 0.0, f"behavioral-{kind}", "batched")

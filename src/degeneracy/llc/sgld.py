@@ -57,7 +57,9 @@ __all__ = [
 ChainLoss = Callable[[dict[str, Tensor], Any], Tensor]
 """``chain_loss(params, batch) -> losses``: ``params`` maps each sampled parameter name to a tensor with
 a leading chain dimension ``(C, *shape)``; the result is the loss of every chain, shape ``(C,)``.
-It must be differentiable with respect to ``params`` (built with ``torch.func.vmap``)."""
+It must be differentiable with respect to ``params`` (built with ``torch.func.vmap``). A chain loss may
+also offer ``value_and_grad(theta, batch, grad) -> losses`` (θ ``(C, P)``, the gradient written into
+``grad``), which :func:`run_sgld_chains` then uses instead of autograd (:mod:`degeneracy.llc.mlp`)."""
 
 
 @dataclass(frozen=True)
@@ -284,9 +286,12 @@ def run_sgld_chains(
     chains, dim = len(ids), layout.numel
     center = center.detach()
     theta = center.expand(chains, dim).clone()
+    # a chain loss with value_and_grad(theta, batch, grad) computes its own gradient (degeneracy.llc.mlp)
+    value_and_grad = getattr(chain_loss, "value_and_grad", None)
     # per-parameter views into theta, made autograd leaves once: theta is then updated in place
     # under no_grad and every step differentiates with respect to the same leaves
-    leaves = {n: v.requires_grad_(True) for n, v in layout.unflatten(theta).items()}
+    views = layout.unflatten(theta)
+    leaves = views if value_and_grad is not None else {n: v.requires_grad_(True) for n, v in views.items()}
     leaf_list = tuple(leaves.values())
     grad_flat = torch.empty_like(theta)
     drift = torch.empty_like(theta)
@@ -311,19 +316,22 @@ def run_sgld_chains(
     steps = progress_bar(config.num_steps, label, progress, unit="step", iterable=range(config.num_steps))
     for step in steps:
         batch = next(batches)
-        with torch.enable_grad():
-            losses = chain_loss(leaves, batch)
-            if ones.dtype != losses.dtype:
-                ones = torch.ones_like(losses)
-            grads = torch.autograd.grad(losses, leaf_list, grad_outputs=ones, allow_unused=True)
-        torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(v)).reshape(chains, -1)
-                for g, v in zip(grads, leaf_list, strict=True)
-            ],
-            dim=1,
-            out=grad_flat,
-        )
+        if value_and_grad is not None:
+            losses = value_and_grad(theta, batch, grad_flat)
+        else:
+            with torch.enable_grad():
+                losses = chain_loss(leaves, batch)
+                if ones.dtype != losses.dtype:
+                    ones = torch.ones_like(losses)
+                grads = torch.autograd.grad(losses, leaf_list, grad_outputs=ones, allow_unused=True)
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(v)).reshape(chains, -1)
+                    for g, v in zip(grads, leaf_list, strict=True)
+                ],
+                dim=1,
+                out=grad_flat,
+            )
         losses_all[:, step] = losses.detach()
         with torch.no_grad():
             # drift = nβ ∇L + γ (θ − θ*);  θ ← θ − (η/2) G drift + √η √G ξ  (G = 1 without preconditioner)
