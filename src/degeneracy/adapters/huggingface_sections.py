@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from degeneracy.adapters.huggingface_grams import bert_gram
 from degeneracy.adapters.transformer_lens.normed import (
     Norm,
     activation_slope,
@@ -270,7 +271,7 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
             outs.append((after_attention(parts(sub, f[sl]), dz_pre) @ c_out.T).transpose(-1, -2))
         return torch.cat(outs)
 
-    return ClosedForm(fn, kernel, tangent)
+    return ClosedForm(fn, kernel, tangent, bert_gram(attn, ln1, ln2, inner, outer, positions))
 
 
 def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:

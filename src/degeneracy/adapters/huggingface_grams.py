@@ -1,0 +1,239 @@
+"""Structured closed-form Jacobian Grams of Hugging Face BERT layers, without any per-example Jacobian.
+
+A ``BertLayer`` (post-LayerNorm) maps x to y_t = LN₂(w_t), w_t = z_t + W_o σ(W_i z_t + b_i) + b_o,
+z_t = LN₁(x_t + attn(x)_t). Its Jacobian at query t and input position s (column convention) is
+J_ts = B_t (δ_ts I + A_ts), B_t = J_LN₂,t (I + W_o diag(σ'_t) W_i) J_LN₁,t a per-query d × d map and
+A_ts the attention's Jacobian, per head h a_hts W_Oʰ [W_Vʰ + (v_hs − v̄_ht) w_htᵀ] (+ at s = t the query
+term W_Oʰ N_ht W_Qʰ / √e, N_ht = Σ_r a_htr (v_hr − v̄_ht) k_hrᵀ), w_ht = W_Kʰ q_ht / √e.
+
+With D_t = C_out B_t (m × d, one batched GEMM over the queries through the MLP's hidden width, the
+LayerNorm Jacobians folded in as rank-one corrections), U_t = D_t W_O and G_t = U_tᵀ U_t, the Gram of
+the basis Jacobians E_ts = D_t (δ_ts + A_ts) R₊ over every pair (t, s) is, for s ≠ t,
+Σ Y_tsᵀ Y_ts with Y_ts = Σ_h a_hts U_tʰ (V_h + u_hts ω_thᵀ) (V = W_V R₊, u = v − v̄, ω = R₊ᵀ w):
+Vᵀ [Σ_t G_t ∘ (S_t ⊗ 1)] V (S_t = Σ_s a_ts a_tsᵀ over heads), the cross term Vᵀ Σ_t Γ_t Ω_tᵀ and
+Σ_t Ω_t Z_t Ω_tᵀ (H × H weights Z from u and G_t), plus E_tt formed explicitly at s = t. That is
+O(P d³) per example (about nine d³ GEMMs per query), against O(P² d³) for the Jacobian itself.
+
+With the constant coordinate (centred LIB), R₊'s constant column r₀ = [m₀; s₀] is the direction m₀
+plus, at every (t, s), the rank-one term ℓ_t = s₀/P (C_out (g(f) − J f)_t + c_const) on column 0
+(Euler's identity for the homogeneous extension); its cross terms Σ_s E_tsᵀ ℓ_t are one closed-form
+vector-Jacobian product per query (the key term drops out: Σ_s a_hts (v_hs − v̄_ht) = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, normalise, norm_tangent
+from degeneracy.adapters.transformer_lens.parts import attention_parts, positions_of
+from degeneracy.jacobian import GramFn, GramQuery, gram_function
+
+__all__ = ["bert_gram"]
+
+
+def bert_gram(
+    attn: Any, ln1: Norm, ln2: Norm, intermediate: nn.Module, output: nn.Linear, positions: Any
+) -> GramFn:
+    """Σ_x Σ_(t,i) Σ_s Jᵀ J of the basis Jacobians J = C_out ∂F/∂x_s R₊ of a ``BertLayer`` (module
+    docstring), F the layer at the output ``positions`` (``None``: all), as a Gram function
+    (:data:`degeneracy.jacobian.GramFn`).
+
+    ``attn`` holds the per-head weights (:func:`degeneracy.adapters.huggingface_sections.bert_attention_weights`),
+    ``ln1``/``ln2`` the attention's and the output's LayerNorms, ``intermediate`` the ``BertIntermediate``
+    (``dense`` and ``intermediate_act_fn``) and ``output`` the ``BertOutput.dense``. Returns ``None``
+    (the caller falls back) for padded batches (an ``attention_mask`` with zeros), a constant direction
+    mixed into the other columns of R₊, or an integration rule with more than one point off the
+    homogeneous (centred) case.
+
+    >>> from transformers import BertConfig
+    >>> from transformers.models.bert.modeling_bert import BertLayer
+    >>> from degeneracy.adapters.huggingface_sections import bert_layer
+    >>> from degeneracy.linalg import integration_rule
+    >>> cfg = BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    >>> layer = BertLayer(cfg).double().eval()
+    >>> gram = bert_layer(layer, None).gram
+    >>> x, eye = torch.randn(2, 3, 8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)
+    >>> gram(None, x, eye, eye, integration_rule("gradient"), False, 2**16).shape
+    torch.Size([8, 8])
+    """
+
+    @gram_function
+    def gram(q: GramQuery) -> Tensor | None:
+        if q.mixes_constant() or _padded(q.inputs):
+            return None
+        constant = q.constant
+        if constant:
+            alpha, weight = 1.0, 1.0  # homogeneous: the Jacobian is the same at every α > 0
+        elif len(q.rule.points) == 1:
+            alpha, weight = q.rule.points[0], q.rule.weights[0]
+        else:
+            return None
+        f64 = torch.float64
+        x = q.x
+        in64, out64 = q.maps64()
+        d = q.width
+        c_f = out64[:, : out64.shape[1] - int(constant)]
+        if c_f.shape[1] != d:
+            return None
+        dirs = in64[:d]  # R̃: with the constant, column 0 is m₀
+        k = dirs.shape[1]
+        n_pos = x.shape[1]
+        qpos = positions_of(positions, n_pos)
+        w = _weights(attn, intermediate, output, ln2, c_f, dirs)
+        total = torch.zeros(k, k, dtype=f64, device=x.device)
+        side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
+        per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
+        for b0 in range(0, x.shape[0], per):
+            f = alpha * x[b0 : b0 + per, :, :d].to(f64)
+            total += _chunk(attn, ln1, ln2, intermediate, w, f, qpos, side, in64, out64, constant)
+        v = w["V"]
+        total += v.T @ side["A1"] @ v
+        cross = v.T @ side["A2"]
+        total += cross + cross.T
+        if constant:
+            total[0] += side["col"]
+            total[:, 0] += side["col"]
+            total[0, 0] += side["c00"]
+        return weight**2 * total
+
+    return gram
+
+
+def _padded(inputs: Any) -> bool:
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return mask is not None and bool((mask == 0).any())
+
+
+def _weights(attn: Any, inter: nn.Module, out: nn.Linear, ln2: Norm, c_f: Tensor, dirs: Tensor) -> dict:
+    """The float64 weights and the folds shared by every example: V = W_V R̃, W_Q R̃, W_K R̃ per head,
+    C₂ = C_out diag(γ₂) and C₂ Π W_o (m × hidden)."""
+    f64 = torch.float64
+    w = {name: getattr(attn, name).detach().to(f64) for name in ("W_Q", "W_K", "W_V", "W_O")}
+    heads, _, e = w["W_V"].shape
+    w["V"] = torch.einsum("hde,dk->hek", w["W_V"], dirs).reshape(heads * e, -1)
+    w["VQ"] = torch.einsum("hde,dk->hek", w["W_Q"], dirs)
+    w["KR"] = torch.einsum("hde,dk->hek", w["W_K"], dirs)
+    w["WOcat"] = w["W_O"].reshape(heads * e, -1).T  # (d, H·e)
+    w["W_i"] = inter.dense.weight.detach().to(f64)  # (hidden, d)
+    w["b_i"] = inter.dense.bias.detach().to(f64)
+    w["W_o"] = out.weight.detach().to(f64)  # (d, hidden)
+    w["b_o"] = out.bias.detach().to(f64)
+    c2 = c_f if ln2.weight is None else c_f * ln2.weight
+    w["C2"] = c2
+    w["C2Pi"] = c2 - c2.mean(1, keepdim=True) if ln2.centre else c2
+    w["S"] = w["C2Pi"] @ w["W_o"]  # (m, hidden)
+    w["dirs"] = dirs
+    return w
+
+
+def _rows_through_norm(norm: Norm, rows: Tensor, xhat: Tensor, inv: Tensor) -> Tensor:
+    """rows · J_LN for rows (n, m, d) at x̂ (n, d), 1/σ (n, 1): (1/σ)(rows diag γ)(Π − x̂ x̂ᵀ/d)."""
+    r = rows if norm.weight is None else rows * norm.weight
+    if norm.centre:
+        r = r - r.mean(-1, keepdim=True)
+    proj = torch.einsum("nmd,nd->nm", r, xhat)
+    return inv[:, :, None] * (r - proj[:, :, None] * xhat[:, None, :] / rows.shape[-1])
+
+
+def _per_query_maps(ln1: Norm, ln2: Norm, w: dict, slope: Tensor, xhat1, inv1, xhat2, inv2) -> Tensor:
+    """D_t = C_out B_t for every query row n (n, m, d): the MLP's hidden width in one GEMM per block
+    of queries, the LayerNorm Jacobians as rank-one corrections."""
+    n, d = xhat1.shape
+    c2pi, s_fold, w_i = w["C2Pi"], w["S"], w["W_i"]
+    m = c2pi.shape[0]
+    cx = torch.einsum("md,nd->nm", w["C2"], xhat2)  # C₂ x̂₂_t
+    xi = xhat2 @ w["W_o"]  # (n, hidden): x̂₂ᵀ W_o
+    low = ((xi * slope) @ w_i) / d  # (n, d)
+    out = torch.empty(n, m, d, dtype=slope.dtype, device=slope.device)
+    step = max(1, 2**23 // max(1, m * w_i.shape[0]))
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        out[sl] = (s_fold[None] * slope[sl, None, :]) @ w_i
+    out += c2pi[None]
+    # C_out L₂ = (1/σ₂)(C₂Π − C₂ x̂₂ x̂₂ᵀ/d) and its W_o diag(σ') W_i part
+    out -= cx[:, :, None] * (xhat2[:, None, :] / d + low[:, None, :])
+    out *= inv2[:, :, None]
+    return _rows_through_norm(ln1, out, xhat1, inv1)
+
+
+def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Tensor:
+    """This block of examples' part of the Gram: E_tt and Σ_(s≠t) Y_tsᵀ Y_ts's per-query factors
+    (accumulated in ``side``), and with the constant the column-0 terms."""
+    f64 = torch.float64
+    b, n_pos, d = f.shape
+    t = len(qpos)
+    sc = float(attn.attn_scale)
+    part = attention_parts(attn, f, qpos, "bidirectional")
+    p, q_, k_, v_ = part["p"], part["q"], part["k"], part["v"]  # p (b, t, h, s); q (b, t, h, e)
+    heads, e = v_.shape[2], v_.shape[3]
+    b_o = attn.b_O.detach().to(f64) if attn.b_O is not None else 0.0
+    vbar = torch.einsum("bths,bshe->bthe", p, v_)
+    zpre = f[:, qpos] + torch.einsum("bthe,hed->btd", vbar, w["W_O"]) + b_o
+    _, xhat1, inv1 = normalise(ln1, zpre)
+    z = _affine(ln1, xhat1)
+    pre = z @ w["W_i"].T + w["b_i"]
+    slope = activation_slope(inter.intermediate_act_fn, pre)
+    y, xhat2, inv2 = normalise(ln2, z + inter.intermediate_act_fn(pre) @ w["W_o"].T + w["b_o"])
+    flat = lambda z_: z_.reshape(b * t, *z_.shape[2:])  # noqa: E731
+    dmap = _per_query_maps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
+    u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e): v_hs − v̄_ht
+    rows = torch.arange(t, device=f.device)
+    cols = torch.tensor(qpos, device=f.device)
+    pm = p.clone()
+    pm[:, rows, :, cols] = 0.0  # s ≠ t
+    omega = torch.einsum("bthe,hek->bthk", q_, w["KR"]) / sc  # ω_th = R̃ᵀ W_Kʰ q_ht / √e
+    n_mat = torch.einsum("bthr,bthre,brhf->bthef", p, u_all, k_)  # N_ht
+    umap = dmap @ w["WOcat"]  # U_t = D_t W_O (n, m, H·e)
+    uu = umap.transpose(1, 2) @ umap  # G_t = U_tᵀ U_t
+    g5 = uu.reshape(b * t, heads, e, heads, e)
+    pmf = flat(pm)
+    s_mat = torch.einsum("nhs,ngs->nhg", pmf, pmf)
+    side["A1"] = side["A1"] + torch.einsum("nhegf,nhg->hegf", g5, s_mat).reshape(heads * e, heads * e)
+    pu = pmf[..., None] * flat(u_all)  # (n, h, s, e)
+    zvec = torch.einsum("nhs,ngsf->nhgf", pmf, pu)
+    gam = torch.einsum("nhegf,nhgf->nheg", g5, zvec).reshape(b * t, heads * e, heads)
+    om = flat(omega)
+    side["A2"] = side["A2"] + torch.einsum("nxg,ngk->xk", gam, om)
+    z_w = torch.einsum("nhsgf,ngsf->nhg", torch.einsum("nhse,nhegf->nhsgf", pu, g5), pu)
+    total = om.flatten(0, 1).T @ (z_w @ om).flatten(0, 1)
+    # s = t: E_tt = D_t R̃ + U_t inner_t
+    p_tt = p[:, rows, :, cols].permute(1, 0, 2)  # (b, t, h)
+    u_tt = u_all[:, rows, :, cols].permute(1, 0, 2, 3)  # (b, t, h, e)
+    inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + u_tt[..., None] * omega[:, :, :, None])
+    inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
+    e_tt = dmap @ w["dirs"] + umap @ flat(inner).reshape(b * t, heads * e, -1)
+    ef = e_tt.reshape(-1, e_tt.shape[-1])
+    total += ef.T @ ef
+    if constant:  # column 0: ℓ_t = s₀/P (C_out (g − J f)_t + c_const) at every (t, s)
+        s0 = float(in64[d, 0])
+        jf = f[:, qpos] + _attention_jvp(w, part, f, qpos, sc)  # (δ + A) f at the queries
+        c_e = y @ out64[:, :d].T - torch.einsum("nmd,nd->nm", dmap, flat(jf)).reshape(b, t, -1)
+        ell = (s0 / n_pos) * (c_e + out64[:, d])  # (b, t, m)
+        lam = torch.einsum("nmd,nm->nd", dmap, flat(ell))  # λ_t = D_tᵀ ℓ_t
+        mu = torch.einsum("hed,nd->nhe", w["W_O"], lam)
+        back = lam + torch.einsum("hde,nhe->nd", w["W_V"], mu)
+        back = back + torch.einsum("hde,nhfe,nhf->nd", w["W_Q"], flat(n_mat), mu) / sc
+        side["col"] = side["col"] + back.sum(0) @ w["dirs"]
+        side["c00"] = side["c00"] + n_pos * float(ell.square().sum())
+    return total
+
+
+def _attention_jvp(w: dict, part: dict, f: Tensor, qpos: list[int], sc: float) -> Tensor:
+    """attn(x)'s JVP at the queries along δx = ``f`` (b, t, d)."""
+    p, q_, k_, v_ = part["p"], part["q"], part["k"], part["v"]
+    dq = torch.einsum("btd,hde->bthe", f[:, qpos], w["W_Q"])
+    dk = torch.einsum("bsd,hde->bshe", f, w["W_K"])
+    dv = torch.einsum("bsd,hde->bshe", f, w["W_V"])
+    ds = (torch.einsum("bthe,bshe->bths", dq, k_) + torch.einsum("bthe,bshe->bths", q_, dk)) / sc
+    dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+    dz = torch.einsum("bths,bshe->bthe", p, dv) + torch.einsum("bths,bshe->bthe", dp, v_)
+    return torch.einsum("bthe,hed->btd", dz, w["W_O"])
+
+
+def _affine(norm: Norm, xhat: Tensor) -> Tensor:
+    out = xhat if norm.weight is None else xhat * norm.weight
+    return out if norm.bias is None else out + norm.bias
