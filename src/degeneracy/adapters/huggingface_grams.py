@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, normalise, norm_tangent
+from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, normalise
 from degeneracy.adapters.transformer_lens.parts import attention_parts, positions_of
 from degeneracy.jacobian import GramFn, GramQuery, gram_function
 
@@ -42,9 +42,10 @@ def bert_gram(
     docstring), F the layer at the output ``positions`` (``None``: all), as a Gram function
     (:data:`degeneracy.jacobian.GramFn`).
 
-    ``attn`` holds the per-head weights (:func:`degeneracy.adapters.huggingface_sections.bert_attention_weights`),
-    ``ln1``/``ln2`` the attention's and the output's LayerNorms, ``intermediate`` the ``BertIntermediate``
-    (``dense`` and ``intermediate_act_fn``) and ``output`` the ``BertOutput.dense``. Returns ``None``
+    ``attn`` holds the per-head weights
+    (:func:`degeneracy.adapters.huggingface_sections.bert_attention_weights`), ``ln1``/``ln2`` the
+    attention's and the output's LayerNorms, ``intermediate`` the ``BertIntermediate`` (``dense`` and
+    ``intermediate_act_fn``) and ``output`` the ``BertOutput.dense``. Returns ``None``
     (the caller falls back) for padded batches (an ``attention_mask`` with zeros), a constant direction
     mixed into the other columns of R₊, or an integration rule with more than one point off the
     homogeneous (centred) case.
@@ -178,7 +179,10 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     pre = z @ w["W_i"].T + w["b_i"]
     slope = activation_slope(inter.intermediate_act_fn, pre)
     y, xhat2, inv2 = normalise(ln2, z + inter.intermediate_act_fn(pre) @ w["W_o"].T + w["b_o"])
-    flat = lambda z_: z_.reshape(b * t, *z_.shape[2:])  # noqa: E731
+
+    def flat(z_: Tensor) -> Tensor:
+        return z_.reshape(b * t, *z_.shape[2:])
+
     dmap = _per_query_maps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
     u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e): v_hs − v̄_ht
     rows = torch.arange(t, device=f.device)
@@ -203,7 +207,8 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     # s = t: E_tt = D_t R̃ + U_t inner_t
     p_tt = p[:, rows, :, cols].permute(1, 0, 2)  # (b, t, h)
     u_tt = u_all[:, rows, :, cols].permute(1, 0, 2, 3)  # (b, t, h, e)
-    inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + u_tt[..., None] * omega[:, :, :, None])
+    key = u_tt[..., None] * omega[:, :, :, None]  # (b, t, h, e, k)
+    inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + key)
     inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
     e_tt = dmap @ w["dirs"] + umap @ flat(inner).reshape(b * t, heads * e, -1)
     ef = e_tt.reshape(-1, e_tt.shape[-1])
