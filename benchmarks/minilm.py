@@ -7,7 +7,8 @@ its 6 blocks and at its output (the last hidden state): 7 layers, all positions.
 the model package's README, then the long descriptions (READMEs) in the ``METADATA`` of installed
 distributions, in sorted order. Stages (one per process, so each has its own peak RSS):
 
-    exact       exact LIB (every output row one VJP), saved to --save
+    exact       exact LIB, saved to --save: with --sections bert (default) every pair's Gram in closed
+                form (degeneracy.sections.bert_sections), with --sections none every output row one VJP
     stochastic  LIB with ``num_sources=R``; with --compare (an exact basis saved on the first N
                 inputs) also a stochastic build on those N inputs, top-20 eigenvalues per layer vs exact
     edges       stochastic LIB basis, then the interaction graph (all adjacent pairs)
@@ -36,12 +37,15 @@ from pathlib import Path
 import torch
 
 import degeneracy
+from degeneracy.sections import bert_sections
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_stochastic import LastHidden  # noqa: E402  (the encoder with its last hidden state as output)
 
 TOP = 20
 LAYERS = [f"bert.encoder.layer.{i}" for i in range(6)] + ["output"]
+# the same 7 node layers, the output read at the last block (what the closed forms recognise)
+CF_LAYERS = LAYERS[:-1] + [{"name": "output", "module": "bert.encoder.layer.5", "read": "output"}]
 
 
 def texts() -> list[str]:
@@ -120,8 +124,13 @@ def basis_options(args: argparse.Namespace) -> dict:
 def stage_exact(args: argparse.Namespace) -> dict:
     model, x = load(args.examples, args.tokens, args.attn)
     t0 = time.perf_counter()
-    B = degeneracy.interaction_basis(model, x, LAYERS, **basis_options(args))
+    if args.sections == "bert":
+        sections = bert_sections(model, CF_LAYERS)
+        B = degeneracy.interaction_basis(model, x, CF_LAYERS, sections=sections, **basis_options(args))
+    else:
+        B = degeneracy.interaction_basis(model, x, LAYERS, sections=None, **basis_options(args))
     row = {"stage": "exact", "dims": B.dims, "cost": B.info["cost"], "timings": B.info["timings"]}
+    row["jacobians"] = B.info["jacobians"]
     if args.save:
         B.save(args.save)
     return stamp(row, t0)
@@ -269,6 +278,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--jacobian-mode", default="auto", choices=["auto", "vjp", "jvp"])
+    parser.add_argument("--sections", default="bert", choices=["bert", "none"], help="exact: closed forms?")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compare", default=None, help="an exact basis saved by the exact stage")

@@ -84,7 +84,7 @@ def bert_gram(
         k = dirs.shape[1]
         n_pos = x.shape[1]
         qpos = positions_of(positions, n_pos)
-        w = _weights(attn, intermediate, output, ln2, c_f, dirs)
+        w = _weights(attn, intermediate, output, (ln1, ln2), c_f, dirs)
         total = torch.zeros(k, k, dtype=f64, device=x.device)
         side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
         per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
@@ -109,7 +109,7 @@ def _padded(inputs: Any) -> bool:
     return mask is not None and bool((mask == 0).any())
 
 
-def _weights(attn: Any, inter: nn.Module, out: nn.Linear, ln2: Norm, c_f: Tensor, dirs: Tensor) -> dict:
+def _weights(attn: Any, inter: nn.Module, out: nn.Linear, lns: tuple, c_f: Tensor, dirs: Tensor) -> dict:
     """The float64 weights and the folds shared by every example: V = W_V R̃, W_Q R̃, W_K R̃ per head,
     C₂ = C_out diag(γ₂) and C₂ Π W_o (m × hidden)."""
     f64 = torch.float64
@@ -123,42 +123,66 @@ def _weights(attn: Any, inter: nn.Module, out: nn.Linear, ln2: Norm, c_f: Tensor
     w["b_i"] = inter.dense.bias.detach().to(f64)
     w["W_o"] = out.weight.detach().to(f64)  # (d, hidden)
     w["b_o"] = out.bias.detach().to(f64)
+    ln1, ln2 = lns
     c2 = c_f if ln2.weight is None else c_f * ln2.weight
     w["C2"] = c2
     w["C2Pi"] = c2 - c2.mean(1, keepdim=True) if ln2.centre else c2
     w["S"] = w["C2Pi"] @ w["W_o"]  # (m, hidden)
+    w["Ct"], w["Wi_t"] = _right_norm(ln1, w["C2Pi"]), _right_norm(ln1, w["W_i"])
+    w["Y"] = torch.cat([w["WOcat"], dirs], dim=1)  # (d, H·e + k)
     w["dirs"] = dirs
     return w
 
 
-def _rows_through_norm(norm: Norm, rows: Tensor, xhat: Tensor, inv: Tensor) -> Tensor:
-    """rows · J_LN for rows (n, m, d) at x̂ (n, d), 1/σ (n, 1): (1/σ)(rows diag γ)(Π − x̂ x̂ᵀ/d)."""
+def _right_norm(norm: Norm, rows: Tensor) -> Tensor:
+    """rows · diag(γ) Π (Π the centring, for a LayerNorm)."""
     r = rows if norm.weight is None else rows * norm.weight
-    if norm.centre:
-        r = r - r.mean(-1, keepdim=True)
-    proj = torch.einsum("nmd,nd->nm", r, xhat)
-    return inv[:, :, None] * (r - proj[:, :, None] * xhat[:, None, :] / rows.shape[-1])
+    return r - r.mean(-1, keepdim=True) if norm.centre else r
 
 
-def _per_query_maps(ln1: Norm, ln2: Norm, w: dict, slope: Tensor, xhat1, inv1, xhat2, inv2) -> Tensor:
-    """D_t = C_out B_t for every query row n (n, m, d): the MLP's hidden width in one GEMM per block
-    of queries, the LayerNorm Jacobians as rank-one corrections."""
-    n, d = xhat1.shape
-    c2pi, s_fold, w_i = w["C2Pi"], w["S"], w["W_i"]
-    m = c2pi.shape[0]
-    cx = torch.einsum("md,nd->nm", w["C2"], xhat2)  # C₂ x̂₂_t
-    xi = xhat2 @ w["W_o"]  # (n, hidden): x̂₂ᵀ W_o
-    low = ((xi * slope) @ w_i) / d  # (n, d)
-    out = torch.empty(n, m, d, dtype=slope.dtype, device=slope.device)
-    step = max(1, 2**23 // max(1, m * w_i.shape[0]))
-    for i in range(0, n, step):
-        sl = slice(i, i + step)
-        out[sl] = (s_fold[None] * slope[sl, None, :]) @ w_i
-    out += c2pi[None]
-    # C_out L₂ = (1/σ₂)(C₂Π − C₂ x̂₂ x̂₂ᵀ/d) and its W_o diag(σ') W_i part
-    out -= cx[:, :, None] * (xhat2[:, None, :] / d + low[:, None, :])
-    out *= inv2[:, :, None]
-    return _rows_through_norm(ln1, out, xhat1, inv1)
+class _QueryMaps:
+    """D_t = C_out B_t for every query row n, kept as D_t = s_t (F_t − c_t ṽ_tᵀ − g_t x̂₁,tᵀ/d) with
+    F_t = C̃ + (S ∘ σ'_t) W̃_i (S = C₂ Π W_o, C̃ = C₂ Π diag(γ₁) Π, W̃_i = W_i diag(γ₁) Π): the MLP's
+    hidden width in one GEMM per block of queries, both LayerNorm Jacobians as rank-one corrections
+    applied to the products (never to D_t itself)."""
+
+    def __init__(self, ln1: Norm, ln2: Norm, w: dict, slope: Tensor, xhat1, inv1, xhat2, inv2) -> None:
+        n, d = xhat1.shape
+        s_fold, w_i = w["S"], w["Wi_t"]
+        m = s_fold.shape[0]
+        self.c = torch.einsum("md,nd->nm", w["C2"], xhat2)  # C₂ x̂₂_t
+        xi = (xhat2 @ w["W_o"]) * slope  # (n, hidden): x̂₂ᵀ W_o diag(σ')
+        self.v = _right_norm(ln1, xhat2) / d + (xi @ w_i) / d  # ṽ_t
+        f = torch.empty(n, m, d, dtype=slope.dtype, device=slope.device)
+        step = max(1, 2**22 // max(1, m * w_i.shape[0]))
+        for i in range(0, n, step):
+            sl = slice(i, i + step)
+            scaled = s_fold[None] * slope[sl, None, :]
+            f[sl] = torch.baddbmm(w["Ct"], scaled, w_i.expand(len(scaled), -1, -1))
+        self.f, self.xhat, self.d = f, xhat1, d
+        self.s = (inv1 * inv2)[:, 0]  # (n,)
+        self.g = torch.einsum("nmd,nd->nm", f, xhat1) - self.c * (self.v * xhat1).sum(-1, keepdim=True)
+
+    def times(self, y: Tensor) -> Tensor:
+        """D_t Y for a shared Y (d × c): (n, m, c)."""
+        fy = self.f @ y
+        left = torch.stack([self.c, self.g], dim=-1)  # (n, m, 2)
+        right = torch.stack([self.v @ y, (self.xhat @ y) / self.d], dim=1)  # (n, 2, c)
+        return torch.baddbmm(fy, left, right, alpha=-1.0) * self.s[:, None, None]
+
+    def apply(self, v: Tensor) -> Tensor:
+        """D_t v_t for v (n, d): (n, m)."""
+        fv = torch.einsum("nmd,nd->nm", self.f, v)
+        corr = self.c * (self.v * v).sum(-1, keepdim=True)
+        corr = corr + self.g * (self.xhat * v).sum(-1, keepdim=True) / self.d
+        return (fv - corr) * self.s[:, None]
+
+    def apply_t(self, ell: Tensor) -> Tensor:
+        """D_tᵀ ℓ_t for ℓ (n, m): (n, d)."""
+        fl = torch.einsum("nmd,nm->nd", self.f, ell)
+        corr = self.v * (self.c * ell).sum(-1, keepdim=True)
+        corr = corr + self.xhat * (self.g * ell).sum(-1, keepdim=True) / self.d
+        return (fl - corr) * self.s[:, None]
 
 
 def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Tensor:
@@ -183,7 +207,9 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     def flat(z_: Tensor) -> Tensor:
         return z_.reshape(b * t, *z_.shape[2:])
 
-    dmap = _per_query_maps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
+    dmap = _QueryMaps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
+    he = heads * e
+    dy = dmap.times(w["Y"])  # [U_t | D_t R̃] with U_t = D_t W_O
     u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e): v_hs − v̄_ht
     rows = torch.arange(t, device=f.device)
     cols = torch.tensor(qpos, device=f.device)
@@ -191,7 +217,7 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     pm[:, rows, :, cols] = 0.0  # s ≠ t
     omega = torch.einsum("bthe,hek->bthk", q_, w["KR"]) / sc  # ω_th = R̃ᵀ W_Kʰ q_ht / √e
     n_mat = torch.einsum("bthr,bthre,brhf->bthef", p, u_all, k_)  # N_ht
-    umap = dmap @ w["WOcat"]  # U_t = D_t W_O (n, m, H·e)
+    umap = dy[..., :he]
     uu = umap.transpose(1, 2) @ umap  # G_t = U_tᵀ U_t
     g5 = uu.reshape(b * t, heads, e, heads, e)
     pmf = flat(pm)
@@ -210,15 +236,15 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     key = u_tt[..., None] * omega[:, :, :, None]  # (b, t, h, e, k)
     inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + key)
     inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
-    e_tt = dmap @ w["dirs"] + umap @ flat(inner).reshape(b * t, heads * e, -1)
+    e_tt = torch.baddbmm(dy[..., he:], umap, flat(inner).reshape(b * t, he, -1))
     ef = e_tt.reshape(-1, e_tt.shape[-1])
     total += ef.T @ ef
     if constant:  # column 0: ℓ_t = s₀/P (C_out (g − J f)_t + c_const) at every (t, s)
         s0 = float(in64[d, 0])
         jf = f[:, qpos] + _attention_jvp(w, part, f, qpos, sc)  # (δ + A) f at the queries
-        c_e = y @ out64[:, :d].T - torch.einsum("nmd,nd->nm", dmap, flat(jf)).reshape(b, t, -1)
+        c_e = y @ out64[:, :d].T - dmap.apply(flat(jf)).reshape(b, t, -1)
         ell = (s0 / n_pos) * (c_e + out64[:, d])  # (b, t, m)
-        lam = torch.einsum("nmd,nm->nd", dmap, flat(ell))  # λ_t = D_tᵀ ℓ_t
+        lam = dmap.apply_t(flat(ell))  # λ_t = D_tᵀ ℓ_t
         mu = torch.einsum("hed,nd->nhe", w["W_O"], lam)
         back = lam + torch.einsum("hde,nhe->nd", w["W_V"], mu)
         back = back + torch.einsum("hde,nhfe,nhf->nd", w["W_Q"], flat(n_mat), mu) / sc
