@@ -84,7 +84,8 @@ def bert_gram(
         k = dirs.shape[1]
         n_pos = x.shape[1]
         qpos = positions_of(positions, n_pos)
-        w = _weights(attn, intermediate, output, (ln1, ln2), c_f, dirs)
+        cdt = torch.float32 if x.dtype == torch.float32 else f64
+        w = _weights(attn, intermediate, output, (ln1, ln2), c_f, dirs, cdt)
         total = torch.zeros(k, k, dtype=f64, device=x.device)
         side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
         per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
@@ -109,9 +110,11 @@ def _padded(inputs: Any) -> bool:
     return mask is not None and bool((mask == 0).any())
 
 
-def _weights(attn: Any, inter: nn.Module, out: nn.Linear, lns: tuple, c_f: Tensor, dirs: Tensor) -> dict:
+def _weights(
+    attn: Any, inter: nn.Module, out: nn.Linear, lns: tuple, c_f: Tensor, dirs: Tensor, cdt: torch.dtype
+) -> dict:
     """The float64 weights and the folds shared by every example: V = W_V R̃, W_Q R̃, W_K R̃ per head,
-    C₂ = C_out diag(γ₂) and C₂ Π W_o (m × hidden)."""
+    C₂ = C_out diag(γ₂) and C₂ Π W_o (m × hidden); the folds of the per-query maps also in ``cdt``."""
     f64 = torch.float64
     w = {name: getattr(attn, name).detach().to(f64) for name in ("W_Q", "W_K", "W_V", "W_O")}
     heads, _, e = w["W_V"].shape
@@ -131,6 +134,9 @@ def _weights(attn: Any, inter: nn.Module, out: nn.Linear, lns: tuple, c_f: Tenso
     w["Ct"], w["Wi_t"] = _right_norm(ln1, w["C2Pi"]), _right_norm(ln1, w["W_i"])
     w["Y"] = torch.cat([w["WOcat"], dirs], dim=1)  # (d, H·e + k)
     w["dirs"] = dirs
+    w["cdt"] = cdt
+    for name in ("S", "Ct", "Wi_t", "Y"):  # the factors' GEMMs run in the activations' precision
+        w[f"{name}_c"] = w[name].to(cdt)
     return w
 
 
@@ -148,38 +154,43 @@ class _QueryMaps:
 
     def __init__(self, ln1: Norm, ln2: Norm, w: dict, slope: Tensor, xhat1, inv1, xhat2, inv2) -> None:
         n, d = xhat1.shape
-        s_fold, w_i = w["S"], w["Wi_t"]
+        s_fold, w_i, cdt = w["S_c"], w["Wi_t_c"], w["cdt"]
+        f64 = torch.float64
         m = s_fold.shape[0]
         self.c = torch.einsum("md,nd->nm", w["C2"], xhat2)  # C₂ x̂₂_t
         xi = (xhat2 @ w["W_o"]) * slope  # (n, hidden): x̂₂ᵀ W_o diag(σ')
-        self.v = _right_norm(ln1, xhat2) / d + (xi @ w_i) / d  # ṽ_t
-        f = torch.empty(n, m, d, dtype=slope.dtype, device=slope.device)
+        self.v = _right_norm(ln1, xhat2) / d + (xi @ w["Wi_t"]) / d  # ṽ_t
+        f = torch.empty(n, m, d, dtype=cdt, device=slope.device)
+        slope_c = slope.to(cdt)
         step = max(1, 2**22 // max(1, m * w_i.shape[0]))
         for i in range(0, n, step):
             sl = slice(i, i + step)
-            scaled = s_fold[None] * slope[sl, None, :]
-            f[sl] = torch.baddbmm(w["Ct"], scaled, w_i.expand(len(scaled), -1, -1))
+            scaled = s_fold[None] * slope_c[sl, None, :]
+            f[sl] = torch.baddbmm(w["Ct_c"], scaled, w_i.expand(len(scaled), -1, -1))
         self.f, self.xhat, self.d = f, xhat1, d
         self.s = (inv1 * inv2)[:, 0]  # (n,)
-        self.g = torch.einsum("nmd,nd->nm", f, xhat1) - self.c * (self.v * xhat1).sum(-1, keepdim=True)
+        fx = torch.einsum("nmd,nd->nm", f, xhat1.to(cdt)).to(f64)
+        self.g = fx - self.c * (self.v * xhat1).sum(-1, keepdim=True)
 
     def times(self, y: Tensor) -> Tensor:
-        """D_t Y for a shared Y (d × c): (n, m, c)."""
+        """D_t Y for a shared Y (d × c, in the factors' dtype): (n, m, c) in that dtype."""
+        cdt = self.f.dtype
         fy = self.f @ y
-        left = torch.stack([self.c, self.g], dim=-1)  # (n, m, 2)
-        right = torch.stack([self.v @ y, (self.xhat @ y) / self.d], dim=1)  # (n, 2, c)
-        return torch.baddbmm(fy, left, right, alpha=-1.0) * self.s[:, None, None]
+        left = torch.stack([self.c, self.g], dim=-1).to(cdt)  # (n, m, 2)
+        y64 = y.to(torch.float64)
+        right = torch.stack([self.v @ y64, (self.xhat @ y64) / self.d], dim=1).to(cdt)  # (n, 2, c)
+        return torch.baddbmm(fy, left, right, alpha=-1.0) * self.s[:, None, None].to(cdt)
 
     def apply(self, v: Tensor) -> Tensor:
         """D_t v_t for v (n, d): (n, m)."""
-        fv = torch.einsum("nmd,nd->nm", self.f, v)
+        fv = torch.einsum("nmd,nd->nm", self.f, v.to(self.f.dtype)).to(torch.float64)
         corr = self.c * (self.v * v).sum(-1, keepdim=True)
         corr = corr + self.g * (self.xhat * v).sum(-1, keepdim=True) / self.d
         return (fv - corr) * self.s[:, None]
 
     def apply_t(self, ell: Tensor) -> Tensor:
         """D_tᵀ ℓ_t for ℓ (n, m): (n, d)."""
-        fl = torch.einsum("nmd,nm->nd", self.f, ell)
+        fl = torch.einsum("nmd,nm->nd", self.f, ell.to(self.f.dtype)).to(torch.float64)
         corr = self.v * (self.c * ell).sum(-1, keepdim=True)
         corr = corr + self.xhat * (self.g * ell).sum(-1, keepdim=True) / self.d
         return (fl - corr) * self.s[:, None]
@@ -209,7 +220,7 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
 
     dmap = _QueryMaps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
     he = heads * e
-    dy = dmap.times(w["Y"])  # [U_t | D_t R̃] with U_t = D_t W_O
+    dy = dmap.times(w["Y_c"])  # [U_t | D_t R̃] with U_t = D_t W_O
     u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e): v_hs − v̄_ht
     rows = torch.arange(t, device=f.device)
     cols = torch.tensor(qpos, device=f.device)
@@ -218,7 +229,8 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     omega = torch.einsum("bthe,hek->bthk", q_, w["KR"]) / sc  # ω_th = R̃ᵀ W_Kʰ q_ht / √e
     n_mat = torch.einsum("bthr,bthre,brhf->bthef", p, u_all, k_)  # N_ht
     umap = dy[..., :he]
-    uu = umap.transpose(1, 2) @ umap  # G_t = U_tᵀ U_t
+    u64 = umap.to(f64)
+    uu = u64.transpose(1, 2) @ u64  # G_t = U_tᵀ U_t
     g5 = uu.reshape(b * t, heads, e, heads, e)
     pmf = flat(pm)
     s_mat = torch.einsum("nhs,ngs->nhg", pmf, pmf)
@@ -236,7 +248,7 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     key = u_tt[..., None] * omega[:, :, :, None]  # (b, t, h, e, k)
     inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + key)
     inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
-    e_tt = torch.baddbmm(dy[..., he:], umap, flat(inner).reshape(b * t, he, -1))
+    e_tt = torch.baddbmm(dy[..., he:], umap, flat(inner).reshape(b * t, he, -1).to(umap.dtype)).to(f64)
     ef = e_tt.reshape(-1, e_tt.shape[-1])
     total += ef.T @ ef
     if constant:  # column 0: ℓ_t = s₀/P (C_out (g − J f)_t + c_const) at every (t, s)
