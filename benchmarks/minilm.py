@@ -15,6 +15,8 @@ distributions, in sorted order. Stages (one per process, so each has its own pea
     pca         LIB vs PCA: node ablation (embedding cosine) per layer; directions and edges needed
                 for a fixed output fidelity
     profile     where the time goes: one pair's M pass, SDPA vs eager, exact vs sources
+    gram        the structured closed-form Gram of one pair (block 4, PCA bases of full width from
+                --examples inputs) on --gram-examples inputs: float32 vs float64 per-query maps, A B A B
 
 Each stage prints progress and records wall time, peak RSS (``resource.getrusage``) and
 ``os.getloadavg()`` in the JSON written to --out (appended per stage).
@@ -267,9 +269,44 @@ def stage_profile(args: argparse.Namespace) -> dict:
     return stamp(row, t00)
 
 
+def stage_gram(args: argparse.Namespace) -> dict:
+    """The closed-form Gram of pair block 4 → block 5 (bert_sections), float32 activations (the model's)
+    vs the same in float64, interleaved; directions from PCA on --examples inputs (full width)."""
+    from degeneracy.capture import capture
+    from degeneracy.linalg import homogeneous_rule, integration_rule
+    from degeneracy.sections import shortcut_gram
+
+    model, x = load(args.examples, args.tokens, args.attn)
+    pair = CF_LAYERS[4:6]
+    B = degeneracy.interaction_basis(model, x, pair + [CF_LAYERS[-1]], method="pca", progress=False)
+    short = bert_sections(model, B.layers)[(B.layers[0].name, B.layers[1].name)]
+    n = args.gram_examples
+    acts = capture(model, x[:n], B.layers, constant=True)
+    rule = homogeneous_rule(integration_rule("gradient"))
+    r_in, c_out = B[B.layers[0].name].C_pinv, B[B.layers[1].name].C
+    f32 = acts[B.layers[0].name]
+    row: dict = {"stage": "gram", "examples": n, "k": r_in.shape[1], "m": c_out.shape[0]}
+    row["dtype"] = str(f32.dtype)
+    times: dict = {"float32": [], "float64": []}
+    grams = {}
+    t00 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for name, f in (("float32", f32), ("float64", f32.double())):
+                t0 = time.perf_counter()
+                grams[name] = shortcut_gram(short, x[:n], f, r_in, c_out, rule, True, 2**20)
+                times[name].append(round(time.perf_counter() - t0, 3))
+                print(name, times[name][-1], os.getloadavg(), flush=True)
+    row["seconds_per_example"] = {k: [round(t / n, 3) for t in v] for k, v in times.items()}
+    diff = (grams["float32"] - grams["float64"]).abs().max() / grams["float64"].abs().max()
+    row["float32_vs_float64_rel"] = float(diff)
+    return stamp(row, t00)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile"])
+    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile", "gram"])
+    parser.add_argument("--gram-examples", type=int, default=4)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--sources", type=int, default=4)
