@@ -132,10 +132,9 @@ def _weights(
     w["C2Pi"] = c2 - c2.mean(1, keepdim=True) if ln2.centre else c2
     w["S"] = w["C2Pi"] @ w["W_o"]  # (m, hidden)
     w["Ct"], w["Wi_t"] = _right_norm(ln1, w["C2Pi"]), _right_norm(ln1, w["W_i"])
-    w["Y"] = torch.cat([w["WOcat"], dirs], dim=1)  # (d, H·e + k)
     w["dirs"] = dirs
     w["cdt"] = cdt
-    for name in ("S", "Ct", "Wi_t", "Y"):  # the factors' GEMMs run in the activations' precision
+    for name in ("S", "Ct", "Wi_t", "WOcat", "dirs"):  # the factors' GEMMs run in the activations' precision
         w[f"{name}_c"] = w[name].to(cdt)
     return w
 
@@ -220,7 +219,7 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
 
     dmap = _QueryMaps(ln1, ln2, w, flat(slope), flat(xhat1), flat(inv1), flat(xhat2), flat(inv2))
     he = heads * e
-    dy = dmap.times(w["Y_c"])  # [U_t | D_t R̃] with U_t = D_t W_O
+    umap = dmap.times(w["WOcat_c"])  # U_t = D_t W_O
     u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e): v_hs − v̄_ht
     rows = torch.arange(t, device=f.device)
     cols = torch.tensor(qpos, device=f.device)
@@ -228,7 +227,6 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     pm[:, rows, :, cols] = 0.0  # s ≠ t
     omega = torch.einsum("bthe,hek->bthk", q_, w["KR"]) / sc  # ω_th = R̃ᵀ W_Kʰ q_ht / √e
     n_mat = torch.einsum("bthr,bthre,brhf->bthef", p, u_all, k_)  # N_ht
-    umap = dy[..., :he]
     u64 = umap.to(f64)
     uu = u64.transpose(1, 2) @ u64  # G_t = U_tᵀ U_t
     g5 = uu.reshape(b * t, heads, e, heads, e)
@@ -248,7 +246,8 @@ def _chunk(attn, ln1, ln2, inter, w, f, qpos, side, in64, out64, constant) -> Te
     key = u_tt[..., None] * omega[:, :, :, None]  # (b, t, h, e, k)
     inner = p_tt[..., None, None] * (w["V"].reshape(heads, e, -1)[None, None] + key)
     inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
-    e_tt = torch.baddbmm(dy[..., he:], umap, flat(inner).reshape(b * t, he, -1).to(umap.dtype)).to(f64)
+    inner = flat(inner).reshape(b * t, he, -1).to(umap.dtype)
+    e_tt = torch.baddbmm(dmap.times(w["dirs_c"]), umap, inner).to(f64)  # E_tt = D_t R̃ + U_t inner_t
     ef = e_tt.reshape(-1, e_tt.shape[-1])
     total += ef.T @ ef
     if constant:  # column 0: ℓ_t = s₀/P (C_out (g − J f)_t + c_const) at every (t, s)
