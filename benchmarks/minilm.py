@@ -89,6 +89,8 @@ def peak_rss_gb() -> float:
 
 def stamp(row: dict, t0: float) -> dict:
     row.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_gb=round(peak_rss_gb(), 3))
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds of the whole process (load included)
+    row["process_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
     row["load"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(row), flush=True)
     return row
