@@ -48,7 +48,8 @@ def bert_gram(
     ``intermediate_act_fn``) and ``output`` the ``BertOutput.dense``. Returns ``None``
     (the caller falls back) for padded batches (an ``attention_mask`` with zeros), a constant direction
     mixed into the other columns of R₊, or an integration rule with more than one point off the
-    homogeneous (centred) case.
+    homogeneous (centred) case. With float32 activations (a float32 model) the per-query maps are
+    float32 GEMMs, the precision of the model's own Jacobians; every Gram product is float64.
 
     >>> from transformers import BertConfig
     >>> from transformers.models.bert.modeling_bert import BertLayer
