@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp, vjp
 
-from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, normalise
+from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, normalise, shared_directions
 from degeneracy.adapters.transformer_lens.parts import attention_parts, positions_of
 from degeneracy.jacobian import GramFn, GramQuery, gram_function
 
-__all__ = ["bert_gram"]
+__all__ = ["bert_gram", "gpt2_gram"]
 
 
 def bert_gram(
@@ -280,3 +281,199 @@ def _attention_jvp(w: dict, part: dict, f: Tensor, qpos: list[int], sc: float) -
 def _affine(norm: Norm, xhat: Tensor) -> Tensor:
     out = xhat if norm.weight is None else xhat * norm.weight
     return out if norm.bias is None else out + norm.bias
+
+
+def gpt2_gram(attn: Any, ln1: Norm, ln2: Norm, mlp: nn.Module, positions: Any) -> GramFn:
+    """Σ_x Σ_(t,i) Σ_s Jᵀ J of the basis Jacobians of a ``GPT2Block`` (pre-LayerNorm, causal) at the
+    output ``positions``, as a Gram function, like :func:`bert_gram`.
+
+    J_ts = B_t (δ_ts + A_ts L_s) with B_t = I + W_o diag(σ'_t) W_i J_LN₂,t and L_s = J_LN₁,s at the
+    key position: L_s R̃ = (1/σ_s)(G − u_s β_sᵀ) (G = γ₁ ⊙ Π R̃, u_s = γ₁ ⊙ x̂_s, β_s = R̃ᵀ x̂_s / d), so
+    the BERT terms hold with a_hts/σ_s for a_hts and G for R̃, plus one rank-one term
+    −(1/σ_s) C_out B_t A_ts u_s β_sᵀ per (t, s), whose products go through G_t = U_tᵀ U_t. The constant
+    column's cross terms are one vector-Jacobian product per batch (``torch.func``, float64).
+    ``attn`` from :func:`degeneracy.adapters.huggingface_sections.gpt2_attention_weights`, ``mlp`` the
+    block's ``GPT2MLP``. ``None`` where :func:`bert_gram` gives ``None``.
+
+    >>> from transformers import GPT2Config
+    >>> from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    >>> from degeneracy.adapters.huggingface_sections import gpt2_block
+    >>> from degeneracy.linalg import integration_rule
+    >>> block = GPT2Block(GPT2Config(n_embd=8, n_head=2), layer_idx=0).double().eval()
+    >>> gram = gpt2_block(block, None).gram
+    >>> x, eye = torch.randn(2, 3, 8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)
+    >>> gram(None, x, eye, eye, integration_rule("gradient"), False, 2**16).shape
+    torch.Size([8, 8])
+    """
+
+    @gram_function
+    def gram(q: GramQuery) -> Tensor | None:
+        if q.mixes_constant() or _padded(q.inputs):
+            return None
+        constant = q.constant
+        if constant:
+            alpha, weight = 1.0, 1.0
+        elif len(q.rule.points) == 1:
+            alpha, weight = q.rule.points[0], q.rule.weights[0]
+        else:
+            return None
+        f64 = torch.float64
+        x = q.x
+        in64, out64 = q.maps64()
+        d = q.width
+        c_f = out64[:, : out64.shape[1] - int(constant)]
+        if c_f.shape[1] != d:
+            return None
+        dirs = in64[:d]
+        k = dirs.shape[1]
+        qpos = positions_of(positions, x.shape[1])
+        cdt = torch.float32 if x.dtype == torch.float32 else f64
+        w = _gpt2_weights(attn, mlp, (ln1, ln2), c_f, dirs, cdt)
+        total = torch.zeros(k, k, dtype=f64, device=x.device)
+        side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
+        per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
+        for b0 in range(0, x.shape[0], per):
+            f = alpha * x[b0 : b0 + per, :, :d].to(f64)
+            total += _gpt2_chunk(attn, ln1, ln2, mlp, w, f, qpos, side, in64, out64, constant)
+        v = w["V"]
+        total += v.T @ side["A1"] @ v
+        cross = v.T @ side["A2"]
+        total += cross + cross.T
+        if constant:
+            total[0] += side["col"]
+            total[:, 0] += side["col"]
+            total[0, 0] += side["c00"]
+        return weight**2 * total
+
+    return gram
+
+
+def _gpt2_weights(attn: Any, mlp: nn.Module, lns: tuple, c_f: Tensor, dirs: Tensor, cdt: torch.dtype) -> dict:
+    f64 = torch.float64
+    ln1, ln2 = lns
+    w = {name: getattr(attn, name).detach().to(f64) for name in ("W_Q", "W_K", "W_V", "W_O")}
+    heads, _, e = w["W_V"].shape
+    g = shared_directions(ln1, dirs)  # G = γ₁ ⊙ Π R̃
+    w["V"] = torch.einsum("hde,dk->hek", w["W_V"], g).reshape(heads * e, -1)
+    w["VQ"] = torch.einsum("hde,dk->hek", w["W_Q"], g)
+    w["KR"] = torch.einsum("hde,dk->hek", w["W_K"], g)
+    w["WOcat"] = w["W_O"].reshape(heads * e, -1).T
+    w["W_in"] = mlp.c_fc.weight.detach().to(f64)  # (d, hidden): h W_in
+    w["b_in"] = mlp.c_fc.bias.detach().to(f64)
+    w["W_out"] = mlp.c_proj.weight.detach().to(f64)  # (hidden, d)
+    w["b_out"] = mlp.c_proj.bias.detach().to(f64)
+    w["S"] = c_f @ w["W_out"].T  # C_out W_o (m × hidden)
+    w["Wi_t"] = _right_norm(ln2, w["W_in"].T)  # W_i diag(γ₂) Π (hidden × d)
+    w["dirs"], w["cdt"], w["C"] = dirs, cdt, c_f
+    for name in ("S", "Wi_t", "WOcat", "dirs"):
+        w[f"{name}_c"] = w[name].to(cdt)
+    w["CY"] = {name: (c_f @ w[name]).to(cdt) for name in ("WOcat", "dirs")}
+    return w
+
+
+def _gpt2_forward(attn: Any, ln1: Norm, ln2: Norm, mlp: nn.Module, w: dict, f: Tensor, qpos: list[int]):
+    """The block at the queries in float64, with its parts: (y, attention parts, x̂₁, 1/σ₁, x̂₂, 1/σ₂, σ')."""
+    h_in, xhat1, inv1 = normalise(ln1, f)
+    part = attention_parts(attn, h_in, qpos, "causal")
+    b_o = attn.b_O.detach().to(torch.float64) if attn.b_O is not None else 0.0
+    vbar = torch.einsum("bths,bshe->bthe", part["p"], part["v"])
+    mres = f[:, qpos] + torch.einsum("bthe,hed->btd", vbar, w["W_O"]) + b_o
+    h2, xhat2, inv2 = normalise(ln2, mres)
+    pre = h2 @ w["W_in"] + w["b_in"]
+    y = mres + mlp.act(pre) @ w["W_out"] + w["b_out"]
+    return y, part, vbar, xhat1, inv1, xhat2, inv2, pre
+
+
+def _gpt2_chunk(attn, ln1, ln2, mlp, w, f, qpos, side, in64, out64, constant) -> Tensor:
+    """This block of examples' part of a GPT-2 block's Gram (see :func:`gpt2_gram`)."""
+    f64 = torch.float64
+    b, n_pos, d = f.shape
+    t = len(qpos)
+    sc = float(attn.attn_scale)
+    y, part, vbar, xhat1, inv1, xhat2, inv2, pre = _gpt2_forward(attn, ln1, ln2, mlp, w, f, qpos)
+    p, q_, k_, v_ = part["p"], part["q"], part["k"], part["v"]
+    heads, e = v_.shape[2], v_.shape[3]
+    he = heads * e
+    slope = activation_slope(mlp.act, pre)
+
+    def flat(z_: Tensor) -> Tensor:
+        return z_.reshape(b * t, *z_.shape[2:])
+
+    # D_t Y = C Y + (1/σ₂)(F_t Y − (F_t x̂₂)(x̂₂ᵀ Y)/d), F_t = (S ∘ σ'_t) W̃_i
+    cdt = w["cdt"]
+    fmat = (w["S_c"][None] * flat(slope).to(cdt)[:, None, :]) @ w["Wi_t_c"]  # (n, m, d)
+    x2 = flat(xhat2).to(cdt)
+    fx = torch.einsum("nmd,nd->nm", fmat, x2)
+    s2 = flat(inv2).to(cdt)[:, :, None]
+
+    def times(name: str) -> Tensor:
+        y_ = w[f"{name}_c"]
+        return w["CY"][name][None] + s2 * (fmat @ y_ - fx[:, :, None] * (x2 @ y_)[:, None, :] / d)
+
+    umap = times("WOcat")
+    u64 = umap.to(f64)
+    uu = u64.transpose(1, 2) @ u64  # G_t
+    g5 = uu.reshape(b * t, heads, e, heads, e)
+    u_all = v_.permute(0, 2, 1, 3)[:, None] - vbar[:, :, :, None]  # (b, t, h, s, e)
+    rows = torch.arange(t, device=f.device)
+    cols = torch.tensor(qpos, device=f.device)
+    p0 = p.clone()
+    p0[:, rows, :, cols] = 0.0  # s ≠ t
+    pm = p0 * inv1[:, None, None, :, 0]  # a_hts / σ_s
+    omega = torch.einsum("bthe,hek->bthk", q_, w["KR"]) / sc  # Gᵀ w_ht
+    n_mat = torch.einsum("bthr,bthre,brhf->bthef", p, u_all, k_)
+    pmf = flat(pm)
+    s_mat = torch.einsum("nhs,ngs->nhg", pmf, pmf)
+    side["A1"] = side["A1"] + torch.einsum("nhegf,nhg->hegf", g5, s_mat).reshape(he, he)
+    pu = pmf[..., None] * flat(u_all)
+    zvec = torch.einsum("nhs,ngsf->nhgf", pmf, pu)
+    gam = torch.einsum("nhegf,nhgf->nheg", g5, zvec).reshape(b * t, he, heads)
+    om = flat(omega)
+    side["A2"] = side["A2"] + torch.einsum("nxg,ngk->xk", gam, om)
+    z_w = torch.einsum("nhsgf,ngsf->nhg", torch.einsum("nhse,nhegf->nhsgf", pu, g5), pu)
+    total = om.flatten(0, 1).T @ (z_w @ om).flatten(0, 1)
+    # the normalisation's rank-one terms ℓ_ts β_sᵀ, ℓ_ts = −(1/σ_s) U_t z_ts (s ≠ t)
+    uvec = xhat1 if ln1.weight is None else xhat1 * ln1.weight  # u_s
+    beta = xhat1 @ w["dirs"] / d  # (b, s, k)
+    uv, uk, uq = (torch.einsum("bsd,hde->bshe", uvec, w[f"W_{n}"]) for n in "VKQ")
+    kw = torch.einsum("bthe,bshe->bths", q_, uk) / sc  # w_ht · u_s
+    zz = p0[..., None] * (uv.permute(0, 2, 1, 3)[:, None] + u_all * kw[..., None])  # (b, t, h, s, e)
+    zt = flat(zz).permute(0, 1, 3, 2).reshape(b * t, he, n_pos)  # (n, H·e, s)
+    gz = uu @ zt
+    inv_s = inv1[:, None, :, 0].expand(b, t, n_pos).reshape(b * t, n_pos)  # (n, s)
+    nu = -inv_s[:, None, :] * gz  # U_tᵀ ℓ_ts
+    betaf = beta[:, None].expand(b, t, n_pos, -1).reshape(b * t, n_pos, -1)
+    pnu = pmf.repeat_interleave(e, dim=1) * nu  # (n, H·e, s)
+    side["A2"] = side["A2"] + torch.einsum("nxs,nsk->xk", pnu, betaf)
+    mm_ = pmf * (flat(u_all) * nu.reshape(b * t, heads, e, n_pos).transpose(2, 3)).sum(-1)  # (n, h, s)
+    c2 = torch.einsum("nhk,nhs,nsl->kl", om, mm_, betaf)
+    total += c2 + c2.T
+    ell2 = inv_s.square() * (zt * gz).sum(1)  # |ℓ_ts|²
+    total += torch.einsum("ns,nsk,nsl->kl", ell2, betaf, betaf)
+    # s = t: E_tt = D_t R̃ + (1/σ_t) U_t (inner_t − z'_t β_tᵀ)
+    p_tt = p[:, rows, :, cols].permute(1, 0, 2)
+    u_tt = u_all[:, rows, :, cols].permute(1, 0, 2, 3)
+    inner = p_tt[..., None, None] * (
+        w["V"].reshape(heads, e, -1)[None, None] + u_tt[..., None] * omega[:, :, :, None]
+    )
+    inner = inner + torch.einsum("bthef,hfk->bthek", n_mat, w["VQ"]) / sc
+    kw_tt = kw[:, rows, :, cols].permute(1, 0, 2)
+    z_tt = p_tt[..., None] * (uv[:, qpos] + u_tt * kw_tt[..., None])
+    z_tt = z_tt + torch.einsum("bthef,bthf->bthe", n_mat, uq[:, qpos]) / sc
+    inner = inner - z_tt[..., None] * beta[:, qpos][:, :, None, None, :]
+    inner = (inv1[:, qpos, :, None, None] * inner).reshape(b * t, he, -1).to(umap.dtype)
+    e_tt = torch.baddbmm(times("dirs"), umap, inner).to(f64)
+    ef = e_tt.reshape(-1, e_tt.shape[-1])
+    total += ef.T @ ef
+    if constant:  # column 0: ℓ_t = s₀/P (C_out (g − J f)_t + c_const); Σ_s J_tsᵀ by one VJP
+        s0 = float(in64[d, 0])
+
+        def block(z: Tensor) -> Tensor:
+            return _gpt2_forward(attn, ln1, ln2, mlp, w, z, qpos)[0]
+
+        jf = jvp(block, (f,), (f,))[1]
+        ell = (s0 / n_pos) * ((y - jf) @ w["C"].T + out64[:, d])  # (b, t, m)
+        back = vjp(block, f)[1](ell @ w["C"])[0]  # (b, s, d)
+        side["col"] = side["col"] + back.sum((0, 1)) @ w["dirs"]
+        side["c00"] = side["c00"] + n_pos * float(ell.square().sum())
+    return total

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.adapters.huggingface_grams import bert_gram
+from degeneracy.adapters.huggingface_grams import bert_gram, gpt2_gram
 from degeneracy.adapters.transformer_lens.normed import (
     Norm,
     activation_slope,
@@ -153,7 +153,7 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
             outs.append(torch.einsum("md,btdk->btmk", c_out, dm) + (gated @ p_fold.T).transpose(-1, -2))
         return torch.cat(outs)
 
-    return ClosedForm(fn, kernel, tangent)
+    return ClosedForm(fn, kernel, tangent, gpt2_gram(attn, ln1, ln2, mlp, positions))
 
 
 def gpt2_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
