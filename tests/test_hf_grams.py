@@ -1,6 +1,7 @@
-"""The structured closed-form Gram of Hugging Face BERT layers (adapters/huggingface_grams.py) equals the
-autodiff Gram (torch.func through the hooked model) to 1e-10 relative in float64, centred and not, all
-output positions and one; bases built with it equal the autodiff ones."""
+"""The structured closed-form Grams of Hugging Face BERT layers and GPT-2 blocks
+(adapters/huggingface_grams.py) equal the autodiff Gram (torch.func through the hooked model) to 1e-10
+relative in float64, centred and not, all output positions and one; bases built with them equal the
+autodiff ones."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import capture, section
 from degeneracy.jacobian import jacobian_gram
 from degeneracy.linalg import homogeneous_rule, integration_rule
-from degeneracy.sections import bert_sections
+from degeneracy.sections import bert_sections, gpt2_sections
 from tests.conftest import assert_bases_agree
 
 transformers = pytest.importorskip("transformers")
@@ -49,7 +50,31 @@ def bert(act: str = "gelu"):
     return model, torch.randint(0, 10, (5, 6), generator=gen)
 
 
-def grams(model, x, nodes, center: bool):
+@functools.cache
+def gpt2(act: str = "gelu_new"):
+    """A float64 two-block GPT-2 (eager attention, activation ``act``), LayerNorm weights and all biases
+    moved by 0.3 N(0, 1), and five token sequences of length 6; seeds 0 and 1."""
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=12, n_head=3, n_positions=8, vocab_size=10, activation_function=act
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model, torch.randint(0, 10, (5, 6), generator=gen)
+
+
+GPT2_NODES = {
+    "all": ["h.0", "h.1", "ln_f"],
+    "last": ["h.0", "h.1", {"name": "final", "module": "ln_f", "positions": -1}],
+}
+
+
+def grams(model, x, nodes, center: bool, sections_of=bert_sections):
     """(structured Gram, autodiff Gram) for every adjacent pair, with random R₊ (its constant row only
     in column 0 when centred) and C_out (seed 2), at the gradient rule."""
     ctx = NodeLayerRun(model, x, nodes, dtype=torch.float64, batch_size=None)
@@ -58,7 +83,7 @@ def grams(model, x, nodes, center: bool):
     gen = torch.Generator().manual_seed(2)
     out = {}
     with torch.no_grad():
-        for (src, dst), short in bert_sections(model, ctx.layers).items():
+        for (src, dst), short in sections_of(model, ctx.layers).items():
             width = acts[src].shape[-1]
             r_in = torch.randn(width, width - 2, generator=gen, dtype=torch.float64)
             if center:
@@ -82,6 +107,35 @@ def test_bert_gram_equals_autodiff(nodes: str, center: bool, act: str) -> None:
     for pair, (got, want) in found.items():
         assert got is not None, pair
         assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), pair
+
+
+@pytest.mark.parametrize("nodes", list(GPT2_NODES))
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_gpt2_gram_equals_autodiff(nodes: str, center: bool, act: str) -> None:
+    model, x = gpt2(act)
+    found = grams(model, x, GPT2_NODES[nodes], center, gpt2_sections)
+    assert len(found) == 2
+    for pair, (got, want) in found.items():
+        assert got is not None, pair
+        assert float((got - want).abs().max()) <= 1e-10 * float(want.abs().max()), pair
+
+
+def test_gpt2_basis_with_the_structured_gram_equals_autodiff() -> None:
+    model, x = gpt2()
+    layers = GPT2_NODES["last"]
+    shortcuts = gpt2_sections(model, layers)
+    fast = degeneracy.interaction_basis(model, x, layers, sections=shortcuts, progress=False)
+    slow = degeneracy.interaction_basis(model, x, layers, sections=None, progress=False)
+    assert set(fast.info["jacobians"].values()) == {"closed form"}
+    assert_bases_agree(fast, slow)
+    f = capture(model, x, fast.layers, constant=True)["h.0"]
+    eye = torch.eye(f.shape[-1], dtype=torch.float64).roll(1, dims=1)
+    padded = {"input_ids": x, "attention_mask": torch.ones_like(x).index_fill(1, torch.tensor([5]), 0)}
+    rule = homogeneous_rule(integration_rule("gradient"))
+    short = shortcuts[("h.0", "h.1")]
+    assert short.gram(x, f, eye, eye, rule, True, 2**12) is not None
+    assert short.gram(padded, f, eye, eye, rule, True, 2**12) is None
 
 
 def test_bert_gram_scales_a_one_point_rule() -> None:
