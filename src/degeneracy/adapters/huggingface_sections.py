@@ -6,7 +6,7 @@ cut), so node layers read the *inputs* of ``transformer.h.{i}`` and ``transforme
 section is a whole block. :func:`gpt2_closed_forms` gives it in closed form: the JVP and edge kernel of
 the attention (:mod:`degeneracy.adapters.transformer_lens.normed`, with the fused ``Conv1D`` weights
 read per head by :func:`gpt2_attention_weights`) followed by the LayerNorm-GELU MLP's Jacobian at
-each position; the Gram follows from the kernel (:func:`degeneracy.sections.shortcut_gram`).
+each position; the Gram is structured (:mod:`degeneracy.adapters.huggingface_grams`).
 Sequences without padding only. Pass them as ``sections=`` (:func:`degeneracy.sections.gpt2_sections`);
 every shortcut is checked against the model on the first batch, and one that differs raises.
 
