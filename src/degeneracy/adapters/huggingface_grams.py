@@ -1,4 +1,5 @@
-"""Structured closed-form Jacobian Grams of Hugging Face BERT layers, without any per-example Jacobian.
+"""Structured closed-form Jacobian Grams of Hugging Face BERT layers and GPT-2 blocks, without any
+per-example Jacobian (:func:`bert_gram`, :func:`gpt2_gram`; GPT-2's differences are in its docstring).
 
 A ``BertLayer`` (post-LayerNorm) maps x to y_t = LN₂(w_t), w_t = z_t + W_o σ(W_i z_t + b_i) + b_o,
 z_t = LN₁(x_t + attn(x)_t). Its Jacobian at query t and input position s (column convention) is
