@@ -7,13 +7,16 @@ its 6 blocks and at its output (the last hidden state): 7 layers, all positions.
 the model package's README, then the long descriptions (READMEs) in the ``METADATA`` of installed
 distributions, in sorted order. Stages (one per process, so each has its own peak RSS):
 
-    exact       exact LIB (every output row one VJP), saved to --save
+    exact       exact LIB, saved to --save: with --sections bert (default) every pair's Gram in closed
+                form (degeneracy.sections.bert_sections), with --sections none every output row one VJP
     stochastic  LIB with ``num_sources=R``; with --compare (an exact basis saved on the first N
                 inputs) also a stochastic build on those N inputs, top-20 eigenvalues per layer vs exact
     edges       stochastic LIB basis, then the interaction graph (all adjacent pairs)
     pca         LIB vs PCA: node ablation (embedding cosine) per layer; directions and edges needed
                 for a fixed output fidelity
     profile     where the time goes: one pair's M pass, SDPA vs eager, exact vs sources
+    gram        the structured closed-form Gram of one pair (block 4, PCA bases of full width from
+                --examples inputs) on --gram-examples inputs: float32 vs float64 per-query maps, A B A B
 
 Each stage prints progress and records wall time, peak RSS (``resource.getrusage``) and
 ``os.getloadavg()`` in the JSON written to --out (appended per stage).
@@ -36,12 +39,15 @@ from pathlib import Path
 import torch
 
 import degeneracy
+from degeneracy.sections import bert_sections
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_stochastic import LastHidden  # noqa: E402  (the encoder with its last hidden state as output)
 
 TOP = 20
 LAYERS = [f"bert.encoder.layer.{i}" for i in range(6)] + ["output"]
+# the same 7 node layers, the output read at the last block (what the closed forms recognise)
+CF_LAYERS = LAYERS[:-1] + [{"name": "output", "module": "bert.encoder.layer.5", "read": "output"}]
 
 
 def texts() -> list[str]:
@@ -83,6 +89,7 @@ def peak_rss_gb() -> float:
 
 def stamp(row: dict, t0: float) -> dict:
     row.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_gb=round(peak_rss_gb(), 3))
+    row["process_cpu_seconds"] = round(cpu_seconds(), 1)  # the whole process, loading included
     row["load"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(row), flush=True)
     return row
@@ -117,11 +124,22 @@ def basis_options(args: argparse.Namespace) -> dict:
     )
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def stage_exact(args: argparse.Namespace) -> dict:
     model, x = load(args.examples, args.tokens, args.attn)
-    t0 = time.perf_counter()
-    B = degeneracy.interaction_basis(model, x, LAYERS, **basis_options(args))
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    if args.sections == "bert":
+        sections = bert_sections(model, CF_LAYERS)
+        B = degeneracy.interaction_basis(model, x, CF_LAYERS, sections=sections, **basis_options(args))
+    else:
+        B = degeneracy.interaction_basis(model, x, LAYERS, sections=None, **basis_options(args))
     row = {"stage": "exact", "dims": B.dims, "cost": B.info["cost"], "timings": B.info["timings"]}
+    row["jacobians"] = B.info["jacobians"]
+    row["build_cpu_seconds"] = round(cpu_seconds() - cpu0, 1)  # what a core of its own would need
     if args.save:
         B.save(args.save)
     return stamp(row, t0)
@@ -258,9 +276,44 @@ def stage_profile(args: argparse.Namespace) -> dict:
     return stamp(row, t00)
 
 
+def stage_gram(args: argparse.Namespace) -> dict:
+    """The closed-form Gram of pair block 4 → block 5 (bert_sections), float32 activations (the model's)
+    vs the same in float64, interleaved; directions from PCA on --examples inputs (full width)."""
+    from degeneracy.capture import capture
+    from degeneracy.linalg import homogeneous_rule, integration_rule
+    from degeneracy.sections import shortcut_gram
+
+    model, x = load(args.examples, args.tokens, args.attn)
+    pair = CF_LAYERS[4:6]
+    B = degeneracy.interaction_basis(model, x, pair + [CF_LAYERS[-1]], method="pca", progress=False)
+    short = bert_sections(model, B.layers)[(B.layers[0].name, B.layers[1].name)]
+    n = args.gram_examples
+    acts = capture(model, x[:n], B.layers, constant=True)
+    rule = homogeneous_rule(integration_rule("gradient"))
+    r_in, c_out = B[B.layers[0].name].C_pinv, B[B.layers[1].name].C
+    f32 = acts[B.layers[0].name]
+    row: dict = {"stage": "gram", "examples": n, "k": r_in.shape[1], "m": c_out.shape[0]}
+    row["dtype"] = str(f32.dtype)
+    times: dict = {"float32": [], "float64": []}
+    grams = {}
+    t00 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for name, f in (("float32", f32), ("float64", f32.double())):
+                t0 = time.perf_counter()
+                grams[name] = shortcut_gram(short, x[:n], f, r_in, c_out, rule, True, 2**20)
+                times[name].append(round(time.perf_counter() - t0, 3))
+                print(name, times[name][-1], os.getloadavg(), flush=True)
+    row["seconds_per_example"] = {k: [round(t / n, 3) for t in v] for k, v in times.items()}
+    diff = (grams["float32"] - grams["float64"]).abs().max() / grams["float64"].abs().max()
+    row["float32_vs_float64_rel"] = float(diff)
+    return stamp(row, t00)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile"])
+    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile", "gram"])
+    parser.add_argument("--gram-examples", type=int, default=4)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--sources", type=int, default=4)
@@ -269,6 +322,7 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--jacobian-mode", default="auto", choices=["auto", "vjp", "jvp"])
+    parser.add_argument("--sections", default="bert", choices=["bert", "none"], help="exact: closed forms?")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compare", default=None, help="an exact basis saved by the exact stage")

@@ -6,7 +6,7 @@ cut), so node layers read the *inputs* of ``transformer.h.{i}`` and ``transforme
 section is a whole block. :func:`gpt2_closed_forms` gives it in closed form: the JVP and edge kernel of
 the attention (:mod:`degeneracy.adapters.transformer_lens.normed`, with the fused ``Conv1D`` weights
 read per head by :func:`gpt2_attention_weights`) followed by the LayerNorm-GELU MLP's Jacobian at
-each position; the Gram follows from the kernel (:func:`degeneracy.sections.shortcut_gram`).
+each position; the Gram is structured (:mod:`degeneracy.adapters.huggingface_grams`).
 Sequences without padding only. Pass them as ``sections=`` (:func:`degeneracy.sections.gpt2_sections`);
 every shortcut is checked against the model on the first batch, and one that differs raises.
 
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from degeneracy.adapters.huggingface_grams import bert_gram, gpt2_gram
 from degeneracy.adapters.transformer_lens.normed import (
     Norm,
     activation_slope,
@@ -152,7 +153,7 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
             outs.append(torch.einsum("md,btdk->btmk", c_out, dm) + (gated @ p_fold.T).transpose(-1, -2))
         return torch.cat(outs)
 
-    return ClosedForm(fn, kernel, tangent)
+    return ClosedForm(fn, kernel, tangent, gpt2_gram(attn, ln1, ln2, mlp, positions))
 
 
 def gpt2_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
@@ -270,7 +271,7 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
             outs.append((after_attention(parts(sub, f[sl]), dz_pre) @ c_out.T).transpose(-1, -2))
         return torch.cat(outs)
 
-    return ClosedForm(fn, kernel, tangent)
+    return ClosedForm(fn, kernel, tangent, bert_gram(attn, ln1, ln2, inner, outer, positions))
 
 
 def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, ClosedForm]:
