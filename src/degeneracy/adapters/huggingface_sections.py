@@ -26,16 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.adapters.transformer_lens.normed import (
-    Norm,
-    activation_slope,
-    norm_tangent,
-    normalise,
-    normed_attention_kernel,
-    normed_attention_tangent,
+from degeneracy.adapters.huggingface_kernels import (
+    attend,
+    attention_tangent,
+    bert_layer_kernel,
+    gpt2_block_kernel,
+    key_mask,
 )
+from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, norm_tangent, normalise
 from degeneracy.adapters.transformer_lens.parts import positions_of
-from degeneracy.adapters.transformer_lens.sections import ClosedForm, attention_section
+from degeneracy.adapters.transformer_lens.sections import ClosedForm
 from degeneracy.capture import NodeLayer, as_node_layers
 from degeneracy.graph_result import Pair
 
@@ -112,18 +112,24 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
     """
     attn = gpt2_attention_weights(block.attn)
     ln1, ln2 = hf_layer_norm(block.ln_1), hf_layer_norm(block.ln_2)
-    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=block.ln_1), positions, "causal")
-    attn_tangent = normed_attention_tangent(attn, ln1, positions, "causal")
-    attn_kernel = normed_attention_kernel(attn, ln1, positions, "causal")
+    attn_tangent = attention_tangent(attn, ln1, positions, causal=True)
     mlp = block.mlp
     f64 = torch.float64
+    weights = SimpleNamespace(
+        w_in=mlp.c_fc.weight, b_in=mlp.c_fc.bias, w_out=mlp.c_proj.weight, b_out=mlp.c_proj.bias, act=mlp.act
+    )
+    kernel = gpt2_block_kernel(attn, ln1, ln2, weights, positions)
+
+    def attn_fn(inputs: Any, x: Tensor) -> Tensor:  # x + attn(ln_1(x)) at the queries, padded keys masked
+        qpos = positions_of(positions, x.shape[1])
+        return x[:, qpos] + attend(attn, block.ln_1(x), qpos, True, key_mask(inputs))["out"]
 
     def fn(inputs: Any, x: Tensor) -> Tensor:
         m = attn_fn(inputs, x)
         return m + mlp(block.ln_2(m))
 
     def mlp_parts(inputs: Any, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = attn_fn(inputs, f).to(f64)
+        m = attn_fn(inputs, f.to(f64)).to(f64)
         h, xhat, inv = normalise(ln2, m)
         pre = h @ mlp.c_fc.weight.detach().to(f64) + mlp.c_fc.bias.detach().to(f64)
         return m, xhat, inv, activation_slope(mlp.act, pre)
@@ -134,23 +140,6 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
         dh = norm_tangent(ln2, xhat, inv, dm)
         w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
         return dm + (slope * (dh @ w_in)) @ w_out
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
-        p_fold = c_out @ w_out.T  # (m, hidden)
-        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
-        t = len(positions_of(positions, f.shape[1]))
-        per = max(1, 2**22 // max(1, t * w_in.shape[1] * dirs.shape[1]))  # examples per block
-        outs = []
-        for b0 in range(0, f.shape[0], per):
-            sl = slice(b0, b0 + per)
-            sub = None if inputs is None else _slice(inputs, sl)
-            dm = attn_kernel(sub, f[sl], scale[sl], dirs, eye)  # (b, t, d, k)
-            _, xhat, inv, slope = mlp_parts(sub, f[sl])
-            dh = norm_tangent(ln2, xhat[..., None, :], inv[..., None], dm.transpose(-1, -2))  # (b,t,k,d)
-            gated = (dh @ w_in) * slope[:, :, None, :]  # (b, t, k, hidden)
-            outs.append(torch.einsum("md,btdk->btmk", c_out, dm) + (gated @ p_fold.T).transpose(-1, -2))
-        return torch.cat(outs)
 
     return ClosedForm(fn, kernel, tangent)
 
@@ -226,19 +215,25 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
     """
     attn = bert_attention_weights(layer.attention)
     ln1, ln2 = hf_layer_norm(layer.attention.output.LayerNorm), hf_layer_norm(layer.output.LayerNorm)
-    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=None), positions, "bidirectional")
-    attn_tangent = normed_attention_tangent(attn, None, positions, "bidirectional")
-    attn_kernel = normed_attention_kernel(attn, None, positions, "bidirectional")
+    attn_tangent = attention_tangent(attn, None, positions, causal=False)
     inner, outer = layer.intermediate, layer.output.dense
+    weights = SimpleNamespace(
+        w_in=inner.dense.weight, b_in=inner.dense.bias, w_out=outer.weight, b_out=outer.bias,
+        act=inner.intermediate_act_fn,
+    )  # fmt: skip
+    kernel = bert_layer_kernel(attn, ln1, ln2, weights, positions)
     f64 = torch.float64
 
+    def attn_fn(inputs: Any, x: Tensor) -> Tensor:  # x + attn(x) at the queries, padded keys masked
+        qpos = positions_of(positions, x.shape[1])
+        return x[:, qpos] + attend(attn, x, qpos, False, key_mask(inputs))["out"]
+
     def fn(inputs: Any, x: Tensor) -> Tensor:
-        out = layer(x)
-        out = out[0] if isinstance(out, tuple) else out
-        return out[:, positions_of(positions, x.shape[1])]
+        z = layer.attention.output.LayerNorm(attn_fn(inputs, x))
+        return layer.output.LayerNorm(outer(inner(z)) + z)
 
     def parts(inputs: Any, f: Tensor) -> tuple[Tensor, ...]:
-        _, xhat1, inv1 = normalise(ln1, attn_fn(inputs, f).to(f64))
+        _, xhat1, inv1 = normalise(ln1, attn_fn(inputs, f.to(f64)))
         z = _apply(ln1, xhat1)
         w_in, w_out = inner.dense.weight.detach().to(f64).T, outer.weight.detach().to(f64).T
         pre = z @ w_in + inner.dense.bias.detach().to(f64)
@@ -256,19 +251,6 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
         dz_pre = attn_tangent(inputs, f, r)[:, :, None]  # (b, t, 1, d)
         return after_attention(parts(inputs, f), dz_pre)[:, :, 0]
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
-        t = len(positions_of(positions, f.shape[1]))
-        hidden = inner.dense.weight.shape[0]
-        per = max(1, 2**22 // max(1, t * hidden * dirs.shape[1]))  # examples per block
-        outs = []
-        for b0 in range(0, f.shape[0], per):
-            sl = slice(b0, b0 + per)
-            sub = None if inputs is None else _slice(inputs, sl)
-            dz_pre = attn_kernel(sub, f[sl], scale[sl], dirs, eye).transpose(-1, -2)  # (b, t, k, d)
-            outs.append((after_attention(parts(sub, f[sl]), dz_pre) @ c_out.T).transpose(-1, -2))
-        return torch.cat(outs)
 
     return ClosedForm(fn, kernel, tangent)
 
