@@ -40,6 +40,7 @@ from degeneracy.capture import NodeLayer, as_node_layers
 from degeneracy.graph_result import Pair
 
 __all__ = [
+    "huggingface_family",
     "gpt2_attention_weights",
     "hf_layer_norm",
     "gpt2_block",
@@ -48,6 +49,21 @@ __all__ = [
     "bert_layer",
     "bert_closed_forms",
 ]
+
+
+def huggingface_family(model: nn.Module) -> str | None:
+    """``"bert"`` for a Hugging Face ``BertModel`` (or a model holding one as ``.bert``), ``"gpt2"`` for a
+    ``GPT2Model`` (or one held as ``.transformer``), else ``None``: the models whose blocks have closed
+    forms here (:func:`bert_closed_forms`, :func:`gpt2_closed_forms`).
+
+    >>> huggingface_family(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    if type(getattr(model, "bert", model)).__name__ == "BertModel":
+        return "bert"
+    if type(getattr(model, "transformer", model)).__name__ == "GPT2Model":
+        return "gpt2"
+    return None
 
 
 def hf_layer_norm(module: nn.LayerNorm) -> Norm:
