@@ -285,15 +285,16 @@ def _build(
             analytic = None
             padded = masks[src] is not None or masks[dst] is not None
             if (
-                not padded
-                and isinstance(short, SectionShortcut)
+                isinstance(short, SectionShortcut)
                 and short.kernel is not None
                 and cfg.jacobian_mode == "auto"
+                and (not padded or getattr(short.kernel, "masks_padding", False))  # keys masked in it
             ):
                 with torch.no_grad():
                     analytic = kernel_attributions(
-                        short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst]
-                    )
+                        short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst],
+                        in_mask=masks[src], out_mask=masks[dst],
+                    )  # fmt: skip
             with torch.no_grad():
                 if analytic is not None:  # exact: the ±1 sources are not needed
                     signs = None

@@ -11,7 +11,8 @@ returned in float64, where the callers accumulate.
 
 Padding: a batch's ``attention_mask`` (:func:`degeneracy.data.input_mask`) masks the padded keys in
 every softmax, exactly as the model does; the padded query positions' values are left to the callers,
-which exclude them from every statistic.
+which exclude them from every statistic. The kernels say so (``kernel.masks_padding``), so that edges
+use them on padded batches too (:func:`degeneracy.attributions.kernel_attributions` with masks).
 
 >>> key_mask({"input_ids": torch.ones(1, 2), "attention_mask": torch.tensor([[1, 0]])}).tolist()
 [[True, False]]
@@ -337,6 +338,7 @@ def _block_kernel(
             outs.append((q_map @ dm.transpose(-1, -2)).to(torch.float64))
         return torch.cat(outs)
 
+    kernel.masks_padding = True  # type: ignore[attr-defined]  # padded keys masked: padded batches may use it
     return kernel
 
 
