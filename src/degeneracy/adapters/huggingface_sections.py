@@ -4,11 +4,13 @@ A ``GPT2Block`` computes m = x + attn(ln_1(x)), y = m + mlp(ln_2(m)). Its residu
 between blocks (the block adds the residual from a local variable, so the input of ``ln_2`` is not a
 cut), so node layers read the *inputs* of ``transformer.h.{i}`` and ``transformer.ln_f`` and each
 section is a whole block. :func:`gpt2_closed_forms` gives it in closed form: the JVP and edge kernel of
-the attention (:mod:`degeneracy.adapters.transformer_lens.normed`, with the fused ``Conv1D`` weights
+the attention (:mod:`degeneracy.adapters.huggingface_kernels`, with the fused ``Conv1D`` weights
 read per head by :func:`gpt2_attention_weights`) followed by the LayerNorm-GELU MLP's Jacobian at
 each position; the Gram follows from the kernel (:func:`degeneracy.sections.shortcut_gram`).
-Sequences without padding only. Pass them as ``sections=`` (:func:`degeneracy.sections.gpt2_sections`);
-every shortcut is checked against the model on the first batch, and one that differs raises.
+Padded batches: the padded keys are masked as the model masks them (the batch's ``attention_mask``).
+``sections="auto"`` picks them (:func:`degeneracy.sections.auto_sections`), or pass them as
+``sections=`` (:func:`degeneracy.sections.gpt2_sections`); every shortcut is checked against the
+model on the first batch, and an explicit one that differs raises.
 
 >>> gpt2_closed_forms(torch.nn.Linear(2, 2), ["weight"])
 Traceback (most recent call last):
@@ -116,8 +118,8 @@ def gpt2_attention_weights(attn: Any) -> SimpleNamespace:
 def gpt2_block(block: Any, positions: Any) -> ClosedForm:
     """The section x ↦ block(x) at ``positions`` of a ``GPT2Block``, its JVP and its edge kernel.
 
-    The kernel takes the attention's columns δm (:func:`normed_attention_kernel` with C_out = I), then
-    C_out (δm + W_outᵀ diag(σ'(pre)) W_inᵀ J_ln2(m) δm) per position, in blocks of examples.
+    The kernel (:func:`degeneracy.adapters.huggingface_kernels.gpt2_block_kernel`) applies the
+    per-position map C_out (I + W_outᵀ diag(σ'(pre)) W_inᵀ J_ln2(m)) to the attention's columns δm.
 
     >>> from transformers import GPT2Config
     >>> from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -221,7 +223,8 @@ def bert_attention_weights(attention: Any) -> SimpleNamespace:
 
 def bert_layer(layer: Any, positions: Any) -> ClosedForm:
     """x ↦ ``BertLayer``(x) at ``positions`` (post-LayerNorm: z = LN₁(x + attn(x)),
-    y = LN₂(z + W₂ σ(W₁ z + b₁) + b₂), bidirectional attention, no padding), its JVP and edge kernel.
+    y = LN₂(z + W₂ σ(W₁ z + b₁) + b₂), bidirectional attention, padded keys masked), its JVP and edge
+    kernel (:func:`degeneracy.adapters.huggingface_kernels.bert_layer_kernel`).
 
     >>> from transformers import BertConfig
     >>> from transformers.models.bert.modeling_bert import BertLayer
@@ -277,7 +280,8 @@ def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Clo
     Recognised pairs: the input of ``encoder.layer.{i}`` (all positions) and the input of
     ``encoder.layer.{i+1}`` or the output (``read: output``) of ``encoder.layer.{i}`` (any positions):
     the layer in closed form (:func:`bert_layer`); module names with or without the ``bert.`` prefix of
-    the task models. Sequences without padding only.
+    the task models. Padded batches: padded keys are masked as in the model. Decoder configurations
+    (``is_decoder``, ``add_cross_attention``) are left out.
 
     >>> from transformers import BertConfig, BertModel
     >>> cfg = BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
@@ -288,6 +292,8 @@ def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Clo
     base = getattr(model, "bert", model)
     if type(base).__name__ != "BertModel":
         raise ValueError("bert_closed_forms needs a Hugging Face BERT model (BertModel or a Bert*For* model)")
+    if getattr(base.config, "is_decoder", False) or getattr(base.config, "add_cross_attention", False):
+        return {}  # causal or cross-attention layers: not these closed forms
     prefix = "bert." if base is not model else ""
     stack = base.encoder.layer
 
