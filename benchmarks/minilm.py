@@ -91,6 +91,7 @@ def peak_rss_gb() -> float:
 
 def stamp(row: dict, t0: float) -> dict:
     row.update(seconds=round(time.perf_counter() - t0, 2), peak_rss_gb=round(peak_rss_gb(), 3))
+    row["process_cpu_seconds"] = round(time.process_time(), 2)  # whole process: CPU it got (shared box)
     row["load"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(row), flush=True)
     return row

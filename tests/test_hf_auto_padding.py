@@ -103,3 +103,32 @@ def test_float32_closed_form_edges_within_the_float32_tolerance(one_thread) -> N
     slow = degeneracy.interaction_graph(model, x, B, sections=None, progress=False)
     assert set(fast.info["modes"].values()) == {"analytic"}
     same_graphs(fast, slow, rel=1e-4)  # check_shortcut's tolerance for float32 shortcuts
+
+
+@pytest.mark.slow  # 15 s on the shared box (the bisection through the hooked model)
+def test_edge_ablation_of_a_default_sdpa_bert_through_the_closed_forms(one_thread) -> None:
+    """The shortcut check runs forward mode, which SDPA lacks: it must switch to eager attention. The
+    bisection through the closed-form sections evaluates exactly what it evaluates through the model."""
+    from degeneracy.ablation import edge_ablation
+    from tests.test_huggingface import sentences, tiny
+
+    model = tiny("bert")
+    assert model.config._attn_implementation == "sdpa"
+    padded, _ = sentences()
+    out = {"name": "out", "module": "encoder.layer.1", "read": "output"}
+    nodes = ["encoder.layer.0", "encoder.layer.1", out]
+    B = degeneracy.interaction_basis(model, padded, nodes, progress=False)
+    G = degeneracy.interaction_graph(model, padded, B, progress=False)
+    assert set(G.info["sections"].values()) == {"closed form"}
+    pairs = [("encoder.layer.1", "out")]
+    runs = {
+        name: edge_ablation(
+            model, padded, B, G, metrics="embedding", delta=0.02, sections=sections, pairs=pairs
+        )
+        for name, sections in (("auto", "auto"), ("hooks", None))
+    }
+    for pair, want in runs["hooks"].items():
+        got = runs["auto"][pair]
+        assert got.num_needed == want.num_needed and set(got.evaluations) == set(want.evaluations)
+        for n, acc in want.evaluations.items():
+            assert abs(got.evaluations[n] - acc) <= 1e-10

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
+from degeneracy.adapters.huggingface import eager_attention
 from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_closed_forms, huggingface_family
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
@@ -242,7 +243,8 @@ def check_shortcut(
         f = x[..., :-1] if constant else x
         r = noise[..., : f.shape[-1]]
         raw = section(model, inputs, layers, src, dst, constant=False, widths=widths)
-        want = jvp(raw, (f,), (r,))[1]
+        with eager_attention(model):  # (SDPA has no forward mode; eager is the same function)
+            want = jvp(raw, (f,), (r,))[1]
         got = tangent(inputs, f, r).to(want.dtype)
         _agree(got, want, f"the closed-form Jacobian for {src} -> {dst}", valid)
 
