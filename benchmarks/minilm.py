@@ -10,10 +10,13 @@ distributions, in sorted order. Stages (one per process, so each has its own pea
     exact       exact LIB (every output row one VJP), saved to --save
     stochastic  LIB with ``num_sources=R``; with --compare (an exact basis saved on the first N
                 inputs) also a stochastic build on those N inputs, top-20 eigenvalues per layer vs exact
-    edges       stochastic LIB basis, then the interaction graph (all adjacent pairs)
+    edges       stochastic LIB basis, then the interaction graph (all adjacent pairs, closed forms:
+                the model as AutoModel loads it, node layers BARE_LAYERS)
     pca         LIB vs PCA: node ablation (embedding cosine) per layer; directions and edges needed
                 for a fixed output fidelity
     profile     where the time goes: one pair's M pass, SDPA vs eager, exact vs sources
+    edge_profile  one pair's edges, autodiff JVPs vs the closed-form kernel (A B A B)
+    edge_ablation LIB vs PCA: edges an edge ablation needs for embedding cosine >= 1 - delta
 
 Each stage prints progress and records wall time, peak RSS (``resource.getrusage``) and
 ``os.getloadavg()`` in the JSON written to --out (appended per stage).
