@@ -231,8 +231,9 @@ def bert_layer_kernel(
         pre = z @ w_in.T + b_in
         slope = activation_slope(mlp.act, pre)
         _, xhat2, inv2 = _normalise(ln2, z + mlp.act(pre) @ w_out.T + b_out)
-        state = SimpleNamespace(xhat1=xhat1, inv1=inv1, slope=slope, xhat2=xhat2, inv2=inv2)
-        return a, SimpleNamespace(**vars(state), w_in=w_in, w_out=w_out)
+        state = SimpleNamespace(xhat1=xhat1, inv1=inv1, slope=slope, xhat2=xhat2, inv2=inv2, w_in=w_in)
+        state.w_out = w_out
+        return a, state
 
     def output_map(s: SimpleNamespace, c_out: Tensor) -> Tensor:
         dt, d = c_out.dtype, c_out.shape[1]
