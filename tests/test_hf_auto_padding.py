@@ -105,7 +105,6 @@ def test_float32_closed_form_edges_within_the_float32_tolerance(one_thread) -> N
     same_graphs(fast, slow, rel=1e-4)  # check_shortcut's tolerance for float32 shortcuts
 
 
-@pytest.mark.slow  # 15 s on the shared box (the bisection through the hooked model)
 def test_edge_ablation_of_a_default_sdpa_bert_through_the_closed_forms(one_thread) -> None:
     """The shortcut check runs forward mode, which SDPA lacks: it must switch to eager attention. The
     bisection through the closed-form sections evaluates exactly what it evaluates through the model."""
