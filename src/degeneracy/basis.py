@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import degeneracy
 from degeneracy.adapters.huggingface import eager_attention
+from degeneracy.adapters.huggingface_sections import huggingface_family
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.basis_result import (
     METHODS,
@@ -317,7 +318,9 @@ def interaction_basis(
         check_cut: verify on the first batch that each node layer is a cut (METHOD §8).
         sections: section shortcuts for the Jacobians of M (:mod:`degeneracy.sections`): ``"auto"``
             (default: closed forms for the residual-stream sections of a TransformerLens
-            ``HookedTransformer``, each checked against the model on the first batch and dropped
+            ``HookedTransformer`` and the blocks of Hugging Face BERT / GPT-2 models
+            (:func:`~degeneracy.sections.auto_sections`; with ``num_sources``, only those with a
+            structured Gram), each checked against the model on the first batch and dropped
             if it differs), ``None`` (always differentiate the hook-based section) or a mapping
             ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
             not the result; ``B.info["jacobians"]`` records how each pair's Jacobians were had.
@@ -421,16 +424,21 @@ def _first_batch_sections(run: NodeLayerRun, cfg: BasisConfig, sections: Section
     """The checked section shortcuts (see :mod:`degeneracy.sections`), from the first batch."""
     if sections is None or cfg.method not in ("lib", "global"):
         return {}
-    if sections == "auto" and not is_hooked_transformer(run.model):
+    if sections == "auto" and not is_hooked_transformer(run.model) and huggingface_family(run.model) is None:
         return {}  # no automatic shortcuts for this architecture: nothing to check
     inputs = next(run.inputs("sections", progress=False))
     with torch.no_grad():
         kept = {layer.name: run.cached(layer.name, 0) for layer in run.layers}
         if any(x is None for x in kept.values()):
             kept = capture(run.model, inputs, run.layers, constant=cfg.has_constant)
-        return resolve_sections(
+        used = resolve_sections(
             run.model, run.layers, inputs, kept, sections, constant=cfg.has_constant, widths=run.widths
         )[0]
+    if sections == "auto" and cfg.num_sources is not None and not is_hooked_transformer(run.model):
+        # without a structured Gram a closed form's M costs P edge kernels per example (one block of
+        # directions per input position): the ±1 sources asked for are cheaper
+        used = {pair: short for pair, short in used.items() if getattr(short, "gram", None) is not None}
+    return used
 
 
 def _build(

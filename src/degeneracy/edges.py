@@ -139,8 +139,9 @@ def interaction_graph(
         jacobian_mode: ``"vjp"``, ``"jvp"`` or ``"auto"`` (fewer passes wins).
         max_elements: the largest number of entries a vmapped chunk may hold (bounds memory).
         dtype: compute dtype (default: the basis's); edges are always accumulated in float64.
-        sections: ``"auto"`` (default: :func:`~degeneracy.sections.transformer_lens_sections` for a
-            ``HookedTransformer``, dropped where they differ from the model), ``None`` (hook-based
+        sections: ``"auto"`` (default: :func:`~degeneracy.sections.auto_sections`: closed forms for a
+            ``HookedTransformer`` and for Hugging Face BERT / GPT-2 blocks, dropped where they differ
+            from the model), ``None`` (hook-based
             sections only) or shortcuts ``{(layer_in, layer_out): fn}`` with ``fn(inputs, f)``
             returning f^{layer_out} (batch, positions, d) from raw f^{layer_in} without re-running
             the model from its input. Each is checked on the first batch against the hook-based
@@ -266,7 +267,7 @@ def _build(
             C_out, _ = maps[dst]
             feats = x.to(torch.float64) @ C_in.T
             if (src, dst) in shortcuts:
-                fn = extended(shortcuts[(src, dst)], inputs, constant)
+                fn = extended(shortcuts[(src, dst)], inputs, constant, run.layer(src).positions)
             else:
                 fn = section(run.model, inputs, run.layers, src, dst, constant=constant, widths=run.widths)
             p_out = acts[dst].shape[1]
@@ -285,15 +286,16 @@ def _build(
             analytic = None
             padded = masks[src] is not None or masks[dst] is not None
             if (
-                not padded
-                and isinstance(short, SectionShortcut)
+                isinstance(short, SectionShortcut)
                 and short.kernel is not None
                 and cfg.jacobian_mode == "auto"
+                and (not padded or getattr(short.kernel, "masks_padding", False))  # keys masked in it
             ):
                 with torch.no_grad():
                     analytic = kernel_attributions(
-                        short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst]
-                    )
+                        short, inputs, x, feats, Cp_in, C_out, rule, constant, cfg.max_elements, acts[dst],
+                        in_mask=masks[src], out_mask=masks[dst],
+                    )  # fmt: skip
             with torch.no_grad():
                 if analytic is not None:  # exact: the ±1 sources are not needed
                     signs = None

@@ -9,7 +9,8 @@ products: a ``tangent`` for a general direction and a ``kernel`` for the rank-on
 and edges need, with the basis maps folded into the weights once (no automatic differentiation).
 
 Bases (:func:`degeneracy.interaction_basis`) and edges (:func:`degeneracy.interaction_graph`) take
-``sections="auto"`` (these shortcuts for a ``HookedTransformer``, none otherwise), ``None`` (always
+``sections="auto"`` (these shortcuts for a ``HookedTransformer``, :func:`bert_sections` /
+:func:`gpt2_sections` for Hugging Face BERT / GPT-2 models, none otherwise), ``None`` (always
 the hook-based section) or an explicit mapping ``{(layer_in, layer_out): fn}``. Every shortcut is
 checked against the hook-based section on the first batch, at the data and off it
 (:func:`check_shortcut`): an explicit shortcut that differs raises, an automatic one is dropped.
@@ -25,10 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp
 
-from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_closed_forms
+from degeneracy.adapters.huggingface import eager_attention
+from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_closed_forms, huggingface_family
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
+from degeneracy.data import input_mask, node_mask, position_mask
 from degeneracy.graph_result import Pair
 from degeneracy.jacobian import GramFn, GramQuery, Kernel, SectionFn
 
@@ -40,6 +43,7 @@ __all__ = [
     "gpt2_sections",
     "bert_sections",
     "resolve_sections",
+    "auto_sections",
     "shortcut_gram",
     "check_shortcut",
     "extended",
@@ -60,9 +64,13 @@ def slice_inputs(inputs: Any, sl: slice) -> Any:
     return inputs[sl]
 
 
-def extended(short: SectionFn, inputs: Any, constant: bool) -> Callable[[Tensor], Tensor]:
+def extended(
+    short: SectionFn, inputs: Any, constant: bool, positions: int | tuple[int, ...] | None = None
+) -> Callable[[Tensor], Tensor]:
     """``short(inputs, ·)`` as a function of (augmented, with ``constant``) activations, exactly like
-    :func:`degeneracy.capture.section` (the homogeneous extension F([f; c]) = [c̄ g(f/c̄); c̄]).
+    :func:`degeneracy.capture.section` (the homogeneous extension F([f; c]) = [c̄ g(f/c̄); c̄], c̄ the
+    mean constant coordinate over the valid input positions of a padded batch; ``positions`` are the
+    source node layer's).
 
     >>> fn = extended(lambda inputs, f: f + 1, None, constant=True)
     >>> fn(torch.tensor([[[1.0, 2.0]]])).tolist()  # [f; c] = [1; 2]: [c (f/c + 1); c]
@@ -70,9 +78,15 @@ def extended(short: SectionFn, inputs: Any, constant: bool) -> Callable[[Tensor]
     """
     if not constant:
         return lambda x: short(inputs, x)
+    mask = input_mask(inputs)
 
     def fn(x: Tensor) -> Tensor:
-        c = x[..., -1:].mean(dim=1, keepdim=True)
+        ones, c = x[..., -1:], x[..., -1:].mean(dim=1, keepdim=True)
+        valid = position_mask(mask, positions, x.shape[1])
+        if valid is not None:  # as capture.section: the mean over the valid (unpadded) positions
+            valid = valid.to(device=x.device, dtype=x.dtype)[..., None]
+            count = valid.sum(1, True)
+            c = torch.where(count > 0, (ones * valid).sum(1, True) / count.clamp_min(1), c)
         out = short(inputs, x[..., :-1] / c)
         return torch.cat([out * c, c.expand(out.shape[0], out.shape[1], 1)], dim=-1)
 
@@ -154,6 +168,25 @@ def bert_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Section
     return {pair: SectionShortcut(*form) for pair, form in bert_closed_forms(model, layers).items()}
 
 
+def auto_sections(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, SectionFn]:
+    """The shortcuts ``sections="auto"`` proposes: :func:`transformer_lens_sections` for a
+    ``HookedTransformer``, :func:`bert_sections` for a Hugging Face BERT encoder, :func:`gpt2_sections`
+    for a GPT-2 model (:func:`degeneracy.adapters.huggingface_sections.huggingface_family`), none for
+    other models. Each is still checked against the model before use (:func:`resolve_sections`).
+
+    >>> auto_sections(torch.nn.Linear(2, 2), ["weight"])
+    {}
+    """
+    if is_hooked_transformer(model):
+        return transformer_lens_sections(model, layers)
+    family = huggingface_family(model)
+    if family == "bert":
+        return bert_sections(model, layers)
+    if family == "gpt2":
+        return gpt2_sections(model, layers)
+    return {}
+
+
 def check_shortcut(
     model: nn.Module,
     layers: Sequence[NodeLayer],
@@ -192,26 +225,36 @@ def check_shortcut(
     if constant:
         noise[..., -1] = 0.0
     widths = dict(widths or {})
+    src_layer = next(layer for layer in layers if layer.name == src)
+    dst_layer = next(layer for layer in layers if layer.name == dst)
+    valid = None  # padded output positions are excluded from every statistic, so from the check too
     for probe in (x, x + 0.1 * scale * noise):
         want = section(model, inputs, layers, src, dst, constant=constant, widths=widths)(probe)
-        got = extended(short, inputs, constant)(probe)
+        got = extended(short, inputs, constant, src_layer.positions)(probe)
         if got.shape != want.shape:
             raise ValueError(
                 f"the section shortcut for {src} -> {dst} returns shape {tuple(got.shape)}, "
                 f"the model gives {tuple(want.shape)}"
             )
-        _agree(got, want, f"the section shortcut for {src} -> {dst}")
+        valid = node_mask(inputs, dst_layer.positions, want.shape[1])
+        _agree(got, want, f"the section shortcut for {src} -> {dst}", valid)
     tangent = getattr(short, "tangent", None)
     if tangent is not None:  # the closed-form Jacobians assume the model is what its weights say
         f = x[..., :-1] if constant else x
         r = noise[..., : f.shape[-1]]
         raw = section(model, inputs, layers, src, dst, constant=False, widths=widths)
-        want = jvp(raw, (f,), (r,))[1]
-        _agree(tangent(inputs, f, r).to(want.dtype), want, f"the closed-form Jacobian for {src} -> {dst}")
+        with eager_attention(model):  # (SDPA has no forward mode; eager is the same function)
+            want = jvp(raw, (f,), (r,))[1]
+        got = tangent(inputs, f, r).to(want.dtype)
+        _agree(got, want, f"the closed-form Jacobian for {src} -> {dst}", valid)
 
 
-def _agree(got: Tensor, want: Tensor, what: str) -> None:
+def _agree(got: Tensor, want: Tensor, what: str, valid: Tensor | None = None) -> None:
+    if valid is not None and valid.shape == want.shape[:2]:
+        keep = valid.to(want.device)[..., None]
+        got, want = got * keep, want * keep
     tol = 1e-9 if want.dtype == torch.float64 else 1e-4
+
     dev = float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
     if dev > tol:
         raise ValueError(f"{what} differs from the model by {dev:.2e} (relative); drop it from `sections`")
@@ -231,9 +274,9 @@ def resolve_sections(
 
     ``inputs`` and ``acts`` are the first batch and its activations at every node layer of ``layers``
     (augmented when ``constant``); ``widths`` the module widths of multi-module node layers.
-    ``sections`` is ``"auto"`` (:func:`transformer_lens_sections` for a ``HookedTransformer``, none
-    otherwise), ``None`` or a mapping ``{(layer_in, layer_out): fn}``. Explicit shortcuts that differ
-    from the model raise ``ValueError``; automatic ones are dropped instead.
+    ``sections`` is ``"auto"`` (:func:`auto_sections`), ``None`` or a mapping
+    ``{(layer_in, layer_out): fn}``. Explicit shortcuts that differ from the model raise ``ValueError``;
+    automatic ones are dropped instead.
 
     >>> from degeneracy.capture import as_node_layers, capture
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).double()
@@ -255,7 +298,7 @@ def resolve_sections(
     if sections is None:
         chosen: dict[Pair, SectionFn] = {}
     elif auto:
-        chosen = transformer_lens_sections(model, layers) if is_hooked_transformer(model) else {}
+        chosen = auto_sections(model, layers)
     else:
         chosen = dict(sections)
         unknown = [pair for pair in chosen if pair not in pairs]

@@ -153,7 +153,8 @@ def _edge_replace(
             else:
                 rep = inputs.repeat(g, *([1] * (inputs.dim() - 1)))
             if shortcut is not None:
-                fn = extended(shortcut, rep, runner.constant)
+                where = next(lay.positions for lay in layers if lay.name == src)
+                fn = extended(shortcut, rep, runner.constant, where)
             else:
                 fn = section(model, rep, layers, src, dst, constant=runner.constant, widths=runner.widths)
             y = fn(xa.to(runner.run.dtype)).to(torch.float64) @ b_out.C.to(f.device).T  # (g·b, P_out, m)

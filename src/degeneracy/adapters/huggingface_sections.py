@@ -4,11 +4,14 @@ A ``GPT2Block`` computes m = x + attn(ln_1(x)), y = m + mlp(ln_2(m)). Its residu
 between blocks (the block adds the residual from a local variable, so the input of ``ln_2`` is not a
 cut), so node layers read the *inputs* of ``transformer.h.{i}`` and ``transformer.ln_f`` and each
 section is a whole block. :func:`gpt2_closed_forms` gives it in closed form: the JVP and edge kernel of
-the attention (:mod:`degeneracy.adapters.transformer_lens.normed`, with the fused ``Conv1D`` weights
+the attention (:mod:`degeneracy.adapters.huggingface_kernels`, with the fused ``Conv1D`` weights
 read per head by :func:`gpt2_attention_weights`) followed by the LayerNorm-GELU MLP's Jacobian at
-each position; the Gram is structured (:mod:`degeneracy.adapters.huggingface_grams`).
-Sequences without padding only. Pass them as ``sections=`` (:func:`degeneracy.sections.gpt2_sections`);
-every shortcut is checked against the model on the first batch, and one that differs raises.
+each position; the Gram is structured (:mod:`degeneracy.adapters.huggingface_grams`; it declines
+padded batches, which then take the kernel).
+Padded batches: the padded keys are masked as the model masks them (the batch's ``attention_mask``).
+``sections="auto"`` picks them (:func:`degeneracy.sections.auto_sections`), or pass them as
+``sections=`` (:func:`degeneracy.sections.gpt2_sections`); every shortcut is checked against the
+model on the first batch, and an explicit one that differs raises.
 
 >>> gpt2_closed_forms(torch.nn.Linear(2, 2), ["weight"])
 Traceback (most recent call last):
@@ -27,20 +30,21 @@ import torch
 from torch import Tensor, nn
 
 from degeneracy.adapters.huggingface_grams import bert_gram, gpt2_gram
-from degeneracy.adapters.transformer_lens.normed import (
-    Norm,
-    activation_slope,
-    norm_tangent,
-    normalise,
-    normed_attention_kernel,
-    normed_attention_tangent,
+from degeneracy.adapters.huggingface_kernels import (
+    attend,
+    attention_tangent,
+    bert_layer_kernel,
+    gpt2_block_kernel,
+    key_mask,
 )
+from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, norm_tangent, normalise
 from degeneracy.adapters.transformer_lens.parts import positions_of
-from degeneracy.adapters.transformer_lens.sections import ClosedForm, attention_section
+from degeneracy.adapters.transformer_lens.sections import ClosedForm
 from degeneracy.capture import NodeLayer, as_node_layers
 from degeneracy.graph_result import Pair
 
 __all__ = [
+    "huggingface_family",
     "gpt2_attention_weights",
     "hf_layer_norm",
     "gpt2_block",
@@ -49,6 +53,21 @@ __all__ = [
     "bert_layer",
     "bert_closed_forms",
 ]
+
+
+def huggingface_family(model: nn.Module) -> str | None:
+    """``"bert"`` for a Hugging Face ``BertModel`` (or a model holding one as ``.bert``), ``"gpt2"`` for a
+    ``GPT2Model`` (or one held as ``.transformer``), else ``None``: the models whose blocks have closed
+    forms here (:func:`bert_closed_forms`, :func:`gpt2_closed_forms`).
+
+    >>> huggingface_family(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    if type(getattr(model, "bert", model)).__name__ == "BertModel":
+        return "bert"
+    if type(getattr(model, "transformer", model)).__name__ == "GPT2Model":
+        return "gpt2"
+    return None
 
 
 def hf_layer_norm(module: nn.LayerNorm) -> Norm:
@@ -101,8 +120,8 @@ def gpt2_attention_weights(attn: Any) -> SimpleNamespace:
 def gpt2_block(block: Any, positions: Any) -> ClosedForm:
     """The section x ↦ block(x) at ``positions`` of a ``GPT2Block``, its JVP and its edge kernel.
 
-    The kernel takes the attention's columns δm (:func:`normed_attention_kernel` with C_out = I), then
-    C_out (δm + W_outᵀ diag(σ'(pre)) W_inᵀ J_ln2(m) δm) per position, in blocks of examples.
+    The kernel (:func:`degeneracy.adapters.huggingface_kernels.gpt2_block_kernel`) applies the
+    per-position map C_out (I + W_outᵀ diag(σ'(pre)) W_inᵀ J_ln2(m)) to the attention's columns δm.
 
     >>> from transformers import GPT2Config
     >>> from transformers.models.gpt2.modeling_gpt2 import GPT2Block
@@ -113,18 +132,24 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
     """
     attn = gpt2_attention_weights(block.attn)
     ln1, ln2 = hf_layer_norm(block.ln_1), hf_layer_norm(block.ln_2)
-    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=block.ln_1), positions, "causal")
-    attn_tangent = normed_attention_tangent(attn, ln1, positions, "causal")
-    attn_kernel = normed_attention_kernel(attn, ln1, positions, "causal")
+    attn_tangent = attention_tangent(attn, ln1, positions, causal=True)
     mlp = block.mlp
     f64 = torch.float64
+    weights = SimpleNamespace(
+        w_in=mlp.c_fc.weight, b_in=mlp.c_fc.bias, w_out=mlp.c_proj.weight, b_out=mlp.c_proj.bias, act=mlp.act
+    )
+    kernel = gpt2_block_kernel(attn, ln1, ln2, weights, positions)
+
+    def attn_fn(inputs: Any, x: Tensor) -> Tensor:  # x + attn(ln_1(x)) at the queries, padded keys masked
+        qpos = positions_of(positions, x.shape[1])
+        return x[:, qpos] + attend(attn, block.ln_1(x), qpos, True, key_mask(inputs))["out"]
 
     def fn(inputs: Any, x: Tensor) -> Tensor:
         m = attn_fn(inputs, x)
         return m + mlp(block.ln_2(m))
 
     def mlp_parts(inputs: Any, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = attn_fn(inputs, f).to(f64)
+        m = attn_fn(inputs, f.to(f64)).to(f64)
         h, xhat, inv = normalise(ln2, m)
         pre = h @ mlp.c_fc.weight.detach().to(f64) + mlp.c_fc.bias.detach().to(f64)
         return m, xhat, inv, activation_slope(mlp.act, pre)
@@ -135,23 +160,6 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
         dh = norm_tangent(ln2, xhat, inv, dm)
         w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
         return dm + (slope * (dh @ w_in)) @ w_out
-
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        w_in, w_out = mlp.c_fc.weight.detach().to(f64), mlp.c_proj.weight.detach().to(f64)
-        p_fold = c_out @ w_out.T  # (m, hidden)
-        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
-        t = len(positions_of(positions, f.shape[1]))
-        per = max(1, 2**22 // max(1, t * w_in.shape[1] * dirs.shape[1]))  # examples per block
-        outs = []
-        for b0 in range(0, f.shape[0], per):
-            sl = slice(b0, b0 + per)
-            sub = None if inputs is None else _slice(inputs, sl)
-            dm = attn_kernel(sub, f[sl], scale[sl], dirs, eye)  # (b, t, d, k)
-            _, xhat, inv, slope = mlp_parts(sub, f[sl])
-            dh = norm_tangent(ln2, xhat[..., None, :], inv[..., None], dm.transpose(-1, -2))  # (b,t,k,d)
-            gated = (dh @ w_in) * slope[:, :, None, :]  # (b, t, k, hidden)
-            outs.append(torch.einsum("md,btdk->btmk", c_out, dm) + (gated @ p_fold.T).transpose(-1, -2))
-        return torch.cat(outs)
 
     return ClosedForm(fn, kernel, tangent, gpt2_gram(attn, ln1, ln2, mlp, positions))
 
@@ -217,7 +225,8 @@ def bert_attention_weights(attention: Any) -> SimpleNamespace:
 
 def bert_layer(layer: Any, positions: Any) -> ClosedForm:
     """x ↦ ``BertLayer``(x) at ``positions`` (post-LayerNorm: z = LN₁(x + attn(x)),
-    y = LN₂(z + W₂ σ(W₁ z + b₁) + b₂), bidirectional attention, no padding), its JVP and edge kernel.
+    y = LN₂(z + W₂ σ(W₁ z + b₁) + b₂), bidirectional attention, padded keys masked), its JVP and edge
+    kernel (:func:`degeneracy.adapters.huggingface_kernels.bert_layer_kernel`).
 
     >>> from transformers import BertConfig
     >>> from transformers.models.bert.modeling_bert import BertLayer
@@ -227,19 +236,25 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
     """
     attn = bert_attention_weights(layer.attention)
     ln1, ln2 = hf_layer_norm(layer.attention.output.LayerNorm), hf_layer_norm(layer.output.LayerNorm)
-    attn_fn = attention_section(SimpleNamespace(attn=attn, ln1=None), positions, "bidirectional")
-    attn_tangent = normed_attention_tangent(attn, None, positions, "bidirectional")
-    attn_kernel = normed_attention_kernel(attn, None, positions, "bidirectional")
+    attn_tangent = attention_tangent(attn, None, positions, causal=False)
     inner, outer = layer.intermediate, layer.output.dense
+    weights = SimpleNamespace(
+        w_in=inner.dense.weight, b_in=inner.dense.bias, w_out=outer.weight, b_out=outer.bias,
+        act=inner.intermediate_act_fn,
+    )  # fmt: skip
+    kernel = bert_layer_kernel(attn, ln1, ln2, weights, positions)
     f64 = torch.float64
 
+    def attn_fn(inputs: Any, x: Tensor) -> Tensor:  # x + attn(x) at the queries, padded keys masked
+        qpos = positions_of(positions, x.shape[1])
+        return x[:, qpos] + attend(attn, x, qpos, False, key_mask(inputs))["out"]
+
     def fn(inputs: Any, x: Tensor) -> Tensor:
-        out = layer(x)
-        out = out[0] if isinstance(out, tuple) else out
-        return out[:, positions_of(positions, x.shape[1])]
+        z = layer.attention.output.LayerNorm(attn_fn(inputs, x))
+        return layer.output.LayerNorm(outer(inner(z)) + z)
 
     def parts(inputs: Any, f: Tensor) -> tuple[Tensor, ...]:
-        _, xhat1, inv1 = normalise(ln1, attn_fn(inputs, f).to(f64))
+        _, xhat1, inv1 = normalise(ln1, attn_fn(inputs, f.to(f64)))
         z = _apply(ln1, xhat1)
         w_in, w_out = inner.dense.weight.detach().to(f64).T, outer.weight.detach().to(f64).T
         pre = z @ w_in + inner.dense.bias.detach().to(f64)
@@ -258,19 +273,6 @@ def bert_layer(layer: Any, positions: Any) -> ClosedForm:
         dz_pre = attn_tangent(inputs, f, r)[:, :, None]  # (b, t, 1, d)
         return after_attention(parts(inputs, f), dz_pre)[:, :, 0]
 
-    def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
-        eye = torch.eye(f.shape[-1], dtype=f64, device=f.device)
-        t = len(positions_of(positions, f.shape[1]))
-        hidden = inner.dense.weight.shape[0]
-        per = max(1, 2**22 // max(1, t * hidden * dirs.shape[1]))  # examples per block
-        outs = []
-        for b0 in range(0, f.shape[0], per):
-            sl = slice(b0, b0 + per)
-            sub = None if inputs is None else _slice(inputs, sl)
-            dz_pre = attn_kernel(sub, f[sl], scale[sl], dirs, eye).transpose(-1, -2)  # (b, t, k, d)
-            outs.append((after_attention(parts(sub, f[sl]), dz_pre) @ c_out.T).transpose(-1, -2))
-        return torch.cat(outs)
-
     return ClosedForm(fn, kernel, tangent, bert_gram(attn, ln1, ln2, inner, outer, positions))
 
 
@@ -280,7 +282,8 @@ def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Clo
     Recognised pairs: the input of ``encoder.layer.{i}`` (all positions) and the input of
     ``encoder.layer.{i+1}`` or the output (``read: output``) of ``encoder.layer.{i}`` (any positions):
     the layer in closed form (:func:`bert_layer`); module names with or without the ``bert.`` prefix of
-    the task models. Sequences without padding only.
+    the task models. Padded batches: padded keys are masked as in the model. Decoder configurations
+    (``is_decoder``, ``add_cross_attention``) are left out.
 
     >>> from transformers import BertConfig, BertModel
     >>> cfg = BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8)
@@ -291,6 +294,8 @@ def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Clo
     base = getattr(model, "bert", model)
     if type(base).__name__ != "BertModel":
         raise ValueError("bert_closed_forms needs a Hugging Face BERT model (BertModel or a Bert*For* model)")
+    if getattr(base.config, "is_decoder", False) or getattr(base.config, "add_cross_attention", False):
+        return {}  # causal or cross-attention layers: not these closed forms
     prefix = "bert." if base is not model else ""
     stack = base.encoder.layer
 
