@@ -317,10 +317,9 @@ def interaction_basis(
             Statistics and eigendecompositions are always float64; results are float64.
         check_cut: verify on the first batch that each node layer is a cut (METHOD §8).
         sections: section shortcuts for the Jacobians of M (:mod:`degeneracy.sections`): ``"auto"``
-            (default: closed forms for the residual-stream sections of a TransformerLens
-            ``HookedTransformer`` and the blocks of Hugging Face BERT / GPT-2 models
-            (:func:`~degeneracy.sections.auto_sections`; with ``num_sources``, only those with a
-            structured Gram), each checked against the model on the first batch and dropped
+            (default: closed forms of a TransformerLens ``HookedTransformer``'s residual-stream sections
+            and of Hugging Face BERT / GPT-2 blocks, :func:`~degeneracy.sections.auto_sections`; with
+            ``num_sources`` those with a structured Gram), each checked on the first batch and dropped
             if it differs), ``None`` (always differentiate the hook-based section) or a mapping
             ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
             not the result; ``B.info["jacobians"]`` records how each pair's Jacobians were had.
@@ -435,8 +434,7 @@ def _first_batch_sections(run: NodeLayerRun, cfg: BasisConfig, sections: Section
             run.model, run.layers, inputs, kept, sections, constant=cfg.has_constant, widths=run.widths
         )[0]
     if sections == "auto" and cfg.num_sources is not None and not is_hooked_transformer(run.model):
-        # without a structured Gram a closed form's M costs P edge kernels per example (one block of
-        # directions per input position): the ±1 sources asked for are cheaper
+        # without a structured Gram a closed form's M costs P edge kernels per example: sources are cheaper
         used = {pair: short for pair, short in used.items() if getattr(short, "gram", None) is not None}
     return used
 
