@@ -50,6 +50,17 @@ def test_auto_picks_the_closed_forms_and_they_equal_autodiff(case: str, one_thre
     same_graphs(g_fast, g_slow)
 
 
+def test_with_sources_auto_leaves_the_closed_forms_out(one_thread) -> None:
+    """``num_sources`` on a Hugging Face model: every pair takes the ±1 sources (an exact structured Gram
+    would cost far more at real sizes), the same basis as with ``sections=None`` and the same signs."""
+    model, x = bert()
+    kw = dict(num_sources=3, seed=5, progress=False)
+    auto = degeneracy.interaction_basis(model, x, BERT_NODES, **kw)
+    hooks = degeneracy.interaction_basis(model, x, BERT_NODES, sections=None, **kw)
+    assert set(auto.info["jacobians"].values()) == {"±1 sources"}
+    same_bases(auto, hooks)
+
+
 def padded_and_single(x: torch.Tensor) -> tuple[dict, list[dict]]:
     """Sentences of lengths 5, 3, 4, 2, 5, 3 cut from ``x``: one right-padded batch with its attention
     mask (pad token 0), and the same sentences as single unpadded batches."""

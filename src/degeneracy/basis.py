@@ -318,8 +318,8 @@ def interaction_basis(
         check_cut: verify on the first batch that each node layer is a cut (METHOD §8).
         sections: section shortcuts for the Jacobians of M (:mod:`degeneracy.sections`): ``"auto"``
             (default: closed forms of a TransformerLens ``HookedTransformer``'s residual-stream sections
-            and of Hugging Face BERT / GPT-2 blocks, :func:`~degeneracy.sections.auto_sections`; with
-            ``num_sources`` those with a structured Gram), each checked on the first batch and dropped
+            and of Hugging Face BERT / GPT-2 blocks, :func:`~degeneracy.sections.auto_sections`, these
+            not with ``num_sources``), each checked on the first batch and dropped
             if it differs), ``None`` (always differentiate the hook-based section) or a mapping
             ``{(layer_in, layer_out): fn}`` (checked; a mismatch raises). They change the cost,
             not the result; ``B.info["jacobians"]`` records how each pair's Jacobians were had.
@@ -434,8 +434,7 @@ def _first_batch_sections(run: NodeLayerRun, cfg: BasisConfig, sections: Section
             run.model, run.layers, inputs, kept, sections, constant=cfg.has_constant, widths=run.widths
         )[0]
     if sections == "auto" and cfg.num_sources is not None and not is_hooked_transformer(run.model):
-        # without a structured Gram a closed form's M costs P edge kernels per example: sources are cheaper
-        used = {pair: short for pair, short in used.items() if getattr(short, "gram", None) is not None}
+        used = {}  # a Hugging Face block's exact Gram costs ≥ 30× a ±1 source estimate (benchmarks/minilm.md)
     return used
 
 
