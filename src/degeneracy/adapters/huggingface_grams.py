@@ -23,7 +23,7 @@ vector-Jacobian product per query (the key term drops out: Σ_s a_hts (v_hs − 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -65,47 +65,13 @@ def bert_gram(
     torch.Size([8, 8])
     """
 
-    @gram_function
-    def gram(q: GramQuery) -> Tensor | None:
-        if q.mixes_constant() or _padded(q.inputs):
-            return None
-        constant = q.constant
-        if constant:
-            alpha, weight = 1.0, 1.0  # homogeneous: the Jacobian is the same at every α > 0
-        elif len(q.rule.points) == 1:
-            alpha, weight = q.rule.points[0], q.rule.weights[0]
-        else:
-            return None
-        f64 = torch.float64
-        x = q.x
-        in64, out64 = q.maps64()
-        d = q.width
-        c_f = out64[:, : out64.shape[1] - int(constant)]
-        if c_f.shape[1] != d:
-            return None
-        dirs = in64[:d]  # R̃: with the constant, column 0 is m₀
-        k = dirs.shape[1]
-        n_pos = x.shape[1]
-        qpos = positions_of(positions, n_pos)
-        cdt = torch.float32 if x.dtype == torch.float32 else f64
-        w = _weights(attn, intermediate, output, (ln1, ln2), c_f, dirs, cdt)
-        total = torch.zeros(k, k, dtype=f64, device=x.device)
-        side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
-        per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
-        for b0 in range(0, x.shape[0], per):
-            f = alpha * x[b0 : b0 + per, :, :d].to(f64)
-            total += _chunk(attn, ln1, ln2, intermediate, w, f, qpos, side, in64, out64, constant)
-        v = w["V"]
-        total += v.T @ side["A1"] @ v
-        cross = v.T @ side["A2"]
-        total += cross + cross.T
-        if constant:
-            total[0] += side["col"]
-            total[:, 0] += side["col"]
-            total[0, 0] += side["c00"]
-        return weight**2 * total
+    def weights(c_f: Tensor, dirs: Tensor, cdt: torch.dtype) -> dict:
+        return _weights(attn, intermediate, output, (ln1, ln2), c_f, dirs, cdt)
 
-    return gram
+    def chunk(w: dict, f: Tensor, *rest: Any) -> Tensor:
+        return _chunk(attn, ln1, ln2, intermediate, w, f, *rest)
+
+    return _gram(positions, weights, chunk)
 
 
 def _padded(inputs: Any) -> bool:
@@ -307,13 +273,27 @@ def gpt2_gram(attn: Any, ln1: Norm, ln2: Norm, mlp: nn.Module, positions: Any) -
     torch.Size([8, 8])
     """
 
+    def weights(c_f: Tensor, dirs: Tensor, cdt: torch.dtype) -> dict:
+        return _gpt2_weights(attn, mlp, (ln1, ln2), c_f, dirs, cdt)
+
+    def chunk(w: dict, f: Tensor, *rest: Any) -> Tensor:
+        return _gpt2_chunk(attn, ln1, ln2, mlp, w, f, *rest)
+
+    return _gram(positions, weights, chunk)
+
+
+def _gram(positions: Any, weights: Callable[..., dict], chunk: Callable[..., Tensor]) -> GramFn:
+    """The Gram function shared by :func:`bert_gram` and :func:`gpt2_gram`: ``weights(C_f, R̃, dtype)``
+    folds the block's weights once, ``chunk(w, f, qpos, side, R₊, C_out, constant)`` adds a chunk of
+    examples (and its terms common to all chunks into ``side``)."""
+
     @gram_function
     def gram(q: GramQuery) -> Tensor | None:
         if q.mixes_constant() or _padded(q.inputs):
             return None
         constant = q.constant
         if constant:
-            alpha, weight = 1.0, 1.0
+            alpha, weight = 1.0, 1.0  # homogeneous: the Jacobian is the same at every α > 0
         elif len(q.rule.points) == 1:
             alpha, weight = q.rule.points[0], q.rule.weights[0]
         else:
@@ -325,17 +305,16 @@ def gpt2_gram(attn: Any, ln1: Norm, ln2: Norm, mlp: nn.Module, positions: Any) -
         c_f = out64[:, : out64.shape[1] - int(constant)]
         if c_f.shape[1] != d:
             return None
-        dirs = in64[:d]
+        dirs = in64[:d]  # R̃: with the constant, column 0 is m₀
         k = dirs.shape[1]
         qpos = positions_of(positions, x.shape[1])
-        cdt = torch.float32 if x.dtype == torch.float32 else f64
-        w = _gpt2_weights(attn, mlp, (ln1, ln2), c_f, dirs, cdt)
+        w = weights(c_f, dirs, torch.float32 if x.dtype == torch.float32 else f64)
         total = torch.zeros(k, k, dtype=f64, device=x.device)
         side = {"A1": 0.0, "A2": 0.0, "col": torch.zeros(k, dtype=f64, device=x.device), "c00": 0.0}
         per = max(1, 8 * q.max_elements // max(1, len(qpos) * c_f.shape[0] * d))
         for b0 in range(0, x.shape[0], per):
             f = alpha * x[b0 : b0 + per, :, :d].to(f64)
-            total += _gpt2_chunk(attn, ln1, ln2, mlp, w, f, qpos, side, in64, out64, constant)
+            total += chunk(w, f, qpos, side, in64, out64, constant)
         v = w["V"]
         total += v.T @ side["A1"] @ v
         cross = v.T @ side["A2"]
