@@ -9,7 +9,7 @@ from typing import Any
 
 from degeneracy.commands.config import AblationOptions, ModelSpec, resolve_model
 
-__all__ = ["head", "ablation_data"]
+__all__ = ["head", "bundled_labels", "ablation_data"]
 
 
 def head(data: Any, limit: int | None) -> Any:
@@ -23,6 +23,34 @@ def head(data: Any, limit: int | None) -> Any:
     if isinstance(data, Mapping):
         return {k: v[:limit] for k, v in data.items()}
     return data[:limit]
+
+
+def bundled_labels(spec: ModelSpec, data: Any) -> Any:
+    """The labels of the bundled data ``spec`` names, for its inputs ``data`` (a tensor): the class for
+    the digits, (a + b) mod p for modular addition; ``None`` for other models or data.
+
+    >>> import torch
+    >>> bundled_labels(ModelSpec(name="modadd"), torch.tensor([[3, 5, 7], [6, 6, 7]])).tolist()
+    [1, 5]
+    """
+    import torch
+
+    if not isinstance(data, torch.Tensor):
+        return None
+    if spec.name == "modadd":
+        from degeneracy.fourier import modadd_labels
+
+        return modadd_labels(data)
+    if spec.name == "digits_mlp":
+        from degeneracy.models import digits_all_inputs, digits_dataset
+
+        if spec.split == "all":
+            _, labels = digits_all_inputs()
+        else:
+            _, train, _, test = digits_dataset()
+            labels = train if spec.split == "train" else test
+        return labels[: data.shape[0]]
+    return None
 
 
 def ablation_data(

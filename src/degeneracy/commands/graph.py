@@ -31,13 +31,12 @@ from typing import Any
 
 import typer
 
-from degeneracy.commands.ablation_data import ablation_data
+from degeneracy.commands.ablation_data import ablation_data, bundled_labels
 from degeneracy.commands.basis import basis_stage, basis_stage_config, preflight, run_fingerprint
 from degeneracy.commands.basis_files import basis_file_config, load_basis_files
 from degeneracy.commands.config import (
     AblationOptions,
     GraphRunConfig,
-    ModelSpec,
     ModuleOptions,
     check_methods,
     load_run,
@@ -101,24 +100,6 @@ def default_labels(data: Any) -> Any:
         from degeneracy.fourier import modadd_labels
 
         return modadd_labels(data)
-    return None
-
-
-def _labels_for_spec(spec: ModelSpec, data: Any) -> Any:
-    if spec.name == "modadd":
-        return default_labels(data)
-    if spec.name == "digits_mlp":
-        import torch
-
-        from degeneracy.models import digits_all_inputs, digits_dataset
-
-        dtype = getattr(torch, spec.dtype)
-        if spec.split == "all":
-            _, labels = digits_all_inputs(dtype=dtype)
-        else:
-            _, ytr, _, yte = digits_dataset(dtype=dtype)
-            labels = ytr if spec.split == "train" else yte
-        return labels[: spec.limit] if spec.limit is not None else labels
     return None
 
 
@@ -272,7 +253,7 @@ def run_graph(
     edge_results: dict[str, dict[tuple[str, str], Any]] = {}
     ablation_configs: dict[str, dict[str, Any]] = {}
     opts = cfg.ablation
-    eval_data, eval_labels, ablated, options = ablation_data(opts, cfg.model, data, labels, _labels_for_spec)
+    eval_data, eval_labels, ablated, options = ablation_data(opts, cfg.model, data, labels, bundled_labels)
     metric = {} if opts.metrics == "classification" else {"metrics": opts.metrics}
     if "split" in ablated:  # built on one split, ablated on another
         say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
@@ -492,7 +473,7 @@ def graph_command(
         labels = None
         if isinstance(data, tuple | list) and len(data) == 2:  # a factory returning (inputs, labels)
             data, labels = data
-        labels = labels if labels is not None else _labels_for_spec(cfg.model, data)
+        labels = labels if labels is not None else bundled_labels(cfg.model, data)
         summary = run_graph(
             cfg,
             model,

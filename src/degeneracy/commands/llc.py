@@ -29,6 +29,7 @@ from typing import Any
 import typer
 from torch import Tensor, nn
 
+from degeneracy.commands.ablation_data import bundled_labels
 from degeneracy.commands.basis import run_fingerprint
 from degeneracy.commands.config import LLCRunConfig, ModelSpec, load_run
 from degeneracy.commands.errors import ConfigArgument, ForceOption, OutOption, echo_err, user_errors
@@ -88,20 +89,7 @@ def labelled_data(spec: ModelSpec, data: Any) -> Any:
     """
     if isinstance(data, tuple | list) or (isinstance(data, dict) and "labels" in data):
         return data
-    labels = None
-    if spec.name == "modadd" and isinstance(data, Tensor):
-        from degeneracy.fourier import modadd_labels
-
-        labels = modadd_labels(data)
-    elif spec.name == "digits_mlp" and isinstance(data, Tensor):
-        from degeneracy.models import digits_all_inputs, digits_dataset
-
-        if spec.split == "all":
-            _, labels = digits_all_inputs()
-        else:
-            _, train, _, test = digits_dataset()
-            labels = train if spec.split == "train" else test
-        labels = labels[: data.shape[0]]
+    labels = bundled_labels(spec, data)
     if labels is None:
         raise ValueError(
             f"loss: cross_entropy / mse need labels, and the data of model {spec.name!r} carry none: make "
