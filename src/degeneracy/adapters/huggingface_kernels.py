@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from degeneracy.adapters.transformer_lens.normed import Norm, activation_slope, norm_tangent, normalise
+from degeneracy.adapters.transformer_lens.normed import (
+    Norm,
+    activation_slope,
+    attention_jvp,
+    norm_tangent,
+    normalise,
+)
 from degeneracy.data import input_mask
 from degeneracy.jacobian import Kernel
 
@@ -112,16 +118,8 @@ def attention_tangent(
         h, xhat, inv = normalise(norm, f)
         dh = norm_tangent(norm, xhat, inv, r)
         a = attend(attn, h, qpos, causal, key_mask(inputs))
-        dq = torch.einsum("btd,hde->bthe", dh[:, qpos], a["W_Q"])
-        dk = torch.einsum("bsd,hde->bshe", dh, a["W_K"])
-        dv = torch.einsum("bsd,hde->bshe", dh, a["W_V"])
-        p = a["p"]
-        ds = (
-            torch.einsum("bthe,bshe->bhts", dq, a["k"]) + torch.einsum("bthe,bshe->bhts", a["q"], dk)
-        ) / float(attn.attn_scale)
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-        dz = torch.einsum("bhts,bshe->bthe", dp, a["v"]) + torch.einsum("bhts,bshe->bthe", p, dv)
-        return r[:, qpos].to(torch.float64) + torch.einsum("bthe,hed->btd", dz, a["W_O"])
+        a = {**a, "p": a["p"].transpose(1, 2)}  # attention_jvp reads the pattern as (b, t, h, s)
+        return attention_jvp(a, dh, r, qpos, float(attn.attn_scale))
 
     return tangent
 

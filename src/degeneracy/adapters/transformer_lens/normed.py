@@ -39,6 +39,7 @@ __all__ = [
     "shared_directions",
     "normed_attention_kernel",
     "normed_attention_tangent",
+    "attention_jvp",
     "normed_mlp_kernel",
     "normed_mlp_tangent",
     "normed_unembed_kernel",
@@ -231,18 +232,32 @@ def normed_attention_tangent(attn: Any, norm: Norm | None, positions: Any, direc
         h, xhat, inv = normalise(norm, f)
         dh = norm_tangent(norm, xhat, inv, r)
         a = parts.attention_parts(attn, h, qpos, direction)
-        dq = torch.einsum("btd,hde->bthe", dh[:, qpos], a["W_Q"])
-        dk = torch.einsum("bsd,hde->bshe", dh, a["W_K"])
-        dv = torch.einsum("bsd,hde->bshe", dh, a["W_V"])
-        p = a["p"]
-        ds = (
-            torch.einsum("bthe,bshe->bths", dq, a["k"]) + torch.einsum("bthe,bshe->bths", a["q"], dk)
-        ) / float(attn.attn_scale)
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-        dz = torch.einsum("bths,bshe->bthe", dp, a["v"]) + torch.einsum("bths,bshe->bthe", p, dv)
-        return r[:, qpos].to(torch.float64) + torch.einsum("bthe,hed->btd", dz, a["W_O"])
+        return attention_jvp(a, dh, r, qpos, float(attn.attn_scale))
 
     return tangent
+
+
+def attention_jvp(a: dict[str, Tensor], dh: Tensor, r: Tensor, qpos: list[int], scale: float) -> Tensor:
+    """r_t + the attention's JVP at the queries ``qpos`` along δh = ``dh`` (its input's tangent), from the
+    attention's weights and activations ``a`` (W_Q/K/V/O; q (b, t, h, e), k, v (b, s, h, e), the pattern
+    p (b, t, h, s)); ``scale`` divides the scores.
+
+    >>> f64 = torch.float64
+    >>> w, zero = torch.ones(1, 2, 1, dtype=f64), torch.zeros(1, 2, 1, 1, dtype=f64)
+    >>> a = {"W_Q": w, "W_K": w, "W_V": w, "W_O": w.transpose(1, 2), "q": zero[:, :1], "k": zero, "v": zero,
+    ...      "p": torch.full((1, 1, 1, 2), 0.5, dtype=f64)}
+    >>> ones = torch.ones(1, 2, 2, dtype=f64)
+    >>> attention_jvp(a, ones, ones, [1], 1.0).tolist()  # r + W_O Σ_s p_s W_V δh_s
+    [[[3.0, 3.0]]]
+    """
+    dq = torch.einsum("btd,hde->bthe", dh[:, qpos], a["W_Q"])
+    dk = torch.einsum("bsd,hde->bshe", dh, a["W_K"])
+    dv = torch.einsum("bsd,hde->bshe", dh, a["W_V"])
+    p = a["p"]
+    ds = (torch.einsum("bthe,bshe->bths", dq, a["k"]) + torch.einsum("bthe,bshe->bths", a["q"], dk)) / scale
+    dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+    dz = torch.einsum("bths,bshe->bthe", dp, a["v"]) + torch.einsum("bths,bshe->bthe", p, dv)
+    return r[:, qpos].to(torch.float64) + torch.einsum("bthe,hed->btd", dz, a["W_O"])
 
 
 def _mlp_parts(mlp: Any, norm: Norm | None, ft: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
