@@ -37,7 +37,6 @@ def devinterp_llc(
 ):
     """devinterp 2.0.1's public ``llc`` on the behavioral loss: ``input_ids`` rows hold [x, f_θ*(x)]."""
     from datasets import Dataset
-    from devinterp.slt.llc import llc
 
     d_in = inputs.shape[1]
     dataset = Dataset.from_dict({"input_ids": torch.cat([inputs, reference], 1).tolist()})
@@ -49,6 +48,20 @@ def devinterp_llc(
         # devinterp wants a per-token loss (batch, seq − 1); every column carries the example's loss so
         # that its means equal the behavioral loss
         return per_example[:, None].expand(-1, ids.shape[1] - 1)
+
+    seconds, out = run_devinterp(
+        model, dataset, loss_fn, chains=chains, draws=draws, batch_size=batch_size, nbeta=nbeta,
+        localization=localization, step_size=step_size, seed=seed,
+    )  # fmt: skip
+    return {"seconds": seconds, "llc": float(out.llc_mean), "llc_std": float(out.llc_std)}
+
+
+def run_devinterp(
+    model, dataset, loss_fn, *, chains, draws, batch_size, nbeta, localization, step_size, seed
+):
+    """devinterp's ``llc`` on ``dataset`` (rows in "input_ids") with ``loss_fn``, no burn-in, its zarr
+    output in a temporary folder: (wall seconds, devinterp's result)."""
+    from devinterp.slt.llc import llc
 
     folder = tempfile.mkdtemp()
     try:
@@ -71,11 +84,9 @@ def devinterp_llc(
                 device="cpu",
                 output_path=str(Path(folder) / "samples.zarr"),
             )
-            mean, std = float(out.llc_mean), float(out.llc_std)
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start, out
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"seconds": seconds, "llc": mean, "llc_std": std}
 
 
 def ours_llc(

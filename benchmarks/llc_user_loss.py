@@ -27,18 +27,19 @@ import copy
 import json
 import math
 import os
-import shutil
 import statistics
-import tempfile
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from degeneracy.llc import estimate_llc
+sys.path.insert(0, str(Path(__file__).parent))
+from llc_devinterp import run_devinterp  # noqa: E402
+
+from degeneracy.llc import estimate_llc  # noqa: E402
 
 
 def cross_entropy(model: nn.Module, batch) -> torch.Tensor:
@@ -158,7 +159,6 @@ def devinterp(model, x, y, loss, *, chains, draws, batch_size, nbeta, localizati
     """devinterp 2.0.1's public ``llc``: its dataset holds rows [x, y] in "input_ids"; the per-token loss
     it wants is the example's cross-entropy in every column (its means are the user's loss)."""
     from datasets import Dataset
-    from devinterp.slt.llc import llc
 
     d_in = x.shape[1]
     dataset = Dataset.from_dict({"input_ids": torch.cat([x.double(), y[:, None].double()], 1).tolist()})
@@ -172,32 +172,11 @@ def devinterp(model, x, y, loss, *, chains, draws, batch_size, nbeta, localizati
         per_example = F.cross_entropy(logits, ids[:, d_in].long(), reduction="none")
         return per_example[:, None].expand(-1, ids.shape[1] - 1)
 
-    folder = tempfile.mkdtemp()
-    try:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = llc(
-                model,
-                dataset,
-                {},
-                lr=step_size,
-                n_beta=nbeta,
-                loss_fn=loss_fn,
-                num_chains=chains,
-                num_draws=draws,
-                batch_size=batch_size,
-                localization=localization,
-                num_burnin_steps=0,
-                init_seed=seed,
-                device="cpu",
-                output_path=str(Path(folder) / "samples.zarr"),
-            )
-            value = float(out.llc_mean)
-        seconds = time.perf_counter() - start
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"seconds": seconds, "llc": value}
+    seconds, out = run_devinterp(
+        model, dataset, loss_fn, chains=chains, draws=draws, batch_size=batch_size, nbeta=nbeta,
+        localization=localization, step_size=step_size, seed=seed,
+    )  # fmt: skip
+    return {"seconds": seconds, "llc": float(out.llc_mean)}
 
 
 def main() -> None:
