@@ -32,6 +32,7 @@ __all__ = [
     "input_mask",
     "position_mask",
     "node_mask",
+    "slice_inputs",
 ]
 
 MASK_KEY = "attention_mask"
@@ -336,3 +337,14 @@ def node_mask(inputs: Any, positions: int | tuple[int, ...] | None, count: int) 
     (True, [[True, False, True]])
     """
     return position_mask(input_mask(inputs), positions, count)
+
+
+def slice_inputs(inputs: Any, sl: slice) -> Any:
+    """Examples ``sl`` of a batch's inputs (a tensor, or each tensor of a dict).
+
+    >>> slice_inputs({"input": torch.arange(6).reshape(3, 2)}, slice(0, 1))["input"].tolist()
+    [[0, 1]]
+    """
+    if isinstance(inputs, Mapping):
+        return {k: v[sl] for k, v in inputs.items()}
+    return inputs[sl]

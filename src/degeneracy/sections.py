@@ -31,7 +31,7 @@ from degeneracy.adapters.huggingface_sections import bert_closed_forms, gpt2_clo
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.adapters.transformer_lens.sections import closed_form_sections
 from degeneracy.capture import NodeLayer, as_node_layers, section
-from degeneracy.data import input_mask, node_mask, position_mask
+from degeneracy.data import input_mask, node_mask, position_mask, slice_inputs
 from degeneracy.graph_result import Pair
 from degeneracy.jacobian import GramFn, GramQuery, Kernel, SectionFn
 
@@ -51,17 +51,6 @@ __all__ = [
 ]
 
 Sections = Mapping[Pair, SectionFn] | Literal["auto"] | None
-
-
-def slice_inputs(inputs: Any, sl: slice) -> Any:
-    """Examples ``sl`` of a batch's inputs (a tensor, or each tensor of a dict).
-
-    >>> slice_inputs({"input": torch.arange(6).reshape(3, 2)}, slice(0, 1))["input"].tolist()
-    [[0, 1]]
-    """
-    if isinstance(inputs, Mapping):
-        return {k: v[sl] for k, v in inputs.items()}
-    return inputs[sl]
 
 
 def extended(

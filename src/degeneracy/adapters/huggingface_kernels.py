@@ -34,7 +34,8 @@ from degeneracy.adapters.transformer_lens.normed import (
     norm_tangent,
     normalise,
 )
-from degeneracy.data import input_mask
+from degeneracy.adapters.transformer_lens.parts import positions_of
+from degeneracy.data import input_mask, slice_inputs
 from degeneracy.jacobian import Kernel
 
 __all__ = [
@@ -114,7 +115,7 @@ def attention_tangent(
     """
 
     def tangent(inputs: Any, f: Tensor, r: Tensor) -> Tensor:
-        qpos = _positions(positions, f.shape[1])
+        qpos = positions_of(positions, f.shape[1])
         h, xhat, inv = normalise(norm, f)
         dh = norm_tangent(norm, xhat, inv, r)
         a = attend(attn, h, qpos, causal, key_mask(inputs))
@@ -323,13 +324,13 @@ def _block_kernel(
 
     def kernel(inputs: Any, f: Tensor, scale: Tensor, dirs: Tensor, c_out: Tensor) -> Tensor:
         dt = f.dtype
-        qpos = _positions(positions, f.shape[1])
+        qpos = positions_of(positions, f.shape[1])
         n_t, m = len(qpos), c_out.shape[0]
         per = max(1, 2**24 // max(1, n_t * m * 4 * f.shape[-1]))  # examples per block (~one T·m·d_mlp)
         outs = []
         for b0 in range(0, f.shape[0], per):
             sl = slice(b0, b0 + per)
-            sub = None if inputs is None else _slice(inputs, sl)
+            sub = None if inputs is None else slice_inputs(inputs, sl)
             a, state = forward(sub, f[sl], qpos)
             xhat, inv = (getattr(state, "xhat", None), getattr(state, "inv", None))
             dm = attention_columns(a, norm, xhat, inv, scale[sl].to(dt), dirs.to(dt), qpos, attn_scale)
@@ -339,16 +340,3 @@ def _block_kernel(
 
     kernel.masks_padding = True  # type: ignore[attr-defined]  # padded keys masked: padded batches may use it
     return kernel
-
-
-def _positions(spec: Any, n: int) -> list[int]:
-    if spec is None:
-        return list(range(n))
-    idx = [spec] if isinstance(spec, int) else list(spec)
-    return [i % n for i in idx]
-
-
-def _slice(inputs: Any, sl: slice) -> Any:
-    if isinstance(inputs, dict):
-        return {key: value[sl] for key, value in inputs.items()}
-    return inputs[sl]

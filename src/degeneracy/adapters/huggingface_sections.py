@@ -321,9 +321,3 @@ def bert_closed_forms(model: nn.Module, layers: Sequence[Any]) -> dict[Pair, Clo
 def _apply(norm: Norm, xhat: Tensor) -> Tensor:
     out = xhat if norm.weight is None else xhat * norm.weight
     return out if norm.bias is None else out + norm.bias
-
-
-def _slice(inputs: Any, sl: slice) -> Any:
-    if isinstance(inputs, dict):
-        return {key: value[sl] for key, value in inputs.items()}
-    return inputs[sl]

@@ -28,6 +28,7 @@ from torch.func import jvp
 
 from degeneracy.adapters.transformer_lens import parts
 from degeneracy.capture import NodeLayer
+from degeneracy.data import slice_inputs
 from degeneracy.jacobian import GramFn, GramQuery, Kernel, gram_function
 
 __all__ = [
@@ -398,7 +399,7 @@ def positionwise_gram(fn: Callable, kernel: Kernel, tangent: Callable) -> GramFn
         points = [(1.0, 1.0)] if q.constant else list(zip(q.rule.points, q.rule.weights, strict=True))
         for b0 in range(0, q.x.shape[0], chunk):
             sl = slice(b0, b0 + chunk)
-            sub = None if q.inputs is None else _slice(q.inputs, sl)
+            sub = None if q.inputs is None else slice_inputs(q.inputs, sl)
             f = q.x[sl, :, :d]
             ones = torch.ones(f.shape[0], n_pos, k, dtype=f64, device=f.device)
             jac = sum(w * kernel(sub, alpha * f, ones, dirs, c_f) for alpha, w in points)  # (b, T, m, k)
@@ -421,9 +422,3 @@ def _targets(src: NodeLayer, dst: NodeLayer, inputs: Any, f: Tensor) -> list[int
     """Where the target's positions sit among the source's (the sequence length from ``inputs``)."""
     n = f.shape[1] if inputs is None else parts.sequence_length(inputs)
     return parts.select_positions(src, dst, n)
-
-
-def _slice(inputs: Any, sl: slice) -> Any:
-    if isinstance(inputs, dict):
-        return {key: value[sl] for key, value in inputs.items()}
-    return inputs[sl]
