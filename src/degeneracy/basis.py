@@ -423,19 +423,19 @@ def _first_batch_sections(run: NodeLayerRun, cfg: BasisConfig, sections: Section
     """The checked section shortcuts (see :mod:`degeneracy.sections`), from the first batch."""
     if sections is None or cfg.method not in ("lib", "global"):
         return {}
-    if sections == "auto" and not is_hooked_transformer(run.model) and huggingface_family(run.model) is None:
-        return {}  # no automatic shortcuts for this architecture: nothing to check
+    if sections == "auto" and not is_hooked_transformer(run.model):
+        # no automatic shortcuts for this architecture; with ±1 sources a Hugging Face block's exact
+        # Gram would cost ≥ 30× a source estimate (benchmarks/minilm.md): nothing to check
+        if huggingface_family(run.model) is None or cfg.num_sources is not None:
+            return {}
     inputs = next(run.inputs("sections", progress=False))
     with torch.no_grad():
         kept = {layer.name: run.cached(layer.name, 0) for layer in run.layers}
         if any(x is None for x in kept.values()):
             kept = capture(run.model, inputs, run.layers, constant=cfg.has_constant)
-        used = resolve_sections(
+        return resolve_sections(
             run.model, run.layers, inputs, kept, sections, constant=cfg.has_constant, widths=run.widths
         )[0]
-    if sections == "auto" and cfg.num_sources is not None and not is_hooked_transformer(run.model):
-        used = {}  # a Hugging Face block's exact Gram costs ≥ 30× a ±1 source estimate (benchmarks/minilm.md)
-    return used
 
 
 def _build(
