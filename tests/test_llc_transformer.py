@@ -3,7 +3,8 @@
 Oracle: the vmap reference engine (``torch.func.vmap`` of ``functional_call`` of TransformerLens' own
 forward): the same per-chain losses and gradients to 1e-12 in float64 at random perturbed parameters,
 for short (element-wise) and long (einsum) contexts, ReLU and GELU, two layers, a subset of sampled
-parameters; whole runs give the vmap engine's chains; unsupported configs are refused.
+parameters; whole runs give the vmap engine's chains (user cross-entropy, behavioral MSE and KL);
+unsupported configs are refused.
 """
 
 from __future__ import annotations
@@ -86,6 +87,24 @@ def test_estimate_llc_runs_it_with_the_vmap_engines_chains() -> None:
     slow = estimate_llc(model, (tokens, labels), batch_size=5, engine="vmap", **kw)
     assert fast.config["engine"] == "batched" and slow.config["engine"] == "vmap"
     torch.testing.assert_close(fast.loss_traces, slow.loss_traces, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["behavioral", "kl"])
+def test_behavioral_loss_runs_on_it_with_the_vmap_engines_chains(kind: str) -> None:
+    """The behavioral losses (MSE and KL of the logits against θ*'s) take the same forward."""
+    model, tokens, _ = _model(3, n_layers=1)
+    kw = dict(
+        loss=kind, nbeta=20.0, localization=100.0, step_size=1e-4, num_chains=2, num_draws=15, warn=False
+    )
+    fast = estimate_llc(model, tokens, batch_size=5, **kw)
+    slow = estimate_llc(model, tokens, batch_size=5, engine="vmap", **kw)
+    assert fast.config["engine"] == "batched" and slow.config["engine"] == "vmap"
+    assert float(fast.loss_traces.abs().max()) > 0  # the chains moved off θ*
+    torch.testing.assert_close(fast.loss_traces, slow.loss_traces, rtol=0, atol=1e-12)
+    tl = pytest.importorskip("transformer_lens")
+    cfg = model.cfg.to_dict() | {"normalization_type": "LN"}
+    with_ln = tl.HookedTransformer(tl.HookedTransformerConfig(**cfg), move_to_device=False).double().eval()
+    assert estimate_llc(with_ln, tokens, batch_size=5, **kw).config["engine"] == "vmap"
 
 
 def test_refuses_what_it_does_not_implement() -> None:

@@ -152,9 +152,12 @@ def chain_batched_forward(model: nn.Module, sampled: list[str]) -> ChainForward 
     return forward
 
 
-def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: LossKind) -> ChainLoss | None:
-    """The fast path, or ``None`` when some sampled parameter is not the weight or bias of an
-    ``nn.Linear`` (exact class), or the inputs are not a plain tensor (checked per call).
+def batched_behavioral_chain_loss(
+    model: nn.Module, sampled: list[str], kind: LossKind, forward: ChainForward | None = None
+) -> ChainLoss | None:
+    """The fast path: the behavioral loss of ``forward``'s outputs (default: :func:`chain_batched_forward`
+    of ``model``), or ``None`` when there is no such forward (some sampled parameter is not the weight or
+    bias of an ``nn.Linear``, exact class). Inputs must be a plain tensor (checked per call).
 
     >>> model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
     >>> x = torch.randn(5, 2, dtype=torch.float64)
@@ -163,7 +166,7 @@ def batched_behavioral_chain_loss(model: nn.Module, sampled: list[str], kind: Lo
     >>> fast(params, (Batch(x), model(x).detach())).tolist()
     [0.0, 0.0]
     """
-    forward = chain_batched_forward(model, sampled)
+    forward = forward or chain_batched_forward(model, sampled)
     if forward is None:
         return None
 

@@ -38,6 +38,7 @@ from degeneracy.behavioral import LossKind
 from degeneracy.checks import check_model_accepts
 from degeneracy.data import Batch, iter_batches, pool_batches
 from degeneracy.llc.batched import (
+    ChainForward,
     batched_behavioral_chain_loss,
     chain_batched_forward,
     chain_losses_agree,
@@ -439,6 +440,15 @@ def _vmap_failure(chain_loss: ChainLoss, layout: ParamLayout, center: Tensor, it
     return None
 
 
+def _chain_forward(model: nn.Module, layout: ParamLayout, inputs: Any) -> ChainForward | None:
+    """All chains' outputs in plain batched ops: the copy with chain-batched ``nn.Linear`` layers, else
+    the TransformerLens forward of :mod:`degeneracy.llc.transformer`, else (or non-tensor inputs) ``None``."""
+    if not isinstance(inputs, Tensor):
+        return None
+    sampled = list(layout.names)
+    return chain_batched_forward(model, sampled) or transformer_chain_forward(model, sampled)
+
+
 def _labelled_chain_loss(
     model: nn.Module,
     examples: Examples,
@@ -462,10 +472,7 @@ def _labelled_chain_loss(
     first = next(batches())
     sequential = user_chain_loss(model, user, form, "sequential")
     if engine in ("auto", "batched"):
-        tensor_inputs = isinstance(first[0].inputs, Tensor)
-        forward = chain_batched_forward(model, list(layout.names)) if tensor_inputs else None
-        if forward is None and tensor_inputs:
-            forward = transformer_chain_forward(model, list(layout.names))
+        forward = _chain_forward(model, layout, first[0].inputs)
         if forward is not None:
             fast = batched_user_chain_loss(forward, loss if isinstance(loss, str) else user, form)
             if chain_losses_agree(fast, sequential, layout, center, first, seed):
@@ -548,12 +555,14 @@ def model_chain_loss(
     result = ModelLoss(general, stream, 0.0, f"behavioral-{kind}", "vmap")  # L_B(θ*|θ*) = 0 exactly
     if engine == "vmap":
         return result
-    fast = batched_behavioral_chain_loss(model, list(layout.names), kind)
+    forward = _chain_forward(model, layout, first.inputs)
+    sampled = list(layout.names)
+    fast = None if forward is None else batched_behavioral_chain_loss(model, sampled, kind, forward)
     if fast is None:
         if engine == "batched":
             raise ValueError(
-                "engine='batched' needs every sampled parameter to be the weight or bias of an nn.Linear; "
-                "use engine='vmap' or 'auto'"
+                "engine='batched' needs every sampled parameter to be the weight or bias of an nn.Linear "
+                "(or a plain TransformerLens model, degeneracy.llc.transformer); use engine='vmap' or 'auto'"
             )
         return result
     if not chain_losses_agree(fast, general, layout, center, next(stream()), seed):
