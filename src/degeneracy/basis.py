@@ -48,7 +48,7 @@ from degeneracy.capture import (
     section,
 )
 from degeneracy.cuts import check_cut
-from degeneracy.data import node_mask
+from degeneracy.data import eval_mode, node_mask
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.distributed import global_indices
 from degeneracy.fingerprint import fingerprint
@@ -350,13 +350,8 @@ def interaction_basis(
     """
     cfg = config_from(BasisConfig, locals(), dtype=dtype_name(dtype))
     run = NodeLayerRun(model, data, node_layers, dtype=cfg.dtype, batch_size=cfg.batch_size, device=device)
-    was_training = run.model.training
-    run.model.eval()
-    try:
-        with full_precision(), eager_attention(run.model):
-            built = _build(run, cfg, progress, sections, resolve_sources(sources, seed))
-    finally:
-        run.model.train(was_training)
+    with eval_mode(run.model), full_precision(), eager_attention(run.model):
+        built = _build(run, cfg, progress, sections, resolve_sources(sources, seed))
     built.info["fingerprint"] = fingerprint(model, data, run.layers)  # checked by interaction_graph
     return built
 

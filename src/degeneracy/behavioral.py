@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.checks import explain_model_error
-from degeneracy.data import iter_batches
+from degeneracy.data import eval_mode, iter_batches
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.run import (
     ForwardFn,
@@ -165,16 +165,19 @@ def behavioral_loss(
         _, buffers = parameters_and_buffers(model, None)
     total = torch.zeros((), dtype=torch.float64)
     n = 0
-    for batch in iter_batches(data, batch_size):
-        out = run_model(model, batch.inputs, forward=forward, positions=positions)
-        with torch.no_grad():
-            if ref_params is None:
-                ref = run_model(reference, batch.inputs, forward=forward, positions=positions)
-            else:
-                tensors = {**ref_params, **buffers}
-                ref = functional_output(model, tensors, batch.inputs, forward=forward, positions=positions)
-        total = total + per_example_behavioral(out.double(), ref.detach().double(), kind).sum()
-        n += batch.size
+    with eval_mode(model, reference):  # the functions, not dropout samples of them
+        for batch in iter_batches(data, batch_size):
+            out = run_model(model, batch.inputs, forward=forward, positions=positions)
+            with torch.no_grad():
+                if ref_params is None:
+                    ref = run_model(reference, batch.inputs, forward=forward, positions=positions)
+                else:
+                    tensors = {**ref_params, **buffers}
+                    ref = functional_output(
+                        model, tensors, batch.inputs, forward=forward, positions=positions
+                    )
+            total = total + per_example_behavioral(out.double(), ref.detach().double(), kind).sum()
+            n += batch.size
     return total / n
 
 

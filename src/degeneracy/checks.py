@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from degeneracy.data import call_model
+from degeneracy.data import call_model, eval_mode
 
 __all__ = [
     "check_model_accepts",
@@ -127,15 +127,11 @@ def check_model_accepts(
     full = inputs if full is None else full
     if isinstance(full, Tensor) and full.dim() == 0:
         raise ValueError("the data is a single number (a 0-d tensor): pass a batch, (examples, ...)")
-    was_training = model.training
-    model.eval()  # no running statistics of batch norm are touched
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # no running statistics of batch norm are touched
             call_model(model, head(inputs))
     except (RuntimeError, TypeError, IndexError) as err:
         raise ValueError(explain_model_error(model, full, err)) from err
-    finally:
-        model.train(was_training)
 
 
 def _signature(inputs: Any) -> Any:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from degeneracy.capture import NodeLayer, capture, forward
 from degeneracy.checks import head
-from degeneracy.data import input_mask, position_mask
+from degeneracy.data import eval_mode, input_mask, position_mask
 
 __all__ = ["SIDE_INPUTS", "CutReport", "check_cut", "with_side_inputs", "check_basis_fits"]
 
@@ -130,7 +130,7 @@ def check_basis_fits(model: nn.Module, inputs: Any, layers: Any, basis: Any) -> 
     """
     if not (hasattr(basis, "layers") and hasattr(basis, "bases")):
         raise TypeError(f"basis must be a Basis (interaction_basis, load_basis), got {type(basis).__name__}")
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # a batch norm in train mode would update its statistics
         acts = capture(model, head(inputs), layers)
     for name, x in acts.items():
         b = basis[name]

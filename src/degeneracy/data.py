@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,8 @@ __all__ = [
     "iter_batches",
     "pool_batches",
     "call_model",
+    "eval_mode",
+    "in_eval_mode",
     "num_examples",
     "MASK_KEY",
     "input_mask",
@@ -262,6 +266,56 @@ def call_model(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
+
+
+@contextmanager
+def eval_mode(*models: Any) -> Iterator[None]:
+    """Every ``nn.Module`` among ``models`` in eval mode for the duration of the block, then each of
+    its submodules back in the mode it had (a model in train mode with a frozen batch norm stays so).
+
+    The analyses measure the function the network computes, not a dropout sample of it or a batch
+    norm that uses (and updates) the statistics of the batch; arguments that are not modules
+    (``None``, a state dict) are ignored.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    >>> model[0].eval() and None
+    >>> with eval_mode(model):
+    ...     model.training, model[1].training
+    (False, False)
+    >>> model.training, model[0].training, model[1].training
+    (True, False, True)
+    """
+    modes = [(m, m.training) for model in models if isinstance(model, nn.Module) for m in model.modules()]
+    for model in models:
+        if isinstance(model, nn.Module):
+            model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def in_eval_mode(fn: Fn) -> Fn:
+    """Decorate a function of ``(model, ...)`` to run with ``model`` in :func:`eval_mode`.
+
+    >>> @in_eval_mode
+    ... def mode(model):
+    ...     return model.training
+    >>> model = torch.nn.Dropout(0.5).train()
+    >>> mode(model), model.training
+    (False, True)
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with eval_mode(args[0] if args else kwargs.get("model")):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def model_output_tensor(output: Any) -> Tensor:

@@ -62,6 +62,7 @@ from degeneracy.basis import NodeLayerRun
 from degeneracy.basis_result import config_from, dtype_name
 from degeneracy.capture import capture, section
 from degeneracy.cuts import check_basis_fits
+from degeneracy.data import eval_mode
 from degeneracy.distributed import all_reduce_max, all_reduce_sum, global_indices
 from degeneracy.fingerprint import basis_fingerprint, check_model, fingerprint
 from degeneracy.graph_result import EdgeConfig, InteractionGraph, Mode, gini, load_graph, sparsity
@@ -177,13 +178,8 @@ def interaction_graph(
     )
     if run.probe is not None:
         check_basis_fits(run.model, run.probe, run.layers, basis)
-    was_training = run.model.training
-    run.model.eval()
-    try:
-        with frozen_parameters(run.model), full_precision(), eager_attention(run.model):
-            graph = _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
-    finally:
-        run.model.train(was_training)
+    with eval_mode(run.model), frozen_parameters(run.model), full_precision(), eager_attention(run.model):
+        graph = _build(run, basis, cfg, progress, sections, resolve_sources(sources, cfg.seed))
     graph.info["fingerprint"] = {**fingerprint(model, data, run.layers), "basis": basis_fingerprint(basis)}
     return graph
 

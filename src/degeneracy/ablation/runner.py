@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from degeneracy.basis import NodeLayerRun
 from degeneracy.capture import NodeLayer, capture, forward
 from degeneracy.cuts import check_basis_fits
-from degeneracy.data import input_mask
+from degeneracy.data import eval_mode, input_mask
 from degeneracy.distributed import all_reduce_sum, sum_scalars
 from degeneracy.run import full_precision, shard
 
@@ -266,7 +266,7 @@ class AblationRunner:
             return self.means
         sums: dict[str, Tensor] = {}
         count: dict[str, int] = {}
-        with torch.no_grad(), full_precision():
+        with torch.no_grad(), full_precision(), eval_mode(self.run.model):
             for inputs, _ in self.batches():
                 acts = capture(self.run.model, inputs, self.layers, constant=self.constant)
                 masks = self.run.masks(inputs, acts)
@@ -295,7 +295,7 @@ class AblationRunner:
     def evaluate(self, replace: Callable[[Any, Tensor], tuple[str, Tensor]] | None) -> dict[str, float]:
         """Metrics of the model when ``replace(inputs, labels)`` gives (layer, new activations)."""
         sums: dict[str, float] = {}
-        with torch.no_grad(), full_precision():
+        with torch.no_grad(), full_precision(), eval_mode(self.run.model):
             for inputs, labels in self.batches(EVALUATION_STEP):  # the bar moves per piece of a batch
                 if replace is None:
                     out = forward(self.run.model, inputs, self.all_layers, capture=[MODEL_OUTPUT.name])

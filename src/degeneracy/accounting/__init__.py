@@ -41,7 +41,7 @@ from degeneracy.accounting.structure import discover, neuron_layer
 from degeneracy.adapters.transformer_lens.forward import last_position_logits
 from degeneracy.adapters.transformer_lens.structure import pattern_by_query
 from degeneracy.behavioral import behavioral_loss, behavioral_loss_function, whiten_outputs
-from degeneracy.data import iter_batches
+from degeneracy.data import in_eval_mode, iter_batches
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.linalg import hutchinson_trace, lanczos_top, rank_at
 from degeneracy.run import ForwardFn, shard
@@ -75,6 +75,7 @@ __all__ = [
 
 
 @renamed_arguments(position="positions")
+@in_eval_mode
 def neuron_synchronization(
     model: nn.Module,
     data: Any,
@@ -140,6 +141,7 @@ def synchronized_blocks(model: nn.Module, data: Any, layer: str, **options: Any)
     return neuron_synchronization(model, data, layer, **options).blocks
 
 
+@in_eval_mode
 def head_synchronization(
     model: nn.Module,
     data: Any,

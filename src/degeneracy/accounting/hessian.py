@@ -45,6 +45,7 @@ from torch import nn
 from degeneracy.accounting.gauss_newton import BehavioralHessian, numerical_floor
 from degeneracy.accounting.spectrum import HessianSpectrum, load_hessian_spectrum
 from degeneracy.behavioral import LossKind
+from degeneracy.data import in_eval_mode
 from degeneracy.deprecation import deprecated_alias, renamed_arguments
 from degeneracy.linalg import (
     block_krylov_top,
@@ -188,6 +189,7 @@ def _lanczos(
     rank_steps="num_rank_steps",
 )
 @full_precision()
+@in_eval_mode
 def hessian_spectrum(
     model: nn.Module,
     data: Any,

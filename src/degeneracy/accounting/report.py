@@ -40,6 +40,7 @@ from degeneracy.accounting.sources import check_epsilon
 from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
 from degeneracy.behavioral import LossKind
+from degeneracy.data import in_eval_mode
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.display import html_summary, text_summary
 from degeneracy.fingerprint import result_fingerprint
@@ -235,6 +236,7 @@ def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
 
 @renamed_arguments(position="positions")
 @full_precision()
+@in_eval_mode
 def degeneracy_report(
     model: nn.Module,
     data: Any,

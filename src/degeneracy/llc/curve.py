@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.behavioral import behavioral_loss_from_outputs
+from degeneracy.data import eval_mode
 from degeneracy.deprecation import renamed_fields
 from degeneracy.display import html_summary, text_summary
 from degeneracy.fingerprint import result_fingerprint
@@ -342,15 +343,12 @@ def behavioral_loss_fn(
     if examples.pooled is None:
         raise ValueError("behavioral_loss_fn needs data that fit in one batch of tensors")
     inputs = examples.pooled.inputs
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         reference = reference_outputs(model, examples.pooled)
-    finally:
-        model.train(was_training)
 
     def loss_fn(theta: Tensor) -> Tensor:
-        output = functional_output(model, layout.unflatten(theta), inputs)
+        with eval_mode(model):  # called later, whatever the model's mode then
+            output = functional_output(model, layout.unflatten(theta), inputs)
         return behavioral_loss_from_outputs(output, reference, kind)
 
     return loss_fn, center

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from degeneracy.adapters.huggingface import eager_attention
+from degeneracy.data import eval_mode
 from degeneracy.fingerprint import result_fingerprint
 from degeneracy.linalg import intra_op_threads
 from degeneracy.llc.diagnostics import DIVERGENCE_FACTOR, LLCWarning
@@ -441,9 +443,8 @@ def estimate_llc(
     _check_sampler(sampler, examples.num_batches(batch_size))
 
     sampling = _Sampling.of(locals())
-    was_training = model.training
-    model.eval()
-    try:
+    # the function, not dropout samples of it; SDPA has no double backward (the curvature check)
+    with eval_mode(model), eager_attention(model):
         spec = model_chain_loss(
             model, examples, layout, center, loss=loss, engine=engine, batch_size=batch_size, seed=seed
         )
@@ -461,5 +462,3 @@ def estimate_llc(
         }
         first_item = next(spec.batches())
         return sampling.run(spec.chain_loss, layout, center, spec.batches, first_item, spec.init_loss, extra)
-    finally:
-        model.train(was_training)

@@ -1,0 +1,162 @@
+"""A new user's models, loaded as researchers load them: regressions for what broke or was silently wrong.
+
+Oracles: a model left in train mode (dropout, batch norm) against the same model in eval mode (the
+analyses measure the function, so the results must be identical and the model's modes untouched,
+a frozen submodule included); a Hugging Face GPT-2 with its default SDPA attention against the same
+model with eager attention (the same function, so the same chains).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import degeneracy
+from degeneracy.ablation import edge_ablation, node_ablation_curves
+from degeneracy.data import eval_mode
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore::degeneracy.llc.LLCWarning")  # chains this short drift
+
+
+class DropoutNet(nn.Module):
+    """A residual MLP with LayerNorm, dropout, batch norm and a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 5)
+        self.norm = nn.LayerNorm(5)
+        self.fc = nn.Linear(5, 5)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.emb(x)
+        h = h + self.drop(self.act(self.fc(self.norm(h))))
+        return {"logits": self.head(self.bn(h))}
+
+
+def dropout_net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = DropoutNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model.eval(), x
+
+
+def training_twin(model: nn.Module) -> nn.Module:
+    """The same parameters in train mode, with one submodule (the LayerNorm) left in eval mode."""
+    twin = copy.deepcopy(model).train()
+    twin.norm.eval()
+    return twin
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_eval_mode_restores_every_submodule():
+    model, _ = dropout_net()
+    twin = training_twin(model)
+    before = modes(twin)
+    with eval_mode(twin, None):
+        assert not any(modes(twin).values())
+    assert modes(twin) == before and not before["norm"] and before["drop"]
+
+
+def test_behavioral_loss_of_a_model_in_train_mode_is_that_of_its_function():
+    model, x = dropout_net()
+    twin = training_twin(model)
+    before = modes(twin)
+    assert degeneracy.behavioral_loss(twin, twin, x).item() == 0.0  # was 0.17 with dropout noise
+    assert degeneracy.behavioral_loss(twin, model, x, kind="kl").item() == 0.0
+    assert modes(twin) == before
+
+
+def test_hessian_and_report_of_a_model_in_train_mode():
+    model, x = dropout_net()
+    twin = training_twin(model)
+    before = modes(twin)
+    want = degeneracy.hessian_spectrum(model, x, method="exact").eigenvalues
+    got = degeneracy.hessian_spectrum(twin, x, method="exact").eigenvalues  # was a vmap randomness error
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert want[0] > 0.0
+    got_report, want_report = degeneracy.degeneracy_report(twin, x), degeneracy.degeneracy_report(model, x)
+    assert str(got_report) == str(want_report)  # the counts, the Hessian rank and nullity
+    assert "Hessian nullity" in str(want_report)
+    assert modes(twin) == before
+
+
+def test_ablations_of_a_model_in_train_mode():
+    model, x = dropout_net()
+    labels = model(x)["logits"].argmax(-1)
+    layers = [{"name": "h", "module": "emb", "read": "output"}, "bn", "output"]  # the residual stream
+    B = degeneracy.interaction_basis(model, x, layers, progress=False)
+    G = degeneracy.interaction_graph(model, x, B, progress=False)
+    twin = training_twin(model)
+    before = modes(twin)
+    want = node_ablation_curves(model, x, B, labels=labels)
+    got = node_ablation_curves(twin, x, B, labels=labels)  # was scored on dropout samples
+    for name in want:
+        assert got[name].accuracy == want[name].accuracy
+        assert got[name].loss == pytest.approx(want[name].loss, rel=1e-12, abs=1e-12)
+    assert want["bn"].accuracy[-1] == 1.0
+    got_edges = edge_ablation(twin, x, B, G, labels=labels, delta=0.01)
+    want_edges = edge_ablation(model, x, B, G, labels=labels, delta=0.01)
+    assert {p: r.num_needed for p, r in got_edges.items()} == {p: r.num_needed for p, r in want_edges.items()}
+    assert modes(twin) == before
+
+
+def test_llc_restores_every_submodule_mode():
+    model, x = dropout_net()
+    twin = training_twin(model)
+    before = modes(twin)
+    options = dict(num_chains=1, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    got = degeneracy.estimate_llc(twin, x, **options)
+    want = degeneracy.estimate_llc(model, x, **options)
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-12, atol=1e-12)
+    assert modes(twin) == before  # the frozen LayerNorm was put in train mode by model.train(True)
+
+
+def tiny_gpt2(attn: str | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def padded_tokens() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    mask[2, 4:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def next_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logp = model(**batch).logits[:, :-1].log_softmax(-1)
+    target, valid = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].to(logp.dtype)
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    return (nll * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("loss", [None, next_token_loss])
+def test_llc_of_a_hugging_face_gpt2_with_its_default_sdpa_attention(loss):
+    sdpa, eager = tiny_gpt2(), tiny_gpt2("eager")
+    assert sdpa.config._attn_implementation == "sdpa"
+    batch = padded_tokens()
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    extra = {} if loss is None else {"loss": loss}
+    got = degeneracy.estimate_llc(sdpa, batch, **options, **extra)  # was: SDPA has no double backward
+    want = degeneracy.estimate_llc(eager, batch, **options, **extra)
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-9, atol=1e-9)
+    assert sdpa.config._attn_implementation == "sdpa"
