@@ -160,3 +160,49 @@ def test_llc_of_a_hugging_face_gpt2_with_its_default_sdpa_attention(loss):
     want = degeneracy.estimate_llc(eager, batch, **options, **extra)
     torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-9, atol=1e-9)
     assert sdpa.config._attn_implementation == "sdpa"
+
+
+def sentences(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The sequences of a right-padded batch, one unpadded batch each."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    return [{k: v[i : i + 1, :length] for k, v in batch.items()} for i, length in enumerate(lengths)]
+
+
+def junk_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same batch with other token ids at its padded positions."""
+    ids = torch.where(batch["attention_mask"] == 0, torch.full_like(batch["input_ids"], 7), batch["input_ids"])
+    return {**batch, "input_ids": ids}
+
+
+def test_hessian_of_a_padded_batch_is_that_of_its_sequences():
+    model, batch = tiny_gpt2(), padded_tokens()
+    want = degeneracy.hessian_spectrum(model, sentences(batch), method="exact").eigenvalues  # lengths 3..5
+    got = degeneracy.hessian_spectrum(model, batch, method="exact").eigenvalues  # was a vmap error (SDPA)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want[0]))
+    assert want[0] > 1.0
+    top = degeneracy.hessian_spectrum(model, batch, method="lanczos", k=3).eigenvalues  # was: no forward AD
+    torch.testing.assert_close(top, want[:3], rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["mse", "kl"])
+def test_behavioral_loss_of_a_padded_batch_is_that_of_its_sequences(kind):
+    model, batch = tiny_gpt2(), padded_tokens()
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    want = degeneracy.behavioral_loss(perturbed, model, sentences(batch), kind=kind)
+    got = degeneracy.behavioral_loss(perturbed, model, batch, kind=kind)
+    assert float(want) > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    junk = degeneracy.behavioral_loss(perturbed, model, junk_padding(batch), kind=kind)
+    torch.testing.assert_close(junk, want, rtol=1e-12, atol=0.0)
+
+
+def test_llc_of_a_padded_batch_ignores_the_padding():
+    model, batch = tiny_gpt2(), padded_tokens()
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    want = degeneracy.estimate_llc(model, batch, **options)
+    got = degeneracy.estimate_llc(model, junk_padding(batch), **options)  # the padded positions' outputs
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-10, atol=1e-10)
+    assert want.config["step_size"] == got.config["step_size"]

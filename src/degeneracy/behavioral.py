@@ -28,7 +28,7 @@ diag(p) − p pᵀ for KL per position (the Fisher information of the softmax, p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from degeneracy.checks import explain_model_error
-from degeneracy.data import eval_mode, iter_batches
+from degeneracy.data import MASK_KEY, eval_mode, iter_batches
 from degeneracy.deprecation import renamed_arguments
 from degeneracy.run import (
     ForwardFn,
@@ -54,6 +54,7 @@ __all__ = [
     "KINDS",
     "check_kind",
     "per_example_behavioral",
+    "without_padding",
     "behavioral_loss_from_outputs",
     "whiten_outputs",
     "behavioral_loss",
@@ -95,6 +96,37 @@ def per_example_behavioral(
         ref_logp = torch.log_softmax(reference, dim=-1)
         per = ref_logp.exp() * (ref_logp - torch.log_softmax(output, dim=-1))
     return per.reshape(output.shape[0], -1).sum(dim=1)
+
+
+def without_padding(output: Tensor, inputs: Any, positions: int | None = None) -> Tensor:
+    """``output`` with its padded positions (``attention_mask`` 0 in the batch ``inputs``) set to zero.
+
+    Applied to f_θ(x) and f_θ*(x) alike, a padded position then adds nothing to the behavioral loss
+    (MSE and KL), to its gradient or to its Hessian: a padded batch gives the loss of its sequences
+    fed one at a time. ``output`` is ``(batch, pos, ...)`` with the input's positions, or with
+    ``positions`` an int ``(batch, ...)`` read at that position (an example whose position there is
+    padding adds nothing); any other output (pooled, no mask) is returned as it is.
+
+    >>> inputs = {"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    >>> without_padding(torch.ones(2, 3, 1), inputs)[..., 0].tolist()
+    [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+    >>> without_padding(torch.ones(2, 4), inputs, positions=-1).tolist()
+    [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    mask = inputs.get(MASK_KEY) if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return output
+    count = mask.shape[1]  # no data-dependent branch: this runs inside vmap over examples too
+    if positions is None:
+        if output.dim() < 3 or output.shape[1] != count:
+            return output
+        valid = mask != 0
+    else:
+        if not -count <= positions < count:
+            return output
+        valid = mask[:, positions] != 0
+    valid = valid.to(device=output.device, dtype=output.dtype)
+    return output * valid.reshape(*valid.shape, *([1] * (output.dim() - valid.dim())))
 
 
 def behavioral_loss_from_outputs(
@@ -168,6 +200,7 @@ def behavioral_loss(
     with eval_mode(model, reference):  # the functions, not dropout samples of them
         for batch in iter_batches(data, batch_size):
             out = run_model(model, batch.inputs, forward=forward, positions=positions)
+            out = without_padding(out, batch.inputs, positions)
             with torch.no_grad():
                 if ref_params is None:
                     ref = run_model(reference, batch.inputs, forward=forward, positions=positions)
@@ -176,6 +209,7 @@ def behavioral_loss(
                     ref = functional_output(
                         model, tensors, batch.inputs, forward=forward, positions=positions
                     )
+            ref = without_padding(ref, batch.inputs, positions)
             total = total + per_example_behavioral(out.double(), ref.detach().double(), kind).sum()
             n += batch.size
     return total / n
@@ -230,9 +264,10 @@ class BehavioralProblem:
 
     def output(self, params: dict[str, Tensor], inputs: Any) -> Tensor:
         """f_θ(x) for parameters ``params`` (a name → tensor dict) on one batch of cast inputs."""
-        return functional_output(
+        output = functional_output(
             self.model, {**params, **self.buffers}, inputs, forward=self.forward, positions=self.positions
         )
+        return without_padding(output, inputs, self.positions)
 
     def loss(self, theta: dict[str, Tensor]) -> Float[Tensor, ""]:
         """L_B(θ | θ*, D) in float64 (a pure function of ``theta``, for ``torch.func`` transforms)."""

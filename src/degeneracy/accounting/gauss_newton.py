@@ -101,8 +101,14 @@ class BehavioralHessian(BehavioralProblem):
 
     @functools.cached_property
     def rows(self) -> int:
-        """Output rows per example (positions × features of the analysed output)."""
+        """Output rows per example (positions × features of the analysed output) of the first batch."""
         return int(self.refs[0][0].numel())
+
+    @functools.cached_property
+    def total_rows(self) -> int:
+        """Output rows of all the examples, every rank's (batches of sequences may differ in length)."""
+        local = torch.tensor([float(sum(ref.numel() for ref in self.refs))], dtype=torch.float64)
+        return int(all_reduce_sum(local).item())
 
     @property
     def num_parameters(self) -> int:
@@ -143,9 +149,10 @@ class BehavioralHessian(BehavioralProblem):
                     parts.append(jac_fn(self.params, part, ref[start:end]))
                     bar.update(end - start)
                 jac = {name: torch.cat([p[name] for p in parts]) for name in self.layout.names}
+                rows = int(ref[0].numel())  # this batch's (sequence lengths may differ between batches)
                 yield torch.cat(
-                    [jac[name].reshape(b, self.rows, -1) for name in self.layout.names], dim=2
-                ).reshape(b * self.rows, self.num_parameters)
+                    [jac[name].reshape(b, rows, -1) for name in self.layout.names], dim=2
+                ).reshape(b * rows, self.num_parameters)
         finally:
             bar.close()
 
@@ -156,7 +163,7 @@ class BehavioralHessian(BehavioralProblem):
         use the Kronecker form of eq 11 (:meth:`linear_gram`, the same H in another order of the
         parameters, n·N² instead of n·rows·N² operations).
         """
-        total_rows = self.n * self.rows
+        total_rows = self.total_rows
         n_params = self.num_parameters
         if total_rows >= n_params:
             fast = self.linear_gram()

@@ -44,6 +44,7 @@ from torch import nn
 
 from degeneracy.accounting.gauss_newton import BehavioralHessian, numerical_floor
 from degeneracy.accounting.spectrum import HessianSpectrum, load_hessian_spectrum
+from degeneracy.adapters.huggingface import with_eager_attention
 from degeneracy.behavioral import LossKind
 from degeneracy.data import in_eval_mode
 from degeneracy.deprecation import deprecated_alias, renamed_arguments
@@ -86,7 +87,7 @@ def _choose_method(method: str, hessian: BehavioralHessian, max_exact: int) -> s
         raise ValueError(f"method must be 'auto', 'exact' or 'lanczos', got {method!r}")
     if method != "auto":
         return method
-    side = min(hessian.num_parameters, hessian.n * hessian.rows)
+    side = min(hessian.num_parameters, hessian.total_rows)
     return "exact" if side <= max_exact else "lanczos"
 
 
@@ -190,6 +191,7 @@ def _lanczos(
 )
 @full_precision()
 @in_eval_mode
+@with_eager_attention
 def hessian_spectrum(
     model: nn.Module,
     data: Any,

@@ -39,6 +39,7 @@ from degeneracy.accounting.rows import (
 from degeneracy.accounting.sources import check_epsilon
 from degeneracy.accounting.statistics import collect_for_structure
 from degeneracy.accounting.structure import discover
+from degeneracy.adapters.huggingface import with_eager_attention
 from degeneracy.behavioral import LossKind
 from degeneracy.data import in_eval_mode
 from degeneracy.deprecation import renamed_arguments
@@ -237,6 +238,7 @@ def load_degeneracy_report(path: str | Path) -> DegeneracyReport:
 @renamed_arguments(position="positions")
 @full_precision()
 @in_eval_mode
+@with_eager_attention
 def degeneracy_report(
     model: nn.Module,
     data: Any,

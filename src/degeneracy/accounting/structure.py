@@ -338,6 +338,11 @@ def discover_torch(model: nn.Module, inputs: Any) -> Structure:
                 if name not in {s.name for s in structure.sites}:
                     structure.notes.append(f"{name}: called {counts[name]} times per forward; not analysed")
                 continue
+            own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            tied = [p for p in own if p not in layout.names]
+            if tied:  # a parameter tied to another module's (an LM head's weight and the embedding)
+                structure.notes.append(f"{name}: {tied[0]} is shared with another module; not analysed")
+                continue
             if isinstance(module, nn.Linear):
                 site: Site | str = _linear_site(layout, name, module)
             else:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-__all__ = ["is_hugging_face", "attention_implementation", "encode", "eager_attention"]
+__all__ = ["is_hugging_face", "attention_implementation", "encode", "eager_attention", "with_eager_attention"]
 
 
 def is_hugging_face(model: nn.Module) -> bool:
@@ -107,3 +108,28 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
     finally:
         for _, config in changed:
             config._attn_implementation = "sdpa"
+
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def with_eager_attention(fn: Fn) -> Fn:
+    """Decorate a function of ``(model, ...)`` to run inside :func:`eager_attention` of ``model``.
+
+    For the stages that differentiate twice or vmap over the model (Hessians, Jacobian Grams, SGLD):
+    SDPA has no double backward, no forward mode, and its mask construction has data-dependent
+    control flow that ``vmap`` rejects on padded batches.
+
+    >>> @with_eager_attention
+    ... def switched(model):
+    ...     return attention_implementation(model)
+    >>> switched(nn.Linear(2, 2)) is None
+    True
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with eager_attention(args[0] if args else kwargs["model"]):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.func import vmap
 
-from degeneracy.behavioral import LossKind, behavioral_loss_from_outputs, check_kind
+from degeneracy.behavioral import LossKind, behavioral_loss_from_outputs, check_kind, without_padding
 from degeneracy.data import Batch, model_output_tensor
 from degeneracy.llc.sgld import ChainLoss, seed_from
 from degeneracy.run import ParamLayout, functional_output
@@ -70,7 +70,8 @@ def vmap_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
     check_kind(kind)
 
     def one_chain(params: dict[str, Tensor], inputs: Any, reference: Tensor) -> Tensor:
-        return behavioral_loss_from_outputs(functional_output(model, params, inputs), reference, kind)
+        output = without_padding(functional_output(model, params, inputs), inputs)  # padded positions: 0
+        return behavioral_loss_from_outputs(output, without_padding(reference, inputs), kind)
 
     batched = vmap(one_chain, in_dims=(0, None, None))
 

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from degeneracy.behavioral import behavioral_loss_from_outputs
+from degeneracy.behavioral import behavioral_loss_from_outputs, without_padding
 from degeneracy.data import eval_mode
 from degeneracy.deprecation import renamed_fields
 from degeneracy.display import html_summary, text_summary
@@ -344,11 +344,11 @@ def behavioral_loss_fn(
         raise ValueError("behavioral_loss_fn needs data that fit in one batch of tensors")
     inputs = examples.pooled.inputs
     with eval_mode(model):
-        reference = reference_outputs(model, examples.pooled)
+        reference = without_padding(reference_outputs(model, examples.pooled), inputs)
 
     def loss_fn(theta: Tensor) -> Tensor:
         with eval_mode(model):  # called later, whatever the model's mode then
-            output = functional_output(model, layout.unflatten(theta), inputs)
+            output = without_padding(functional_output(model, layout.unflatten(theta), inputs), inputs)
         return behavioral_loss_from_outputs(output, reference, kind)
 
     return loss_fn, center
