@@ -9,6 +9,7 @@ model with eager attention (the same function, so the same chains).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -243,3 +244,21 @@ def test_degeneracy_report_of_a_padded_gpt2():
     report = degeneracy.degeneracy_report(model, batch)  # was: the tied lm_head crashed discovery
     want = degeneracy.hessian_spectrum(model, sentences(batch), method="exact")
     assert report.hessian_nullity == want.num_parameters - want.rank()
+
+
+def test_a_position_that_is_padding_in_some_sequences_warns():
+    model, batch = tiny_gpt2(), padded_tokens()  # right padding: position -1 is padding in 2 of 4
+    last = [
+        {"name": "final", "module": "transformer.ln_f", "positions": -1},
+        {"name": "logits", "module": "output", "positions": -1},
+    ]
+    with pytest.warns(UserWarning, match="padding .* left out of its statistics"):
+        B = degeneracy.interaction_basis(model, batch, last, method="pca", progress=False)
+    kept = {k: torch.cat([v[1:2], v[3:4]]) for k, v in batch.items()}  # the two unpadded sequences
+    assert bool(kept["attention_mask"].all())
+    want = degeneracy.interaction_basis(model, kept, last, method="pca", progress=False)
+    torch.testing.assert_close(B["final"].eigenvalues, want["final"].eigenvalues, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # position 0 is valid in every sequence: no warning
+        first = [{**layer, "positions": 0} for layer in last]
+        degeneracy.interaction_basis(model, batch, first, method="pca", progress=False)

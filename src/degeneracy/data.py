@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -386,6 +387,15 @@ def position_mask(mask: Tensor | None, positions: int | tuple[int, ...] | None, 
         index = [positions] if isinstance(positions, int) else list(positions)
         ok = len(index) == count and all(-mask.shape[1] <= p < mask.shape[1] for p in index)
         selected = mask[:, index] if ok else None
+        if selected is not None and not bool(selected.all()):
+            warnings.warn(
+                f"a node layer reads positions {positions}, which are padding (attention_mask 0) in some "
+                "sequences of the batch: those sequences are left out of its statistics. To read each "
+                "sequence's last token, pad on the left (tokenizer.padding_side = 'left', with the "
+                "position_ids the model needs)",
+                UserWarning,
+                stacklevel=2,
+            )
     return None if selected is None or bool(selected.all()) else selected
 
 
