@@ -262,3 +262,42 @@ def test_a_position_that_is_padding_in_some_sequences_warns():
         warnings.simplefilter("error")  # position 0 is valid in every sequence: no warning
         first = [{**layer, "positions": 0} for layer in last]
         degeneracy.interaction_basis(model, batch, first, method="pca", progress=False)
+
+
+class TorchEncoder(nn.Module):
+    """Token embedding, PyTorch's own transformer encoder (fused fast path in eval mode, SDPA) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)))
+
+
+def torch_encoder() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 5, (6, 3), generator=torch.Generator().manual_seed(0))
+    return TorchEncoder().double().eval(), ids
+
+
+def test_torch_transformer_encoder_accounting():
+    model, ids = torch_encoder()
+    spectrum = degeneracy.hessian_spectrum(model, ids, method="exact")
+    report = degeneracy.degeneracy_report(model, ids)  # was: no forward AD for the fused encoder layer
+    assert report.hessian_nullity == spectrum.num_parameters - spectrum.rank()
+    assert 0 < spectrum.rank() < spectrum.num_parameters
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_torch_transformer_encoder_llc():
+    model, ids = torch_encoder()
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    want = degeneracy.estimate_llc(model, ids, **options)  # was: no double backward for the fused layer
+    twin = copy.deepcopy(model).train()  # dropout 0.1 in train mode
+    got = degeneracy.estimate_llc(twin, ids, **options)
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-12, atol=1e-12)
+    assert twin.training and not model.training and torch.backends.mha.get_fastpath_enabled()

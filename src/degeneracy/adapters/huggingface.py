@@ -24,7 +24,9 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["is_hugging_face", "attention_implementation", "encode", "eager_attention", "with_eager_attention"]
 
@@ -89,6 +91,11 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
     switched back on exit; other implementations (flash, flex) and other models are left alone.
     Yields the names of the modules switched.
 
+    Any other attention runs plain too: ``torch.nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+    without their fused inference fast path, and ``F.scaled_dot_product_attention`` on its math
+    backend (the same function in differentiable operations: the fused kernels have no forward mode
+    and no double backward, which the Hessians, Jacobians and the LLC's curvature check need).
+
     >>> with eager_attention(nn.Linear(2, 2)) as switched:
     ...     switched
     []
@@ -103,9 +110,13 @@ def eager_attention(model: nn.Module) -> Iterator[list[str]]:
         if getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = "eager"
             changed.append((name, config))
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        yield [name for name, _ in changed]
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield [name for name, _ in changed]
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for _, config in changed:
             config._attn_implementation = "sdpa"
 
