@@ -301,3 +301,14 @@ def test_torch_transformer_encoder_llc():
     got = degeneracy.estimate_llc(twin, ids, **options)
     torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-12, atol=1e-12)
     assert twin.training and not model.training and torch.backends.mha.get_fastpath_enabled()
+
+
+def test_ablation_with_a_label_per_position_is_a_clear_error():
+    model, batch = tiny_gpt2(), padded_tokens()
+    B = degeneracy.interaction_basis(model, batch, ["transformer.ln_f", "output"], progress=False)
+    per_position = model(**batch).logits.argmax(-1)  # (4, 5): next-token labels
+    with pytest.raises(ValueError, match=r"one label per example .* shape \(4, 5\) for 4 examples"):
+        node_ablation_curves(model, batch, B, labels=per_position)
+    last = per_position[torch.arange(4), batch["attention_mask"].sum(1) - 1]  # each sequence's last token
+    curve = node_ablation_curves(model, batch, B, labels=last)["transformer.ln_f"]
+    assert curve.base_accuracy == 1.0 and curve.accuracy[-1] == 1.0

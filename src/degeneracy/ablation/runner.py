@@ -82,6 +82,13 @@ def classification_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None =
     """
     if logits.dim() == 3:
         logits = _last_valid(logits, mask)
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"classification metrics score one label per example (the last valid position of a sequence "
+            f"output), got labels of shape {tuple(labels.shape)} for {logits.shape[0]} examples; pass "
+            "labels of shape (examples,), or metrics=a function (logits, labels, mask) -> sums such as "
+            "classification_metrics' for labels per position"
+        )
     logits = logits.to(torch.float64)
     labels = labels.to(logits.device)
     return {
