@@ -312,3 +312,17 @@ def test_ablation_with_a_label_per_position_is_a_clear_error():
     last = per_position[torch.arange(4), batch["attention_mask"].sum(1) - 1]  # each sequence's last token
     curve = node_ablation_curves(model, batch, B, labels=last)["transformer.ln_f"]
     assert curve.base_accuracy == 1.0 and curve.accuracy[-1] == 1.0
+
+
+def test_behavioral_loss_fn_of_a_model_in_train_mode():
+    from degeneracy.llc import behavioral_loss_fn
+
+    model, x = dropout_net()
+    twin = training_twin(model)
+    want_fn, center = behavioral_loss_fn(model, x)
+    got_fn, got_center = behavioral_loss_fn(twin, x)  # the volume method's loss, evaluated later
+    generator = torch.Generator().manual_seed(2)
+    theta = center + 0.05 * torch.randn(center.shape, dtype=center.dtype, generator=generator)
+    assert got_fn(got_center).item() == 0.0  # was a dropout sample against the eval-mode reference
+    torch.testing.assert_close(got_fn(theta), want_fn(theta), rtol=1e-12, atol=0.0)
+    assert float(want_fn(theta)) > 0.0 and twin.training
