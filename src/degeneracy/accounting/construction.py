@@ -46,7 +46,7 @@ from degeneracy.accounting.sources import firing_patterns, gram_floor, identical
 from degeneracy.accounting.structure import NeuronLayer, discover_torch, node_at, resolve_module
 from degeneracy.adapters.transformer_lens import is_hooked_transformer
 from degeneracy.capture import NodeLayer
-from degeneracy.data import Batch, iter_batches
+from degeneracy.data import Batch, in_eval_mode, iter_batches
 from degeneracy.distributed import all_gather_rows, all_reduce_max, all_reduce_sum, is_distributed
 from degeneracy.linalg import eigh_descending
 from degeneracy.run import ForwardFn, run_model, shard
@@ -235,6 +235,7 @@ def _parent_and_name(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, name
 
 
+@in_eval_mode
 def sparsify(
     model: nn.Module,
     data: Any,
@@ -256,7 +257,8 @@ def sparsify(
             1e-4 otherwise).
 
     Returns:
-        a :class:`SparsifiedModel`; its ``model`` is a new module (the input is not modified).
+        a :class:`SparsifiedModel`; its ``model`` is a new module in eval mode (the input is not
+        modified; a model in train mode is run in eval mode, dropout off, and gets its modes back).
 
     >>> torch.manual_seed(0) and None
     >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()
