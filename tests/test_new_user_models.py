@@ -337,3 +337,45 @@ def test_sparsify_a_model_in_train_mode():
     assert result.verified and result.zeros_gained >= 6  # was not verified: dropout noise in the check
     assert model.training and not result.model.training
     torch.testing.assert_close(result.model(x), model.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+class GRUNet(nn.Module):
+    """Token embedding, a GRU (no vmap batching rule) and a head on the last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3)
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        states, _ = self.rnn(self.embed(ids))
+        return self.head(states[:, -1])
+
+
+def test_llc_of_a_gru_runs_chain_by_chain():
+    torch.manual_seed(0)
+    model = GRUNet().double().eval()
+    ids = torch.randint(0, 6, (8, 3), generator=torch.Generator().manual_seed(0))
+    reference = model(ids).detach()
+
+    def behavioral(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:  # the same loss, written by a user
+        return (m(batch) - reference).square().sum(-1).mean()
+
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    with pytest.warns(degeneracy.llc.LLCWarning, match="cannot be vectorised"):
+        got = degeneracy.estimate_llc(model, ids, **options)  # was: no batching rule for aten::gru
+    assert got.config["engine"] == "sequential"
+    with pytest.warns(degeneracy.llc.LLCWarning, match="cannot be vectorised"):
+        want = degeneracy.estimate_llc(model, ids, loss=behavioral, **options)  # the user-loss path
+    assert want.config["engine"] == "sequential"
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-10, atol=1e-10)
+    assert float(got.chain_estimates.abs().max()) > 0.0
+
+
+def test_sequential_behavioral_engine_reproduces_vmap():
+    model, x = dropout_net()
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    want = degeneracy.estimate_llc(model, x, engine="vmap", **options)
+    got = degeneracy.estimate_llc(model, x, engine="sequential", **options)  # was a ValueError
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-12, atol=1e-12)

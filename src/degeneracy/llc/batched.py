@@ -29,6 +29,7 @@ from degeneracy.run import ParamLayout, functional_output
 __all__ = [
     "per_chain_behavioral",
     "vmap_behavioral_chain_loss",
+    "sequential_behavioral_chain_loss",
     "ChainForward",
     "chain_batched_forward",
     "batched_behavioral_chain_loss",
@@ -78,6 +79,31 @@ def vmap_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
     def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
         batch, reference = item
         return batched(views, batch.inputs, reference)
+
+    return chain_loss
+
+
+def sequential_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
+    """:func:`vmap_behavioral_chain_loss` one chain after another, for models that ``vmap`` cannot run
+    (operations without a batching rule, such as ``nn.GRU`` and ``nn.LSTM``): the same losses.
+
+    >>> model = nn.Linear(2, 1).double()
+    >>> x = torch.ones(3, 2, dtype=torch.float64)
+    >>> params = {n: p.detach().expand(2, *p.shape) for n, p in model.named_parameters()}  # 2 chains at θ*
+    >>> sequential_behavioral_chain_loss(model, "mse")(params, (Batch(x), model(x).detach())).tolist()
+    [0.0, 0.0]
+    """
+    check_kind(kind)
+
+    def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
+        batch, reference = item
+        reference = without_padding(reference, batch.inputs)
+        losses = []
+        for c in range(next(iter(views.values())).shape[0]):
+            output = functional_output(model, {n: v[c] for n, v in views.items()}, batch.inputs)
+            output = without_padding(output, batch.inputs)
+            losses.append(behavioral_loss_from_outputs(output, reference, kind))
+        return torch.stack(losses)
 
     return chain_loss
 

@@ -395,9 +395,10 @@ def estimate_llc(
         engine: how chains are vectorised: ``"batched"`` (linear layers with a chain dimension, see
             :mod:`degeneracy.llc.batched`: all chains' outputs in plain batched ops; for labelled losses
             the loss must call the model once, on the batch's inputs), ``"vmap"`` (``torch.func.vmap``
-            of ``functional_call``, any model), ``"sequential"`` (one chain after another inside each
-            step, any loss) or ``"auto"`` (batched when it applies and reproduces the loss chain by
-            chain at perturbed parameters, else vmap, else sequential). ``result.config["engine"]``.
+            of ``functional_call``), ``"sequential"`` (one chain after another inside each step, any
+            loss, any model) or ``"auto"`` (batched when it applies and reproduces the loss chain by
+            chain at perturbed parameters, else vmap, else sequential: a model that vmap cannot run,
+            such as an ``nn.GRU``, with an :class:`LLCWarning`). ``result.config["engine"]``.
         threads: torch intra-op threads while sampling; default: 1 for small problems
             (:func:`~degeneracy.llc.sgld.default_threads`), else torch's setting.
         progress: show a progress bar.

@@ -42,6 +42,7 @@ from degeneracy.llc.batched import (
     batched_behavioral_chain_loss,
     chain_batched_forward,
     chain_losses_agree,
+    sequential_behavioral_chain_loss,
     vmap_behavioral_chain_loss,
 )
 from degeneracy.llc.diagnostics import LLCWarning
@@ -440,6 +441,23 @@ def _vmap_failure(chain_loss: ChainLoss, layout: ParamLayout, center: Tensor, it
     return None
 
 
+def _vmappable_or_sequential(
+    result: ModelLoss, sequential: ModelLoss, layout: ParamLayout, center: Tensor
+) -> ModelLoss:
+    """``result`` (the vmap path of the behavioral loss) when ``vmap`` runs the model, else ``sequential``
+    with a warning (a model with operations that have no batching rule: ``nn.GRU``, ``nn.LSTM``, ...)."""
+    failure = _vmap_failure(result.chain_loss, layout, center, next(result.batches()))
+    if failure is None:
+        return result
+    warnings.warn(
+        f"the model cannot be vectorised over chains with torch.func.vmap ({failure}); the chains' "
+        "behavioral losses are evaluated one after another (engine='sequential', slower)",
+        LLCWarning,
+        stacklevel=5,
+    )
+    return sequential
+
+
 def _chain_forward(model: nn.Module, layout: ParamLayout, inputs: Any) -> ChainForward | None:
     """All chains' outputs in plain batched ops: the copy with chain-batched ``nn.Linear`` layers, else
     the TransformerLens forward of :mod:`degeneracy.llc.transformer`, else (or non-tensor inputs) ``None``."""
@@ -545,16 +563,16 @@ def model_chain_loss(
     if not isinstance(loss, str) or loss in SUPERVISED:
         return _labelled_chain_loss(model, examples, layout, center, loss, engine, batch_size, seed, chunk)
     kind = loss_kind(loss)
-    if engine == "sequential":
-        raise ValueError(
-            "engine='sequential' is for losses that cannot be vmapped; the behavioral loss "
-            "takes 'auto', 'vmap' or 'batched'"
-        )
     stream = _behavioral_batches(model, examples, batch_size, seed, chunk)
+    sequential = ModelLoss(
+        sequential_behavioral_chain_loss(model, kind), stream, 0.0, f"behavioral-{kind}", "sequential"
+    )
+    if engine == "sequential":
+        return sequential
     general = vmap_behavioral_chain_loss(model, kind)
     result = ModelLoss(general, stream, 0.0, f"behavioral-{kind}", "vmap")  # L_B(θ*|θ*) = 0 exactly
     if engine == "vmap":
-        return result
+        return _vmappable_or_sequential(result, sequential, layout, center)
     forward = _chain_forward(model, layout, first.inputs)
     sampled = list(layout.names)
     fast = None if forward is None else batched_behavioral_chain_loss(model, sampled, kind, forward)
@@ -564,7 +582,7 @@ def model_chain_loss(
                 "engine='batched' needs every sampled parameter to be the weight or bias of an nn.Linear "
                 "(or a plain TransformerLens model, degeneracy.llc.transformer); use engine='vmap' or 'auto'"
             )
-        return result
+        return _vmappable_or_sequential(result, sequential, layout, center)
     if not chain_losses_agree(fast, general, layout, center, next(stream()), seed):
         if engine == "batched":
             raise ValueError(
