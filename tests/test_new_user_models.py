@@ -379,3 +379,25 @@ def test_sequential_behavioral_engine_reproduces_vmap():
     want = degeneracy.estimate_llc(model, x, engine="vmap", **options)
     got = degeneracy.estimate_llc(model, x, engine="sequential", **options)  # was a ValueError
     torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-12, atol=1e-12)
+
+
+def test_hessian_of_a_gru_against_autograd():
+    torch.manual_seed(0)
+    model = GRUNet().double().eval()
+    ids = torch.randint(0, 6, (8, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="one example after another"):
+        got = degeneracy.hessian_spectrum(model, ids, method="exact").eigenvalues  # was a vmap error
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    center = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(theta: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(names, torch.split(theta, [s.numel() for s in shapes]), strict=True))
+        params = {n: t.reshape(s) for (n, t), s in zip(params.items(), shapes, strict=True)}
+        return torch.func.functional_call(model, params, (ids,)).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(outputs, center, vectorize=False)  # row by row, no vmap
+    hessian = 2.0 / ids.shape[0] * jacobian.T @ jacobian  # L_B = 1/n Σ ‖f_θ − f_θ*‖²: Gauss–Newton at θ*
+    want = torch.linalg.eigvalsh(hessian).flip(0)
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-10 * float(want[0]))
+    assert want[0] > 1e-3

@@ -26,6 +26,7 @@ Outputs at several positions are flattened into the rows (the behavioral loss su
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -136,7 +137,32 @@ class BehavioralHessian(BehavioralProblem):
             xb = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), x)
             return self.whitened(theta, xb, ref.unsqueeze(0))[0]
 
-        jac_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        batched_fn = vmap(jacrev(z_single), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        one_fn = jacrev(z_single)
+        looped = False
+
+        def looped_fn(params: dict[str, Tensor], part: Any, refs: Tensor) -> dict[str, Tensor]:
+            rows = [
+                one_fn(params, torch.utils._pytree.tree_map(lambda t, i=i: t[i], part), refs[i])
+                for i in range(refs.shape[0])
+            ]
+            return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+        def jac_fn(params: dict[str, Tensor], part: Any, refs: Tensor) -> dict[str, Tensor]:
+            nonlocal looped
+            if not looped:
+                try:
+                    return batched_fn(params, part, refs)
+                except RuntimeError as error:  # an operation without a vmap batching rule (nn.GRU, ...)
+                    looped = True
+                    warnings.warn(
+                        f"the model cannot be vectorised over examples with torch.func.vmap "
+                        f"({str(error).splitlines()[0]}); the Hessian's Jacobians are computed one example "
+                        "after another (slower)",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+            return looped_fn(params, part, refs)
         bar = progress_bar(self.n, "Hessian", getattr(self, "progress", False))  # examples, rate, ETA
         try:
             for x, ref in self.batches():
