@@ -8,7 +8,6 @@ with the field named.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from degeneracy.basis_result import METHODS
 from degeneracy.commands.options import basis_options, check_graph_options
 from degeneracy.commands.placement import Device, place, run_device
+from degeneracy.commands.user_data import cast_data, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -226,11 +226,7 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             data = xtr if spec.split == "train" else xte
         layers = DIGITS_NODE_LAYERS
     elif ":" in spec.name:
-        module_name, func_name = spec.name.split(":", 1)
-        try:
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot load model factory {spec.name!r}: {err}") from err
+        func = factory(spec.name)
         made = func()
         if not (isinstance(made, tuple | list) and len(made) == 2):
             raise ValueError(
@@ -238,13 +234,14 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             )
         model, data = made
         model = model.to(dtype)
+        data = cast_data(data, dtype)  # floating inputs (and labels) follow the model: one dtype, model.dtype
         layers = None
     else:
         raise ValueError(
             f"unknown model {spec.name!r}: use 'modadd', 'digits_mlp' or 'package.module:function'"
         )
     if spec.limit is not None:
-        data = data[: spec.limit]
+        data = limit_data(data, spec.limit)
     return model.eval(), data, layers
 
 

@@ -1,0 +1,161 @@
+"""A new user's pass over the command line with a model of their own: each test is a bug found that way
+(a factory module beside the config, float32 data with the default float64 run, ``model.limit`` on
+``(inputs, labels)``, labelled data given to every command), checked against the library called
+directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+import degeneracy
+from degeneracy.commands import app
+from degeneracy.commands.config import ModelSpec, resolve_model
+
+runner = CliRunner()
+SRC = Path(degeneracy.__file__).resolve().parents[1]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
+    )
+
+
+def float32_factory():
+    """A user's factory as people write it: float32 model and inputs (``torch.randn``'s default)."""
+    model = _model()
+    return model, torch.randn(24, 4, generator=torch.Generator().manual_seed(1))
+
+
+def labelled_factory():
+    """The same model and inputs with class labels: ``(model, (inputs, labels))``."""
+    model, x = float32_factory()
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    return model, (x, y)
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_factory_module_beside_the_config_is_found(tmp_path) -> None:
+    # `degeneracy basis` (the console script) does not put the current directory on sys.path as
+    # `python -m` does; `python -P` runs the module the same way
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)), "
+        "torch.randn(10, 3, dtype=torch.float64)\n"
+    )
+    _config(tmp_path, "model: {name: 'mymodel:make'}\nnode_layers: ['0', output]\nmethods: [pca]\n")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "degeneracy", "basis", "config.yaml", "--out", "run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pca"]["dims"] == {"0": 4, "output": 3}
+
+
+def test_factory_error_says_where_modules_are_looked_up() -> None:
+    try:
+        resolve_model(ModelSpec(name="no_such_user_module:make"))
+    except ValueError as err:
+        assert "current directory" in str(err) and "No module named 'no_such_user_module'" in str(err)
+    else:
+        raise AssertionError("a missing factory module must be a ValueError")
+
+
+def test_float32_data_follows_the_run_dtype(tmp_path) -> None:
+    # the run's dtype (model.dtype, default float64) casts the model; the data must follow, not fail with
+    # "pass dtype='float64'" (an option the config does not have) or a wrong-width message
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:float32_factory'}}
+        node_layers: ['2', '4', output]
+        methods: [lib]
+        """,
+    )
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    got = degeneracy.load_basis(tmp_path / "run" / "bases" / "lib.safetensors")
+    model, x = float32_factory()
+    want = degeneracy.interaction_basis(model.double(), x.double(), ["2", "4", "output"], progress=False)
+    for name in want.names:
+        torch.testing.assert_close(got[name].eigenvalues, want[name].eigenvalues, rtol=1e-10, atol=0)
+
+
+def test_float32_data_degeneracy_command(tmp_path) -> None:
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:float32_factory'}}
+        hessian: exact
+        sparsify: false
+        """,
+    )
+    result = runner.invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "degeneracy_report.json").read_text())
+    model, x = float32_factory()
+    want = degeneracy.degeneracy_report(model.double(), x.double(), epsilon=0.0)
+    assert report["num_parameters"] == want.num_parameters
+    assert report["total"] == want.total and report["hessian_nullity"] == want.hessian_nullity
+
+
+def test_limit_cuts_inputs_and_labels() -> None:
+    _, (x, y) = resolve_model(ModelSpec(name=f"{__name__}:labelled_factory", limit=5))[:2]
+    _, (x_all, y_all) = labelled_factory()
+    assert x.shape == (5, 4) and y.shape == (5,)
+    torch.testing.assert_close(x, x_all[:5].double(), rtol=0, atol=0)
+    assert torch.equal(y, y_all[:5]) and y.dtype == torch.int64  # labels are not cast
+
+
+def test_limit_on_labelled_data_in_graph_command(tmp_path) -> None:
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:labelled_factory', limit: 10}}
+        node_layers: ['2', output]
+        methods: [pca]
+        ablation: {{edges: false, node_points: 2}}
+        modules: {{methods: []}}
+        """,
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "graph_summary.json").read_text())
+    assert summary["n_examples"] == 10 and summary["ablation_examples"] == 10
+
+
+def test_labelled_factory_in_basis_and_degeneracy_commands(tmp_path) -> None:
+    # the graph and llc commands take a factory's (inputs, labels); basis and degeneracy read the pair as
+    # two batches and refused it
+    factory = f"model: {{name: '{__name__}:labelled_factory'}}\n"
+    basis_cfg = _config(tmp_path, factory + "node_layers: ['2', output]\nmethods: [pca]\n")
+    result = runner.invoke(app, ["basis", str(basis_cfg), "--out", str(tmp_path / "basis")])
+    assert result.exit_code == 0, result.output
+    got = degeneracy.load_basis(tmp_path / "basis" / "bases" / "pca.safetensors")
+    model, x = float32_factory()
+    want = degeneracy.interaction_basis(
+        model.double(), x.double(), ["2", "output"], method="pca", progress=False
+    )
+    torch.testing.assert_close(got["2"].C, want["2"].C, rtol=1e-10, atol=1e-12)
+    deg_cfg = _config(tmp_path, factory + "hessian: none\nsparsify: false\n")
+    result = runner.invoke(app, ["degeneracy", str(deg_cfg), "--out", str(tmp_path / "deg")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "deg" / "degeneracy_report.json").read_text())["num_examples"] == 24
