@@ -159,3 +159,52 @@ def test_labelled_factory_in_basis_and_degeneracy_commands(tmp_path) -> None:
     result = runner.invoke(app, ["degeneracy", str(deg_cfg), "--out", str(tmp_path / "deg")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "deg" / "degeneracy_report.json").read_text())["num_examples"] == 24
+
+
+def test_llc_report_shows_the_warnings_of_the_run(tmp_path) -> None:
+    # an untrained model's cross-entropy: θ* is no minimum, λ̂ < 0 and N_eff(ε) has no fixed point; the
+    # command warned on stderr, the HTML page showed the numbers alone
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:labelled_factory', dtype: float32}}
+        loss: cross_entropy
+        sampler: {{nbeta: 20, num_chains: 2, num_draws: 30, num_burnin: 10}}
+        epsilons: [1.0e-2]
+        plots: false
+        progress: false
+        """,
+    )
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["llc", str(config), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    from degeneracy.llc import load_effective_parameter_count, load_llc
+
+    warnings = load_llc(run / "llc.safetensors").warnings
+    n_eff = load_effective_parameter_count(run / "n_eff.safetensors")
+    assert warnings and float(n_eff.achieved_epsilons[0]) <= 0  # the case this test is about
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+    from html import unescape
+
+    page = unescape((run / "report.html").read_text())
+    for warning in warnings:
+        assert warning in page
+    assert "N_eff at ε = 0.01 was found at ε = " in page and "not N_eff(ε)" in page
+
+
+def test_loss_traces_keep_each_chain_colour_after_burn_in() -> None:
+    from degeneracy.llc import sample_sgld
+    from degeneracy.report import plot_loss_traces
+
+    result = sample_sgld(
+        lambda w, _: w.square().sum(), torch.zeros(2, dtype=torch.float64), nbeta=100.0, step_size=1e-3,
+        num_chains=3, num_draws=10, num_burnin=5, warn=False,
+    )
+    fig = plot_loss_traces(result)
+    lines = fig.axes[0].get_lines()  # per chain: burn-in, then draws; then the λ̂ line
+    colours = [(lines[2 * c].get_color(), lines[2 * c + 1].get_color()) for c in range(3)]
+    assert all(burn == draws for burn, draws in colours)
+    assert len({burn for burn, _ in colours}) == 3  # and the chains differ
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
