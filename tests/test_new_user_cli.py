@@ -208,3 +208,73 @@ def test_loss_traces_keep_each_chain_colour_after_burn_in() -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def numpy_factory():
+    model, x = float32_factory()
+    return model, x.numpy()
+
+
+def loader_factory():
+    """Batches of (inputs, labels) from a DataLoader, float32 as torch makes them."""
+    model, (x, y) = labelled_factory()
+    return model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_numpy_data_is_a_clear_error(tmp_path) -> None:
+    config = _config(tmp_path, f"model: {{name: '{__name__}:numpy_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output  # was a TypeError traceback
+    assert "returned data of type ndarray" in result.output and "torch.from_numpy" in result.output
+
+
+def test_loader_in_another_dtype_names_the_config_field(tmp_path) -> None:
+    config = _config(tmp_path, f"model: {{name: '{__name__}:loader_factory'}}\nnode_layers: ['2', output]\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "model.dtype: float32" in result.output  # not "pass dtype='float64'", a library argument
+    assert not (tmp_path / "run" / "bases").exists()
+
+
+def test_loader_labels_are_used_by_the_ablations(tmp_path) -> None:
+    # batches (inputs, labels): the library reads their labels; the command skipped the ablations
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:loader_factory', dtype: float32}}
+        node_layers: ['2', output]
+        methods: [pca]
+        ablation: {{edges: false, node_points: 2}}
+        modules: {{methods: []}}
+        """,
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "ablations skipped" not in result.output
+    curves = json.loads((tmp_path / "run" / "ablation" / "pca_nodes.json").read_text())
+    model, (x, y) = labelled_factory()
+    want = (model(x).argmax(-1) == y).double().mean().item()  # 1: the labels are the model's classes
+    assert curves["2"]["base_accuracy"] == want == 1.0
+
+
+def test_limits_refuse_batches(tmp_path) -> None:
+    # edge_limit / ablation.limit cut examples of a tensor; a list of batches would be cut by batches
+    # and a DataLoader was a TypeError traceback
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:loader_factory', dtype: float32}}
+        node_layers: ['2', output]
+        methods: [pca]
+        edge_limit: 10
+        """,
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "edge_limit cuts data given as a tensor" in result.output
+    spec = ModelSpec(name=f"{__name__}:loader_factory", dtype="float32", limit=3)
+    try:
+        resolve_model(spec)
+    except ValueError as err:
+        assert "model.limit cuts data" in str(err)
+    else:
+        raise AssertionError("model.limit on a DataLoader must be a ValueError")

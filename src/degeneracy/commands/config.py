@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from degeneracy.basis_result import METHODS
 from degeneracy.commands.options import basis_options, check_graph_options
 from degeneracy.commands.placement import Device, place, run_device
-from degeneracy.commands.user_data import cast_data, factory, limit_data
+from degeneracy.commands.user_data import cast_data, check_data, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -234,7 +234,7 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             )
         model, data = made
         model = model.to(dtype)
-        data = cast_data(data, dtype)  # floating inputs (and labels) follow the model: one dtype, model.dtype
+        data = check_data(cast_data(data, dtype), dtype, spec.name)  # floats follow model.dtype
         layers = None
     else:
         raise ValueError(

@@ -57,6 +57,7 @@ from degeneracy.commands.graph_files import (
     node_curves_from_json,
 )
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.commands.user_data import batches_carry_labels, check_limits
 from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text, json_text
 
@@ -206,6 +207,7 @@ def run_graph(
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
     preflight(model, data, layers)  # before the first stage: node layers exist, the model takes the data
+    check_limits(data, edge_limit=cfg.edge_limit, **{"ablation.limit": cfg.ablation.limit})
     fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:
@@ -257,8 +259,14 @@ def run_graph(
     metric = {} if opts.metrics == "classification" else {"metrics": opts.metrics}
     if "split" in ablated:  # built on one split, ablated on another
         say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
-    if eval_labels is None and not metric and (opts.node_curves or opts.edges):
-        say("[graph] no labels for this data: ablations skipped")
+    if eval_labels is None and not metric and not batches_carry_labels(eval_data) and (
+        opts.node_curves or opts.edges
+    ):
+        say(
+            "[graph] no labels for this data: ablations skipped (return (model, (inputs, labels)) from the "
+            "factory, or set ablation: {metrics: mse} or {metrics: embedding} to compare with the model's "
+            "own output)"
+        )
     elif opts.node_curves or opts.edges:
         summary["ablation_examples"] = _n(eval_data)
         summary["ablation_split"] = opts.split or cfg.model.split

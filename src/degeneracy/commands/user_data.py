@@ -8,7 +8,10 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["factory", "cast_data", "limit_data", "split_labels"]
+__all__ = [
+    "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
+    "check_limits",
+]
 
 
 def _is_pair(data: Any) -> bool:
@@ -104,3 +107,88 @@ def split_labels(data: Any) -> tuple[Any, Any]:
     if isinstance(data, tuple | list) and len(data) == 2:
         return data[0], data[1]
     return data, None
+
+
+def check_data(data: Any, dtype: Any, name: str) -> Any:
+    """``data`` of the factory ``name`` once checked (after :func:`cast_data`): no numpy arrays (a
+    ``ValueError`` saying to return tensors), and batches of a loader (or list of batches) whose floating
+    inputs are in ``dtype``, the run's ``model.dtype`` (the first batch is read; a one-pass generator is
+    not), else a ``ValueError`` naming the config field to set.
+
+    >>> import numpy as np, torch
+    >>> check_data(np.zeros((3, 2)), torch.float64, "mymodel:make")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model factory 'mymodel:make' returned data of type ndarray: return torch tensors ...
+    >>> batches = [torch.zeros(2, 3), torch.zeros(2, 3)]
+    >>> check_data(batches, torch.float32, "mymodel:make") is batches
+    True
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    parts = list(data) if isinstance(data, tuple | list) and len(data) == 2 else [data]
+    for part in parts:
+        if hasattr(part, "__array__") and not isinstance(part, Tensor):
+            raise ValueError(
+                f"model factory {name!r} returned data of type {type(part).__name__}: return torch tensors "
+                "(torch.from_numpy(x)), a dict of them, (inputs, labels) or a DataLoader"
+            )
+    if isinstance(data, Tensor | Mapping) or _is_pair(data) or iter(data) is data:
+        return data
+    inputs = next(iter_batches(data)).inputs
+    found = {v.dtype for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
+             if isinstance(v, Tensor) and v.is_floating_point()}
+    if found - {dtype}:
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
+        want = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"the batches of model factory {name!r} hold {got} inputs, and the run computes in {want} "
+            f"(model.dtype): set model.dtype: {got} in the config, or make the batches {want} "
+            "(a tensor, dict or (inputs, labels) pair is cast for you; batches are not)"
+        )
+    return data
+
+
+def batches_carry_labels(data: Any) -> bool:
+    """Whether ``data`` are batches (a ``DataLoader``, a list) of ``(inputs, labels, ...)``: the
+    ablations then read the labels from the batches. A tensor, a dict or a one-pass generator: ``False``.
+
+    >>> import torch
+    >>> x, y = torch.zeros(4, 2), torch.arange(4)
+    >>> batches_carry_labels([(x, y), (x, y)]), batches_carry_labels([x, x]), batches_carry_labels(x)
+    (True, False, False)
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    if data is None or isinstance(data, Tensor | Mapping) or iter(data) is data:
+        return False
+    extras = next(iter_batches(data)).extras
+    return bool(extras) and isinstance(extras[0], Tensor)
+
+
+def check_limits(data: Any, **limits: int | None) -> None:
+    """A ``ValueError`` when a limit of the config (``edge_limit``, ``ablation.limit``) is set and
+    ``data`` are batches (a ``DataLoader``, a list of batches): they cut examples of a tensor or a dict
+    of tensors, and would cut a list of batches by batches.
+
+    >>> import torch
+    >>> check_limits(torch.zeros(5, 2), edge_limit=3)
+    >>> check_limits([torch.zeros(5, 2)] * 4, edge_limit=3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: edge_limit cuts data given as a tensor or a dict of tensors, not batches (a list): ...
+    """
+    from torch import Tensor
+
+    if isinstance(data, Tensor | Mapping):
+        return
+    for field, limit in limits.items():
+        if limit is not None:
+            raise ValueError(
+                f"{field} cuts data given as a tensor or a dict of tensors, not batches "
+                f"(a {type(data).__name__}): drop it, or make the factory return fewer examples"
+            )
