@@ -278,3 +278,36 @@ def test_limits_refuse_batches(tmp_path) -> None:
         assert "model.limit cuts data" in str(err)
     else:
         raise AssertionError("model.limit on a DataLoader must be a ValueError")
+
+
+def other_width_factory():
+    """Another model of the user's, with other layers: written into the same --out by mistake."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    return model, torch.randn(16, 3)
+
+
+def test_report_of_a_folder_holding_two_models(tmp_path) -> None:
+    # a basis run of another model into the --out of a first run: the report failed ("no node layer
+    # ...") and, with the same layer names, would mix the two models' numbers without a word
+    run = tmp_path / "run"
+    first = _config(tmp_path, f"model: {{name: '{__name__}:float32_factory'}}\nnode_layers: ['2', output]\n")
+    assert runner.invoke(app, ["basis", str(first), "--out", str(run)]).exit_code == 0
+    second = tmp_path / "second.yaml"
+    other = f"model: {{name: '{__name__}:other_width_factory'}}\n"
+    second.write_text(other + "node_layers: ['1']\nmethods: [lib]\n")
+    assert runner.invoke(app, ["basis", str(second), "--out", str(run)]).exit_code == 0
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    from degeneracy.fingerprint import model_fingerprint
+
+    page = (run / "report.html").read_text()
+    lib_model = model_fingerprint(other_width_factory()[0].double())[:8]
+    pca_model = model_fingerprint(float32_factory()[0].double())[:8]
+    assert "2 different models" in page
+    assert f"model {lib_model}: basis.lib" in page and f"model {pca_model}: basis.pca" in page
+    # and one run's folder has no such warning
+    alone = tmp_path / "alone"
+    assert runner.invoke(app, ["basis", str(first), "--out", str(alone)]).exit_code == 0
+    assert runner.invoke(app, ["report", str(alone)]).exit_code == 0
+    assert "different models" not in (alone / "report.html").read_text()

@@ -69,12 +69,12 @@ def _bases(run_dir: Path, found: Found) -> str:
     files = sorted(found["bases"].glob("*.safetensors"))
     bases = {f.stem: degeneracy.load_basis(f) for f in files}
     methods = list(bases)
-    names = next(iter(bases.values())).names
+    names = list(dict.fromkeys(n for b in bases.values() for n in b.names))  # (bases of other runs too)
     headers = ["node layer", "width d (with constant)", "positions"]
     headers += [f"d̂ kept ({m})" for m in methods] + [f"Λ max ({m})" for m in methods]
     rows = []
     for name in names:
-        first = next(iter(bases.values()))[name]
+        first = next(b for b in bases.values() if name in b.bases)[name]
         row: list[Any] = [name, first.width, first.positions]
         row += [bases[m][name].dim if name in bases[m].bases else None for m in methods]
         row += [float(bases[m][name].eigenvalues.max()) if name in bases[m].bases else None for m in methods]
