@@ -311,3 +311,30 @@ def test_report_of_a_folder_holding_two_models(tmp_path) -> None:
     assert runner.invoke(app, ["basis", str(first), "--out", str(alone)]).exit_code == 0
     assert runner.invoke(app, ["report", str(alone)]).exit_code == 0
     assert "different models" not in (alone / "report.html").read_text()
+
+
+class _CtrlC(torch.nn.Module):
+    """Stands for the user pressing Ctrl-C during a run: the second forward pass is interrupted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.calls = _model(), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return self.inner(x)
+
+
+def interrupted_factory():
+    return _CtrlC(), torch.randn(8, 4, dtype=torch.float64)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path) -> None:
+    # Ctrl-C ended a run with no word (exit 130 from the shell, or click's "Aborted!"); finished stages
+    # are kept and a rerun resumes, which the user is now told
+    config = _config(tmp_path, f"model: {{name: '{__name__}:interrupted_factory'}}\nnode_layers: [inner.2]\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "rerun the same command to resume" in result.output

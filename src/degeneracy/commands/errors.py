@@ -45,7 +45,8 @@ AllowOtherModelOption = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2.
+    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2;
+    Ctrl-C into a line saying how to resume, and exit 130.
 
     >>> try:
     ...     with user_errors():
@@ -59,6 +60,14 @@ def user_errors() -> Iterator[None]:
     except USER_ERRORS as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
+    except KeyboardInterrupt as err:  # Ctrl-C: say what is kept (every finished stage) and how to go on
+        typer.secho(
+            "interrupted: the stages that finished are saved (no partial file is left); rerun the same "
+            "command to resume from there",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(code=130) from err
 
 
 def echo_err(message: str) -> None:
