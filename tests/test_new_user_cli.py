@@ -338,3 +338,30 @@ def test_ctrl_c_says_how_to_resume(tmp_path) -> None:
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output and "rerun the same command to resume" in result.output
+
+
+def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
+    # ablation: {metrics: mse} scores -MSE as "accuracy"; the page called it "model accuracy" unexplained
+    config = _config(
+        tmp_path,
+        f"""
+        model: {{name: '{__name__}:float32_factory'}}
+        node_layers: ['2', output]
+        methods: [pca]
+        ablation: {{metrics: mse, node_points: 2, delta: 0.01}}
+        modules: {{methods: []}}
+        """,
+    )
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["graph", str(config), "--out", str(run)]).exit_code == 0
+    assert runner.invoke(app, ["report", str(run)]).exit_code == 0
+    page = (run / "report.html").read_text()
+    assert "Ablation metrics <code>mse</code>" in page and "minus the mean squared error" in page
+    edges = json.loads((run / "ablation" / "pca_edges.json").read_text())
+    assert edges[0]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
+    classified = tmp_path / "classified"
+    text = config.read_text().replace("float32_factory", "labelled_factory")
+    config.write_text(text.replace("mse", "classification"))
+    assert runner.invoke(app, ["graph", str(config), "--out", str(classified)]).exit_code == 0
+    assert runner.invoke(app, ["report", str(classified)]).exit_code == 0
+    assert "Ablation metrics" not in (classified / "report.html").read_text()

@@ -18,7 +18,7 @@ from typing import Any
 
 from degeneracy.display import escape, format_value, html_table
 from degeneracy.io import json_text
-from degeneracy.report.html_figures import embed_figure, source_line
+from degeneracy.report.html_figures import ablation_note, embed_figure, source_line
 
 __all__ = ["SECTIONS"]
 
@@ -282,7 +282,8 @@ def _ablations(run_dir: Path, found: Found) -> str:
                 "Edge ablation: accuracy against edges kept (the bisection's points), answer marked.",
             )
         )
-    return _section(run_dir, parts, (p for _, p in edge_files + node_files))
+    note = [ablation_note(found["graph"])] if parts else []  # what "accuracy" is, when not a classifier's
+    return _section(run_dir, note + parts, (p for _, p in edge_files + node_files))
 
 
 # ---------------------------------------------------------------------------------------------------
