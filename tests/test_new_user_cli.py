@@ -365,3 +365,24 @@ def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
     assert runner.invoke(app, ["graph", str(config), "--out", str(classified)]).exit_code == 0
     assert runner.invoke(app, ["report", str(classified)]).exit_code == 0
     assert "Ablation metrics" not in (classified / "report.html").read_text()
+
+
+def test_help_is_plain_text() -> None:
+    for args in (["--help"], ["basis", "--help"], ["llc", "--help"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and ":class:" not in result.output, result.output
+    assert "(a BasisRunConfig;" in runner.invoke(app, ["basis", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_out_that_is_a_file_is_refused_before_the_run(tmp_path) -> None:
+    # a NotADirectoryError traceback once the first stage had been computed (and its result lost)
+    config = _config(tmp_path, f"model: {{name: '{__name__}:interrupted_factory'}}\nnode_layers: [inner.2]\n")
+    taken = tmp_path / "notes.txt"
+    taken.write_text("my notes")
+    for out in (taken, taken / "run"):
+        result = runner.invoke(app, ["basis", str(config), "--out", str(out)])
+        flat = " ".join(result.output.replace("│", " ").split())  # rich wraps the usage error in a box
+        assert result.exit_code == 2 and "is a file, not a folder" in flat, result.output
+    assert taken.read_text() == "my notes"
+    result = runner.invoke(app, ["report", str(taken)])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output

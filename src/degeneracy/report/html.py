@@ -183,9 +183,8 @@ def write_html_report(run_dir: str | Path, path: str | Path | None = None) -> Pa
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(
-            f"run folder {str(run_dir)!r} does not exist: pass the --out folder of a degeneracy run"
-        )
+        why = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise ValueError(f"run folder {str(run_dir)!r} {why}: pass the --out folder of a degeneracy run")
     target = Path(path) if path is not None else run_dir / "report.html"
     atomic_write_text(target, html_report(run_dir))
     return target
