@@ -386,3 +386,33 @@ def test_out_that_is_a_file_is_refused_before_the_run(tmp_path) -> None:
     assert taken.read_text() == "my notes"
     result = runner.invoke(app, ["report", str(taken)])
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
+
+
+def regression_factory():
+    """A regression model's data: (inputs, float targets)."""
+    model, x = float32_factory()
+    return model, (x, torch.randn(24, 3, generator=torch.Generator().manual_seed(3)))
+
+
+def test_regression_targets_with_classification_metrics(tmp_path) -> None:
+    # float labels with the default metrics: a torch traceback in the node ablations, after the bases
+    # and edges had run; now an error before any stage, and metrics: mse scores them
+    text = f"""
+        model: {{name: '{__name__}:regression_factory'}}
+        node_layers: ['2', output]
+        methods: [pca]
+        ablation: {{node_points: 2, edges: false}}
+        modules: {{methods: []}}
+        """
+    config = _config(tmp_path, text)
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "set ablation: {metrics: mse}" in result.output, result.output
+    assert not (tmp_path / "run" / "stages").exists()
+    config = _config(tmp_path, text.replace("node_points: 2", "node_points: 2, metrics: mse"))
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    curves = json.loads((tmp_path / "run" / "ablation" / "pca_nodes.json").read_text())
+    model, (x, y) = regression_factory()
+    with torch.no_grad():
+        want = -(model.double()(x.double()) - y.double()).square().mean().item()
+    assert abs(curves["2"]["base_accuracy"] - want) <= 1e-12 * abs(want)

@@ -57,7 +57,7 @@ from degeneracy.commands.graph_files import (
     node_curves_from_json,
 )
 from degeneracy.commands.resume import StageLog, run_stage
-from degeneracy.commands.user_data import batches_carry_labels, check_limits
+from degeneracy.commands.user_data import batches_carry_labels, check_labels, check_limits
 from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text, json_text
 
@@ -208,6 +208,8 @@ def run_graph(
     have, graphs, configs = dict(bases or {}), {}, {}
     preflight(model, data, layers)  # before the first stage: node layers exist, the model takes the data
     check_limits(data, edge_limit=cfg.edge_limit, **{"ablation.limit": cfg.ablation.limit})
+    if cfg.ablation.node_curves or cfg.ablation.edges:
+        check_labels(data, labels, cfg.ablation.metrics)
     fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:

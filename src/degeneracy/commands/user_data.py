@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = [
     "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
-    "check_limits",
+    "check_limits", "check_labels",
 ]
 
 
@@ -192,3 +192,29 @@ def check_limits(data: Any, **limits: int | None) -> None:
                 f"{field} cuts data given as a tensor or a dict of tensors, not batches "
                 f"(a {type(data).__name__}): drop it, or make the factory return fewer examples"
             )
+
+
+def check_labels(data: Any, labels: Any, metrics: str) -> None:
+    """A ``ValueError`` before any stage runs when the ablations' ``metrics`` cannot score these labels
+    (``labels``, or those the batches of ``data`` carry): floating-point labels (regression targets)
+    with ``classification``, the default.
+
+    >>> import torch
+    >>> check_labels(torch.zeros(4, 2), torch.arange(4), "classification")
+    >>> check_labels(torch.zeros(4, 2), torch.randn(4), "classification")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ablation.metrics is classification (the default), but the labels are float32 numbers ...
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    if labels is None and batches_carry_labels(data):
+        labels = next(iter_batches(data)).extras[0]
+    if metrics == "classification" and isinstance(labels, Tensor) and labels.is_floating_point():
+        raise ValueError(
+            f"ablation.metrics is classification (the default), but the labels are "
+            f"{str(labels.dtype).removeprefix('torch.')} numbers (regression targets?): set "
+            "ablation: {metrics: mse} to score the output against them, or give integer class labels"
+        )
