@@ -416,3 +416,21 @@ def test_regression_targets_with_classification_metrics(tmp_path) -> None:
     with torch.no_grad():
         want = -(model.double()(x.double()) - y.double()).square().mean().item()
     assert abs(curves["2"]["base_accuracy"] - want) <= 1e-12 * abs(want)
+
+
+def test_modules_and_edge_methods_of_bases_not_built(tmp_path) -> None:
+    # modules.methods / ablation.edge_methods naming a basis the run does not build were skipped silently
+    base = f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [lib]\n"
+    for extra, field in (("modules: {methods: [pca]}\n", "modules.methods"),
+                         ("ablation: {edge_methods: [pca]}\n", "ablation.edge_methods")):
+        config = _config(tmp_path, base + extra)
+        result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+        assert result.exit_code == 2, result.output
+        assert f"{field} names ['pca'], a basis this run does not build" in result.output
+    assert not (tmp_path / "run").exists()
+    # the default modules.methods ([lib]) with other bases: said, not silent
+    no_ablation = "ablation: {node_curves: false, edges: false}\n"
+    config = _config(tmp_path, base.replace("[lib]", "[pca]") + no_ablation)
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "[graph] no modules: modules.methods ['lib'] names no basis of this run" in result.output

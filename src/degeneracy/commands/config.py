@@ -17,7 +17,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
-from degeneracy.commands.options import basis_options, check_graph_options
+from degeneracy.commands.options import basis_options, check_graph_options, check_methods_built
 from degeneracy.commands.placement import Device, place, run_device
 from degeneracy.commands.user_data import cast_data, check_data, factory, limit_data
 
@@ -450,6 +450,7 @@ class GraphRunConfig(StrictModel):
         check_sources(self.basis, "basis")
         check_sources(self.edges, "edges")
         check_graph_options(self)  # basis_files; basis and edges options typed and checked
+        check_methods_built(self)  # edge_methods and modules.methods among the methods built
         return self
 
 

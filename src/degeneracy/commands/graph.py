@@ -341,6 +341,8 @@ def run_graph(
     # modules
     modules, module_graphs = {}, {}
     mo = cfg.modules
+    if mo.methods and not set(mo.methods) & set(graphs):
+        say(f"[graph] no modules: modules.methods {mo.methods} names no basis of this run (methods)")
     for method in mo.methods:
         if method not in graphs:
             continue
