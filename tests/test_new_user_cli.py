@@ -434,3 +434,15 @@ def test_modules_and_edge_methods_of_bases_not_built(tmp_path) -> None:
     result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "[graph] no modules: modules.methods ['lib'] names no basis of this run" in result.output
+
+
+def test_module_range_typo_is_refused_before_the_run(tmp_path) -> None:
+    # modules.first_layer naming no node layer failed after every basis, edge and ablation stage
+    config = _config(
+        tmp_path,
+        f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+        "modules: {methods: [pca], first_layer: '3'}\n",
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "modules.first_layer '3' is not a node layer" in result.output
+    assert not (tmp_path / "run" / "stages").exists()

@@ -210,6 +210,13 @@ def run_graph(
     check_limits(data, edge_limit=cfg.edge_limit, **{"ablation.limit": cfg.ablation.limit})
     if cfg.ablation.node_curves or cfg.ablation.edges:
         check_labels(data, labels, cfg.ablation.metrics)
+    if layers and cfg.modules.methods:  # the module graph's range, checked before any stage
+        from degeneracy.capture import as_node_layers
+
+        names = [layer.name for layer in as_node_layers(model, layers)]
+        for field in ("first_layer", "last_layer"):
+            if (name := getattr(cfg.modules, field)) not in (None, *names):
+                raise ValueError(f"modules.{field} {name!r} is not a node layer: {names}")
     fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:
