@@ -446,3 +446,15 @@ def test_module_range_typo_is_refused_before_the_run(tmp_path) -> None:
     result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "modules.first_layer '3' is not a node layer" in result.output
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path) -> None:
+    # model: {name: modadd, checkpoint: ...} given a state dict that is no TransformerLens model's: a
+    # TypeError traceback from HookedTransformerConfig
+    path = tmp_path / "mlp.pt"
+    torch.save(_model().state_dict(), path)
+    config = tmp_path / "run.yaml"  # (config.yaml beside a checkpoint is read as its TransformerLens config)
+    config.write_text(f"model: {{name: modadd, checkpoint: '{path}', limit: 8}}\nmethods: [pca]\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "no TransformerLens config from these weights" in result.output and "0.weight" in result.output
