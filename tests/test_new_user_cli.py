@@ -458,3 +458,22 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path) -> None:
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "no TransformerLens config from these weights" in result.output and "0.weight" in result.output
+
+
+_CALLS = [0]
+
+
+def unseeded_factory():
+    """Data drawn anew on every call, as from an unseeded torch.randn."""
+    _CALLS[0] += 1
+    return _model(), torch.randn(12, 4, generator=torch.Generator().manual_seed(_CALLS[0]))
+
+
+def test_rerun_on_other_data_says_why_it_recomputes(tmp_path) -> None:
+    factory = f"model: {{name: '{__name__}:unseeded_factory'}}\n"
+    config = _config(tmp_path, factory + "node_layers: ['2']\nmethods: [pca]\n")
+    run = ["basis", str(config), "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, run).exit_code == 0
+    again = runner.invoke(app, run)
+    assert again.exit_code == 0, again.output
+    assert "recomputing: its config changed (fingerprint.data): the model or data differ" in again.output
