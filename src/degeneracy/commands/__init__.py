@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,12 @@ def command_help(command: Callable[..., Any], config: type[BaseModel] | None = N
     takes (each with its type and default).
 
     >>> text = command_help(basis_command, BasisRunConfig)
-    >>> ">>>" in text, "methods" in text
-    (False, True)
+    >>> ">>>" in text, "methods" in text, ":class:" in text, text.split(";")[0]
+    (False, True, False, 'Build interaction bases from a config file (a BasisRunConfig')
     """
     doc = inspect.getdoc(command) or ""
     text = doc.split(">>>", 1)[0].strip()
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")  # Sphinx roles read as plain text
     if config is not None:
         fields = ", ".join(config_fields(config))
         text += f"\n\nConfig fields ({config.__name__}; unknown fields are errors): {fields}."

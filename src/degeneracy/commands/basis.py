@@ -24,6 +24,7 @@ from degeneracy.commands.errors import (
 )
 from degeneracy.commands.placement import place, run_device
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.commands.user_data import split_labels
 from degeneracy.io import json_text
 
 __all__ = [
@@ -186,6 +187,7 @@ def build_bases(
     >>> del sys.modules["toy"]
     """
     model, data, default_layers = resolve_model(cfg.model)
+    data, _ = split_labels(data)  # a factory's (inputs, labels): the bases take the inputs
     model, data = place(model, data, run_device(cfg.device))
     layers = cfg.node_layers or default_layers
     if layers is None:

@@ -8,7 +8,6 @@ with the field named.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,9 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
-from degeneracy.commands.options import basis_options, check_graph_options
+from degeneracy.commands.options import basis_options, check_graph_options, check_methods_built
 from degeneracy.commands.placement import Device, place, run_device
+from degeneracy.commands.user_data import cast_data, check_data, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -226,11 +226,7 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             data = xtr if spec.split == "train" else xte
         layers = DIGITS_NODE_LAYERS
     elif ":" in spec.name:
-        module_name, func_name = spec.name.split(":", 1)
-        try:
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot load model factory {spec.name!r}: {err}") from err
+        func = factory(spec.name)
         made = func()
         if not (isinstance(made, tuple | list) and len(made) == 2):
             raise ValueError(
@@ -238,13 +234,14 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             )
         model, data = made
         model = model.to(dtype)
+        data = check_data(cast_data(data, dtype), dtype, spec.name)  # floats follow model.dtype
         layers = None
     else:
         raise ValueError(
             f"unknown model {spec.name!r}: use 'modadd', 'digits_mlp' or 'package.module:function'"
         )
     if spec.limit is not None:
-        data = data[: spec.limit]
+        data = limit_data(data, spec.limit)
     return model.eval(), data, layers
 
 
@@ -453,6 +450,7 @@ class GraphRunConfig(StrictModel):
         check_sources(self.basis, "basis")
         check_sources(self.edges, "edges")
         check_graph_options(self)  # basis_files; basis and edges options typed and checked
+        check_methods_built(self)  # edge_methods and modules.methods among the methods built
         return self
 
 

@@ -39,6 +39,7 @@ from degeneracy.commands.errors import (
     user_errors,
 )
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.commands.user_data import split_labels
 from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text, json_text
 
@@ -252,6 +253,7 @@ def degeneracy_command(
     """
     with user_errors():
         cfg, model, data, _ = load_run(config, DegeneracyRunConfig)
+        data, _ = split_labels(data)  # a factory's (inputs, labels): the accounting takes the inputs
         summary = dict(run_degeneracy(cfg, model, data, out, force=force, log=echo_err))
     table = summary.pop("table")
     typer.echo(table)

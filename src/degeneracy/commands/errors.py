@@ -24,7 +24,34 @@ ConfigArgument = Annotated[
 ]
 """The CONFIG argument of the ``basis``, ``graph``, ``degeneracy`` and ``llc`` commands."""
 
-OutOption = Annotated[Path, typer.Option(help="output directory")]
+
+
+def check_out(out: Path) -> Path:
+    """The ``--out`` folder, checked before the run: a file there (or in its path) is an error now, not
+    a traceback after the first stage has been computed.
+
+    >>> check_out(Path("runs/basis"))
+    PosixPath('runs/basis')
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as file:
+    ...     try:
+    ...         check_out(Path(file.name) / "run")
+    ...     except typer.BadParameter as err:
+    ...         print(str(err).replace(file.name, "FILE"))
+    FILE is a file, not a folder: name a folder for the results (it is created when missing)
+    """
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise typer.BadParameter(
+                    f"{folder} is a file, not a folder: name a folder for the results (it is created when "
+                    "missing)"
+                )
+            break
+    return out
+
+
+OutOption = Annotated[Path, typer.Option(help="output directory", callback=check_out)]
 """The ``--out`` option of every command (each command gives its own default folder)."""
 
 ForceOption = Annotated[
@@ -45,7 +72,8 @@ AllowOtherModelOption = Annotated[
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2.
+    """Turn a config, data or result-file error raised inside the block into ``error: ...`` and exit 2;
+    Ctrl-C into a line saying how to resume, and exit 130.
 
     >>> try:
     ...     with user_errors():
@@ -59,6 +87,14 @@ def user_errors() -> Iterator[None]:
     except USER_ERRORS as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
+    except KeyboardInterrupt as err:  # Ctrl-C: say what is kept (every finished stage) and how to go on
+        typer.secho(
+            "interrupted: the stages that finished are saved (no partial file is left); rerun the same "
+            "command to resume from there",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        raise typer.Exit(code=130) from err
 
 
 def echo_err(message: str) -> None:

@@ -57,6 +57,7 @@ from degeneracy.commands.graph_files import (
     node_curves_from_json,
 )
 from degeneracy.commands.resume import StageLog, run_stage
+from degeneracy.commands.user_data import batches_carry_labels, check_labels, check_limits
 from degeneracy.distributed import writes_enabled
 from degeneracy.io import atomic_write_text, json_text
 
@@ -206,6 +207,16 @@ def run_graph(
     # bases and edges
     have, graphs, configs = dict(bases or {}), {}, {}
     preflight(model, data, layers)  # before the first stage: node layers exist, the model takes the data
+    check_limits(data, edge_limit=cfg.edge_limit, **{"ablation.limit": cfg.ablation.limit})
+    if cfg.ablation.node_curves or cfg.ablation.edges:
+        check_labels(data, labels, cfg.ablation.metrics)
+    if layers and cfg.modules.methods:  # the module graph's range, checked before any stage
+        from degeneracy.capture import as_node_layers
+
+        names = [layer.name for layer in as_node_layers(model, layers)]
+        for field in ("first_layer", "last_layer"):
+            if (name := getattr(cfg.modules, field)) not in (None, *names):
+                raise ValueError(f"modules.{field} {name!r} is not a node layer: {names}")
     fingerprint = run_fingerprint(model, data)  # in every stage config: another model recomputes
     for method in cfg.methods:
         if method not in have:
@@ -257,8 +268,14 @@ def run_graph(
     metric = {} if opts.metrics == "classification" else {"metrics": opts.metrics}
     if "split" in ablated:  # built on one split, ablated on another
         say(f"[graph] ablations on the {opts.split} split ({_n(eval_data)} examples)")
-    if eval_labels is None and not metric and (opts.node_curves or opts.edges):
-        say("[graph] no labels for this data: ablations skipped")
+    if eval_labels is None and not metric and not batches_carry_labels(eval_data) and (
+        opts.node_curves or opts.edges
+    ):
+        say(
+            "[graph] no labels for this data: ablations skipped (return (model, (inputs, labels)) from the "
+            "factory, or set ablation: {metrics: mse} or {metrics: embedding} to compare with the model's "
+            "own output)"
+        )
     elif opts.node_curves or opts.edges:
         summary["ablation_examples"] = _n(eval_data)
         summary["ablation_split"] = opts.split or cfg.model.split
@@ -331,6 +348,8 @@ def run_graph(
     # modules
     modules, module_graphs = {}, {}
     mo = cfg.modules
+    if mo.methods and not set(mo.methods) & set(graphs):
+        say(f"[graph] no modules: modules.methods {mo.methods} names no basis of this run (methods)")
     for method in mo.methods:
         if method not in graphs:
             continue

@@ -150,3 +150,27 @@ def check_graph_options(cfg: Any) -> None:
     check_basis_files(cfg.basis_files, cfg.methods, METHODS)
     object.__setattr__(cfg, "basis", basis_options(cfg.basis, cfg.methods))
     object.__setattr__(cfg, "edges", edge_options(cfg.edges))
+
+
+def check_methods_built(cfg: Any) -> None:
+    """A graph config's ``ablation.edge_methods`` and (when given) ``modules.methods`` name bases that it
+    builds (``methods``), else a ``ValueError``: a method not built was skipped without a word.
+
+    >>> from degeneracy.commands.config import GraphRunConfig
+    >>> try:
+    ...     GraphRunConfig.model_validate({"methods": ["lib"], "modules": {"methods": ["pca"]}})
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["msg"].split(":")[0])
+    Value error, modules.methods names ['pca'], a basis this run does not build (methods
+    """
+    asked = {
+        "ablation.edge_methods": cfg.ablation.edge_methods or [],
+        "modules.methods": cfg.modules.methods if "methods" in cfg.modules.model_fields_set else [],
+    }
+    for field, methods in asked.items():
+        missing = [m for m in methods if m not in cfg.methods]
+        if missing:
+            raise ValueError(
+                f"{field} names {missing}, a basis this run does not build (methods: {list(cfg.methods)}): "
+                f"add it to methods, or take it out of {field}"
+            )

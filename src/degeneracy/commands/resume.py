@@ -139,6 +139,8 @@ def run_stage(
             keys = _changed_keys(record["config"], wanted)
             shown = ", ".join(k.rstrip(".") for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
             why = "recomputing: its config changed" + (f" ({shown})" if keys else "")
+            if keys and all(".fingerprint." in f".{k}" for k in keys):  # same config, other weights or data
+                why += ": the model or data differ from the last run's (unseeded random draws in a factory?)"
         else:
             try:
                 value = load(record["result"]) if load is not None else record["result"]

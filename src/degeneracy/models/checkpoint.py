@@ -154,7 +154,14 @@ def load_transformer_lens_checkpoint(
         merged.setdefault("seed", 0)
         if "d_head" not in merged and "n_heads" in merged:
             merged["d_head"] = merged["d_model"] // merged["n_heads"]
-        config = tl.HookedTransformerConfig(**merged)
+        try:
+            config = tl.HookedTransformerConfig(**merged)
+        except TypeError as err:  # fields neither given nor in the weights (another model's state dict?)
+            raise ValueError(
+                f"{path}: no TransformerLens config from these weights ({err}); they hold "
+                f"{sorted(state)[:6]}: a HookedTransformer state dict (embed.W_E, blocks.0.attn.W_Q, ...) "
+                "is expected, or give the missing fields in the config"
+            ) from err
     inferred = infer_transformer_lens_config(state)
     clash = {
         k: (v, getattr(config, k)) for k, v in inferred.items() if k in given and given[k] != v

@@ -26,11 +26,12 @@ def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
     ('.png', True)
     """
     plt = pyplot()
-    first = next(iter(bases.values()))
-    names = first.names
+    names = list(dict.fromkeys(n for basis in bases.values() for n in basis.names))  # every basis's layers
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        for method, basis in bases.items():
+        for colour, (method, basis) in enumerate(bases.items()):
+            if name not in basis.bases:
+                continue
             b = basis[name]
             values = b.eigenvalues[1:] if (b.has_constant and basis.config.center) else b.eigenvalues
             values = values.clamp_min(1e-300)
@@ -39,6 +40,7 @@ def plot_spectra(bases: Mapping[str, Any], path: str | Path) -> Path:
                 (values / values.max()).numpy(),
                 ".-",
                 ms=3,
+                color=f"C{colour}",  # one colour per basis in every panel
                 label=f"{method} ({b.dim})",
             )
         ax.set_title(name, fontsize=9)

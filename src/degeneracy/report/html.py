@@ -24,7 +24,7 @@ from degeneracy.display import escape
 from degeneracy.io import atomic_write_text
 from degeneracy.report.html_sections import SECTIONS
 
-__all__ = ["html_report", "write_html_report", "find_results", "ASSETS"]
+__all__ = ["html_report", "write_html_report", "find_results", "mixed_models", "ASSETS"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 """The style sheet and script inlined into every report."""
@@ -69,6 +69,61 @@ def find_results(run_dir: str | Path) -> dict[str, Path]:
     return {key: folder for key, folder in found.items() if folder is not None}
 
 
+def mixed_models(run_dir: str | Path) -> str:
+    """A warning (HTML) when a result folder of ``run_dir`` holds stages run on different models (the
+    model fingerprints their stage records name): a command wrote into a folder holding another run's
+    results, which the page then shows side by side. ``""`` when every folder holds one model.
+
+    >>> import json, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "stages").mkdir()
+    ...     for name, model in (("basis.lib", "a" * 64), ("basis.pca", "b" * 64)):
+    ...         record = {"config": {"fingerprint": {"model": model}}}
+    ...         _ = (Path(tmp) / "stages" / f"{name}.json").write_text(json.dumps(record))
+    ...     text = mixed_models(tmp)
+    >>> "2 different models" in text, "model aaaaaaaa: basis.lib; model bbbbbbbb: basis.pca" in text
+    (True, True)
+    """
+    import json
+
+    lines = []
+    for stages in sorted(Path(run_dir).rglob("stages")):
+        models: dict[str, list[str]] = {}
+        for record in sorted(stages.glob("*.json")):
+            try:
+                config = json.loads(record.read_text(encoding="utf-8")).get("config", {})
+            except (OSError, ValueError, AttributeError):
+                continue
+            for model in _model_fingerprints(config):
+                models.setdefault(model, []).append(record.stem)
+        if len(models) > 1:
+            groups = "; ".join(f"model {m[:8]}: {', '.join(names)}" for m, names in models.items())
+            where = stages.parent.relative_to(run_dir).as_posix()
+            where = "the run folder" if where == "." else where
+            lines.append(
+                f'<p class="note"><b>warning:</b> this folder holds the results of {len(models)} different '
+                f"models ({escape(where)}, stages by model fingerprint: "
+                f"{escape(groups)}): a run wrote into a folder that held another run's results, and the "
+                "sections below show them side by side. Rerun into an empty --out folder.</p>"
+            )
+    return "".join(lines)
+
+
+def _model_fingerprints(config: object) -> set[str]:
+    """Every model fingerprint a stage config names (``...fingerprint.model``, at any depth)."""
+    found: set[str] = set()
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "fingerprint" and isinstance(value, dict) and isinstance(value.get("model"), str):
+                found.add(value["model"])
+            else:
+                found |= _model_fingerprints(value)
+    elif isinstance(config, list):
+        for value in config:
+            found |= _model_fingerprints(value)
+    return found
+
+
 def _asset(name: str) -> str:
     return (ASSETS / name).read_text(encoding="utf-8")
 
@@ -110,7 +165,7 @@ def html_report(run_dir: str | Path) -> str:
         f"<header><h1>degeneracy report</h1><p>Run folder <code>{escape(run_dir.name)}</code> · written "
         f"{when} by degeneracy {escape(__version__)}. Every number on this page is read from the result "
         "files named under its section (paths relative to the run folder).</p></header>"
-        f"<nav>{nav}</nav>{sections if parts else empty}"
+        f"<nav>{nav}</nav>{mixed_models(run_dir)}{sections if parts else empty}"
         "<footer>Self-contained: styles, script and figures are inside this file; it makes no network "
         "request.</footer>"
         f"</main>{scripts}</body></html>\n"
@@ -128,9 +183,8 @@ def write_html_report(run_dir: str | Path, path: str | Path | None = None) -> Pa
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(
-            f"run folder {str(run_dir)!r} does not exist: pass the --out folder of a degeneracy run"
-        )
+        why = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise ValueError(f"run folder {str(run_dir)!r} {why}: pass the --out folder of a degeneracy run")
     target = Path(path) if path is not None else run_dir / "report.html"
     atomic_write_text(target, html_report(run_dir))
     return target

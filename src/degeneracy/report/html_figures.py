@@ -15,7 +15,7 @@ from typing import Any
 
 from degeneracy.display import escape
 
-__all__ = ["embed_figure", "source_line", "SVG_LIMIT"]
+__all__ = ["embed_figure", "source_line", "ablation_note", "SVG_LIMIT", "SCORES"]
 
 SVG_LIMIT = 250_000
 """A figure whose SVG is larger than this many bytes is embedded as PNG instead."""
@@ -69,3 +69,41 @@ def embed_figure(plot: Callable[[Path], Any], alt: str, caption: str = "") -> st
             uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
     cap = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
     return f'<figure><img src="{uri}" alt="{escape(alt)}">{cap}</figure>'
+
+
+SCORES = {
+    "embedding": "the cosine similarity of the mean-pooled output embedding with the unablated model's, and "
+    "“loss” its squared error",
+    "mse": "minus the mean squared error of the output (against the labels, or the unablated model's "
+    "output when the data have none), and “loss” that error",
+}
+"""What the ablations' “accuracy” and “loss” are for each ``ablation.metrics`` but classification."""
+
+
+def ablation_note(graph_folder: Path) -> str:
+    """A note (HTML) saying what “accuracy” means in the ablation tables and figures when the run's
+    ablations used ``metrics: embedding`` or ``mse`` (read from the ablation stages' configs); ``""``
+    for classification.
+
+    >>> import json, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     (Path(tmp) / "stages").mkdir()
+    ...     record = {"config": {"metrics": "embedding"}}
+    ...     _ = (Path(tmp) / "stages" / "edge_ablation.lib.json").write_text(json.dumps(record))
+    ...     note = ablation_note(Path(tmp))
+    >>> "<code>embedding</code>: “accuracy” below is the cosine similarity" in note
+    True
+    """
+    import json
+
+    found = set()
+    for record in sorted((Path(graph_folder) / "stages").glob("*_ablation.*.json")):
+        try:
+            found.add(json.loads(record.read_text(encoding="utf-8")).get("config", {}).get("metrics"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return "".join(
+        f'<p class="note">Ablation metrics <code>{escape(m)}</code>: “accuracy” below is '
+        f"{escape(SCORES[m])}.</p>"
+        for m in sorted(found & set(SCORES))
+    )

@@ -11,13 +11,14 @@ when the run holds nothing for it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from degeneracy.display import escape, format_value, html_table
 from degeneracy.io import json_text
-from degeneracy.report.html_figures import embed_figure, source_line
+from degeneracy.report.html_figures import ablation_note, embed_figure, source_line
 
 __all__ = ["SECTIONS"]
 
@@ -68,12 +69,12 @@ def _bases(run_dir: Path, found: Found) -> str:
     files = sorted(found["bases"].glob("*.safetensors"))
     bases = {f.stem: degeneracy.load_basis(f) for f in files}
     methods = list(bases)
-    names = next(iter(bases.values())).names
+    names = list(dict.fromkeys(n for b in bases.values() for n in b.names))  # (bases of other runs too)
     headers = ["node layer", "width d (with constant)", "positions"]
     headers += [f"d̂ kept ({m})" for m in methods] + [f"Λ max ({m})" for m in methods]
     rows = []
     for name in names:
-        first = next(iter(bases.values()))[name]
+        first = next(b for b in bases.values() if name in b.bases)[name]
         row: list[Any] = [name, first.width, first.positions]
         row += [bases[m][name].dim if name in bases[m].bases else None for m in methods]
         row += [float(bases[m][name].eigenvalues.max()) if name in bases[m].bases else None for m in methods]
@@ -281,7 +282,8 @@ def _ablations(run_dir: Path, found: Found) -> str:
                 "Edge ablation: accuracy against edges kept (the bisection's points), answer marked.",
             )
         )
-    return _section(run_dir, parts, (p for _, p in edge_files + node_files))
+    note = [ablation_note(found["graph"])] if parts else []  # what "accuracy" is, when not a classifier's
+    return _section(run_dir, note + parts, (p for _, p in edge_files + node_files))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -500,6 +502,7 @@ def _llc(run_dir: Path, found: Found) -> str:
                 ]
             )
         )
+        parts += [f'<p class="note"><b>warning:</b> {escape(w)}</p>' for w in result.warnings]  # not silent
     if curve is not None:
         sources.append(curve_file)
         columns = [curve.nbetas, curve.epsilons, curve.llc, curve.llc_std, curve.n_eff]
@@ -522,6 +525,7 @@ def _llc(run_dir: Path, found: Found) -> str:
                 f"N_eff(ε) at the requested loss scales ({n_eff.method}).",
             )
         )
+        parts += [f'<p class="note"><b>warning:</b> {escape(w)}</p>' for w in missed_epsilons(n_eff)]
     summary_file = folder / "summary.json"
     if summary_file.exists():
         settings = _json(summary_file).get("settings") or {}
@@ -553,6 +557,33 @@ def _llc(run_dir: Path, found: Found) -> str:
             )
         )
     return _section(run_dir, parts, sources)
+
+
+def missed_epsilons(n_eff: Any) -> list[str]:
+    """A line for every ε of an :class:`~degeneracy.llc.EffectiveParameterCount` whose search ended away
+    from it (λ̂ ≤ 0: no fixed point nβ = λ̂/ε; or outside its ``tolerance``): that N_eff is not N_eff(ε).
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> found = SimpleNamespace(epsilons=torch.tensor([0.01, 0.1, 1.0]), method="sgld", config={},
+    ...     achieved_epsilons=torch.tensor([-0.33, 0.11, 3.0]), n_eff=torch.tensor([-1908.0, 40.0, 2.0]))
+    >>> for line in missed_epsilons(found):
+    ...     print(line)
+    N_eff at ε = 0.01 was found at ε = -0.33 (N_eff = -1.91e+03): λ̂ ≤ 0, no nβ gives this ε; not N_eff(ε)
+    N_eff at ε = 1 was found at ε = 3 (N_eff = 2): outside the tolerance 0.25 of the search (raise max_iter)
+    """
+    if n_eff.method != "sgld":
+        return []
+    tolerance = float(n_eff.config.get("tolerance", 0.25))
+    lines = []
+    rows = zip(n_eff.epsilons.tolist(), n_eff.achieved_epsilons.tolist(), n_eff.n_eff.tolist(), strict=True)
+    for eps, got, value in rows:
+        head = f"N_eff at ε = {eps:.3g} was found at ε = {got:.3g} (N_eff = {value:.3g})"
+        if not (math.isfinite(got) and got > 0):
+            lines.append(f"{head}: λ̂ ≤ 0, no nβ gives this ε; not N_eff(ε)")
+        elif abs(math.log(got / eps)) > math.log1p(tolerance):
+            lines.append(f"{head}: outside the tolerance {tolerance:g} of the search (raise max_iter)")
+    return lines
 
 
 Section = tuple[str, str, Callable[[Path, Found], str]]

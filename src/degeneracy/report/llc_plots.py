@@ -62,9 +62,10 @@ def plot_loss_traces(
         elif c < 10:
             style["label"] = f"chain {c}"
         if burn:
-            ax.plot(
+            (line,) = ax.plot(
                 range(burn), (nbeta * (result.burnin_traces[c] - init)).numpy(), **{**style, "label": None}
             )
+            style.setdefault("color", line.get_color())  # a chain keeps its colour after the burn-in
         steps = [burn + i * thinning for i in range(draws)]
         ax.plot(steps, (nbeta * (result.loss_traces[c] - init)).numpy(), **style)
     if burn:

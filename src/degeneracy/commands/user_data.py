@@ -1,0 +1,220 @@
+"""The data of a model of your own on the command line (``model.name: package.module:function``): the
+factory found on the Python path or in the current directory, its data cast to the run's dtype and cut
+to ``model.limit`` (an ``(inputs, labels)`` pair as a pair)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
+    "check_limits", "check_labels",
+]
+
+
+def _is_pair(data: Any) -> bool:
+    """Whether ``data`` is an ``(inputs, labels)`` pair of tensors (or dicts of tensors)."""
+    from torch import Tensor
+
+    pair = isinstance(data, tuple | list) and len(data) == 2
+    return pair and all(isinstance(d, Tensor | Mapping) for d in data)
+
+
+def factory(name: str) -> Callable[..., Any]:
+    """The function ``"package.module:function"`` names. The module is imported from the Python path and
+    the current directory (as ``python -m degeneracy`` does), so a ``mymodel.py`` beside the config works
+    when the command runs from its folder.
+
+    >>> factory("degeneracy.models:load_digits_mlp").__name__
+    'load_digits_mlp'
+    >>> factory("no_such_module_here:make")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: cannot load model factory 'no_such_module_here:make': No module named ...
+    """
+    import os
+    import sys
+
+    module_name, func_name = name.split(":", 1)
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)  # last: a module of the current directory never shadows an installed one
+    try:
+        return getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"cannot load model factory {name!r}: {err} (the module is looked up on PYTHONPATH and in the "
+            f"current directory {here}; name it as 'package.module:function')"
+        ) from err
+
+
+def cast_data(data: Any, dtype: Any) -> Any:
+    """``data`` with its floating tensors cast to ``dtype``: a tensor, a dict of tensors (integer token
+    ids and masks stay as they are) or an ``(inputs, labels)`` pair of them; anything else (a
+    ``DataLoader``) as it is.
+
+    >>> import torch
+    >>> x, y = cast_data((torch.zeros(2, 3), torch.tensor([0, 1])), torch.float64)
+    >>> x.dtype, y.dtype
+    (torch.float64, torch.int64)
+    """
+    from torch import Tensor
+
+    if isinstance(data, Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, Mapping):
+        return {k: cast_data(v, dtype) if isinstance(v, Tensor) else v for k, v in data.items()}
+    if _is_pair(data):
+        return type(data)(cast_data(d, dtype) for d in data)
+    return data
+
+
+def limit_data(data: Any, limit: int) -> Any:
+    """The first ``limit`` examples of ``data``: a tensor, a dict of tensors, or an ``(inputs, labels)``
+    pair (both cut, not the pair); a ``ValueError`` for data that cannot be cut (a ``DataLoader``).
+
+    >>> import torch
+    >>> x, y = limit_data((torch.zeros(5, 3), torch.arange(5)), 2)
+    >>> tuple(x.shape), y.tolist()
+    ((2, 3), [0, 1])
+    """
+    from torch import Tensor
+
+    if isinstance(data, Tensor):
+        return data[:limit]
+    if isinstance(data, Mapping):
+        return {k: v[:limit] if isinstance(v, Tensor) and v.dim() else v for k, v in data.items()}
+    if _is_pair(data):
+        return type(data)(limit_data(d, limit) for d in data)
+    raise ValueError(
+        f"model.limit cuts data given as a tensor, a dict of tensors or an (inputs, labels) pair, not a "
+        f"{type(data).__name__}: drop limit, or make the factory return fewer examples"
+    )
+
+
+
+def split_labels(data: Any) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of data that carry labels (a factory returning ``(model, (inputs, labels))``),
+    else ``(data, None)``: the basis, graph and degeneracy commands take the inputs alone.
+
+    >>> import torch
+    >>> x, y = split_labels((torch.zeros(4, 3), torch.arange(4)))
+    >>> tuple(x.shape), y.tolist(), split_labels(torch.zeros(2))[1]
+    ((4, 3), [0, 1, 2, 3], None)
+    """
+    if isinstance(data, tuple | list) and len(data) == 2:
+        return data[0], data[1]
+    return data, None
+
+
+def check_data(data: Any, dtype: Any, name: str) -> Any:
+    """``data`` of the factory ``name`` once checked (after :func:`cast_data`): no numpy arrays (a
+    ``ValueError`` saying to return tensors), and batches of a loader (or list of batches) whose floating
+    inputs are in ``dtype``, the run's ``model.dtype`` (the first batch is read; a one-pass generator is
+    not), else a ``ValueError`` naming the config field to set.
+
+    >>> import numpy as np, torch
+    >>> check_data(np.zeros((3, 2)), torch.float64, "mymodel:make")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model factory 'mymodel:make' returned data of type ndarray: return torch tensors ...
+    >>> batches = [torch.zeros(2, 3), torch.zeros(2, 3)]
+    >>> check_data(batches, torch.float32, "mymodel:make") is batches
+    True
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    parts = list(data) if isinstance(data, tuple | list) and len(data) == 2 else [data]
+    for part in parts:
+        if hasattr(part, "__array__") and not isinstance(part, Tensor):
+            raise ValueError(
+                f"model factory {name!r} returned data of type {type(part).__name__}: return torch tensors "
+                "(torch.from_numpy(x)), a dict of them, (inputs, labels) or a DataLoader"
+            )
+    if isinstance(data, Tensor | Mapping) or _is_pair(data) or iter(data) is data:
+        return data
+    inputs = next(iter_batches(data)).inputs
+    found = {v.dtype for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
+             if isinstance(v, Tensor) and v.is_floating_point()}
+    if found - {dtype}:
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
+        want = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"the batches of model factory {name!r} hold {got} inputs, and the run computes in {want} "
+            f"(model.dtype): set model.dtype: {got} in the config, or make the batches {want} "
+            "(a tensor, dict or (inputs, labels) pair is cast for you; batches are not)"
+        )
+    return data
+
+
+def batches_carry_labels(data: Any) -> bool:
+    """Whether ``data`` are batches (a ``DataLoader``, a list) of ``(inputs, labels, ...)``: the
+    ablations then read the labels from the batches. A tensor, a dict or a one-pass generator: ``False``.
+
+    >>> import torch
+    >>> x, y = torch.zeros(4, 2), torch.arange(4)
+    >>> batches_carry_labels([(x, y), (x, y)]), batches_carry_labels([x, x]), batches_carry_labels(x)
+    (True, False, False)
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    if data is None or isinstance(data, Tensor | Mapping) or iter(data) is data:
+        return False
+    extras = next(iter_batches(data)).extras
+    return bool(extras) and isinstance(extras[0], Tensor)
+
+
+def check_limits(data: Any, **limits: int | None) -> None:
+    """A ``ValueError`` when a limit of the config (``edge_limit``, ``ablation.limit``) is set and
+    ``data`` are batches (a ``DataLoader``, a list of batches): they cut examples of a tensor or a dict
+    of tensors, and would cut a list of batches by batches.
+
+    >>> import torch
+    >>> check_limits(torch.zeros(5, 2), edge_limit=3)
+    >>> check_limits([torch.zeros(5, 2)] * 4, edge_limit=3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: edge_limit cuts data given as a tensor or a dict of tensors, not batches (a list): ...
+    """
+    from torch import Tensor
+
+    if isinstance(data, Tensor | Mapping):
+        return
+    for field, limit in limits.items():
+        if limit is not None:
+            raise ValueError(
+                f"{field} cuts data given as a tensor or a dict of tensors, not batches "
+                f"(a {type(data).__name__}): drop it, or make the factory return fewer examples"
+            )
+
+
+def check_labels(data: Any, labels: Any, metrics: str) -> None:
+    """A ``ValueError`` before any stage runs when the ablations' ``metrics`` cannot score these labels
+    (``labels``, or those the batches of ``data`` carry): floating-point labels (regression targets)
+    with ``classification``, the default.
+
+    >>> import torch
+    >>> check_labels(torch.zeros(4, 2), torch.arange(4), "classification")
+    >>> check_labels(torch.zeros(4, 2), torch.randn(4), "classification")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ablation.metrics is classification (the default), but the labels are float32 numbers ...
+    """
+    from torch import Tensor
+
+    from degeneracy.data import iter_batches
+
+    if labels is None and batches_carry_labels(data):
+        labels = next(iter_batches(data)).extras[0]
+    if metrics == "classification" and isinstance(labels, Tensor) and labels.is_floating_point():
+        raise ValueError(
+            f"ablation.metrics is classification (the default), but the labels are "
+            f"{str(labels.dtype).removeprefix('torch.')} numbers (regression targets?): set "
+            "ablation: {metrics: mse} to score the output against them, or give integer class labels"
+        )
