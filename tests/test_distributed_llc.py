@@ -34,8 +34,8 @@ def _problem():
     return mlp([4, 6, 3]), torch.randn(48, 4, dtype=torch.float64)
 
 
-def _cli_config(folder: str) -> str:
-    path = os.path.join(folder, "llc.yaml")
+def _cli_config(folder: str, rank: int = 0) -> str:
+    path = os.path.join(folder, f"llc{rank}.yaml")  # one file per rank: a shared one races
     with open(path, "w") as f:
         f.write(
             "model: {name: digits_mlp, split: test, limit: 64, dtype: float64}\n"
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
             },
             os.path.join(folder, f"rank{rank}.pt"),
         )
-        cfg, cli_model, data, _ = load_run(_cli_config(folder), LLCRunConfig)
+        cfg, cli_model, data, _ = load_run(_cli_config(folder, rank), LLCRunConfig)
         summary = run_llc(cfg, cli_model, data, os.path.join(folder, f"out{rank}"), log=None)
         with open(os.path.join(folder, f"summary{rank}.json"), "w") as f:
             json.dump(summary["estimate"], f)
