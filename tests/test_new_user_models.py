@@ -401,3 +401,11 @@ def test_hessian_of_a_gru_against_autograd():
     want = torch.linalg.eigvalsh(hessian).flip(0)
     torch.testing.assert_close(got, want, rtol=0.0, atol=1e-10 * float(want[0]))
     assert want[0] > 1e-3
+
+
+def test_degeneracy_report_of_batches_of_different_lengths_is_a_clear_error():
+    torch.manual_seed(0)
+    model = TiedLM().double().eval()
+    ids = torch.randint(0, 6, (8, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="per position, but 'fc@input' has 3 positions in one batch and 2"):
+        degeneracy.degeneracy_report(model, [ids[:4], ids[4:, :2]])  # was: "zip() argument 2 is shorter"
