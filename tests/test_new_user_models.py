@@ -409,3 +409,16 @@ def test_degeneracy_report_of_batches_of_different_lengths_is_a_clear_error():
     ids = torch.randint(0, 6, (8, 3), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="per position, but 'fc@input' has 3 positions in one batch and 2"):
         degeneracy.degeneracy_report(model, [ids[:4], ids[4:, :2]])  # was: "zip() argument 2 is shorter"
+
+
+def test_basis_of_a_float32_gpt2_as_loaded():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8)
+    model = transformers.GPT2LMHeadModel(cfg).eval()  # float32, as from_pretrained loads it
+    assert next(model.parameters()).dtype == torch.float32
+    batch, layers = padded_tokens(), ["transformer.h.0", "transformer.ln_f", "output"]
+    got = degeneracy.interaction_basis(model, batch, layers, progress=False)  # was: mixed dtype in ln_1
+    want = degeneracy.interaction_basis(model, batch, layers, dtype="float64", progress=False)
+    for name in layers:
+        scale = float(want[name].eigenvalues.abs().max())
+        torch.testing.assert_close(got[name].eigenvalues, want[name].eigenvalues, rtol=0.0, atol=1e-5 * scale)
