@@ -422,3 +422,22 @@ def test_basis_of_a_float32_gpt2_as_loaded():
     for name in layers:
         scale = float(want[name].eigenvalues.abs().max())
         torch.testing.assert_close(got[name].eigenvalues, want[name].eigenvalues, rtol=0.0, atol=1e-5 * scale)
+
+
+def test_behavioral_llc_uses_a_loaders_batches_one_per_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    loader = torch.utils.data.DataLoader(x, batch_size=4)
+    frozen = copy.deepcopy(model)  # θ*, not re-parametrised by the sampler
+
+    def behavioral(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:  # the same loss, written by a user
+        return (m(batch) - frozen(batch).detach()).square().sum(-1).mean()
+
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    want = degeneracy.estimate_llc(model, loader, loss=behavioral, engine="vmap", **options)
+    got = degeneracy.estimate_llc(model, loader, engine="vmap", **options)  # was the pooled full batch
+    assert got.config["num_batches"] == want.config["num_batches"] == 2
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-10, atol=1e-10)
+    full = degeneracy.estimate_llc(model, x, engine="vmap", **options)  # one batch of 8 every step
+    assert not torch.allclose(full.chain_estimates, got.chain_estimates, rtol=1e-6, atol=0.0)
