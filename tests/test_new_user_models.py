@@ -441,3 +441,19 @@ def test_behavioral_llc_uses_a_loaders_batches_one_per_step():
     torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-10, atol=1e-10)
     full = degeneracy.estimate_llc(model, x, engine="vmap", **options)  # one batch of 8 every step
     assert not torch.allclose(full.chain_estimates, got.chain_estimates, rtol=1e-6, atol=0.0)
+
+
+def test_cross_entropy_on_a_causal_lms_labels_warns_that_they_are_not_shifted():
+    model, batch = tiny_gpt2(), padded_tokens()
+    labels = torch.where(batch["attention_mask"] == 1, batch["input_ids"], -100)  # Hugging Face's convention
+    data = {**batch, "labels": labels}
+    options = dict(num_chains=1, num_draws=2, num_burnin=2, nbeta=10.0, localization=10.0, seed=0)
+    with pytest.warns(degeneracy.llc.LLCWarning, match="shifts its labels inside"):
+        result = degeneracy.estimate_llc(model, data, loss="cross_entropy", **options)
+    logits = model(**batch).logits  # the built-in loss at θ*: unshifted, as documented
+    same_position = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+    assert result.init_loss == pytest.approx(float(same_position), rel=1e-12)
+    assert result.init_loss != pytest.approx(float(model(**data).loss), rel=1e-3)  # the model's own loss
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*shifts its labels")
+        degeneracy.estimate_llc(model, data, loss=lambda m, b: m(**b).loss, **options)
