@@ -401,3 +401,59 @@ def test_hessian_of_a_gru_against_autograd():
     want = torch.linalg.eigvalsh(hessian).flip(0)
     torch.testing.assert_close(got, want, rtol=0.0, atol=1e-10 * float(want[0]))
     assert want[0] > 1e-3
+
+
+def test_degeneracy_report_of_batches_of_different_lengths_is_a_clear_error():
+    torch.manual_seed(0)
+    model = TiedLM().double().eval()
+    ids = torch.randint(0, 6, (8, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="per position, but 'fc@input' has 3 positions in one batch and 2"):
+        degeneracy.degeneracy_report(model, [ids[:4], ids[4:, :2]])  # was: "zip() argument 2 is shorter"
+
+
+def test_basis_of_a_float32_gpt2_as_loaded():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8)
+    model = transformers.GPT2LMHeadModel(cfg).eval()  # float32, as from_pretrained loads it
+    assert next(model.parameters()).dtype == torch.float32
+    batch, layers = padded_tokens(), ["transformer.h.0", "transformer.ln_f", "output"]
+    got = degeneracy.interaction_basis(model, batch, layers, progress=False)  # was: mixed dtype in ln_1
+    want = degeneracy.interaction_basis(model, batch, layers, dtype="float64", progress=False)
+    for name in layers:
+        scale = float(want[name].eigenvalues.abs().max())
+        torch.testing.assert_close(got[name].eigenvalues, want[name].eigenvalues, rtol=0.0, atol=1e-5 * scale)
+
+
+def test_behavioral_llc_uses_a_loaders_batches_one_per_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    loader = torch.utils.data.DataLoader(x, batch_size=4)
+    frozen = copy.deepcopy(model)  # θ*, not re-parametrised by the sampler
+
+    def behavioral(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:  # the same loss, written by a user
+        return (m(batch) - frozen(batch).detach()).square().sum(-1).mean()
+
+    options = dict(num_chains=2, num_draws=5, num_burnin=5, nbeta=10.0, localization=10.0, seed=0)
+    want = degeneracy.estimate_llc(model, loader, loss=behavioral, engine="vmap", **options)
+    got = degeneracy.estimate_llc(model, loader, engine="vmap", **options)  # was the pooled full batch
+    assert got.config["num_batches"] == want.config["num_batches"] == 2
+    torch.testing.assert_close(got.chain_estimates, want.chain_estimates, rtol=1e-10, atol=1e-10)
+    full = degeneracy.estimate_llc(model, x, engine="vmap", **options)  # one batch of 8 every step
+    assert not torch.allclose(full.chain_estimates, got.chain_estimates, rtol=1e-6, atol=0.0)
+
+
+def test_cross_entropy_on_a_causal_lms_labels_warns_that_they_are_not_shifted():
+    model, batch = tiny_gpt2(), padded_tokens()
+    labels = torch.where(batch["attention_mask"] == 1, batch["input_ids"], -100)  # Hugging Face's convention
+    data = {**batch, "labels": labels}
+    options = dict(num_chains=1, num_draws=2, num_burnin=2, nbeta=10.0, localization=10.0, seed=0)
+    with pytest.warns(degeneracy.llc.LLCWarning, match="shifts its labels inside"):
+        result = degeneracy.estimate_llc(model, data, loss="cross_entropy", **options)
+    logits = model(**batch).logits  # the built-in loss at θ*: unshifted, as documented
+    same_position = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+    assert result.init_loss == pytest.approx(float(same_position), rel=1e-12)
+    assert result.init_loss != pytest.approx(float(model(**data).loss), rel=1e-3)  # the model's own loss
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*shifts its labels")
+        degeneracy.estimate_llc(model, data, loss=lambda m, b: m(**b).loss, **options)

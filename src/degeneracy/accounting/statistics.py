@@ -217,6 +217,12 @@ def collect(
                 value = input_transforms[point](value)
             x = to_bpd(value).to(torch.float64)
             st = stats[point]
+            if st.count and st.positions != x.shape[1]:
+                raise ValueError(
+                    f"the accounting's statistics are per position, but {point.name!r} has {st.positions} "
+                    f"positions in one batch and {x.shape[1]} in another: give batches of one length (pad "
+                    "them to it with an attention_mask; padded positions count as positions here)"
+                )
             st.count += b
             st.positions = x.shape[1]
             st.dtype = value.dtype if value.is_floating_point() else torch.float64

@@ -149,7 +149,7 @@ def gpt2_block(block: Any, positions: Any) -> ClosedForm:
         return m + mlp(block.ln_2(m))
 
     def mlp_parts(inputs: Any, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = attn_fn(inputs, f.to(f64)).to(f64)
+        m = attn_fn(inputs, f).to(f64)  # in the model's dtype: block.ln_1 is one of its modules
         h, xhat, inv = normalise(ln2, m)
         pre = h @ mlp.c_fc.weight.detach().to(f64) + mlp.c_fc.bias.detach().to(f64)
         return m, xhat, inv, activation_slope(mlp.act, pre)

@@ -50,7 +50,7 @@ from degeneracy.llc.sgld import (
     run_mala_chains,
     run_sgld_chains,
 )
-from degeneracy.llc.user_loss import loss_name
+from degeneracy.llc.user_loss import loss_name, warn_unshifted_labels
 from degeneracy.run import ParamLayout, model_device, model_dtype, resolve_dtype
 
 __all__ = ["LLCWarning", "sample_sgld", "estimate_llc", "auto_step_size", "AUTO_STEP_FACTOR", "LossSpec"]
@@ -434,6 +434,7 @@ def estimate_llc(
     center = layout.flatten(chosen).detach()
     examples = materialize(data, model_device(model), model_dtype(model), explicit=wanted is not None)
     loss = resolve_loss(loss, examples)
+    warn_unshifted_labels(model, loss, examples.form)
     n = examples.num_examples
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")

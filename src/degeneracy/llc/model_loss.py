@@ -296,8 +296,9 @@ def reference_outputs(model: nn.Module, batch: Batch, chunk: int = 4096) -> Tens
 def _behavioral_batches(
     model: nn.Module, examples: Examples, batch_size: int | None, seed: int, chunk: int
 ) -> Callable[[], Iterator[tuple[Batch, Tensor]]]:
-    """Stream factory of ``(batch, f_θ*(batch inputs))``; the reference outputs are computed once."""
-    if examples.pooled is not None:
+    """Stream factory of ``(batch, f_θ*(batch inputs))``; the reference outputs are computed once.
+    Batches given as an iterable are used one per step with ``batch_size=None``, as for every loss."""
+    if examples.pooled is not None and not (examples.per_step and batch_size is None):
         pooled = examples.pooled
         indexed = Batch(pooled.inputs, (*pooled.extras, reference_outputs(model, pooled, chunk)))
         inner = minibatches(Examples(indexed, []), batch_size, seed)

@@ -16,6 +16,7 @@ a tuple/list such as ``(X, y)``, or a dict. Three ways to evaluate every chain a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -24,8 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from degeneracy.adapters.huggingface import is_hugging_face
 from degeneracy.data import Batch, call_model, model_output_tensor
 from degeneracy.llc.batched import ChainForward
+from degeneracy.llc.diagnostics import LLCWarning
 from degeneracy.llc.sgld import ChainLoss
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "builtin_as_user_loss",
     "ModelCallMismatch",
     "LABEL_KEYS",
+    "warn_unshifted_labels",
 ]
 
 Form = Literal["tensor", "mapping", "tuple", "list", "batch"]
@@ -101,6 +105,25 @@ def _split_labels(batch: Batch, form: Form) -> tuple[Any, Tensor]:
         "none: pass data=(inputs, labels) (one dataset) or batches (inputs, labels), or use "
         "loss='behavioral'"
     )
+
+
+def warn_unshifted_labels(model: nn.Module, loss: Any, form: Form) -> None:
+    """An :class:`LLCWarning` when ``loss="cross_entropy"`` takes a dict's ``labels`` for a Hugging Face
+    causal language model: the built-in loss compares the logits at each position with the label at that
+    position, while these models shift their ``labels`` by one inside (``labels = input_ids``), so it
+    would not be their next-token training loss.
+
+    >>> warn_unshifted_labels(nn.Linear(2, 2), "cross_entropy", "mapping")  # not a Hugging Face model
+    """
+    causal = type(model).__name__.endswith(("LMHeadModel", "ForCausalLM"))
+    if loss == "cross_entropy" and form == "mapping" and causal and is_hugging_face(model):
+        warnings.warn(
+            "loss='cross_entropy' compares the logits at each position with the batch's labels at the same "
+            f"position, but {type(model).__name__} shifts its labels inside (labels = input_ids): for its "
+            "next-token loss pass loss=lambda model, batch: model(**batch).loss",
+            LLCWarning,
+            stacklevel=3,
+        )
 
 
 def labels_of(batch: Batch, form: Form) -> Tensor:
