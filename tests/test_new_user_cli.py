@@ -477,3 +477,17 @@ def test_rerun_on_other_data_says_why_it_recomputes(tmp_path) -> None:
     again = runner.invoke(app, run)
     assert again.exit_code == 0, again.output
     assert "recomputing: its config changed (fingerprint.data): the model or data differ" in again.output
+
+
+def nan_factory():
+    model, x = float32_factory()
+    x[5, 2] = float("nan")
+    return model, x
+
+
+def test_nan_in_the_data_is_refused_before_the_run(tmp_path) -> None:
+    # the degeneracy command failed deep in linalg.eigh (LinAlgError traceback) on NaN inputs
+    config = _config(tmp_path, f"model: {{name: '{__name__}:nan_factory'}}\nhessian: exact\n")
+    result = runner.invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "hold NaN or inf (first at index (5, 2))" in result.output

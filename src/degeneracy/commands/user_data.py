@@ -109,11 +109,27 @@ def split_labels(data: Any) -> tuple[Any, Any]:
     return data, None
 
 
+def _named_tensors(data: Any) -> dict[str, Any]:
+    """The tensors of a tensor, a dict or an ``(inputs, labels)`` pair, by where they are."""
+    from torch import Tensor
+
+    if isinstance(data, Tensor):
+        return {"data": data}
+    parts = dict(zip(("inputs", "labels"), data, strict=True)) if _is_pair(data) else {"data": data}
+    found = {}
+    for where, part in parts.items():
+        if isinstance(part, Tensor):
+            found[where] = part
+        elif isinstance(part, Mapping):
+            found |= {f"{where}[{k!r}]": v for k, v in part.items() if isinstance(v, Tensor)}
+    return found
+
+
 def check_data(data: Any, dtype: Any, name: str) -> Any:
     """``data`` of the factory ``name`` once checked (after :func:`cast_data`): no numpy arrays (a
-    ``ValueError`` saying to return tensors), and batches of a loader (or list of batches) whose floating
-    inputs are in ``dtype``, the run's ``model.dtype`` (the first batch is read; a one-pass generator is
-    not), else a ``ValueError`` naming the config field to set.
+    ``ValueError`` saying to return tensors), no NaN or inf in its tensors, and batches of a loader (or
+    list of batches) whose floating inputs are in ``dtype``, the run's ``model.dtype`` (the first batch
+    is read; a one-pass generator is not), else a ``ValueError`` naming the config field to set.
 
     >>> import numpy as np, torch
     >>> check_data(np.zeros((3, 2)), torch.float64, "mymodel:make")  # doctest: +ELLIPSIS
@@ -123,7 +139,13 @@ def check_data(data: Any, dtype: Any, name: str) -> Any:
     >>> batches = [torch.zeros(2, 3), torch.zeros(2, 3)]
     >>> check_data(batches, torch.float32, "mymodel:make") is batches
     True
+    >>> try:
+    ...     check_data((torch.tensor([[0.0, float("nan")]]), torch.zeros(1)), torch.float32, "my:make")
+    ... except ValueError as err:
+    ...     print(str(err)[:72])
+    the inputs of model factory 'my:make' hold NaN or inf (first at index (0
     """
+    import torch
     from torch import Tensor
 
     from degeneracy.data import iter_batches
@@ -134,6 +156,13 @@ def check_data(data: Any, dtype: Any, name: str) -> Any:
             raise ValueError(
                 f"model factory {name!r} returned data of type {type(part).__name__}: return torch tensors "
                 "(torch.from_numpy(x)), a dict of them, (inputs, labels) or a DataLoader"
+            )
+    for where, t in _named_tensors(data).items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            first = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+            raise ValueError(
+                f"the {where} of model factory {name!r} hold NaN or inf (first at index {first}): every "
+                "stage would fail or give NaN; clean the data"
             )
     if isinstance(data, Tensor | Mapping) or _is_pair(data) or iter(data) is data:
         return data
