@@ -491,3 +491,19 @@ def test_nan_in_the_data_is_refused_before_the_run(tmp_path) -> None:
     result = runner.invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "hold NaN or inf (first at index (5, 2))" in result.output
+
+
+def test_sequential_layers_written_as_numbers(tmp_path) -> None:
+    # YAML reads `node_layers: [2, output]` (an nn.Sequential's layers) as integers: a TypeError traceback
+    result = runner.invoke(app, ["basis", str(_config(
+        tmp_path, f"model: {{name: '{__name__}:float32_factory'}}\nnode_layers: [2, {{name: h, module: 4}}]\n"
+        "methods: [pca]\n")), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    got = degeneracy.load_basis(tmp_path / "run" / "bases" / "pca.safetensors")
+    model, x = float32_factory()
+    want = degeneracy.interaction_basis(
+        model.double(), x.double(), ["2", {"name": "h", "module": "4"}], method="pca", progress=False
+    )
+    assert got.names == ["2", "h"]
+    for name in got.names:
+        torch.testing.assert_close(got[name].C, want[name].C, rtol=1e-10, atol=1e-12)

@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from degeneracy.basis_result import METHODS
 from degeneracy.commands.options import basis_options, check_graph_options, check_methods_built
 from degeneracy.commands.placement import Device, place, run_device
-from degeneracy.commands.user_data import cast_data, check_data, factory, limit_data
+from degeneracy.commands.user_data import NodeLayers, cast_data, check_data, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -329,7 +329,7 @@ class BasisRunConfig(StrictModel):
     """
 
     model: ModelSpec = ModelSpec()
-    node_layers: list[Any] | None = None
+    node_layers: NodeLayers = None
     methods: list[str] = ["lib", "pca"]
     options: dict[str, Any] = {}
     device: Device = None
@@ -424,7 +424,7 @@ class GraphRunConfig(StrictModel):
     """
 
     model: ModelSpec = ModelSpec()
-    node_layers: list[Any] | None = None
+    node_layers: NodeLayers = None
     methods: list[str] = ["lib", "pca"]
     basis: dict[str, Any] = {}
     edges: dict[str, Any] = {}

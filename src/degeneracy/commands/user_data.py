@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 __all__ = [
     "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
-    "check_limits", "check_labels",
+    "check_limits", "check_labels", "module_names", "NodeLayers",
 ]
 
 
@@ -247,3 +249,33 @@ def check_labels(data: Any, labels: Any, metrics: str) -> None:
             f"{str(labels.dtype).removeprefix('torch.')} numbers (regression targets?): set "
             "ablation: {metrics: mse} to score the output against them, or give integer class labels"
         )
+
+
+def module_names(layers: list[Any] | None) -> list[Any] | None:
+    """Node layers of a config with integer module names as strings: YAML reads the layers of an
+    ``nn.Sequential`` written ``[0, 2, output]`` as integers, and module names are strings.
+
+    >>> module_names([0, "output", {"name": "h", "module": 2}, {"modules": [1, 3]}])
+    ['0', 'output', {'name': 'h', 'module': '2'}, {'modules': ['1', '3']}]
+    """
+
+    def name(value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def one(layer: Any) -> Any:
+        if isinstance(layer, dict):
+            fixed = dict(layer)
+            if "module" in fixed:
+                fixed["module"] = name(fixed["module"])
+            if isinstance(fixed.get("modules"), list):
+                fixed["modules"] = [name(m) for m in fixed["modules"]]
+            elif "modules" in fixed:
+                fixed["modules"] = name(fixed["modules"])
+            return fixed
+        return name(layer)
+
+    return None if layers is None else [one(layer) for layer in layers]
+
+
+NodeLayers = Annotated[list[Any] | None, AfterValidator(module_names)]
+"""The ``node_layers`` field of the basis and graph configs (integer module names read as strings)."""
