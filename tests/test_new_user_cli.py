@@ -507,3 +507,16 @@ def test_sequential_layers_written_as_numbers(tmp_path) -> None:
     assert got.names == ["2", "h"]
     for name in got.names:
         torch.testing.assert_close(got[name].C, want[name].C, rtol=1e-10, atol=1e-12)
+
+
+def python_list_factory():
+    model, x = float32_factory()
+    return model, x.tolist()
+
+
+def test_data_of_another_kind_is_a_clear_error(tmp_path) -> None:
+    # a list of lists of floats (x.tolist()) was an AttributeError traceback
+    config = _config(tmp_path, f"model: {{name: '{__name__}:python_list_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "returned a list of list: return a tensor, a dict of tensors" in result.output

@@ -5,7 +5,7 @@ to ``model.limit`` (an ``(inputs, labels)`` pair as a pair)."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
@@ -166,8 +166,22 @@ def check_data(data: Any, dtype: Any, name: str) -> Any:
                 f"the {where} of model factory {name!r} hold NaN or inf (first at index {first}): every "
                 "stage would fail or give NaN; clean the data"
             )
-    if isinstance(data, Tensor | Mapping) or _is_pair(data) or iter(data) is data:
+    if isinstance(data, Tensor | Mapping) or _is_pair(data):
         return data
+    kinds = "a tensor, a dict of tensors, (inputs, labels), or batches of them (a DataLoader, a list)"
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"model factory {name!r} returned data of type {type(data).__name__}: return {kinds}"
+        )
+    if iter(data) is data:  # a one-pass generator: not read here
+        return data
+    first = next(iter(data), None)
+    if not (isinstance(first, Tensor | Mapping) or (isinstance(first, tuple | list) and first
+                                                     and isinstance(first[0], Tensor | Mapping))):
+        raise ValueError(
+            f"model factory {name!r} returned a {type(data).__name__} of {type(first).__name__}: return "
+            + kinds
+        )
     inputs = next(iter_batches(data)).inputs
     found = {v.dtype for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
              if isinstance(v, Tensor) and v.is_floating_point()}
