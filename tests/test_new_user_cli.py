@@ -520,3 +520,16 @@ def test_data_of_another_kind_is_a_clear_error(tmp_path) -> None:
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "returned a list of list: return a tensor, a dict of tensors" in result.output
+
+
+def swapped_factory():
+    model, x = float32_factory()
+    return x, model
+
+
+def test_factory_returning_data_first_is_a_clear_error(tmp_path) -> None:
+    # (data, model) the other way round: an error about the data, or an AttributeError traceback
+    config = _config(tmp_path, f"model: {{name: '{__name__}:swapped_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "must return (model, data) with model a torch.nn.Module, got a Tensor first" in result.output

@@ -19,7 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from degeneracy.basis_result import METHODS
 from degeneracy.commands.options import basis_options, check_graph_options, check_methods_built
 from degeneracy.commands.placement import Device, place, run_device
-from degeneracy.commands.user_data import NodeLayers, cast_data, check_data, factory, limit_data
+from degeneracy.commands.user_data import NodeLayers, cast_data, check_data, check_model, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -233,7 +233,7 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
                 f"model factory {spec.name!r} must return a pair (model, data), got {type(made).__name__}"
             )
         model, data = made
-        model = model.to(dtype)
+        model = check_model(model, spec.name).to(dtype)
         data = check_data(cast_data(data, dtype), dtype, spec.name)  # floats follow model.dtype
         layers = None
     else:

@@ -12,7 +12,7 @@ from pydantic import AfterValidator
 
 __all__ = [
     "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
-    "check_limits", "check_labels", "module_names", "NodeLayers",
+    "check_limits", "check_labels", "module_names", "NodeLayers", "check_model",
 ]
 
 
@@ -293,3 +293,23 @@ def module_names(layers: list[Any] | None) -> list[Any] | None:
 
 NodeLayers = Annotated[list[Any] | None, AfterValidator(module_names)]
 """The ``node_layers`` field of the basis and graph configs (integer module names read as strings)."""
+
+
+def check_model(model: Any, name: str) -> Any:
+    """The model a factory returned, if it is a ``torch.nn.Module`` instance; else a ``ValueError``.
+
+    >>> import torch
+    >>> check_model(torch.zeros(2), "mymodel:make")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model factory 'mymodel:make' must return (model, data) with model a ..., got a Tensor first
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        kind = f"a {type(model).__name__}"
+        kind = f"the class {model.__name__} (not an instance)" if isinstance(model, type) else kind
+        raise ValueError(
+            f"model factory {name!r} must return (model, data) with model a torch.nn.Module, got {kind} first"
+        )
+    return model
