@@ -533,3 +533,18 @@ def test_factory_returning_data_first_is_a_clear_error(tmp_path) -> None:
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "must return (model, data) with model a torch.nn.Module, got a Tensor first" in result.output
+
+
+def broken_factory():
+    return len(5), None  # a bug in the user's code: its traceback must stay
+
+
+def test_library_type_errors_are_user_errors_other_type_errors_stay(tmp_path) -> None:
+    # the library's own TypeErrors on bad input (a list as a node layer) were tracebacks
+    config = _config(tmp_path, f"model: {{name: '{__name__}:float32_factory'}}\nnode_layers: [[2, 4]]\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "error: a node layer is a module name, a dict or a NodeLayer, not list" in result.output
+    config = _config(tmp_path, f"model: {{name: '{__name__}:broken_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and isinstance(result.exception, TypeError)
