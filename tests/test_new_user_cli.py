@@ -348,7 +348,7 @@ def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
         model: {{name: '{__name__}:float32_factory'}}
         node_layers: ['2', output]
         methods: [pca]
-        ablation: {{metrics: mse, node_points: 2, delta: 0.01}}
+        ablation: {{metrics: mse, node_points: 2, edges: false}}
         modules: {{methods: []}}
         """,
     )
@@ -357,8 +357,8 @@ def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0
     page = (run / "report.html").read_text()
     assert "Ablation metrics <code>mse</code>" in page and "minus the mean squared error" in page
-    edges = json.loads((run / "ablation" / "pca_edges.json").read_text())
-    assert edges[0]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
+    curves = json.loads((run / "ablation" / "pca_nodes.json").read_text())
+    assert curves["2"]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
     classified = tmp_path / "classified"
     text = config.read_text().replace("float32_factory", "labelled_factory")
     config.write_text(text.replace("mse", "classification"))
