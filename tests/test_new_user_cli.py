@@ -548,3 +548,16 @@ def test_library_type_errors_are_user_errors_other_type_errors_stay(tmp_path) ->
     config = _config(tmp_path, f"model: {{name: '{__name__}:broken_factory'}}\nnode_layers: ['2']\n")
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and isinstance(result.exception, TypeError)
+
+
+def test_fourier_on_a_model_without_modular_addition_data(tmp_path) -> None:
+    # fourier: true on another model's data was a torch traceback after every stage
+    config = _config(
+        tmp_path,
+        f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+        "modules: {methods: [pca]}\nfourier: true\n",
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "fourier: true labels features on modular-addition inputs" in result.output
+    assert not (tmp_path / "run" / "stages").exists()
