@@ -561,3 +561,16 @@ def test_fourier_on_a_model_without_modular_addition_data(tmp_path) -> None:
     assert result.exit_code == 2, result.output
     assert "fourier: true labels features on modular-addition inputs" in result.output
     assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_split_of_a_factory_is_refused(tmp_path) -> None:
+    # a factory returns the same data whatever the split: `ablation: {split: test}` ran the ablations on
+    # the build data while saying "[graph] ablations on the test split"
+    base = f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+    config = _config(tmp_path, base + "ablation: {split: test}\n")
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "ablation.split picks a split of the bundled data" in result.output
+    config = _config(tmp_path, base.replace("labelled_factory'", "labelled_factory', split: test"))
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "model.split picks a split of the bundled data" in result.output
+    assert not (tmp_path / "run").exists()
