@@ -1,6 +1,8 @@
 """The data of a model of your own on the command line (``model.name: package.module:function``): the
 factory found on the Python path or in the current directory, its data cast to the run's dtype and cut
-to ``model.limit`` (an ``(inputs, labels)`` pair as a pair)."""
+to ``model.limit`` (an ``(inputs, labels)`` pair as a pair), and checked before any stage (the model a
+module, the data a kind the library reads, finite, batches in the run's dtype, labels the ablation
+metrics can score, limits that cut examples; integer module names of the config read as strings)."""
 
 from __future__ import annotations
 
