@@ -348,7 +348,7 @@ def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
         model: {{name: '{__name__}:float32_factory'}}
         node_layers: ['2', output]
         methods: [pca]
-        ablation: {{metrics: mse, node_points: 2, delta: 0.01}}
+        ablation: {{metrics: mse, node_points: 2, edges: false}}
         modules: {{methods: []}}
         """,
     )
@@ -357,8 +357,8 @@ def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0
     page = (run / "report.html").read_text()
     assert "Ablation metrics <code>mse</code>" in page and "minus the mean squared error" in page
-    edges = json.loads((run / "ablation" / "pca_edges.json").read_text())
-    assert edges[0]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
+    curves = json.loads((run / "ablation" / "pca_nodes.json").read_text())
+    assert curves["2"]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
     classified = tmp_path / "classified"
     text = config.read_text().replace("float32_factory", "labelled_factory")
     config.write_text(text.replace("mse", "classification"))
@@ -477,3 +477,100 @@ def test_rerun_on_other_data_says_why_it_recomputes(tmp_path) -> None:
     again = runner.invoke(app, run)
     assert again.exit_code == 0, again.output
     assert "recomputing: its config changed (fingerprint.data): the model or data differ" in again.output
+
+
+def nan_factory():
+    model, x = float32_factory()
+    x[5, 2] = float("nan")
+    return model, x
+
+
+def test_nan_in_the_data_is_refused_before_the_run(tmp_path) -> None:
+    # the degeneracy command failed deep in linalg.eigh (LinAlgError traceback) on NaN inputs
+    config = _config(tmp_path, f"model: {{name: '{__name__}:nan_factory'}}\nhessian: exact\n")
+    result = runner.invoke(app, ["degeneracy", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "hold NaN or inf (first at index (5, 2))" in result.output
+
+
+def test_sequential_layers_written_as_numbers(tmp_path) -> None:
+    # YAML reads `node_layers: [2, output]` (an nn.Sequential's layers) as integers: a TypeError traceback
+    result = runner.invoke(app, ["basis", str(_config(
+        tmp_path, f"model: {{name: '{__name__}:float32_factory'}}\nnode_layers: [2, {{name: h, module: 4}}]\n"
+        "methods: [pca]\n")), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    got = degeneracy.load_basis(tmp_path / "run" / "bases" / "pca.safetensors")
+    model, x = float32_factory()
+    want = degeneracy.interaction_basis(
+        model.double(), x.double(), ["2", {"name": "h", "module": "4"}], method="pca", progress=False
+    )
+    assert got.names == ["2", "h"]
+    for name in got.names:
+        torch.testing.assert_close(got[name].C, want[name].C, rtol=1e-10, atol=1e-12)
+
+
+def python_list_factory():
+    model, x = float32_factory()
+    return model, x.tolist()
+
+
+def test_data_of_another_kind_is_a_clear_error(tmp_path) -> None:
+    # a list of lists of floats (x.tolist()) was an AttributeError traceback
+    config = _config(tmp_path, f"model: {{name: '{__name__}:python_list_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "returned a list of list: return a tensor, a dict of tensors" in result.output
+
+
+def swapped_factory():
+    model, x = float32_factory()
+    return x, model
+
+
+def test_factory_returning_data_first_is_a_clear_error(tmp_path) -> None:
+    # (data, model) the other way round: an error about the data, or an AttributeError traceback
+    config = _config(tmp_path, f"model: {{name: '{__name__}:swapped_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "must return (model, data) with model a torch.nn.Module, got a Tensor first" in result.output
+
+
+def broken_factory():
+    return len(5), None  # a bug in the user's code: its traceback must stay
+
+
+def test_library_type_errors_are_user_errors_other_type_errors_stay(tmp_path) -> None:
+    # the library's own TypeErrors on bad input (a list as a node layer) were tracebacks
+    config = _config(tmp_path, f"model: {{name: '{__name__}:float32_factory'}}\nnode_layers: [[2, 4]]\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "error: a node layer is a module name, a dict or a NodeLayer, not list" in result.output
+    config = _config(tmp_path, f"model: {{name: '{__name__}:broken_factory'}}\nnode_layers: ['2']\n")
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and isinstance(result.exception, TypeError)
+
+
+def test_fourier_on_a_model_without_modular_addition_data(tmp_path) -> None:
+    # fourier: true on another model's data was a torch traceback after every stage
+    config = _config(
+        tmp_path,
+        f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+        "modules: {methods: [pca]}\nfourier: true\n",
+    )
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "fourier: true labels features on modular-addition inputs" in result.output
+    assert not (tmp_path / "run" / "stages").exists()
+
+
+def test_split_of_a_factory_is_refused(tmp_path) -> None:
+    # a factory returns the same data whatever the split: `ablation: {split: test}` ran the ablations on
+    # the build data while saying "[graph] ablations on the test split"
+    base = f"model: {{name: '{__name__}:labelled_factory'}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+    config = _config(tmp_path, base + "ablation: {split: test}\n")
+    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "ablation.split picks a split of the bundled data" in result.output
+    config = _config(tmp_path, base.replace("labelled_factory'", "labelled_factory', split: test"))
+    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "model.split picks a split of the bundled data" in result.output
+    assert not (tmp_path / "run").exists()

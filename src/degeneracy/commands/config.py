@@ -17,9 +17,14 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from degeneracy.basis_result import METHODS
-from degeneracy.commands.options import basis_options, check_graph_options, check_methods_built
+from degeneracy.commands.options import (
+    basis_options,
+    check_factory_split,
+    check_graph_options,
+    check_methods_built,
+)
 from degeneracy.commands.placement import Device, place, run_device
-from degeneracy.commands.user_data import cast_data, check_data, factory, limit_data
+from degeneracy.commands.user_data import NodeLayers, cast_data, check_data, check_model, factory, limit_data
 
 __all__ = [
     "StrictModel",
@@ -226,6 +231,9 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
             data = xtr if spec.split == "train" else xte
         layers = DIGITS_NODE_LAYERS
     elif ":" in spec.name:
+        if spec.split != "train":  # the factory would return the same data: not the split asked for
+            raise ValueError(f"model.split picks a split of the bundled data; the factory {spec.name!r} "
+                             "returns its own data: drop split")
         func = factory(spec.name)
         made = func()
         if not (isinstance(made, tuple | list) and len(made) == 2):
@@ -233,7 +241,7 @@ def resolve_model(spec: ModelSpec) -> tuple[Any, Any, list[Any] | None]:
                 f"model factory {spec.name!r} must return a pair (model, data), got {type(made).__name__}"
             )
         model, data = made
-        model = model.to(dtype)
+        model = check_model(model, spec.name).to(dtype)
         data = check_data(cast_data(data, dtype), dtype, spec.name)  # floats follow model.dtype
         layers = None
     else:
@@ -329,7 +337,7 @@ class BasisRunConfig(StrictModel):
     """
 
     model: ModelSpec = ModelSpec()
-    node_layers: list[Any] | None = None
+    node_layers: NodeLayers = None
     methods: list[str] = ["lib", "pca"]
     options: dict[str, Any] = {}
     device: Device = None
@@ -424,7 +432,7 @@ class GraphRunConfig(StrictModel):
     """
 
     model: ModelSpec = ModelSpec()
-    node_layers: list[Any] | None = None
+    node_layers: NodeLayers = None
     methods: list[str] = ["lib", "pca"]
     basis: dict[str, Any] = {}
     edges: dict[str, Any] = {}
@@ -451,6 +459,7 @@ class GraphRunConfig(StrictModel):
         check_sources(self.edges, "edges")
         check_graph_options(self)  # basis_files; basis and edges options typed and checked
         check_methods_built(self)  # edge_methods and modules.methods among the methods built
+        check_factory_split(self)  # a factory has no splits
         return self
 
 

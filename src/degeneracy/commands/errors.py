@@ -14,7 +14,7 @@ from degeneracy.distributed import is_main
 
 __all__ = [
     "USER_ERRORS", "ConfigArgument", "OutOption", "ForceOption", "AllowOtherModelOption", "user_errors",
-    "echo_err", "exit_if_invalid",
+    "echo_err", "exit_if_invalid", "raised_by_degeneracy", "PACKAGE",
 ]
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError, KeyError)
@@ -87,6 +87,11 @@ def user_errors() -> Iterator[None]:
     except USER_ERRORS as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from err
+    except TypeError as err:  # the library's own "bad input" TypeErrors; any other is a bug: its traceback
+        if not raised_by_degeneracy(err):
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from err
     except KeyboardInterrupt as err:  # Ctrl-C: say what is kept (every finished stage) and how to go on
         typer.secho(
             "interrupted: the stages that finished are saved (no partial file is left); rerun the same "
@@ -95,6 +100,35 @@ def user_errors() -> Iterator[None]:
             err=True,
         )
         raise typer.Exit(code=130) from err
+
+
+def raised_by_degeneracy(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a ``raise`` statement of the degeneracy package (a check of its
+    input, whose message names the problem), not inside torch or by a call gone wrong.
+
+    >>> import torch
+    >>> from degeneracy.capture import as_node_layers
+    >>> try:
+    ...     as_node_layers(torch.nn.Linear(2, 2), [["fc1", "fc2"]])
+    ... except TypeError as err:
+    ...     print(raised_by_degeneracy(err), raised_by_degeneracy(TypeError("not raised")))
+    True False
+    """
+    import linecache
+
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not path.is_relative_to(PACKAGE):
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).strip().startswith("raise ")
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+"""The folder of the degeneracy package."""
 
 
 def echo_err(message: str) -> None:

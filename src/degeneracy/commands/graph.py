@@ -210,6 +210,9 @@ def run_graph(
     check_limits(data, edge_limit=cfg.edge_limit, **{"ablation.limit": cfg.ablation.limit})
     if cfg.ablation.node_curves or cfg.ablation.edges:
         check_labels(data, labels, cfg.ablation.metrics)
+    if cfg.fourier and not _is_modadd(data):  # failed after every stage, in the model's first layer
+        raise ValueError("fourier: true labels features on modular-addition inputs (a, b, =), not this "
+                         "model's data: leave fourier out (null: on for modular addition)")
     if layers and cfg.modules.methods:  # the module graph's range, checked before any stage
         from degeneracy.capture import as_node_layers
 

@@ -174,3 +174,23 @@ def check_methods_built(cfg: Any) -> None:
                 f"{field} names {missing}, a basis this run does not build (methods: {list(cfg.methods)}): "
                 f"add it to methods, or take it out of {field}"
             )
+
+
+def check_factory_split(cfg: Any) -> None:
+    """A ``ValueError`` for ``ablation.split`` with a model of your own (``package.module:function``): a
+    split is one of the bundled data, and the factory returns the same data whatever the split, so the
+    ablations would run on the build data while the run says another split.
+
+    >>> from degeneracy.commands.config import GraphRunConfig
+    >>> try:
+    ...     GraphRunConfig.model_validate({"model": {"name": "my:make"}, "ablation": {"split": "test"}})
+    ... except ValueError as err:
+    ...     print(err.errors()[0]["msg"].split(";")[0])
+    Value error, ablation.split picks a split of the bundled data (modadd, digits_mlp)
+    """
+    if ":" in cfg.model.name and cfg.ablation.split is not None:
+        raise ValueError(
+            "ablation.split picks a split of the bundled data (modadd, digits_mlp); the factory "
+            f"{cfg.model.name!r} returns its own data whatever the split: drop ablation.split, or evaluate "
+            "on other data with a second run"
+        )

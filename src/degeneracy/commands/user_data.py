@@ -1,16 +1,20 @@
 """The data of a model of your own on the command line (``model.name: package.module:function``): the
 factory found on the Python path or in the current directory, its data cast to the run's dtype and cut
-to ``model.limit`` (an ``(inputs, labels)`` pair as a pair)."""
+to ``model.limit`` (an ``(inputs, labels)`` pair as a pair), and checked before any stage (the model a
+module, the data a kind the library reads, finite, batches in the run's dtype, labels the ablation
+metrics can score, limits that cut examples; integer module names of the config read as strings)."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 __all__ = [
     "factory", "cast_data", "check_data", "limit_data", "split_labels", "batches_carry_labels",
-    "check_limits", "check_labels",
+    "check_limits", "check_labels", "module_names", "NodeLayers", "check_model",
 ]
 
 
@@ -109,11 +113,27 @@ def split_labels(data: Any) -> tuple[Any, Any]:
     return data, None
 
 
+def _named_tensors(data: Any) -> dict[str, Any]:
+    """The tensors of a tensor, a dict or an ``(inputs, labels)`` pair, by where they are."""
+    from torch import Tensor
+
+    if isinstance(data, Tensor):
+        return {"data": data}
+    parts = dict(zip(("inputs", "labels"), data, strict=True)) if _is_pair(data) else {"data": data}
+    found = {}
+    for where, part in parts.items():
+        if isinstance(part, Tensor):
+            found[where] = part
+        elif isinstance(part, Mapping):
+            found |= {f"{where}[{k!r}]": v for k, v in part.items() if isinstance(v, Tensor)}
+    return found
+
+
 def check_data(data: Any, dtype: Any, name: str) -> Any:
     """``data`` of the factory ``name`` once checked (after :func:`cast_data`): no numpy arrays (a
-    ``ValueError`` saying to return tensors), and batches of a loader (or list of batches) whose floating
-    inputs are in ``dtype``, the run's ``model.dtype`` (the first batch is read; a one-pass generator is
-    not), else a ``ValueError`` naming the config field to set.
+    ``ValueError`` saying to return tensors), no NaN or inf in its tensors, and batches of a loader (or
+    list of batches) whose floating inputs are in ``dtype``, the run's ``model.dtype`` (the first batch
+    is read; a one-pass generator is not), else a ``ValueError`` naming the config field to set.
 
     >>> import numpy as np, torch
     >>> check_data(np.zeros((3, 2)), torch.float64, "mymodel:make")  # doctest: +ELLIPSIS
@@ -123,7 +143,13 @@ def check_data(data: Any, dtype: Any, name: str) -> Any:
     >>> batches = [torch.zeros(2, 3), torch.zeros(2, 3)]
     >>> check_data(batches, torch.float32, "mymodel:make") is batches
     True
+    >>> try:
+    ...     check_data((torch.tensor([[0.0, float("nan")]]), torch.zeros(1)), torch.float32, "my:make")
+    ... except ValueError as err:
+    ...     print(str(err)[:72])
+    the inputs of model factory 'my:make' hold NaN or inf (first at index (0
     """
+    import torch
     from torch import Tensor
 
     from degeneracy.data import iter_batches
@@ -135,8 +161,29 @@ def check_data(data: Any, dtype: Any, name: str) -> Any:
                 f"model factory {name!r} returned data of type {type(part).__name__}: return torch tensors "
                 "(torch.from_numpy(x)), a dict of them, (inputs, labels) or a DataLoader"
             )
-    if isinstance(data, Tensor | Mapping) or _is_pair(data) or iter(data) is data:
+    for where, t in _named_tensors(data).items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            first = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+            raise ValueError(
+                f"the {where} of model factory {name!r} hold NaN or inf (first at index {first}): every "
+                "stage would fail or give NaN; clean the data"
+            )
+    if isinstance(data, Tensor | Mapping) or _is_pair(data):
         return data
+    kinds = "a tensor, a dict of tensors, (inputs, labels), or batches of them (a DataLoader, a list)"
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"model factory {name!r} returned data of type {type(data).__name__}: return {kinds}"
+        )
+    if iter(data) is data:  # a one-pass generator: not read here
+        return data
+    first = next(iter(data), None)
+    if not (isinstance(first, Tensor | Mapping) or (isinstance(first, tuple | list) and first
+                                                     and isinstance(first[0], Tensor | Mapping))):
+        raise ValueError(
+            f"model factory {name!r} returned a {type(data).__name__} of {type(first).__name__}: return "
+            + kinds
+        )
     inputs = next(iter_batches(data)).inputs
     found = {v.dtype for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
              if isinstance(v, Tensor) and v.is_floating_point()}
@@ -218,3 +265,53 @@ def check_labels(data: Any, labels: Any, metrics: str) -> None:
             f"{str(labels.dtype).removeprefix('torch.')} numbers (regression targets?): set "
             "ablation: {metrics: mse} to score the output against them, or give integer class labels"
         )
+
+
+def module_names(layers: list[Any] | None) -> list[Any] | None:
+    """Node layers of a config with integer module names as strings: YAML reads the layers of an
+    ``nn.Sequential`` written ``[0, 2, output]`` as integers, and module names are strings.
+
+    >>> module_names([0, "output", {"name": "h", "module": 2}, {"modules": [1, 3]}])
+    ['0', 'output', {'name': 'h', 'module': '2'}, {'modules': ['1', '3']}]
+    """
+
+    def name(value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def one(layer: Any) -> Any:
+        if isinstance(layer, dict):
+            fixed = dict(layer)
+            if "module" in fixed:
+                fixed["module"] = name(fixed["module"])
+            if isinstance(fixed.get("modules"), list):
+                fixed["modules"] = [name(m) for m in fixed["modules"]]
+            elif "modules" in fixed:
+                fixed["modules"] = name(fixed["modules"])
+            return fixed
+        return name(layer)
+
+    return None if layers is None else [one(layer) for layer in layers]
+
+
+NodeLayers = Annotated[list[Any] | None, AfterValidator(module_names)]
+"""The ``node_layers`` field of the basis and graph configs (integer module names read as strings)."""
+
+
+def check_model(model: Any, name: str) -> Any:
+    """The model a factory returned, if it is a ``torch.nn.Module`` instance; else a ``ValueError``.
+
+    >>> import torch
+    >>> check_model(torch.zeros(2), "mymodel:make")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: model factory 'mymodel:make' must return (model, data) with model a ..., got a Tensor first
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        kind = f"a {type(model).__name__}"
+        kind = f"the class {model.__name__} (not an instance)" if isinstance(model, type) else kind
+        raise ValueError(
+            f"model factory {name!r} must return (model, data) with model a torch.nn.Module, got {kind} first"
+        )
+    return model
