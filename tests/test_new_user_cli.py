@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -219,13 +220,6 @@ def loader_factory():
     """Batches of (inputs, labels) from a DataLoader, float32 as torch makes them."""
     model, (x, y) = labelled_factory()
     return model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-
-
-def test_numpy_data_is_a_clear_error(tmp_path) -> None:
-    config = _config(tmp_path, f"model: {{name: '{__name__}:numpy_factory'}}\nnode_layers: ['2']\n")
-    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2, result.output  # was a TypeError traceback
-    assert "returned data of type ndarray" in result.output and "torch.from_numpy" in result.output
 
 
 def test_loader_in_another_dtype_names_the_config_field(tmp_path) -> None:
@@ -514,25 +508,27 @@ def python_list_factory():
     return model, x.tolist()
 
 
-def test_data_of_another_kind_is_a_clear_error(tmp_path) -> None:
-    # a list of lists of floats (x.tolist()) was an AttributeError traceback
-    config = _config(tmp_path, f"model: {{name: '{__name__}:python_list_factory'}}\nnode_layers: ['2']\n")
-    result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2, result.output
-    assert "returned a list of list: return a tensor, a dict of tensors" in result.output
-
-
 def swapped_factory():
     model, x = float32_factory()
     return x, model
 
 
-def test_factory_returning_data_first_is_a_clear_error(tmp_path) -> None:
-    # (data, model) the other way round: an error about the data, or an AttributeError traceback
-    config = _config(tmp_path, f"model: {{name: '{__name__}:swapped_factory'}}\nnode_layers: ['2']\n")
+@pytest.mark.parametrize(
+    ("factory", "messages"),
+    [
+        # numpy data: was a TypeError traceback
+        ("numpy_factory", ["returned data of type ndarray", "torch.from_numpy"]),
+        # a list of lists of floats (x.tolist()): was an AttributeError traceback
+        ("python_list_factory", ["returned a list of list: return a tensor, a dict of tensors"]),
+        # (data, model) the other way round: an error about the data, or an AttributeError traceback
+        ("swapped_factory", ["must return (model, data) with model a torch.nn.Module, got a Tensor first"]),
+    ],
+)
+def test_factory_data_of_the_wrong_kind_is_a_clear_error(tmp_path, factory: str, messages: list[str]) -> None:
+    config = _config(tmp_path, f"model: {{name: '{__name__}:{factory}'}}\nnode_layers: ['2']\n")
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
-    assert "must return (model, data) with model a torch.nn.Module, got a Tensor first" in result.output
+    assert all(message in result.output for message in messages), result.output
 
 
 def broken_factory():
