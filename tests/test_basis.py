@@ -204,7 +204,7 @@ def test_save_load_roundtrip(tmp_path, tanh_mlp, inputs) -> None:
 
 
 def test_unknown_node_layer_lists_valid_names(tanh_mlp, inputs) -> None:
-    with pytest.raises(ValueError, match=r"unknown node layer module\(s\) \['fc9'\].*fc0, act0, fc1"):
+    with pytest.raises(ValueError, match=r"unknown node layer module\(s\) \['fc9'\].*'fc0', 'act0', 'fc1'"):
         degeneracy.interaction_basis(tanh_mlp, inputs, ["fc1", "fc9", "output"], progress=False)
 
 

@@ -162,7 +162,7 @@ def as_node_layers(model: nn.Module, specs: Iterable[Any]) -> list[NodeLayer]:
     known = set(valid)
     unknown = [m for layer in layers for m in layer.modules if m != OUTPUT and m not in known]
     if unknown:
-        listing = ", ".join(valid)
+        listing = ", ".join(repr(name) for name in valid)  # quoted: nn.Sequential names are digits
         raise ValueError(f"unknown node layer module(s) {unknown}. Valid names: 'output', {listing}")
     if any(layer.is_output for layer in layers[:-1]):
         raise ValueError("'output' can only be the last node layer")

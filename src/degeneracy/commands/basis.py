@@ -83,7 +83,7 @@ def preflight(model: Any, data: Any, node_layers: list[Any] | None) -> None:
     >>> preflight(model, torch.zeros(3, 2), ["fc9"])
     Traceback (most recent call last):
     ...
-    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output', 0, 1
+    ValueError: unknown node layer module(s) ['fc9']. Valid names: 'output', '0', '1'
     """
     from torch import Tensor
 
