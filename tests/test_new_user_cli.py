@@ -570,3 +570,16 @@ def test_split_of_a_factory_is_refused(tmp_path) -> None:
     result = runner.invoke(app, ["basis", str(config), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "model.split picks a split of the bundled data" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_name_changes_the_commands_default_model() -> None:
+    # `model: {limit: 10}` in an llc config switched from the digits MLP (float32) to modadd (float64)
+    from degeneracy.commands.config import BasisRunConfig, DegeneracyRunConfig, LLCRunConfig
+
+    llc = LLCRunConfig(model={"limit": 10}).model
+    assert (llc.name, llc.dtype, llc.limit) == ("digits_mlp", "float32", 10)
+    report = DegeneracyRunConfig(model={"limit": 5}).model
+    assert (report.name, report.split, report.limit) == ("digits_mlp", "all", 5)
+    assert BasisRunConfig(model={"limit": 5}).model.name == "modadd"  # its default model
+    named = LLCRunConfig(model={"name": "modadd"}).model  # a named model takes ModelSpec's defaults
+    assert (named.name, named.dtype) == ("modadd", "float64")

@@ -8,8 +8,6 @@ with the field named.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +20,8 @@ from degeneracy.commands.options import (
     check_factory_split,
     check_graph_options,
     check_methods_built,
+    check_options,
+    check_sources,
 )
 from degeneracy.commands.placement import Device, place, run_device
 from degeneracy.commands.user_data import NodeLayers, cast_data, check_data, check_model, factory, limit_data
@@ -73,6 +73,19 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _command_model_defaults(cls, data: Any) -> Any:
+        """A ``model:`` without ``name`` changes this command's default model (``llc``: the digits MLP in
+        float32), not :class:`ModelSpec`'s: ``model: {limit: 10}`` keeps the digits MLP."""
+        field = cls.model_fields.get("model")
+        given = data.get("model") if isinstance(data, dict) else None
+        if field is None or not isinstance(given, dict) or "name" in given:
+            return data
+        if not isinstance(field.default, ModelSpec):
+            return data
+        return {**data, "model": {**field.default.model_dump(exclude_unset=True), **given}}
 
 
 class ModelSpec(StrictModel):
@@ -269,57 +282,6 @@ def check_methods(methods: list[str]) -> list[str]:
         if method not in BASIS_METHODS:
             raise ValueError(f"unknown basis method {method!r}; choose from {BASIS_METHODS}")
     return methods
-
-
-def check_options(options: dict[str, Any], function: Callable[..., Any], *, taken: tuple[str, ...]) -> dict:
-    """Keyword options of a config meant for ``function``: every key must be one of its keyword
-    arguments (those in ``taken`` are set by the command itself), checked before anything runs.
-
-    >>> import degeneracy
-    >>> check_options({"centre": True}, degeneracy.interaction_basis, taken=("model", "data"))
-    ... # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown option 'centre' of interaction_basis; valid options: node_layers, method, center, ...
-    """
-    valid = [n for n in inspect.signature(function).parameters if n not in taken]
-    for key in options:
-        if key in taken:
-            raise ValueError(f"option {key!r} of {function.__name__} is set by the command, not the config")
-        if key not in valid:
-            raise ValueError(
-                f"unknown option {key!r} of {function.__name__}; valid options: {', '.join(valid)}"
-            )
-    return options
-
-
-def check_sources(options: dict[str, Any], where: str) -> dict:
-    """The stochastic-source options of a basis or edge config (:mod:`degeneracy.probes`), checked before
-    anything runs: ``num_sources`` a positive count or ``null`` (exact), ``seed`` an integer,
-    ``sources`` ``"rademacher"`` (a config file cannot name a draw function of your own).
-
-    >>> check_sources({"num_sources": 8, "seed": 1}, "basis")
-    {'num_sources': 8, 'seed': 1}
-    >>> check_sources({"num_sources": 0}, "basis")
-    Traceback (most recent call last):
-    ...
-    ValueError: basis option num_sources must be a positive number of ±1 sources (null: exact), got 0
-    """
-    count = options.get("num_sources")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
-        raise ValueError(
-            f"{where} option num_sources must be a positive number of ±1 sources (null: exact), got {count!r}"
-        )
-    seed = options.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{where} option seed must be an integer, got {seed!r}")
-    if options.get("sources", "rademacher") != "rademacher":
-        raise ValueError(f"{where} option sources must be 'rademacher', got {options['sources']!r}")
-    if count is not None and options.get("jacobian_mode") == "jvp":
-        raise ValueError(
-            f"{where} options num_sources and jacobian_mode='jvp' exclude each other: use 'auto'"
-        )
-    return options
 
 
 class BasisRunConfig(StrictModel):

@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["typed_options", "basis_options", "edge_options", "volume_options", "check_graph_options"]
+__all__ = [
+    "typed_options",
+    "basis_options",
+    "edge_options",
+    "volume_options",
+    "check_graph_options",
+    "check_options",
+    "check_sources",
+]
 
 
 def _adapters(function: Callable[..., Any]) -> dict[str, TypeAdapter]:
@@ -194,3 +202,54 @@ def check_factory_split(cfg: Any) -> None:
             f"{cfg.model.name!r} returns its own data whatever the split: drop ablation.split, or evaluate "
             "on other data with a second run"
         )
+
+
+def check_options(options: dict[str, Any], function: Callable[..., Any], *, taken: tuple[str, ...]) -> dict:
+    """Keyword options of a config meant for ``function``: every key must be one of its keyword
+    arguments (those in ``taken`` are set by the command itself), checked before anything runs.
+
+    >>> import degeneracy
+    >>> check_options({"centre": True}, degeneracy.interaction_basis, taken=("model", "data"))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown option 'centre' of interaction_basis; valid options: node_layers, method, center, ...
+    """
+    valid = [n for n in inspect.signature(function).parameters if n not in taken]
+    for key in options:
+        if key in taken:
+            raise ValueError(f"option {key!r} of {function.__name__} is set by the command, not the config")
+        if key not in valid:
+            raise ValueError(
+                f"unknown option {key!r} of {function.__name__}; valid options: {', '.join(valid)}"
+            )
+    return options
+
+
+def check_sources(options: dict[str, Any], where: str) -> dict:
+    """The stochastic-source options of a basis or edge config (:mod:`degeneracy.probes`), checked before
+    anything runs: ``num_sources`` a positive count or ``null`` (exact), ``seed`` an integer,
+    ``sources`` ``"rademacher"`` (a config file cannot name a draw function of your own).
+
+    >>> check_sources({"num_sources": 8, "seed": 1}, "basis")
+    {'num_sources': 8, 'seed': 1}
+    >>> check_sources({"num_sources": 0}, "basis")
+    Traceback (most recent call last):
+    ...
+    ValueError: basis option num_sources must be a positive number of ±1 sources (null: exact), got 0
+    """
+    count = options.get("num_sources")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"{where} option num_sources must be a positive number of ±1 sources (null: exact), got {count!r}"
+        )
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where} option seed must be an integer, got {seed!r}")
+    if options.get("sources", "rademacher") != "rademacher":
+        raise ValueError(f"{where} option sources must be 'rademacher', got {options['sources']!r}")
+    if count is not None and options.get("jacobian_mode") == "jvp":
+        raise ValueError(
+            f"{where} options num_sources and jacobian_mode='jvp' exclude each other: use 'auto'"
+        )
+    return options
