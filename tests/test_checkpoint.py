@@ -81,6 +81,19 @@ def test_checkpoint_errors(checkpoint, tmp_path, make, cfg, error, pattern) -> N
         load_transformer_lens_checkpoint(target, cfg)
 
 
+def test_a_run_config_beside_the_checkpoint_is_not_read_as_its_config(checkpoint, tmp_path) -> None:
+    # a run config named config.yaml beside the weights was read as their TransformerLens config, then
+    # the error asked for "a config.yaml beside the checkpoint", which is what the user had
+    target = tmp_path / "model.pt"
+    target.write_bytes(checkpoint[1].read_bytes())
+    (tmp_path / "config.yaml").write_text("model: {name: modadd, checkpoint: model.pt}\nmethods: [pca]\n")
+    with pytest.raises(ValueError, match=r"config.yaml is a degeneracy run config .*model.checkpoint_config"):
+        load_transformer_lens_checkpoint(target)
+    model = load_transformer_lens_checkpoint(target, {"act_fn": "relu"})  # given fields: no file read
+    tokens = torch.tensor([[1, 2, 113]])
+    torch.testing.assert_close(model(tokens), checkpoint[0](tokens).double(), rtol=0, atol=1e-6)
+
+
 def test_graph_builds_on_train_and_ablates_on_test(checkpoint, tmp_path) -> None:
     _, path = checkpoint
     config = tmp_path / "graph.yaml"

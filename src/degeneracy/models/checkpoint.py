@@ -133,7 +133,13 @@ def load_transformer_lens_checkpoint(
     if cfg is None and (path.parent / "config.yaml").exists():
         cfg = path.parent / "config.yaml"
     if isinstance(cfg, str | Path):
-        cfg = read_checkpoint_config(cfg)
+        cfg_path, cfg = Path(cfg), read_checkpoint_config(cfg)
+        if {"name", "checkpoint"} & set(cfg):  # the model: section of a degeneracy run config
+            raise ValueError(
+                f"{cfg_path} is a degeneracy run config (its model: has name/checkpoint), not the "
+                "checkpoint's TransformerLens config: give the model fields as cfg= (the CLI's "
+                "model.checkpoint_config), e.g. {act_fn: relu}, or name the run config otherwise"
+            )
     if isinstance(cfg, tl.HookedTransformerConfig):
         fields = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
         given = {k: fields[k] for k in infer_transformer_lens_config(state) if k in fields}
