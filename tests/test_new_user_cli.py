@@ -583,3 +583,26 @@ def test_a_model_without_name_changes_the_commands_default_model() -> None:
     assert BasisRunConfig(model={"limit": 5}).model.name == "modadd"  # its default model
     named = LLCRunConfig(model={"name": "modadd"}).model  # a named model takes ModelSpec's defaults
     assert (named.name, named.dtype) == ("modadd", "float64")
+
+
+def test_relative_paths_not_in_the_current_directory_are_read_beside_the_config(tmp_path, monkeypatch):
+    # `degeneracy graph runs/graph.yaml` with `checkpoint: model.pt` beside it: "no such checkpoint"
+    from degeneracy.commands.config import GraphRunConfig, load_yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("model.pt", "lib.safetensors", "pca.safetensors"):
+        (tmp_path / "runs" / name).write_bytes(b"x")
+    (tmp_path / "pca.safetensors").write_bytes(b"x")  # found from the current directory: kept
+    path = tmp_path / "runs" / "graph.yaml"
+    path.write_text(
+        "model: {name: modadd, checkpoint: model.pt, checkpoint_config: {act_fn: relu}}\n"
+        "basis_files: {lib: lib.safetensors, pca: pca.safetensors}\n"
+    )
+    cfg = load_yaml(path, GraphRunConfig)
+    assert cfg.model.checkpoint == str(tmp_path / "runs" / "model.pt")
+    assert cfg.model.checkpoint_config == {"act_fn": "relu"}
+    assert cfg.basis_files == {"lib": str(tmp_path / "runs" / "lib.safetensors"), "pca": "pca.safetensors"}
+    path.write_text("methods: [lib, pca, global]\nbasis_files: {global: missing.safetensors}\n")
+    with pytest.raises(ValueError, match=r"basis_files.global: no such file 'missing.safetensors'"):
+        load_yaml(path, GraphRunConfig)  # nowhere: named as written

@@ -118,8 +118,29 @@ class ModelSpec(StrictModel):
     checkpoint_config: str | dict[str, Any] | None = None
 
 
+def _paths_beside(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The config with its relative file paths (``model.checkpoint``, ``model.checkpoint_config``,
+    ``basis_files``) that name no file from the current directory but one beside the config file
+    pointing there: a config travels with the files it names."""
+
+    def beside(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).is_absolute() or Path(value).exists():
+            return value
+        return str(folder / value) if (folder / value).exists() else value
+
+    out = dict(raw)
+    spec = out.get("model")
+    if isinstance(spec, dict):
+        files = ("checkpoint", "checkpoint_config")
+        out["model"] = {k: beside(v) if k in files else v for k, v in spec.items()}
+    if isinstance(out.get("basis_files"), dict):
+        out["basis_files"] = {k: beside(v) for k, v in out["basis_files"].items()}
+    return out
+
+
 def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
-    """Read and validate a YAML config; errors name the file and the offending fields.
+    """Read and validate a YAML config; errors name the file and the offending fields. A relative file
+    path in it is read from the current directory, else from the config file's folder.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +176,7 @@ def load_yaml(path: str | Path, model: type[BaseModel]) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config is a mapping of fields, not a {type(raw).__name__}")
     try:
-        return model.model_validate(raw)
+        return model.model_validate(_paths_beside(raw, path.parent))
     except ValidationError as err:
         raise ValueError(f"{path}: invalid config\n{err}") from err
 
