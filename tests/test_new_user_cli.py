@@ -51,6 +51,18 @@ def _config(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def _small_graph(tmp_path: Path, model: str, ablation: str = "", out: str = "run"):
+    """The graph command on a factory's model (``model``: the fields inside ``model: {...}``): a PCA basis
+    at two node layers, node ablations at two points, no edge ablations, no modules."""
+    extra = f", {ablation}" if ablation else ""
+    config = _config(
+        tmp_path,
+        f"model: {{{model}}}\nnode_layers: ['2', output]\nmethods: [pca]\n"
+        f"ablation: {{edges: false, node_points: 2{extra}}}\nmodules: {{methods: []}}\n",
+    )
+    return runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / out)])
+
+
 def test_factory_module_beside_the_config_is_found(tmp_path) -> None:
     # `degeneracy basis` (the console script) does not put the current directory on sys.path as
     # `python -m` does; `python -P` runs the module the same way
@@ -127,17 +139,7 @@ def test_limit_cuts_inputs_and_labels() -> None:
 
 
 def test_limit_on_labelled_data_in_graph_command(tmp_path) -> None:
-    config = _config(
-        tmp_path,
-        f"""
-        model: {{name: '{__name__}:labelled_factory', limit: 10}}
-        node_layers: ['2', output]
-        methods: [pca]
-        ablation: {{edges: false, node_points: 2}}
-        modules: {{methods: []}}
-        """,
-    )
-    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    result = _small_graph(tmp_path, f"name: '{__name__}:labelled_factory', limit: 10")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "graph_summary.json").read_text())
     assert summary["n_examples"] == 10 and summary["ablation_examples"] == 10
@@ -232,17 +234,7 @@ def test_loader_in_another_dtype_names_the_config_field(tmp_path) -> None:
 
 def test_loader_labels_are_used_by_the_ablations(tmp_path) -> None:
     # batches (inputs, labels): the library reads their labels; the command skipped the ablations
-    config = _config(
-        tmp_path,
-        f"""
-        model: {{name: '{__name__}:loader_factory', dtype: float32}}
-        node_layers: ['2', output]
-        methods: [pca]
-        ablation: {{edges: false, node_points: 2}}
-        modules: {{methods: []}}
-        """,
-    )
-    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    result = _small_graph(tmp_path, f"name: '{__name__}:loader_factory', dtype: float32")
     assert result.exit_code == 0, result.output
     assert "ablations skipped" not in result.output
     curves = json.loads((tmp_path / "run" / "ablation" / "pca_nodes.json").read_text())
@@ -336,27 +328,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path) -> None:
 
 def test_report_says_what_accuracy_is_for_a_regression_model(tmp_path) -> None:
     # ablation: {metrics: mse} scores -MSE as "accuracy"; the page called it "model accuracy" unexplained
-    config = _config(
-        tmp_path,
-        f"""
-        model: {{name: '{__name__}:float32_factory'}}
-        node_layers: ['2', output]
-        methods: [pca]
-        ablation: {{metrics: mse, node_points: 2, edges: false}}
-        modules: {{methods: []}}
-        """,
-    )
     run = tmp_path / "run"
-    assert runner.invoke(app, ["graph", str(config), "--out", str(run)]).exit_code == 0
+    assert _small_graph(tmp_path, f"name: '{__name__}:float32_factory'", "metrics: mse").exit_code == 0
     assert runner.invoke(app, ["report", str(run)]).exit_code == 0
     page = (run / "report.html").read_text()
     assert "Ablation metrics <code>mse</code>" in page and "minus the mean squared error" in page
     curves = json.loads((run / "ablation" / "pca_nodes.json").read_text())
     assert curves["2"]["base_accuracy"] == 0.0  # -MSE of the unablated model against itself
     classified = tmp_path / "classified"
-    text = config.read_text().replace("float32_factory", "labelled_factory")
-    config.write_text(text.replace("mse", "classification"))
-    assert runner.invoke(app, ["graph", str(config), "--out", str(classified)]).exit_code == 0
+    labelled = f"name: '{__name__}:labelled_factory'"
+    assert _small_graph(tmp_path, labelled, "metrics: classification", out="classified").exit_code == 0
     assert runner.invoke(app, ["report", str(classified)]).exit_code == 0
     assert "Ablation metrics" not in (classified / "report.html").read_text()
 
@@ -391,19 +372,11 @@ def regression_factory():
 def test_regression_targets_with_classification_metrics(tmp_path) -> None:
     # float labels with the default metrics: a torch traceback in the node ablations, after the bases
     # and edges had run; now an error before any stage, and metrics: mse scores them
-    text = f"""
-        model: {{name: '{__name__}:regression_factory'}}
-        node_layers: ['2', output]
-        methods: [pca]
-        ablation: {{node_points: 2, edges: false}}
-        modules: {{methods: []}}
-        """
-    config = _config(tmp_path, text)
-    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    model = f"name: '{__name__}:regression_factory'"
+    result = _small_graph(tmp_path, model)
     assert result.exit_code == 2 and "set ablation: {metrics: mse}" in result.output, result.output
     assert not (tmp_path / "run" / "stages").exists()
-    config = _config(tmp_path, text.replace("node_points: 2", "node_points: 2, metrics: mse"))
-    result = runner.invoke(app, ["graph", str(config), "--out", str(tmp_path / "run")])
+    result = _small_graph(tmp_path, model, "metrics: mse")
     assert result.exit_code == 0, result.output
     curves = json.loads((tmp_path / "run" / "ablation" / "pca_nodes.json").read_text())
     model, (x, y) = regression_factory()
