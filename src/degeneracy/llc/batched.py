@@ -58,6 +58,20 @@ def per_chain_behavioral(
     return per.reshape(chains, examples, -1).sum(dim=2).mean(dim=1)
 
 
+def _one_chain_behavioral(
+    model: nn.Module, kind: LossKind
+) -> Callable[[dict[str, Tensor], Any, Tensor], Tensor]:
+    """``loss(params, inputs, reference)``: the behavioral loss of one chain's parameters, padded positions
+    out of f_θ and f_θ* alike."""
+    check_kind(kind)
+
+    def one_chain(params: dict[str, Tensor], inputs: Any, reference: Tensor) -> Tensor:
+        output = without_padding(functional_output(model, params, inputs), inputs)  # padded positions: 0
+        return behavioral_loss_from_outputs(output, without_padding(reference, inputs), kind)
+
+    return one_chain
+
+
 def vmap_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
     """The general path: ``vmap`` over chains of :func:`degeneracy.run.functional_output` + the
     behavioral loss. Items of the batch stream are ``(Batch, reference_outputs)``.
@@ -68,13 +82,7 @@ def vmap_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainLoss:
     >>> vmap_behavioral_chain_loss(model, "mse")(params, (Batch(x), model(x).detach())).tolist()
     [0.0, 0.0]
     """
-    check_kind(kind)
-
-    def one_chain(params: dict[str, Tensor], inputs: Any, reference: Tensor) -> Tensor:
-        output = without_padding(functional_output(model, params, inputs), inputs)  # padded positions: 0
-        return behavioral_loss_from_outputs(output, without_padding(reference, inputs), kind)
-
-    batched = vmap(one_chain, in_dims=(0, None, None))
+    batched = vmap(_one_chain_behavioral(model, kind), in_dims=(0, None, None))
 
     def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
         batch, reference = item
@@ -93,17 +101,13 @@ def sequential_behavioral_chain_loss(model: nn.Module, kind: LossKind) -> ChainL
     >>> sequential_behavioral_chain_loss(model, "mse")(params, (Batch(x), model(x).detach())).tolist()
     [0.0, 0.0]
     """
-    check_kind(kind)
+    one_chain = _one_chain_behavioral(model, kind)
 
     def chain_loss(views: dict[str, Tensor], item: tuple[Batch, Tensor]) -> Tensor:
         batch, reference = item
-        reference = without_padding(reference, batch.inputs)
-        losses = []
-        for c in range(next(iter(views.values())).shape[0]):
-            output = functional_output(model, {n: v[c] for n, v in views.items()}, batch.inputs)
-            output = without_padding(output, batch.inputs)
-            losses.append(behavioral_loss_from_outputs(output, reference, kind))
-        return torch.stack(losses)
+        chains = next(iter(views.values())).shape[0]
+        per_chain = [{n: v[c] for n, v in views.items()} for c in range(chains)]
+        return torch.stack([one_chain(params, batch.inputs, reference) for params in per_chain])
 
     return chain_loss
 
